@@ -1,0 +1,178 @@
+/* Fleece engine API.
+ *
+ * The engine owns the live disk, the copy-before-write (CBW) store and the
+ * snapshots.  It knows nothing of NBD: the nbdkit plugin (plugin/fleece.c)
+ * and the tests call it directly.  Every function that can fail returns -1
+ * (or NULL), sets errno to the value a client should see, and records a
+ * message naming the call and the object in a thread-local buffer read with
+ * fleece_last_error().  The engine never prints.
+ *
+ * Thread safety: every function may be called from any thread at any time,
+ * except fleece_open/fleece_close which bracket all others.
+ */
+
+#ifndef FLEECE_H
+#define FLEECE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FLEECE_CLUSTER_SIZE_MIN      4096u
+#define FLEECE_CLUSTER_SIZE_MAX      (4u << 20)
+#define FLEECE_CLUSTER_SIZE_DEFAULT  (64u << 10)
+#define FLEECE_SNAPSHOT_NAME_MAX     128
+#define FLEECE_SNAPSHOTS_MAX         1024
+
+/* What a failed copy-before-write does (DESIGN.md invariant 6). */
+enum fleece_cbw_error {
+  FLEECE_CBW_BREAK_SNAPSHOT = 0, /* live write succeeds, snapshots break */
+  FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */
+};
+
+struct fleece_config {
+  const char *disk;             /* file or block device, required */
+  const char *store;            /* store file, required */
+  uint32_t cluster_size;        /* 0 = default */
+  enum fleece_cbw_error on_cbw_error;
+};
+
+/* Flags for live writes, the same bits as nbdkit's. */
+#define FLEECE_F_MAY_TRIM   (1u << 0)
+#define FLEECE_F_FUA        (1u << 1)
+#define FLEECE_F_FAST_ZERO  (1u << 3)
+
+/* Extent types, the same bits as NBD base:allocation. */
+#define FLEECE_EXTENT_HOLE  (1u << 0)
+#define FLEECE_EXTENT_ZERO  (1u << 1)
+
+typedef int (*fleece_extent_fn) (void *opaque, uint64_t offset,
+                                 uint64_t length, uint32_t type);
+
+struct fleece;
+struct fleece_snap;
+
+/* Lifecycle. */
+extern struct fleece *fleece_open (const struct fleece_config *cfg);
+extern void fleece_close (struct fleece *fl);
+extern uint64_t fleece_disk_size (const struct fleece *fl);
+extern uint32_t fleece_cluster_size (const struct fleece *fl);
+extern const char *fleece_disk_path (const struct fleece *fl);
+extern const char *fleece_store_path (const struct fleece *fl);
+extern bool fleece_disk_is_block (const struct fleece *fl);
+extern bool fleece_disk_can_trim (const struct fleece *fl);
+extern bool fleece_disk_can_extents (const struct fleece *fl);
+
+/* The live disk. */
+extern int fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,
+                              uint64_t offset);
+extern int fleece_live_pwrite (struct fleece *fl, const void *buf,
+                               uint32_t count, uint64_t offset,
+                               uint32_t flags);
+extern int fleece_live_zero (struct fleece *fl, uint32_t count,
+                             uint64_t offset, uint32_t flags);
+extern int fleece_live_trim (struct fleece *fl, uint32_t count,
+                             uint64_t offset, uint32_t flags);
+extern int fleece_live_flush (struct fleece *fl);
+extern int fleece_live_extents (struct fleece *fl, uint32_t count,
+                                uint64_t offset, fleece_extent_fn fn,
+                                void *opaque);
+
+/* Snapshots.  Names are 1..FLEECE_SNAPSHOT_NAME_MAX bytes, with no '/',
+ * no control characters and no DEL.
+ */
+extern int fleece_check_name (const char *what, const char *name);
+extern int fleece_snapshot_create (struct fleece *fl, const char *name);
+extern int fleece_snapshot_delete (struct fleece *fl, const char *name);
+
+/* Open a snapshot for reading; the handle keeps it readable until
+ * fleece_snap_put, or until it is deleted, after which reads fail with
+ * ENOENT.
+ */
+extern struct fleece_snap *fleece_snap_get (struct fleece *fl,
+                                            const char *name);
+extern void fleece_snap_put (struct fleece_snap *snap);
+extern const char *fleece_snap_name (const struct fleece_snap *snap);
+extern int fleece_snap_pread (struct fleece_snap *snap, void *buf,
+                              uint32_t count, uint64_t offset);
+/* The client no longer needs this range of the snapshot: stop protecting
+ * it, free copies nobody else needs.  Later reads of it return zeroes.
+ */
+extern int fleece_snap_trim (struct fleece_snap *snap, uint32_t count,
+                             uint64_t offset);
+extern int fleece_snap_extents (struct fleece_snap *snap, uint32_t count,
+                                uint64_t offset, fleece_extent_fn fn,
+                                void *opaque);
+
+/* Introspection, for the control service and the tests. */
+struct fleece_snap_info {
+  char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  uint32_t generation;
+  int64_t created;              /* Unix time, seconds */
+  bool broken;
+  char broken_reason[256];
+  uint64_t clusters_held;       /* copies this snapshot can read */
+  uint64_t clusters_released;   /* trimmed by a client */
+  uint32_t readers;             /* open handles */
+};
+
+struct fleece_stats {
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint32_t generation;
+  uint32_t snapshots;
+  uint64_t bytes_written;       /* live writes, zeroes and trims */
+  uint64_t cbw_clusters;        /* clusters whose old data was preserved */
+  uint64_t cbw_zero_clusters;   /* ... of which were zero, not stored */
+  uint64_t bytes_copied;        /* bytes written to the store */
+  uint64_t cbw_errors;
+  uint64_t store_clusters_used; /* data slots in use */
+  uint64_t store_clusters_total;/* data slots the store file spans */
+  uint64_t store_bytes_used;
+  uint64_t store_file_bytes;    /* space the store file occupies on disk */
+  uint64_t copies;              /* copy records, shared by snapshots */
+  uint64_t cbw_wait_ns;         /* time writers spent copying */
+  uint64_t max_drain_ns;        /* longest writer stall at creation */
+  uint64_t last_drain_ns;
+};
+
+extern void fleece_get_stats (struct fleece *fl, struct fleece_stats *st);
+/* Calls fn for every snapshot, oldest first.  Returns the count. */
+extern int fleece_list_snapshots (struct fleece *fl,
+                                  void (*fn) (void *opaque,
+                                              const struct fleece_snap_info *),
+                                  void *opaque);
+extern int fleece_snapshot_info (struct fleece *fl, const char *name,
+                                 struct fleece_snap_info *info);
+
+/* Events (a snapshot broken, ...) go to one listener.  It is called with
+ * engine locks held, from the thread that hit the event: it must queue
+ * the event and return, never block nor call the engine.
+ */
+typedef void (*fleece_event_fn) (void *opaque, const char *event,
+                                 const char *snapshot, const char *reason);
+extern void fleece_set_event_listener (struct fleece *fl, fleece_event_fn fn,
+                                       void *opaque);
+
+/* Debug and fault injection (nbdkit -D fleece.FLAG=N in the plugin). */
+struct fleece_debug {
+  int verbose;                  /* engine debug messages */
+  int fail_store_write;         /* fail every store write with EIO */
+  int skip_isolation_check;     /* FOR TESTS ONLY: break invariant 1 */
+};
+extern struct fleece_debug fleece_debug;
+typedef void (*fleece_log_fn) (const char *msg);
+extern void fleece_set_log (fleece_log_fn fn);
+
+/* Errors. */
+extern const char *fleece_last_error (void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FLEECE_H */

@@ -1,0 +1,263 @@
+/* The engine: opens the disk and the store, and runs the live I/O path.
+ *
+ * Live writes, zeroes and trims enter the write gate, read fl->state once
+ * and, only if snapshots exist, preserve the old data of the clusters they
+ * touch (cbw.c) before touching the disk.  With no snapshot the cost over
+ * a plain pwrite is the gate (one atomic add on a per-thread counter and
+ * one load) and that one load of the state (DESIGN.md invariant 4).  Live
+ * reads and flushes go straight to the disk.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static int
+check_cluster_size (uint32_t cs)
+{
+  if (cs < FLEECE_CLUSTER_SIZE_MIN || cs > FLEECE_CLUSTER_SIZE_MAX ||
+      (cs & (cs - 1)) != 0)
+    return fl_error (EINVAL, "cluster-size %" PRIu32 " is not a power of "
+                     "two between 4K and 4M", cs);
+  return 0;
+}
+
+struct fleece *
+fleece_open (const struct fleece_config *cfg)
+{
+  struct fleece *fl;
+  uint32_t cs = cfg->cluster_size ? cfg->cluster_size
+    : FLEECE_CLUSTER_SIZE_DEFAULT;
+
+  if (check_cluster_size (cs) == -1)
+    return NULL;
+  if (cfg->disk == NULL || cfg->store == NULL) {
+    fl_error (EINVAL, "both disk and store must be given");
+    return NULL;
+  }
+  fl = calloc (1, sizeof *fl);
+  if (fl == NULL) {
+    fl_error (ENOMEM, "fleece_open: out of memory");
+    return NULL;
+  }
+  fl->cluster_size = cs;
+  fl->cluster_bits = __builtin_ctz (cs);
+  fl->on_cbw_error = cfg->on_cbw_error;
+  if (disk_open (&fl->disk, cfg->disk, false) == -1)
+    goto out_free;
+  fl->nclusters = (fl->disk.size + cs - 1) / cs;
+  if (fl->nclusters >= UINT32_MAX) {
+    fl_error (EFBIG, "disk: %s: %" PRIu64 " clusters of %" PRIu32 " bytes, "
+              "the limit is %u: use a larger cluster-size", cfg->disk,
+              fl->nclusters, cs, UINT32_MAX - 1);
+    goto out_disk;
+  }
+  if (store_open (&fl->store, cfg->store, cs, &fl->disk) == -1)
+    goto out_disk;
+  fl->cgen = calloc (fl->nclusters, sizeof *fl->cgen);
+  if (fl->cgen == NULL) {
+    fl_error (ENOMEM, "fleece_open: out of memory for %" PRIu64 " clusters",
+              fl->nclusters);
+    goto out_store;
+  }
+  gate_init (&fl->gate);
+  rangelock_init (&fl->cbw_locks);
+  copymap_init (&fl->copies);
+  pthread_mutex_init (&fl->admin_lock, NULL);
+  pthread_rwlock_init (&fl->snaps_lock, NULL);
+  pthread_mutex_init (&fl->event_lock, NULL);
+  fl_debug ("opened disk %s (%" PRIu64 " bytes, %s), store %s, cluster "
+            "size %" PRIu32, fl->disk.path, fl->disk.size,
+            fl->disk.is_block ? "block device" : "file", fl->store.path, cs);
+  return fl;
+
+ out_store:
+  store_close (&fl->store);
+ out_disk:
+  disk_close (&fl->disk);
+ out_free:
+  free (fl);
+  return NULL;
+}
+
+void
+fleece_close (struct fleece *fl)
+{
+  if (fl == NULL)
+    return;
+  snap_free_all (fl);
+  copymap_destroy (&fl->copies);
+  rangelock_destroy (&fl->cbw_locks);
+  gate_destroy (&fl->gate);
+  pthread_mutex_destroy (&fl->admin_lock);
+  pthread_rwlock_destroy (&fl->snaps_lock);
+  pthread_mutex_destroy (&fl->event_lock);
+  free ((void *) fl->cgen);
+  store_close (&fl->store);
+  disk_close (&fl->disk);
+  free (fl);
+}
+
+uint64_t fleece_disk_size (const struct fleece *fl) { return fl->disk.size; }
+uint32_t fleece_cluster_size (const struct fleece *fl)
+{ return fl->cluster_size; }
+const char *fleece_disk_path (const struct fleece *fl)
+{ return fl->disk.path; }
+const char *fleece_store_path (const struct fleece *fl)
+{ return fl->store.path; }
+bool fleece_disk_is_block (const struct fleece *fl)
+{ return fl->disk.is_block; }
+bool fleece_disk_can_trim (const struct fleece *fl)
+{ return fl->disk.is_block || fl->disk.can_punch; }
+bool fleece_disk_can_extents (const struct fleece *fl)
+{ return fl->disk.can_seek_data; }
+
+static int
+check_range (struct fleece *fl, const char *op, uint64_t count,
+             uint64_t offset)
+{
+  if (offset + count > fl->disk.size || offset + count < offset)
+    return fl_error (EINVAL, "%s: range %" PRIu64 "+%" PRIu64 " is beyond "
+                     "the end of the disk (%" PRIu64 " bytes)", op, offset,
+                     count, fl->disk.size);
+  return 0;
+}
+
+int
+fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,
+                   uint64_t offset)
+{
+  if (check_range (fl, "read", count, offset) == -1)
+    return -1;
+  return disk_pread (&fl->disk, buf, count, offset);
+}
+
+/* What a live write does to the disk once its old data is safe. */
+enum live_op { OP_WRITE, OP_ZERO, OP_TRIM };
+
+static int
+live_modify (struct fleece *fl, enum live_op op, const void *buf,
+             uint32_t count, uint64_t offset, uint32_t flags)
+{
+  static const char *names[] = { "write", "zero", "trim" };
+  bool fua = flags & FLEECE_F_FUA;
+  uint64_t st;
+  int slot, r;
+
+  if (check_range (fl, names[op], count, offset) == -1)
+    return -1;
+  if (count == 0)
+    return 0;
+  slot = gate_enter (&fl->gate);
+  st = atomic_load_explicit (&fl->state, memory_order_acquire);
+  if (state_nsnaps (st) > 0 &&
+      cbw_range (fl, offset, count, state_gen (st)) == -1) {
+    int err = errno;
+    gate_leave (&fl->gate, slot);
+    errno = err;
+    return -1;
+  }
+  switch (op) {
+  case OP_WRITE:
+    r = disk_pwrite (&fl->disk, buf, count, offset, fua);
+    break;
+  case OP_ZERO:
+    r = disk_zero (&fl->disk, count, offset, flags & FLEECE_F_MAY_TRIM,
+                   flags & FLEECE_F_FAST_ZERO, fua);
+    break;
+  default:
+    r = disk_trim (&fl->disk, count, offset, fua);
+    break;
+  }
+  gate_leave (&fl->gate, slot);
+  if (r == 0)
+    atomic_fetch_add_explicit (&fl->st_bytes_written, count,
+                               memory_order_relaxed);
+  return r;
+}
+
+int
+fleece_live_pwrite (struct fleece *fl, const void *buf, uint32_t count,
+                    uint64_t offset, uint32_t flags)
+{
+  return live_modify (fl, OP_WRITE, buf, count, offset, flags);
+}
+
+int
+fleece_live_zero (struct fleece *fl, uint32_t count, uint64_t offset,
+                  uint32_t flags)
+{
+  return live_modify (fl, OP_ZERO, NULL, count, offset, flags);
+}
+
+int
+fleece_live_trim (struct fleece *fl, uint32_t count, uint64_t offset,
+                  uint32_t flags)
+{
+  return live_modify (fl, OP_TRIM, NULL, count, offset, flags);
+}
+
+int
+fleece_live_flush (struct fleece *fl)
+{
+  return disk_flush (&fl->disk);
+}
+
+int
+fleece_live_extents (struct fleece *fl, uint32_t count, uint64_t offset,
+                     fleece_extent_fn fn, void *opaque)
+{
+  if (check_range (fl, "extents", count, offset) == -1)
+    return -1;
+  return disk_extents (&fl->disk, count, offset, fn, opaque);
+}
+
+void
+fleece_get_stats (struct fleece *fl, struct fleece_stats *st)
+{
+  uint64_t s = atomic_load (&fl->state);
+
+  memset (st, 0, sizeof *st);
+  st->disk_size = fl->disk.size;
+  st->cluster_size = fl->cluster_size;
+  st->generation = state_gen (s);
+  st->snapshots = state_nsnaps (s);
+  st->bytes_written = atomic_load (&fl->st_bytes_written);
+  st->cbw_clusters = atomic_load (&fl->st_cbw_clusters);
+  st->cbw_zero_clusters = atomic_load (&fl->st_cbw_zero);
+  st->bytes_copied = atomic_load (&fl->st_bytes_copied);
+  st->cbw_errors = atomic_load (&fl->st_cbw_errors);
+  st->cbw_wait_ns = atomic_load (&fl->st_cbw_wait_ns);
+  st->max_drain_ns = atomic_load (&fl->st_max_drain_ns);
+  st->last_drain_ns = atomic_load (&fl->st_last_drain_ns);
+  st->copies = copymap_count (&fl->copies);
+  store_usage (&fl->store, &st->store_clusters_used,
+               &st->store_clusters_total, &st->store_file_bytes);
+  st->store_bytes_used = st->store_clusters_used * fl->cluster_size;
+}
+
+void
+fleece_set_event_listener (struct fleece *fl, fleece_event_fn fn,
+                           void *opaque)
+{
+  pthread_mutex_lock (&fl->event_lock);
+  fl->event_fn = fn;
+  fl->event_opaque = opaque;
+  pthread_mutex_unlock (&fl->event_lock);
+}
+
+void
+fl_emit_event (struct fleece *fl, const char *event, const char *snapshot,
+               const char *reason)
+{
+  fl_debug ("event %s: snapshot '%s': %s", event, snapshot, reason);
+  pthread_mutex_lock (&fl->event_lock);
+  if (fl->event_fn)
+    fl->event_fn (fl->event_opaque, event, snapshot, reason);
+  pthread_mutex_unlock (&fl->event_lock);
+}

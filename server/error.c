@@ -1,0 +1,91 @@
+/* Errors, debug messages and small helpers.
+ *
+ * The engine never prints.  A failing function records one message, where
+ * the failure happened, in a thread-local buffer and returns -1 with errno
+ * set to what the NBD client should see; the caller (the plugin's
+ * callback, the control service) passes the message on unchanged.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+struct fleece_debug fleece_debug;
+
+static __thread char last_error[512];
+static fleece_log_fn log_fn;
+
+const char *
+fleece_last_error (void)
+{
+  return last_error[0] ? last_error : "unknown error";
+}
+
+/* Record the message; returns -1 with errno = err, so that callers can
+ * write "return fl_error (EIO, ...)".  %m in fmt refers to err.
+ */
+int
+fl_error (int err, const char *fmt, ...)
+{
+  va_list ap;
+
+  errno = err;
+  va_start (ap, fmt);
+  vsnprintf (last_error, sizeof last_error, fmt, ap);
+  va_end (ap);
+  fl_debug ("error: %s", last_error);
+  errno = err;
+  return -1;
+}
+
+void
+fleece_set_log (fleece_log_fn fn)
+{
+  log_fn = fn;
+}
+
+void
+fl_debug (const char *fmt, ...)
+{
+  char msg[512];
+  va_list ap;
+  int saved = errno;
+
+  if (!fleece_debug.verbose || !log_fn)
+    return;
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  log_fn (msg);
+  errno = saved;
+}
+
+uint64_t
+fl_now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* True if len bytes at buf are all zero: test the first 16 bytes, then
+ * compare the buffer with itself shifted by 16 (memcmp is vectorised).
+ */
+bool
+fl_is_zero (const void *buf, size_t len)
+{
+  const unsigned char *p = buf;
+  size_t i, head = len < 16 ? len : 16;
+
+  for (i = 0; i < head; i++)
+    if (p[i])
+      return false;
+  return len <= 16 || memcmp (p, p + 16, len - 16) == 0;
+}

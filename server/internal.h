@@ -1,0 +1,248 @@
+/* Engine internals shared by the files of server/.  Not installed. */
+
+#ifndef FLEECE_INTERNAL_H
+#define FLEECE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <inttypes.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "fleece.h"
+
+#define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
+
+/* ---- error.c ---- */
+extern int fl_error (int err, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+extern void fl_debug (const char *fmt, ...)
+  __attribute__ ((format (printf, 1, 2)));
+extern uint64_t fl_now_ns (void);
+extern bool fl_is_zero (const void *buf, size_t len);
+
+/* ---- disk.c: the live disk ---- */
+struct disk {
+  /* Set by disk_open, then constant. */
+  int fd;
+  char *path;
+  uint64_t size;
+  bool is_block;
+  bool can_punch;               /* regular file on a fs with holes */
+  bool can_seek_data;
+  bool readonly;
+  uint8_t id[16];
+};
+
+extern int disk_open (struct disk *d, const char *path, bool readonly);
+extern void disk_close (struct disk *d);
+extern int disk_pread (struct disk *d, void *buf, size_t count,
+                       uint64_t offset);
+extern int disk_pwrite (struct disk *d, const void *buf, size_t count,
+                        uint64_t offset, bool fua);
+extern int disk_zero (struct disk *d, uint64_t count, uint64_t offset,
+                      bool may_trim, bool fast, bool fua);
+extern int disk_trim (struct disk *d, uint64_t count, uint64_t offset,
+                      bool fua);
+extern int disk_flush (struct disk *d);
+extern int disk_extents (struct disk *d, uint64_t count, uint64_t offset,
+                         fleece_extent_fn fn, void *opaque);
+
+/* ---- store.c: the CBW store file ---- */
+struct store {
+  /* Set by store_open, then constant. */
+  int fd;
+  char *path;
+  uint32_t cluster_size;
+  uint64_t data_offset;
+  bool is_file;
+
+  /* Protected by lock. */
+  pthread_mutex_t lock;
+  uint64_t *used;               /* bitmap of allocated slots */
+  uint32_t nslots;              /* slots the bitmap covers */
+  uint32_t nused;
+  uint32_t hint;                /* where the next search starts */
+};
+
+extern int store_open (struct store *s, const char *path,
+                       uint32_t cluster_size, const struct disk *d);
+extern void store_close (struct store *s);
+/* Allocate n contiguous slots if possible; returns how many were
+ * allocated (>= 1) at *first, or -1 on error.
+ */
+extern int store_alloc (struct store *s, uint32_t n, uint32_t *first);
+extern void store_free (struct store *s, uint32_t slot);
+extern int store_write (struct store *s, uint32_t slot, uint32_t nslots,
+                        const void *buf, size_t len);
+extern int store_read (struct store *s, uint32_t slot, uint64_t within,
+                       void *buf, size_t len);
+extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
+                         uint64_t *file_bytes);
+
+/* ---- gate.c: drains live writes at snapshot creation ---- */
+#define GATE_SLOTS 32
+struct gate {
+  atomic_int closing;
+  struct {
+    atomic_long n;
+    char pad[64 - sizeof (atomic_long)];
+  } slot[GATE_SLOTS] __attribute__ ((aligned (64)));
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+};
+
+extern void gate_init (struct gate *g);
+extern void gate_destroy (struct gate *g);
+extern int gate_enter (struct gate *g);
+extern void gate_leave (struct gate *g, int slot);
+extern void gate_close (struct gate *g);
+extern void gate_open (struct gate *g);
+
+/* ---- rangelock.c: exclusive cluster ranges for copy-before-write ---- */
+struct rangelock {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  struct { uint64_t start, end; } *held;   /* protected by lock */
+  size_t nheld, cap;
+};
+
+extern void rangelock_init (struct rangelock *rl);
+extern void rangelock_destroy (struct rangelock *rl);
+extern int rangelock_acquire (struct rangelock *rl, uint64_t start,
+                              uint64_t end);
+extern void rangelock_release (struct rangelock *rl, uint64_t start,
+                               uint64_t end);
+
+/* ---- copymap.c: which store slot holds a cluster's old data ---- */
+
+/* A copy of cluster's data as it was before a write in generation hi.
+ * It serves every snapshot whose generation g satisfies lo < g <= hi.
+ */
+struct copy {
+  uint32_t cluster;
+  uint32_t lo, hi;
+  uint32_t slot;                /* ZERO_SLOT: the data was all zeroes */
+};
+
+#define COPYMAP_SHARDS 64
+struct copymap {
+  struct copymap_shard {
+    pthread_mutex_t lock;
+    struct copy *tab;           /* open addressing, linear probing */
+    uint32_t cap;               /* power of two, or 0 */
+    uint32_t n;
+  } shard[COPYMAP_SHARDS];
+};
+
+extern void copymap_init (struct copymap *m);
+extern void copymap_destroy (struct copymap *m);
+extern int copymap_insert (struct copymap *m, const struct copy *c);
+extern bool copymap_lookup (struct copymap *m, uint32_t cluster,
+                            uint32_t gen, struct copy *out);
+/* Remove the copies of cluster (or of every cluster, cluster ==
+ * UINT32_MAX) for which keep returns false; each removed copy is passed
+ * to drop.
+ */
+extern void copymap_prune (struct copymap *m, uint32_t cluster,
+                           bool (*keep) (void *, const struct copy *),
+                           void (*drop) (void *, const struct copy *),
+                           void *opaque);
+extern uint64_t copymap_count (struct copymap *m);
+
+/* ---- engine.c, snapshot.c, cbw.c ---- */
+struct snap_state;
+
+struct fleece {
+  /* Set by fleece_open, then constant. */
+  struct disk disk;
+  struct store store;
+  uint32_t cluster_size;
+  unsigned cluster_bits;
+  uint64_t nclusters;
+  enum fleece_cbw_error on_cbw_error;
+
+  /* Generation of the newest snapshot in the high 32 bits, number of
+   * live snapshots in the low 32.  Read lock-free on the write path; only
+   * changed with the gate closed.
+   */
+  _Atomic uint64_t state;
+
+  /* Generation in which each cluster was last written while a snapshot
+   * existed (0: never).  A write to cluster c in generation G needs no
+   * copy when cgen[c] == G.  Stored with release order after the copy is
+   * published, read with acquire order.
+   */
+  _Atomic uint32_t *cgen;
+
+  struct gate gate;
+  struct rangelock cbw_locks;
+  struct copymap copies;
+
+  /* Serialises snapshot creation and deletion. */
+  pthread_mutex_t admin_lock;
+
+  /* Live snapshots, oldest first.  Written with snaps_lock held for
+   * writing; copy-before-write holds it for reading.
+   */
+  pthread_rwlock_t snaps_lock;
+  struct fleece_snap **snaps;
+  size_t nsnaps;
+
+  /* Statistics, updated with relaxed atomics. */
+  _Atomic uint64_t st_bytes_written, st_cbw_clusters, st_cbw_zero,
+    st_bytes_copied, st_cbw_errors, st_cbw_wait_ns;
+  _Atomic uint64_t st_max_drain_ns, st_last_drain_ns;
+
+  /* Event listener. */
+  pthread_mutex_t event_lock;
+  fleece_event_fn event_fn;
+  void *event_opaque;
+};
+
+struct fleece_snap {
+  /* Set at creation, then constant. */
+  struct fleece *fl;
+  char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  uint32_t gen;
+  int64_t created;
+
+  /* Handles: the list holds one reference, each open handle one. */
+  atomic_uint refs;
+  atomic_uint readers;
+
+  /* Readers hold io_lock for reading; deletion takes it for writing so
+   * that no read is in flight when the snapshot's copies are freed.
+   */
+  pthread_rwlock_t io_lock;
+  atomic_bool deleted;
+  atomic_bool broken;
+  char broken_reason[256];      /* set once, before broken */
+
+  /* Clusters a client trimmed: atomic bits, allocated on first trim. */
+  _Atomic (_Atomic uint64_t *) released;
+  atomic_ullong held;           /* copies this snapshot reads */
+  atomic_ullong nreleased;
+};
+
+static inline uint32_t
+state_gen (uint64_t st)
+{
+  return st >> 32;
+}
+
+static inline uint32_t
+state_nsnaps (uint64_t st)
+{
+  return st & 0xffffffff;
+}
+
+extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
+extern void fl_emit_event (struct fleece *fl, const char *event,
+                           const char *snapshot, const char *reason);
+extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
+                      uint32_t gen);
+extern void snap_free_all (struct fleece *fl);
+
+#endif /* FLEECE_INTERNAL_H */

@@ -1,0 +1,608 @@
+/* Snapshots: creation, deletion, and reads of the point-in-time image.
+ *
+ * Creation (invariant 3) closes the write gate, which drains the live
+ * writes in flight, bumps the generation, publishes the snapshot, and
+ * opens the gate: writers stall for the drain and a few stores.
+ * Everything that can be slow (allocation, name checks) happens before.
+ *
+ * Reads (invariant 1).  Snapshot S (generation g) sees cluster c as:
+ *   - zeroes, if a client of S released (trimmed) c;
+ *   - the copy covering g, if cgen[c] >= g: c was written after S was
+ *     created, so its old data was copied first, or S is broken;
+ *   - the live disk, if cgen[c] < g.
+ * The last case takes no lock, so that a backup never makes a live write
+ * wait (QEMU's fleecing holds a lock there that writers queue on).  It is
+ * validated instead, like a seqlock: after reading the live data, a full
+ * fence and a reload of cgen[c].  A writer publishes the copy and stores
+ * cgen[c] = G before it writes the live disk, so if cgen[c] is still
+ * below g after the read, no overwrite of c can have reached the disk
+ * before or during the read.  If it moved, the cluster is read again,
+ * now from its copy.  A cluster is retried at most once: once copied, it
+ * stays copied for S.
+ *
+ * Deletion removes the snapshot from the list (new copies stop counting
+ * it), waits for its reads in flight (io_lock), then frees every copy that
+ * no remaining snapshot needs.  Handles opened before deletion see ENOENT.
+ *
+ * Trim (release) marks whole clusters released for S and frees copies
+ * nobody else needs; a later write to c copies nothing for S.  A partial
+ * cluster is not released: the client may still read the rest of it.
+ */
+
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+int
+fleece_check_name (const char *what, const char *name)
+{
+  size_t i, len = name ? strlen (name) : 0;
+
+  if (len == 0)
+    return fl_error (EINVAL, "%s name is empty", what);
+  if (len > FLEECE_SNAPSHOT_NAME_MAX)
+    return fl_error (EINVAL, "%s name is %zu bytes long, the limit is %d",
+                     what, len, FLEECE_SNAPSHOT_NAME_MAX);
+  for (i = 0; i < len; i++) {
+    unsigned char ch = name[i];
+    if (ch == '/')
+      return fl_error (EINVAL, "%s name '%s' contains '/'", what, name);
+    if (ch < 0x20 || ch == 0x7f)
+      return fl_error (EINVAL, "%s name contains control character 0x%02x "
+                       "at byte %zu", what, ch, i);
+  }
+  return 0;
+}
+
+/* Called with admin_lock or snaps_lock held. */
+static struct fleece_snap *
+find_snap (struct fleece *fl, const char *name)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++)
+    if (strcmp (fl->snaps[i]->name, name) == 0)
+      return fl->snaps[i];
+  return NULL;
+}
+
+static void
+snap_free (struct fleece_snap *s)
+{
+  pthread_rwlock_destroy (&s->io_lock);
+  free ((void *) atomic_load (&s->released));
+  free (s);
+}
+
+int
+fleece_snapshot_create (struct fleece *fl, const char *name)
+{
+  struct fleece_snap *s, **p;
+  uint64_t t0, st, drain;
+  uint32_t gen;
+
+  if (fleece_check_name ("snapshot", name) == -1)
+    return -1;
+  pthread_mutex_lock (&fl->admin_lock);
+  if (find_snap (fl, name)) {
+    pthread_mutex_unlock (&fl->admin_lock);
+    return fl_error (EEXIST, "snapshot '%s' already exists", name);
+  }
+  if (fl->nsnaps >= FLEECE_SNAPSHOTS_MAX) {
+    pthread_mutex_unlock (&fl->admin_lock);
+    return fl_error (ENOSPC, "snapshot '%s': there are already %d snapshots",
+                     name, FLEECE_SNAPSHOTS_MAX);
+  }
+  s = calloc (1, sizeof *s);
+  p = realloc (fl->snaps, (fl->nsnaps + 1) * sizeof *p);
+  if (s == NULL || p == NULL) {
+    free (s);
+    if (p)
+      fl->snaps = p;
+    pthread_mutex_unlock (&fl->admin_lock);
+    return fl_error (ENOMEM, "snapshot '%s': out of memory", name);
+  }
+  fl->snaps = p;
+  s->fl = fl;
+  strcpy (s->name, name);
+  s->created = time (NULL);
+  atomic_init (&s->refs, 1);
+  pthread_rwlock_init (&s->io_lock, NULL);
+
+  t0 = fl_now_ns ();
+  gate_close (&fl->gate);
+  pthread_rwlock_wrlock (&fl->snaps_lock);
+  st = atomic_load (&fl->state);
+  gen = state_gen (st) + 1;
+  s->gen = gen;
+  fl->snaps[fl->nsnaps++] = s;
+  atomic_store (&fl->state, ((uint64_t) gen << 32) | fl->nsnaps);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  gate_open (&fl->gate);
+  drain = fl_now_ns () - t0;
+
+  atomic_store (&fl->st_last_drain_ns, drain);
+  if (drain > atomic_load (&fl->st_max_drain_ns))
+    atomic_store (&fl->st_max_drain_ns, drain);
+  pthread_mutex_unlock (&fl->admin_lock);
+  fl_debug ("snapshot '%s' created, generation %u, writers stalled %"
+            PRIu64 " ns", name, gen, drain);
+  return 0;
+}
+
+/* Is copy cp still needed by a live snapshot?  Called with snaps_lock. */
+static bool
+copy_needed (void *opaque, const struct copy *cp)
+{
+  struct fleece *fl = opaque;
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++) {
+    struct fleece_snap *s = fl->snaps[i];
+    if (s->gen > cp->lo && s->gen <= cp->hi &&
+        !snap_is_released (s, cp->cluster))
+      return true;
+  }
+  return false;
+}
+
+static void
+copy_drop (void *opaque, const struct copy *cp)
+{
+  struct fleece *fl = opaque;
+
+  if (cp->slot != ZERO_SLOT)
+    store_free (&fl->store, cp->slot);
+}
+
+static void
+snap_unref (struct fleece_snap *s)
+{
+  if (atomic_fetch_sub (&s->refs, 1) == 1)
+    snap_free (s);
+}
+
+/* Drop a handle from fleece_snap_get. */
+void
+fleece_snap_put (struct fleece_snap *s)
+{
+  if (s) {
+    atomic_fetch_sub (&s->readers, 1);
+    snap_unref (s);
+  }
+}
+
+/* At fleece_close: drop the list's references. */
+void
+snap_free_all (struct fleece *fl)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++)
+    snap_unref (fl->snaps[i]);
+  free (fl->snaps);
+  fl->snaps = NULL;
+  fl->nsnaps = 0;
+}
+
+int
+fleece_snapshot_delete (struct fleece *fl, const char *name)
+{
+  struct fleece_snap *s;
+  size_t i;
+
+  if (fleece_check_name ("snapshot", name) == -1)
+    return -1;
+  pthread_mutex_lock (&fl->admin_lock);
+  pthread_rwlock_wrlock (&fl->snaps_lock);
+  s = find_snap (fl, name);
+  if (s == NULL) {
+    pthread_rwlock_unlock (&fl->snaps_lock);
+    pthread_mutex_unlock (&fl->admin_lock);
+    return fl_error (ENOENT, "snapshot '%s' does not exist", name);
+  }
+  for (i = 0; fl->snaps[i] != s; i++)
+    ;
+  memmove (&fl->snaps[i], &fl->snaps[i + 1],
+           (fl->nsnaps - i - 1) * sizeof *fl->snaps);
+  fl->nsnaps--;
+  /* Fewer snapshots never needs the gate: a writer that still sees the
+   * old count only finds nothing to copy for s.
+   */
+  atomic_store (&fl->state, (atomic_load (&fl->state) & ~UINT64_C (0xffffffff))
+                | fl->nsnaps);
+  atomic_store (&s->deleted, true);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+
+  /* Wait for reads in flight, then free what nobody needs. */
+  pthread_rwlock_wrlock (&s->io_lock);
+  pthread_rwlock_unlock (&s->io_lock);
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_drop, fl);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  pthread_mutex_unlock (&fl->admin_lock);
+  fl_debug ("snapshot '%s' deleted", name);
+  snap_unref (s);
+  return 0;
+}
+
+struct fleece_snap *
+fleece_snap_get (struct fleece *fl, const char *name)
+{
+  struct fleece_snap *s;
+
+  if (fleece_check_name ("snapshot", name) == -1)
+    return NULL;
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  s = find_snap (fl, name);
+  if (s) {
+    atomic_fetch_add (&s->refs, 1);
+    atomic_fetch_add (&s->readers, 1);
+  }
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  if (s == NULL)
+    fl_error (ENOENT, "snapshot '%s' does not exist", name);
+  return s;
+}
+
+const char *
+fleece_snap_name (const struct fleece_snap *s)
+{
+  return s->name;
+}
+
+/* Can s be read at all?  Called with io_lock held. */
+static int
+check_readable (struct fleece_snap *s)
+{
+  if (atomic_load (&s->deleted))
+    return fl_error (ENOENT, "snapshot '%s' was deleted", s->name);
+  if (atomic_load (&s->broken))
+    return fl_error (EIO, "snapshot '%s' is broken: %s", s->name,
+                     s->broken_reason);
+  return 0;
+}
+
+/* Where the data of cluster c is for snapshot s. */
+enum where { W_ZERO, W_COPY, W_LIVE };
+
+static int
+locate (struct fleece_snap *s, uint64_t c, uint32_t *slot, enum where *w)
+{
+  struct fleece *fl = s->fl;
+  struct copy cp;
+
+  if (snap_is_released (s, c)) {
+    *w = W_ZERO;
+    return 0;
+  }
+  if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) < s->gen) {
+    *w = W_LIVE;
+    return 0;
+  }
+  if (copymap_lookup (&fl->copies, c, s->gen, &cp)) {
+    *w = cp.slot == ZERO_SLOT ? W_ZERO : W_COPY;
+    *slot = cp.slot;
+    return 0;
+  }
+  if (snap_is_released (s, c)) {        /* released meanwhile */
+    *w = W_ZERO;
+    return 0;
+  }
+  if (atomic_load (&s->broken))
+    return check_readable (s);
+  return fl_error (EIO, "snapshot '%s': cluster %" PRIu64 " was overwritten "
+                   "but has no copy (internal error)", s->name, c);
+}
+
+/* Has a live read of clusters [a, b] been overtaken by a writer?  The
+ * fence orders the loads after the data read (see the comment on top).
+ */
+static bool
+live_read_valid (struct fleece_snap *s, uint64_t c)
+{
+  atomic_thread_fence (memory_order_seq_cst);
+  if (fleece_debug.skip_isolation_check)
+    return true;
+  return atomic_load_explicit (&s->fl->cgen[c], memory_order_acquire) <
+    s->gen;
+}
+
+/* Read [offset, offset+len) which lies within cluster c. */
+static int
+read_cluster (struct fleece_snap *s, uint64_t c, char *buf, uint32_t len,
+              uint64_t offset)
+{
+  struct fleece *fl = s->fl;
+  uint64_t within = offset - (c << fl->cluster_bits);
+  int tries;
+
+  for (tries = 0; tries < 2; tries++) {
+    enum where w;
+    uint32_t slot = 0;
+
+    if (locate (s, c, &slot, &w) == -1)
+      return -1;
+    switch (w) {
+    case W_ZERO:
+      memset (buf, 0, len);
+      return 0;
+    case W_COPY:
+      return store_read (&fl->store, slot, within, buf, len);
+    case W_LIVE:
+      if (disk_pread (&fl->disk, buf, len, offset) == -1)
+        return -1;
+      if (live_read_valid (s, c))
+        return 0;
+      break;                    /* copied under us: read the copy */
+    }
+  }
+  return fl_error (EIO, "snapshot '%s': cluster %" PRIu64 " changed twice "
+                   "during a read (internal error)", s->name, c);
+}
+
+/* Read a run of live clusters [a, b] with one pread, then validate each
+ * and re-read those a writer overtook.
+ */
+static int
+read_live_run (struct fleece_snap *s, char *buf, uint64_t start,
+               uint64_t end, uint64_t a, uint64_t b)
+{
+  struct fleece *fl = s->fl;
+  uint64_t c;
+
+  if (disk_pread (&fl->disk, buf, end - start, start) == -1)
+    return -1;
+  for (c = a; c <= b; c++) {
+    uint64_t cs = c << fl->cluster_bits, ce = cs + fl->cluster_size;
+    if (cs < start)
+      cs = start;
+    if (ce > end)
+      ce = end;
+    if (!live_read_valid (s, c) &&
+        read_cluster (s, c, buf + (cs - start), ce - cs, cs) == -1)
+      return -1;
+  }
+  return 0;
+}
+
+int
+fleece_snap_pread (struct fleece_snap *s, void *buf, uint32_t count,
+                   uint64_t offset)
+{
+  struct fleece *fl = s->fl;
+  char *p = buf;
+  uint64_t end = offset + count, pos = offset;
+  uint64_t run_start = 0, run_a = 0;
+  bool in_run = false;
+  int r = -1;
+
+  if (end > fl->disk.size || end < offset)
+    return fl_error (EINVAL, "snapshot '%s': read beyond the end", s->name);
+  pthread_rwlock_rdlock (&s->io_lock);
+  if (check_readable (s) == -1)
+    goto out;
+  while (pos < end) {
+    uint64_t c = pos >> fl->cluster_bits;
+    uint64_t ce = (c + 1) << fl->cluster_bits;
+    uint32_t slot = 0;
+    enum where w;
+
+    if (ce > end)
+      ce = end;
+    if (locate (s, c, &slot, &w) == -1)
+      goto out;
+    if (w == W_LIVE) {
+      if (!in_run) {
+        in_run = true;
+        run_start = pos;
+        run_a = c;
+      }
+    }
+    else {
+      if (in_run) {
+        in_run = false;
+        if (read_live_run (s, p + (run_start - offset), run_start, pos,
+                           run_a, c - 1) == -1)
+          goto out;
+      }
+      if (read_cluster (s, c, p + (pos - offset), ce - pos, pos) == -1)
+        goto out;
+    }
+    pos = ce;
+  }
+  if (in_run && read_live_run (s, p + (run_start - offset), run_start, end,
+                               run_a, (end - 1) >> fl->cluster_bits) == -1)
+    goto out;
+  r = 0;
+ out:
+  pthread_rwlock_unlock (&s->io_lock);
+  return r;
+}
+
+static int
+ensure_released_bits (struct fleece_snap *s)
+{
+  _Atomic uint64_t *bits, *expect = NULL;
+
+  if (atomic_load (&s->released))
+    return 0;
+  bits = calloc ((s->fl->nclusters + 63) / 64, sizeof *bits);
+  if (bits == NULL)
+    return fl_error (ENOMEM, "snapshot '%s': out of memory", s->name);
+  if (!atomic_compare_exchange_strong (&s->released, &expect, bits))
+    free ((void *) bits);
+  return 0;
+}
+
+int
+fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
+{
+  struct fleece *fl = s->fl;
+  uint64_t end = offset + count, c0, c1, c;
+  _Atomic uint64_t *bits;
+  int r = -1;
+
+  if (end > fl->disk.size || end < offset)
+    return fl_error (EINVAL, "snapshot '%s': trim beyond the end", s->name);
+  /* Whole clusters only; the last cluster may be short. */
+  c0 = (offset + fl->cluster_size - 1) >> fl->cluster_bits;
+  c1 = end == fl->disk.size ? fl->nclusters : end >> fl->cluster_bits;
+  if (c0 >= c1)
+    return 0;
+  pthread_rwlock_rdlock (&s->io_lock);
+  if (check_readable (s) == -1 || ensure_released_bits (s) == -1)
+    goto out_unlock_io;
+  bits = atomic_load (&s->released);
+  if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
+    goto out_unlock_io;
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  for (c = c0; c < c1; c++) {
+    uint64_t bit = UINT64_C (1) << (c % 64);
+    struct copy cp;
+    if (atomic_fetch_or (&bits[c / 64], bit) & bit)
+      continue;
+    atomic_fetch_add (&s->nreleased, 1);
+    if (copymap_lookup (&fl->copies, c, s->gen, &cp))
+      atomic_fetch_sub (&s->held, 1);
+    copymap_prune (&fl->copies, c, copy_needed, copy_drop, fl);
+  }
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  rangelock_release (&fl->cbw_locks, c0, c1);
+  r = 0;
+ out_unlock_io:
+  pthread_rwlock_unlock (&s->io_lock);
+  return r;
+}
+
+struct live_ext {
+  struct fleece_snap *s;
+  fleece_extent_fn fn;
+  void *opaque;
+};
+
+/* Disk extents of a live run, checked like live reads: a cluster that a
+ * writer overtook is reported as data, which is always safe to claim.
+ */
+static int
+live_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+{
+  struct live_ext *le = opaque;
+  struct fleece *fl = le->s->fl;
+  uint64_t end = offset + length;
+
+  if (type == 0)
+    return le->fn (le->opaque, offset, length, 0);
+  while (offset < end) {
+    uint64_t c = offset >> fl->cluster_bits;
+    uint64_t ce = (c + 1) << fl->cluster_bits;
+    if (ce > end)
+      ce = end;
+    if (le->fn (le->opaque, offset, ce - offset,
+                live_read_valid (le->s, c) ? type : 0) == -1)
+      return -1;
+    offset = ce;
+  }
+  return 0;
+}
+
+int
+fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
+                     fleece_extent_fn fn, void *opaque)
+{
+  struct fleece *fl = s->fl;
+  struct live_ext le = { .s = s, .fn = fn, .opaque = opaque };
+  uint64_t end = offset + count, pos = offset;
+  int r = -1;
+
+  if (end > fl->disk.size || end < offset)
+    return fl_error (EINVAL, "snapshot '%s': extents beyond the end",
+                     s->name);
+  pthread_rwlock_rdlock (&s->io_lock);
+  if (check_readable (s) == -1)
+    goto out;
+  while (pos < end) {
+    uint64_t c = pos >> fl->cluster_bits;
+    uint64_t ce = (c + 1) << fl->cluster_bits;
+    uint32_t slot = 0;
+    enum where w;
+    int e;
+
+    if (ce > end)
+      ce = end;
+    if (locate (s, c, &slot, &w) == -1)
+      goto out;
+    if (w == W_LIVE)
+      e = disk_extents (&fl->disk, ce - pos, pos, live_extent, &le);
+    else
+      e = fn (opaque, pos, ce - pos, w == W_ZERO ?
+              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0);
+    if (e == -1)
+      goto out;
+    pos = ce;
+  }
+  r = 0;
+ out:
+  pthread_rwlock_unlock (&s->io_lock);
+  return r;
+}
+
+static void
+fill_info (struct fleece_snap *s, struct fleece_snap_info *info)
+{
+  memset (info, 0, sizeof *info);
+  strcpy (info->name, s->name);
+  info->generation = s->gen;
+  info->created = s->created;
+  info->broken = atomic_load (&s->broken);
+  if (info->broken)
+    snprintf (info->broken_reason, sizeof info->broken_reason, "%s",
+              s->broken_reason);
+  info->clusters_held = atomic_load (&s->held);
+  info->clusters_released = atomic_load (&s->nreleased);
+  info->readers = atomic_load (&s->readers);
+}
+
+int
+fleece_list_snapshots (struct fleece *fl,
+                       void (*fn) (void *, const struct fleece_snap_info *),
+                       void *opaque)
+{
+  struct fleece_snap_info info;
+  size_t i, n;
+
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  n = fl->nsnaps;
+  for (i = 0; i < n; i++) {
+    fill_info (fl->snaps[i], &info);
+    fn (opaque, &info);
+  }
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  return n;
+}
+
+int
+fleece_snapshot_info (struct fleece *fl, const char *name,
+                      struct fleece_snap_info *info)
+{
+  struct fleece_snap *s;
+  int r = -1;
+
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  s = find_snap (fl, name);
+  if (s) {
+    fill_info (s, info);
+    r = 0;
+  }
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  if (r == -1)
+    fl_error (ENOENT, "snapshot '%s' does not exist", name);
+  return r;
+}

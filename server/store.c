@@ -1,0 +1,320 @@
+/* The copy-before-write store: one file holding the old data of clusters
+ * that snapshots still need.
+ *
+ * Layout (docs/store-format.md): a 4 KiB superblock, a metadata log
+ * reserved for persistent stores, then a data area of cluster-sized slots
+ * starting at a cluster-aligned offset.  Slot s lives at
+ * data_offset + s * cluster_size.
+ *
+ * Slots are allocated from a bitmap with a moving hint so that a run of
+ * adjacent clusters copied together gets adjacent slots and is written
+ * with one pwrite.  A freed slot is punched out of the file before its
+ * bit is cleared, so that the space goes back to the filesystem and a
+ * concurrent allocation can never have its fresh data punched.
+ *
+ * With persistent=false (the only mode before the durability work) the
+ * store is formatted anew at every start: nothing in it is trusted.
+ */
+
+#include <config.h>
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <endian.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <xxhash.h>
+
+#include "fleece-wire.h"
+#include "internal.h"
+
+#define MAX_SLOTS (UINT32_MAX - 1)
+
+static int
+write_superblock (struct store *s, const struct disk *d)
+{
+  char block[FLEECE_STORE_HEADER_SIZE];
+  struct fleece_superblock *sb = (void *) block;
+  ssize_t r;
+
+  memset (block, 0, sizeof block);
+  memcpy (sb->magic, FLEECE_STORE_MAGIC, 8);
+  sb->version = htole32 (FLEECE_STORE_VERSION);
+  sb->flags = htole32 (FLEECE_SB_CLEAN);
+  sb->cluster_size = htole32 (s->cluster_size);
+  sb->header_size = htole32 (FLEECE_STORE_HEADER_SIZE);
+  sb->disk_size = htole64 (d->size);
+  memcpy (sb->disk_id, d->id, sizeof sb->disk_id);
+  sb->meta_offset = htole64 (FLEECE_STORE_HEADER_SIZE);
+  sb->meta_size = htole64 (FLEECE_STORE_META_SIZE);
+  sb->data_offset = htole64 (s->data_offset);
+  sb->sequence = htole64 (1);
+  sb->created = htole64 ((uint64_t) time (NULL));
+  sb->checksum = htole64 (XXH64 (sb, offsetof (struct fleece_superblock,
+                                               checksum), 0));
+  r = pwrite (s->fd, block, sizeof block, 0);
+  if (r == -1)
+    return fl_error (errno, "store: writing superblock: %s: %m", s->path);
+  if (r != sizeof block)
+    return fl_error (ENOSPC, "store: writing superblock: %s: short write",
+                     s->path);
+  return 0;
+}
+
+int
+store_open (struct store *s, const char *path, uint32_t cluster_size,
+            const struct disk *d)
+{
+  struct stat st;
+  uint64_t meta_end = FLEECE_STORE_HEADER_SIZE + FLEECE_STORE_META_SIZE;
+
+  memset (s, 0, sizeof *s);
+  s->cluster_size = cluster_size;
+  s->data_offset = (meta_end + cluster_size - 1) & ~(uint64_t)
+    (cluster_size - 1);
+  s->fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (s->fd == -1)
+    return fl_error (errno, "store: open: %s: %m", path);
+  s->path = strdup (path);
+  if (s->path == NULL) {
+    fl_error (ENOMEM, "store: strdup: out of memory");
+    goto out_close_fd;
+  }
+  if (fstat (s->fd, &st) == -1) {
+    fl_error (errno, "store: fstat: %s: %m", path);
+    goto out_free_path;
+  }
+  if (!S_ISREG (st.st_mode) && !S_ISBLK (st.st_mode)) {
+    fl_error (EINVAL, "store: %s: not a regular file or a block device",
+              path);
+    goto out_free_path;
+  }
+  {
+    struct stat dst;
+    if (fstat (d->fd, &dst) == 0 && dst.st_dev == st.st_dev &&
+        dst.st_ino == st.st_ino && dst.st_rdev == st.st_rdev) {
+      fl_error (EINVAL, "store: %s: is the disk itself", path);
+      goto out_free_path;
+    }
+  }
+  s->is_file = S_ISREG (st.st_mode);
+  if (s->is_file && ftruncate (s->fd, 0) == -1) {
+    fl_error (errno, "store: ftruncate: %s: %m", path);
+    goto out_free_path;
+  }
+  if (write_superblock (s, d) == -1)
+    goto out_free_path;
+  pthread_mutex_init (&s->lock, NULL);
+  return 0;
+
+ out_free_path:
+  free (s->path);
+  s->path = NULL;
+ out_close_fd:
+  close (s->fd);
+  s->fd = -1;
+  return -1;
+}
+
+void
+store_close (struct store *s)
+{
+  if (s->fd >= 0) {
+    close (s->fd);
+    pthread_mutex_destroy (&s->lock);
+  }
+  s->fd = -1;
+  free (s->path);
+  free (s->used);
+  s->path = NULL;
+  s->used = NULL;
+}
+
+static bool
+slot_used (const struct store *s, uint32_t i)
+{
+  return i < s->nslots && (s->used[i / 64] >> (i % 64)) & 1;
+}
+
+static int
+grow (struct store *s, uint32_t need)
+{
+  uint64_t n = s->nslots ? s->nslots : 1024;
+  uint64_t *p;
+
+  while (n < need)
+    n *= 2;
+  if (n > MAX_SLOTS)
+    n = MAX_SLOTS;
+  if (n < need)
+    return fl_error (ENOSPC, "store: %s: more than %u clusters", s->path,
+                     (unsigned) MAX_SLOTS);
+  p = realloc (s->used, ((n + 63) / 64) * sizeof *p);
+  if (p == NULL)
+    return fl_error (ENOMEM, "store: realloc: out of memory");
+  memset (p + (s->nslots + 63) / 64, 0,
+          ((n + 63) / 64 - (s->nslots + 63) / 64) * sizeof *p);
+  s->used = p;
+  s->nslots = n;
+  return 0;
+}
+
+/* Find the first free slot at or after from, wrapping around, and grow
+ * the bitmap if there is none.  Called with lock held.
+ */
+static uint32_t
+scan_free (const struct store *s, uint32_t from, uint32_t to)
+{
+  uint32_t i;
+
+  for (i = from; i < to; i++) {
+    if ((i % 64) == 0 && i + 64 <= to && s->used[i / 64] == UINT64_MAX) {
+      i += 63;
+      continue;
+    }
+    if (!slot_used (s, i))
+      return i;
+  }
+  return UINT32_MAX;
+}
+
+static int
+find_free (struct store *s, uint32_t from, uint32_t *slot)
+{
+  uint32_t old = s->nslots;
+
+  *slot = scan_free (s, from < old ? from : old, old);
+  if (*slot == UINT32_MAX)
+    *slot = scan_free (s, 0, from < old ? from : old);
+  if (*slot != UINT32_MAX)
+    return 0;
+  if (grow (s, old + 1) == -1)
+    return -1;
+  *slot = old;
+  return 0;
+}
+
+int
+store_alloc (struct store *s, uint32_t n, uint32_t *first)
+{
+  uint32_t i, got;
+
+  assert (n >= 1);
+  pthread_mutex_lock (&s->lock);
+  if (find_free (s, s->hint, first) == -1) {
+    pthread_mutex_unlock (&s->lock);
+    return -1;
+  }
+  for (got = 0; got < n; got++) {
+    i = *first + got;
+    if (i >= MAX_SLOTS)
+      break;
+    if (i >= s->nslots && grow (s, i + 1) == -1)
+      break;
+    if (slot_used (s, i))
+      break;
+    s->used[i / 64] |= UINT64_C (1) << (i % 64);
+  }
+  s->nused += got;
+  s->hint = *first + got;
+  pthread_mutex_unlock (&s->lock);
+  return got;
+}
+
+void
+store_free (struct store *s, uint32_t slot)
+{
+  if (s->is_file)
+    /* Best effort: a filesystem without holes keeps the space, the slot
+     * is still reused.
+     */
+    (void) fallocate (s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      s->data_offset + (uint64_t) slot * s->cluster_size,
+                      s->cluster_size);
+  pthread_mutex_lock (&s->lock);
+  assert (slot_used (s, slot));
+  s->used[slot / 64] &= ~(UINT64_C (1) << (slot % 64));
+  s->nused--;
+  if (slot < s->hint)
+    s->hint = slot;
+  pthread_mutex_unlock (&s->lock);
+}
+
+int
+store_write (struct store *s, uint32_t slot, uint32_t nslots,
+             const void *buf, size_t len)
+{
+  uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size;
+  const char *p = buf;
+
+  assert (len <= (uint64_t) nslots * s->cluster_size);
+  if (fleece_debug.fail_store_write)
+    return fl_error (EIO, "store: pwrite: %s: offset %" PRIu64
+                     ": injected error (fleece.fail_store_write)",
+                     s->path, offset);
+  while (len > 0) {
+    ssize_t r = pwrite (s->fd, p, len, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return fl_error (errno, "store: pwrite: %s: offset %" PRIu64 ": %m",
+                       s->path, offset);
+    }
+    p += r;
+    len -= r;
+    offset += r;
+  }
+  return 0;
+}
+
+int
+store_read (struct store *s, uint32_t slot, uint64_t within, void *buf,
+            size_t len)
+{
+  uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size +
+    within;
+  char *p = buf;
+
+  while (len > 0) {
+    ssize_t r = pread (s->fd, p, len, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return fl_error (errno, "store: pread: %s: offset %" PRIu64 ": %m",
+                       s->path, offset);
+    }
+    if (r == 0)
+      return fl_error (EIO, "store: pread: %s: unexpected end of file at "
+                       "offset %" PRIu64, s->path, offset);
+    p += r;
+    len -= r;
+    offset += r;
+  }
+  return 0;
+}
+
+void
+store_usage (struct store *s, uint64_t *used, uint64_t *total,
+             uint64_t *file_bytes)
+{
+  struct stat st;
+  uint32_t i, top = 0;
+
+  pthread_mutex_lock (&s->lock);
+  *used = s->nused;
+  for (i = s->nslots; i > 0; i--)
+    if (slot_used (s, i - 1)) {
+      top = i;
+      break;
+    }
+  *total = top;
+  pthread_mutex_unlock (&s->lock);
+  *file_bytes = fstat (s->fd, &st) == 0 ? (uint64_t) st.st_blocks * 512 : 0;
+}
