@@ -163,6 +163,7 @@ struct fleece_debug {
   int verbose;                  /* engine debug messages */
   int fail_store_write;         /* fail every store write with EIO */
   int skip_isolation_check;     /* FOR TESTS ONLY: break invariant 1 */
+  int live_read_delay_us;       /* widen the snapshot read race window */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -358,6 +359,8 @@ read_live_run (struct fleece_snap *s, char *buf, uint64_t start,
   struct fleece *fl = s->fl;
   uint64_t c;
 
+  if (fleece_debug.live_read_delay_us)    /* fault injection for tests */
+    usleep (fleece_debug.live_read_delay_us);
   if (disk_pread (&fl->disk, buf, end - start, start) == -1)
     return -1;
   for (c = a; c <= b; c++) {

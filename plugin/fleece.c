@@ -1,0 +1,564 @@
+/* nbdkit-fleece-plugin: a live disk with point-in-time snapshot exports.
+ *
+ * Thin glue over the engine (server/): this file only maps nbdkit
+ * callbacks, in nbdkit's order, onto fleece_* calls.  One nbdkit instance
+ * serves several exports, chosen by the export name a client asks for:
+ *
+ *   ""               the live disk, read-write
+ *   "snapshot/NAME"  the disk as it was when snapshot NAME was created;
+ *                    read and trim (to release what a backup has read),
+ *                    every write refused with EPERM
+ *
+ * The engine and the control socket are opened in .get_ready, before
+ * nbdkit forks into the background, so that a bad disk or store stops
+ * nbdkit with a clear error; the control service thread starts in
+ * .after_fork.  Errors are reported once, here, with the engine's message,
+ * and errno is what the NBD client sees.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "fleece.h"
+#include "fleece-control.h"
+
+#define SNAP_PREFIX "snapshot/"
+
+/* Debug flags: nbdkit -D fleece.FLAG=N. */
+NBDKIT_DLL_PUBLIC int fleece_debug_verbose = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_fail_store_write = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_skip_isolation_check = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_live_read_delay_us = 0;
+
+/* Set by .config, then constant. */
+static char *disk_path;
+static char *store_path;
+static char *control_path;
+static uint32_t cluster_size;
+static enum fleece_cbw_error on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
+
+/* Set by .get_ready, then constant until .cleanup. */
+static struct fleece *fl;
+static struct ctl *ctl;
+
+struct handle {
+  struct fleece_snap *snap;     /* NULL: the live disk */
+  int readonly;
+};
+
+/* Pass the engine's error to nbdkit and keep errno for the client. */
+static int
+engine_error (void)
+{
+  int err = errno;
+
+  nbdkit_error ("%s", fleece_last_error ());
+  nbdkit_set_error (err);
+  errno = err;
+  return -1;
+}
+
+static void
+log_to_nbdkit (const char *msg)
+{
+  nbdkit_debug ("%s", msg);
+}
+
+static void
+plug_unload (void)
+{
+  free (disk_path);
+  free (store_path);
+  free (control_path);
+}
+
+static int
+set_path (char **dst, const char *key, const char *value)
+{
+  if (*dst) {
+    nbdkit_error ("%s: parameter given twice", key);
+    return -1;
+  }
+  *dst = nbdkit_absolute_path (value);
+  return *dst ? 0 : -1;
+}
+
+static int
+plug_config (const char *key, const char *value)
+{
+  if (strcmp (key, "disk") == 0)
+    return set_path (&disk_path, key, value);
+  if (strcmp (key, "store") == 0)
+    return set_path (&store_path, key, value);
+  if (strcmp (key, "control") == 0)
+    return set_path (&control_path, key, value);
+  if (strcmp (key, "cluster-size") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    if (r < FLEECE_CLUSTER_SIZE_MIN || r > FLEECE_CLUSTER_SIZE_MAX ||
+        (r & (r - 1)) != 0) {
+      nbdkit_error ("cluster-size=%s: must be a power of two between 4K "
+                    "and 4M", value);
+      return -1;
+    }
+    cluster_size = r;
+    return 0;
+  }
+  if (strcmp (key, "on-cbw-error") == 0) {
+    if (strcmp (value, "break-snapshot") == 0)
+      on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
+    else if (strcmp (value, "fail-write") == 0)
+      on_cbw_error = FLEECE_CBW_FAIL_WRITE;
+    else {
+      nbdkit_error ("on-cbw-error=%s: expected break-snapshot or "
+                    "fail-write", value);
+      return -1;
+    }
+    return 0;
+  }
+  if (strcmp (key, "persistent") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    if (r) {
+      nbdkit_error ("persistent=true is not supported yet: snapshots last "
+                    "as long as this nbdkit process");
+      return -1;
+    }
+    return 0;
+  }
+  nbdkit_error ("unknown parameter '%s' (see nbdkit fleece --help)", key);
+  return -1;
+}
+
+static int
+plug_config_complete (void)
+{
+  if (disk_path == NULL || store_path == NULL) {
+    nbdkit_error ("the disk and store parameters are required: "
+                  "nbdkit fleece disk=DISK store=STORE");
+    return -1;
+  }
+  if (control_path == NULL) {
+    if (asprintf (&control_path, "%s.sock", store_path) == -1) {
+      nbdkit_error ("asprintf: %m");
+      return -1;
+    }
+  }
+  return 0;
+}
+
+#define plug_config_help \
+  "disk=<FILENAME>      (required) The live disk: a file or block device.\n" \
+  "store=<FILENAME>     (required) The copy-before-write store file.\n" \
+  "cluster-size=<SIZE>  Copy granularity, a power of two from 4K to 4M\n" \
+  "                     (default 64K).\n" \
+  "control=<SOCKET>     Control socket (default STORE.sock).\n" \
+  "on-cbw-error=break-snapshot|fail-write\n" \
+  "                     What a failed copy-before-write does (default\n" \
+  "                     break-snapshot).\n" \
+  "persistent=false     Snapshots last as long as nbdkit (the only mode\n" \
+  "                     so far)."
+
+static void
+plug_dump_plugin (void)
+{
+  printf ("fleece_version=%s\n", PACKAGE_VERSION);
+  printf ("fleece_cluster_size_default=%u\n", FLEECE_CLUSTER_SIZE_DEFAULT);
+  printf ("fleece_cluster_size_min=%u\n", FLEECE_CLUSTER_SIZE_MIN);
+  printf ("fleece_cluster_size_max=%u\n", FLEECE_CLUSTER_SIZE_MAX);
+  printf ("fleece_snapshots_max=%d\n", FLEECE_SNAPSHOTS_MAX);
+  printf ("fleece_exports=\"\" snapshot/NAME\n");
+  printf ("fleece_control_protocol=qmp-json\n");
+}
+
+static int
+plug_get_ready (void)
+{
+  const struct fleece_config cfg = {
+    .disk = disk_path,
+    .store = store_path,
+    .cluster_size = cluster_size,
+    .on_cbw_error = on_cbw_error,
+  };
+  const struct ctl_info info = {
+    .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE
+      ? "fail-write" : "break-snapshot",
+    .persistent = 0,
+  };
+
+  fleece_debug.verbose = fleece_debug_verbose;
+  fleece_debug.fail_store_write = fleece_debug_fail_store_write;
+  fleece_debug.skip_isolation_check = fleece_debug_skip_isolation_check;
+  fleece_debug.live_read_delay_us = fleece_debug_live_read_delay_us;
+  fleece_set_log (log_to_nbdkit);
+  fl = fleece_open (&cfg);
+  if (fl == NULL)
+    return engine_error ();
+  ctl = ctl_open (fl, control_path, &info);
+  if (ctl == NULL) {
+    engine_error ();
+    fleece_close (fl);
+    fl = NULL;
+    return -1;
+  }
+  return 0;
+}
+
+static int
+plug_after_fork (void)
+{
+  if (ctl_start (ctl) == -1)
+    return engine_error ();
+  return 0;
+}
+
+static void
+plug_cleanup (void)
+{
+  ctl_close (ctl);
+  ctl = NULL;
+  fleece_close (fl);
+  fl = NULL;
+}
+
+static const char *
+snap_description (const struct fleece_snap_info *info)
+{
+  char when[64];
+  struct tm tm;
+  time_t t = info->created;
+
+  strftime (when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", gmtime_r (&t, &tm));
+  return nbdkit_printf_intern ("point-in-time image of %s at %s "
+                               "(generation %" PRIu32 ")%s",
+                               fleece_disk_path (fl), when, info->generation,
+                               info->broken ? ", BROKEN" : "");
+}
+
+struct list_ctx {
+  struct nbdkit_exports *exports;
+  int r;
+};
+
+static void
+list_one (void *opaque, const struct fleece_snap_info *info)
+{
+  struct list_ctx *lc = opaque;
+  const char *name = nbdkit_printf_intern (SNAP_PREFIX "%s", info->name);
+  const char *desc = snap_description (info);
+
+  if (lc->r == 0 && (name == NULL || desc == NULL ||
+                     nbdkit_add_export (lc->exports, name, desc) == -1))
+    lc->r = -1;
+}
+
+static int
+plug_list_exports (int readonly, int is_tls,
+                     struct nbdkit_exports *exports)
+{
+  struct list_ctx lc = { .exports = exports, .r = 0 };
+  const char *desc = nbdkit_printf_intern ("live disk %s (read-write)",
+                                           fleece_disk_path (fl));
+
+  if (desc == NULL || nbdkit_add_export (exports, "", desc) == -1)
+    return -1;
+  fleece_list_snapshots (fl, list_one, &lc);
+  return lc.r;
+}
+
+static const char *
+plug_default_export (int readonly, int is_tls)
+{
+  return "";
+}
+
+static void *
+plug_open (int readonly)
+{
+  const char *name = nbdkit_export_name ();
+  struct handle *h;
+
+  if (name == NULL)
+    return NULL;
+  h = calloc (1, sizeof *h);
+  if (h == NULL) {
+    nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  h->readonly = readonly;
+  if (strncmp (name, SNAP_PREFIX, strlen (SNAP_PREFIX)) == 0) {
+    h->snap = fleece_snap_get (fl, name + strlen (SNAP_PREFIX));
+    if (h->snap == NULL) {
+      engine_error ();
+      free (h);
+      return NULL;
+    }
+  }
+  else if (name[0] != '\0') {
+    nbdkit_error ("unknown export '%s': the live disk is \"\", snapshots "
+                  "are " SNAP_PREFIX "NAME", name);
+    free (h);
+    return NULL;
+  }
+  return h;
+}
+
+static void
+plug_close_handle (void *handle)
+{
+  struct handle *h = handle;
+
+  fleece_snap_put (h->snap);
+  free (h);
+}
+
+static const char *
+plug_export_description (void *handle)
+{
+  struct handle *h = handle;
+  struct fleece_snap_info info;
+
+  if (h->snap == NULL)
+    return nbdkit_printf_intern ("live disk %s (read-write)",
+                                 fleece_disk_path (fl));
+  if (fleece_snapshot_info (fl, fleece_snap_name (h->snap), &info) == -1)
+    return NULL;
+  return snap_description (&info);
+}
+
+static int64_t
+plug_get_size (void *handle)
+{
+  return fleece_disk_size (fl);
+}
+
+static int
+plug_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
+                   uint32_t *maximum)
+{
+  *minimum = 1;
+  *preferred = fleece_cluster_size (fl);
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+/* A snapshot is writable in NBD's sense only so that clients may trim
+ * it (DESIGN.md, Exports); .pwrite refuses every write.
+ */
+static int
+plug_can_write (void *handle)
+{
+  return 1;
+}
+
+static int
+plug_can_flush (void *handle)
+{
+  return 1;
+}
+
+static int
+plug_is_rotational (void *handle)
+{
+  return 0;
+}
+
+static int
+plug_can_trim (void *handle)
+{
+  return 1;
+}
+
+static int
+plug_can_zero (void *handle)
+{
+  struct handle *h = handle;
+
+  return h->snap == NULL;
+}
+
+static int
+plug_can_fast_zero (void *handle)
+{
+  struct handle *h = handle;
+
+  return h->snap == NULL;
+}
+
+static int
+plug_can_fua (void *handle)
+{
+  struct handle *h = handle;
+
+  return h->snap ? NBDKIT_FUA_NONE : NBDKIT_FUA_NATIVE;
+}
+
+static int
+plug_can_multi_conn (void *handle)
+{
+  return 1;
+}
+
+static int
+plug_can_extents (void *handle)
+{
+  return 1;
+}
+
+static int
+plug_thread_model (void)
+{
+  return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+static int
+plug_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags)
+{
+  struct handle *h = handle;
+  int r = h->snap ? fleece_snap_pread (h->snap, buf, count, offset)
+    : fleece_live_pread (fl, buf, count, offset);
+
+  return r == -1 ? engine_error () : 0;
+}
+
+static int
+refuse_write (struct handle *h)
+{
+  nbdkit_error ("export " SNAP_PREFIX "%s is a read-only point-in-time "
+                "image: writes are refused", fleece_snap_name (h->snap));
+  nbdkit_set_error (EPERM);
+  errno = EPERM;
+  return -1;
+}
+
+static int
+plug_pwrite (void *handle, const void *buf, uint32_t count,
+               uint64_t offset, uint32_t flags)
+{
+  struct handle *h = handle;
+
+  if (h->snap)
+    return refuse_write (h);
+  if (fleece_live_pwrite (fl, buf, count, offset, flags & NBDKIT_FLAG_FUA)
+      == -1)
+    return engine_error ();
+  return 0;
+}
+
+static int
+plug_flush (void *handle, uint32_t flags)
+{
+  struct handle *h = handle;
+
+  if (h->snap == NULL && fleece_live_flush (fl) == -1)
+    return engine_error ();
+  return 0;
+}
+
+static int
+plug_trim (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct handle *h = handle;
+  int r = h->snap ? fleece_snap_trim (h->snap, count, offset)
+    : fleece_live_trim (fl, count, offset, flags & NBDKIT_FLAG_FUA);
+
+  return r == -1 ? engine_error () : 0;
+}
+
+static int
+plug_zero (void *handle, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  struct handle *h = handle;
+  uint32_t f = 0;
+
+  if (h->snap)
+    return refuse_write (h);
+  if (flags & NBDKIT_FLAG_MAY_TRIM)
+    f |= FLEECE_F_MAY_TRIM;
+  if (flags & NBDKIT_FLAG_FUA)
+    f |= FLEECE_F_FUA;
+  if (flags & NBDKIT_FLAG_FAST_ZERO)
+    f |= FLEECE_F_FAST_ZERO;
+  if (fleece_live_zero (fl, count, offset, f) == -1) {
+    if (errno == ENOTSUP && (flags & NBDKIT_FLAG_FAST_ZERO)) {
+      nbdkit_set_error (ENOTSUP);   /* expected: not an error to log */
+      return -1;
+    }
+    return engine_error ();
+  }
+  return 0;
+}
+
+static int
+add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+{
+  return nbdkit_add_extent (opaque, offset, length, type);
+}
+
+static int
+plug_extents (void *handle, uint32_t count, uint64_t offset,
+                uint32_t flags, struct nbdkit_extents *extents)
+{
+  struct handle *h = handle;
+  int r = h->snap
+    ? fleece_snap_extents (h->snap, count, offset, add_extent, extents)
+    : fleece_live_extents (fl, count, offset, add_extent, extents);
+
+  return r == -1 ? engine_error () : 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name               = "fleece",
+  .longname           = "Fleece live disk with point-in-time snapshots",
+  .version            = PACKAGE_VERSION,
+  .description        = "Serve a live disk and copy-before-write snapshot "
+                        "exports of it",
+  .unload             = plug_unload,
+  .config             = plug_config,
+  .config_complete    = plug_config_complete,
+  .config_help        = plug_config_help,
+  .magic_config_key   = "disk",
+  .dump_plugin        = plug_dump_plugin,
+  .thread_model       = plug_thread_model,
+  .get_ready          = plug_get_ready,
+  .after_fork         = plug_after_fork,
+  .cleanup            = plug_cleanup,
+  .list_exports       = plug_list_exports,
+  .default_export     = plug_default_export,
+  .open               = plug_open,
+  .close              = plug_close_handle,
+  .export_description = plug_export_description,
+  .get_size           = plug_get_size,
+  .block_size         = plug_block_size,
+  .can_write          = plug_can_write,
+  .can_flush          = plug_can_flush,
+  .is_rotational      = plug_is_rotational,
+  .can_trim           = plug_can_trim,
+  .can_zero           = plug_can_zero,
+  .can_fast_zero      = plug_can_fast_zero,
+  .can_fua            = plug_can_fua,
+  .can_multi_conn     = plug_can_multi_conn,
+  .can_extents        = plug_can_extents,
+  .pread              = plug_pread,
+  .pwrite             = plug_pwrite,
+  .flush              = plug_flush,
+  .trim               = plug_trim,
+  .zero               = plug_zero,
+  .extents            = plug_extents,
+  .errno_is_preserved = 1,
+};
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+NBDKIT_REGISTER_PLUGIN (plugin)

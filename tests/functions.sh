@@ -1,0 +1,210 @@
+# Shell test helpers, sourced by tests/test-*.sh.  Shaped like nbdkit's
+# tests/functions.sh: requires, cleanup_fn, start_nbdkit; plus a small TAP
+# writer.  Tests run through ../run, which sets PATH, FLEECE_PLUGIN and,
+# under make check-valgrind, $VG.
+#
+# Every test works in its own temporary directory ($tmp), starts servers
+# on Unix sockets only, and stops them by PID from an EXIT trap.
+
+set -u
+
+: "${FLEECE_PLUGIN:?tests must be run through ../run (make check)}"
+: "${VG:=}"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/fleece-test.XXXXXX")
+_cleanup_fns=()
+_tap_n=0
+_tap_failed=0
+_tap_planned=
+
+cleanup_fn ()
+{
+  _cleanup_fns+=("$*")
+}
+
+_run_cleanup ()
+{
+  local status=$? i
+  for (( i = ${#_cleanup_fns[@]} - 1; i >= 0; i-- )); do
+    eval "${_cleanup_fns[$i]}" || :
+  done
+  rm -rf "$tmp"
+  if [ -z "$_tap_planned" ]; then
+    echo "1..$_tap_n"
+  fi
+  if [ "$_tap_failed" -gt 0 ]; then
+    exit 1
+  fi
+  exit "$status"
+}
+trap _run_cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A test that needs something missing fails loudly: it never skips.
+requires ()
+{
+  if ! "$@" >/dev/null 2>&1; then
+    echo "Bail out! required command failed: $* (run scripts/install-deps)"
+    exit 1
+  fi
+}
+
+# ---- TAP ----
+
+plan ()
+{
+  _tap_planned=1
+  echo "1..$1"
+}
+
+ok ()
+{
+  local desc=$1; shift
+  _tap_n=$((_tap_n + 1))
+  if "$@" >"$tmp/.out" 2>&1; then
+    echo "ok $_tap_n - $desc"
+  else
+    echo "not ok $_tap_n - $desc"
+    sed 's/^/# /' "$tmp/.out" | tail -20
+    _tap_failed=$((_tap_failed + 1))
+  fi
+}
+
+# ok_fails DESC PATTERN CMD...: CMD must fail and its output match PATTERN
+# (grep -E), so that an error is both reported and explained.
+ok_fails ()
+{
+  local desc=$1 pattern=$2; shift 2
+  _tap_n=$((_tap_n + 1))
+  if "$@" >"$tmp/.out" 2>&1; then
+    echo "not ok $_tap_n - $desc (command succeeded)"
+    sed 's/^/# /' "$tmp/.out" | tail -20
+    _tap_failed=$((_tap_failed + 1))
+  elif grep -Eq -- "$pattern" "$tmp/.out"; then
+    echo "ok $_tap_n - $desc"
+  else
+    echo "not ok $_tap_n - $desc (no message matching /$pattern/)"
+    sed 's/^/# /' "$tmp/.out" | tail -20
+    _tap_failed=$((_tap_failed + 1))
+  fi
+}
+
+is ()
+{
+  local got=$1 expected=$2 desc=$3
+  _tap_n=$((_tap_n + 1))
+  if [ "$got" = "$expected" ]; then
+    echo "ok $_tap_n - $desc"
+  else
+    echo "not ok $_tap_n - $desc"
+    echo "#   got:      '$got'"
+    echo "#   expected: '$expected'"
+    _tap_failed=$((_tap_failed + 1))
+  fi
+}
+
+diag ()
+{
+  printf '%s\n' "$*" | sed 's/^/# /'
+}
+
+# ---- servers ----
+
+# start_nbdkit NAME [nbdkit args...] -- PLUGIN-ARGS...
+# Starts nbdkit with the fleece plugin in the foreground, in the
+# background of this shell, on socket $tmp/NAME.sock, with its log in
+# $tmp/NAME.log and its PID in $tmp/NAME.pid; waits for the socket and
+# the control socket.  The plugin arguments follow "--".
+start_nbdkit ()
+{
+  local name=$1; shift
+  local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
+  local args=() i
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    args+=("$1"); shift
+  done
+  [ $# -gt 0 ] && shift
+  rm -f "$sock"
+  # shellcheck disable=SC2086
+  $VG nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
+    >"$log" 2>&1 &
+  echo $! >"$pidfile"
+  cleanup_fn "kill_by_pidfile '$pidfile'"
+  for (( i = 0; i < 300; i++ )); do
+    if [ -S "$sock" ]; then
+      return 0
+    fi
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "# nbdkit $name exited during start:"
+      sed 's/^/#   /' "$log"
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "# nbdkit $name did not create $sock in 30 s"
+  return 1
+}
+
+kill_by_pidfile ()
+{
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 0
+  [ -n "$pid" ] || return 0
+  kill "$pid" 2>/dev/null || :
+  wait "$pid" 2>/dev/null || :
+  rm -f "$1"
+}
+
+# stop_nbdkit NAME: stop it by PID and check that it exits cleanly (under
+# valgrind, that it reported no error: valgrind exits 119).
+stop_nbdkit ()
+{
+  local name=$1 pidfile="$tmp/$1.pid" pid status
+  pid=$(cat "$pidfile")
+  kill "$pid"
+  status=0
+  wait "$pid" || status=$?
+  rm -f "$pidfile"
+  if [ "$status" -ne 0 ]; then
+    echo "# nbdkit $name exited with status $status; log:"
+    sed 's/^/#   /' "$tmp/$name.log" | tail -40
+    return 1
+  fi
+}
+
+# URIs and checksums.
+live_uri () { echo "nbd+unix:///?socket=$tmp/$1.sock"; }
+snap_uri () { echo "nbd+unix:///snapshot/$2?socket=$tmp/$1.sock"; }
+sum () { sha256sum "$1" | cut -d' ' -f1; }
+
+# pull NAME SNAPSHOT FILE: copy a snapshot export to a file with nbdcopy.
+pull ()
+{
+  rm -f "$3"
+  nbdcopy "$(snap_uri "$1" "$2")" "$3"
+}
+
+# qio NAME [EXPORT] -- qemu-io commands...: run qemu-io on an export.
+qio ()
+{
+  local name=$1 export=$2; shift 2
+  local uri
+  if [ -z "$export" ]; then uri=$(live_uri "$name")
+  else uri="nbd+unix:///$export?socket=$tmp/$name.sock"; fi
+  local cmds=()
+  for c in "$@"; do cmds+=(-c "$c"); done
+  qemu-io -f raw "$uri" "${cmds[@]}"
+}
+
+# ctl NAME ARGS...: fleecectl on server NAME's control socket.
+ctl ()
+{
+  local name=$1; shift
+  fleecectl -s "$tmp/$name.ctl" "$@"
+}
+
+# jget JSON EXPR: a value out of JSON, with python3's json (jq-like).
+jget ()
+{
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {"d": d}))' "$1" "$2"
+}

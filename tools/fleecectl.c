@@ -1,0 +1,826 @@
+/* fleecectl: the command line client of the control socket
+ * (docs/control-protocol.md, fleecectl(1)).
+ *
+ * One connection per run: read the greeting, send one request, print its
+ * reply.  The server may interleave event lines with replies at any time,
+ * so every read skips lines that carry "event" until the reply comes;
+ * "events" does the opposite and prints only those.  Every wait is
+ * bounded by --timeout (the events command's own --timeout bounds how
+ * long it listens), so a wedged server never hangs a script.
+ *
+ * Output is for people unless --json is given, in which case the reply's
+ * "return" value is printed as compact JSON on one line, for scripts.
+ * Exit status: 0 success, 1 the request or the connection failed, 2 the
+ * command line is wrong.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <jansson.h>
+
+#define MAX_REPLY (64 * 1024 * 1024)  /* longest line accepted */
+
+struct conn {
+  int fd;
+  const char *path;
+  const char *label;            /* the command, for error messages */
+  int timeout;                  /* seconds; -1: none */
+  char *buf;                    /* received, not yet returned */
+  size_t len, cap;
+};
+
+static bool json_output;
+
+static void __attribute__ ((noreturn, format (printf, 1, 2)))
+die (const char *fmt, ...)
+{
+  va_list ap;
+
+  fprintf (stderr, "fleecectl: ");
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "\n");
+  exit (EXIT_FAILURE);
+}
+
+static void __attribute__ ((noreturn, format (printf, 1, 2)))
+usage_error (const char *fmt, ...)
+{
+  va_list ap;
+
+  fprintf (stderr, "fleecectl: ");
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "\nTry 'fleecectl --help' for more information.\n");
+  exit (2);
+}
+
+static void __attribute__ ((noreturn))
+usage (void)
+{
+  printf ("fleecectl: control a Fleece server through its control "
+          "socket\n"
+          "\n"
+          "Usage:\n"
+          "  fleecectl [OPTIONS] status\n"
+          "  fleecectl [OPTIONS] stats\n"
+          "  fleecectl [OPTIONS] snapshot create NAME\n"
+          "  fleecectl [OPTIONS] snapshot delete NAME\n"
+          "  fleecectl [OPTIONS] snapshot list\n"
+          "  fleecectl [OPTIONS] raw JSON-LINE\n"
+          "  fleecectl [OPTIONS] events [--timeout SECONDS]\n"
+          "\n"
+          "Options (before the command):\n"
+          "  -s, --socket PATH     control socket (default: $FLEECE_SOCKET)\n"
+          "  -j, --json            print the reply's return value as JSON\n"
+          "  -t, --timeout SECONDS wait at most this long for a reply "
+          "(default 30)\n"
+          "  -h, --help            show this help\n"
+          "  -V, --version         show the version\n");
+  exit (EXIT_SUCCESS);
+}
+
+static int
+parse_seconds (const char *opt, const char *s)
+{
+  char *end;
+  long v;
+
+  errno = 0;
+  v = strtol (s, &end, 10);
+  if (errno || end == s || *end || v <= 0 || v > 86400 * 365)
+    usage_error ("%s: '%s' is not a number of seconds between 1 and "
+                 "31536000", opt, s);
+  return v;
+}
+
+/* ---- The connection ---- */
+
+static void
+conn_open (struct conn *c, const char *path, int timeout)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+
+  c->path = path;
+  c->timeout = timeout;
+  if (strlen (path) >= sizeof sun.sun_path)
+    die ("connect: %s: the path is longer than %zu bytes", path,
+         sizeof sun.sun_path - 1);
+  strcpy (sun.sun_path, path);
+  c->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (c->fd == -1)
+    die ("socket: %m");
+  if (connect (c->fd, (struct sockaddr *) &sun, sizeof sun) == -1)
+    die ("connect: %s: %m", path);
+}
+
+static void
+conn_close (struct conn *c)
+{
+  close (c->fd);
+  free (c->buf);
+}
+
+static int64_t
+now_ms (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait for input until deadline (-1: forever).  Returns false on
+ * timeout.
+ */
+static bool
+conn_wait (struct conn *c, int64_t deadline)
+{
+  struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+  int64_t left;
+  int r;
+
+  do {
+    left = deadline < 0 ? -1 : deadline - now_ms ();
+    if (deadline >= 0 && left < 0)
+      left = 0;
+    r = poll (&pfd, 1, left > INT32_MAX ? INT32_MAX : (int) left);
+  } while (r == -1 && errno == EINTR);
+  if (r == -1)
+    die ("%s: poll: %m", c->label);
+  return r > 0;
+}
+
+/* Read one line (without its newline) into *line, malloc'd.  Returns 1,
+ * 0 when the server closed the connection, -1 on timeout.
+ */
+static int
+conn_read_line (struct conn *c, int64_t deadline, char **line)
+{
+  char *nl;
+  ssize_t n;
+
+  while ((nl = memchr (c->buf, '\n', c->len)) == NULL) {
+    if (c->len == c->cap) {
+      if (c->cap >= MAX_REPLY)
+        die ("%s: %s sent a line longer than %d bytes", c->label, c->path,
+             MAX_REPLY);
+      c->cap = c->cap ? c->cap * 2 : 65536;
+      c->buf = realloc (c->buf, c->cap);
+      if (c->buf == NULL)
+        die ("%s: out of memory", c->label);
+    }
+    if (!conn_wait (c, deadline))
+      return -1;
+    n = recv (c->fd, c->buf + c->len, c->cap - c->len, 0);
+    if (n == -1 && errno != EINTR && errno != EAGAIN)
+      die ("%s: read from %s: %m", c->label, c->path);
+    if (n == 0)
+      return 0;
+    if (n > 0)
+      c->len += n;
+  }
+  *line = strndup (c->buf, nl - c->buf);
+  if (*line == NULL)
+    die ("%s: out of memory", c->label);
+  c->len -= nl - c->buf + 1;
+  memmove (c->buf, nl + 1, c->len);
+  return 1;
+}
+
+static int64_t
+deadline_of (int timeout)
+{
+  return timeout < 0 ? -1 : now_ms () + (int64_t) timeout * 1000;
+}
+
+/* The next line that is not an event, parsed, with its text in *text if
+ * text is not NULL.
+ */
+static json_t *
+conn_reply (struct conn *c, char **text)
+{
+  int64_t deadline = deadline_of (c->timeout);
+  json_error_t jerr;
+  json_t *v;
+  char *line;
+  int r;
+
+  for (;;) {
+    r = conn_read_line (c, deadline, &line);
+    if (r == -1)
+      die ("%s: no reply from %s within %d seconds", c->label, c->path,
+           c->timeout);
+    if (r == 0)
+      die ("%s: %s closed the connection", c->label, c->path);
+    v = json_loads (line, 0, &jerr);
+    if (v == NULL || !json_is_object (v))
+      die ("%s: malformed reply from %s: %s", c->label, c->path,
+           v ? "not a JSON object" : jerr.text);
+    if (json_object_get (v, "event") == NULL)
+      break;
+    json_decref (v);
+    free (line);
+  }
+  if (text)
+    *text = line;
+  else
+    free (line);
+  return v;
+}
+
+static void
+conn_send (struct conn *c, const char *line)
+{
+  size_t len = strlen (line), off = 0;
+  ssize_t n;
+
+  while (off <= len) {
+    /* The line, then its newline. */
+    n = off < len ? send (c->fd, line + off, len - off, MSG_NOSIGNAL)
+      : send (c->fd, "\n", 1, MSG_NOSIGNAL);
+    if (n == -1 && errno == EINTR)
+      continue;
+    if (n == -1)
+      die ("%s: write to %s: %m", c->label, c->path);
+    off += n;
+  }
+}
+
+/* Read the greeting; a server that refuses us says why instead. */
+static void
+conn_greeting (struct conn *c)
+{
+  json_t *g = conn_reply (c, NULL);
+  const char *desc;
+
+  if (json_unpack (g, "{s:{s:s}}", "error", "desc", &desc) == 0)
+    die ("%s: %s", c->path, desc);
+  if (json_object_get (g, "QMP") == NULL)
+    die ("%s: %s is not a Fleece control socket (unexpected greeting)",
+         c->label, c->path);
+  json_decref (g);
+}
+
+/* Run cmd and return its "return" value; exit on an error reply. */
+static json_t *
+execute (struct conn *c, const char *cmd, json_t *args)
+{
+  static int next_id = 1;
+  json_t *req, *reply, *ret;
+  const char *desc;
+  char *line;
+  int id = next_id++;
+
+  req = json_pack ("{s:s,s:o*,s:i}", "execute", cmd, "arguments", args,
+                   "id", id);
+  line = req ? json_dumps (req, JSON_COMPACT) : NULL;
+  if (line == NULL)
+    die ("%s: out of memory", c->label);
+  json_decref (req);
+  conn_send (c, line);
+  free (line);
+  reply = conn_reply (c, NULL);
+  if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
+    die ("%s: %s", c->label, desc);
+  ret = json_object_get (reply, "return");
+  if (ret == NULL)
+    die ("%s: malformed reply from %s: neither \"return\" nor \"error\"",
+         c->label, c->path);
+  json_incref (ret);
+  json_decref (reply);
+  return ret;
+}
+
+/* ---- Human output ---- */
+
+static const char *
+human_size (uint64_t v, char *buf, size_t size)
+{
+  static const char *units[] = { "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+  double d = v;
+  int u = -1;
+
+  if (v < 1024) {
+    snprintf (buf, size, "%" PRIu64 " bytes", v);
+    return buf;
+  }
+  while (d >= 1024 && u < 5) {
+    d /= 1024;
+    u++;
+  }
+  if (d < 1000 && d == (uint64_t) d)
+    snprintf (buf, size, "%d %s", (int) d, units[u]);
+  else
+    snprintf (buf, size, "%.1f %s", d, units[u]);
+  return buf;
+}
+
+static const char *
+human_ns (uint64_t ns, char *buf, size_t size)
+{
+  if (ns < 1000)
+    snprintf (buf, size, "%" PRIu64 " ns", ns);
+  else if (ns < 1000000)
+    snprintf (buf, size, "%.1f us", ns / 1e3);
+  else if (ns < UINT64_C (1000000000))
+    snprintf (buf, size, "%.1f ms", ns / 1e6);
+  else
+    snprintf (buf, size, "%.2f s", ns / 1e9);
+  return buf;
+}
+
+static const char *
+human_duration (uint64_t s, char *buf, size_t size)
+{
+  if (s < 60)
+    snprintf (buf, size, "%" PRIu64 "s", s);
+  else if (s < 3600)
+    snprintf (buf, size, "%" PRIu64 "m %" PRIu64 "s", s / 60, s % 60);
+  else if (s < 86400)
+    snprintf (buf, size, "%" PRIu64 "h %" PRIu64 "m", s / 3600,
+              s / 60 % 60);
+  else
+    snprintf (buf, size, "%" PRIu64 "d %" PRIu64 "h", s / 86400,
+              s / 3600 % 24);
+  return buf;
+}
+
+static bool
+ends_with (const char *s, const char *suffix)
+{
+  size_t ls = strlen (s), lx = strlen (suffix);
+
+  return ls >= lx && strcmp (s + ls - lx, suffix) == 0;
+}
+
+/* An integer member, with what it means to a person in brackets. */
+static void
+print_integer (const char *key, json_int_t v)
+{
+  char buf[64];
+
+  printf ("%" JSON_INTEGER_FORMAT, v);
+  if (v < 0)
+    ;
+  else if ((strstr (key, "bytes") || ends_with (key, "-size")) && v >= 1024)
+    printf (" (%s)", human_size (v, buf, sizeof buf));
+  else if (ends_with (key, "-ns") && v > 0)
+    printf (" (%s)", human_ns (v, buf, sizeof buf));
+  else if (strcmp (key, "uptime") == 0)
+    printf (" (%s)", human_duration (v, buf, sizeof buf));
+}
+
+/* The scalar members of obj as "key: value" lines, values aligned. */
+static void
+print_members (json_t *obj)
+{
+  const char *key;
+  json_t *v;
+  int width = 0;
+
+  json_object_foreach (obj, key, v)
+    if (!json_is_array (v) && !json_is_object (v) &&
+        (int) strlen (key) > width)
+      width = strlen (key);
+  json_object_foreach (obj, key, v) {
+    if (json_is_array (v) || json_is_object (v))
+      continue;
+    printf ("%s:%*s", key, width + 2 - (int) strlen (key), "");
+    if (json_is_string (v))
+      printf ("%s", json_string_value (v));
+    else if (json_is_integer (v))
+      print_integer (key, json_integer_value (v));
+    else if (json_is_boolean (v))
+      printf ("%s", json_is_true (v) ? "yes" : "no");
+    else
+      printf ("%s", json_is_null (v) ? "-" : "?");
+    printf ("\n");
+  }
+}
+
+static void
+print_json (json_t *v)
+{
+  char *s = json_dumps (v, JSON_COMPACT | JSON_ENCODE_ANY);
+
+  if (s == NULL)
+    die ("out of memory");
+  printf ("%s\n", s);
+  free (s);
+}
+
+/* ---- Tables ---- */
+
+#define MAX_COLS 6
+
+struct table {
+  int ncols;
+  const char *head[MAX_COLS];
+  bool right[MAX_COLS];         /* right-aligned (numbers) */
+  char **cell;                  /* nrows * ncols, malloc'd strings */
+  size_t nrows;
+};
+
+static void
+table_add (struct table *t, ...)
+{
+  va_list ap;
+  int i;
+
+  t->cell = realloc (t->cell, (t->nrows + 1) * t->ncols * sizeof *t->cell);
+  if (t->cell == NULL)
+    die ("out of memory");
+  va_start (ap, t);
+  for (i = 0; i < t->ncols; i++) {
+    char *s = strdup (va_arg (ap, const char *));
+    if (s == NULL)
+      die ("out of memory");
+    t->cell[t->nrows * t->ncols + i] = s;
+  }
+  va_end (ap);
+  t->nrows++;
+}
+
+static void
+table_print_row (const struct table *t, const int *w, const char **row)
+{
+  int i;
+
+  for (i = 0; i < t->ncols; i++) {
+    const char *sep = i + 1 < t->ncols ? "  " : "";
+    if (t->right[i])
+      printf ("%*s%s", w[i], row[i], sep);
+    else if (i + 1 < t->ncols)
+      printf ("%-*s%s", w[i], row[i], sep);
+    else
+      printf ("%s", row[i]);
+  }
+  printf ("\n");
+}
+
+/* Print and free. */
+static void
+table_print (struct table *t)
+{
+  int w[MAX_COLS], i;
+  size_t r;
+
+  for (i = 0; i < t->ncols; i++) {
+    w[i] = strlen (t->head[i]);
+    for (r = 0; r < t->nrows; r++)
+      if ((int) strlen (t->cell[r * t->ncols + i]) > w[i])
+        w[i] = strlen (t->cell[r * t->ncols + i]);
+  }
+  table_print_row (t, w, t->head);
+  for (r = 0; r < t->nrows; r++)
+    table_print_row (t, w, (const char **) &t->cell[r * t->ncols]);
+  for (r = 0; r < t->nrows * t->ncols; r++)
+    free (t->cell[r]);
+  free (t->cell);
+}
+
+static const char *
+int_member (json_t *obj, const char *key, char *buf, size_t size)
+{
+  json_t *v = json_object_get (obj, key);
+
+  if (!json_is_integer (v))
+    return "-";
+  snprintf (buf, size, "%" JSON_INTEGER_FORMAT, json_integer_value (v));
+  return buf;
+}
+
+static const char *
+str_member (json_t *obj, const char *key)
+{
+  const char *s = json_string_value (json_object_get (obj, key));
+
+  return s ? s : "-";
+}
+
+/* ---- Commands ---- */
+
+static void
+do_status (struct conn *c)
+{
+  json_t *ret = execute (c, "query-status", NULL);
+
+  if (json_output)
+    print_json (ret);
+  else
+    print_members (ret);
+  json_decref (ret);
+}
+
+static void
+do_stats (struct conn *c)
+{
+  json_t *ret = execute (c, "query-stats", NULL);
+  struct table t = { .ncols = 3, .head = { "SNAPSHOT", "HELD", "RELEASED" },
+                     .right = { false, true, true } };
+  char b1[32], b2[32];
+  json_t *snaps, *s;
+  size_t i;
+
+  if (json_output) {
+    print_json (ret);
+    json_decref (ret);
+    return;
+  }
+  print_members (ret);
+  snaps = json_object_get (ret, "snapshot-clusters");
+  if (json_array_size (snaps) > 0) {
+    printf ("\n");
+    json_array_foreach (snaps, i, s)
+      table_add (&t, str_member (s, "name"),
+                 int_member (s, "clusters-held", b1, sizeof b1),
+                 int_member (s, "clusters-released", b2, sizeof b2));
+    table_print (&t);
+  }
+  json_decref (ret);
+}
+
+static const char *
+created_time (json_t *snap, char *buf, size_t size)
+{
+  json_t *v = json_object_get (snap, "created");
+  time_t t = json_integer_value (v);
+  struct tm tm;
+
+  if (!json_is_integer (v) || localtime_r (&t, &tm) == NULL ||
+      strftime (buf, size, "%Y-%m-%d %H:%M:%S", &tm) == 0)
+    return "-";
+  return buf;
+}
+
+static void
+snapshot_list (struct conn *c)
+{
+  json_t *ret = execute (c, "query-snapshots", NULL), *s;
+  struct table t = { .ncols = 6,
+                     .head = { "NAME", "GEN", "CREATED", "STATE", "HELD",
+                               "RELEASED" },
+                     .right = { false, true, false, false, true, true } };
+  char b1[32], b2[32], b3[32], b4[32];
+  size_t i;
+
+  if (json_output) {
+    print_json (ret);
+    json_decref (ret);
+    return;
+  }
+  json_array_foreach (ret, i, s)
+    table_add (&t, str_member (s, "name"),
+               int_member (s, "generation", b1, sizeof b1),
+               created_time (s, b2, sizeof b2),
+               json_is_true (json_object_get (s, "broken")) ? "broken" : "ok",
+               int_member (s, "clusters-held", b3, sizeof b3),
+               int_member (s, "clusters-released", b4, sizeof b4));
+  table_print (&t);
+  json_array_foreach (ret, i, s)
+    if (json_is_true (json_object_get (s, "broken")))
+      printf ("snapshot '%s' is broken: %s\n", str_member (s, "name"),
+              str_member (s, "broken-reason"));
+  json_decref (ret);
+}
+
+static void
+snapshot_change (struct conn *c, const char *cmd, const char *name)
+{
+  json_t *args = json_pack ("{s:s}", "name", name), *ret, *gen;
+
+  if (args == NULL)
+    die ("%s: the name is not valid UTF-8", c->label);
+  ret = execute (c, cmd, args);
+  gen = json_object_get (ret, "generation");
+
+  if (json_output)
+    print_json (ret);
+  else if (gen)
+    printf ("snapshot '%s' created, generation %" JSON_INTEGER_FORMAT "\n",
+            name, json_integer_value (gen));
+  else
+    printf ("snapshot '%s' deleted\n", name);
+  json_decref (ret);
+}
+
+/* Send line as it is, print the reply line as it is. */
+static int
+do_raw (struct conn *c, const char *line)
+{
+  json_t *reply;
+  char *text;
+  int status;
+
+  conn_send (c, line);
+  reply = conn_reply (c, &text);
+  printf ("%s\n", text);
+  status = json_object_get (reply, "return") ? EXIT_SUCCESS : EXIT_FAILURE;
+  free (text);
+  json_decref (reply);
+  return status;
+}
+
+/* An event line for a person: time, name, then the data members. */
+static void
+print_event (json_t *ev)
+{
+  json_int_t sec = 0, usec = 0;
+  const char *name = "?", *key;
+  char when[64] = "-";
+  json_t *data, *v;
+  struct tm tm;
+  time_t t;
+
+  json_unpack (ev, "{s:s,s?{s:I,s:I}}", "event", &name, "timestamp",
+               "seconds", &sec, "microseconds", &usec);
+  t = sec;
+  if (localtime_r (&t, &tm))
+    strftime (when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+  printf ("%s.%06d %s", when, (int) usec, name);
+  data = json_object_get (ev, "data");
+  json_object_foreach (data, key, v) {
+    if (json_is_string (v))
+      printf (" %s=%s", key, json_string_value (v));
+    else {
+      char *s = json_dumps (v, JSON_COMPACT | JSON_ENCODE_ANY);
+      printf (" %s=%s", key, s ? s : "?");
+      free (s);
+    }
+  }
+  printf ("\n");
+}
+
+static int
+do_events (struct conn *c, int duration)
+{
+  int64_t deadline = deadline_of (duration);
+  json_t *ev;
+  char *line;
+  int r;
+
+  for (;;) {
+    r = conn_read_line (c, deadline, &line);
+    if (r == -1)
+      return EXIT_SUCCESS;
+    if (r == 0)
+      die ("events: %s closed the connection", c->path);
+    ev = json_loads (line, 0, NULL);
+    if (json_object_get (ev, "event")) {
+      if (json_output)
+        printf ("%s\n", line);
+      else
+        print_event (ev);
+      fflush (stdout);
+    }
+    json_decref (ev);
+    free (line);
+  }
+}
+
+/* ---- Command line ---- */
+
+static void
+want_args (const char *cmd, int argc, char **argv, int n, const char *what)
+{
+  if (argc < n)
+    usage_error ("%s: missing %s", cmd, what);
+  if (argc > n)
+    usage_error ("%s: unexpected argument '%s'", cmd, argv[n]);
+}
+
+static int
+run_snapshot (struct conn *c, int argc, char **argv)
+{
+  const char *sub = argc > 1 ? argv[1] : "";
+
+  if (strcmp (sub, "list") == 0) {
+    c->label = "snapshot list";
+    want_args (c->label, argc, argv, 2, "");
+    conn_greeting (c);
+    snapshot_list (c);
+  }
+  else if (strcmp (sub, "create") == 0 || strcmp (sub, "delete") == 0) {
+    c->label = strcmp (sub, "create") == 0 ? "snapshot create"
+      : "snapshot delete";
+    want_args (c->label, argc, argv, 3, "NAME");
+    conn_greeting (c);
+    snapshot_change (c, strcmp (sub, "create") == 0 ? "snapshot-create"
+                     : "snapshot-delete", argv[2]);
+  }
+  else
+    usage_error ("snapshot: expected 'create NAME', 'delete NAME' or "
+                 "'list'");
+  return EXIT_SUCCESS;
+}
+
+/* The command's words are argv[0..argc).  Returns the exit status. */
+static int
+run (struct conn *c, int argc, char **argv)
+{
+  const char *cmd = argv[0];
+
+  if (strcmp (cmd, "snapshot") == 0)
+    return run_snapshot (c, argc, argv);
+  c->label = cmd;
+  if (strcmp (cmd, "raw") == 0) {
+    want_args ("raw", argc, argv, 2, "JSON-LINE");
+    if (strchr (argv[1], '\n'))
+      usage_error ("raw: the request must be one line");
+    conn_greeting (c);
+    return do_raw (c, argv[1]);
+  }
+  if (strcmp (cmd, "events") == 0) {
+    int duration = argc == 3 ? parse_seconds ("events --timeout", argv[2])
+      : -1;
+    conn_greeting (c);
+    return do_events (c, duration);
+  }
+  want_args (cmd, argc, argv, 1, "");
+  conn_greeting (c);
+  if (strcmp (cmd, "status") == 0)
+    do_status (c);
+  else
+    do_stats (c);
+  return EXIT_SUCCESS;
+}
+
+/* Check the command line before connecting: usage errors exit 2. */
+static void
+check_command (int argc, char **argv)
+{
+  static const char *const known[] = {
+    "status", "stats", "snapshot", "raw", "events", NULL
+  };
+  int i;
+
+  for (i = 0; known[i]; i++)
+    if (strcmp (argv[0], known[i]) == 0)
+      break;
+  if (known[i] == NULL)
+    usage_error ("unknown command '%s'", argv[0]);
+  if (strcmp (argv[0], "events") == 0 &&
+      !(argc == 1 || (argc == 3 && (strcmp (argv[1], "--timeout") == 0 ||
+                                     strcmp (argv[1], "-t") == 0))))
+    usage_error ("events: expected nothing or '--timeout SECONDS'");
+}
+
+int
+main (int argc, char **argv)
+{
+  static const struct option long_options[] = {
+    { "socket", required_argument, NULL, 's' },
+    { "json", no_argument, NULL, 'j' },
+    { "timeout", required_argument, NULL, 't' },
+    { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
+    { NULL }
+  };
+  const char *path = getenv ("FLEECE_SOCKET");
+  struct conn c = { .fd = -1 };
+  int opt, timeout = 30, status;
+
+  argv[0] = (char *) "fleecectl";       /* for getopt's messages */
+  while ((opt = getopt_long (argc, argv, "+s:jt:hV", long_options,
+                             NULL)) != -1) {
+    switch (opt) {
+    case 's': path = optarg; break;
+    case 'j': json_output = true; break;
+    case 't': timeout = parse_seconds ("--timeout", optarg); break;
+    case 'h': usage ();
+    case 'V':
+      printf ("fleecectl %s\n", PACKAGE_VERSION);
+      exit (EXIT_SUCCESS);
+    default:
+      fprintf (stderr, "Try 'fleecectl --help' for more information.\n");
+      exit (2);
+    }
+  }
+  if (optind >= argc)
+    usage_error ("no command given");
+  check_command (argc - optind, argv + optind);
+  if (path == NULL || *path == '\0')
+    usage_error ("no control socket: use -s SOCKET or set FLEECE_SOCKET");
+  conn_open (&c, path, timeout);
+  status = run (&c, argc - optind, argv + optind);
+  conn_close (&c);
+  return status;
+}
