@@ -8,6 +8,12 @@
  * by nobody) by the first write of this generation.  That test is one
  * acquire load per cluster and takes no lock (DESIGN.md invariant 4).
  *
+ * The copy runs outside the write gate: the writer copies for the
+ * generation it saw, then enters the gate and repeats the lock-free test
+ * before it writes (engine.c).  Snapshot creation thus only waits for
+ * writes that are in their pwrite, never for a copy; a write that raced a
+ * creation copies again for the new snapshot.
+ *
  * Otherwise the writer takes the cluster range lock, re-checks (another
  * writer may have copied meanwhile), and copies the clusters that some
  * snapshot needs: a live, unbroken snapshot with a generation in
@@ -258,7 +264,11 @@ copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
 
     if (c <= c1) {
       uint32_t lo = atomic_load_explicit (&fl->cgen[c], memory_order_acquire);
-      if (lo != gen) {
+      /* cgen only moves forward: a writer that saw an older generation
+       * than a newer writer already served leaves the cluster alone (it
+       * will come back with the new generation, engine.c).
+       */
+      if (lo < gen) {
         need = needs_copy (fl, c, lo, gen);
         if (!need)
           atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
@@ -277,34 +287,42 @@ copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
   return 0;
 }
 
-/* Called by every live write, zero and trim, inside the gate, when
- * snapshots exist.
+/* True if no cluster of [offset, offset+count) needs a copy in generation
+ * gen: the lock-free test of the write path, one acquire load per cluster.
+ */
+bool
+cbw_done (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
+{
+  uint64_t c0 = offset >> fl->cluster_bits;
+  uint64_t c1 = (offset + count - 1) >> fl->cluster_bits;
+  uint64_t c;
+
+  for (c = c0; c <= c1; c++)
+    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) != gen)
+      return false;
+  return true;
+}
+
+/* Preserve what snapshots up to generation gen need of the clusters of
+ * [offset, offset+count).  Called outside the write gate (engine.c), so
+ * snapshot creation never waits for a copy; the caller re-checks with
+ * cbw_done inside the gate and comes back if a snapshot was created
+ * meanwhile.
  */
 int
 cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
 {
   uint64_t c0 = offset >> fl->cluster_bits;
   uint64_t c1 = (offset + count - 1) >> fl->cluster_bits;
-  uint64_t c, t0;
+  uint64_t t0 = fl_now_ns ();
   int r;
 
-  for (c = c0; c <= c1; c++)
-    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) != gen)
-      goto slow;
-  return 0;
-
- slow:
-  t0 = fl_now_ns ();
   if (rangelock_acquire (&fl->cbw_locks, c0, c1 + 1) == -1)
     return -1;
   pthread_rwlock_rdlock (&fl->snaps_lock);
-  r = copy_clusters (fl, c, c1, gen);
+  r = copy_clusters (fl, c0, c1, gen);
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);
-  /* The live write must not overtake a reader's validation load: order
-   * the cgen stores before the caller's pwrite (snapshot.c).
-   */
-  atomic_thread_fence (memory_order_seq_cst);
   atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, fl_now_ns () - t0,
                              memory_order_relaxed);
   return r;

@@ -1,11 +1,13 @@
 /* The engine: opens the disk and the store, and runs the live I/O path.
  *
- * Live writes, zeroes and trims enter the write gate, read fl->state once
- * and, only if snapshots exist, preserve the old data of the clusters they
- * touch (cbw.c) before touching the disk.  With no snapshot the cost over
- * a plain pwrite is the gate (one atomic add on a per-thread counter and
- * one load) and that one load of the state (DESIGN.md invariant 4).  Live
- * reads and flushes go straight to the disk.
+ * Live writes, zeroes and trims enter the write gate and read fl->state
+ * once.  With no snapshot they write at once: the cost over a plain pwrite
+ * is the gate (one atomic add on a per-thread counter and one load) and
+ * that one load of the state (DESIGN.md invariant 4).  With snapshots they
+ * check lock-free that the clusters they touch are already preserved for
+ * the current generation; if not, they leave the gate, copy (cbw.c) and
+ * try again, so that a copy never holds up snapshot creation.  Live reads
+ * and flushes go straight to the disk.
  */
 
 #include <config.h>
@@ -60,7 +62,10 @@ fleece_open (const struct fleece_config *cfg)
   if (store_open (&fl->store, cfg->store, cs, &fl->disk) == -1)
     goto out_disk;
   fl->cgen = calloc (fl->nclusters, sizeof *fl->cgen);
-  if (fl->cgen == NULL) {
+  fl->snaps = calloc (FLEECE_SNAPSHOTS_MAX, sizeof *fl->snaps);
+  if (fl->cgen == NULL || fl->snaps == NULL) {
+    free ((void *) fl->cgen);
+    free (fl->snaps);
     fl_error (ENOMEM, "fleece_open: out of memory for %" PRIu64 " clusters",
               fl->nclusters);
     goto out_store;
@@ -91,6 +96,7 @@ fleece_close (struct fleece *fl)
   if (fl == NULL)
     return;
   snap_free_all (fl);
+  free (fl->snaps);
   copymap_destroy (&fl->copies);
   rangelock_destroy (&fl->cbw_locks);
   gate_destroy (&fl->gate);
@@ -153,14 +159,15 @@ live_modify (struct fleece *fl, enum live_op op, const void *buf,
     return -1;
   if (count == 0)
     return 0;
-  slot = gate_enter (&fl->gate);
-  st = atomic_load_explicit (&fl->state, memory_order_acquire);
-  if (state_nsnaps (st) > 0 &&
-      cbw_range (fl, offset, count, state_gen (st)) == -1) {
-    int err = errno;
+  for (;;) {
+    slot = gate_enter (&fl->gate);
+    st = atomic_load_explicit (&fl->state, memory_order_acquire);
+    if (state_nsnaps (st) == 0 ||
+        cbw_done (fl, offset, count, state_gen (st)))
+      break;                    /* old data safe: write inside the gate */
     gate_leave (&fl->gate, slot);
-    errno = err;
-    return -1;
+    if (cbw_range (fl, offset, count, state_gen (st)) == -1)
+      return -1;
   }
   switch (op) {
   case OP_WRITE:

@@ -187,7 +187,7 @@ struct fleece {
    * writing; copy-before-write holds it for reading.
    */
   pthread_rwlock_t snaps_lock;
-  struct fleece_snap **snaps;
+  struct fleece_snap **snaps;   /* FLEECE_SNAPSHOTS_MAX slots, never moved */
   size_t nsnaps;
 
   /* Statistics, updated with relaxed atomics. */
@@ -241,6 +241,8 @@ state_nsnaps (uint64_t st)
 extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
 extern void fl_emit_event (struct fleece *fl, const char *event,
                            const char *snapshot, const char *reason);
+extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,
+                      uint32_t gen);
 extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
 extern void snap_free_all (struct fleece *fl);

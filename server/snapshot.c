@@ -3,7 +3,9 @@
  * Creation (invariant 3) closes the write gate, which drains the live
  * writes in flight, bumps the generation, publishes the snapshot, and
  * opens the gate: writers stall for the drain and a few stores.
- * Everything that can be slow (allocation, name checks) happens before.
+ * Everything that can be slow (allocation, name checks) happens before,
+ * and the list of snapshots is an array of FLEECE_SNAPSHOTS_MAX slots
+ * allocated once, so that it never moves under a reader.
  *
  * Reads (invariant 1).  Snapshot S (generation g) sees cluster c as:
  *   - zeroes, if a client of S released (trimmed) c;
@@ -82,10 +84,23 @@ snap_free (struct fleece_snap *s)
   free (s);
 }
 
+/* Deletion must not wait behind a stream of reads: prefer writers. */
+static void
+init_io_lock (pthread_rwlock_t *lock)
+{
+  pthread_rwlockattr_t attr;
+
+  pthread_rwlockattr_init (&attr);
+  pthread_rwlockattr_setkind_np (&attr,
+                                 PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init (lock, &attr);
+  pthread_rwlockattr_destroy (&attr);
+}
+
 int
 fleece_snapshot_create (struct fleece *fl, const char *name)
 {
-  struct fleece_snap *s, **p;
+  struct fleece_snap *s;
   uint64_t t0, st, drain;
   uint32_t gen;
 
@@ -102,20 +117,15 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
                      name, FLEECE_SNAPSHOTS_MAX);
   }
   s = calloc (1, sizeof *s);
-  p = realloc (fl->snaps, (fl->nsnaps + 1) * sizeof *p);
-  if (s == NULL || p == NULL) {
-    free (s);
-    if (p)
-      fl->snaps = p;
+  if (s == NULL) {
     pthread_mutex_unlock (&fl->admin_lock);
     return fl_error (ENOMEM, "snapshot '%s': out of memory", name);
   }
-  fl->snaps = p;
   s->fl = fl;
   strcpy (s->name, name);
   s->created = time (NULL);
   atomic_init (&s->refs, 1);
-  pthread_rwlock_init (&s->io_lock, NULL);
+  init_io_lock (&s->io_lock);
 
   t0 = fl_now_ns ();
   gate_close (&fl->gate);
@@ -188,8 +198,6 @@ snap_free_all (struct fleece *fl)
 
   for (i = 0; i < fl->nsnaps; i++)
     snap_unref (fl->snaps[i]);
-  free (fl->snaps);
-  fl->snaps = NULL;
   fl->nsnaps = 0;
 }
 
@@ -458,10 +466,14 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   /* Whole clusters only; the last cluster may be short. */
   c0 = (offset + fl->cluster_size - 1) >> fl->cluster_bits;
   c1 = end == fl->disk.size ? fl->nclusters : end >> fl->cluster_bits;
-  if (c0 >= c1)
-    return 0;
   pthread_rwlock_rdlock (&s->io_lock);
-  if (check_readable (s) == -1 || ensure_released_bits (s) == -1)
+  if (check_readable (s) == -1)
+    goto out_unlock_io;
+  if (c0 >= c1) {
+    r = 0;
+    goto out_unlock_io;
+  }
+  if (ensure_released_bits (s) == -1)
     goto out_unlock_io;
   bits = atomic_load (&s->released);
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
