@@ -177,7 +177,7 @@ conn_read_line (struct conn *c, int64_t deadline, char **line)
   char *nl;
   ssize_t n;
 
-  while ((nl = memchr (c->buf, '\n', c->len)) == NULL) {
+  while ((nl = c->len ? memchr (c->buf, '\n', c->len) : NULL) == NULL) {
     if (c->len == c->cap) {
       if (c->cap >= MAX_REPLY)
         die ("%s: %s sent a line longer than %d bytes", c->label, c->path,
