@@ -126,7 +126,8 @@ start_nbdkit ()
   [ $# -gt 0 ] && shift
   rm -f "$sock"
   # shellcheck disable=SC2086
-  $VG nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
+  $VG env ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
+    nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
     >"$log" 2>&1 &
   echo $! >"$pidfile"
   cleanup_fn "kill_by_pidfile '$pidfile'"
@@ -170,6 +171,15 @@ stop_nbdkit ()
     sed 's/^/#   /' "$tmp/$name.log" | tail -40
     return 1
   fi
+}
+
+# nbdkit_fails ARGS...: run nbdkit that is expected to refuse to start,
+# bounded in time (see run.in for why).
+nbdkit_fails ()
+{
+  timeout -s KILL "${FLEECE_FAIL_TIMEOUT:-60}" \
+    env ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
+    nbdkit "$@"
 }
 
 # URIs and checksums.

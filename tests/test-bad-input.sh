@@ -12,7 +12,7 @@ qemu-io -f raw -c 'write -P 0x5a 0 8M' "$disk" >/dev/null
 orig=$(sum "$disk")
 
 # --- start-up errors: nbdkit refuses to start and says why ---
-nbd () { nbdkit -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
+nbd () { nbdkit_fails -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
 ok_fails "missing disk" "disk: open: .*nothing: No such file" \
   nbd disk="$tmp/nothing" store="$tmp/st"
 mkdir "$tmp/dir"
@@ -48,9 +48,11 @@ mount -t tmpfs -o size=64k tmpfs '$tmp/full'
 head -c 64k /dev/zero > '$tmp/full/filler' 2>/dev/null || :
 what=\$1; shift
 case \$what in
-  ro) exec nbdkit -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store='$tmp/ro/st' ;;
-  full) exec nbdkit -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store='$tmp/full/st' ;;
+  ro) store='$tmp/ro/st' ;;
+  full) store='$tmp/full/st' ;;
 esac
+$(declare -f nbdkit_fails)
+nbdkit_fails -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store="\$store"
 EOS
 ok_fails "store on a read-only filesystem" "store: open: .*Read-only file system" \
   unshare -m bash "$tmp/mounts.sh" ro

@@ -65,7 +65,7 @@ ok_fails "fleecectl without a socket says so" "no control socket" \
 ok_fails "fleecectl with a wrong socket says so" "connect: .*No such file" \
    fleecectl -s "$tmp/nothing.sock" status
 ok_fails "a second server cannot take a live control socket" "in use" \
-   nbdkit -f -U "$tmp/other.sock" "$FLEECE_PLUGIN" disk="$disk" \
+   nbdkit_fails -f -U "$tmp/other.sock" "$FLEECE_PLUGIN" disk="$disk" \
      store="$tmp/store2" control="$tmp/store.sock"
 ok "nbdkit stops cleanly" stop_nbdkit s
 ok "control socket removed at exit" test ! -e "$tmp/store.sock"
