@@ -19,7 +19,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <xxhash.h>
@@ -97,46 +96,14 @@ disk_close (struct disk *d)
 int
 disk_pread (struct disk *d, void *buf, size_t count, uint64_t offset)
 {
-  char *p = buf;
-
-  while (count > 0) {
-    ssize_t r = pread (d->fd, p, count, offset);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return fl_error (errno, "disk: pread: %s: offset %" PRIu64 ": %m",
-                       d->path, offset);
-    }
-    if (r == 0)                 /* past the end of a shrunk file */
-      return fl_error (EIO, "disk: pread: %s: unexpected end of file at "
-                       "offset %" PRIu64, d->path, offset);
-    p += r;
-    count -= r;
-    offset += r;
-  }
-  return 0;
+  return fl_pread_all (d->fd, "disk", d->path, buf, count, offset);
 }
 
 int
 disk_pwrite (struct disk *d, const void *buf, size_t count, uint64_t offset,
              bool fua)
 {
-  const char *p = buf;
-
-  while (count > 0) {
-    struct iovec iov = { .iov_base = (void *) p, .iov_len = count };
-    ssize_t r = pwritev2 (d->fd, &iov, 1, offset, fua ? RWF_DSYNC : 0);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return fl_error (errno, "disk: pwrite: %s: offset %" PRIu64 ": %m",
-                       d->path, offset);
-    }
-    p += r;
-    count -= r;
-    offset += r;
-  }
-  return 0;
+  return fl_pwrite_all (d->fd, "disk", d->path, buf, count, offset, fua);
 }
 
 int

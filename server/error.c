@@ -9,6 +9,8 @@
 #include <config.h>
 
 #include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -88,4 +90,54 @@ fl_is_zero (const void *buf, size_t len)
     if (p[i])
       return false;
   return len <= 16 || memcmp (p, p + 16, len - 16) == 0;
+}
+
+/* Read count bytes at offset of fd, retrying short reads.  what names
+ * the object in the error ("disk", "store").
+ */
+int
+fl_pread_all (int fd, const char *what, const char *path, void *buf,
+              size_t count, uint64_t offset)
+{
+  char *p = buf;
+
+  while (count > 0) {
+    ssize_t r = pread (fd, p, count, offset);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1)
+      return fl_error (errno, "%s: pread: %s: offset %" PRIu64 ": %m",
+                       what, path, offset);
+    if (r == 0)
+      return fl_error (EIO, "%s: pread: %s: unexpected end of file at "
+                       "offset %" PRIu64, what, path, offset);
+    p += r;
+    count -= r;
+    offset += r;
+  }
+  return 0;
+}
+
+/* Write count bytes at offset of fd, retrying short writes; with dsync
+ * the data is on stable storage when it returns (RWF_DSYNC).
+ */
+int
+fl_pwrite_all (int fd, const char *what, const char *path, const void *buf,
+               size_t count, uint64_t offset, bool dsync)
+{
+  const char *p = buf;
+
+  while (count > 0) {
+    struct iovec iov = { .iov_base = (void *) p, .iov_len = count };
+    ssize_t r = pwritev2 (fd, &iov, 1, offset, dsync ? RWF_DSYNC : 0);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r == -1)
+      return fl_error (errno, "%s: pwrite: %s: offset %" PRIu64 ": %m",
+                       what, path, offset);
+    p += r;
+    count -= r;
+    offset += r;
+  }
+  return 0;
 }

@@ -21,6 +21,11 @@ extern void fl_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 extern uint64_t fl_now_ns (void);
 extern bool fl_is_zero (const void *buf, size_t len);
+extern int fl_pread_all (int fd, const char *what, const char *path,
+                         void *buf, size_t count, uint64_t offset);
+extern int fl_pwrite_all (int fd, const char *what, const char *path,
+                          const void *buf, size_t count, uint64_t offset,
+                          bool dsync);
 
 /* ---- disk.c: the live disk ---- */
 struct disk {

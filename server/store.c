@@ -252,26 +252,13 @@ store_write (struct store *s, uint32_t slot, uint32_t nslots,
              const void *buf, size_t len)
 {
   uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size;
-  const char *p = buf;
 
   assert (len <= (uint64_t) nslots * s->cluster_size);
   if (fleece_debug.fail_store_write)
     return fl_error (EIO, "store: pwrite: %s: offset %" PRIu64
                      ": injected error (fleece.fail_store_write)",
                      s->path, offset);
-  while (len > 0) {
-    ssize_t r = pwrite (s->fd, p, len, offset);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return fl_error (errno, "store: pwrite: %s: offset %" PRIu64 ": %m",
-                       s->path, offset);
-    }
-    p += r;
-    len -= r;
-    offset += r;
-  }
-  return 0;
+  return fl_pwrite_all (s->fd, "store", s->path, buf, len, offset, false);
 }
 
 int
@@ -280,24 +267,7 @@ store_read (struct store *s, uint32_t slot, uint64_t within, void *buf,
 {
   uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size +
     within;
-  char *p = buf;
-
-  while (len > 0) {
-    ssize_t r = pread (s->fd, p, len, offset);
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return fl_error (errno, "store: pread: %s: offset %" PRIu64 ": %m",
-                       s->path, offset);
-    }
-    if (r == 0)
-      return fl_error (EIO, "store: pread: %s: unexpected end of file at "
-                       "offset %" PRIu64, s->path, offset);
-    p += r;
-    len -= r;
-    offset += r;
-  }
-  return 0;
+  return fl_pread_all (s->fd, "store", s->path, buf, len, offset);
 }
 
 void

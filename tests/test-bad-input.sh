@@ -12,7 +12,7 @@ qemu-io -f raw -c 'write -P 0x5a 0 8M' "$disk" >/dev/null
 orig=$(sum "$disk")
 
 # --- start-up errors: nbdkit refuses to start and says why ---
-nbd () { nbdkit_fails -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
+nbd () { nbdkit_once -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
 ok_fails "missing disk" "disk: open: .*nothing: No such file" \
   nbd disk="$tmp/nothing" store="$tmp/st"
 mkdir "$tmp/dir"
@@ -51,8 +51,8 @@ case \$what in
   ro) store='$tmp/ro/st' ;;
   full) store='$tmp/full/st' ;;
 esac
-$(declare -f nbdkit_fails)
-nbdkit_fails -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store="\$store"
+$(declare -f nbdkit_once)
+nbdkit_once -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store="\$store"
 EOS
 ok_fails "store on a read-only filesystem" "store: open: .*Read-only file system" \
   unshare -m bash "$tmp/mounts.sh" ro
