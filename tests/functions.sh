@@ -11,6 +11,8 @@ set -u
 : "${FLEECE_PLUGIN:?tests must be run through ../run (make check)}"
 : "${VG:=}"
 
+[ -n "$VG" ] && echo "# daemons run under: $VG"
+[ -n "${FLEECE_ASAN_PRELOAD:-}" ] && echo "# nbdkit runs with LD_PRELOAD=$FLEECE_ASAN_PRELOAD"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fleece-test.XXXXXX")
 _cleanup_fns=()
 _tap_n=0
