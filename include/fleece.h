@@ -108,6 +108,63 @@ extern int fleece_snap_extents (struct fleece_snap *snap, uint32_t count,
                                 uint64_t offset, fleece_extent_fn fn,
                                 void *opaque);
 
+/* Dirty bitmaps (granularity = cluster size).  Every live write, zero
+ * and trim sets the bits of the clusters it touches in every enabled
+ * bitmap, inside the write gate.  Names: as snapshot names.  A frozen
+ * bitmap (closed by a checkpoint) is read-only: it may be exported,
+ * merged into another, or removed.
+ */
+#define FLEECE_BITMAPS_MAX 64
+extern int fleece_bitmap_add (struct fleece *fl, const char *name,
+                              bool disabled);
+extern int fleece_bitmap_remove (struct fleece *fl, const char *name);
+extern int fleece_bitmap_clear (struct fleece *fl, const char *name);
+extern int fleece_bitmap_enable (struct fleece *fl, const char *name);
+extern int fleece_bitmap_disable (struct fleece *fl, const char *name);
+/* target |= each source.  target must not be frozen. */
+extern int fleece_bitmap_merge (struct fleece *fl, const char *target,
+                                const char *const *sources, size_t n);
+
+/* checkpoint-create NAME, atomically (no write lands between the steps):
+ * create snapshot NAME, freeze the bitmap of the previous checkpoint (it
+ * then holds exactly the clusters changed between that checkpoint and
+ * NAME), and add a new enabled bitmap NAME.
+ */
+extern int fleece_checkpoint_create (struct fleece *fl, const char *name);
+
+struct fleece_bitmap_info {
+  char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  char frozen_by[FLEECE_SNAPSHOT_NAME_MAX + 1]; /* "" unless frozen */
+  uint32_t granularity;
+  uint64_t count;               /* dirty granules */
+  uint64_t bit_count;
+  int64_t created;
+  bool enabled, frozen, inconsistent;
+  bool checkpoint;              /* made by checkpoint-create */
+};
+extern int fleece_list_bitmaps (struct fleece *fl,
+                                void (*fn) (void *opaque,
+                                            const struct fleece_bitmap_info *),
+                                void *opaque);
+extern int fleece_bitmap_info (struct fleece *fl, const char *name,
+                               struct fleece_bitmap_info *info);
+/* Test a bit (for tests and the control service). */
+extern int fleece_bitmap_test (struct fleece *fl, const char *name,
+                               uint64_t cluster);
+
+/* The bitmap export (include/fleece-wire.h, docs/bitmap-export.md): the
+ * header and a copy of the bits taken when it is opened.
+ */
+struct fleece_bitmap_export;
+extern struct fleece_bitmap_export *fleece_bitmap_export_open
+  (struct fleece *fl, const char *name);
+extern uint64_t fleece_bitmap_export_size
+  (const struct fleece_bitmap_export *bx);
+extern int fleece_bitmap_export_pread (const struct fleece_bitmap_export *bx,
+                                       void *buf, uint32_t count,
+                                       uint64_t offset);
+extern void fleece_bitmap_export_close (struct fleece_bitmap_export *bx);
+
 /* Introspection, for the control service and the tests. */
 struct fleece_snap_info {
   char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
