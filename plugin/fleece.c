@@ -45,6 +45,7 @@ static char *store_path;
 static char *control_path;
 static uint32_t cluster_size;
 static enum fleece_cbw_error on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
+static int tls_exports_only;    /* snapshot and bitmap exports need TLS */
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -126,6 +127,10 @@ plug_config (const char *key, const char *value)
     }
     return 0;
   }
+  if (strcmp (key, "tls-exports-only") == 0) {
+    tls_exports_only = nbdkit_parse_bool (value);
+    return tls_exports_only == -1 ? -1 : 0;
+  }
   if (strcmp (key, "persistent") == 0) {
     int r = nbdkit_parse_bool (value);
     if (r == -1)
@@ -167,6 +172,7 @@ plug_config_complete (void)
   "on-cbw-error=break-snapshot|fail-write\n" \
   "                     What a failed copy-before-write does (default\n" \
   "                     break-snapshot).\n" \
+  "tls-exports-only=true  Snapshot and bitmap exports only over TLS.\n" \
   "persistent=false     Snapshots last as long as nbdkit (the only mode\n" \
   "                     so far)."
 
@@ -273,6 +279,8 @@ plug_list_exports (int readonly, int is_tls,
 
   if (desc == NULL || nbdkit_add_export (exports, "", desc) == -1)
     return -1;
+  if (tls_exports_only && !is_tls)
+    return 0;                   /* the others are invisible without TLS */
   fleece_list_snapshots (fl, list_one, &lc);
   return lc.r;
 }
@@ -297,6 +305,12 @@ plug_open (int readonly)
     return NULL;
   }
   h->readonly = readonly;
+  if (name[0] != '\0' && tls_exports_only && !nbdkit_is_tls ()) {
+    nbdkit_error ("export '%s' is only served over TLS "
+                  "(tls-exports-only=true)", name);
+    free (h);
+    return NULL;
+  }
   if (strncmp (name, SNAP_PREFIX, strlen (SNAP_PREFIX)) == 0) {
     h->snap = fleece_snap_get (fl, name + strlen (SNAP_PREFIX));
     if (h->snap == NULL) {
