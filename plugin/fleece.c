@@ -8,6 +8,7 @@
  *   "snapshot/NAME"  the disk as it was when snapshot NAME was created;
  *                    read and trim (to release what a backup has read),
  *                    every write refused with EPERM
+ *   "bitmap/NAME"    dirty bitmap NAME (docs/bitmap-export.md), read-only
  *
  * The engine and the control socket are opened in .get_ready, before
  * nbdkit forks into the background, so that a bad disk or store stops
@@ -32,6 +33,7 @@
 #include "fleece-control.h"
 
 #define SNAP_PREFIX "snapshot/"
+#define BITMAP_PREFIX "bitmap/"
 
 /* Debug flags: nbdkit -D fleece.FLAG=N. */
 NBDKIT_DLL_PUBLIC int fleece_debug_verbose = 0;
@@ -52,7 +54,9 @@ static struct fleece *fl;
 static struct ctl *ctl;
 
 struct handle {
-  struct fleece_snap *snap;     /* NULL: the live disk */
+  struct fleece_snap *snap;     /* a snapshot export, or */
+  struct fleece_bitmap_export *bitmap;  /* a bitmap export, or both NULL:
+                                         * the live disk */
   int readonly;
 };
 
@@ -269,6 +273,31 @@ list_one (void *opaque, const struct fleece_snap_info *info)
     lc->r = -1;
 }
 
+static const char *
+bitmap_description (const struct fleece_bitmap_info *info)
+{
+  return nbdkit_printf_intern ("dirty bitmap %s of %s: %" PRIu64 " of %"
+                               PRIu64 " granules of %" PRIu32 " bytes, %s%s%s",
+                               info->name, fleece_disk_path (fl), info->count,
+                               info->bit_count, info->granularity,
+                               info->frozen ? "frozen by checkpoint "
+                               : info->enabled ? "recording" : "disabled",
+                               info->frozen ? info->frozen_by : "",
+                               info->inconsistent ? ", INCONSISTENT" : "");
+}
+
+static void
+list_bitmap (void *opaque, const struct fleece_bitmap_info *info)
+{
+  struct list_ctx *lc = opaque;
+  const char *name = nbdkit_printf_intern (BITMAP_PREFIX "%s", info->name);
+  const char *desc = bitmap_description (info);
+
+  if (lc->r == 0 && (name == NULL || desc == NULL ||
+                     nbdkit_add_export (lc->exports, name, desc) == -1))
+    lc->r = -1;
+}
+
 static int
 plug_list_exports (int readonly, int is_tls,
                      struct nbdkit_exports *exports)
@@ -282,6 +311,7 @@ plug_list_exports (int readonly, int is_tls,
   if (tls_exports_only && !is_tls)
     return 0;                   /* the others are invisible without TLS */
   fleece_list_snapshots (fl, list_one, &lc);
+  fleece_list_bitmaps (fl, list_bitmap, &lc);
   return lc.r;
 }
 
@@ -319,9 +349,18 @@ plug_open (int readonly)
       return NULL;
     }
   }
+  else if (strncmp (name, BITMAP_PREFIX, strlen (BITMAP_PREFIX)) == 0) {
+    h->bitmap = fleece_bitmap_export_open (fl, name + strlen (BITMAP_PREFIX));
+    if (h->bitmap == NULL) {
+      engine_error ();
+      free (h);
+      return NULL;
+    }
+  }
   else if (name[0] != '\0') {
     nbdkit_error ("unknown export '%s': the live disk is \"\", snapshots "
-                  "are " SNAP_PREFIX "NAME", name);
+                  "are " SNAP_PREFIX "NAME, bitmaps " BITMAP_PREFIX "NAME",
+                  name);
     free (h);
     return NULL;
   }
@@ -334,6 +373,7 @@ plug_close_handle (void *handle)
   struct handle *h = handle;
 
   fleece_snap_put (h->snap);
+  fleece_bitmap_export_close (h->bitmap);
   free (h);
 }
 
@@ -343,6 +383,14 @@ plug_export_description (void *handle)
   struct handle *h = handle;
   struct fleece_snap_info info;
 
+  if (h->bitmap) {
+    struct fleece_bitmap_info binfo;
+    const char *name = nbdkit_export_name ();
+    if (name == NULL || fleece_bitmap_info (fl, name + strlen (BITMAP_PREFIX),
+                                            &binfo) == -1)
+      return NULL;
+    return bitmap_description (&binfo);
+  }
   if (h->snap == NULL)
     return nbdkit_printf_intern ("live disk %s (read-write)",
                                  fleece_disk_path (fl));
@@ -354,7 +402,10 @@ plug_export_description (void *handle)
 static int64_t
 plug_get_size (void *handle)
 {
-  return fleece_disk_size (fl);
+  struct handle *h = handle;
+
+  return h->bitmap ? (int64_t) fleece_bitmap_export_size (h->bitmap)
+    : (int64_t) fleece_disk_size (fl);
 }
 
 static int
@@ -373,7 +424,9 @@ plug_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 static int
 plug_can_write (void *handle)
 {
-  return 1;
+  struct handle *h = handle;
+
+  return h->bitmap == NULL;
 }
 
 static int
@@ -391,7 +444,9 @@ plug_is_rotational (void *handle)
 static int
 plug_can_trim (void *handle)
 {
-  return 1;
+  struct handle *h = handle;
+
+  return h->bitmap == NULL;
 }
 
 static int
@@ -399,7 +454,7 @@ plug_can_zero (void *handle)
 {
   struct handle *h = handle;
 
-  return h->snap == NULL;
+  return h->snap == NULL && h->bitmap == NULL;
 }
 
 static int
@@ -407,7 +462,7 @@ plug_can_fast_zero (void *handle)
 {
   struct handle *h = handle;
 
-  return h->snap == NULL;
+  return h->snap == NULL && h->bitmap == NULL;
 }
 
 static int
@@ -415,7 +470,7 @@ plug_can_fua (void *handle)
 {
   struct handle *h = handle;
 
-  return h->snap ? NBDKIT_FUA_NONE : NBDKIT_FUA_NATIVE;
+  return h->snap || h->bitmap ? NBDKIT_FUA_NONE : NBDKIT_FUA_NATIVE;
 }
 
 static int
@@ -441,7 +496,9 @@ plug_pread (void *handle, void *buf, uint32_t count, uint64_t offset,
               uint32_t flags)
 {
   struct handle *h = handle;
-  int r = h->snap ? fleece_snap_pread (h->snap, buf, count, offset)
+  int r = h->bitmap ? fleece_bitmap_export_pread (h->bitmap, buf, count,
+                                                  offset)
+    : h->snap ? fleece_snap_pread (h->snap, buf, count, offset)
     : fleece_live_pread (fl, buf, count, offset);
 
   return r == -1 ? engine_error () : 0;
@@ -476,7 +533,7 @@ plug_flush (void *handle, uint32_t flags)
 {
   struct handle *h = handle;
 
-  if (h->snap == NULL && fleece_live_flush (fl) == -1)
+  if (h->snap == NULL && h->bitmap == NULL && fleece_live_flush (fl) == -1)
     return engine_error ();
   return 0;
 }
@@ -526,7 +583,8 @@ plug_extents (void *handle, uint32_t count, uint64_t offset,
                 uint32_t flags, struct nbdkit_extents *extents)
 {
   struct handle *h = handle;
-  int r = h->snap
+  int r = h->bitmap ? nbdkit_add_extent (extents, offset, count, 0)
+    : h->snap
     ? fleece_snap_extents (h->snap, count, offset, add_extent, extents)
     : fleece_live_extents (fl, count, offset, add_extent, extents);
 

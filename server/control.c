@@ -420,6 +420,134 @@ cmd_snapshot_delete (struct ctl *ctl, json_t *args)
   return checked (json_object (), "snapshot-delete");
 }
 
+/* ---- Dirty bitmaps and checkpoints ---- */
+
+static const char *
+arg_name (json_t *args, const char *key)
+{
+  return json_string_value (json_object_get (args, key));
+}
+
+static json_t *
+cmd_bitmap_add (struct ctl *ctl, json_t *args)
+{
+  json_t *d = json_object_get (args, "disabled");
+
+  if (fleece_bitmap_add (ctl->fl, arg_name (args, "name"),
+                         d && json_is_true (d)) == -1)
+    return NULL;
+  return checked (json_object (), "bitmap-add");
+}
+
+/* The commands that take one bitmap name and return {}. */
+#define BITMAP_NAME_COMMAND(fn, engine_fn, cmd)                        \
+  static json_t *                                                       \
+  fn (struct ctl *ctl, json_t *args)                                    \
+  {                                                                     \
+    if (engine_fn (ctl->fl, arg_name (args, "name")) == -1)             \
+      return NULL;                                                      \
+    return checked (json_object (), cmd);                              \
+  }
+BITMAP_NAME_COMMAND (cmd_bitmap_remove, fleece_bitmap_remove, "bitmap-remove")
+BITMAP_NAME_COMMAND (cmd_bitmap_clear, fleece_bitmap_clear, "bitmap-clear")
+BITMAP_NAME_COMMAND (cmd_bitmap_enable, fleece_bitmap_enable, "bitmap-enable")
+BITMAP_NAME_COMMAND (cmd_bitmap_disable, fleece_bitmap_disable,
+                     "bitmap-disable")
+
+static json_t *
+cmd_bitmap_merge (struct ctl *ctl, json_t *args)
+{
+  json_t *sources = json_object_get (args, "sources");
+  size_t i, n = json_array_size (sources);
+  const char **names;
+  int r;
+
+  if (n == 0) {
+    fl_error (EINVAL, "Parameter 'sources' must list at least one bitmap");
+    return NULL;
+  }
+  names = calloc (n, sizeof *names);
+  if (names == NULL) {
+    fl_error (ENOMEM, "bitmap-merge: out of memory");
+    return NULL;
+  }
+  for (i = 0; i < n; i++) {
+    names[i] = json_string_value (json_array_get (sources, i));
+    if (names[i] == NULL) {
+      free (names);
+      fl_error (EINVAL, "Parameter 'sources' expects an array of strings");
+      return NULL;
+    }
+  }
+  r = fleece_bitmap_merge (ctl->fl, arg_name (args, "target"), names, n);
+  free (names);
+  return r == -1 ? NULL : checked (json_object (), "bitmap-merge");
+}
+
+struct bitmap_list {
+  json_t *array;
+  bool failed;
+};
+
+static void
+bitmap_list_one (void *opaque, const struct fleece_bitmap_info *info)
+{
+  struct bitmap_list *l = opaque;
+  json_t *o = json_pack ("{s:o,s:I,s:I,s:I,s:b,s:b,s:b,s:b,s:I}",
+                         "name", ctl_str (info->name),
+                         "granularity", (json_int_t) info->granularity,
+                         "count", (json_int_t) info->count,
+                         "bit-count", (json_int_t) info->bit_count,
+                         "enabled", info->enabled,
+                         "frozen", info->frozen,
+                         "inconsistent", info->inconsistent,
+                         "checkpoint", info->checkpoint,
+                         "created", (json_int_t) info->created);
+
+  if (o && info->frozen &&
+      json_object_set_new (o, "frozen-by", ctl_str (info->frozen_by)) == -1) {
+    json_decref (o);
+    o = NULL;
+  }
+  if (o && json_object_set_new (o, "export", json_sprintf ("bitmap/%s",
+                                                           info->name)) == -1) {
+    json_decref (o);
+    o = NULL;
+  }
+  if (o == NULL || json_array_append_new (l->array, o) == -1)
+    l->failed = true;
+}
+
+static json_t *
+cmd_query_bitmaps (struct ctl *ctl, json_t *args)
+{
+  struct bitmap_list l = { .array = json_array () };
+
+  if (l.array)
+    fleece_list_bitmaps (ctl->fl, bitmap_list_one, &l);
+  if (l.failed) {
+    json_decref (l.array);
+    l.array = NULL;
+  }
+  return checked (l.array, "query-bitmaps");
+}
+
+static json_t *
+cmd_checkpoint_create (struct ctl *ctl, json_t *args)
+{
+  const char *name = arg_name (args, "name");
+  struct fleece_snap_info info;
+
+  if (fleece_checkpoint_create (ctl->fl, name) == -1 ||
+      fleece_snapshot_info (ctl->fl, name, &info) == -1)
+    return NULL;
+  return checked (json_pack ("{s:o,s:o,s:o,s:I}", "name", ctl_str (name),
+                             "snapshot", ctl_str (name),
+                             "bitmap", ctl_str (name),
+                             "generation", (json_int_t) info.generation),
+                  "checkpoint-create");
+}
+
 static json_t *cmd_query_commands (struct ctl *ctl, json_t *args);
 
 static const struct ctl_param no_params[] = { { NULL } };
@@ -432,6 +560,17 @@ static const struct ctl_param name_param[] = {
  * write its handler above, add a line here, document it in
  * docs/control-protocol.md and test it in tests/test-control-handle.c.
  */
+static const struct ctl_param bitmap_add_params[] = {
+  { "name", CTL_STRING, false },
+  { "disabled", CTL_BOOL, true },
+  { NULL }
+};
+static const struct ctl_param bitmap_merge_params[] = {
+  { "target", CTL_STRING, false },
+  { "sources", CTL_ARRAY, false },
+  { NULL }
+};
+
 static const struct ctl_command commands[] = {
   { "qmp_capabilities", cmd_qmp_capabilities, no_params,
     "End capabilities negotiation (accepted, not required)" },
@@ -447,6 +586,23 @@ static const struct ctl_command commands[] = {
     "Delete snapshot NAME and free its copies" },
   { "query-snapshots", cmd_query_snapshots, no_params,
     "List the snapshots, oldest first" },
+  { "bitmap-add", cmd_bitmap_add, bitmap_add_params,
+    "Add dirty bitmap NAME, recording unless disabled is true" },
+  { "bitmap-remove", cmd_bitmap_remove, name_param,
+    "Remove dirty bitmap NAME" },
+  { "bitmap-clear", cmd_bitmap_clear, name_param,
+    "Clear every bit of dirty bitmap NAME" },
+  { "bitmap-enable", cmd_bitmap_enable, name_param,
+    "Make dirty bitmap NAME record writes" },
+  { "bitmap-disable", cmd_bitmap_disable, name_param,
+    "Make dirty bitmap NAME stop recording writes" },
+  { "bitmap-merge", cmd_bitmap_merge, bitmap_merge_params,
+    "Set in bitmap TARGET every bit set in the SOURCES" },
+  { "query-bitmaps", cmd_query_bitmaps, no_params,
+    "List the dirty bitmaps" },
+  { "checkpoint-create", cmd_checkpoint_create, name_param,
+    "Atomically create snapshot NAME, freeze the previous checkpoint's "
+    "bitmap and start bitmap NAME" },
   { NULL }
 };
 

@@ -96,6 +96,7 @@ fleece_close (struct fleece *fl)
   if (fl == NULL)
     return;
   snap_free_all (fl);
+  bitmap_free_all (fl);
   free (fl->snaps);
   copymap_destroy (&fl->copies);
   rangelock_destroy (&fl->cbw_locks);
@@ -169,6 +170,7 @@ live_modify (struct fleece *fl, enum live_op op, const void *buf,
     if (cbw_range (fl, offset, count, state_gen (st)) == -1)
       return -1;
   }
+  bitmap_mark (fl, offset, count);
   switch (op) {
   case OP_WRITE:
     r = disk_pwrite (&fl->disk, buf, count, offset, fua);

@@ -157,7 +157,8 @@ extern void copymap_prune (struct copymap *m, uint32_t cluster,
 extern uint64_t copymap_count (struct copymap *m);
 
 /* ---- engine.c, snapshot.c, cbw.c ---- */
-struct snap_state;
+struct bitmap;
+struct bitmap_set;
 
 struct fleece {
   /* Set by fleece_open, then constant. */
@@ -194,6 +195,15 @@ struct fleece {
   pthread_rwlock_t snaps_lock;
   struct fleece_snap **snaps;   /* FLEECE_SNAPSHOTS_MAX slots, never moved */
   size_t nsnaps;
+
+  /* Dirty bitmaps (bitmap.c).  The list, its flags and checkpoint_active
+   * are protected by admin_lock; dirty, the set of enabled bitmaps that
+   * writers read inside the gate, only changes with the gate closed.
+   */
+  struct bitmap *bitmaps[FLEECE_BITMAPS_MAX];
+  size_t nbitmaps;
+  struct bitmap *checkpoint_active;
+  struct bitmap_set *_Atomic dirty;
 
   /* Statistics, updated with relaxed atomics. */
   _Atomic uint64_t st_bytes_written, st_cbw_clusters, st_cbw_zero,
@@ -251,5 +261,11 @@ extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,
 extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
 extern void snap_free_all (struct fleece *fl);
+extern struct fleece_snap *snap_prepare (struct fleece *fl, const char *name);
+extern void snap_discard (struct fleece_snap *s);
+extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
+extern void snap_record_drain (struct fleece *fl, uint64_t ns);
+extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
+extern void bitmap_free_all (struct fleece *fl);
 
 #endif /* FLEECE_INTERNAL_H */

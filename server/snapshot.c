@@ -97,54 +97,88 @@ init_io_lock (pthread_rwlock_t *lock)
   pthread_rwlockattr_destroy (&attr);
 }
 
-int
-fleece_snapshot_create (struct fleece *fl, const char *name)
+/* Check name and allocate a snapshot; called with admin_lock held. */
+struct fleece_snap *
+snap_prepare (struct fleece *fl, const char *name)
 {
   struct fleece_snap *s;
-  uint64_t t0, st, drain;
-  uint32_t gen;
 
   if (fleece_check_name ("snapshot", name) == -1)
-    return -1;
-  pthread_mutex_lock (&fl->admin_lock);
+    return NULL;
   if (find_snap (fl, name)) {
-    pthread_mutex_unlock (&fl->admin_lock);
-    return fl_error (EEXIST, "snapshot '%s' already exists", name);
+    fl_error (EEXIST, "snapshot '%s' already exists", name);
+    return NULL;
   }
   if (fl->nsnaps >= FLEECE_SNAPSHOTS_MAX) {
-    pthread_mutex_unlock (&fl->admin_lock);
-    return fl_error (ENOSPC, "snapshot '%s': there are already %d snapshots",
-                     name, FLEECE_SNAPSHOTS_MAX);
+    fl_error (ENOSPC, "snapshot '%s': there are already %d snapshots",
+              name, FLEECE_SNAPSHOTS_MAX);
+    return NULL;
   }
   s = calloc (1, sizeof *s);
   if (s == NULL) {
-    pthread_mutex_unlock (&fl->admin_lock);
-    return fl_error (ENOMEM, "snapshot '%s': out of memory", name);
+    fl_error (ENOMEM, "snapshot '%s': out of memory", name);
+    return NULL;
   }
   s->fl = fl;
   strcpy (s->name, name);
   s->created = time (NULL);
   atomic_init (&s->refs, 1);
   init_io_lock (&s->io_lock);
+  return s;
+}
 
-  t0 = fl_now_ns ();
-  gate_close (&fl->gate);
+void
+snap_discard (struct fleece_snap *s)
+{
+  snap_free (s);
+}
+
+/* Make s the newest snapshot; called with the gate closed and admin_lock
+ * held.
+ */
+void
+snap_publish (struct fleece *fl, struct fleece_snap *s)
+{
+  uint64_t st;
+
   pthread_rwlock_wrlock (&fl->snaps_lock);
   st = atomic_load (&fl->state);
-  gen = state_gen (st) + 1;
-  s->gen = gen;
+  s->gen = state_gen (st) + 1;
   fl->snaps[fl->nsnaps++] = s;
-  atomic_store (&fl->state, ((uint64_t) gen << 32) | fl->nsnaps);
+  atomic_store (&fl->state, ((uint64_t) s->gen << 32) | fl->nsnaps);
   pthread_rwlock_unlock (&fl->snaps_lock);
+}
+
+/* How long writers were held at the gate. */
+void
+snap_record_drain (struct fleece *fl, uint64_t ns)
+{
+  atomic_store (&fl->st_last_drain_ns, ns);
+  if (ns > atomic_load (&fl->st_max_drain_ns))
+    atomic_store (&fl->st_max_drain_ns, ns);
+}
+
+int
+fleece_snapshot_create (struct fleece *fl, const char *name)
+{
+  struct fleece_snap *s;
+  uint64_t t0, drain;
+
+  pthread_mutex_lock (&fl->admin_lock);
+  s = snap_prepare (fl, name);
+  if (s == NULL) {
+    pthread_mutex_unlock (&fl->admin_lock);
+    return -1;
+  }
+  t0 = fl_now_ns ();
+  gate_close (&fl->gate);
+  snap_publish (fl, s);
   gate_open (&fl->gate);
   drain = fl_now_ns () - t0;
-
-  atomic_store (&fl->st_last_drain_ns, drain);
-  if (drain > atomic_load (&fl->st_max_drain_ns))
-    atomic_store (&fl->st_max_drain_ns, drain);
+  snap_record_drain (fl, drain);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' created, generation %u, writers stalled %"
-            PRIu64 " ns", name, gen, drain);
+            PRIu64 " ns", name, s->gen, drain);
   return 0;
 }
 

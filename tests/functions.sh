@@ -236,3 +236,34 @@ jget ()
 {
   python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {"d": d}))' "$1" "$2"
 }
+
+# ---- TLS (test-tls-*.sh, test-backup-*.sh) ----
+
+# make_pki: throwaway credentials made by tests/make-pki.sh: X.509 in
+# $tmp/pki (CA, server, client) and $tmp/pki-other (a client certificate
+# from an unrelated CA), PSK user alice in $tmp/pki/keys.psk and a
+# different key for alice in $tmp/pki/wrong-keys.psk.
+make_pki ()
+{
+  requires certtool --version
+  requires psktool --version
+  bash "${abs_top_srcdir:-..}/tests/make-pki.sh" "$tmp/pki"
+}
+
+# x509_uri NAME EXPORT [PKI-DIR], psk_uri NAME EXPORT [PSK-FILE]: TLS
+# URIs (libnbd syntax) of EXPORT ("" or snapshot/S or bitmap/B) on NAME.
+x509_uri () { echo "nbds+unix:///$2?socket=$tmp/$1.sock&tls-certificates=${3:-$tmp/pki}"; }
+psk_uri () { echo "nbds+unix://alice@/$2?socket=$tmp/$1.sock&tls-psk-file=${3:-$tmp/pki/keys.psk}"; }
+
+# qio_x509 NAME EXPORT -- qemu-io commands...: qemu-io over X.509 TLS with
+# $tmp/pki (qemu checks the server's name: localhost).
+qio_x509 ()
+{
+  local name=$1 export=$2; shift 2
+  [ "${1:-}" = "--" ] && shift
+  local cmds=() c
+  for c in "$@"; do cmds+=(-c "$c"); done
+  qemu-io --object "tls-creds-x509,id=tls0,endpoint=client,dir=$tmp/pki" \
+    --image-opts "driver=nbd,path=$tmp/$name.sock,${export:+export=$export,}tls-creds=tls0,tls-hostname=localhost" \
+    "${cmds[@]}"
+}

@@ -84,6 +84,11 @@ usage (void)
           "  fleecectl [OPTIONS] snapshot create NAME\n"
           "  fleecectl [OPTIONS] snapshot delete NAME\n"
           "  fleecectl [OPTIONS] snapshot list\n"
+          "  fleecectl [OPTIONS] checkpoint NAME\n"
+          "  fleecectl [OPTIONS] bitmap add NAME [--disabled]\n"
+          "  fleecectl [OPTIONS] bitmap remove|clear|enable|disable NAME\n"
+          "  fleecectl [OPTIONS] bitmap merge TARGET SOURCE...\n"
+          "  fleecectl [OPTIONS] bitmap list\n"
           "  fleecectl [OPTIONS] raw JSON-LINE\n"
           "  fleecectl [OPTIONS] events [--timeout SECONDS]\n"
           "\n"
@@ -429,7 +434,7 @@ print_json (json_t *v)
 
 /* ---- Tables ---- */
 
-#define MAX_COLS 6
+#define MAX_COLS 7
 
 struct table {
   int ncols;
@@ -732,6 +737,128 @@ run_snapshot (struct conn *c, int argc, char **argv)
   return EXIT_SUCCESS;
 }
 
+/* ---- Bitmaps and checkpoints ---- */
+
+static void
+bitmap_list (struct conn *c)
+{
+  json_t *ret = execute (c, "query-bitmaps", NULL), *b;
+  struct table t = { .ncols = 6,
+                     .head = { "NAME", "STATE", "DIRTY", "OF", "GRANULE",
+                               "FROZEN-BY" },
+                     .right = { false, false, true, true, true, false } };
+  char b1[32], b2[32], b3[32];
+  size_t i;
+
+  if (json_output) {
+    print_json (ret);
+    json_decref (ret);
+    return;
+  }
+  json_array_foreach (ret, i, b) {
+    const char *state =
+      json_is_true (json_object_get (b, "inconsistent")) ? "inconsistent"
+      : json_is_true (json_object_get (b, "frozen")) ? "frozen"
+      : json_is_true (json_object_get (b, "enabled")) ? "recording"
+      : "disabled";
+    const char *by = str_member (b, "frozen-by");
+    table_add (&t, str_member (b, "name"), state,
+               int_member (b, "count", b1, sizeof b1),
+               int_member (b, "bit-count", b2, sizeof b2),
+               int_member (b, "granularity", b3, sizeof b3),
+               by && *by ? by : "-");
+  }
+  table_print (&t);
+  json_decref (ret);
+}
+
+/* Run cmd with args (consumed) and report it done. */
+static void
+change (struct conn *c, const char *cmd, json_t *args, const char *done)
+{
+  json_t *ret;
+
+  if (args == NULL)
+    die ("%s: the arguments are not valid UTF-8", c->label);
+  ret = execute (c, cmd, args);
+  if (json_output)
+    print_json (ret);
+  else
+    printf ("%s\n", done);
+  json_decref (ret);
+}
+
+static int
+run_bitmap (struct conn *c, int argc, char **argv)
+{
+  static const char *const simple[][2] = {
+    { "remove", "bitmap-remove" }, { "clear", "bitmap-clear" },
+    { "enable", "bitmap-enable" }, { "disable", "bitmap-disable" },
+  };
+  const char *sub = argc > 1 ? argv[1] : "";
+  char label[64], done[512];
+  size_t i;
+
+  snprintf (label, sizeof label, "bitmap %s", sub);
+  c->label = label;
+  if (strcmp (sub, "list") == 0) {
+    want_args (label, argc, argv, 2, "");
+    conn_greeting (c);
+    bitmap_list (c);
+    return EXIT_SUCCESS;
+  }
+  if (strcmp (sub, "add") == 0) {
+    bool disabled = argc == 4 && strcmp (argv[3], "--disabled") == 0;
+    want_args (label, argc - disabled, argv, 3, "NAME");
+    conn_greeting (c);
+    snprintf (done, sizeof done, "bitmap '%s' added%s", argv[2],
+              disabled ? ", disabled" : "");
+    change (c, "bitmap-add", json_pack ("{s:s,s:b}", "name", argv[2],
+                                        "disabled", disabled), done);
+    return EXIT_SUCCESS;
+  }
+  if (strcmp (sub, "merge") == 0) {
+    json_t *sources = json_array ();
+    if (argc < 4)
+      usage_error ("bitmap merge: expected TARGET SOURCE...");
+    for (i = 3; sources && i < (size_t) argc; i++)
+      if (json_array_append_new (sources, json_string (argv[i])) == -1)
+        die ("bitmap merge: '%s' is not valid UTF-8", argv[i]);
+    conn_greeting (c);
+    snprintf (done, sizeof done, "merged %d bitmap(s) into '%s'", argc - 3,
+              argv[2]);
+    change (c, "bitmap-merge", json_pack ("{s:s,s:o}", "target", argv[2],
+                                          "sources", sources), done);
+    return EXIT_SUCCESS;
+  }
+  for (i = 0; i < sizeof simple / sizeof simple[0]; i++) {
+    if (strcmp (sub, simple[i][0]) == 0) {
+      want_args (label, argc, argv, 3, "NAME");
+      conn_greeting (c);
+      snprintf (done, sizeof done, "bitmap '%s': %s done", argv[2], sub);
+      change (c, simple[i][1], json_pack ("{s:s}", "name", argv[2]), done);
+      return EXIT_SUCCESS;
+    }
+  }
+  usage_error ("bitmap: expected add, remove, clear, enable, disable, "
+               "merge or list");
+}
+
+static int
+run_checkpoint (struct conn *c, int argc, char **argv)
+{
+  char done[512];
+
+  c->label = "checkpoint";
+  want_args ("checkpoint", argc, argv, 2, "NAME");
+  conn_greeting (c);
+  snprintf (done, sizeof done, "checkpoint '%s' created: snapshot/%s, "
+            "bitmap '%s' recording", argv[1], argv[1], argv[1]);
+  change (c, "checkpoint-create", json_pack ("{s:s}", "name", argv[1]),
+          done);
+  return EXIT_SUCCESS;
+}
+
 /* The command's words are argv[0..argc).  Returns the exit status. */
 static int
 run (struct conn *c, int argc, char **argv)
@@ -740,6 +867,10 @@ run (struct conn *c, int argc, char **argv)
 
   if (strcmp (cmd, "snapshot") == 0)
     return run_snapshot (c, argc, argv);
+  if (strcmp (cmd, "bitmap") == 0)
+    return run_bitmap (c, argc, argv);
+  if (strcmp (cmd, "checkpoint") == 0)
+    return run_checkpoint (c, argc, argv);
   c->label = cmd;
   if (strcmp (cmd, "raw") == 0) {
     want_args ("raw", argc, argv, 2, "JSON-LINE");
@@ -768,7 +899,8 @@ static void
 check_command (int argc, char **argv)
 {
   static const char *const known[] = {
-    "status", "stats", "snapshot", "raw", "events", NULL
+    "status", "stats", "snapshot", "bitmap", "checkpoint", "raw", "events",
+    NULL
   };
   int i;
 
