@@ -128,8 +128,8 @@ start_nbdkit ()
   [ $# -gt 0 ] && shift
   rm -f "$sock"
   # shellcheck disable=SC2086
-  $VG env ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
-    nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
+  env ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
+    $VG nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
     >"$log" 2>&1 &
   echo $! >"$pidfile"
   cleanup_fn "kill_by_pidfile '$pidfile'"
@@ -247,7 +247,10 @@ make_pki ()
 {
   requires certtool --version
   requires psktool --version
-  bash "${abs_top_srcdir:-..}/tests/make-pki.sh" "$tmp/pki"
+  if ! bash "${abs_top_srcdir:-..}/tests/make-pki.sh" "$tmp/pki"; then
+    echo "Bail out! tests/make-pki.sh $tmp/pki failed"
+    exit 1
+  fi
 }
 
 # x509_uri NAME EXPORT [PKI-DIR], psk_uri NAME EXPORT [PSK-FILE]: TLS
@@ -266,4 +269,102 @@ qio_x509 ()
   qemu-io --object "tls-creds-x509,id=tls0,endpoint=client,dir=$tmp/pki" \
     --image-opts "driver=nbd,path=$tmp/$name.sock,${export:+export=$export,}tls-creds=tls0,tls-hostname=localhost" \
     "${cmds[@]}"
+}
+
+# ---- pulls through a proxy (test-backup-*.sh) ----
+
+# start_proxy NAME UPSTREAM [nbdkit options and filter parameters...] --
+# [nbd plugin args...]: a plain nbdkit nbd-plugin proxy on $tmp/NAME.sock in front of
+# server UPSTREAM ($tmp/UPSTREAM.sock), passing export names through
+# (dynamic-export=true), so that a test can count what a client reads
+# (--filter=stats statsfile=...), slow it down (--filter=rate) or kill the
+# connection halfway (kill_by_pidfile $tmp/NAME.pid).  The plugin
+# arguments after "--" add, say, tls=require tls-certificates=DIR to reach
+# a TLS upstream.
+start_proxy ()
+{
+  local name=$1 up=$2; shift 2
+  local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
+  local opts=() params=() i
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    case $1 in
+      -*) opts+=("$1") ;;
+      *) params+=("$1") ;;     # filter parameters go after the plugin
+    esac
+    shift
+  done
+  [ $# -gt 0 ] && shift
+  rm -f "$sock"
+  nbdkit -f -U "$sock" "${opts[@]}" nbd socket="$tmp/$up.sock" \
+    dynamic-export=true "${params[@]}" "$@" >"$log" 2>&1 &
+  echo $! >"$pidfile"
+  cleanup_fn "kill_by_pidfile '$pidfile'"
+  for (( i = 0; i < 300; i++ )); do
+    [ -S "$sock" ] && return 0
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "# proxy $name exited during start:"
+      sed 's/^/#   /' "$log"
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "# proxy $name did not create $sock in 30 s"
+  return 1
+}
+
+# stats_read_bytes FILE: bytes read according to the last "read:" line of
+# an nbdkit stats filter file (written when the proxy exits; nbdkit
+# prints sizes with two decimals, so this is exact to 1 % or 10 KiB).
+stats_read_bytes ()
+{
+  awk '$1 == "read:" { v = $6; u = $7 }
+       END { sub (/,$/, "", u);
+             m = 1;
+             if (u == "KiB") m = 1024;
+             if (u == "MiB") m = 1048576;
+             if (u == "GiB") m = 1073741824;
+             printf "%d\n", (v == "" ? 0 : v * m) }' "$1"
+}
+
+# summary FILE FIELD: FIELD (sync, read, written, zeroed, granules,
+# seconds) of the "fleece-backup: sync=... read=N ..." line in FILE.
+summary ()
+{
+  sed -n 's/.*fleece-backup: sync=/sync=/p' "$1" | tail -1 |
+    tr ' ' '\n' | sed -n "s/^$2=//p"
+}
+
+# bitmap_bits URI: the indices of the bits set in a bitmap export
+# (docs/bitmap-export.md: a header, then one bit per granule, least
+# significant bit first), one per line; checks the header's magic.
+bitmap_bits ()
+{
+  nbdcopy "$1" - | python3 -c '
+import struct, sys
+d = sys.stdin.buffer.read()
+assert d[:8] == b"FLEECEBM", "bad bitmap export magic"
+hdr = struct.unpack_from("<IIIIQQQ", d, 8)
+size, nbits = hdr[3], hdr[5]
+for i in range(nbits):
+    if d[size + i // 8] >> (i % 8) & 1:
+        print(i)
+'
+}
+
+# bitmap_count NAME BITMAP: the "count" of BITMAP in query-bitmaps.
+bitmap_count ()
+{
+  jget "$(ctl "$1" --json bitmap list)" \
+    "[b['count'] for b in d if b['name'] == '$2'][0]"
+}
+
+# backup LOG ARGS...: fleece-backup ARGS, its stderr (errors and the
+# summary line) kept in LOG as well, for "summary LOG FIELD" ("ok"
+# captures the command's own output).
+backup ()
+{
+  local log=$1 st=0; shift
+  fleece-backup "$@" 2>"$log" || st=$?
+  cat "$log" >&2
+  return "$st"
 }

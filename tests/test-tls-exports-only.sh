@@ -16,6 +16,7 @@ ok "nbdkit starts with --tls=on and tls-exports-only=true" \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" tls-exports-only=true
 ok "snapshot create s1" ctl s snapshot create s1
 cp "$disk" "$tmp/ref"
+ok "checkpoint c1 (snapshot/c1 and bitmap/c1)" ctl s checkpoint c1
 
 # --- plaintext: the live export only ---
 plain=$(nbdinfo --list "$(live_uri s)" 2>&1)
@@ -32,13 +33,21 @@ ok_fails "plaintext nbdcopy of snapshot/s1 refused" "no export named" \
    nbdcopy "$(snap_uri s s1)" "$tmp/plain.img"
 ok_fails "plaintext qemu-io of snapshot/s1 refused" "export not available" \
    qio s snapshot/s1 "read 0 64k"
-ok "no plaintext data" test ! -s "$tmp/plain.img"
+ok_fails "plaintext open of bitmap/c1 refused as unknown" "No such file" \
+   nbdinfo "nbd+unix:///bitmap/c1?socket=$tmp/s.sock"
+ok_fails "plaintext nbdcopy of bitmap/c1 refused" "no export named" \
+   nbdcopy "nbd+unix:///bitmap/c1?socket=$tmp/s.sock" "$tmp/plainbm"
+ok "no plaintext data" test ! -s "$tmp/plain.img" -a ! -s "$tmp/plainbm"
 
 # --- TLS: everything ---
 tls=$(nbdinfo --list "$(x509_uri s "")" 2>&1)
 diag "TLS list: $(grep 'export=' <<<"$tls" | tr '\n' ' ')"
 ok "TLS list shows the live export" grep -q '^export="":' <<<"$tls"
 ok "TLS list shows snapshot/s1" grep -q '^export="snapshot/s1":' <<<"$tls"
+ok "TLS list shows snapshot/c1" grep -q '^export="snapshot/c1":' <<<"$tls"
+ok "TLS list shows bitmap/c1" grep -q '^export="bitmap/c1":' <<<"$tls"
+is "$(bitmap_bits "$(x509_uri s bitmap/c1)" | tr '\n' ' ')" "$(seq -s ' ' 16 31) " \
+   "TLS read of bitmap/c1: granules 16-31, the plaintext write at 1M"
 ok "TLS pull of snapshot/s1" nbdcopy "$(x509_uri s snapshot/s1)" "$tmp/s1.img"
 is "$(sum "$tmp/s1.img")" "$(sum "$tmp/ref")" "TLS pull equals the disk at s1"
 ok "TLS live read" qio_x509 s "" -- "read -P 0x62 1M 1M"

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Snapshots pulled over TLS with X.509 certificates and peer verification
-# (nbdkit --tls=require --tls-certificates --tls-verify-peer): nbdcopy and
-# qemu-img convert (tls-creds-x509, tls-hostname=localhost on a Unix
-# socket) get the point-in-time image; a plaintext client and a client
-# whose certificate comes from another CA are refused.
+# (nbdkit --tls=require --tls-certificates --tls-verify-peer):
+# fleece-backup, nbdcopy and qemu-img convert (tls-creds-x509,
+# tls-hostname=localhost on a Unix socket) get the point-in-time image; a
+# plaintext client and a client whose certificate comes from another CA
+# are refused.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-io --version
 requires qemu-img --version
 requires nbdcopy --version
 requires nbdinfo --version
+requires fleece-backup --help
 make_pki
 
 disk=$tmp/disk
@@ -34,6 +36,9 @@ ok "qemu-img convert pulls snapshot/s1 over TLS" \
    --image-opts "driver=nbd,path=$tmp/s.sock,export=snapshot/s1,tls-creds=tls0,tls-hostname=localhost" \
    -O raw "$tmp/s1q.img"
 is "$(sum "$tmp/s1q.img")" "$(sum "$tmp/ref")" "qemu-img TLS pull equals too"
+ok "fleece-backup pulls snapshot/s1 over TLS" \
+   fleece-backup "$(x509_uri s snapshot/s1)" "$tmp/s1f.img"
+is "$(sum "$tmp/s1f.img")" "$(sum "$tmp/ref")" "fleece-backup TLS pull equals too"
 ok "nbdinfo --list over TLS shows snapshot/s1" \
    grep -q 'export="snapshot/s1"' <<<"$(nbdinfo --list "$(x509_uri s "")")"
 ok "snapshot reads old data over TLS (qemu-io)" \
@@ -50,6 +55,11 @@ ok "no plaintext pull left a file" test ! -s "$tmp/plain.img"
 lines=$(wc -l <"$tmp/s.log")
 ok_fails "client certificate from another CA refused" "gnutls" \
    nbdcopy "$(x509_uri s snapshot/s1 "$tmp/pki-other")" "$tmp/other.img"
+ok_fails "fleece-backup with that certificate refused" "gnutls" \
+   fleece-backup "$(x509_uri s snapshot/s1 "$tmp/pki-other")" "$tmp/other-f.img"
+# (fleece-backup's message is libnbd's "Operation not supported" for now.)
+ok_fails "plaintext fleece-backup refused" "TLS|Operation not supported" \
+   fleece-backup "$(snap_uri s s1)" "$tmp/plain-f.img"
 ok "the server logs the certificate error" \
    grep -qi 'certificate' <(tail -n +"$((lines + 1))" "$tmp/s.log")
 mkdir "$tmp/wrongca"
