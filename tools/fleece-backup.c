@@ -113,17 +113,23 @@ static struct {
 static void progress_clear (void);
 static void disconnect_all (void);
 
+static void
+vwarn (const char *fmt, va_list ap)
+{
+  progress_clear ();
+  fprintf (stderr, "fleece-backup: ");
+  vfprintf (stderr, fmt, ap);
+  fprintf (stderr, "\n");
+}
+
 static void __attribute__ ((format (printf, 1, 2)))
 warn (const char *fmt, ...)
 {
   va_list ap;
 
-  progress_clear ();
-  fprintf (stderr, "fleece-backup: ");
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  vwarn (fmt, ap);
   va_end (ap);
-  fprintf (stderr, "\n");
 }
 
 static void __attribute__ ((noreturn, format (printf, 1, 2)))
@@ -131,12 +137,9 @@ die (const char *fmt, ...)
 {
   va_list ap;
 
-  progress_clear ();
-  fprintf (stderr, "fleece-backup: ");
   va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
+  vwarn (fmt, ap);
   va_end (ap);
-  fprintf (stderr, "\n");
   disconnect_all ();
   exit (EXIT_FAILURE);
 }
