@@ -178,7 +178,9 @@ stop_nbdkit ()
   status=0
   wait "$pid" || status=$?
   rm -f "$pidfile"
-  if grep -Eq 'ERROR: (Address|Leak)Sanitizer|runtime error:' "$log"; then
+  if grep -q 'ERROR: LeakSanitizer' "$log" && nbdkit_own_leaks_only "$log"; then
+    echo "# nbdkit $name: LeakSanitizer reported only nbdkit's own blocks (see valgrind.supp)"
+  elif grep -Eq 'ERROR: (Address|Leak)Sanitizer|runtime error:' "$log"; then
     echo "# nbdkit $name: sanitizer report:"
     sed 's/^/#   /' "$log" | tail -60
     return 1
@@ -188,6 +190,19 @@ stop_nbdkit ()
     sed 's/^/#   /' "$log" | tail -40
     return 1
   fi
+}
+
+# True if every direct leak in an LeakSanitizer report was malloc'ed by
+# nbdkit's own code (its frame #1 is in /usr/bin/nbdkit), the nbdkit
+# 1.32.5 teardown leak described in valgrind.supp, and nothing else went
+# wrong.  A leak allocated by the plugin has the plugin as frame #1 and
+# still fails.
+nbdkit_own_leaks_only ()
+{
+  grep -Eq 'ERROR: AddressSanitizer|runtime error:' "$1" && return 1
+  awk '/Direct leak of/ { want = 1; next }
+       want && /#1 / { if ($0 !~ /\/usr\/bin\/nbdkit\+/) bad = 1; want = 0 }
+       END { exit bad }' "$1"
 }
 
 # nbdkit_once ARGS...: run nbdkit that is expected to exit by itself
