@@ -551,8 +551,17 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
       return h;
     *refused = true;
   }
-  *msg = strdup (nbd_get_error ());
-  if (*msg == NULL)
+  /* A server that only serves its snapshots over TLS refuses them to a
+   * plain connection without saying why: say what to try.
+   */
+  if (*refused && (strncmp (uri, "nbd://", 6) == 0 ||
+                   strncmp (uri, "nbd+unix://", 11) == 0)) {
+    if (asprintf (msg, "%s (if the server requires TLS, use nbds:// or "
+                  "nbds+unix:// with tls-certificates= or tls-psk-file=)",
+                  nbd_get_error ()) == -1)
+      die ("asprintf: %m");
+  }
+  else if ((*msg = strdup (nbd_get_error ())) == NULL)
     die ("strdup: %m");
   nbd_close (h);
   return NULL;
