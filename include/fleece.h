@@ -39,6 +39,9 @@ struct fleece_config {
   const char *store;            /* store file, required */
   uint32_t cluster_size;        /* 0 = default */
   enum fleece_cbw_error on_cbw_error;
+  uint64_t store_max;           /* cap on the store's data, bytes; 0: none */
+  unsigned store_warn;          /* STORE_HIGH_WATER event at this percent
+                                 * of store_max; 0: off */
 };
 
 /* Flags for live writes, the same bits as nbdkit's. */
@@ -191,6 +194,7 @@ struct fleece_stats {
   uint64_t store_clusters_total;/* data slots the store file spans */
   uint64_t store_bytes_used;
   uint64_t store_file_bytes;    /* space the store file occupies on disk */
+  uint64_t store_max_bytes;     /* store-max, 0 if none */
   uint64_t copies;              /* copy records, shared by snapshots */
   uint64_t cbw_wait_ns;         /* time writers spent copying */
   uint64_t max_drain_ns;        /* longest writer stall at creation */

@@ -48,6 +48,8 @@ static char *control_path;
 static uint32_t cluster_size;
 static enum fleece_cbw_error on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
 static int tls_exports_only;    /* snapshot and bitmap exports need TLS */
+static uint64_t store_max;      /* bytes, 0: no cap */
+static unsigned store_warn;     /* percent of store_max, 0: off */
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -131,6 +133,23 @@ plug_config (const char *key, const char *value)
     }
     return 0;
   }
+  if (strcmp (key, "store-max") == 0) {
+    int64_t r = nbdkit_parse_size (value);
+    if (r == -1)
+      return -1;
+    store_max = r;
+    return 0;
+  }
+  if (strcmp (key, "store-warn") == 0) {
+    if (nbdkit_parse_unsigned ("store-warn", value, &store_warn) == -1)
+      return -1;
+    if (store_warn < 1 || store_warn > 100) {
+      nbdkit_error ("store-warn=%s: expected a percentage from 1 to 100",
+                    value);
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "tls-exports-only") == 0) {
     tls_exports_only = nbdkit_parse_bool (value);
     return tls_exports_only == -1 ? -1 : 0;
@@ -173,6 +192,8 @@ plug_config_complete (void)
   "cluster-size=<SIZE>  Copy granularity, a power of two from 4K to 4M\n" \
   "                     (default 64K).\n" \
   "control=<SOCKET>     Control socket (default STORE.sock).\n" \
+  "store-max=<SIZE>     Cap on the store's copied data (default none).\n" \
+  "store-warn=<PERCENT> STORE_HIGH_WATER event at this fill of store-max.\n" \
   "on-cbw-error=break-snapshot|fail-write\n" \
   "                     What a failed copy-before-write does (default\n" \
   "                     break-snapshot).\n" \
@@ -200,6 +221,8 @@ plug_get_ready (void)
     .store = store_path,
     .cluster_size = cluster_size,
     .on_cbw_error = on_cbw_error,
+    .store_max = store_max,
+    .store_warn = store_warn,
   };
   const struct ctl_info info = {
     .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE

@@ -287,6 +287,25 @@ copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
   return 0;
 }
 
+/* store-warn: say once, when the store first passes the mark (it is
+ * re-armed when the store drops below it again).
+ */
+static void
+report_high_water (struct fleece *fl)
+{
+  uint64_t used;
+  char why[160];
+
+  if (fl->store.warn_slots && store_take_warning (&fl->store, &used)) {
+    snprintf (why, sizeof why, "the store holds %" PRIu64 " of at most %"
+              PRIu64 " bytes (store-warn at %" PRIu64 " bytes)",
+              used * fl->cluster_size,
+              (uint64_t) fl->store.max_slots * fl->cluster_size,
+              (uint64_t) fl->store.warn_slots * fl->cluster_size);
+    fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
+  }
+}
+
 /* True if no cluster of [offset, offset+count) needs a copy in generation
  * gen: the lock-free test of the write path, one acquire load per cluster.
  */
@@ -325,5 +344,6 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);
   atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, fl_now_ns () - t0,
                              memory_order_relaxed);
+  report_high_water (fl);
   return r;
 }

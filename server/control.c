@@ -239,7 +239,7 @@ cmd_query_status (struct ctl *ctl, json_t *args)
 
   fleece_get_stats (ctl->fl, &st);
   return checked (json_pack ("{s:s,s:s,s:o,s:I,s:I,s:o,s:s,s:b,s:I,s:I,"
-                             "s:I}",
+                             "s:I,s:I}",
                              "status", "running",
                              "version", PACKAGE_VERSION,
                              "disk", ctl_str (fleece_disk_path (ctl->fl)),
@@ -251,7 +251,8 @@ cmd_query_status (struct ctl *ctl, json_t *args)
                              "persistent", (int) ctl->persistent,
                              "snapshots", (json_int_t) st.snapshots,
                              "generation", (json_int_t) st.generation,
-                             "uptime", (json_int_t) uptime),
+                             "uptime", (json_int_t) uptime,
+                             "store-max", (json_int_t) st.store_max_bytes),
                   "query-status");
 }
 
@@ -276,6 +277,7 @@ static const struct {
   STAT (store_clusters_total, "store-clusters-total"),
   STAT (store_bytes_used, "store-bytes-used"),
   STAT (store_file_bytes, "store-file-bytes"),
+  STAT (store_max_bytes, "store-max-bytes"),
   STAT (copies, "copies"),
   STAT (cbw_wait_ns, "cbw-wait-ns"),
   STAT (max_drain_ns, "max-drain-ns"),
@@ -1095,11 +1097,19 @@ ctl_event (void *opaque, const char *event, const char *snapshot,
 static char *
 event_line (const struct ctl_event *ev)
 {
-  return dump (json_pack ("{s:s,s:{s:o,s:o},s:{s:I,s:I}}",
+  json_t *data = json_pack ("{s:o}", "reason", ctl_str (ev->reason));
+
+  /* Events about the store as a whole name no snapshot. */
+  if (data && ev->snapshot[0] &&
+      json_object_set_new (data, "snapshot", ctl_str (ev->snapshot)) == -1) {
+    json_decref (data);
+    data = NULL;
+  }
+  if (data == NULL)
+    return NULL;
+  return dump (json_pack ("{s:s,s:o,s:{s:I,s:I}}",
                           "event", ev->event,
-                          "data",
-                          "snapshot", ctl_str (ev->snapshot),
-                          "reason", ctl_str (ev->reason),
+                          "data", data,
                           "timestamp",
                           "seconds", (json_int_t) ev->ts.tv_sec,
                           "microseconds",

@@ -61,6 +61,8 @@ fleece_open (const struct fleece_config *cfg)
   }
   if (store_open (&fl->store, cfg->store, cs, &fl->disk) == -1)
     goto out_disk;
+  if (store_set_limits (&fl->store, cfg->store_max, cfg->store_warn) == -1)
+    goto out_store;
   fl->cgen = calloc (fl->nclusters, sizeof *fl->cgen);
   fl->snaps = calloc (FLEECE_SNAPSHOTS_MAX, sizeof *fl->snaps);
   if (fl->cgen == NULL || fl->snaps == NULL) {
@@ -248,6 +250,7 @@ fleece_get_stats (struct fleece *fl, struct fleece_stats *st)
   store_usage (&fl->store, &st->store_clusters_used,
                &st->store_clusters_total, &st->store_file_bytes);
   st->store_bytes_used = st->store_clusters_used * fl->cluster_size;
+  st->store_max_bytes = (uint64_t) fl->store.max_slots * fl->cluster_size;
 }
 
 void
@@ -264,7 +267,8 @@ void
 fl_emit_event (struct fleece *fl, const char *event, const char *snapshot,
                const char *reason)
 {
-  fl_debug ("event %s: snapshot '%s': %s", event, snapshot, reason);
+  fl_debug ("event %s: snapshot '%s': %s", event, snapshot ? snapshot : "",
+            reason);
   pthread_mutex_lock (&fl->event_lock);
   if (fl->event_fn)
     fl->event_fn (fl->event_opaque, event, snapshot, reason);

@@ -63,8 +63,13 @@ struct store {
   uint64_t data_offset;
   bool is_file;
 
+  uint32_t max_slots;           /* store-max in slots, 0: unlimited */
+  uint32_t warn_slots;          /* high-water mark in slots, 0: off */
+
   /* Protected by lock. */
   pthread_mutex_t lock;
+  bool above_warn;              /* crossed warn_slots, not yet below */
+  bool warn_pending;            /* the crossing is not yet reported */
   uint64_t *used;               /* bitmap of allocated slots */
   uint32_t nslots;              /* slots the bitmap covers */
   uint32_t nused;
@@ -73,6 +78,9 @@ struct store {
 
 extern int store_open (struct store *s, const char *path,
                        uint32_t cluster_size, const struct disk *d);
+extern int store_set_limits (struct store *s, uint64_t max_bytes,
+                             unsigned warn_percent);
+extern bool store_take_warning (struct store *s, uint64_t *used);
 extern void store_close (struct store *s);
 /* Allocate n contiguous slots if possible; returns how many were
  * allocated (>= 1) at *first, or -1 on error.

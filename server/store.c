@@ -201,6 +201,42 @@ find_free (struct store *s, uint32_t from, uint32_t *slot)
   return 0;
 }
 
+/* store-max and store-warn (0: none). */
+int
+store_set_limits (struct store *s, uint64_t max_bytes, unsigned warn_percent)
+{
+  uint64_t slots = max_bytes / s->cluster_size;
+
+  if (max_bytes && slots == 0)
+    return fl_error (EINVAL, "store-max=%" PRIu64 " is smaller than one "
+                     "cluster (%" PRIu32 " bytes)", max_bytes,
+                     s->cluster_size);
+  if (warn_percent > 100)
+    return fl_error (EINVAL, "store-warn=%u: expected a percentage from 1 "
+                     "to 100", warn_percent);
+  if (warn_percent && max_bytes == 0)
+    return fl_error (EINVAL, "store-warn needs store-max: a percentage of "
+                     "what?");
+  s->max_slots = slots > MAX_SLOTS ? MAX_SLOTS : slots;
+  s->warn_slots = warn_percent
+    ? (uint32_t) ((s->max_slots * (uint64_t) warn_percent + 99) / 100) : 0;
+  return 0;
+}
+
+/* Has the store crossed the high-water mark since the last call? */
+bool
+store_take_warning (struct store *s, uint64_t *used)
+{
+  bool r;
+
+  pthread_mutex_lock (&s->lock);
+  r = s->warn_pending;
+  s->warn_pending = false;
+  *used = s->nused;
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
+
 int
 store_alloc (struct store *s, uint32_t n, uint32_t *first)
 {
@@ -208,6 +244,14 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
 
   assert (n >= 1);
   pthread_mutex_lock (&s->lock);
+  if (s->max_slots && s->nused >= s->max_slots) {
+    pthread_mutex_unlock (&s->lock);
+    return fl_error (ENOSPC, "store: %s: full: store-max of %" PRIu64
+                     " bytes reached", s->path,
+                     (uint64_t) s->max_slots * s->cluster_size);
+  }
+  if (s->max_slots && n > s->max_slots - s->nused)
+    n = s->max_slots - s->nused;
   if (find_free (s, s->hint, first) == -1) {
     pthread_mutex_unlock (&s->lock);
     return -1;
@@ -224,6 +268,8 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
   }
   s->nused += got;
   s->hint = *first + got;
+  if (s->warn_slots && !s->above_warn && s->nused >= s->warn_slots)
+    s->above_warn = s->warn_pending = true;
   pthread_mutex_unlock (&s->lock);
   return got;
 }
@@ -244,6 +290,8 @@ store_free (struct store *s, uint32_t slot)
   s->nused--;
   if (slot < s->hint)
     s->hint = slot;
+  if (s->above_warn && s->nused < s->warn_slots)
+    s->above_warn = false;      /* re-arm the warning */
   pthread_mutex_unlock (&s->lock);
 }
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# store-max caps the store: once full, copy-before-write fails and the
+# on-cbw-error policy applies (break-snapshot: the live write succeeds and
+# the snapshot breaks, saying why; fail-write: the write fails with
+# ENOSPC and nothing changes).  store-warn sends STORE_HIGH_WATER once
+# when the store passes the mark, and again after it dropped below.
+source "${abs_top_srcdir:-..}/tests/functions.sh"
+requires qemu-io --version
+requires nbdcopy --version
+
+disk=$tmp/disk
+truncate -s 8M "$disk"
+qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+
+# --- bad parameters ---
+nbd () { nbdkit_once -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
+ok_fails "store-max smaller than a cluster" "store-max=1024 is smaller than one cluster" \
+  nbd disk="$disk" store="$tmp/st" store-max=1K
+ok_fails "store-warn out of range" "store-warn=101: expected a percentage" \
+  nbd disk="$disk" store="$tmp/st" store-max=1M store-warn=101
+ok_fails "store-warn zero" "store-warn=0: expected a percentage" \
+  nbd disk="$disk" store="$tmp/st" store-max=1M store-warn=0
+ok_fails "store-warn without store-max" "store-warn needs store-max" \
+  nbd disk="$disk" store="$tmp/st" store-warn=50
+
+# --- break-snapshot with a 1 MiB store (16 clusters of 64 KiB) ---
+ok "nbdkit starts with store-max=1M store-warn=50" start_nbdkit b -- \
+   disk="$disk" store="$tmp/store" control="$tmp/b.ctl" store-max=1M \
+   store-warn=50
+is "$(jget "$(ctl b --json status)" 'd["store-max"]')" 1048576 "status shows store-max"
+is "$(jget "$(ctl b --json stats)" 'd["store-max-bytes"]')" 1048576 "stats show store-max"
+fleecectl -s "$tmp/b.ctl" --json events --timeout 30 >"$tmp/events" 2>&1 &
+events_pid=$!
+cleanup_fn "kill $events_pid 2>/dev/null"
+sleep 0.5
+ok "snapshot create s" ctl b snapshot create s
+ok "write 7 clusters: below the mark" qio b "" "write -P 0x31 0 448k"
+sleep 0.3
+ok "no high-water event yet" sh -c "! grep -q STORE_HIGH_WATER '$tmp/events'"
+ok "write an 8th cluster: at the mark" qio b "" "write -P 0x31 448k 64k"
+ok "write more" qio b "" "write -P 0x31 512k 128k"
+sleep 0.3
+is "$(grep -c STORE_HIGH_WATER "$tmp/events")" 1 "one STORE_HIGH_WATER event"
+ok "it names the sizes" grep -q 'holds 524288 of at most 1048576 bytes' "$tmp/events"
+cp "$disk" "$tmp/before-overflow"
+ok "a write past store-max still succeeds (break-snapshot)" \
+   qio b "" "write -P 0x41 1M 2M"
+ok "live disk has it" qio b "" "read -P 0x41 1M 2M"
+ok_fails "the snapshot fails reads" "Input/output error" qio b snapshot/s "read 0 64k"
+reason=$(jget "$(ctl b --json snapshot list)" 'd[0].get("broken-reason", "")')
+diag "reason: $reason"
+ok "the reason names store-max" grep -q 'store-max of 1048576 bytes reached' <<<"$reason"
+ok "snapshot delete s" ctl b snapshot delete s
+is "$(jget "$(ctl b --json stats)" 'd["store-bytes-used"]')" 0 "store empty again"
+ok "snapshot create s2" ctl b snapshot create s2
+ok "fill past the mark again" qio b "" "write -P 0x51 4M 576k"
+sleep 0.5
+kill "$events_pid" 2>/dev/null; wait "$events_pid" 2>/dev/null
+is "$(grep -c STORE_HIGH_WATER "$tmp/events")" 2 "the warning was re-armed below the mark"
+ok "STORE_HIGH_WATER names no snapshot" sh -c "! grep STORE_HIGH_WATER '$tmp/events' | grep -q '\"snapshot\"'"
+ok "nbdkit b stops cleanly" stop_nbdkit b
+
+# --- fail-write with a 256 KiB store ---
+qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+cp "$disk" "$tmp/ref"
+ok "nbdkit starts (fail-write, store-max=256K)" start_nbdkit f -- \
+   disk="$disk" store="$tmp/store2" control="$tmp/f.ctl" store-max=256K \
+   on-cbw-error=fail-write
+ok "snapshot create s" ctl f snapshot create s
+ok "a write that fits" qio f "" "write -P 0x61 0 192k"
+cp "$disk" "$tmp/ref-after-fit"
+ok_fails "a write past store-max fails with ENOSPC" "No space left on device" \
+   qio f "" "write -P 0x62 1M 1M"
+is "$(sum "$disk")" "$(sum "$tmp/ref-after-fit")" "the failed write changed nothing"
+ok "pull s" pull f s "$tmp/s.img"
+is "$(sum "$tmp/s.img")" "$(sum "$tmp/ref")" "snapshot intact"
+is "$(jget "$(ctl f --json snapshot list)" 'd[0]["broken"]')" False "not broken"
+ok "nbdkit f stops cleanly" stop_nbdkit f
