@@ -223,6 +223,8 @@ extern void fleece_set_event_listener (struct fleece *fl, fleece_event_fn fn,
 struct fleece_debug {
   int verbose;                  /* engine debug messages */
   int fail_store_write;         /* fail every store write with EIO */
+  int fail_disk_read;           /* fail every live-disk read with EIO */
+  int fail_disk_write;          /* fail every live-disk write with EIO */
   int skip_isolation_check;     /* FOR TESTS ONLY: break invariant 1 */
   int live_read_delay_us;       /* widen the snapshot read race window */
 };

@@ -38,6 +38,8 @@
 /* Debug flags: nbdkit -D fleece.FLAG=N. */
 NBDKIT_DLL_PUBLIC int fleece_debug_verbose = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_fail_store_write = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_fail_disk_read = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_fail_disk_write = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_skip_isolation_check = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_live_read_delay_us = 0;
 
@@ -232,6 +234,8 @@ plug_get_ready (void)
 
   fleece_debug.verbose = fleece_debug_verbose;
   fleece_debug.fail_store_write = fleece_debug_fail_store_write;
+  fleece_debug.fail_disk_read = fleece_debug_fail_disk_read;
+  fleece_debug.fail_disk_write = fleece_debug_fail_disk_write;
   fleece_debug.skip_isolation_check = fleece_debug_skip_isolation_check;
   fleece_debug.live_read_delay_us = fleece_debug_live_read_delay_us;
   fleece_set_log (log_to_nbdkit);

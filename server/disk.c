@@ -96,6 +96,9 @@ disk_close (struct disk *d)
 int
 disk_pread (struct disk *d, void *buf, size_t count, uint64_t offset)
 {
+  if (fleece_debug.fail_disk_read)
+    return fl_error (EIO, "disk: pread: %s: offset %" PRIu64 ": injected "
+                     "error (fleece.fail_disk_read)", d->path, offset);
   return fl_pread_all (d->fd, "disk", d->path, buf, count, offset);
 }
 
@@ -103,6 +106,9 @@ int
 disk_pwrite (struct disk *d, const void *buf, size_t count, uint64_t offset,
              bool fua)
 {
+  if (fleece_debug.fail_disk_write)
+    return fl_error (EIO, "disk: pwrite: %s: offset %" PRIu64 ": injected "
+                     "error (fleece.fail_disk_write)", d->path, offset);
   return fl_pwrite_all (d->fd, "disk", d->path, buf, count, offset, fua);
 }
 

@@ -79,3 +79,30 @@ ok_fails "snapshot read fails with EIO" "Input/output error" \
 reason=$(jget "$(ctl i --json snapshot list)" 'd[0].get("broken-reason", "")')
 ok "reason names the injected error" grep -q 'injected error' <<<"$reason"
 ok "nbdkit i stops cleanly" stop_nbdkit i
+
+# --- injected live-disk errors reach the client, and change nothing ---
+qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+cp "$disk" "$tmp/ref-disk"
+ok "nbdkit starts (fail_disk_write)" start_nbdkit w -D fleece.fail_disk_write=1 \
+   -- disk="$disk" store="$tmp/store-w" control="$tmp/w.ctl"
+ok_fails "a live write fails with EIO" "Input/output error" \
+   qio w "" "write -P 0x77 0 64k"
+ok "reads still work" qio w "" "read -P 0x21 0 64k"
+ok "snapshot create s" ctl w snapshot create s
+ok_fails "a write after the snapshot fails too" "Input/output error" \
+   qio w "" "write -P 0x77 1M 64k"
+ok "the snapshot still reads the old data" qio w snapshot/s "read -P 0x21 1M 64k"
+is "$(sum "$disk")" "$(sum "$tmp/ref-disk")" "the disk is unchanged"
+ok "the server logs the injected error" grep -q 'injected error (fleece.fail_disk_write)' "$tmp/w.log"
+ok "nbdkit w stops cleanly" stop_nbdkit w
+ok "nbdkit starts (fail_disk_read)" start_nbdkit r -D fleece.fail_disk_read=1 \
+   -- disk="$disk" store="$tmp/store-r" control="$tmp/r.ctl"
+ok_fails "a live read fails with EIO" "Input/output error" \
+   qio r "" "read 0 64k"
+ok "snapshot create s" ctl r snapshot create s
+ok_fails "a snapshot read of live data fails with EIO" "Input/output error" \
+   qio r snapshot/s "read 0 64k"
+ok_fails "a write whose old data cannot be read fails" "Input/output error" \
+   qio r "" "write -P 0x78 2M 64k"
+is "$(sum "$disk")" "$(sum "$tmp/ref-disk")" "the disk is still unchanged"
+ok "nbdkit r stops cleanly" stop_nbdkit r
