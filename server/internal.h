@@ -197,12 +197,16 @@ struct fleece {
   /* Serialises snapshot creation and deletion. */
   pthread_mutex_t admin_lock;
 
-  /* Live snapshots, oldest first.  Written with snaps_lock held for
-   * writing; copy-before-write holds it for reading.
+  /* Live snapshots, oldest first, in an array allocated once.  Creation
+   * only appends (admin_lock held, gate closed): it stores the new entry,
+   * then the count, so readers that load the count see whole entries, and
+   * it takes no lock that a copy in flight holds.  Deletion moves entries
+   * and so takes snaps_lock for writing; copy-before-write, trims and
+   * listings hold it for reading.
    */
   pthread_rwlock_t snaps_lock;
   struct fleece_snap **snaps;   /* FLEECE_SNAPSHOTS_MAX slots, never moved */
-  size_t nsnaps;
+  _Atomic size_t nsnaps;
 
   /* Dirty bitmaps (bitmap.c).  The list, its flags and checkpoint_active
    * are protected by admin_lock; dirty, the set of enabled bitmaps that

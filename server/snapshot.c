@@ -5,7 +5,8 @@
  * opens the gate: writers stall for the drain and a few stores.
  * Everything that can be slow (allocation, name checks) happens before,
  * and the list of snapshots is an array of FLEECE_SNAPSHOTS_MAX slots
- * allocated once, so that it never moves under a reader.
+ * allocated once, so that it never moves under a reader and creation can
+ * append to it without waiting for the copies in flight.
  *
  * Reads (invariant 1).  Snapshot S (generation g) sees cluster c as:
  *   - zeroes, if a client of S released (trimmed) c;
@@ -139,14 +140,16 @@ snap_discard (struct fleece_snap *s)
 void
 snap_publish (struct fleece *fl, struct fleece_snap *s)
 {
-  uint64_t st;
+  uint64_t st = atomic_load (&fl->state);
+  size_t n = atomic_load (&fl->nsnaps);
 
-  pthread_rwlock_wrlock (&fl->snaps_lock);
-  st = atomic_load (&fl->state);
+  /* No snaps_lock here: a copy in flight holds it for reading, and the
+   * gate is closed.  Appending is safe for readers (see internal.h).
+   */
   s->gen = state_gen (st) + 1;
-  fl->snaps[fl->nsnaps++] = s;
-  atomic_store (&fl->state, ((uint64_t) s->gen << 32) | fl->nsnaps);
-  pthread_rwlock_unlock (&fl->snaps_lock);
+  fl->snaps[n] = s;
+  atomic_store (&fl->nsnaps, n + 1);
+  atomic_store (&fl->state, ((uint64_t) s->gen << 32) | (n + 1));
 }
 
 /* How long writers were held at the gate. */
