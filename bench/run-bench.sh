@@ -1,0 +1,565 @@
+#!/usr/bin/env bash
+# Fleece benchmark: the same workloads against Fleece and its peers, side
+# by side, and the verdict on each performance target of DESIGN.md.
+#
+#   bench/run-bench.sh [--size=1G] [--runs=3] [--runtime=5]
+#       --plugin=.../nbdkit-fleece-plugin.so --fleecectl=.../fleecectl
+#       --fleece-backup=.../fleece-backup [--csv=results.csv]
+#       [--only=SCENARIO,...] [--keep]
+#
+# "make bench" runs it with the built plugin and tools.  Everything lives
+# in one temporary directory: a disk of --size bytes of random (non-zero)
+# data, the stores, the Unix sockets of the servers.  Every server is
+# started on a Unix socket in that directory and stopped by its PID.
+#
+# Servers (names as in the table):
+#   null        nbdkit null: the protocol ceiling (no data at all)
+#   file        nbdkit file on the disk: the baseline
+#   qemu-nbd    qemu-nbd on the disk
+#   qsd         qemu-storage-daemon exporting the disk's file node
+#   qsd-fleece  QEMU fleecing: qemu-storage-daemon with a copy-before-write
+#               filter (file=disk, target=a raw temp file) exported
+#               writable as "live", and snapshot-access over it exported
+#               as "snap".  The point in time is the daemon's start.
+#   fleece      nbdkit with the Fleece plugin: export "" and snapshot/NAME
+#
+# Scenarios (each measured --runs times, servers interleaved per run, the
+# median reported):
+#   live-nosnap        fio on the live export, no snapshot
+#   snap-firstwrite    one pass of writes right after the snapshot, every
+#                      write the first to its cluster (a copy each)
+#   snap-laterwrite    fio on the live export once every cluster is copied
+#   snap-read-idle     nbdcopy of the whole snapshot to null:, no writer
+#                      (for "file": nbdcopy of the disk itself)
+#   snap-pull-busy     the snapshot pulled once by nbdcopy while fio
+#                      writes 4 KiB at random on the live export; the
+#                      writes' rate counts those completed during the pull
+#   snap-create-stall  fio 4 KiB random writes (per-request latency log)
+#                      while snapshots are created; engine drain times
+#   incremental        fleece-backup full pull vs incremental pull of 1 %
+#
+# The table goes to stdout and the CSV to --csv; progress to stderr.
+
+set -euo pipefail
+
+prog=${0##*/}
+here=$(cd "$(dirname "$0")" && pwd)
+report="$here/bench-report.py"
+
+size=1G
+runs=3
+runtime=5
+plugin=
+fleecectl=
+backup=
+csv=results.csv
+only=
+keep=no
+
+usage ()
+{
+  sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
+  exit "${1:-0}"
+}
+
+die ()
+{
+  echo "$prog: error: $*" >&2
+  exit 1
+}
+
+log ()
+{
+  printf '[%4ds] %s\n' "$SECONDS" "$*" >&2
+}
+
+for arg in "$@"; do
+  case $arg in
+    --size=*) size=${arg#*=} ;;
+    --runs=*) runs=${arg#*=} ;;
+    --runtime=*) runtime=${arg#*=} ;;
+    --plugin=*) plugin=${arg#*=} ;;
+    --fleecectl=*) fleecectl=${arg#*=} ;;
+    --fleece-backup=*) backup=${arg#*=} ;;
+    --csv=*) csv=${arg#*=} ;;
+    --only=*) only=${arg#*=} ;;
+    --keep) keep=yes ;;
+    -h|--help) usage 0 ;;
+    *) echo "$prog: unknown argument: $arg" >&2; usage 1 ;;
+  esac
+done
+
+[ -f "$plugin" ] || die "--plugin=$plugin: no such file (build first: make)"
+[ -x "$fleecectl" ] || die "--fleecectl=$fleecectl: not executable"
+[ -x "$backup" ] || die "--fleece-backup=$backup: not executable"
+[ "$runs" -ge 1 ] || die "--runs must be at least 1"
+for c in nbdkit nbdcopy fio qemu-nbd qemu-storage-daemon python3 numfmt; do
+  command -v "$c" >/dev/null ||
+    die "$c not found (scripts/install-deps installs it)"
+done
+fio --enghelp=nbd >/dev/null 2>&1 || die "fio has no nbd engine"
+
+size_bytes=$(numfmt --from=iec "$size")
+cluster=65536
+(( size_bytes % cluster == 0 && size_bytes >= 64 * cluster )) ||
+  die "--size must be a multiple of 64K and at least 4M"
+csv=$(realpath -m "$csv")
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/fleece-bench.XXXXXX")
+disk=$tmp/disk.img
+raw=$tmp/raw.csv
+started=()                      # pidfiles of the servers running now
+
+cleanup ()
+{
+  local pf
+  for pf in "${started[@]}"; do
+    [ -f "$pf" ] && stop_pid "$(<"$pf")"
+  done
+  if [ "$keep" = yes ]; then
+    echo "$prog: kept $tmp" >&2
+  else
+    rm -rf "$tmp"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Wanted: is scenario $1 selected by --only?
+wanted ()
+{
+  [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]
+}
+
+# record SCENARIO SERVER METRIC UNIT RUN VALUE
+record ()
+{
+  local IFS=,
+  echo "$*" >>"$raw"
+  log "$1 run $5 $2 $3: $6 $4"
+}
+
+# Seconds between two $EPOCHREALTIME values.
+elapsed ()
+{
+  awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'
+}
+
+# MiB/s for $1 bytes in $2 seconds.
+mibps ()
+{
+  awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", n / 1048576 / s }'
+}
+
+# ---- servers ----
+
+stop_pid ()
+{
+  local pid=$1 i
+  kill "$pid" 2>/dev/null || return 0
+  for (( i = 0; i < 100; i++ )); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  echo "$prog: PID $pid did not exit on SIGTERM, sending SIGKILL" >&2
+  kill -KILL "$pid" 2>/dev/null || :
+}
+
+# Wait for the server's pidfile and socket.
+wait_ready ()
+{
+  local pf=$1 sock=$2 i
+  for (( i = 0; i < 100; i++ )); do
+    [ -s "$pf" ] && [ -S "$sock" ] && return 0
+    sleep 0.1
+  done
+  die "server did not start (pidfile $pf, socket $sock)"
+}
+
+# The Unix socket, pidfile and control socket of each server.
+sock_of () { echo "$tmp/$1.sock"; }
+pidfile_of () { echo "$tmp/$1.pid"; }
+ctl=$tmp/fleece.store.sock
+
+# qemu-storage-daemon arguments for QEMU fleecing: the cbw filter (point
+# in time = now) with a fresh raw target as big as the disk.
+qsd_fleece_args ()
+{
+  local target=$tmp/qsd-fleece-target.img
+  rm -f "$target"
+  truncate -s "$size_bytes" "$target"
+  printf '%s\n' \
+    --blockdev "driver=file,node-name=disk0,filename=$disk" \
+    --blockdev "driver=file,node-name=tmp0,filename=$target" \
+    --blockdev "driver=copy-before-write,node-name=cbw,file=disk0,target=tmp0" \
+    --blockdev "driver=snapshot-access,node-name=acc,file=cbw" \
+    --export "type=nbd,id=live,node-name=cbw,name=live,writable=on" \
+    --export "type=nbd,id=snap,node-name=acc,name=snap"
+}
+
+start_server ()
+{
+  local name=$1 sock pf
+  sock=$(sock_of "$name")
+  pf=$(pidfile_of "$name")
+  rm -f "$sock" "$pf"
+  case $name in
+    null) nbdkit -U "$sock" -P "$pf" null "size=$size_bytes" ;;
+    file) nbdkit -U "$sock" -P "$pf" file "file=$disk" ;;
+    fleece)
+      rm -f "$tmp/fleece.store" "$ctl"
+      nbdkit -U "$sock" -P "$pf" "$plugin" "disk=$disk" \
+             "store=$tmp/fleece.store" "control=$ctl" ;;
+    qemu-nbd)
+      qemu-nbd --fork --pid-file="$pf" -k "$sock" -f raw -t -e 16 \
+               --cache=writeback --aio=threads "$disk" ;;
+    qsd)
+      qemu-storage-daemon --daemonize --pidfile "$pf" \
+        --blockdev "driver=file,node-name=disk0,filename=$disk" \
+        --nbd-server "addr.type=unix,addr.path=$sock" \
+        --export type=nbd,id=live,node-name=disk0,name=live,writable=on ;;
+    qsd-fleece)
+      local -a args
+      mapfile -t args < <(qsd_fleece_args)
+      qemu-storage-daemon --daemonize --pidfile "$pf" \
+        --nbd-server "addr.type=unix,addr.path=$sock" "${args[@]}" ;;
+    *) die "unknown server $name" ;;
+  esac
+  wait_ready "$pf" "$sock"
+  [ "$name" != fleece ] || wait_ready "$pf" "$ctl"
+  started+=("$pf")
+}
+
+stop_server ()
+{
+  local pf
+  pf=$(pidfile_of "$1")
+  stop_pid "$(<"$pf")"
+  rm -f "$pf" "$(sock_of "$1")"
+  started=("${started[@]/$pf}")
+}
+
+# NBD URI of the live export / of the snapshot export of a server.
+live_uri ()
+{
+  case $1 in
+    qsd|qsd-fleece) echo "nbd+unix:///live?socket=$(sock_of "$1")" ;;
+    *) echo "nbd+unix:///?socket=$(sock_of "$1")" ;;
+  esac
+}
+
+snap_uri ()
+{
+  case $1 in
+    qsd-fleece) echo "nbd+unix:///snap?socket=$(sock_of "$1")" ;;
+    fleece) echo "nbd+unix:///snapshot/$2?socket=$(sock_of "$1")" ;;
+    *) live_uri "$1" ;;
+  esac
+}
+
+# Take the snapshot the scenario measures (QEMU fleecing took it at start).
+snapshot ()
+{
+  [ "$1" = fleece ] || return 0
+  "$fleecectl" -s "$ctl" snapshot create "$2" >/dev/null
+}
+
+# ---- fio ----
+
+# fio_run OUT URI RW BS DEPTH [FIO OPTIONS...]
+fio_run ()
+{
+  local out=$1 uri=$2 rw=$3 bs=$4 depth=$5
+  shift 5
+  fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
+      --iodepth="$depth" --size="$size_bytes" \
+      --output-format=json --output="$out" "$@" >/dev/null
+}
+
+fio_value ()
+{
+  python3 "$report" fio "$@"
+}
+
+# Time-based workload NAME on URI; records MiB/s or IOPS.
+# live_workload SCENARIO SERVER RUN NAME URI
+live_workload ()
+{
+  local scen=$1 server=$2 run=$3 name=$4 uri=$5 out=$tmp/fio.json v
+  local -a tb=(--time_based --runtime="$runtime")
+  case $name in
+    seqwrite-1m) fio_run "$out" "$uri" write 1m 16 "${tb[@]}"
+                 v=$(fio_value "$out" write.bw_bytes) ;;
+    seqwrite-64k) fio_run "$out" "$uri" write 64k 16 "${tb[@]}"
+                  v=$(fio_value "$out" write.bw_bytes) ;;
+    randwrite-4k) fio_run "$out" "$uri" randwrite 4k 32 "${tb[@]}"
+                  v=$(fio_value "$out" write.iops) ;;
+    seqread-1m) fio_run "$out" "$uri" read 1m 16 "${tb[@]}"
+                v=$(fio_value "$out" read.bw_bytes) ;;
+  esac
+  if [ "$name" = randwrite-4k ]; then
+    record "$scen" "$server" "$name" IOPS "$run" "${v%.*}"
+  else
+    record "$scen" "$server" "$name" MiB/s "$run" "$(mibps "$v" 1)"
+  fi
+}
+
+# ---- scenarios ----
+
+# Servers side by side per workload (file and fleece next to each other),
+# in reverse order every other run.
+scen_live_nosnap ()
+{
+  local run server wl
+  local -a servers=(null file fleece qemu-nbd qsd)
+  for (( run = 1; run <= runs; run++ )); do
+    for wl in seqwrite-1m seqwrite-64k randwrite-4k seqread-1m; do
+      for server in "${servers[@]}"; do
+        start_server "$server"
+        live_workload live-nosnap "$server" "$run" "$wl" \
+                      "$(live_uri "$server")"
+        stop_server "$server"
+      done
+    done
+    mapfile -t servers < <(printf '%s\n' "${servers[@]}" | tac)
+  done
+}
+
+# One pass of first writes (each to a cluster never copied since the
+# snapshot), on a fresh server and snapshot.
+first_write_pass ()
+{
+  local server=$1 run=$2 name=$3 out=$tmp/fio.json v
+  local uri
+  uri=$(live_uri "$server")
+  case $name in
+    seqwrite-1m) fio_run "$out" "$uri" write 1m 16
+                 v=$(mibps "$(fio_value "$out" write.bw_bytes)" 1) ;;
+    randwrite-64k) fio_run "$out" "$uri" randwrite 64k 16
+                   v=$(mibps "$(fio_value "$out" write.bw_bytes)" 1) ;;
+    # 4 KiB at the start of every cluster: write 4K, skip 60K.
+    stride-4k) fio_run "$out" "$uri" write:60k 4k 32 \
+                       --number_ios="$(( size_bytes / cluster ))"
+               v=$(fio_value "$out" write.iops); v=${v%.*} ;;
+  esac
+  record snap-firstwrite "$server" "$name" \
+         "$([ "$name" = stride-4k ] && echo IOPS || echo MiB/s)" "$run" "$v"
+  if [ "$server" = fleece ]; then
+    log "  fleece stats: $("$fleecectl" -s "$ctl" -j stats |
+        python3 -c 'import json,sys; j=json.load(sys.stdin);
+print("cbw-clusters=%d bytes-copied=%d" % (j["cbw-clusters"], j["bytes-copied"]))')"
+  fi
+}
+
+scen_snap_write ()
+{
+  local run server wl
+  for (( run = 1; run <= runs; run++ )); do
+    for server in qsd-fleece fleece; do
+      for wl in seqwrite-1m randwrite-64k stride-4k; do
+        start_server "$server"
+        snapshot "$server" s1
+        first_write_pass "$server" "$run" "$wl"
+        [ "$wl" = stride-4k ] || stop_server "$server"
+      done
+      # Every cluster has now been copied once: later writes.
+      for wl in seqwrite-1m randwrite-4k; do
+        live_workload snap-laterwrite "$server" "$run" "$wl" \
+                      "$(live_uri "$server")"
+      done
+      stop_server "$server"
+    done
+  done
+}
+
+# nbdcopy URI to null:, prints the seconds taken.
+pull_once ()
+{
+  local t0 t1
+  t0=$EPOCHREALTIME
+  nbdcopy "$1" null:
+  t1=$EPOCHREALTIME
+  elapsed "$t0" "$t1"
+}
+
+scen_snap_read_idle ()
+{
+  local run server s
+  for (( run = 1; run <= runs; run++ )); do
+    for server in file qsd-fleece fleece; do
+      start_server "$server"
+      snapshot "$server" s1
+      s=$(pull_once "$(snap_uri "$server" s1)")
+      record snap-read-idle "$server" nbdcopy MiB/s "$run" \
+             "$(mibps "$size_bytes" "$s")"
+      stop_server "$server"
+    done
+  done
+}
+
+# busy_pull SERVER RUN: fio writes 4 KiB at random on the live export
+# (per-request log) and, 0.3 s after it starts, nbdcopy pulls the whole
+# snapshot once.  Records the pull's rate and the rate of the live writes
+# completed while the pull ran (and, for reference, over the whole run).
+busy_pull ()
+{
+  local server=$1 run=$2 out=$tmp/fio.json fio_pid t0 t1 iops
+  rm -f "$tmp"/busy_*.log
+  fio_run "$out" "$(live_uri "$server")" randwrite 4k 32 \
+          --time_based --runtime="$runtime" \
+          --write_lat_log="$tmp/busy" --log_avg_msec=0 --log_unix_epoch=1 &
+  fio_pid=$!
+  sleep 0.3
+  t0=$EPOCHREALTIME
+  nbdcopy "$(snap_uri "$server" s1)" null:
+  t1=$EPOCHREALTIME
+  wait "$fio_pid"
+  iops=$(python3 "$report" rate "$tmp/busy_lat.1.log" "${t0/./}" "${t1/./}")
+  record snap-pull-busy "$server" randwrite-4k IOPS "$run" "$iops"
+  record snap-pull-busy "$server" nbdcopy MiB/s "$run" \
+         "$(mibps "$size_bytes" "$(elapsed "$t0" "$t1")")"
+  iops=$(fio_value "$out" write.iops)
+  record snap-pull-busy "$server" randwrite-4k-whole-run IOPS "$run" \
+         "${iops%.*}"
+}
+
+scen_snap_pull_busy ()
+{
+  local run server
+  for (( run = 1; run <= runs; run++ )); do
+    for server in qsd-fleece fleece; do
+      start_server "$server"
+      snapshot "$server" s1
+      busy_pull "$server" "$run"
+      stop_server "$server"
+    done
+  done
+}
+
+# Ten snapshot creations, 0.3 s apart, under fio 4 KiB random writes at
+# iodepth 8; each new snapshot replaces the previous one.
+stall_run ()
+{
+  local run=$1 fio_pid i t0 t1 stats
+  local b50 b99 bmax a50 a99 amax cnt d50 d99 dmax
+  local win=$tmp/windows drains=$tmp/drains
+  rm -f "$win" "$drains" "$tmp"/stall_*.log
+  fio_run "$tmp/fio-stall.json" "$(live_uri fleece)" randwrite 4k 8 \
+          --time_based --runtime="$((runtime + 2))" \
+          --write_lat_log="$tmp/stall" --log_avg_msec=0 --log_unix_epoch=1 &
+  fio_pid=$!
+  sleep 1.5
+  for (( i = 1; i <= 10; i++ )); do
+    t0=$EPOCHREALTIME
+    "$fleecectl" -s "$ctl" snapshot create "st$i" >/dev/null
+    t1=$EPOCHREALTIME
+    echo "${t0/./} ${t1/./}" >>"$win"
+    "$fleecectl" -s "$ctl" -j stats | python3 -c \
+      'import json,sys; print(json.load(sys.stdin)["last-drain-ns"])' \
+      >>"$drains"
+    [ "$i" -eq 1 ] ||
+      "$fleecectl" -s "$ctl" snapshot delete "st$((i - 1))" >/dev/null
+    sleep 0.3
+  done
+  wait "$fio_pid"
+  stats=$(python3 "$report" stall "$tmp/stall_lat.1.log" "$win" "$drains")
+  read -r b50 b99 bmax a50 a99 amax cnt d50 d99 dmax <<<"$stats"
+  record snap-create-stall fleece lat-base-p50 us "$run" "$b50"
+  record snap-create-stall fleece lat-base-p99 us "$run" "$b99"
+  record snap-create-stall fleece lat-base-max us "$run" "$bmax"
+  record snap-create-stall fleece lat-around-p50 us "$run" "$a50"
+  record snap-create-stall fleece lat-around-p99 us "$run" "$a99"
+  record snap-create-stall fleece lat-around-max us "$run" "$amax"
+  record snap-create-stall fleece lat-around-count requests "$run" "$cnt"
+  record snap-create-stall fleece drain-p50 us "$run" "$d50"
+  record snap-create-stall fleece drain-p99 us "$run" "$d99"
+  record snap-create-stall fleece drain-max us "$run" "$dmax"
+}
+
+scen_snap_create_stall ()
+{
+  local run
+  for (( run = 1; run <= runs; run++ )); do
+    start_server fleece
+    stall_run "$run"
+    stop_server fleece
+  done
+}
+
+# Timed fleece-backup; prints seconds.
+timed_backup ()
+{
+  local t0 t1
+  t0=$EPOCHREALTIME
+  "$backup" --quiet "$@"
+  t1=$EPOCHREALTIME
+  elapsed "$t0" "$t1"
+}
+
+incremental_run ()
+{
+  local run=$1 s uri target=$tmp/backup.img nclusters
+  rm -f "$target"
+  "$fleecectl" -s "$ctl" checkpoint c1 >/dev/null
+  uri=$(snap_uri fleece c1)
+  s=$(timed_backup --sync=full "$uri" "$target")
+  record incremental fleece full-pull s "$run" "$s"
+  "$fleecectl" -s "$ctl" snapshot delete c1 >/dev/null
+  # 1 % of the disk in distinct random 64 KiB clusters.
+  nclusters=$(( size_bytes / cluster / 100 ))
+  fio_run "$tmp/fio.json" "$(live_uri fleece)" randwrite 64k 16 \
+          --io_size="$(( nclusters * cluster ))"
+  "$fleecectl" -s "$ctl" checkpoint c2 >/dev/null
+  s=$(timed_backup --sync=incremental --since=c1 \
+                   "$(snap_uri fleece c2)" "$target")
+  record incremental fleece incr-pull s "$run" "$s"
+  cmp -s "$target" "$disk" ||
+    log "WARNING: incremental backup differs from the disk (run $run)"
+}
+
+scen_incremental ()
+{
+  local run
+  for (( run = 1; run <= runs; run++ )); do
+    start_server fleece
+    incremental_run "$run"
+    stop_server fleece
+  done
+}
+
+# ---- main ----
+
+machine ()
+{
+  echo "date:     $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "machine:  nproc=$(nproc), memory=$(free -g | awk '/^Mem:/ { print $2 " GiB" }')," \
+       "$(uname -srm)"
+  echo "disk:     $(df -hT "$tmp" | awk 'NR == 2 { print $1 " " $2 ", " $3 " total" }')," \
+       "$(lsblk -dno NAME,ROTA,SIZE "$(df --output=source "$tmp" | tail -1)" 2>/dev/null |
+          awk '{ print "rotational=" $2 }')"
+  echo "versions: $(nbdkit --version), $(qemu-storage-daemon --version | head -1)," \
+       "$(fio --version), $(nbdcopy --version | head -1)"
+  echo "params:   size=$size runs=$runs runtime=${runtime}s"
+}
+
+machine
+log "creating $size disk of random data in $tmp"
+# 64 MiB of random data (or less), repeated: non-zero, and quick to make.
+chunk=$(( size_bytes < 67108864 ? size_bytes : 67108864 ))
+head -c "$chunk" /dev/urandom >"$tmp/chunk"
+for (( i = 0; i < size_bytes / chunk; i++ )); do cat "$tmp/chunk"; done >"$disk"
+head -c "$(( size_bytes % chunk ))" "$tmp/chunk" >>"$disk"
+rm -f "$tmp/chunk"
+echo "scenario,server,metric,unit,run,value" >"$raw"
+
+wanted live-nosnap && scen_live_nosnap
+wanted snap-write && scen_snap_write
+wanted snap-read-idle && scen_snap_read_idle
+wanted snap-pull-busy && scen_snap_pull_busy
+wanted snap-create-stall && scen_snap_create_stall
+wanted incremental && scen_incremental
+
+echo
+python3 "$report" report "$raw" "$csv"
+cp "$raw" "${csv%.csv}-raw.csv"
+log "done: $csv"
