@@ -980,13 +980,16 @@ target_open (void)
   target_check (false);
 }
 
+/* Read or write all of [off, off+len) of the target file, retrying
+ * short transfers; a file that shrank under us is an I/O error.
+ */
 static int
-file_pwrite (const char *buf, uint64_t len, uint64_t off)
+file_io (bool write, char *buf, uint64_t len, uint64_t off)
 {
   ssize_t r;
 
   while (len > 0) {
-    r = pwrite (tgt.fd, buf, len, off);
+    r = write ? pwrite (tgt.fd, buf, len, off) : pread (tgt.fd, buf, len, off);
     if (r == -1 && errno == EINTR)
       continue;
     if (r <= 0) {
@@ -1002,24 +1005,15 @@ file_pwrite (const char *buf, uint64_t len, uint64_t off)
 }
 
 static int
+file_pwrite (const char *buf, uint64_t len, uint64_t off)
+{
+  return file_io (true, (char *) buf, len, off);
+}
+
+static int
 file_pread (char *buf, uint64_t len, uint64_t off)
 {
-  ssize_t r;
-
-  while (len > 0) {
-    r = pread (tgt.fd, buf, len, off);
-    if (r == -1 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      if (r == 0)
-        errno = EIO;            /* the file shrank under us */
-      return -1;
-    }
-    buf += r;
-    len -= r;
-    off += r;
-  }
-  return 0;
+  return file_io (false, buf, len, off);
 }
 
 /* Zero a range of the target file: punch a hole, else zero the range,
