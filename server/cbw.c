@@ -56,6 +56,17 @@ snap_is_released (const struct fleece_snap *s, uint64_t c)
                   >> (c % 64)) & 1;
 }
 
+/* Does snapshot s read the copy of cluster c that serves generations
+ * (lo, hi]?  Every decision about copies (make one, count its readers,
+ * break on failure, free it) asks this.
+ */
+bool
+snap_reads_copy (const struct fleece_snap *s, uint64_t c, uint32_t lo,
+                 uint32_t hi)
+{
+  return s->gen > lo && s->gen <= hi && !snap_is_released (s, c);
+}
+
 /* Does any snapshot need a copy of cluster c made in generation gen,
  * c having last been written in generation lo?  Called with snaps_lock
  * held.
@@ -67,8 +78,7 @@ needs_copy (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (s->gen > lo && s->gen <= gen && !atomic_load (&s->broken) &&
-        !snap_is_released (s, c))
+    if (!atomic_load (&s->broken) && snap_reads_copy (s, c, lo, gen))
       return true;
   }
   return false;
@@ -81,7 +91,7 @@ count_holders (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (s->gen > lo && s->gen <= gen && !snap_is_released (s, c))
+    if (snap_reads_copy (s, c, lo, gen))
       atomic_fetch_add (&s->held, 1);
   }
 }
@@ -98,7 +108,7 @@ break_snapshots (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen,
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
     bool expect = false;
-    if (s->gen <= lo || s->gen > gen || snap_is_released (s, c))
+    if (!snap_reads_copy (s, c, lo, gen))
       continue;
     /* The reason is written before broken is set, once. */
     if (atomic_load (&s->broken))

@@ -266,6 +266,8 @@ state_nsnaps (uint64_t st)
 }
 
 extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
+extern bool snap_reads_copy (const struct fleece_snap *s, uint64_t c,
+                             uint32_t lo, uint32_t hi);
 extern void fl_emit_event (struct fleece *fl, const char *event,
                            const char *snapshot, const char *reason);
 extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,

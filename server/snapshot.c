@@ -194,8 +194,7 @@ copy_needed (void *opaque, const struct copy *cp)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (s->gen > cp->lo && s->gen <= cp->hi &&
-        !snap_is_released (s, cp->cluster))
+    if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi))
       return true;
   }
   return false;
