@@ -66,9 +66,6 @@ extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
 extern const char *fleece_store_path (const struct fleece *fl);
-extern bool fleece_disk_is_block (const struct fleece *fl);
-extern bool fleece_disk_can_trim (const struct fleece *fl);
-extern bool fleece_disk_can_extents (const struct fleece *fl);
 
 /* The live disk. */
 extern int fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,

@@ -61,7 +61,6 @@ struct handle {
   struct fleece_snap *snap;     /* a snapshot export, or */
   struct fleece_bitmap_export *bitmap;  /* a bitmap export, or both NULL:
                                          * the live disk */
-  int readonly;
 };
 
 /* Pass the engine's error to nbdkit and keep errno for the client. */
@@ -361,7 +360,6 @@ plug_open (int readonly)
     nbdkit_error ("calloc: %m");
     return NULL;
   }
-  h->readonly = readonly;
   if (name[0] != '\0' && tls_exports_only && !nbdkit_is_tls ()) {
     nbdkit_error ("export '%s' is only served over TLS "
                   "(tls-exports-only=true)", name);

@@ -26,14 +26,14 @@
 #include "internal.h"
 
 int
-disk_open (struct disk *d, const char *path, bool readonly)
+disk_open (struct disk *d, const char *path)
 {
   struct stat st;
   struct { uint64_t dev, ino, size; } ident;
   XXH128_hash_t h;
 
   memset (d, 0, sizeof *d);
-  d->fd = open (path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  d->fd = open (path, O_RDWR | O_CLOEXEC);
   if (d->fd == -1)
     return fl_error (errno, "disk: open: %s: %m", path);
   if (fstat (d->fd, &st) == -1) {
@@ -69,7 +69,6 @@ disk_open (struct disk *d, const char *path, bool readonly)
   h = XXH3_128bits (&ident, sizeof ident);
   memcpy (d->id, &h.low64, 8);
   memcpy (d->id + 8, &h.high64, 8);
-  d->readonly = readonly;
   d->path = strdup (path);
   if (d->path == NULL) {
     fl_error (ENOMEM, "disk: strdup: out of memory");

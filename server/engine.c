@@ -50,7 +50,7 @@ fleece_open (const struct fleece_config *cfg)
   fl->cluster_size = cs;
   fl->cluster_bits = __builtin_ctz (cs);
   fl->on_cbw_error = cfg->on_cbw_error;
-  if (disk_open (&fl->disk, cfg->disk, false) == -1)
+  if (disk_open (&fl->disk, cfg->disk) == -1)
     goto out_free;
   fl->nclusters = (fl->disk.size + cs - 1) / cs;
   if (fl->nclusters >= UINT32_MAX) {
@@ -119,12 +119,6 @@ const char *fleece_disk_path (const struct fleece *fl)
 { return fl->disk.path; }
 const char *fleece_store_path (const struct fleece *fl)
 { return fl->store.path; }
-bool fleece_disk_is_block (const struct fleece *fl)
-{ return fl->disk.is_block; }
-bool fleece_disk_can_trim (const struct fleece *fl)
-{ return fl->disk.is_block || fl->disk.can_punch; }
-bool fleece_disk_can_extents (const struct fleece *fl)
-{ return fl->disk.can_seek_data; }
 
 static int
 check_range (struct fleece *fl, const char *op, uint64_t count,

@@ -36,11 +36,10 @@ struct disk {
   bool is_block;
   bool can_punch;               /* regular file on a fs with holes */
   bool can_seek_data;
-  bool readonly;
   uint8_t id[16];
 };
 
-extern int disk_open (struct disk *d, const char *path, bool readonly);
+extern int disk_open (struct disk *d, const char *path);
 extern void disk_close (struct disk *d);
 extern int disk_pread (struct disk *d, void *buf, size_t count,
                        uint64_t offset);
