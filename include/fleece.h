@@ -42,6 +42,10 @@ struct fleece_config {
   uint64_t store_max;           /* cap on the store's data, bytes; 0: none */
   unsigned store_warn;          /* STORE_HIGH_WATER event at this percent
                                  * of store_max; 0: off */
+  bool persistent;              /* snapshots and bitmaps survive restarts
+                                 * and crashes (docs/durability.md) */
+  uint32_t cbw_timeout_ms;      /* break the snapshot when the store takes
+                                 * longer to take a copy; 0: wait */
 };
 
 /* Flags for live writes, the same bits as nbdkit's. */
@@ -59,9 +63,13 @@ typedef int (*fleece_extent_fn) (void *opaque, uint64_t offset,
 struct fleece;
 struct fleece_snap;
 
-/* Lifecycle. */
+/* Lifecycle.  With cfg->persistent, fleece_open loads the snapshots and
+ * bitmaps an earlier run left in the store, and fleece_close records
+ * them and marks the store clean.
+ */
 extern struct fleece *fleece_open (const struct fleece_config *cfg);
 extern void fleece_close (struct fleece *fl);
+extern bool fleece_persistent (const struct fleece *fl);
 extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
@@ -141,6 +149,7 @@ struct fleece_bitmap_info {
   int64_t created;
   bool enabled, frozen, inconsistent;
   bool checkpoint;              /* made by checkpoint-create */
+  char inconsistent_reason[256];
 };
 extern int fleece_list_bitmaps (struct fleece *fl,
                                 void (*fn) (void *opaque,
@@ -224,6 +233,9 @@ struct fleece_debug {
   int fail_disk_write;          /* fail every live-disk write with EIO */
   int skip_isolation_check;     /* FOR TESTS ONLY: break invariant 1 */
   int live_read_delay_us;       /* widen the snapshot read race window */
+  int store_write_delay_ms;     /* slow store: sleep before data writes */
+  int fail_meta_write;          /* N: metadata writes after the first N
+                                 * fail with EIO */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);

@@ -42,6 +42,8 @@ NBDKIT_DLL_PUBLIC int fleece_debug_fail_disk_read = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_fail_disk_write = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_skip_isolation_check = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_live_read_delay_us = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_store_write_delay_ms = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_fail_meta_write = 0;
 
 /* Set by .config, then constant. */
 static char *disk_path;
@@ -52,6 +54,8 @@ static enum fleece_cbw_error on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
 static int tls_exports_only;    /* snapshot and bitmap exports need TLS */
 static uint64_t store_max;      /* bytes, 0: no cap */
 static unsigned store_warn;     /* percent of store_max, 0: off */
+static int persistent;
+static uint32_t cbw_timeout_ms; /* 0: none */
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -157,13 +161,24 @@ plug_config (const char *key, const char *value)
   }
   if (strcmp (key, "persistent") == 0) {
     int r = nbdkit_parse_bool (value);
-    if (r == -1)
-      return -1;
-    if (r) {
-      nbdkit_error ("persistent=true is not supported yet: snapshots last "
-                    "as long as this nbdkit process");
+    if (r == -1) {
+      nbdkit_error ("persistent=%s: expected true or false", value);
       return -1;
     }
+    persistent = r;
+    return 0;
+  }
+  if (strcmp (key, "cbw-timeout") == 0) {
+    char *end;
+    double secs;
+    errno = 0;
+    secs = strtod (value, &end);
+    if (errno || end == value || *end || !(secs >= 0.001 && secs <= 3600)) {
+      nbdkit_error ("cbw-timeout=%s: expected seconds, from 0.001 to 3600 "
+                    "(decimals allowed)", value);
+      return -1;
+    }
+    cbw_timeout_ms = secs * 1000 + 0.5;
     return 0;
   }
   nbdkit_error ("unknown parameter '%s' (see nbdkit fleece --help)", key);
@@ -198,9 +213,12 @@ plug_config_complete (void)
   "on-cbw-error=break-snapshot|fail-write\n" \
   "                     What a failed copy-before-write does (default\n" \
   "                     break-snapshot).\n" \
+  "cbw-timeout=<SECONDS> Break the snapshot rather than stall a live write\n" \
+  "                     longer than this on a slow store (default: wait).\n" \
   "tls-exports-only=true  Snapshot and bitmap exports only over TLS.\n" \
-  "persistent=false     Snapshots last as long as nbdkit (the only mode\n" \
-  "                     so far)."
+  "persistent=true|false  Snapshots and bitmaps survive restarts and\n" \
+  "                     crashes (default false: they last as long as\n" \
+  "                     nbdkit)."
 
 static void
 plug_dump_plugin (void)
@@ -224,11 +242,13 @@ plug_get_ready (void)
     .on_cbw_error = on_cbw_error,
     .store_max = store_max,
     .store_warn = store_warn,
+    .persistent = persistent,
+    .cbw_timeout_ms = cbw_timeout_ms,
   };
   const struct ctl_info info = {
     .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE
       ? "fail-write" : "break-snapshot",
-    .persistent = 0,
+    .persistent = persistent,
   };
 
   fleece_debug.verbose = fleece_debug_verbose;
@@ -237,6 +257,8 @@ plug_get_ready (void)
   fleece_debug.fail_disk_write = fleece_debug_fail_disk_write;
   fleece_debug.skip_isolation_check = fleece_debug_skip_isolation_check;
   fleece_debug.live_read_delay_us = fleece_debug_live_read_delay_us;
+  fleece_debug.store_write_delay_ms = fleece_debug_store_write_delay_ms;
+  fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
   fleece_set_log (log_to_nbdkit);
   fl = fleece_open (&cfg);
   if (fl == NULL)

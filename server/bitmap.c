@@ -14,8 +14,14 @@
  * States.  enabled: recording.  disabled: kept, not recording.  frozen:
  * closed by a checkpoint, read-only for good (it may be exported, merged
  * into another bitmap, or removed).  inconsistent: must not be trusted
- * for an incremental pull (never set while the store is not persistent;
- * reported so that clients learn to check it).
+ * for an incremental pull: a bitmap that was recording when a persistent
+ * store's nbdkit stopped without a clean shutdown (its bits since the
+ * last image were in memory only).  Clearing it makes it consistent
+ * again (empty, recording from then on).
+ *
+ * Persistence: every change of the list or of a bitmap's state writes an
+ * image of the whole state (meta.c), which holds every bitmap's bits; the
+ * final image at a clean shutdown makes the recording bitmaps exact.
  *
  * checkpoint-create NAME does in one gate closure what the seed's
  * successor/abdicate does for a backup job: snapshot NAME is created, the
@@ -53,6 +59,7 @@ struct bitmap {
   /* Protected by admin_lock. */
   bool enabled, frozen, inconsistent;
   char frozen_by[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  char inconsistent_reason[256];
 };
 
 struct bitmap_set {
@@ -250,6 +257,8 @@ fleece_bitmap_add (struct fleece *fl, const char *name, bool disabled)
     return -1;
   pthread_mutex_lock (&fl->admin_lock);
   r = add_locked (fl, name, disabled);
+  if (r == 0)
+    r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
 }
@@ -282,6 +291,8 @@ fleece_bitmap_remove (struct fleece *fl, const char *name)
 
   pthread_mutex_lock (&fl->admin_lock);
   r = remove_locked (fl, name);
+  if (r == 0)
+    r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
 }
@@ -303,7 +314,10 @@ fleece_bitmap_clear (struct fleece *fl, const char *name)
     for (i = 0; i < bm->nwords; i++)
       atomic_store_explicit (&bm->bits[i], 0, memory_order_relaxed);
     gate_open (&fl->gate);
-    r = 0;
+    /* Empty and recording from now on: nothing left to distrust. */
+    bm->inconsistent = false;
+    bm->inconsistent_reason[0] = '\0';
+    r = meta_image (fl);
   }
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
@@ -324,6 +338,8 @@ set_enabled (struct fleece *fl, const char *name, bool enabled)
     r = was == enabled ? 0 : republish (fl);
     if (r == -1)
       bm->enabled = was;
+    else if (was != enabled)
+      r = meta_image (fl);
   }
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
@@ -365,7 +381,7 @@ fleece_bitmap_merge (struct fleece *fl, const char *target,
         atomic_fetch_or_explicit (&t->bits[w], v, memory_order_relaxed);
     }
   }
-  r = 0;
+  r = meta_image (fl);
  out:
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
@@ -380,6 +396,7 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
   struct bitmap *bm, *prev;
   struct bitmap_set *set, *old;
   uint64_t t0;
+  int r;
 
   if (fleece_check_name ("checkpoint", name) == -1)
     return -1;
@@ -415,11 +432,13 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
     strcpy (prev->frozen_by, name);
   }
   fl->checkpoint_active = bm;
+  /* The frozen bitmap's bits are final: the image keeps them. */
+  r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   free (old);
   fl_debug ("checkpoint '%s' created%s%s", name, prev ? ", froze bitmap "
             : "", prev ? prev->name : "");
-  return 0;
+  return r;
 
  out_unlock:
   pthread_mutex_unlock (&fl->admin_lock);
@@ -454,6 +473,7 @@ fill_info (struct fleece *fl, const struct bitmap *bm,
   info->frozen = bm->frozen;
   info->inconsistent = bm->inconsistent;
   info->checkpoint = bm->checkpoint;
+  strcpy (info->inconsistent_reason, bm->inconsistent_reason);
 }
 
 int
@@ -584,6 +604,105 @@ fleece_bitmap_export_close (struct fleece_bitmap_export *bx)
     free (bx->data);
     free (bx);
   }
+}
+
+/* ---- persistence (meta.c) ---- */
+
+#define IMG_ENABLED       1u
+#define IMG_FROZEN        2u
+#define IMG_INCONSISTENT  4u
+#define IMG_CHECKPOINT    8u
+#define IMG_ACTIVE       16u
+
+uint32_t
+bitmap_count_all (struct fleece *fl)
+{
+  return fl->nbitmaps;
+}
+
+void
+bitmap_image_put (struct fleece *fl, struct wbuf *b)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nbitmaps; i++) {
+    struct bitmap *bm = fl->bitmaps[i];
+    wb_u32 (b, (bm->enabled ? IMG_ENABLED : 0) |
+            (bm->frozen ? IMG_FROZEN : 0) |
+            (bm->inconsistent ? IMG_INCONSISTENT : 0) |
+            (bm->checkpoint ? IMG_CHECKPOINT : 0) |
+            (fl->checkpoint_active == bm ? IMG_ACTIVE : 0));
+    wb_u32 (b, 0);
+    wb_u64 (b, (uint64_t) bm->created);
+    wb_str (b, bm->name);
+    wb_str (b, bm->frozen_by);
+    wb_str (b, bm->inconsistent_reason);
+    wb_words (b, bm->bits, bm->nwords);
+  }
+}
+
+/* Load n bitmaps.  After an unclean stop a bitmap that was recording
+ * lost the bits of the writes since the last image: it is marked
+ * inconsistent, never trusted.
+ */
+int
+bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, bool clean)
+{
+  uint32_t i;
+
+  if (n > FLEECE_BITMAPS_MAX)
+    return fl_error (EINVAL, "store: %s: %" PRIu32 " bitmaps in the image: "
+                     "the metadata is damaged", fl->store.path, n);
+  for (i = 0; i < n; i++) {
+    char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
+    uint32_t flags = rb_u32 (b);
+    int64_t created;
+    struct bitmap *bm;
+
+    rb_u32 (b);
+    created = (int64_t) rb_u64 (b);
+    rb_str (b, name, FLEECE_SNAPSHOT_NAME_MAX);
+    if (b->bad || (flags & ~31u) || fleece_check_name ("bitmap", name) == -1
+        || find_bitmap (fl, name) ||
+        ((flags & IMG_ACTIVE) && fl->checkpoint_active))
+      return fl_error (EINVAL, "store: %s: bitmap %" PRIu32 " of the image "
+                       "is not valid: the metadata is damaged",
+                       fl->store.path, i);
+    bm = bitmap_new (fl, name, flags & IMG_ENABLED);
+    if (bm == NULL)
+      return -1;
+    fl->bitmaps[fl->nbitmaps++] = bm;
+    bm->created = created;
+    bm->frozen = flags & IMG_FROZEN;
+    bm->inconsistent = flags & IMG_INCONSISTENT;
+    bm->checkpoint = flags & IMG_CHECKPOINT;
+    if (flags & IMG_ACTIVE)
+      fl->checkpoint_active = bm;
+    rb_str (b, bm->frozen_by, FLEECE_SNAPSHOT_NAME_MAX);
+    rb_str (b, bm->inconsistent_reason, sizeof bm->inconsistent_reason - 1);
+    rb_words (b, bm->bits, bm->nwords);
+    if (b->bad || (fl->nclusters % 64 &&
+                   atomic_load (&bm->bits[bm->nwords - 1]) >>
+                   (fl->nclusters % 64)))
+      return fl_error (EINVAL, "store: %s: bitmap '%s' of the image is "
+                       "truncated: the metadata is damaged", fl->store.path,
+                       name);
+    if (!clean && bm->enabled && !bm->frozen && !bm->inconsistent) {
+      bm->inconsistent = true;
+      snprintf (bm->inconsistent_reason, sizeof bm->inconsistent_reason,
+                "nbdkit stopped without a clean shutdown while this bitmap "
+                "was recording: writes since it was last saved may be "
+                "missing from it; clear it or start over with a full "
+                "backup");
+    }
+  }
+  {
+    struct bitmap_set *set;
+    if (build_set (fl, NULL, NULL, &set) == -1)
+      return -1;
+    atomic_store (&fl->dirty, set);
+  }
+  return 0;
 }
 
 /* At fleece_close. */

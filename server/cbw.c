@@ -38,10 +38,13 @@
 #include <config.h>
 
 #include <assert.h>
+#include <endian.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -67,19 +70,47 @@ snap_reads_copy (const struct fleece_snap *s, uint64_t c, uint32_t lo,
   return s->gen > lo && s->gen <= hi && !snap_is_released (s, c);
 }
 
+/* What one cbw_range did, for persistent stores: the record to wait for
+ * before any cluster of the range may be overwritten, and the clusters
+ * whose cgen to publish once it is stable.
+ */
+struct cbw_ctx {
+  uint64_t c0;
+  uint64_t wait;                /* highest record sequence to wait for */
+  uint8_t *publish;             /* persistent only: cgen[c0 + i] = gen */
+};
+
+/* cgen[c] = gen: the cluster's old data is safe.  With a persistent
+ * store only once its record is stable (cbw_range).
+ */
+static void
+publish (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t gen)
+{
+  if (ctx->publish)
+    ctx->publish[c - ctx->c0] = 1;
+  else
+    atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
+}
+
 /* Does any snapshot need a copy of cluster c made in generation gen,
- * c having last been written in generation lo?  Called with snaps_lock
+ * c having last been written in generation lo?  A broken snapshot needs
+ * nothing, once its BROKEN record is stable.  Called with snaps_lock
  * held.
  */
 static bool
-needs_copy (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
+needs_copy (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t lo,
+            uint32_t gen)
 {
   size_t i;
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (!atomic_load (&s->broken) && snap_reads_copy (s, c, lo, gen))
+    if (!snap_reads_copy (s, c, lo, gen))
+      continue;
+    if (!atomic_load (&s->broken))
       return true;
+    if (atomic_load (&s->broken_seq) > ctx->wait)
+      ctx->wait = atomic_load (&s->broken_seq);
   }
   return false;
 }
@@ -96,29 +127,58 @@ count_holders (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
   }
 }
 
+/* Mark s broken, once, with a stable BROKEN record first when the store
+ * is persistent (*wait receives its sequence).  Returns -1 if that record
+ * cannot be written: then the live write must not go on.
+ */
+static int
+snap_break_locked (struct fleece *fl, struct fleece_snap *s,
+                   const char *reason, uint64_t *wait)
+{
+  uint64_t seq = 0;
+
+  if (atomic_load (&s->broken)) {
+    if (atomic_load (&s->broken_seq) > *wait)
+      *wait = atomic_load (&s->broken_seq);
+    return 0;
+  }
+  snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
+  if (fl->meta.on) {
+    struct wbuf b = { 0 };
+    wb_u32 (&b, s->gen);
+    wb_str (&b, s->broken_reason);
+    seq = meta_append (fl, REC_BROKEN, &b, false);
+    free (b.p);
+    if (seq == 0)
+      return -1;
+    if (seq > *wait)
+      *wait = seq;
+  }
+  atomic_store (&s->broken_seq, seq);
+  atomic_store (&s->broken, true);
+  fl_emit_event (fl, "SNAPSHOT_BROKEN", s->name, s->broken_reason);
+  return 0;
+}
+
 /* Break the snapshots that needed cluster c.  Called with snaps_lock
  * held; the event listener does not block.
  */
-static void
-break_snapshots (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen,
-                 const char *why)
+static int
+break_snapshots (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+                 uint32_t lo, uint32_t gen, const char *why)
 {
+  char reason[256];
   size_t i;
+  int r = 0;
 
-  for (i = 0; i < fl->nsnaps; i++) {
-    struct fleece_snap *s = fl->snaps[i];
-    bool expect = false;
-    if (!snap_reads_copy (s, c, lo, gen))
-      continue;
-    /* The reason is written before broken is set, once. */
-    if (atomic_load (&s->broken))
-      continue;
-    snprintf (s->broken_reason, sizeof s->broken_reason,
-              "copy-before-write of cluster %" PRIu64 " failed: %.180s", c,
-              why);
-    if (atomic_compare_exchange_strong (&s->broken, &expect, true))
-      fl_emit_event (fl, "SNAPSHOT_BROKEN", s->name, s->broken_reason);
-  }
+  snprintf (reason, sizeof reason, "copy-before-write of cluster %" PRIu64
+            " failed: %.180s", c, why);
+  pthread_mutex_lock (&fl->break_lock);
+  for (i = 0; i < fl->nsnaps && r == 0; i++)
+    if (snap_reads_copy (fl->snaps[i], c, lo, gen))
+      r = snap_break_locked (fl, fl->snaps[i], reason, &ctx->wait);
+  pthread_mutex_unlock (&fl->break_lock);
+  return r;
 }
 
 #define NO_SLOT (UINT32_MAX - 1)
@@ -177,11 +237,133 @@ free_slots (struct fleece *fl, const uint32_t *slots, uint32_t n)
       store_free (&fl->store, slots[i]);
 }
 
+/* cbw-timeout: the store write of one run, in a thread of its own so
+ * that the writer can give up on it.  The job is freed by the writer,
+ * or, if the writer gave up, by the thread when the write ends.
+ */
+struct store_job {
+  struct fleece *fl;
+  char *buf;
+  uint32_t n, *slots;
+  uint64_t len;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  bool done, abandoned;
+  int r, err;
+  char msg[256];
+};
+
+static void
+job_free (struct store_job *j)
+{
+  pthread_mutex_destroy (&j->lock);
+  pthread_cond_destroy (&j->cond);
+  free (j->buf);
+  free (j->slots);
+  free (j);
+}
+
+static void *
+store_job_run (void *arg)
+{
+  struct store_job *j = arg;
+  struct fleece *fl = j->fl;
+  bool abandoned;
+
+  j->r = store_run (fl, j->buf, j->n, j->len, j->slots);
+  if (j->r == -1) {
+    j->err = errno;
+    snprintf (j->msg, sizeof j->msg, "%s", fleece_last_error ());
+  }
+  pthread_mutex_lock (&j->lock);
+  j->done = true;
+  abandoned = j->abandoned;
+  pthread_cond_signal (&j->cond);
+  pthread_mutex_unlock (&j->lock);
+  if (abandoned) {
+    free_slots (fl, j->slots, j->n);
+    job_free (j);
+    atomic_fetch_sub (&fl->store_jobs, 1);
+  }
+  return NULL;
+}
+
+/* store_run with cbw-timeout.  On success or failure *bufp and *slotsp
+ * stay the caller's; on a timeout they belong to the job.
+ */
+static int
+store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
+                 uint32_t **slotsp)
+{
+  struct store_job *j;
+  struct timespec deadline;
+  pthread_attr_t attr;
+  pthread_t t;
+  int r;
+
+  if (fl->cbw_timeout_ns == 0)
+    return store_run (fl, *bufp, n, len, *slotsp);
+  j = calloc (1, sizeof *j);
+  if (j == NULL)
+    return fl_error (ENOMEM, "copy-before-write: out of memory");
+  j->fl = fl;
+  j->buf = *bufp;
+  j->slots = *slotsp;
+  j->n = n;
+  j->len = len;
+  pthread_mutex_init (&j->lock, NULL);
+  pthread_cond_init (&j->cond, NULL);
+  atomic_fetch_add (&fl->store_jobs, 1);
+  pthread_attr_init (&attr);
+  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+  r = pthread_create (&t, &attr, store_job_run, j);
+  pthread_attr_destroy (&attr);
+  if (r != 0) {
+    atomic_fetch_sub (&fl->store_jobs, 1);
+    j->buf = NULL;
+    j->slots = NULL;
+    job_free (j);
+    return fl_error (r, "copy-before-write: pthread_create: %s",
+                     strerror (r));
+  }
+  clock_gettime (CLOCK_REALTIME, &deadline);
+  deadline.tv_sec += fl->cbw_timeout_ns / 1000000000;
+  deadline.tv_nsec += fl->cbw_timeout_ns % 1000000000;
+  if (deadline.tv_nsec >= 1000000000) {
+    deadline.tv_sec++;
+    deadline.tv_nsec -= 1000000000;
+  }
+  pthread_mutex_lock (&j->lock);
+  while (!j->done)
+    if (pthread_cond_timedwait (&j->cond, &j->lock, &deadline) ==
+        ETIMEDOUT)
+      break;
+  if (!j->done) {
+    j->abandoned = true;
+    pthread_mutex_unlock (&j->lock);
+    *bufp = NULL;
+    *slotsp = NULL;
+    return fl_error (ETIMEDOUT, "copy-before-write: the store %s took "
+                     "longer than cbw-timeout (%" PRIu64 " ms) to take a "
+                     "copy", fl->store.path, fl->cbw_timeout_ns / 1000000);
+  }
+  pthread_mutex_unlock (&j->lock);
+  atomic_fetch_sub (&fl->store_jobs, 1);
+  r = j->r;
+  if (r == -1)
+    fl_error (j->err, "%s", j->msg);
+  j->buf = NULL;
+  j->slots = NULL;
+  job_free (j);
+  return r;
+}
+
 /* The store failed for clusters [a, a+n): apply the cbw error policy.
  * Returns 0 if the live write may go on.
  */
 static int
-store_failed (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
+store_failed (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
+              uint32_t gen)
 {
   int err = errno;
   char why[256];
@@ -196,19 +378,23 @@ store_failed (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
   for (i = 0; i < n; i++) {
     uint32_t lo = atomic_load_explicit (&fl->cgen[a + i],
                                         memory_order_relaxed);
-    break_snapshots (fl, a + i, lo, gen, why);
-    atomic_store_explicit (&fl->cgen[a + i], gen, memory_order_release);
+    if (break_snapshots (fl, ctx, a + i, lo, gen, why) == -1)
+      return -1;
+    publish (fl, ctx, a + i, gen);
   }
   return 0;
 }
 
 /* Copy clusters [a, a+n), every one of which some snapshot needs. */
 static int
-copy_run (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
+copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
+          uint32_t gen)
 {
   uint32_t cs = fl->cluster_size, i;
   uint64_t start = a * cs;
   uint64_t len = (uint64_t) n * cs;
+  struct wbuf rec = { 0 };
+  bool data = false;
   char *buf;
   uint32_t *slots;
   int r = -1;
@@ -224,13 +410,16 @@ copy_run (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
   if (disk_pread (&fl->disk, buf, len, start) == -1)
     goto out;                   /* the live disk itself failed */
 
-  if (store_run (fl, buf, n, len, slots) == -1) {
+  if (store_run_timed (fl, &buf, n, len, &slots) == -1) {
     int err = errno;
-    free_slots (fl, slots, n);
+    if (slots)
+      free_slots (fl, slots, n);
     errno = err;
-    r = store_failed (fl, a, n, gen);
+    r = store_failed (fl, ctx, a, n, gen);
     goto out;
   }
+  wb_u32 (&rec, n);
+  wb_u32 (&rec, 0);
   for (i = 0; i < n; i++) {
     uint64_t c = a + i;
     struct copy cp = {
@@ -243,18 +432,37 @@ copy_run (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
       int err = errno;
       free_slots (fl, slots + i, n - i);
       errno = err;
-      r = store_failed (fl, c, n - i, gen);
-      goto out;
+      r = store_failed (fl, ctx, c, n - i, gen);
+      n = i;                    /* the record holds the copies made */
+      goto record;
     }
+    wb_u32 (&rec, cp.cluster);
+    wb_u32 (&rec, cp.lo);
+    wb_u32 (&rec, cp.hi);
+    wb_u32 (&rec, cp.slot);
+    data |= cp.slot != ZERO_SLOT;
     count_holders (fl, c, cp.lo, gen);
     atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1,
                                memory_order_relaxed);
     if (cp.slot == ZERO_SLOT)
       atomic_fetch_add_explicit (&fl->st_cbw_zero, 1, memory_order_relaxed);
-    atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
+    publish (fl, ctx, c, gen);
   }
   r = 0;
+ record:
+  if (fl->meta.on && n > 0) {
+    uint64_t seq;
+    uint32_t le = htole32 (n);
+    if (!rec.failed)
+      memcpy (rec.p, &le, 4);
+    seq = meta_append (fl, REC_COPY, &rec, data);
+    if (seq == 0)
+      r = -1;
+    else if (seq > ctx->wait)
+      ctx->wait = seq;
+  }
  out:
+  free (rec.p);
   free (buf);
   free (slots);
   return r;
@@ -262,7 +470,8 @@ copy_run (struct fleece *fl, uint64_t a, uint32_t n, uint32_t gen)
 
 /* Under the range lock: copy what needs copying in clusters [c0, c1]. */
 static int
-copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
+copy_clusters (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c0,
+               uint64_t c1, uint32_t gen)
 {
   uint64_t c = c0, run = 0, a = 0;
   uint32_t max_run = MAX_RUN_BYTES / fl->cluster_size;
@@ -279,9 +488,9 @@ copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
        * will come back with the new generation, engine.c).
        */
       if (lo < gen) {
-        need = needs_copy (fl, c, lo, gen);
+        need = needs_copy (fl, ctx, c, lo, gen);
         if (!need)
-          atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
+          publish (fl, ctx, c, gen);
       }
     }
     if (need && run == 0)
@@ -289,7 +498,7 @@ copy_clusters (struct fleece *fl, uint64_t c0, uint64_t c1, uint32_t gen)
     if (need)
       run++;
     if (run > 0 && (!need || run == max_run)) {
-      if (copy_run (fl, a, run, gen) == -1)
+      if (copy_run (fl, ctx, a, run, gen) == -1)
         return -1;
       run = 0;
     }
@@ -343,14 +552,38 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
 {
   uint64_t c0 = offset >> fl->cluster_bits;
   uint64_t c1 = (offset + count - 1) >> fl->cluster_bits;
-  uint64_t t0 = fl_now_ns ();
+  uint64_t t0 = fl_now_ns (), c;
+  struct cbw_ctx ctx = { .c0 = c0 };
   int r;
 
-  if (rangelock_acquire (&fl->cbw_locks, c0, c1 + 1) == -1)
+  if (fl->meta.on) {
+    /* Nothing can be recorded any more: no copy, no write (meta.c). */
+    if (meta_check (fl) == -1)
+      return -1;
+    ctx.publish = calloc (c1 - c0 + 1, 1);
+    if (ctx.publish == NULL)
+      return fl_error (ENOMEM, "copy-before-write: out of memory");
+  }
+  if (rangelock_acquire (&fl->cbw_locks, c0, c1 + 1) == -1) {
+    free (ctx.publish);
     return -1;
+  }
   pthread_rwlock_rdlock (&fl->snaps_lock);
-  r = copy_clusters (fl, c0, c1, gen);
+  r = copy_clusters (fl, &ctx, c0, c1, gen);
   pthread_rwlock_unlock (&fl->snaps_lock);
+  /* Persistent: the copies' records (and the BROKEN records) are stable
+   * before any cluster is declared safe to overwrite.  Still under the
+   * range lock, so that no other copier copies these clusters again.
+   */
+  if (ctx.publish) {
+    if (meta_wait (fl, ctx.wait) == -1)
+      r = -1;
+    else
+      for (c = c0; c <= c1; c++)
+        if (ctx.publish[c - c0])
+          atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
+    free (ctx.publish);
+  }
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);
   atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, fl_now_ns () - t0,
                              memory_order_relaxed);

@@ -511,6 +511,12 @@ bitmap_list_one (void *opaque, const struct fleece_bitmap_info *info)
     json_decref (o);
     o = NULL;
   }
+  if (o && info->inconsistent &&
+      json_object_set_new (o, "inconsistent-reason",
+                           ctl_str (info->inconsistent_reason)) == -1) {
+    json_decref (o);
+    o = NULL;
+  }
   if (o && json_object_set_new (o, "export", json_sprintf ("bitmap/%s",
                                                            info->name)) == -1) {
     json_decref (o);

@@ -206,6 +206,24 @@ copymap_prune (struct copymap *m, uint32_t cluster,
   }
 }
 
+int
+copymap_foreach (struct copymap *m, int (*fn) (void *, const struct copy *),
+                 void *opaque)
+{
+  uint32_t i;
+  int k, r = 0;
+
+  for (k = 0; k < COPYMAP_SHARDS && r == 0; k++) {
+    struct copymap_shard *sh = &m->shard[k];
+    pthread_mutex_lock (&sh->lock);
+    for (i = 0; i < sh->cap && r == 0; i++)
+      if (sh->tab[i].cluster != EMPTY)
+        r = fn (opaque, &sh->tab[i]);
+    pthread_mutex_unlock (&sh->lock);
+  }
+  return r;
+}
+
 uint64_t
 copymap_count (struct copymap *m)
 {

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -33,10 +34,10 @@ struct fleece *
 fleece_open (const struct fleece_config *cfg)
 {
   struct fleece *fl;
-  uint32_t cs = cfg->cluster_size ? cfg->cluster_size
-    : FLEECE_CLUSTER_SIZE_DEFAULT;
+  uint32_t cs = cfg->cluster_size;
+  bool existing, clean;
 
-  if (check_cluster_size (cs) == -1)
+  if (cs && check_cluster_size (cs) == -1)
     return NULL;
   if (cfg->disk == NULL || cfg->store == NULL) {
     fl_error (EINVAL, "both disk and store must be given");
@@ -47,20 +48,23 @@ fleece_open (const struct fleece_config *cfg)
     fl_error (ENOMEM, "fleece_open: out of memory");
     return NULL;
   }
-  fl->cluster_size = cs;
-  fl->cluster_bits = __builtin_ctz (cs);
   fl->on_cbw_error = cfg->on_cbw_error;
+  fl->cbw_timeout_ns = (uint64_t) cfg->cbw_timeout_ms * 1000000;
   if (disk_open (&fl->disk, cfg->disk) == -1)
     goto out_free;
+  /* A persistent store brings its own cluster size. */
+  if (store_open (&fl->store, cfg->store, &cs, &fl->disk, cfg->persistent,
+                  &existing) == -1)
+    goto out_disk;
+  fl->cluster_size = cs;
+  fl->cluster_bits = __builtin_ctz (cs);
   fl->nclusters = (fl->disk.size + cs - 1) / cs;
   if (fl->nclusters >= UINT32_MAX) {
     fl_error (EFBIG, "disk: %s: %" PRIu64 " clusters of %" PRIu32 " bytes, "
               "the limit is %u: use a larger cluster-size", cfg->disk,
               fl->nclusters, cs, UINT32_MAX - 1);
-    goto out_disk;
+    goto out_store;
   }
-  if (store_open (&fl->store, cfg->store, cs, &fl->disk) == -1)
-    goto out_disk;
   if (store_set_limits (&fl->store, cfg->store_max, cfg->store_warn) == -1)
     goto out_store;
   fl->cgen = calloc (fl->nclusters, sizeof *fl->cgen);
@@ -76,11 +80,24 @@ fleece_open (const struct fleece_config *cfg)
   rangelock_init (&fl->cbw_locks);
   copymap_init (&fl->copies);
   pthread_mutex_init (&fl->admin_lock, NULL);
+  pthread_mutex_init (&fl->break_lock, NULL);
   pthread_rwlock_init (&fl->snaps_lock, NULL);
   pthread_mutex_init (&fl->event_lock, NULL);
-  fl_debug ("opened disk %s (%" PRIu64 " bytes, %s), store %s, cluster "
-            "size %" PRIu32, fl->disk.path, fl->disk.size,
-            fl->disk.is_block ? "block device" : "file", fl->store.path, cs);
+  if (meta_init (fl, existing, &clean) == -1 || meta_start (fl, existing, clean) == -1) {
+    int err = errno;
+    char msg[512];
+    snprintf (msg, sizeof msg, "%s", fleece_last_error ());
+    fl->meta.on = false;        /* write nothing more to this store */
+    fleece_close (fl);
+    fl_error (err, "%s", msg);
+    return NULL;
+  }
+  fl_debug ("opened disk %s (%" PRIu64 " bytes, %s), store %s%s, cluster "
+            "size %" PRIu32 "%s", fl->disk.path, fl->disk.size,
+            fl->disk.is_block ? "block device" : "file", fl->store.path,
+            !cfg->persistent ? "" : existing ? " (persistent, loaded)"
+            : " (persistent, new)", cs,
+            existing && !clean ? ", after an unclean stop" : "");
   return fl;
 
  out_store:
@@ -97,6 +114,10 @@ fleece_close (struct fleece *fl)
 {
   if (fl == NULL)
     return;
+  /* cbw-timeout copies the writers gave up on still hold slots. */
+  while (atomic_load (&fl->store_jobs) > 0)
+    usleep (1000);
+  meta_close (fl);
   snap_free_all (fl);
   bitmap_free_all (fl);
   free (fl->snaps);
@@ -104,6 +125,7 @@ fleece_close (struct fleece *fl)
   rangelock_destroy (&fl->cbw_locks);
   gate_destroy (&fl->gate);
   pthread_mutex_destroy (&fl->admin_lock);
+  pthread_mutex_destroy (&fl->break_lock);
   pthread_rwlock_destroy (&fl->snaps_lock);
   pthread_mutex_destroy (&fl->event_lock);
   free ((void *) fl->cgen);
@@ -112,6 +134,7 @@ fleece_close (struct fleece *fl)
   free (fl);
 }
 
+bool fleece_persistent (const struct fleece *fl) { return fl->meta.on; }
 uint64_t fleece_disk_size (const struct fleece *fl) { return fl->disk.size; }
 uint32_t fleece_cluster_size (const struct fleece *fl)
 { return fl->cluster_size; }
@@ -156,6 +179,9 @@ live_modify (struct fleece *fl, enum live_op op, const void *buf,
     return -1;
   if (count == 0)
     return 0;
+  if (atomic_load_explicit (&fl->meta.sb_clean, memory_order_relaxed) &&
+      meta_dirty (fl) == -1)
+    return -1;
   for (;;) {
     slot = gate_enter (&fl->gate);
     st = atomic_load_explicit (&fl->state, memory_order_acquire);

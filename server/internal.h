@@ -61,6 +61,9 @@ struct store {
   uint32_t cluster_size;
   uint64_t data_offset;
   bool is_file;
+  bool persistent;
+  uint64_t created;             /* when the store was formatted */
+  uint64_t sb_sequence;         /* of the last superblock written */
 
   uint32_t max_slots;           /* store-max in slots, 0: unlimited */
   uint32_t warn_slots;          /* high-water mark in slots, 0: off */
@@ -75,8 +78,13 @@ struct store {
   uint32_t hint;                /* where the next search starts */
 };
 
+/* Open or create the store.  *cluster_size: the configured size or 0;
+ * on return the store's.  A persistent store that validates is kept
+ * (*existing = true), otherwise it is formatted.
+ */
 extern int store_open (struct store *s, const char *path,
-                       uint32_t cluster_size, const struct disk *d);
+                       uint32_t *cluster_size, const struct disk *d,
+                       bool persistent, bool *existing);
 extern int store_set_limits (struct store *s, uint64_t max_bytes,
                              unsigned warn_percent);
 extern bool store_take_warning (struct store *s, uint64_t *used);
@@ -92,6 +100,16 @@ extern int store_read (struct store *s, uint32_t slot, uint64_t within,
                        void *buf, size_t len);
 extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
                          uint64_t *file_bytes);
+/* Persistent stores. */
+extern int store_alloc_run (struct store *s, uint32_t n, uint32_t *first);
+extern int store_claim (struct store *s, uint32_t slot);
+extern int store_write_superblock (struct store *s, const struct disk *d,
+                                   bool clean);
+extern int store_sync (struct store *s);
+extern int store_meta_pwrite (struct store *s, const void *buf, size_t len,
+                              uint64_t offset);
+extern int store_meta_pread (struct store *s, void *buf, size_t len,
+                             uint64_t offset);
 
 /* ---- gate.c: drains live writes at snapshot creation ---- */
 #define GATE_SLOTS 32
@@ -162,6 +180,91 @@ extern void copymap_prune (struct copymap *m, uint32_t cluster,
                            void (*drop) (void *, const struct copy *),
                            void *opaque);
 extern uint64_t copymap_count (struct copymap *m);
+/* Call fn for every copy, shard by shard, each shard locked. */
+extern int copymap_foreach (struct copymap *m,
+                            int (*fn) (void *, const struct copy *),
+                            void *opaque);
+
+/* ---- meta.c: the metadata log of persistent stores ---- */
+
+/* A growable little-endian output buffer and a bounds-checked reader, for
+ * the records and the image (docs/store-format.md).
+ */
+struct wbuf {
+  char *p;
+  size_t len, cap;
+  bool failed;                  /* out of memory */
+};
+extern void wb_bytes (struct wbuf *b, const void *p, size_t n);
+extern void wb_u16 (struct wbuf *b, uint16_t v);
+extern void wb_u32 (struct wbuf *b, uint32_t v);
+extern void wb_u64 (struct wbuf *b, uint64_t v);
+extern void wb_str (struct wbuf *b, const char *s);
+extern void wb_words (struct wbuf *b, _Atomic uint64_t *w, uint64_t n);
+
+struct rbuf {
+  const char *p;
+  size_t len, pos;
+  bool bad;                     /* read past the end, or invalid */
+};
+extern uint16_t rb_u16 (struct rbuf *b);
+extern uint32_t rb_u32 (struct rbuf *b);
+extern uint64_t rb_u64 (struct rbuf *b);
+/* A string of at most max bytes into out (max + 1 bytes). */
+extern void rb_str (struct rbuf *b, char *out, size_t max);
+extern void rb_words (struct rbuf *b, _Atomic uint64_t *w, uint64_t n);
+
+struct meta {
+  bool on;                      /* persistent=true; constant after open */
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  /* Protected by lock. */
+  int half;                     /* the active half of the log */
+  uint64_t pos;                 /* bytes used in the active half */
+  uint64_t seq;                 /* last sequence number handed out */
+  uint64_t durable;             /* every record up to here is stable */
+  struct wbuf pend;             /* records appended, not yet written */
+  bool pend_data;               /* ... some point at data to sync first */
+  bool committing;              /* a writer is writing pend */
+  bool imaging;                 /* an image is being written */
+  bool want_image;              /* the active half is full */
+  bool stopping;
+  int err;                      /* errno of a failed write: sticky */
+  char errmsg[256];
+  uint32_t img_slot, img_nslots; /* the current image in the data area */
+  uint32_t *deferred;           /* slots to free once the image is stable */
+  size_t ndeferred, capdeferred;
+  pthread_t compactor;
+  bool compactor_started;
+  /* The superblock says clean: cleared before the first live write. */
+  atomic_bool sb_clean;
+};
+
+/* Record types (docs/store-format.md). */
+#define REC_STATE    0x0001
+#define REC_BROKEN   0x0013
+#define REC_COPY     0x0020
+#define REC_RELEASE  0x0021
+
+extern int meta_init (struct fleece *fl, bool existing, bool *was_clean);
+extern int meta_start (struct fleece *fl, bool existing, bool was_clean);
+extern void meta_close (struct fleece *fl);
+/* Append a record; returns its sequence number (0 when the store is not
+ * persistent), or 0 with meta->err set.  data: the record points at data
+ * written to the store that must be stable first.
+ */
+extern uint64_t meta_append (struct fleece *fl, uint16_t type,
+                             const struct wbuf *payload, bool data);
+/* Wait until record seq is stable (group commit). */
+extern int meta_wait (struct fleece *fl, uint64_t seq);
+/* Before a live write: the store must not claim a clean stop any more. */
+extern int meta_dirty (struct fleece *fl);
+/* Fail fast once the log could not be written. */
+extern int meta_check (struct fleece *fl);
+/* Write the whole state as a new image; admin_lock held. */
+extern int meta_image (struct fleece *fl);
+/* Free slot now, or once the next image is stable (persistent). */
+extern void meta_free_slot (struct fleece *fl, uint32_t slot);
 
 /* ---- engine.c, snapshot.c, cbw.c ---- */
 struct bitmap;
@@ -189,12 +292,17 @@ struct fleece {
    */
   _Atomic uint32_t *cgen;
 
+  struct meta meta;
+  uint64_t cbw_timeout_ns;      /* 0: none */
+
   struct gate gate;
   struct rangelock cbw_locks;
   struct copymap copies;
 
   /* Serialises snapshot creation and deletion. */
   pthread_mutex_t admin_lock;
+  pthread_mutex_t break_lock;   /* serialises breaking snapshots */
+  atomic_int store_jobs;        /* cbw-timeout copies still running */
 
   /* Live snapshots, oldest first, in an array allocated once.  Creation
    * only appends (admin_lock held, gate closed): it stores the new entry,
@@ -245,6 +353,7 @@ struct fleece_snap {
   atomic_bool deleted;
   atomic_bool broken;
   char broken_reason[256];      /* set once, before broken */
+  _Atomic uint64_t broken_seq;  /* its BROKEN record, set before broken */
 
   /* Clusters a client trimmed: atomic bits, allocated on first trim. */
   _Atomic (_Atomic uint64_t *) released;
@@ -280,5 +389,13 @@ extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
 extern void snap_record_drain (struct fleece *fl, uint64_t ns);
 extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
 extern void bitmap_free_all (struct fleece *fl);
+/* The image (meta.c): bitmaps; admin_lock held. */
+extern void bitmap_image_put (struct fleece *fl, struct wbuf *b);
+extern int bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n,
+                             bool clean);
+extern uint32_t bitmap_count_all (struct fleece *fl);
+extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
+                                         uint32_t gen, int64_t created);
+extern bool copy_needed (void *opaque, const struct copy *cp);
 
 #endif /* FLEECE_INTERNAL_H */

@@ -30,6 +30,10 @@
  * Trim (release) marks whole clusters released for S and frees copies
  * nobody else needs; a later write to c copies nothing for S.  A partial
  * cluster is not released: the client may still read the rest of it.
+ *
+ * Persistence (meta.c): creation and deletion write an image of the
+ * state before they return; a deletion's freed slots are reused only
+ * once that image is stable, a release's once its RELEASE record is.
  */
 
 #include <config.h>
@@ -166,6 +170,7 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
 {
   struct fleece_snap *s;
   uint64_t t0, drain;
+  int r;
 
   pthread_mutex_lock (&fl->admin_lock);
   s = snap_prepare (fl, name);
@@ -179,14 +184,15 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
   gate_open (&fl->gate);
   drain = fl_now_ns () - t0;
   snap_record_drain (fl, drain);
+  r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' created, generation %u, writers stalled %"
             PRIu64 " ns", name, s->gen, drain);
-  return 0;
+  return r;
 }
 
 /* Is copy cp still needed by a live snapshot?  Called with snaps_lock. */
-static bool
+bool
 copy_needed (void *opaque, const struct copy *cp)
 {
   struct fleece *fl = opaque;
@@ -206,7 +212,33 @@ copy_drop (void *opaque, const struct copy *cp)
   struct fleece *fl = opaque;
 
   if (cp->slot != ZERO_SLOT)
+    meta_free_slot (fl, cp->slot);
+}
+
+/* A copy whose release record is stable. */
+static void
+copy_drop_now (void *opaque, const struct copy *cp)
+{
+  struct fleece *fl = opaque;
+
+  if (cp->slot != ZERO_SLOT)
     store_free (&fl->store, cp->slot);
+}
+
+/* Loading a persistent store (meta.c): append snapshot name. */
+struct fleece_snap *
+snap_restore (struct fleece *fl, const char *name, uint32_t gen,
+              int64_t created)
+{
+  struct fleece_snap *s = snap_prepare (fl, name);
+
+  if (s == NULL)
+    return NULL;
+  s->gen = gen;
+  s->created = created;
+  fl->snaps[fl->nsnaps] = s;
+  atomic_store (&fl->nsnaps, fl->nsnaps + 1);
+  return s;
 }
 
 static void
@@ -242,6 +274,7 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
 {
   struct fleece_snap *s;
   size_t i;
+  int r;
 
   if (fleece_check_name ("snapshot", name) == -1)
     return -1;
@@ -272,10 +305,14 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
   pthread_rwlock_rdlock (&fl->snaps_lock);
   copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_drop, fl);
   pthread_rwlock_unlock (&fl->snaps_lock);
+  /* Persistent: the freed slots are reused only once the image without
+   * the snapshot is stable (meta_free_slot).
+   */
+  r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' deleted", name);
   snap_unref (s);
-  return 0;
+  return r;
 }
 
 struct fleece_snap *
@@ -493,7 +530,7 @@ int
 fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
 {
   struct fleece *fl = s->fl;
-  uint64_t end = offset + count, c0, c1, c;
+  uint64_t end = offset + count, c0, c1, c, seq = 0;
   _Atomic uint64_t *bits;
   int r = -1;
 
@@ -509,7 +546,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     r = 0;
     goto out_unlock_io;
   }
-  if (ensure_released_bits (s) == -1)
+  if (ensure_released_bits (s) == -1 || meta_check (fl) == -1)
     goto out_unlock_io;
   bits = atomic_load (&s->released);
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
@@ -523,14 +560,40 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     atomic_fetch_add (&s->nreleased, 1);
     if (copymap_lookup (&fl->copies, c, s->gen, &cp))
       atomic_fetch_sub (&s->held, 1);
-    copymap_prune (&fl->copies, c, copy_needed, copy_drop, fl);
+    if (!fl->meta.on)
+      copymap_prune (&fl->copies, c, copy_needed, copy_drop, fl);
+  }
+  if (fl->meta.on) {
+    struct wbuf b = { 0 };
+    wb_u32 (&b, s->gen);
+    wb_u32 (&b, c0);
+    wb_u32 (&b, c1 - c0);
+    seq = meta_append (fl, REC_RELEASE, &b, false);
+    free (b.p);
   }
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
-  r = 0;
+  r = fl->meta.on && seq == 0 ? -1 : 0;
  out_unlock_io:
   pthread_rwlock_unlock (&s->io_lock);
-  return r;
+  if (seq == 0)
+    return r;
+
+  /* Persistent: free the copies only once the release is stable, so that
+   * a crash never leaves a record of a copy whose slot was reused.  Not
+   * under io_lock: a deletion waiting for it may hold admin_lock, which
+   * the compactor needs to make room in the log.
+   */
+  if (meta_wait (fl, seq) == -1)
+    return -1;
+  if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
+    return -1;
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  for (c = c0; c < c1; c++)
+    copymap_prune (&fl->copies, c, copy_needed, copy_drop_now, fl);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  rangelock_release (&fl->cbw_locks, c0, c1);
+  return 0;
 }
 
 struct live_ext {

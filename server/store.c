@@ -12,8 +12,9 @@
  * bit is cleared, so that the space goes back to the filesystem and a
  * concurrent allocation can never have its fresh data punched.
  *
- * With persistent=false (the only mode before the durability work) the
- * store is formatted anew at every start: nothing in it is trusted.
+ * With persistent=false the store is formatted anew at every start:
+ * nothing in it is trusted.  A persistent store is kept if its superblock
+ * validates and names this disk; meta.c then loads its metadata.
  */
 
 #include <config.h>
@@ -37,17 +38,36 @@
 
 #define MAX_SLOTS (UINT32_MAX - 1)
 
-static int
-write_superblock (struct store *s, const struct disk *d)
+static uint64_t
+data_offset_for (uint32_t cluster_size)
+{
+  uint64_t meta_end = FLEECE_STORE_HEADER_SIZE + FLEECE_STORE_META_SIZE;
+
+  return (meta_end + cluster_size - 1) & ~(uint64_t) (cluster_size - 1);
+}
+
+/* fleece.fail_meta_write=N: metadata writes after the first N fail. */
+static bool
+meta_write_fails (void)
+{
+  static atomic_int done;
+
+  return fleece_debug.fail_meta_write &&
+    atomic_fetch_add (&done, 1) >= fleece_debug.fail_meta_write;
+}
+
+/* Write the superblock, and with a persistent store make it stable. */
+int
+store_write_superblock (struct store *s, const struct disk *d, bool clean)
 {
   char block[FLEECE_STORE_HEADER_SIZE];
   struct fleece_superblock *sb = (void *) block;
-  ssize_t r;
 
   memset (block, 0, sizeof block);
   memcpy (sb->magic, FLEECE_STORE_MAGIC, 8);
   sb->version = htole32 (FLEECE_STORE_VERSION);
-  sb->flags = htole32 (FLEECE_SB_CLEAN);
+  sb->flags = htole32 ((clean ? FLEECE_SB_CLEAN : 0) |
+                       (s->persistent ? FLEECE_SB_PERSISTENT : 0));
   sb->cluster_size = htole32 (s->cluster_size);
   sb->header_size = htole32 (FLEECE_STORE_HEADER_SIZE);
   sb->disk_size = htole64 (d->size);
@@ -55,30 +75,107 @@ write_superblock (struct store *s, const struct disk *d)
   sb->meta_offset = htole64 (FLEECE_STORE_HEADER_SIZE);
   sb->meta_size = htole64 (FLEECE_STORE_META_SIZE);
   sb->data_offset = htole64 (s->data_offset);
-  sb->sequence = htole64 (1);
-  sb->created = htole64 ((uint64_t) time (NULL));
+  sb->sequence = htole64 (++s->sb_sequence);
+  sb->created = htole64 (s->created);
   sb->checksum = htole64 (XXH64 (sb, offsetof (struct fleece_superblock,
                                                checksum), 0));
-  r = pwrite (s->fd, block, sizeof block, 0);
-  if (r == -1)
-    return fl_error (errno, "store: writing superblock: %s: %m", s->path);
-  if (r != sizeof block)
-    return fl_error (ENOSPC, "store: writing superblock: %s: short write",
-                     s->path);
-  return 0;
+  if (meta_write_fails ())
+    return fl_error (EIO, "store: writing superblock: %s: injected error "
+                     "(fleece.fail_meta_write)", s->path);
+  if (fl_pwrite_all (s->fd, "store superblock", s->path, block, sizeof block,
+                     0, false) == -1)
+    return -1;
+  return s->persistent ? store_sync (s) : 0;
 }
 
 int
-store_open (struct store *s, const char *path, uint32_t cluster_size,
-            const struct disk *d)
+store_sync (struct store *s)
 {
+  if (fdatasync (s->fd) == -1)
+    return fl_error (errno, "store: fdatasync: %s: %m", s->path);
+  return 0;
+}
+
+/* Check a persistent store's superblock against the disk and the
+ * configuration (docs/store-format.md, "Validation on load").
+ */
+static int
+check_superblock (struct store *s, const struct fleece_superblock *sb,
+                  uint32_t *cluster_size, const struct disk *d)
+{
+  uint32_t cs = le32toh (sb->cluster_size);
+  uint32_t flags = le32toh (sb->flags);
+
+  if (le64toh (sb->checksum) !=
+      XXH64 (sb, offsetof (struct fleece_superblock, checksum), 0))
+    return fl_error (EINVAL, "store: %s: the superblock checksum is wrong: "
+                     "the store is damaged", s->path);
+  if (le32toh (sb->version) != FLEECE_STORE_VERSION)
+    return fl_error (EINVAL, "store: %s: format version %" PRIu32 ", this "
+                     "Fleece reads version %d", s->path,
+                     le32toh (sb->version), FLEECE_STORE_VERSION);
+  if (flags & ~(uint32_t) (FLEECE_SB_PERSISTENT | FLEECE_SB_CLEAN))
+    return fl_error (EINVAL, "store: %s: unknown superblock flags 0x%"
+                     PRIx32, s->path, flags);
+  if (le32toh (sb->header_size) != FLEECE_STORE_HEADER_SIZE ||
+      le64toh (sb->meta_offset) != FLEECE_STORE_HEADER_SIZE ||
+      le64toh (sb->meta_size) != FLEECE_STORE_META_SIZE ||
+      cs < FLEECE_CLUSTER_SIZE_MIN || cs > FLEECE_CLUSTER_SIZE_MAX ||
+      (cs & (cs - 1)) != 0 ||
+      le64toh (sb->data_offset) != data_offset_for (cs))
+    return fl_error (EINVAL, "store: %s: the superblock's layout is not "
+                     "valid: the store is damaged", s->path);
+  if (*cluster_size && *cluster_size != cs)
+    return fl_error (EINVAL, "store: %s: was made with cluster-size=%" PRIu32
+                     ", not %" PRIu32 ": drop cluster-size or give the "
+                     "store's", s->path, cs, *cluster_size);
+  if (le64toh (sb->disk_size) != d->size)
+    return fl_error (EINVAL, "store: %s: belongs to a disk of %" PRIu64
+                     " bytes, but %s has %" PRIu64 ": refusing a store of "
+                     "another disk", s->path, le64toh (sb->disk_size),
+                     d->path, d->size);
+  if (memcmp (sb->disk_id, d->id, sizeof sb->disk_id) != 0)
+    return fl_error (EINVAL, "store: %s: belongs to another disk than %s "
+                     "(the disk's identity, its device and inode, differs): "
+                     "refusing it; remove the store to start afresh",
+                     s->path, d->path);
+  *cluster_size = cs;
+  s->sb_sequence = le64toh (sb->sequence);
+  s->created = le64toh (sb->created);
+  return 0;
+}
+
+/* Read the superblock.  Returns 1 if the store holds a Fleece
+ * superblock (in sb), 0 if it holds none, -1 on error.
+ */
+static int
+read_superblock (struct store *s, uint64_t file_size,
+                 struct fleece_superblock *sb)
+{
+  ssize_t r;
+
+  if (s->is_file && file_size < FLEECE_STORE_HEADER_SIZE)
+    return 0;
+  r = pread (s->fd, sb, sizeof *sb, 0);
+  if (r == -1)
+    return fl_error (errno, "store: reading the superblock: %s: %m",
+                     s->path);
+  if (r != sizeof *sb || memcmp (sb->magic, FLEECE_STORE_MAGIC, 8) != 0)
+    return 0;
+  return 1;
+}
+
+int
+store_open (struct store *s, const char *path, uint32_t *cluster_size,
+            const struct disk *d, bool persistent, bool *existing)
+{
+  struct fleece_superblock sb;
   struct stat st;
-  uint64_t meta_end = FLEECE_STORE_HEADER_SIZE + FLEECE_STORE_META_SIZE;
+  int found;
 
   memset (s, 0, sizeof *s);
-  s->cluster_size = cluster_size;
-  s->data_offset = (meta_end + cluster_size - 1) & ~(uint64_t)
-    (cluster_size - 1);
+  *existing = false;
+  s->persistent = persistent;
   s->fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (s->fd == -1)
     return fl_error (errno, "store: open: %s: %m", path);
@@ -105,11 +202,36 @@ store_open (struct store *s, const char *path, uint32_t cluster_size,
     }
   }
   s->is_file = S_ISREG (st.st_mode);
-  if (s->is_file && ftruncate (s->fd, 0) == -1) {
-    fl_error (errno, "store: ftruncate: %s: %m", path);
+  found = read_superblock (s, st.st_size, &sb);
+  if (found == -1)
+    goto out_free_path;
+  if (found && !persistent &&
+      (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
+    fl_error (EEXIST, "store: %s: holds the persistent snapshots and "
+              "bitmaps of an earlier run: start with persistent=true to "
+              "keep them, or remove the file to discard them", path);
     goto out_free_path;
   }
-  if (write_superblock (s, d) == -1)
+  if (found && persistent && (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
+    if (check_superblock (s, &sb, cluster_size, d) == -1)
+      goto out_free_path;
+    *existing = true;
+  }
+  else {
+    if (*cluster_size == 0)
+      *cluster_size = FLEECE_CLUSTER_SIZE_DEFAULT;
+    s->created = (uint64_t) time (NULL);
+    if (s->is_file && ftruncate (s->fd, 0) == -1) {
+      fl_error (errno, "store: ftruncate: %s: %m", path);
+      goto out_free_path;
+    }
+  }
+  s->cluster_size = *cluster_size;
+  s->data_offset = data_offset_for (s->cluster_size);
+  /* A new persistent store gets its superblock after its first image
+   * (meta_start).
+   */
+  if (!persistent && store_write_superblock (s, d, true) == -1)
     goto out_free_path;
   pthread_mutex_init (&s->lock, NULL);
   return 0;
@@ -121,6 +243,25 @@ store_open (struct store *s, const char *path, uint32_t cluster_size,
   close (s->fd);
   s->fd = -1;
   return -1;
+}
+
+/* The metadata log region, for meta.c. */
+int
+store_meta_pwrite (struct store *s, const void *buf, size_t len,
+                   uint64_t offset)
+{
+  if (meta_write_fails ())
+    return fl_error (EIO, "store: metadata log: pwrite: %s: offset %" PRIu64
+                     ": injected error (fleece.fail_meta_write)", s->path,
+                     offset);
+  return fl_pwrite_all (s->fd, "store metadata log", s->path, buf, len,
+                        offset, false);
+}
+
+int
+store_meta_pread (struct store *s, void *buf, size_t len, uint64_t offset)
+{
+  return fl_pread_all (s->fd, "store metadata", s->path, buf, len, offset);
 }
 
 void
@@ -274,6 +415,60 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
   return got;
 }
 
+/* n contiguous slots for metadata (the image), outside store-max. */
+int
+store_alloc_run (struct store *s, uint32_t n, uint32_t *first)
+{
+  uint32_t i, run = 0;
+
+  pthread_mutex_lock (&s->lock);
+  for (i = 0; i < s->nslots && run < n; i++) {
+    if (slot_used (s, i))
+      run = 0;
+    else if (run++ == 0)
+      *first = i;
+  }
+  if (run < n) {
+    if (run == 0)
+      *first = s->nslots;
+    if ((uint64_t) *first + n > MAX_SLOTS || grow (s, *first + n) == -1) {
+      pthread_mutex_unlock (&s->lock);
+      return fl_error (ENOSPC, "store: %s: no room for %" PRIu32
+                       " metadata clusters", s->path, n);
+    }
+  }
+  for (i = *first; i < *first + n; i++)
+    s->used[i / 64] |= UINT64_C (1) << (i % 64);
+  s->nused += n;
+  pthread_mutex_unlock (&s->lock);
+  return 0;
+}
+
+/* Mark a slot in use while loading a persistent store.  Fails if it
+ * already is: two records naming one slot mean the store is damaged.
+ */
+int
+store_claim (struct store *s, uint32_t slot)
+{
+  int r = 0;
+
+  if (slot >= MAX_SLOTS)
+    return fl_error (EINVAL, "store: %s: slot %" PRIu32 " out of range",
+                     s->path, slot);
+  pthread_mutex_lock (&s->lock);
+  if (slot >= s->nslots && grow (s, slot + 1) == -1)
+    r = -1;
+  else if (slot_used (s, slot))
+    r = fl_error (EINVAL, "store: %s: slot %" PRIu32 " is claimed twice: "
+                  "the metadata is damaged", s->path, slot);
+  else {
+    s->used[slot / 64] |= UINT64_C (1) << (slot % 64);
+    s->nused++;
+  }
+  pthread_mutex_unlock (&s->lock);
+  return r;
+}
+
 void
 store_free (struct store *s, uint32_t slot)
 {
@@ -302,6 +497,8 @@ store_write (struct store *s, uint32_t slot, uint32_t nslots,
   uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size;
 
   assert (len <= (uint64_t) nslots * s->cluster_size);
+  if (fleece_debug.store_write_delay_ms)    /* a slow store, for tests */
+    usleep (fleece_debug.store_write_delay_ms * 1000);
   if (fleece_debug.fail_store_write)
     return fl_error (EIO, "store: pwrite: %s: offset %" PRIu64
                      ": injected error (fleece.fail_store_write)",

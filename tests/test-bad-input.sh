@@ -32,8 +32,12 @@ ok_fails "unknown parameter" "unknown parameter 'colour'" \
   nbd disk="$disk" store="$tmp/st" colour=blue
 ok_fails "bad on-cbw-error" "on-cbw-error=maybe: expected break-snapshot or fail-write" \
   nbd disk="$disk" store="$tmp/st" on-cbw-error=maybe
-ok_fails "persistent=true refused for now" "persistent=true is not supported" \
-  nbd disk="$disk" store="$tmp/st" persistent=true
+ok_fails "persistent=maybe" "persistent=maybe: expected true or false" \
+  nbd disk="$disk" store="$tmp/st" persistent=maybe
+ok_fails "cbw-timeout=0" "cbw-timeout=0: expected seconds" \
+  nbd disk="$disk" store="$tmp/st" cbw-timeout=0
+ok_fails "cbw-timeout=soon" "cbw-timeout=soon: expected seconds" \
+  nbd disk="$disk" store="$tmp/st" cbw-timeout=soon
 ok_fails "store is the disk" "is the disk itself" \
   nbd disk="$disk" store="$disk"
 ok_fails "store in a missing directory" "store: open: .*No such file" \
@@ -56,7 +60,7 @@ nbdkit_once -f -U '$tmp/x.sock' '$FLEECE_PLUGIN' disk='$disk' store="\$store"
 EOS
 ok_fails "store on a read-only filesystem" "store: open: .*Read-only file system" \
   unshare -m bash "$tmp/mounts.sh" ro
-ok_fails "store on a full filesystem" "store: writing superblock: .*No space left on device" \
+ok_fails "store on a full filesystem" "store superblock: pwrite: .*No space left on device" \
   unshare -m bash "$tmp/mounts.sh" full
 is "$(sum "$disk")" "$orig" "failed starts left the disk unchanged"
 cp "$disk" "$tmp/ref"

@@ -769,6 +769,10 @@ bitmap_list (struct conn *c)
                by && *by ? by : "-");
   }
   table_print (&t);
+  json_array_foreach (ret, i, b)
+    if (json_is_true (json_object_get (b, "inconsistent")))
+      printf ("bitmap '%s' is inconsistent: %s\n", str_member (b, "name"),
+              str_member (b, "inconsistent-reason"));
   json_decref (ret);
 }
 
