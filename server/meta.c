@@ -831,9 +831,9 @@ load (struct fleece *fl, bool clean)
   struct meta *m = &fl->meta;
   char *region = NULL, *img = NULL;
   struct rec st[2], r;
-  size_t sz[2], pos;
+  size_t sz[2], pos, q;
   uint32_t slot, nslots, gen, i;
-  uint64_t len, hash, prev;
+  uint64_t len, hash, prev, newest;
   int h, ret = -1;
   struct stat sb;
 
@@ -903,8 +903,28 @@ load (struct fleece *fl, bool clean)
     prev = r.seq;
     pos += n;
   }
-  m->seq = prev;
-  m->durable = prev;
+  /* A valid newer record past the end means a damaged record, not a torn
+   * tail (or a tail torn out of order): records may be missing, so no
+   * snapshot can be proven exact.
+   */
+  newest = prev;
+  for (q = pos + 8; q + REC_HDR_SIZE <= HALF_SIZE; q += 8) {
+    const char *p = region + (size_t) h * HALF_SIZE + q;
+    if (decode (p, HALF_SIZE - q, &r) && r.seq > newest)
+      newest = r.seq;
+  }
+  if (newest > prev)
+    for (i = 0; i < fl->nsnaps; i++)
+      if (!atomic_load (&fl->snaps[i]->broken)) {
+        snprintf (fl->snaps[i]->broken_reason,
+                  sizeof fl->snaps[i]->broken_reason,
+                  "the store's metadata log has a damaged record (sequence "
+                  "%" PRIu64 ") followed by valid ones: copies may be "
+                  "missing", prev + 1);
+        atomic_store (&fl->snaps[i]->broken, true);
+      }
+  m->seq = newest;
+  m->durable = newest;
   m->half = h;
   m->pos = pos;
   for (i = 0; i < fl->nsnaps; i++)
@@ -917,6 +937,13 @@ load (struct fleece *fl, bool clean)
    */
   copymap_prune (&fl->copies, UINT32_MAX, copy_needed, drop_loaded, fl);
   copymap_foreach (&fl->copies, count_held, fl);
+  for (i = 0; i < fl->nsnaps; i++) {
+    _Atomic uint64_t *bits = atomic_load (&fl->snaps[i]->released);
+    uint64_t w, n = 0;
+    for (w = 0; bits && w < (fl->nclusters + 63) / 64; w++)
+      n += __builtin_popcountll (atomic_load (&bits[w]));
+    atomic_store (&fl->snaps[i]->nreleased, n);
+  }
   ret = 0;
  out:
   free (region);
