@@ -343,7 +343,7 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
     pthread_mutex_unlock (&j->lock);
     *bufp = NULL;
     *slotsp = NULL;
-    return fl_error (ETIMEDOUT, "copy-before-write: the store %s took "
+    return fl_error (EIO, "copy-before-write: the store %s took "
                      "longer than cbw-timeout (%" PRIu64 " ms) to take a "
                      "copy", fl->store.path, fl->cbw_timeout_ns / 1000000);
   }
