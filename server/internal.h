@@ -74,7 +74,8 @@ struct store {
   bool warn_pending;            /* the crossing is not yet reported */
   uint64_t *used;               /* bitmap of allocated slots */
   uint32_t nslots;              /* slots the bitmap covers */
-  uint32_t nused;
+  uint32_t nused;                /* data and metadata */
+  uint32_t nmeta;               /* metadata: the image (meta.c) */
   uint32_t hint;                /* where the next search starts */
 };
 
@@ -102,7 +103,8 @@ extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
                          uint64_t *file_bytes);
 /* Persistent stores. */
 extern int store_alloc_run (struct store *s, uint32_t n, uint32_t *first);
-extern int store_claim (struct store *s, uint32_t slot);
+extern int store_claim (struct store *s, uint32_t slot, bool meta);
+extern void store_free_meta (struct store *s, uint32_t slot);
 extern int store_write_superblock (struct store *s, const struct disk *d,
                                    bool clean);
 extern int store_sync (struct store *s);

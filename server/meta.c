@@ -538,7 +538,7 @@ meta_image (struct fleece *fl)
                      false) == -1 ||
       store_sync (&fl->store) == -1) {
     for (i = 0; i < nslots; i++)
-      store_free (&fl->store, slot + i);
+      store_free_meta (&fl->store, slot + i);
     goto out;
   }
   wb_u32 (&payload, slot);
@@ -575,7 +575,7 @@ meta_image (struct fleece *fl)
   pthread_mutex_unlock (&m->lock);
   if (r == 0) {
     for (i = 0; i < old_n; i++)
-      store_free (&fl->store, old_slot + i);
+      store_free_meta (&fl->store, old_slot + i);
     for (i = 0; i < ndeferred; i++)
       store_free (&fl->store, deferred[i]);
   }
@@ -642,7 +642,7 @@ load_copy (struct fleece *fl, const struct copy *cp)
       return 0;                 /* repeated after an image: the same copy */
     return damaged (fl, "two copies of a cluster overlap");
   }
-  if (cp->slot != ZERO_SLOT && store_claim (&fl->store, cp->slot) == -1)
+  if (cp->slot != ZERO_SLOT && store_claim (&fl->store, cp->slot, false) == -1)
     return -1;
   if (copymap_insert (&fl->copies, cp) == -1)
     return -1;
@@ -884,7 +884,7 @@ load (struct fleece *fl, bool clean)
     goto out;
   }
   for (i = 0; i < nslots; i++)
-    if (store_claim (&fl->store, slot + i) == -1)
+    if (store_claim (&fl->store, slot + i, true) == -1)
       goto out;
   m->img_slot = slot;
   m->img_nslots = nslots;

@@ -373,7 +373,7 @@ store_take_warning (struct store *s, uint64_t *used)
   pthread_mutex_lock (&s->lock);
   r = s->warn_pending;
   s->warn_pending = false;
-  *used = s->nused;
+  *used = s->nused - s->nmeta;
   pthread_mutex_unlock (&s->lock);
   return r;
 }
@@ -385,14 +385,14 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
 
   assert (n >= 1);
   pthread_mutex_lock (&s->lock);
-  if (s->max_slots && s->nused >= s->max_slots) {
+  if (s->max_slots && s->nused - s->nmeta >= s->max_slots) {
     pthread_mutex_unlock (&s->lock);
     return fl_error (ENOSPC, "store: %s: full: store-max of %" PRIu64
                      " bytes reached", s->path,
                      (uint64_t) s->max_slots * s->cluster_size);
   }
-  if (s->max_slots && n > s->max_slots - s->nused)
-    n = s->max_slots - s->nused;
+  if (s->max_slots && n > s->max_slots - (s->nused - s->nmeta))
+    n = s->max_slots - (s->nused - s->nmeta);
   if (find_free (s, s->hint, first) == -1) {
     pthread_mutex_unlock (&s->lock);
     return -1;
@@ -409,7 +409,8 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
   }
   s->nused += got;
   s->hint = *first + got;
-  if (s->warn_slots && !s->above_warn && s->nused >= s->warn_slots)
+  if (s->warn_slots && !s->above_warn &&
+      s->nused - s->nmeta >= s->warn_slots)
     s->above_warn = s->warn_pending = true;
   pthread_mutex_unlock (&s->lock);
   return got;
@@ -440,6 +441,7 @@ store_alloc_run (struct store *s, uint32_t n, uint32_t *first)
   for (i = *first; i < *first + n; i++)
     s->used[i / 64] |= UINT64_C (1) << (i % 64);
   s->nused += n;
+  s->nmeta += n;
   pthread_mutex_unlock (&s->lock);
   return 0;
 }
@@ -448,7 +450,7 @@ store_alloc_run (struct store *s, uint32_t n, uint32_t *first)
  * already is: two records naming one slot mean the store is damaged.
  */
 int
-store_claim (struct store *s, uint32_t slot)
+store_claim (struct store *s, uint32_t slot, bool meta)
 {
   int r = 0;
 
@@ -464,13 +466,28 @@ store_claim (struct store *s, uint32_t slot)
   else {
     s->used[slot / 64] |= UINT64_C (1) << (slot % 64);
     s->nused++;
+    s->nmeta += meta;
   }
   pthread_mutex_unlock (&s->lock);
   return r;
 }
 
+static void free_slot (struct store *s, uint32_t slot, bool meta);
+
 void
 store_free (struct store *s, uint32_t slot)
+{
+  free_slot (s, slot, false);
+}
+
+void
+store_free_meta (struct store *s, uint32_t slot)
+{
+  free_slot (s, slot, true);
+}
+
+static void
+free_slot (struct store *s, uint32_t slot, bool meta)
 {
   if (s->is_file)
     /* Best effort: a filesystem without holes keeps the space, the slot
@@ -483,9 +500,10 @@ store_free (struct store *s, uint32_t slot)
   assert (slot_used (s, slot));
   s->used[slot / 64] &= ~(UINT64_C (1) << (slot % 64));
   s->nused--;
+  s->nmeta -= meta;
   if (slot < s->hint)
     s->hint = slot;
-  if (s->above_warn && s->nused < s->warn_slots)
+  if (s->above_warn && s->nused - s->nmeta < s->warn_slots)
     s->above_warn = false;      /* re-arm the warning */
   pthread_mutex_unlock (&s->lock);
 }
@@ -523,7 +541,7 @@ store_usage (struct store *s, uint64_t *used, uint64_t *total,
   uint32_t i, top = 0;
 
   pthread_mutex_lock (&s->lock);
-  *used = s->nused;
+  *used = s->nused - s->nmeta;
   for (i = s->nslots; i > 0; i--)
     if (slot_used (s, i - 1)) {
       top = i;

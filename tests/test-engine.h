@@ -222,12 +222,20 @@ test_write_disk (const char *path, const void *buf, uint64_t size)
 static inline struct fleece *
 test_open (const char *disk, const char *store, uint32_t cluster_size)
 {
+  /* FLEECE_TEST_PERSISTENT=1 (test-engine-persistent.sh): the same
+   * tests on a persistent store, started afresh.
+   */
   struct fleece_config cfg = {
     .disk = disk,
     .store = store,
     .cluster_size = cluster_size,
+    .persistent = getenv ("FLEECE_TEST_PERSISTENT") != NULL,
   };
-  struct fleece *fl = fleece_open (&cfg);
+  struct fleece *fl;
+
+  if (cfg.persistent)
+    unlink (store);
+  fl = fleece_open (&cfg);
 
   if (fl == NULL)
     bail_out ("fleece_open: %s", fleece_last_error ());
