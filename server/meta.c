@@ -34,8 +34,8 @@
  * so every operation that needs a record fails from then on (the live
  * disk stays writable where no copy is needed).
  *
- * Lock order: admin_lock, then snaps_lock, then meta lock; the meta lock
- * is never held across I/O.  Waiting for a commit never happens with
+ * Lock order: admin_lock, then snaps_lock, then break_lock, then meta
+ * lock; the meta lock is never held across I/O.  Waiting for a commit never happens with
  * snaps_lock or a snapshot's io_lock held: the compactor, which writes
  * the image when the log is full, takes admin_lock, and an admin
  * operation may wait for those locks.
@@ -454,6 +454,11 @@ build_image (struct fleece *fl, struct wbuf *b)
   uint64_t ncopies;
 
   pthread_rwlock_rdlock (&fl->snaps_lock);
+  /* A snapshot being broken appends its BROKEN record before it sets
+   * broken, both under break_lock: if the record fell before the cut, the
+   * flag is set by the time this lock is ours.
+   */
+  pthread_mutex_lock (&fl->break_lock);
   wb_bytes (b, IMAGE_MAGIC, 8);
   wb_u32 (b, fl->cluster_size);
   wb_u32 (b, 0);
@@ -477,6 +482,7 @@ build_image (struct fleece *fl, struct wbuf *b)
     if (rel)
       wb_words (b, rel, nwords);
   }
+  pthread_mutex_unlock (&fl->break_lock);
   bitmap_image_put (fl, b);
   ncopies = b->len;
   copymap_foreach (&fl->copies, put_copy, b);
