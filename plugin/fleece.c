@@ -213,8 +213,9 @@ plug_config_complete (void)
   "on-cbw-error=break-snapshot|fail-write\n" \
   "                     What a failed copy-before-write does (default\n" \
   "                     break-snapshot).\n" \
-  "cbw-timeout=<SECONDS> Break the snapshot rather than stall a live write\n" \
-  "                     longer than this on a slow store (default: wait).\n" \
+  "cbw-timeout=<SECONDS> Give up a copy the store has not taken in this\n" \
+  "                     time: break the snapshot, or with fail-write fail\n" \
+  "                     the write (default: wait).\n" \
   "tls-exports-only=true  Snapshot and bitmap exports only over TLS.\n" \
   "persistent=true|false  Snapshots and bitmaps survive restarts and\n" \
   "                     crashes (default false: they last as long as\n" \

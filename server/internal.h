@@ -62,6 +62,7 @@ struct store {
   uint64_t data_offset;
   bool is_file;
   bool persistent;
+  bool loading;                 /* meta.c is loading it: no punching */
   uint64_t created;             /* when the store was formatted */
   uint64_t sb_sequence;         /* of the last superblock written */
 

@@ -643,6 +643,11 @@ load_copy (struct fleece *fl, const struct copy *cp)
   if (cp->cluster >= fl->nclusters || cp->lo >= cp->hi ||
       (cp->slot != ZERO_SLOT && cp->slot >= UINT32_MAX - 1))
     return damaged (fl, "a copy record is out of range");
+  /* A copy no snapshot reads any more (an image can hold one whose
+   * release was pending) is skipped: its slot may have been reused.
+   */
+  if (!copy_needed (fl, cp))
+    return 0;
   if (copymap_lookup (&fl->copies, cp->cluster, cp->hi, &have)) {
     if (memcmp (&have, cp, sizeof have) == 0)
       return 0;                 /* repeated after an image: the same copy */
@@ -964,6 +969,7 @@ meta_init (struct fleece *fl, bool existing, bool *was_clean)
   struct meta *m = &fl->meta;
   char block[sizeof (struct fleece_superblock)];
   const struct fleece_superblock *sb = (void *) block;
+  int r;
 
   memset (m, 0, sizeof *m);
   pthread_mutex_init (&m->lock, NULL);
@@ -975,7 +981,10 @@ meta_init (struct fleece *fl, bool existing, bool *was_clean)
   if (store_meta_pread (&fl->store, block, sizeof block, 0) == -1)
     return -1;
   *was_clean = le32toh (sb->flags) & FLEECE_SB_CLEAN;
-  return load (fl, *was_clean);
+  fl->store.loading = true;
+  r = load (fl, *was_clean);
+  fl->store.loading = false;
+  return r;
 }
 
 /* After loading (or formatting): write a first image, so that the log

@@ -165,6 +165,20 @@ read_superblock (struct store *s, uint64_t file_size,
   return 1;
 }
 
+static int
+zero_log (struct store *s)
+{
+  char *zero = calloc (1, FLEECE_STORE_META_SIZE);
+  int r;
+
+  if (zero == NULL)
+    return fl_error (ENOMEM, "store: out of memory");
+  r = fl_pwrite_all (s->fd, "store metadata log", s->path, zero,
+                     FLEECE_STORE_META_SIZE, FLEECE_STORE_HEADER_SIZE, false);
+  free (zero);
+  return r;
+}
+
 int
 store_open (struct store *s, const char *path, uint32_t *cluster_size,
             const struct disk *d, bool persistent, bool *existing)
@@ -205,6 +219,16 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
   found = read_superblock (s, st.st_size, &sb);
   if (found == -1)
     goto out_free_path;
+  /* A Fleece superblock that fails its checksum may be a persistent
+   * store's: refuse it rather than format it.
+   */
+  if (found && le64toh (sb.checksum) !=
+      XXH64 (&sb, offsetof (struct fleece_superblock, checksum), 0)) {
+    fl_error (EINVAL, "store: %s: the superblock checksum is wrong: the "
+              "store is damaged (remove it to start afresh, losing what it "
+              "holds)", path);
+    goto out_free_path;
+  }
   if (found && !persistent &&
       (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
     fl_error (EEXIST, "store: %s: holds the persistent snapshots and "
@@ -225,6 +249,11 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
       fl_error (errno, "store: ftruncate: %s: %m", path);
       goto out_free_path;
     }
+    /* A block device is not truncated: clear its metadata log, so that
+     * the records of an earlier store on it can never be loaded.
+     */
+    if (!s->is_file && persistent && zero_log (s) == -1)
+      goto out_free_path;
   }
   s->cluster_size = *cluster_size;
   s->data_offset = data_offset_for (s->cluster_size);
@@ -489,7 +518,8 @@ store_free_meta (struct store *s, uint32_t slot)
 static void
 free_slot (struct store *s, uint32_t slot, bool meta)
 {
-  if (s->is_file)
+  /* Not while loading: a store refused later must be left as it was. */
+  if (s->is_file && !s->loading)
     /* Best effort: a filesystem without holes keeps the space, the slot
      * is still reused.
      */
