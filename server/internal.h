@@ -235,6 +235,7 @@ struct meta {
   int err;                      /* errno of a failed write: sticky */
   char errmsg[256];
   uint32_t img_slot, img_nslots; /* the current image in the data area */
+  uint32_t load_slots;          /* loading: slots the store file spans */
   uint32_t *deferred;           /* slots to free once the image is stable */
   size_t ndeferred, capdeferred;
   pthread_t compactor;

@@ -49,8 +49,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <linux/fs.h>
 
 #include <xxhash.h>
 
@@ -62,6 +64,8 @@
 #define REC_MAGIC     "FLMR"
 #define IMAGE_MAGIC   "FLIMAGE1"
 #define STATE_PAYLOAD 32
+/* Generations stay below this: a new snapshot takes the next one. */
+#define GEN_LIMIT     (UINT32_MAX - 1)
 
 /* ---- buffers ---- */
 
@@ -641,7 +645,8 @@ load_copy (struct fleece *fl, const struct copy *cp)
   struct copy have;
 
   if (cp->cluster >= fl->nclusters || cp->lo >= cp->hi ||
-      (cp->slot != ZERO_SLOT && cp->slot >= UINT32_MAX - 1))
+      cp->hi >= GEN_LIMIT ||
+      (cp->slot != ZERO_SLOT && cp->slot >= fl->meta.load_slots))
     return damaged (fl, "a copy record is out of range");
   /* A copy no snapshot reads any more (an image can hold one whose
    * release was pending) is skipped: its slot may have been reused.
@@ -660,6 +665,14 @@ load_copy (struct fleece *fl, const struct copy *cp)
   if (cp->hi > atomic_load (&fl->cgen[cp->cluster]))
     atomic_store (&fl->cgen[cp->cluster], cp->hi);
   return 0;
+}
+
+static uint64_t
+disk_size_of (int fd)
+{
+  uint64_t size = 0;
+
+  return ioctl (fd, BLKGETSIZE64, &size) == 0 ? size : 0;
 }
 
 static struct fleece_snap *
@@ -692,6 +705,8 @@ load_image (struct fleece *fl, const char *p, size_t len, bool clean,
   if (cs != fl->cluster_size || size != fl->disk.size)
     return damaged (fl, "the image is of another geometry");
   *gen = rb_u32 (&b);
+  if (*gen >= GEN_LIMIT)
+    return damaged (fl, "the image's generation is out of range");
   nsnaps = rb_u32 (&b);
   nbitmaps = rb_u32 (&b);
   rb_u32 (&b);
@@ -875,8 +890,19 @@ load (struct fleece *fl, bool clean)
     fl_error (errno, "store: fstat: %s: %m", fl->store.path);
     goto out;
   }
+  /* Copies were written before their records: every slot a record
+   * names lies within the store as it is now.
+   */
+  {
+    uint64_t size = fl->store.is_file ? (uint64_t) sb.st_size
+      : disk_size_of (fl->store.fd);
+    uint64_t n = size > fl->store.data_offset
+      ? (size - fl->store.data_offset + fl->cluster_size - 1) /
+        fl->cluster_size : 0;
+    m->load_slots = n > UINT32_MAX - 2 ? UINT32_MAX - 2 : n;
+  }
   if (len == 0 || nslots != (len + fl->cluster_size - 1) / fl->cluster_size
-      || (uint64_t) slot + nslots >= UINT32_MAX - 1 ||
+      || (uint64_t) slot + nslots > m->load_slots ||
       (fl->store.is_file && fl->store.data_offset +
        (uint64_t) slot * fl->cluster_size + len > (uint64_t) sb.st_size)) {
     damaged (fl, "the STATE record points outside the store");

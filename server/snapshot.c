@@ -114,6 +114,11 @@ snap_prepare (struct fleece *fl, const char *name)
     fl_error (EEXIST, "snapshot '%s' already exists", name);
     return NULL;
   }
+  if (state_gen (atomic_load (&fl->state)) >= UINT32_MAX - 2) {
+    fl_error (ENOSPC, "snapshot '%s': the store has used up its snapshot "
+              "generations (2^32)", name);
+    return NULL;
+  }
   if (fl->nsnaps >= FLEECE_SNAPSHOTS_MAX) {
     fl_error (ENOSPC, "snapshot '%s': there are already %d snapshots",
               name, FLEECE_SNAPSHOTS_MAX);
