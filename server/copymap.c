@@ -139,6 +139,31 @@ copymap_lookup (struct copymap *m, uint32_t cluster, uint32_t gen,
   return found;
 }
 
+bool
+copymap_overlap (struct copymap *m, uint32_t cluster, uint32_t lo,
+                 uint32_t hi, struct copy *out)
+{
+  struct copymap_shard *sh = shard_of (m, cluster);
+  bool found = false;
+  uint32_t mask, i;
+
+  pthread_mutex_lock (&sh->lock);
+  if (sh->cap > 0) {
+    mask = sh->cap - 1;
+    for (i = hash (cluster) & mask; sh->tab[i].cluster != EMPTY;
+         i = (i + 1) & mask) {
+      const struct copy *c = &sh->tab[i];
+      if (c->cluster == cluster && c->lo < hi && lo < c->hi) {
+        *out = *c;
+        found = true;
+        break;
+      }
+    }
+  }
+  pthread_mutex_unlock (&sh->lock);
+  return found;
+}
+
 /* Remove tab[i] and shift back the entries of its probe chain that would
  * otherwise become unreachable.
  */

@@ -183,6 +183,9 @@ extern void copymap_prune (struct copymap *m, uint32_t cluster,
                            void (*drop) (void *, const struct copy *),
                            void *opaque);
 extern uint64_t copymap_count (struct copymap *m);
+/* A copy of cluster whose range meets (lo, hi], if any. */
+extern bool copymap_overlap (struct copymap *m, uint32_t cluster,
+                             uint32_t lo, uint32_t hi, struct copy *out);
 /* Call fn for every copy, shard by shard, each shard locked. */
 extern int copymap_foreach (struct copymap *m,
                             int (*fn) (void *, const struct copy *),

@@ -653,7 +653,7 @@ load_copy (struct fleece *fl, const struct copy *cp)
    */
   if (!copy_needed (fl, cp))
     return 0;
-  if (copymap_lookup (&fl->copies, cp->cluster, cp->hi, &have)) {
+  if (copymap_overlap (&fl->copies, cp->cluster, cp->lo, cp->hi, &have)) {
     if (memcmp (&have, cp, sizeof have) == 0)
       return 0;                 /* repeated after an image: the same copy */
     return damaged (fl, "two copies of a cluster overlap");
