@@ -115,31 +115,6 @@ copymap_insert (struct copymap *m, const struct copy *c)
 }
 
 bool
-copymap_lookup (struct copymap *m, uint32_t cluster, uint32_t gen,
-                struct copy *out)
-{
-  struct copymap_shard *sh = shard_of (m, cluster);
-  bool found = false;
-  uint32_t mask, i;
-
-  pthread_mutex_lock (&sh->lock);
-  if (sh->cap > 0) {
-    mask = sh->cap - 1;
-    for (i = hash (cluster) & mask; sh->tab[i].cluster != EMPTY;
-         i = (i + 1) & mask) {
-      const struct copy *c = &sh->tab[i];
-      if (c->cluster == cluster && c->lo < gen && gen <= c->hi) {
-        *out = *c;
-        found = true;
-        break;
-      }
-    }
-  }
-  pthread_mutex_unlock (&sh->lock);
-  return found;
-}
-
-bool
 copymap_overlap (struct copymap *m, uint32_t cluster, uint32_t lo,
                  uint32_t hi, struct copy *out)
 {
@@ -162,6 +137,16 @@ copymap_overlap (struct copymap *m, uint32_t cluster, uint32_t lo,
   }
   pthread_mutex_unlock (&sh->lock);
   return found;
+}
+
+/* The copy serving generation gen (>= 1): the one whose range meets
+ * (gen - 1, gen].
+ */
+bool
+copymap_lookup (struct copymap *m, uint32_t cluster, uint32_t gen,
+                struct copy *out)
+{
+  return copymap_overlap (m, cluster, gen - 1, gen, out);
 }
 
 /* Remove tab[i] and shift back the entries of its probe chain that would
