@@ -202,3 +202,13 @@ crash
 ok "restart after a kill -9 that came before any write" start
 is "$(state c4)" recording "c4 still trusted: no write was lost"
 ok "nbdkit stops cleanly" stop_nbdkit p
+
+# --- persistent=false: nothing survives, the store is formatted afresh ---
+start_np () { start_nbdkit n -- disk="$disk" store="$tmp/np-store" control="$tmp/n.ctl"; }
+ok "start persistent=false" start_np
+ok "snapshot create gone" ctl n snapshot create gone
+ok "checkpoint gone-cp" ctl n checkpoint gone-cp
+ok "nbdkit stops cleanly" stop_nbdkit n
+ok "restart persistent=false" start_np
+is "$(jget "$(ctl n --json snapshot list)" 'len(d)')/$(jget "$(ctl n --json bitmap list)" 'len(d)')" "0/0" "no snapshot, no bitmap survived"
+ok "nbdkit stops cleanly" stop_nbdkit n
