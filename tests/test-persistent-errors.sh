@@ -47,6 +47,9 @@ ok "restart after kill -9" start b "$tmp/sb" -- store-max=256K
 is "$(snapinfo b s broken)" True "s is still broken"
 is "$(snapinfo b s broken-reason)" "$reason" "with the same reason"
 ok_fails "its export fails reads" "Input/output error" qio b snapshot/s "read 0 64k"
+ok_fails "fleece-backup refuses it and says where the reason is" \
+  "Input/output error; if the snapshot is broken, 'fleecectl snapshot list'" \
+  fleece-backup "$(snap_uri b s)" "$tmp/b.img"
 is "$(sum "$disk")" "$live" "the acknowledged write is on the live disk"
 ok "snapshot delete s" ctl b snapshot delete s
 ok "nbdkit stops cleanly" stop_nbdkit b

@@ -1815,8 +1815,15 @@ describe_failure (const struct job *j, char *msg, size_t n)
   if (j->kind != JOB_FLUSH)
     len += snprintf (msg + len, n - len, " at offset %" PRIu64
                      " length %" PRIu64, j->offset, j->length);
-  snprintf (msg + len, n - len, ": %s%s%s%s", strerror (j->err),
-            lost ? " (" : "", lost ? lost : "", lost ? ")" : "");
+  len += snprintf (msg + len, n - len, ": %s%s%s%s", strerror (j->err),
+                   lost ? " (" : "", lost ? lost : "", lost ? ")" : "");
+  /* A broken Fleece snapshot fails every request with EIO: say where the
+   * reason is.
+   */
+  if (!j->err_target && j->err == EIO && lost == NULL &&
+      (size_t) len < n && strstr (cfg.source, "snapshot/"))
+    snprintf (msg + len, n - len, "; if the snapshot is broken, "
+              "'fleecectl snapshot list' on its server says why");
 }
 
 static void
