@@ -14,14 +14,14 @@
  * States.  enabled: recording.  disabled: kept, not recording.  frozen:
  * closed by a checkpoint, read-only for good (it may be exported, merged
  * into another bitmap, or removed).  inconsistent: must not be trusted
- * for an incremental pull: a bitmap that was recording when a persistent
- * store's nbdkit stopped without a clean shutdown (its bits since the
- * last image were in memory only).  Clearing it makes it consistent
- * again (empty, recording from then on).
+ * for an incremental pull.  Nothing in the engine sets it any more (an
+ * image may still carry it); clearing a bitmap resets it.
  *
  * Persistence: every change of the list or of a bitmap's state writes an
- * image of the whole state (meta.c), which holds every bitmap's bits; the
- * final image at a clean shutdown makes the recording bitmaps exact.
+ * image of the whole state (meta.c), which holds every bitmap's bits, and
+ * before a live write reaches the disk its clusters are marked in every
+ * recording bitmap on stable storage (bitmap_intent: DIRTY records), so
+ * that after a crash a recording bitmap still covers every write.
  *
  * checkpoint-create NAME does in one gate closure what the seed's
  * successor/abdicate does for a backup job: snapshot NAME is created, the
@@ -106,6 +106,89 @@ bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count)
   c1 = (offset + count - 1) >> fl->cluster_bits;
   for (i = 0; i < set->n; i++)
     set_bits (set->b[i], c0, c1);
+}
+
+/* Persistent stores: before a live write, its clusters are recorded as
+ * dirty on stable storage (a DIRTY record) unless every recording bitmap
+ * already has them, so that a bitmap that was recording at a crash is
+ * still a superset of the writes.
+ *
+ * Called inside the write gate, where the set of recording bitmaps and
+ * their bits cannot change under the caller (engine.c).  It never waits
+ * there, so a commit never holds up a checkpoint's drain: it appends the
+ * record and sets the bits in memory together under the meta lock (an
+ * image's cut never separates them), and returns in *wait the record the
+ * caller must see stable, outside the gate, before it comes back.
+ * dirty_seq is stored before the bits, so that a writer that finds the
+ * bits set finds the record to wait for.
+ */
+struct intent {
+  struct fleece *fl;
+  struct bitmap_set *set;
+  uint64_t c0, c1;
+};
+
+static void
+intent_set (void *opaque, uint64_t seq)
+{
+  struct intent *in = opaque;
+  size_t i;
+
+  atomic_store (&in->fl->dirty_seq, seq);
+  for (i = 0; i < in->set->n; i++)
+    set_bits (in->set->b[i], in->c0, in->c1);
+}
+
+int
+bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
+               uint64_t *wait)
+{
+  struct intent in = { .fl = fl };
+  uint64_t c, seq;
+  struct wbuf b = { 0 };
+  size_t i;
+
+  *wait = 0;
+  in.set = atomic_load_explicit (&fl->dirty, memory_order_acquire);
+  if (in.set == NULL)
+    return 0;
+  in.c0 = offset >> fl->cluster_bits;
+  in.c1 = (offset + count - 1) >> fl->cluster_bits;
+  for (i = 0; i < in.set->n; i++)
+    for (c = in.c0; c <= in.c1; c++)
+      if (!((atomic_load_explicit (&in.set->b[i]->bits[c / 64],
+                                   memory_order_acquire) >> (c % 64)) & 1))
+        goto record;
+  /* All set: by a record that may not be stable yet. */
+  seq = atomic_load (&fl->dirty_seq);
+  if (seq > atomic_load (&fl->meta.durable_pub))
+    *wait = seq;
+  return 0;
+ record:
+  wb_u32 (&b, in.c0);
+  wb_u32 (&b, in.c1 - in.c0 + 1);
+  seq = meta_append_with (fl, REC_DIRTY, &b, false, intent_set, &in);
+  free (b.p);
+  if (seq == 0)
+    return -1;
+  *wait = seq;
+  return 0;
+}
+
+/* Loading: a DIRTY record marks its clusters in every recording bitmap. */
+int
+bitmap_apply_dirty (struct fleece *fl, uint32_t first, uint32_t count)
+{
+  size_t i;
+
+  if (first >= fl->nclusters || count == 0 ||
+      count > fl->nclusters - first)
+    return fl_error (EINVAL, "store: %s: a DIRTY record is out of range: "
+                     "the metadata is damaged", fl->store.path);
+  for (i = 0; i < fl->nbitmaps; i++)
+    if (fl->bitmaps[i]->enabled && !fl->bitmaps[i]->frozen)
+      set_bits (fl->bitmaps[i], first, (uint64_t) first + count - 1);
+  return 0;
 }
 
 /* ---- the list ---- */
@@ -364,6 +447,7 @@ fleece_bitmap_merge (struct fleece *fl, const char *target,
   struct bitmap *t, *src;
   uint64_t w;
   size_t i;
+  bool hold;
   int r = -1;
 
   pthread_mutex_lock (&fl->admin_lock);
@@ -373,6 +457,14 @@ fleece_bitmap_merge (struct fleece *fl, const char *target,
   for (i = 0; i < n; i++)       /* check them all before changing t */
     if (lookup (fl, sources[i]) == NULL)
       goto out;
+  /* Persistent, recording target: a writer that finds its bits set by
+   * the merge records no intent, so the merge is stable before any
+   * writer can see it.  Merges are rare; the gate stays closed across
+   * the image.
+   */
+  hold = fl->meta.on && t->enabled;
+  if (hold)
+    gate_close (&fl->gate);
   for (i = 0; i < n; i++) {
     src = find_bitmap (fl, sources[i]);
     for (w = 0; src != t && w < t->nwords; w++) {
@@ -382,6 +474,8 @@ fleece_bitmap_merge (struct fleece *fl, const char *target,
     }
   }
   r = meta_image (fl);
+  if (hold)
+    gate_open (&fl->gate);
  out:
   pthread_mutex_unlock (&fl->admin_lock);
   return r;
@@ -687,14 +781,7 @@ bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, bool clean)
       return fl_error (EINVAL, "store: %s: bitmap '%s' of the image is "
                        "truncated: the metadata is damaged", fl->store.path,
                        name);
-    if (!clean && bm->enabled && !bm->frozen && !bm->inconsistent) {
-      bm->inconsistent = true;
-      snprintf (bm->inconsistent_reason, sizeof bm->inconsistent_reason,
-                "nbdkit stopped without a clean shutdown while this bitmap "
-                "was recording: writes since it was last saved may be "
-                "missing from it; clear it or start over with a full "
-                "backup");
-    }
+    (void) clean;   /* DIRTY records keep recording bitmaps exact */
   }
   {
     struct bitmap_set *set;

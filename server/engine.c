@@ -184,6 +184,23 @@ live_modify (struct fleece *fl, enum live_op op, const void *buf,
     return -1;
   for (;;) {
     slot = gate_enter (&fl->gate);
+    /* Persistent: the recording bitmaps must have these clusters on
+     * stable storage first; wait for that outside the gate, then check
+     * again.
+     */
+    if (fl->meta.on) {
+      uint64_t wait;
+      if (bitmap_intent (fl, offset, count, &wait) == -1) {
+        gate_leave (&fl->gate, slot);
+        return -1;
+      }
+      if (wait) {
+        gate_leave (&fl->gate, slot);
+        if (meta_wait (fl, wait) == -1)
+          return -1;
+        continue;
+      }
+    }
     st = atomic_load_explicit (&fl->state, memory_order_acquire);
     if (state_nsnaps (st) == 0 ||
         cbw_done (fl, offset, count, state_gen (st)))

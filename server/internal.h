@@ -229,6 +229,7 @@ struct meta {
   uint64_t pos;                 /* bytes used in the active half */
   uint64_t seq;                 /* last sequence number handed out */
   uint64_t durable;             /* every record up to here is stable */
+  _Atomic uint64_t durable_pub; /* durable, for lock-free checks */
   struct wbuf pend;             /* records appended, not yet written */
   bool pend_data;               /* ... some point at data to sync first */
   bool committing;              /* a writer is writing pend */
@@ -252,6 +253,7 @@ struct meta {
 #define REC_BROKEN   0x0013
 #define REC_COPY     0x0020
 #define REC_RELEASE  0x0021
+#define REC_DIRTY    0x0022
 
 extern int meta_init (struct fleece *fl, bool existing, bool *was_clean);
 extern int meta_start (struct fleece *fl, bool existing, bool was_clean);
@@ -262,6 +264,10 @@ extern void meta_close (struct fleece *fl);
  */
 extern uint64_t meta_append (struct fleece *fl, uint16_t type,
                              const struct wbuf *payload, bool data);
+extern uint64_t meta_append_with (struct fleece *fl, uint16_t type,
+                                  const struct wbuf *payload, bool data,
+                                  void (*fn) (void *, uint64_t),
+                                  void *opaque);
 /* Wait until record seq is stable (group commit). */
 extern int meta_wait (struct fleece *fl, uint64_t seq);
 /* Before a live write: the store must not claim a clean stop any more. */
@@ -330,6 +336,8 @@ struct fleece {
   size_t nbitmaps;
   struct bitmap *checkpoint_active;
   struct bitmap_set *_Atomic dirty;
+  /* The newest DIRTY record: bits found set may be set by it. */
+  _Atomic uint64_t dirty_seq;
 
   /* Statistics, updated with relaxed atomics. */
   _Atomic uint64_t st_bytes_written, st_cbw_clusters, st_cbw_zero,
@@ -395,6 +403,10 @@ extern void snap_discard (struct fleece_snap *s);
 extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
 extern void snap_record_drain (struct fleece *fl, uint64_t ns);
 extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
+extern int bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
+                          uint64_t *wait);
+extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,
+                               uint32_t count);
 extern void bitmap_free_all (struct fleece *fl);
 /* The image (meta.c): bitmaps; admin_lock held. */
 extern void bitmap_image_put (struct fleece *fl, struct wbuf *b);

@@ -8,7 +8,8 @@
  * (snapshots, bitmaps with their bits, copy records) written in data-area
  * slots, checksummed.  After it come the records of what changed since:
  * COPY (new copies), RELEASE (a client trimmed clusters of a snapshot),
- * BROKEN (a snapshot lost a copy).  Every admin operation (snapshot or
+ * BROKEN (a snapshot lost a copy), DIRTY (clusters about to be written,
+ * for the recording bitmaps).  Every admin operation (snapshot or
  * bitmap change, checkpoint) and a full half write a new image and switch
  * halves: build the image, write it to fresh slots, sync, write the STATE
  * record at the start of the other half, sync.  Loading picks the half
@@ -26,8 +27,10 @@
  * An image cuts the log: records appended before the cut and not yet
  * written are dropped, because the state they describe was already in
  * memory when the image was built (every change is made in memory before
- * its record is appended); their waiters are released once the image is
- * stable.  Records appended after the cut go into the new half.  Loading
+ * its record is appended, or with it under the meta lock); their waiters
+ * are released once the image is stable.  DIRTY records are carried over
+ * after the new STATE instead: a writer may find its bits set and must
+ * still see a stable record for them.  Records appended after the cut go into the new half.  Loading
  * tolerates a record that repeats what the image holds.
  *
  * A failed write of the log is sticky: nothing more can be made durable,
@@ -316,6 +319,18 @@ uint64_t
 meta_append (struct fleece *fl, uint16_t type, const struct wbuf *payload,
              bool data)
 {
+  return meta_append_with (fl, type, payload, data, NULL, NULL);
+}
+
+/* meta_append, and fn (opaque, seq) called under the meta lock once the
+ * record is appended: what fn changes in memory is on the same side of
+ * an image's cut as the record.
+ */
+uint64_t
+meta_append_with (struct fleece *fl, uint16_t type,
+                  const struct wbuf *payload, bool data,
+                  void (*fn) (void *, uint64_t), void *opaque)
+{
   struct meta *m = &fl->meta;
   uint64_t seq;
 
@@ -341,6 +356,8 @@ meta_append (struct fleece *fl, uint16_t type, const struct wbuf *payload,
     return 0;
   }
   m->pend_data |= data;
+  if (fn)
+    fn (opaque, seq);
   pthread_mutex_unlock (&m->lock);
   return seq;
 }
@@ -398,6 +415,7 @@ meta_wait (struct fleece *fl, uint64_t seq)
     if (r == 0) {
       m->pos += batch.len;
       m->durable = last;
+      atomic_store (&m->durable_pub, last);
     }
     else
       set_sticky (m, "writing the metadata log");
@@ -500,12 +518,32 @@ build_image (struct fleece *fl, struct wbuf *b)
   return 0;
 }
 
+/* The payloads (8 bytes each) of the DIRTY records in a pending buffer. */
+static uint32_t
+carry_dirty (const struct wbuf *pend, struct wbuf *carry)
+{
+  struct rec r;
+  size_t pos = 0, n;
+  uint32_t k = 0;
+
+  while (pos < pend->len &&
+         (n = decode (pend->p + pos, pend->len - pos, &r)) > 0) {
+    if (r.type == REC_DIRTY && r.payload.len == 8) {
+      wb_bytes (carry, r.payload.p, 8);
+      k++;
+    }
+    pos += n;
+  }
+  return k;
+}
+
 int
 meta_image (struct fleece *fl)
 {
   struct meta *m = &fl->meta;
-  struct wbuf img = { 0 }, payload = { 0 }, rec = { 0 };
+  struct wbuf img = { 0 }, payload = { 0 }, rec = { 0 }, carry = { 0 };
   uint32_t cs = fl->cluster_size, slot = 0, nslots, old_slot, old_n, i;
+  uint32_t carried;
   uint64_t state_seq, hash;
   uint32_t *deferred;
   size_t ndeferred;
@@ -521,12 +559,17 @@ meta_image (struct fleece *fl)
     pthread_mutex_unlock (&m->lock);
     return -1;
   }
-  /* The cut: what is pending is in memory, hence in the image. */
+  /* The cut: what is pending is in memory, hence in the image, except
+   * for DIRTY records (a writer sets its bits only once the record is
+   * stable): those are carried over, written right after the STATE.
+   */
   m->imaging = true;
+  carried = carry_dirty (&m->pend, &carry);
   free (m->pend.p);
   memset (&m->pend, 0, sizeof m->pend);
   m->pend_data = false;
   state_seq = ++m->seq;
+  m->seq += carried;
   half = !m->half;
   /* Slots freed so far are freed by records or deletions the image
    * reflects: free them once it is stable.
@@ -558,7 +601,9 @@ meta_image (struct fleece *fl)
   wb_u32 (&payload, state_gen (atomic_load (&fl->state)));
   wb_u32 (&payload, 0);
   encode (&rec, REC_STATE, state_seq, payload.p, payload.len);
-  if (rec.failed) {
+  for (i = 0; i < carried; i++)
+    encode (&rec, REC_DIRTY, state_seq + 1 + i, carry.p + (size_t) i * 8, 8);
+  if (rec.failed || carry.failed) {
     fl_error (ENOMEM, "persistent store: out of memory");
     goto out;
   }
@@ -575,7 +620,8 @@ meta_image (struct fleece *fl)
   if (r == 0) {
     m->half = half;
     m->pos = rec.len;
-    m->durable = state_seq;
+    m->durable = state_seq + carried;
+    atomic_store (&m->durable_pub, m->durable);
     m->img_slot = slot;
     m->img_nslots = nslots;
   }
@@ -593,6 +639,7 @@ meta_image (struct fleece *fl)
   free (img.p);
   free (payload.p);
   free (rec.p);
+  free (carry.p);
   return r;
 }
 
@@ -833,6 +880,12 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     }
     return 0;
   }
+  case REC_DIRTY: {
+    uint32_t first = rb_u32 (b), count = rb_u32 (b);
+    if (b->bad)
+      return damaged (fl, "a DIRTY record is not valid");
+    return bitmap_apply_dirty (fl, first, count);
+  }
   default:
     return damaged (fl, "a record of an unknown type");
   }
@@ -962,6 +1015,7 @@ load (struct fleece *fl, bool clean)
       }
   m->seq = newest;
   m->durable = newest;
+  atomic_store (&m->durable_pub, newest);
   m->half = h;
   m->pos = pos;
   for (i = 0; i < fl->nsnaps; i++)
