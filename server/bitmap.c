@@ -735,12 +735,12 @@ bitmap_image_put (struct fleece *fl, struct wbuf *b)
   }
 }
 
-/* Load n bitmaps.  After an unclean stop a bitmap that was recording
- * lost the bits of the writes since the last image: it is marked
- * inconsistent, never trusted.
+/* Load n bitmaps.  A bitmap that was recording at a crash needs nothing
+ * more: the DIRTY records that follow the image (meta.c) add every write
+ * since.
  */
 int
-bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, bool clean)
+bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n)
 {
   uint32_t i;
 
@@ -781,7 +781,6 @@ bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, bool clean)
       return fl_error (EINVAL, "store: %s: bitmap '%s' of the image is "
                        "truncated: the metadata is damaged", fl->store.path,
                        name);
-    (void) clean;   /* DIRTY records keep recording bitmaps exact */
   }
   {
     struct bitmap_set *set;

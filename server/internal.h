@@ -410,8 +410,7 @@ extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,
 extern void bitmap_free_all (struct fleece *fl);
 /* The image (meta.c): bitmaps; admin_lock held. */
 extern void bitmap_image_put (struct fleece *fl, struct wbuf *b);
-extern int bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n,
-                             bool clean);
+extern int bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n);
 extern uint32_t bitmap_count_all (struct fleece *fl);
 extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);

@@ -734,8 +734,7 @@ snap_by_gen (struct fleece *fl, uint32_t gen)
 }
 
 static int
-load_image (struct fleece *fl, const char *p, size_t len, bool clean,
-            uint32_t *gen)
+load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
 {
   struct rbuf b = { .p = p, .len = len };
   uint64_t nwords = (fl->nclusters + 63) / 64, ncopies, i;
@@ -792,7 +791,7 @@ load_image (struct fleece *fl, const char *p, size_t len, bool clean,
   }
   if (b.bad)
     return damaged (fl, "a snapshot in the image is truncated");
-  if (bitmap_image_get (fl, &b, nbitmaps, clean) == -1)
+  if (bitmap_image_get (fl, &b, nbitmaps) == -1)
     return -1;
   if (ncopies != (b.len - b.pos) / 16 || (b.len - b.pos) % 16)
     return damaged (fl, "the image's copy table has the wrong size");
@@ -905,7 +904,7 @@ count_held (void *opaque, const struct copy *cp)
 }
 
 static int
-load (struct fleece *fl, bool clean)
+load (struct fleece *fl)
 {
   struct meta *m = &fl->meta;
   char *region = NULL, *img = NULL;
@@ -978,7 +977,7 @@ load (struct fleece *fl, bool clean)
       goto out;
   m->img_slot = slot;
   m->img_nslots = nslots;
-  if (load_image (fl, img, len, clean, &gen) == -1)
+  if (load_image (fl, img, len, &gen) == -1)
     goto out;
 
   /* The records after the STATE, up to the torn tail. */
@@ -1062,7 +1061,7 @@ meta_init (struct fleece *fl, bool existing, bool *was_clean)
     return -1;
   *was_clean = le32toh (sb->flags) & FLEECE_SB_CLEAN;
   fl->store.loading = true;
-  r = load (fl, *was_clean);
+  r = load (fl);
   fl->store.loading = false;
   return r;
 }

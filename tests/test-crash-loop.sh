@@ -11,7 +11,8 @@
 #     create returned is missing, none whose delete returned is back;
 #   - every bitmap is inconsistent or covers every cluster that changed
 #     in its interval (frozen: between its two checkpoints' references;
-#     recording: between its checkpoint's reference and the disk).
+#     recording: between its checkpoint's reference and the disk); since
+#     DIRTY records, none comes back inconsistent.
 # A snapshot or a bitmap that is wrong without saying so fails the test.
 #
 # The kill comes either after a random delay (mostly during plain writes
