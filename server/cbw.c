@@ -239,7 +239,8 @@ free_slots (struct fleece *fl, const uint32_t *slots, uint32_t n)
 
 /* cbw-timeout: the store write of one run, in a thread of its own so
  * that the writer can give up on it.  The job is freed by the writer,
- * or, if the writer gave up, by the thread when the write ends.
+ * or, if the writer gave up, by the thread when the write ends; the
+ * writer joins the thread, or, if it gave up, leaves it to cbw_reap.
  */
 struct store_job {
   struct fleece *fl;
@@ -283,9 +284,52 @@ store_job_run (void *arg)
   if (abandoned) {
     free_slots (fl, j->slots, j->n);
     job_free (j);
-    atomic_fetch_sub (&fl->store_jobs, 1);
   }
   return NULL;
+}
+
+/* Join the threads of abandoned copies that have ended (all of them, and
+ * waiting, when all is set: fleece_close).
+ */
+void
+cbw_reap (struct fleece *fl, bool all)
+{
+  size_t i = 0;
+
+  pthread_mutex_lock (&fl->orphan_lock);
+  while (i < fl->norphans) {
+    if (all ? pthread_join (fl->orphans[i], NULL) == 0
+        : pthread_tryjoin_np (fl->orphans[i], NULL) == 0)
+      fl->orphans[i] = fl->orphans[--fl->norphans];
+    else
+      i++;
+  }
+  pthread_mutex_unlock (&fl->orphan_lock);
+}
+
+/* Keep an abandoned copy's thread to join later; false if out of memory
+ * (then the caller waits for it).
+ */
+static bool
+adopt (struct fleece *fl, pthread_t t)
+{
+  bool ok = true;
+
+  pthread_mutex_lock (&fl->orphan_lock);
+  if (fl->norphans == fl->caporphans) {
+    size_t cap = fl->caporphans ? fl->caporphans * 2 : 16;
+    pthread_t *p = realloc (fl->orphans, cap * sizeof *p);
+    if (p == NULL)
+      ok = false;
+    else {
+      fl->orphans = p;
+      fl->caporphans = cap;
+    }
+  }
+  if (ok)
+    fl->orphans[fl->norphans++] = t;
+  pthread_mutex_unlock (&fl->orphan_lock);
+  return ok;
 }
 
 /* store_run with cbw-timeout.  On success or failure *bufp and *slotsp
@@ -297,7 +341,6 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
 {
   struct store_job *j;
   struct timespec deadline;
-  pthread_attr_t attr;
   pthread_t t;
   int r;
 
@@ -313,13 +356,9 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
   j->len = len;
   pthread_mutex_init (&j->lock, NULL);
   pthread_cond_init (&j->cond, NULL);
-  atomic_fetch_add (&fl->store_jobs, 1);
-  pthread_attr_init (&attr);
-  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-  r = pthread_create (&t, &attr, store_job_run, j);
-  pthread_attr_destroy (&attr);
+  cbw_reap (fl, false);
+  r = pthread_create (&t, NULL, store_job_run, j);
   if (r != 0) {
-    atomic_fetch_sub (&fl->store_jobs, 1);
     j->buf = NULL;
     j->slots = NULL;
     job_free (j);
@@ -338,7 +377,7 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
     if (pthread_cond_timedwait (&j->cond, &j->lock, &deadline) ==
         ETIMEDOUT)
       break;
-  if (!j->done) {
+  if (!j->done && adopt (fl, t)) {
     j->abandoned = true;
     pthread_mutex_unlock (&j->lock);
     *bufp = NULL;
@@ -348,7 +387,7 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
                      "copy", fl->store.path, fl->cbw_timeout_ns / 1000000);
   }
   pthread_mutex_unlock (&j->lock);
-  atomic_fetch_sub (&fl->store_jobs, 1);
+  pthread_join (t, NULL);
   r = j->r;
   if (r == -1)
     fl_error (j->err, "%s", j->msg);

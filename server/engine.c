@@ -16,7 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "internal.h"
 
@@ -81,6 +80,7 @@ fleece_open (const struct fleece_config *cfg)
   copymap_init (&fl->copies);
   pthread_mutex_init (&fl->admin_lock, NULL);
   pthread_mutex_init (&fl->break_lock, NULL);
+  pthread_mutex_init (&fl->orphan_lock, NULL);
   pthread_rwlock_init (&fl->snaps_lock, NULL);
   pthread_mutex_init (&fl->event_lock, NULL);
   if (meta_init (fl, existing, &clean) == -1 || meta_start (fl, existing, clean) == -1) {
@@ -115,8 +115,9 @@ fleece_close (struct fleece *fl)
   if (fl == NULL)
     return;
   /* cbw-timeout copies the writers gave up on still hold slots. */
-  while (atomic_load (&fl->store_jobs) > 0)
-    usleep (1000);
+  cbw_reap (fl, true);
+  free (fl->orphans);
+  pthread_mutex_destroy (&fl->orphan_lock);
   meta_close (fl);
   snap_free_all (fl);
   bitmap_free_all (fl);

@@ -315,7 +315,10 @@ struct fleece {
   /* Serialises snapshot creation and deletion. */
   pthread_mutex_t admin_lock;
   pthread_mutex_t break_lock;   /* serialises breaking snapshots */
-  atomic_int store_jobs;        /* cbw-timeout copies still running */
+  /* Threads of cbw-timeout copies the writers gave up on (cbw.c). */
+  pthread_mutex_t orphan_lock;
+  pthread_t *orphans;
+  size_t norphans, caporphans;
 
   /* Live snapshots, oldest first, in an array allocated once.  Creation
    * only appends (admin_lock held, gate closed): it stores the new entry,
@@ -397,6 +400,7 @@ extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
 extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
+extern void cbw_reap (struct fleece *fl, bool all);
 extern void snap_free_all (struct fleece *fl);
 extern struct fleece_snap *snap_prepare (struct fleece *fl, const char *name);
 extern void snap_discard (struct fleece_snap *s);
