@@ -1,0 +1,59 @@
+/* The primary's side of an epoch: drive the plugin through its control
+ * socket, and read what changed from its exports.
+ *
+ * Errors: every function that can fail returns -1 (or NULL) and writes a
+ * message naming the socket, the export or the command into err.
+ */
+
+#ifndef COLO_SOURCE_H
+#define COLO_SOURCE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+/* A connection to the plugin's control socket (docs/control-protocol.md). */
+struct colo_ctl;
+extern struct colo_ctl *colo_ctl_open (const char *path, int timeout_ms,
+                                       char *err, size_t errlen);
+/* Run cmd; args is consumed (may be NULL).  Returns the "return" value
+ * (a new reference), or NULL with the server's error in err.
+ */
+extern json_t *colo_ctl_execute (struct colo_ctl *c, const char *cmd,
+                                 json_t *args, char *err, size_t errlen);
+extern void colo_ctl_close (struct colo_ctl *c);
+
+/* The URI of export name on the server that base (an NBD URI) reaches:
+ * base with its path replaced, the rest (TLS parameters, socket) kept.
+ * Returns a malloc'ed string or NULL.
+ */
+extern char *colo_export_uri (const char *base, const char *name);
+
+/* One extent of an epoch: length bytes at offset, all zero or data (with
+ * its xxh64, seed 0).  data is valid during the call only.
+ */
+typedef int (*colo_extent_fn) (void *opaque, uint64_t offset,
+                               uint32_t length, bool zero, const void *data,
+                               uint64_t xxh);
+
+struct colo_epoch_info {
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint64_t extents, data_bytes, zero_bytes;
+};
+
+/* Read an epoch from the server that base reaches: the clusters set in
+ * bitmap/BITMAP, read from snapshot/SNAPSHOT, or with bitmap NULL every
+ * cluster (a full copy).  Extents are at most max_extent bytes (a
+ * multiple of the cluster size), never mix zero and data, and come in
+ * offset order.  fn returning -1 stops the read (its message in err).
+ */
+extern int colo_read_epoch (const char *base, const char *snapshot,
+                            const char *bitmap, uint32_t max_extent,
+                            colo_extent_fn fn, void *opaque,
+                            struct colo_epoch_info *info,
+                            char *err, size_t errlen);
+
+#endif /* COLO_SOURCE_H */
