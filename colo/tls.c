@@ -29,9 +29,10 @@
  *   - an insecure server sees 0x16 where GREETING_CLIENT should be and
  *     answers GREETING_SERVER, which a TLS client finds among the first
  *     bytes it received (tls_pull records them).
- * A side that refuses its peer shuts its side down and drains the peer's
- * bytes for a moment before closing (linger_close), so that the alert or
- * greeting is not lost to a TCP reset.
+ * A side whose handshake fails (other than by timeout) shuts its side
+ * down and drains the peer's bytes for a moment before closing
+ * (linger_close), so that its alert or greeting is not lost to a TCP
+ * reset before the peer reads it.
  *
  * Authentication.  X.509: the secondary presents server-cert.pem and
  * requires a client certificate, verified against ca-cert.pem; the
@@ -713,7 +714,8 @@ set_socket_options (int fd)
   return 0;
 }
 
-/* Refuse a peer without losing what was just sent to it to a reset:
+/* Give up on a peer without losing what was just sent to it (our alert
+ * or greeting) to a reset, which unread bytes on our side would cause:
  * end our side, read and drop until the peer closes, briefly.
  */
 static void
@@ -947,7 +949,10 @@ colo_connect (struct colo_tls *tls, const char *addr)
     err = errno;
     if (conn)
       conn_free (conn);
-    close (fd);
+    if (err == ETIMEDOUT)
+      close (fd);
+    else
+      linger_close (fd);
     free (port);
     errno = err;
     return NULL;
