@@ -67,8 +67,9 @@ extern const char *colo_tls_last_error (void);
  */
 extern void colo_tls_set_log (void (*fn) (const char *msg));
 
-/* Split "HOST:PORT", "[IPV6]:PORT" or ":PORT" (any address, for
- * listening) into *host (NULL for ":PORT") and *port, both malloc'd.
+/* Split "HOST:PORT", "[IPV6]:PORT" or ":PORT" (for listening: any
+ * address, the first getaddrinfo gives, 0.0.0.0 on Linux) into *host
+ * (NULL for ":PORT") and *port, both malloc'd.
  */
 extern int colo_parse_address (const char *addr, char **host, char **port);
 
