@@ -1182,22 +1182,21 @@ handshake_failed (struct colo_conn *conn, int err)
 #define WOULD_BLOCK  (-2)
 #define RETRY        (-3)
 
-/* One receive: bytes, 0 at EOF, WOULD_BLOCK, RETRY, or -1 with *gerr a
- * GnuTLS error (TLS) or 0 and errno set (plaintext).
+/* recv_once and send_once return bytes (0 at EOF), WOULD_BLOCK, RETRY,
+ * or -1 with *gerr a GnuTLS error (TLS) or 0 and errno set (plaintext):
+ * the outcome of a plain recv or send, or of a GnuTLS record call.
  */
 static ssize_t
-recv_once (struct colo_conn *conn, void *buf, size_t len, int *gerr)
+sys_outcome (ssize_t r)
 {
-  ssize_t r;
+  if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
+    return WOULD_BLOCK;
+  return r == -1 && errno == EINTR ? RETRY : r;
+}
 
-  *gerr = 0;
-  if (conn->session == NULL) {
-    r = recv (conn->fd, buf, len, 0);
-    if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
-      return WOULD_BLOCK;
-    return r == -1 && errno == EINTR ? RETRY : r;
-  }
-  r = gnutls_record_recv (conn->session, buf, len);
+static ssize_t
+tls_outcome (ssize_t r, int *gerr)
+{
   if (r >= 0)
     return r;
   if (r == GNUTLS_E_AGAIN)
@@ -1209,26 +1208,21 @@ recv_once (struct colo_conn *conn, void *buf, size_t len, int *gerr)
 }
 
 static ssize_t
+recv_once (struct colo_conn *conn, void *buf, size_t len, int *gerr)
+{
+  *gerr = 0;
+  if (conn->session == NULL)
+    return sys_outcome (recv (conn->fd, buf, len, 0));
+  return tls_outcome (gnutls_record_recv (conn->session, buf, len), gerr);
+}
+
+static ssize_t
 send_once (struct colo_conn *conn, const void *buf, size_t len, int *gerr)
 {
-  ssize_t r;
-
   *gerr = 0;
-  if (conn->session == NULL) {
-    r = send (conn->fd, buf, len, MSG_NOSIGNAL);
-    if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK))
-      return WOULD_BLOCK;
-    return r == -1 && errno == EINTR ? RETRY : r;
-  }
-  r = gnutls_record_send (conn->session, buf, len);
-  if (r >= 0)
-    return r;
-  if (r == GNUTLS_E_AGAIN)
-    return WOULD_BLOCK;
-  if (r == GNUTLS_E_INTERRUPTED || !gnutls_error_is_fatal (r))
-    return RETRY;
-  *gerr = r;
-  return -1;
+  if (conn->session == NULL)
+    return sys_outcome (send (conn->fd, buf, len, MSG_NOSIGNAL));
+  return tls_outcome (gnutls_record_send (conn->session, buf, len), gerr);
 }
 
 /* Record an I/O failure: during the handshake as its failure, after it
