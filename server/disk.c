@@ -25,6 +25,15 @@
 
 #include "internal.h"
 
+/* The size of a block device. */
+int
+fl_block_size (int fd, const char *what, const char *path, uint64_t *size)
+{
+  if (ioctl (fd, BLKGETSIZE64, size) == -1)
+    return fl_error (errno, "%s: ioctl BLKGETSIZE64: %s: %m", what, path);
+  return 0;
+}
+
 int
 disk_open (struct disk *d, const char *path)
 {
@@ -42,10 +51,8 @@ disk_open (struct disk *d, const char *path)
   }
   if (S_ISBLK (st.st_mode)) {
     d->is_block = true;
-    if (ioctl (d->fd, BLKGETSIZE64, &d->size) == -1) {
-      fl_error (errno, "disk: ioctl BLKGETSIZE64: %s: %m", path);
+    if (fl_block_size (d->fd, "disk", path, &d->size) == -1)
       goto out_close_fd;
-    }
     ident.dev = st.st_rdev;
     ident.ino = 0;
   }

@@ -40,6 +40,9 @@ struct disk {
 };
 
 extern int disk_open (struct disk *d, const char *path);
+/* The size of a block device (the disk's, or the store's). */
+extern int fl_block_size (int fd, const char *what, const char *path,
+                          uint64_t *size);
 extern void disk_close (struct disk *d);
 extern int disk_pread (struct disk *d, void *buf, size_t count,
                        uint64_t offset);
@@ -419,5 +422,7 @@ extern uint32_t bitmap_count_all (struct fleece *fl);
 extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);
 extern bool copy_needed (void *opaque, const struct copy *cp);
+extern void copy_free (void *opaque, const struct copy *cp);
+extern int ensure_released_bits (struct fleece_snap *s);
 
 #endif /* FLEECE_INTERNAL_H */

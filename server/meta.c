@@ -52,10 +52,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
-#include <linux/fs.h>
 
 #include <xxhash.h>
 
@@ -714,14 +712,6 @@ load_copy (struct fleece *fl, const struct copy *cp)
   return 0;
 }
 
-static uint64_t
-disk_size_of (int fd)
-{
-  uint64_t size = 0;
-
-  return ioctl (fd, BLKGETSIZE64, &size) == 0 ? size : 0;
-}
-
 static struct fleece_snap *
 snap_by_gen (struct fleece *fl, uint32_t gen)
 {
@@ -774,10 +764,10 @@ load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
     if (s == NULL)
       return -1;
     if (flags & 2) {
-      _Atomic uint64_t *bits = calloc (nwords, sizeof *bits);
-      if (bits == NULL)
-        return fl_error (ENOMEM, "loading the store: out of memory");
-      atomic_store (&s->released, bits);
+      _Atomic uint64_t *bits;
+      if (ensure_released_bits (s) == -1)
+        return -1;
+      bits = atomic_load (&s->released);
       rb_words (&b, bits, nwords);
       if (fl->nclusters % 64 &&
           (atomic_load (&bits[nwords - 1]) >> (fl->nclusters % 64)))
@@ -807,15 +797,6 @@ load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
       return -1;
   }
   return 0;
-}
-
-static void
-drop_loaded (void *opaque, const struct copy *cp)
-{
-  struct fleece *fl = opaque;
-
-  if (cp->slot != ZERO_SLOT)
-    store_free (&fl->store, cp->slot);
 }
 
 static int
@@ -851,17 +832,13 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     s = snap_by_gen (fl, sgen);
     if (s == NULL)
       return 0;                 /* deleted since */
+    if (ensure_released_bits (s) == -1)
+      return -1;
     bits = atomic_load (&s->released);
-    if (bits == NULL) {
-      bits = calloc ((fl->nclusters + 63) / 64, sizeof *bits);
-      if (bits == NULL)
-        return fl_error (ENOMEM, "loading the store: out of memory");
-      atomic_store (&s->released, bits);
-    }
     for (c = first; c < first + count; c++) {
       atomic_fetch_or (&bits[c / 64], UINT64_C (1) << (c % 64));
       /* Its slot may be reused by a later record. */
-      copymap_prune (&fl->copies, c, copy_needed, drop_loaded, fl);
+      copymap_prune (&fl->copies, c, copy_needed, copy_free, fl);
     }
     return 0;
   }
@@ -946,9 +923,11 @@ load (struct fleece *fl)
    * names lies within the store as it is now.
    */
   {
-    uint64_t size = fl->store.is_file ? (uint64_t) sb.st_size
-      : disk_size_of (fl->store.fd);
-    uint64_t n = size > fl->store.data_offset
+    uint64_t size = sb.st_size, n;
+    if (!fl->store.is_file &&
+        fl_block_size (fl->store.fd, "store", fl->store.path, &size) == -1)
+      goto out;
+    n = size > fl->store.data_offset
       ? (size - fl->store.data_offset + fl->cluster_size - 1) /
         fl->cluster_size : 0;
     m->load_slots = n > UINT32_MAX - 2 ? UINT32_MAX - 2 : n;
@@ -1025,7 +1004,7 @@ load (struct fleece *fl)
   /* Copies no snapshot reads any more (trimmed or deleted before the
    * crash) go; the rest are counted.
    */
-  copymap_prune (&fl->copies, UINT32_MAX, copy_needed, drop_loaded, fl);
+  copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
   copymap_foreach (&fl->copies, count_held, fl);
   for (i = 0; i < fl->nsnaps; i++) {
     _Atomic uint64_t *bits = atomic_load (&fl->snaps[i]->released);

@@ -220,9 +220,11 @@ copy_drop (void *opaque, const struct copy *cp)
     meta_free_slot (fl, cp->slot);
 }
 
-/* A copy whose release record is stable. */
-static void
-copy_drop_now (void *opaque, const struct copy *cp)
+/* Free a copy's slot at once: its release record is stable, or the store
+ * is being loaded (meta.c).
+ */
+void
+copy_free (void *opaque, const struct copy *cp)
 {
   struct fleece *fl = opaque;
 
@@ -516,7 +518,7 @@ fleece_snap_pread (struct fleece_snap *s, void *buf, uint32_t count,
   return r;
 }
 
-static int
+int
 ensure_released_bits (struct fleece_snap *s)
 {
   _Atomic uint64_t *bits, *expect = NULL;
@@ -595,7 +597,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     return -1;
   pthread_rwlock_rdlock (&fl->snaps_lock);
   for (c = c0; c < c1; c++)
-    copymap_prune (&fl->copies, c, copy_needed, copy_drop_now, fl);
+    copymap_prune (&fl->copies, c, copy_needed, copy_free, fl);
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
   return 0;
