@@ -110,6 +110,7 @@ rnd_hello (struct colo_msg_hello *h)
 
   h->role = 1 + rnd_below (2);
   h->max_version = 1 + rnd_below (3);
+  h->channel = 1 + rnd_below (2);
   rnd_bytes (h->volume_id, 16);
   h->last_committed = rnd_below (1000000);
   h->last_applied = rnd_below (h->last_committed + 1);
@@ -127,7 +128,45 @@ rnd_hello (struct colo_msg_hello *h)
     memcpy (h->generation_id, h->history[h->history_count - 1].id, 16);
 }
 
-/* data: where an EXTENT's data goes (freed by the caller). */
+/* A DIVERGED of 1 to max_bits clusters, or one where nothing diverged
+ * (bit_count 0, on a disk of any size); the bitmap goes to *data (freed
+ * by the caller).  The bits past the last cluster are 0.
+ */
+static void
+rnd_diverged (struct colo_msg_diverged *d, uint8_t **data, uint64_t max_bits)
+{
+  uint64_t nbytes, i;
+
+  d->base_epoch = rnd_below (1000000);
+  d->cluster_size = rnd_cluster ();
+  *data = NULL;
+  d->bits = NULL;
+  if (rnd_below (4) == 0) {
+    d->disk_size = rnd_below (2) ? rnd () : 0;
+    d->bit_count = 0;
+    return;
+  }
+  d->bit_count = 1 + rnd_below (max_bits);
+  d->disk_size = (d->bit_count - 1) * d->cluster_size +
+    (rnd_below (2) ? d->cluster_size : 1 + rnd_below (d->cluster_size));
+  nbytes = (d->bit_count + 7) / 8;
+  *data = calloc (1, nbytes);
+  assert (*data);
+  if (rnd_below (2))
+    rnd_bytes (*data, nbytes);
+  else                          /* a few clusters */
+    for (i = rnd_below (8); i > 0; i--) {
+      uint64_t b = rnd_below (d->bit_count);
+      (*data)[b / 8] |= 1 << (b % 8);
+    }
+  if (d->bit_count % 8)
+    (*data)[nbytes - 1] &= (1 << (d->bit_count % 8)) - 1;
+  d->bits = *data;
+}
+
+/* data: where an EXTENT's data or a DIVERGED's bitmap goes (freed by
+ * the caller).
+ */
 static void
 rnd_msg (unsigned type, struct colo_msg *m, uint8_t **data)
 {
@@ -193,6 +232,9 @@ rnd_msg (unsigned type, struct colo_msg *m, uint8_t **data)
     m->error.code = 1 + rnd_below (COLO_ERROR_CODE_MAX);
     rnd_string (m->error.message, COLO_WIRE_MAX_STRING);
     break;
+  case COLO_MSG_DIVERGED:
+    rnd_diverged (&m->diverged, data, rnd_below (4) ? 64 : 100000);
+    break;
   default:
     abort ();
   }
@@ -206,10 +248,10 @@ hello_equal (const struct colo_msg_hello *a, const struct colo_msg_hello *b)
 {
   uint32_t i;
 
-  if (!(SAME (role) && SAME (max_version) && SAME_BYTES (volume_id) &&
-        SAME_BYTES (generation_id) && SAME (last_committed) &&
-        SAME (last_applied) && SAME (disk_size) && SAME (cluster_size) &&
-        SAME (history_count)))
+  if (!(SAME (role) && SAME (max_version) && SAME (channel) &&
+        SAME_BYTES (volume_id) && SAME_BYTES (generation_id) &&
+        SAME (last_committed) && SAME (last_applied) && SAME (disk_size) &&
+        SAME (cluster_size) && SAME (history_count)))
     return false;
   for (i = 0; i < a->history_count; i++)
     if (memcmp (&a->history[i], &b->history[i], sizeof a->history[i]))
@@ -257,6 +299,13 @@ msg_equal (const struct colo_msg *a, const struct colo_msg *b)
   case COLO_MSG_ERROR:
     return SAME (error.code) &&
       strcmp (a->error.message, b->error.message) == 0;
+  case COLO_MSG_DIVERGED:
+    return SAME (diverged.base_epoch) && SAME (diverged.disk_size) &&
+      SAME (diverged.cluster_size) && SAME (diverged.bit_count) &&
+      (a->diverged.bits == NULL) == (b->diverged.bits == NULL) &&
+      (a->diverged.bits == NULL ||
+       memcmp (a->diverged.bits, b->diverged.bits,
+               (a->diverged.bit_count + 7) / 8) == 0);
   }
   return false;
 }
@@ -568,6 +617,147 @@ test_max_extent (void)
   colo_wire_decoder_free (dec);
 }
 
+/* ---- DIVERGED: a bitmap after the fixed part ---- */
+
+/* What colo_wire_send wrote, in how many calls. */
+struct sink {
+  struct colo_wire_buf buf;
+  unsigned writes;
+};
+
+static int
+write_sink (void *opaque, const void *p, size_t len)
+{
+  struct sink *s = opaque;
+
+  if (s->buf.len + len > s->buf.cap) {
+    s->buf.cap = s->buf.len + len;
+    s->buf.data = realloc (s->buf.data, s->buf.cap);
+    assert (s->buf.data);
+  }
+  memcpy (s->buf.data + s->buf.len, p, len);
+  s->buf.len += len;
+  s->writes++;
+  return 0;
+}
+
+/* colo_wire_encode and colo_wire_send make the same frame (send passes
+ * the bitmap in a second write, uncopied); it decodes to the model, the
+ * bitmap pointing into the payload, and (if pieces) also when fed in
+ * random pieces through both decoder interfaces.
+ */
+static bool
+diverged_round_trip (const struct colo_msg *m, bool pieces)
+{
+  struct colo_wire_encoder enc, enc_send;
+  struct colo_wire_decoder *dec = colo_wire_decoder_new ();
+  struct colo_wire_error err = { .msg = "" };
+  struct stream s = { .n = 1, .msgs = (struct colo_msg *) m };
+  struct sink sink = { .writes = 0 };
+  const uint8_t *want_bits = NULL;
+  size_t used = 0;
+  bool good = false;
+
+  assert (dec);
+  colo_wire_encoder_init (&enc);
+  colo_wire_encoder_init (&enc_send);
+  if (colo_wire_encode (&enc, m, &s.buf, &err) == -1 ||
+      colo_wire_send (&enc_send, m, write_sink, &sink, &err) == -1) {
+    diag ("encoding: %s", err.msg);
+    goto out;
+  }
+  if (sink.buf.len != s.buf.len ||
+      memcmp (sink.buf.data, s.buf.data, s.buf.len) != 0 ||
+      sink.writes != (m->diverged.bit_count ? 2 : 1)) {
+    diag ("colo_wire_send wrote other bytes, or in %u calls", sink.writes);
+    goto out;
+  }
+  if (colo_wire_decoder_feed (dec, s.buf.data, s.buf.len, &used,
+                              &err) != 1 || used != s.buf.len) {
+    diag ("decoding: %s", err.msg);
+    goto out;
+  }
+  if (m->diverged.bit_count)
+    want_bits = colo_wire_decoder_frame (dec)->payload +
+      sizeof (struct colo_wire_diverged);
+  if (!msg_equal (colo_wire_decoder_msg (dec), m) ||
+      colo_wire_decoder_msg (dec)->diverged.bits != want_bits) {
+    diag ("decoded DIVERGED differs from the one sent");
+    goto out;
+  }
+  good = !pieces ||
+    (decode_stream (&s, false) == 1 && decode_stream (&s, true) == 1);
+ out:
+  colo_wire_buf_free (&s.buf);
+  colo_wire_buf_free (&sink.buf);
+  colo_wire_decoder_free (dec);
+  return good;
+}
+
+static void
+test_diverged_round_trip (void)
+{
+  struct colo_msg m = { .type = COLO_MSG_DIVERGED };
+  struct colo_wire_error err = { .msg = "" };
+  struct colo_wire_encoder enc;
+  struct colo_wire_buf buf = { 0 };
+  uint8_t bits[13], *big;
+  unsigned i, good;
+
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 9, .disk_size = 1, .cluster_size = 65536,
+    .bit_count = 1, .bits = (const uint8_t *) "\x01" };
+  ok (diverged_round_trip (&m, true), "DIVERGED of a one-byte disk");
+  rnd_bytes (bits, sizeof bits);
+  bits[12] &= 0x1f;
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 1000, .disk_size = 100 * 4096 + 1, .cluster_size = 4096,
+    .bit_count = 101, .bits = bits };
+  ok (diverged_round_trip (&m, true),
+      "DIVERGED of 101 clusters, the last one partial");
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 0, .disk_size = 64 * 512, .cluster_size = 512,
+    .bit_count = 64, .bits = bits };
+  ok (diverged_round_trip (&m, true), "DIVERGED of 64 clusters, 8 bytes");
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 5, .disk_size = 1ull << 40, .cluster_size = 65536 };
+  ok (diverged_round_trip (&m, true),
+      "DIVERGED of a 1 TiB disk where nothing diverged (bit_count 0)");
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 5, .disk_size = 0, .cluster_size = 512 };
+  ok (diverged_round_trip (&m, true), "DIVERGED of an empty disk");
+
+  for (i = good = 0; i < 50; i++) {
+    uint8_t *data;
+
+    rnd_msg (COLO_MSG_DIVERGED, &m, &data);
+    good += diverged_round_trip (&m, true);
+    free (data);
+  }
+  ok (good == 50, "%u of 50 random DIVERGEDs make the round trip", good);
+
+  /* The largest bitmap, 64 MiB: a 2 TiB disk of 4 KiB clusters. */
+  big = malloc (COLO_WIRE_MAX_EXTENT);
+  assert (big);
+  memset (big, 0, COLO_WIRE_MAX_EXTENT);
+  for (i = 0; i < 1000; i++)
+    big[rnd_below (COLO_WIRE_MAX_EXTENT)] |= 1 << rnd_below (8);
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 77, .disk_size = 2ull << 40, .cluster_size = 4096,
+    .bit_count = (uint64_t) COLO_WIRE_MAX_EXTENT * 8, .bits = big };
+  ok (diverged_round_trip (&m, false),
+      "DIVERGED of a 2 TiB disk of 4 KiB clusters (a 64 MiB bitmap)");
+  m.diverged.disk_size++;
+  m.diverged.bit_count++;
+  colo_wire_encoder_init (&enc);
+  ok (colo_wire_encode (&enc, &m, &buf, &err) == -1 &&
+      strstr (err.msg, "DIVERGED: 536870913 bits, more than one frame "
+              "holds"),
+      "one byte more of disk is refused by the encoder: %s", err.msg);
+  free (big);
+  colo_wire_buf_free (&buf);
+}
+
 /* ---- Frames built by hand ---- */
 
 static void
@@ -693,9 +883,9 @@ test_header_errors (void)
   expect_error ("version 0", f, n, COLO_ERROR_VERSION,
                 "peer speaks protocol version 0, this is version 1");
 
-  n = simple_frame (f, 11, 1, p, 16);
-  expect_error ("unknown type 11", f, n, COLO_ERROR_PROTOCOL,
-                "unknown message type 11 (this is protocol version 1)");
+  n = simple_frame (f, 12, 1, p, 16);
+  expect_error ("unknown type 12", f, n, COLO_ERROR_PROTOCOL,
+                "unknown message type 12 (this is protocol version 1)");
   n = simple_frame (f, 0, 1, p, 16);
   expect_error ("type 0", f, n, COLO_ERROR_PROTOCOL,
                 "unknown message type 0");
@@ -882,6 +1072,7 @@ hello_payload (uint8_t *p, uint32_t count, uint32_t entries)
   memset (p, 0, 72 + entries * 24);
   put16 (p, COLO_ROLE_PRIMARY);
   put16 (p + 2, 1);
+  put32 (p + 4, COLO_CHANNEL_DATA);
   put64 (p + 40, 10);           /* last committed */
   put64 (p + 48, 9);            /* last applied */
   put32 (p + 64, 65536);
@@ -918,10 +1109,24 @@ test_message_errors (void)
   expect_error ("HELLO role", f, n, COLO_ERROR_PROTOCOL,
                 "HELLO: role 3 is neither primary (1) nor secondary (2)");
   n = hello_payload (p, 2, 2);
-  put32 (p + 4, 1);
+  put32 (p + 4, COLO_CHANNEL_HEARTBEAT);
   n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
-  expect_error ("HELLO reserved field", f, n, COLO_ERROR_PROTOCOL,
-                "HELLO: reserved field is 0x1, not 0");
+  expect_valid ("a HELLO on the heartbeat channel", f, n, COLO_MSG_HELLO);
+  n = hello_payload (p, 2, 2);
+  put32 (p + 4, 0);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
+  expect_error ("HELLO channel 0", f, n, COLO_ERROR_PROTOCOL,
+                "HELLO: channel 0 is neither data (1) nor heartbeat (2)");
+  n = hello_payload (p, 2, 2);
+  put32 (p + 4, 3);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
+  expect_error ("HELLO channel 3", f, n, COLO_ERROR_PROTOCOL,
+                "HELLO: channel 3 is neither data (1) nor heartbeat (2)");
+  n = hello_payload (p, 2, 2);
+  put32 (p + 4, 0x10001);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
+  expect_error ("HELLO channel 0x10001", f, n, COLO_ERROR_PROTOCOL,
+                "HELLO: channel 65537 is neither data (1) nor heartbeat");
   n = hello_payload (p, 2, 2);
   put64 (p + 48, 11);
   n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
@@ -977,6 +1182,101 @@ test_message_errors (void)
                 "is after the last committed epoch 0");
 }
 
+/* A DIVERGED payload: base epoch 7, then bytes of bitmap (0xa5, the
+ * bits past bit_count cleared if bytes is right for it).
+ */
+static size_t
+diverged_payload (uint8_t *p, uint64_t disk_size, uint32_t cluster_size,
+                  uint64_t bit_count, size_t bytes)
+{
+  put64 (p, 7);
+  put64 (p + 8, disk_size);
+  put32 (p + 16, cluster_size);
+  put32 (p + 20, 0);            /* reserved */
+  put64 (p + 24, bit_count);
+  memset (p + 32, 0xa5, bytes);
+  if (bytes && bytes == (bit_count + 7) / 8 && bit_count % 8)
+    p[32 + bytes - 1] &= (1 << (bit_count % 8)) - 1;
+  return 32 + bytes;
+}
+
+static void
+test_diverged_errors (void)
+{
+  static uint8_t f[HDR + 64], p[64];
+  const uint64_t disk = 11 * 4096 - 100; /* 11 clusters, the last partial */
+  size_t n;
+
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 4096, 11, 2));
+  expect_valid ("a DIVERGED built by hand", f, n, COLO_MSG_DIVERGED);
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, 1ull << 40, 65536, 0, 0));
+  expect_valid ("a DIVERGED with nothing diverged", f, n, COLO_MSG_DIVERGED);
+
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 1000, 11, 2));
+  expect_error ("DIVERGED cluster size 1000", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: cluster size 1000 is not a power of two from "
+                "512 to 67108864");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 0, 0, 0));
+  expect_error ("DIVERGED cluster size 0", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: cluster size 0 is not a power of two");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 256, 0, 0));
+  expect_error ("DIVERGED cluster size 256", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: cluster size 256 is not a power of two");
+
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 4096, 10, 2));
+  expect_error ("DIVERGED one bit short", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: 10 bits for a disk of 11 clusters");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, 11 * 4096, 4096, 12, 2));
+  expect_error ("DIVERGED one bit too many", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: 12 bits for a disk of 11 clusters");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, 0, 4096, 1, 1));
+  expect_error ("DIVERGED bits for an empty disk", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: 1 bits for a disk of 0 clusters");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, ((1ull << 29) + 1) * 4096, 4096,
+                                      (1ull << 29) + 1, 0));
+  expect_error ("DIVERGED bitmap larger than a frame", f, n,
+                COLO_ERROR_PROTOCOL,
+                "DIVERGED: 536870913 bits, more than one frame holds");
+
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 4096, 11, 1));
+  expect_error ("DIVERGED bitmap one byte short", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: 11 bits in 1 bytes");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 4096, 11, 3));
+  expect_error ("DIVERGED bitmap one byte long", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: 11 bits in 3 bytes");
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                    diverged_payload (p, disk, 4096, 0, 2));
+  expect_error ("DIVERGED bitmap with bit_count 0", f, n,
+                COLO_ERROR_PROTOCOL, "DIVERGED: 0 bits in 2 bytes");
+
+  n = diverged_payload (p, disk, 4096, 11, 2);
+  put32 (p + 20, 1);
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p, n);
+  expect_error ("DIVERGED reserved field", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: reserved field is 0x1, not 0");
+
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p, 31);
+  expect_error ("DIVERGED shorter than its fixed part", f, n,
+                COLO_ERROR_PROTOCOL,
+                "DIVERGED: payload of 31 bytes, expected 32 to 67108896");
+  n = frame (f, 1, COLO_MSG_DIVERGED, 32 + COLO_WIRE_MAX_EXTENT + 1, 1, p, 0);
+  expect_error ("DIVERGED longer than a 64 MiB bitmap", f, n,
+                COLO_ERROR_PROTOCOL,
+                "DIVERGED: payload of 67108897 bytes, expected 32 to "
+                "67108896");
+}
+
 /* ---- The encoder's side ---- */
 
 static void
@@ -1006,6 +1306,37 @@ test_encoder_checks (void)
   r = colo_wire_encode (&enc, &m, &buf, &err);
   ok (r == -1 && strstr (err.msg, "EXTENT: DATA extent without data"),
       "encoder refuses a DATA extent without data: %s", err.msg);
+  m = (struct colo_msg) { .type = COLO_MSG_HELLO };
+  m.hello.role = COLO_ROLE_PRIMARY;
+  m.hello.max_version = 1;
+  r = colo_wire_encode (&enc, &m, &buf, &err);
+  ok (r == -1 && strstr (err.msg, "HELLO: channel 0 is neither data (1) "
+                         "nor heartbeat (2)"),
+      "encoder refuses a HELLO without a channel: %s", err.msg);
+  m.hello.channel = COLO_CHANNEL_HEARTBEAT;
+  ok (colo_wire_encode (&enc, &m, &buf, &err) == 0,
+      "encoder takes it with a channel");
+  m = (struct colo_msg) { .type = COLO_MSG_DIVERGED };
+  m.diverged = (struct colo_msg_diverged) {
+    .disk_size = 11 * 4096, .cluster_size = 4096, .bit_count = 11 };
+  r = colo_wire_encode (&enc, &m, &buf, &err);
+  ok (r == -1 && strstr (err.msg, "DIVERGED: missing bits"),
+      "encoder refuses a DIVERGED without its bitmap: %s", err.msg);
+  m.diverged.bits = (const uint8_t *) "\xff\x07";
+  m.diverged.bit_count = 0;
+  r = colo_wire_encode (&enc, &m, &buf, &err);
+  ok (r == -1 && strstr (err.msg, "DIVERGED: unexpected bits"),
+      "encoder refuses a bitmap with bit_count 0: %s", err.msg);
+  m.diverged.bit_count = 10;
+  r = colo_wire_encode (&enc, &m, &buf, &err);
+  ok (r == -1 && strstr (err.msg, "DIVERGED: 10 bits for a disk of 11 "
+                         "clusters"),
+      "encoder refuses a bitmap of the wrong size: %s", err.msg);
+  m.diverged.bit_count = 11;
+  m.diverged.cluster_size = 3000;
+  r = colo_wire_encode (&enc, &m, &buf, &err);
+  ok (r == -1 && strstr (err.msg, "DIVERGED: cluster size 3000 is not"),
+      "encoder refuses a DIVERGED cluster size 3000: %s", err.msg);
   colo_wire_buf_free (&buf);
 }
 
@@ -1024,6 +1355,27 @@ test_layout (void)
   colo_wire_encode (&enc, &m, &buf, NULL);
   ok (buf.len == sizeof want && memcmp (buf.data, want, sizeof want) == 0,
       "EPOCH_DURABLE encodes to the documented bytes");
+  colo_wire_buf_free (&buf);
+}
+
+static void
+test_layout_diverged (void)
+{
+  struct colo_wire_encoder enc = { .sequence = 0 };
+  struct colo_wire_buf buf = { 0 };
+  struct colo_msg m = { .type = COLO_MSG_DIVERGED };
+  uint8_t want[HDR + 34], p[34];
+  size_t n;
+
+  n = diverged_payload (p, 11 * 4096 - 100, 4096, 11, 2);
+  assert (n == sizeof p);
+  frame (want, 1, COLO_MSG_DIVERGED, n, 1, p, n);
+  m.diverged = (struct colo_msg_diverged) {
+    .base_epoch = 7, .disk_size = 11 * 4096 - 100, .cluster_size = 4096,
+    .bit_count = 11, .bits = p + 32 };
+  colo_wire_encode (&enc, &m, &buf, NULL);
+  ok (buf.len == sizeof want && memcmp (buf.data, want, sizeof want) == 0,
+      "DIVERGED encodes to the documented bytes");
   colo_wire_buf_free (&buf);
 }
 
@@ -1148,6 +1500,12 @@ write_corpus (const char *dir)
                   m.hello.history[m.hello.history_count - 1].id, 16);
         else if (type == COLO_MSG_HELLO)
           memset (m.hello.generation_id, 0, 16);
+        while (type == COLO_MSG_DIVERGED) { /* -0 with bits, -1 without */
+          free (data);
+          rnd_diverged (&m.diverged, &data, 2000);
+          if ((m.diverged.bit_count != 0) == (i == 0))
+            break;
+        }
         if (colo_wire_encode (&enc, &m, &buf, NULL) == -1)
           abort ();
         free (data);
@@ -1164,7 +1522,12 @@ write_corpus (const char *dir)
       free (data);
       continue;
     }
+    if (m.type == COLO_MSG_DIVERGED) {
+      free (data);
+      rnd_diverged (&m.diverged, &data, 500);
+    }
     colo_wire_encode (&enc, &m, &buf, NULL);
+    free (data);
   }
   write_file (dir, "mixed", buf.data, buf.len);
   /* Broken ones. */
@@ -1199,13 +1562,16 @@ main (int argc, char *argv[])
   test_socketpair ();
   test_socketpair_truncated ();
   test_max_extent ();
+  test_diverged_round_trip ();
   test_header_errors ();
   test_sequence_errors ();
   test_string_errors ();
   test_extent_errors ();
   test_message_errors ();
+  test_diverged_errors ();
   test_encoder_checks ();
   test_layout ();
+  test_layout_diverged ();
   test_extent_verify_and_digest ();
   test_send_error ();
   return done ();

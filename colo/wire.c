@@ -88,6 +88,9 @@ static const struct type_info types[COLO_MSG_TYPE_MAX + 1] = {
   [COLO_MSG_ERROR] = {
     "ERROR", sizeof (struct colo_wire_error_msg) + 2,
     sizeof (struct colo_wire_error_msg) + STR_MAX },
+  [COLO_MSG_DIVERGED] = {
+    "DIVERGED", sizeof (struct colo_wire_diverged),
+    sizeof (struct colo_wire_diverged) + COLO_WIRE_MAX_EXTENT },
 };
 
 _Static_assert (COLO_WIRE_MAX_PAYLOAD >= HELLO_MAX &&
@@ -187,6 +190,9 @@ check_hello (const struct colo_msg_hello *h, struct colo_wire_error *err)
                   "nor secondary (2)", h->role);
   if (h->max_version < 1)
     return PROTO (err, "HELLO: max_version is 0");
+  if (h->channel != COLO_CHANNEL_DATA && h->channel != COLO_CHANNEL_HEARTBEAT)
+    return PROTO (err, "HELLO: channel %" PRIu32 " is neither data (1) "
+                  "nor heartbeat (2)", h->channel);
   if (h->cluster_size != 0 && !valid_cluster (h->cluster_size))
     return PROTO (err, "HELLO: cluster size %" PRIu32 " is not a power "
                   "of two from %d to %u", h->cluster_size,
@@ -260,6 +266,30 @@ check_extent (const struct colo_msg_extent *x, struct colo_wire_error *err)
 }
 
 static int
+check_diverged (const struct colo_msg_diverged *d,
+                struct colo_wire_error *err)
+{
+  uint64_t nbits;
+
+  if (!valid_cluster (d->cluster_size))
+    return PROTO (err, "DIVERGED: cluster size %" PRIu32 " is not a "
+                  "power of two from %d to %u", d->cluster_size,
+                  COLO_WIRE_MIN_CLUSTER, COLO_WIRE_MAX_EXTENT);
+  nbits = d->disk_size / d->cluster_size +
+    (d->disk_size % d->cluster_size != 0);
+  if (d->bit_count != 0 && d->bit_count != nbits)
+    return PROTO (err, "DIVERGED: %" PRIu64 " bits for a disk of %" PRIu64
+                  " clusters", d->bit_count, nbits);
+  if (d->bit_count > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
+    return PROTO (err, "DIVERGED: %" PRIu64 " bits, more than one frame "
+                  "holds", d->bit_count);
+  if ((d->bit_count != 0) != (d->bits != NULL))
+    return PROTO (err, "DIVERGED: %s bits", d->bits ? "unexpected" :
+                  "missing");
+  return 0;
+}
+
+static int
 check_epoch (const char *type, uint64_t epoch, struct colo_wire_error *err)
 {
   if (epoch == 0)
@@ -307,6 +337,8 @@ colo_msg_check (const struct colo_msg *m, struct colo_wire_error *err)
     if (m->error.code == 0 || m->error.code > COLO_ERROR_CODE_MAX)
       return PROTO (err, "ERROR: unknown code %" PRIu32, m->error.code);
     return check_string ("ERROR", m->error.message, err);
+  case COLO_MSG_DIVERGED:
+    return check_diverged (&m->diverged, err);
   default:
     return PROTO (err, "unknown message type %u (this is protocol "
                   "version %d)", m->type, COLO_WIRE_VERSION);
@@ -369,9 +401,7 @@ decode_hello (const uint8_t *p, size_t len, struct colo_msg_hello *h,
   uint32_t i;
 
   memcpy (&w, p, sizeof w);
-  if (w.reserved != 0)
-    return PROTO (err, "HELLO: reserved field is 0x%" PRIx32 ", not 0",
-                  le32toh (w.reserved));
+  h->channel = le32toh (w.channel);
   h->history_count = le32toh (w.history_count);
   if (h->history_count > COLO_WIRE_MAX_HISTORY)
     return PROTO (err, "HELLO: history of %" PRIu32 " generations, more "
@@ -497,6 +527,30 @@ decode_simple (unsigned type, const uint8_t *p, size_t len,
   }
 }
 
+static int
+decode_diverged (const uint8_t *p, size_t len, struct colo_msg_diverged *d,
+                 struct colo_wire_error *err)
+{
+  struct colo_wire_diverged w;
+  size_t data_len = len - sizeof w;
+
+  memcpy (&w, p, sizeof w);
+  if (w.reserved != 0)
+    return PROTO (err, "DIVERGED: reserved field is 0x%" PRIx32 ", not 0",
+                  le32toh (w.reserved));
+  d->base_epoch = le64toh (w.base_epoch);
+  d->disk_size = le64toh (w.disk_size);
+  d->cluster_size = le32toh (w.cluster_size);
+  d->bit_count = le64toh (w.bit_count);
+  d->bits = d->bit_count ? p + sizeof w : NULL;
+  if (check_diverged (d, err) == -1)
+    return -1;
+  if (data_len != d->bit_count / 8 + (d->bit_count % 8 != 0))
+    return PROTO (err, "DIVERGED: %" PRIu64 " bits in %zu bytes",
+                  d->bit_count, data_len);
+  return 0;
+}
+
 int
 colo_msg_decode (unsigned type, const void *payload, size_t len,
                  struct colo_msg *m, struct colo_wire_error *err)
@@ -514,6 +568,8 @@ colo_msg_decode (unsigned type, const void *payload, size_t len,
     return decode_hello (payload, len, &m->hello, err);
   case COLO_MSG_EXTENT:
     return decode_extent (payload, len, &m->extent, err);
+  case COLO_MSG_DIVERGED:
+    return decode_diverged (payload, len, &m->diverged, err);
   default:
     if (decode_simple (type, payload, len, m, err) == -1)
       return -1;
@@ -547,6 +603,7 @@ put_hello (uint8_t *p, const struct colo_msg_hello *h)
   struct colo_wire_hello w = {
     .role = htole16 (h->role),
     .max_version = htole16 (h->max_version),
+    .channel = htole32 (h->channel),
     .last_committed = htole64 (h->last_committed),
     .last_applied = htole64 (h->last_applied),
     .disk_size = htole64 (h->disk_size),
@@ -642,6 +699,12 @@ put_payload (uint8_t *p, const struct colo_msg *m)
     n = PUT (p, (struct colo_wire_error_msg) {
         .code = htole32 (m->error.code) });
     return n + put_string (p + n, m->error.message);
+  case COLO_MSG_DIVERGED:
+    return PUT (p, (struct colo_wire_diverged) {
+        .base_epoch = htole64 (m->diverged.base_epoch),
+        .disk_size = htole64 (m->diverged.disk_size),
+        .cluster_size = htole32 (m->diverged.cluster_size),
+        .bit_count = htole64 (m->diverged.bit_count) });
   default:
     abort ();                   /* colo_msg_check lets no other through */
   }
@@ -689,6 +752,10 @@ prepare (struct colo_wire_encoder *enc, const struct colo_msg *m,
     *data = m->extent.data;
     *data_len = m->extent.length;
   }
+  if (m->type == COLO_MSG_DIVERGED && m->diverged.bit_count) {
+    *data = m->diverged.bits;
+    *data_len = m->diverged.bit_count / 8 + (m->diverged.bit_count % 8 != 0);
+  }
   XXH64_reset (&st, 0);
   XXH64_update (&st, out + HDR, n);
   if (*data_len)
@@ -730,6 +797,8 @@ colo_wire_encode (struct colo_wire_encoder *enc, const struct colo_msg *m,
   need = buf->len + HDR + FIXED_MAX;
   if (m->type == COLO_MSG_EXTENT)
     need += m->extent.length;
+  if (m->type == COLO_MSG_DIVERGED)
+    need += m->diverged.bit_count / 8 + 1;
   if (need > buf->cap) {
     size_t cap = buf->cap ? buf->cap : 4096;
     uint8_t *p;

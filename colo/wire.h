@@ -43,6 +43,7 @@ struct colo_generation {
 struct colo_msg_hello {
   uint16_t role;                /* enum colo_role */
   uint16_t max_version;
+  uint32_t channel;             /* enum colo_channel */
   uint8_t volume_id[16];
   uint8_t generation_id[16];
   uint64_t last_committed;
@@ -108,6 +109,14 @@ struct colo_msg_error {
   char message[COLO_WIRE_MAX_STRING + 1];
 };
 
+struct colo_msg_diverged {
+  uint64_t base_epoch;
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint64_t bit_count;           /* 0 or ceil (disk_size / cluster_size) */
+  const uint8_t *bits;          /* (bit_count + 7) / 8 bytes; NULL if 0 */
+};
+
 struct colo_msg {
   uint16_t type;                /* enum colo_msg_type: selects the member */
   union {
@@ -121,6 +130,7 @@ struct colo_msg {
     struct colo_msg_heartbeat heartbeat;
     struct colo_msg_heartbeat_reply heartbeat_reply;
     struct colo_msg_error error;
+    struct colo_msg_diverged diverged;
   };
 };
 

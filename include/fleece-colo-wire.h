@@ -53,8 +53,9 @@ enum colo_msg_type {
   COLO_MSG_HEARTBEAT       = 8,
   COLO_MSG_HEARTBEAT_REPLY = 9,
   COLO_MSG_ERROR           = 10,
+  COLO_MSG_DIVERGED        = 11,
 };
-#define COLO_MSG_TYPE_MAX 10
+#define COLO_MSG_TYPE_MAX 11
 
 /* ---- Strings: a length, then that many bytes (no NUL, no byte below
  * 0x20 and no 0x7f), at most COLO_WIRE_MAX_STRING.  Always the last
@@ -71,10 +72,16 @@ enum colo_role {
   COLO_ROLE_SECONDARY = 2,
 };
 
+/* Which of the pair's two connections a HELLO opens. */
+enum colo_channel {
+  COLO_CHANNEL_DATA      = 1,   /* epochs and their answers */
+  COLO_CHANNEL_HEARTBEAT = 2,   /* heartbeats only */
+};
+
 struct colo_wire_hello {
   uint16_t role;                /* enum colo_role */
   uint16_t max_version;         /* highest protocol version spoken, >= 1 */
-  uint32_t reserved;            /* 0 */
+  uint32_t channel;             /* enum colo_channel */
   uint8_t volume_id[16];        /* the replicated volume */
   uint8_t generation_id[16];    /* current generation; zero if none */
   uint64_t last_committed;      /* last epoch durable here */
@@ -172,6 +179,21 @@ struct colo_wire_heartbeat_reply {
   uint64_t last_applied;
 } __attribute__ ((__packed__));
 
+/* ---- DIVERGED: the secondary's clusters that may differ from any
+ * epoch of the primary's (its own writes as a primary that were never
+ * replicated, since its last committed epoch base_epoch), sent once on
+ * the data connection after an accepting HELLO_REPLY.  Followed by
+ * (bit_count + 7) / 8 bytes of bitmap, bit i (LSB first) = cluster i.
+ * bit_count 0: nothing diverged.
+ */
+struct colo_wire_diverged {
+  uint64_t base_epoch;          /* the bitmap covers writes since it */
+  uint64_t disk_size;           /* bytes */
+  uint32_t cluster_size;        /* bytes, power of two */
+  uint32_t reserved;            /* 0 */
+  uint64_t bit_count;           /* 0, or ceil (disk_size / cluster_size) */
+} __attribute__ ((__packed__));
+
 /* ---- ERROR: sent before disconnecting; followed by a string. ---- */
 
 enum colo_error_code {
@@ -196,6 +218,7 @@ _Static_assert (sizeof (struct colo_wire_epoch_end) == 24,
                 "EPOCH_END changed");
 _Static_assert (sizeof (struct colo_wire_epoch_refused) == 12,
                 "EPOCH_REFUSED changed");
+_Static_assert (sizeof (struct colo_wire_diverged) == 32, "DIVERGED changed");
 _Static_assert (sizeof (struct colo_wire_heartbeat_reply) == 32,
                 "HEARTBEAT_REPLY changed");
 
