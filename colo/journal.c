@@ -487,6 +487,39 @@ state_load (struct journal *j)
   return 1;
 }
 
+int
+journal_read_state (const char *state_dir, struct journal_state *st,
+                    char *err, size_t errlen)
+{
+  unsigned char buf[STATE_MAX + 1];
+  char path[4096];
+  ssize_t len;
+  int fd;
+
+  snprintf (path, sizeof path, "%s/state", state_dir);
+  fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1) {
+    if (errno == ENOENT)
+      return 0;
+    snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
+    return -1;
+  }
+  do
+    len = pread (fd, buf, sizeof buf, 0);
+  while (len == -1 && errno == EINTR);
+  close (fd);
+  if (len == -1) {
+    snprintf (err, errlen, "read: %s: %s", path, strerror (errno));
+    return -1;
+  }
+  if (!state_decode (buf, len, st)) {
+    snprintf (err, errlen, "read: %s: not a valid fleece-colod state file "
+              "(bad magic, version, length or checksum)", path);
+    return -1;
+  }
+  return 1;
+}
+
 /* ---- the disk ---- */
 
 static int

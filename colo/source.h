@@ -56,4 +56,49 @@ extern int colo_read_epoch (const char *base, const char *snapshot,
                             struct colo_epoch_info *info,
                             char *err, size_t errlen);
 
+/* The bits of bitmap/NAME (checked against the geometry), malloc'ed:
+ * ceil (clusters / 8) bytes, bit i (LSB first) = cluster i.
+ */
+extern int colo_read_bitmap (const char *base, const char *name,
+                             uint64_t disk_size, uint32_t cluster_size,
+                             uint8_t **bits, char *err, size_t errlen);
+
+/* An epoch planned before it is read, so that its extent count and
+ * bytes are known up front (EPOCH_BEGIN carries them): its clusters cut into extents of at most max_extent
+ * bytes, split where the snapshot's base:allocation turns from zero to
+ * data.  Reading it (colo_plan_read) keeps the extents as planned; a
+ * data extent that reads as all zeroes goes as a zero extent.
+ */
+struct colo_plan_extent {
+  uint64_t offset;
+  uint32_t length;
+  bool zero;
+};
+
+struct colo_plan {
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  struct colo_plan_extent *v;
+  size_t n, cap;
+  uint64_t total_bytes, zero_bytes;
+};
+
+/* The clusters: every one if full, else the union of bitmap/NAME for
+ * each of bitmaps and extra (extra_nbits bits, or NULL).
+ */
+extern int colo_plan_epoch (const char *base, const char *snapshot,
+                            bool full, const char *const *bitmaps,
+                            size_t nbitmaps, const uint8_t *extra,
+                            uint64_t extra_nbits, uint32_t max_extent,
+                            struct colo_plan *plan, char *err,
+                            size_t errlen);
+/* Read extents first .. n-1 of the plan from snapshot/SNAPSHOT, handing
+ * each to fn in order.
+ */
+extern int colo_plan_read (const char *base, const char *snapshot,
+                           const struct colo_plan *plan, size_t first,
+                           colo_extent_fn fn, void *opaque,
+                           char *err, size_t errlen);
+extern void colo_plan_free (struct colo_plan *plan);
+
 #endif /* COLO_SOURCE_H */

@@ -1,0 +1,114 @@
+# Helpers for the fleece-colod tests (colo/test-colod-*.sh), on top of
+# tests/functions.sh.  Each "host" is a directory $tmp/NAME holding its
+# disk, its fleece store and its fleece-colod state; the two daemons talk
+# over 127.0.0.1 and are stopped by PID.
+
+source "${abs_top_srcdir:-..}/tests/functions.sh"
+
+COLOD="${abs_top_builddir:-..}/colo/fleece-colod"
+
+# free_port: a TCP port on 127.0.0.1 nobody listens on right now.
+free_port ()
+{
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# colod NAME ARGS...: run a client subcommand against host NAME's daemon.
+colod () { local n=$1; shift; "$COLOD" "$1" --state "$tmp/$n/state" "${@:2}"; }
+
+# status NAME FIELD: one field of `fleece-colod status --json`.
+status ()
+{
+  local j
+  j=$("$COLOD" status --json --state "$tmp/$1/state" 2>/dev/null) || return 1
+  jget "$j" "d.get('$2')"
+}
+
+# wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds.
+wait_for ()
+{
+  local t=$1 i; shift
+  for (( i = 0; i < t * 10; i++ )); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+status_is () { [ "$(status "$1" "$2")" = "$3" ]; }
+status_ge () { local v; v=$(status "$1" "$2") && [ "$v" != None ] && [ "$v" -ge "$3" ]; }
+
+# start_colod NAME ROLE ARGS...: start a daemon for host NAME in the
+# background (log $tmp/NAME/colod.log, PID $tmp/NAME/colod.pid) and wait
+# for its control socket.
+start_colod ()
+{
+  local n=$1 role=$2 i; shift 2
+  mkdir -p "$tmp/$n"
+  rm -f "$tmp/$n/state/control.sock"
+  # shellcheck disable=SC2086
+  $VG "$COLOD" "$role" --state "$tmp/$n/state" "$@" \
+    >>"$tmp/$n/colod.log" 2>&1 &
+  echo $! >"$tmp/$n/colod.pid"
+  cleanup_fn "kill_by_pidfile '$tmp/$n/colod.pid'"
+  for (( i = 0; i < 300; i++ )); do
+    [ -S "$tmp/$n/state/control.sock" ] && return 0
+    if ! kill -0 "$(cat "$tmp/$n/colod.pid")" 2>/dev/null; then
+      echo "# fleece-colod $n exited during start:"
+      sed 's/^/#   /' "$tmp/$n/colod.log" | tail -20
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "# fleece-colod $n: no control socket in 30 s"
+  return 1
+}
+
+# stop_colod NAME: SIGTERM, and it must exit 0 (119 under valgrind: an
+# error it reported).
+stop_colod ()
+{
+  local pidfile="$tmp/$1/colod.pid" pid status=0
+  pid=$(cat "$pidfile") || return 1
+  kill "$pid" 2>/dev/null
+  wait "$pid" || status=$?
+  rm -f "$pidfile"
+  if [ "$status" -ne 0 ]; then
+    echo "# fleece-colod $1 exited with status $status; log:"
+    sed 's/^/#   /' "$tmp/$1/colod.log" | tail -30
+    return 1
+  fi
+}
+
+# kill9_colod NAME: kill -9 by PID.
+kill9_colod ()
+{
+  local pidfile="$tmp/$1/colod.pid" pid
+  pid=$(cat "$pidfile") || return 1
+  kill -9 "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  rm -f "$pidfile"
+  return 0
+}
+
+# start_plugin NAME: nbdkit with the fleece plugin on host NAME's disk
+# (persistent store), socket $tmp/NAME.sock, control $tmp/NAME.ctl.
+start_plugin ()
+{
+  local n=$1; shift
+  start_nbdkit "$n" -- disk="$tmp/$n/disk" store="$tmp/$n/store" \
+    control="$tmp/$n.ctl" persistent=true "$@"
+}
+
+# file_sum FILE [SIZE]: sha256 of the first SIZE bytes (default: all).
+file_sum ()
+{
+  if [ $# -gt 1 ]; then head -c "$2" "$1" | sha256sum | cut -d' ' -f1
+  else sha256sum "$1" | cut -d' ' -f1; fi
+}
+
+# live_sum NAME: sha256 of host NAME's live export (through NBD).
+live_sum ()
+{
+  nbdcopy "$(live_uri "$1")" - | sha256sum | cut -d' ' -f1
+}

@@ -1,0 +1,1053 @@
+/* fleece-colod primary: ships the plugin's checkpoints to the secondary.
+ *
+ * Checkpoints on the plugin are named colo-N, N the epoch.  After epoch
+ * N: snapshot colo-N exists while N is being shipped, bitmap colo-N
+ * records every write since checkpoint N, and the bitmaps colo-K (K < N)
+ * are frozen, each holding the clusters changed between checkpoint K and
+ * the next one.  So the clusters that differ between the secondary at
+ * epoch X and the disk at checkpoint N are the union of colo-X .. colo-
+ * (N-1): as long as bitmap colo-X exists, the secondary can be brought
+ * to N incrementally.  That is why nothing is removed until the
+ * secondary says DURABLE, and why, while the secondary is away, the
+ * recording bitmap simply keeps recording: when it returns, the first
+ * epoch carries everything it missed ("catch-up").
+ *
+ * The primary's identity (volume id, generation history, the last epoch
+ * the secondary acknowledged) is STATE_DIR/primary.json, replaced
+ * atomically.  A primary made from a promoted secondary takes the
+ * identity from the secondary's state file (STATE_DIR/state).
+ *
+ * Threads: the main thread connects, handshakes and runs the epochs; a
+ * heartbeat thread pings on the second connection and, when replies
+ * stop for --hb-timeout, shuts the data connection down so that the
+ * main thread, wherever it is blocked, fails and reconnects.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "colod.h"
+#include "source.h"
+
+#define PREFIX "colo-"
+
+static struct {
+  char path[PATH_MAX], tmp[PATH_MAX];
+  uint8_t volume_id[16];
+  struct colo_generation history[COLO_WIRE_MAX_HISTORY];
+  uint32_t history_len;
+  uint64_t acked;                 /* last epoch durable on the secondary */
+  bool demoted;
+} id;
+
+static struct {
+  struct colo_ctl *ctl;
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint64_t last_checkpoint;       /* highest colo-N on the plugin */
+  /* The connection. */
+  struct colod_conn *data, *hb;
+  pthread_t hb_thread;
+  volatile bool lost;
+  /* What the first epoch after a handshake must cover. */
+  uint64_t base;                  /* 0: a full copy */
+  uint8_t *extra;                 /* the secondary's diverged clusters */
+  uint64_t extra_bits;
+  uint64_t sec_committed;
+} p;
+
+/* ---- identity ---- */
+
+static void
+publish_identity (void)
+{
+  pthread_mutex_lock (&colod.lock);
+  memcpy (colod.st.volume_id, id.volume_id, 16);
+  memcpy (colod.st.history, id.history, id.history_len * sizeof *id.history);
+  colod.st.history_len = id.history_len;
+  memcpy (colod.st.generation_id, id.history[id.history_len - 1].id, 16);
+  colod.st.last_committed = colod.st.last_applied = id.acked;
+  pthread_mutex_unlock (&colod.lock);
+}
+
+static int
+parse_hex (const char *s, uint8_t out[16])
+{
+  int i;
+
+  if (s == NULL || strlen (s) != 32)
+    return -1;
+  for (i = 0; i < 16; i++)
+    if (sscanf (s + 2 * i, "%2hhx", &out[i]) != 1)
+      return -1;
+  return 0;
+}
+
+static int
+save_identity (void)
+{
+  char hex[33];
+  json_t *o, *h = json_array ();
+  uint32_t i;
+  int fd, r = -1;
+  char *s;
+
+  for (i = 0; i < id.history_len; i++) {
+    colod_hex (id.history[i].id, 16, hex);
+    json_array_append_new (h, json_pack ("{s:s,s:I}", "generation", hex,
+                                         "first-epoch", (json_int_t)
+                                         id.history[i].start_epoch));
+  }
+  colod_hex (id.volume_id, 16, hex);
+  o = json_pack ("{s:s,s:o,s:I,s:b}", "volume-id", hex, "history", h,
+                 "acked-epoch", (json_int_t) id.acked, "demoted", id.demoted);
+  s = o ? json_dumps (o, JSON_INDENT (2)) : NULL;
+  json_decref (o);
+  if (s == NULL) {
+    colod_log ("%s: out of memory", id.path);
+    return -1;
+  }
+  fd = open (id.tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd == -1 || write (fd, s, strlen (s)) != (ssize_t) strlen (s) ||
+      fsync (fd) == -1 || close (fd) == -1 || (fd = -1, 0) ||
+      rename (id.tmp, id.path) == -1) {
+    colod_log ("%s: %s", id.tmp, strerror (errno));
+    if (fd >= 0)
+      close (fd);
+    goto out;
+  }
+  fd = open (colod.opt.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd == -1 || fsync (fd) == -1) {
+    colod_log ("fsync: %s: %s", colod.opt.state_dir, strerror (errno));
+    if (fd >= 0)
+      close (fd);
+    goto out;
+  }
+  close (fd);
+  r = 0;
+ out:
+  free (s);
+  return r;
+}
+
+/* 1 loaded, 0 none, -1 error. */
+static int
+load_identity (void)
+{
+  json_error_t je;
+  json_t *o, *h, *e;
+  const char *vol;
+  json_int_t acked;
+  int demoted = 0;
+  size_t i;
+
+  snprintf (id.path, sizeof id.path, "%s/primary.json", colod.opt.state_dir);
+  snprintf (id.tmp, sizeof id.tmp, "%s/primary.json.tmp",
+            colod.opt.state_dir);
+  o = json_load_file (id.path, 0, &je);
+  if (o == NULL) {
+    if (access (id.path, F_OK) == -1 && errno == ENOENT)
+      return 0;
+    colod_log ("%s: %s (line %d)", id.path, je.text, je.line);
+    return -1;
+  }
+  if (json_unpack (o, "{s:s,s:o,s:I,s?b}", "volume-id", &vol, "history", &h,
+                   "acked-epoch", &acked, "demoted", &demoted) == -1 ||
+      parse_hex (vol, id.volume_id) == -1 || !json_is_array (h) ||
+      json_array_size (h) == 0 ||
+      json_array_size (h) > COLO_WIRE_MAX_HISTORY || acked < 0)
+    goto bad;
+  json_array_foreach (h, i, e) {
+    const char *g;
+    json_int_t first;
+    if (json_unpack (e, "{s:s,s:I}", "generation", &g, "first-epoch",
+                     &first) == -1 || parse_hex (g, id.history[i].id) == -1
+        || first < 1)
+      goto bad;
+    id.history[i].start_epoch = first;
+  }
+  id.history_len = json_array_size (h);
+  id.acked = acked;
+  id.demoted = demoted;
+  json_decref (o);
+  return 1;
+ bad:
+  colod_log ("%s: not a valid fleece-colod primary state file", id.path);
+  json_decref (o);
+  return -1;
+}
+
+int
+colod_load_primary_identity (uint8_t volume_id[16],
+                             struct colo_generation *history,
+                             uint32_t *history_len, uint64_t *acked,
+                             bool *demoted)
+{
+  int r = load_identity ();
+
+  if (r == 1) {
+    memcpy (volume_id, id.volume_id, 16);
+    memcpy (history, id.history, id.history_len * sizeof *history);
+    *history_len = id.history_len;
+    *acked = id.acked;
+    *demoted = id.demoted;
+  }
+  return r;
+}
+
+static int
+init_identity (void)
+{
+  struct journal_state js;
+  char err[1024];
+  int r = load_identity ();
+
+  if (r == -1)
+    return -1;
+  if (r == 1) {
+    if (id.demoted) {
+      colod_log ("%s: this state directory was demoted (fleece-colod "
+                 "demote): it belongs to a secondary now", id.path);
+      return -1;
+    }
+    return 0;
+  }
+  r = journal_read_state (colod.opt.state_dir, &js, err, sizeof err);
+  if (r == -1) {
+    colod_log ("%s", err);
+    return -1;
+  }
+  if (r == 1 && js.history_len > 0) {
+    /* A promoted secondary becoming the primary. */
+    memcpy (id.volume_id, js.volume_id, 16);
+    for (id.history_len = 0; id.history_len < js.history_len;
+         id.history_len++) {
+      memcpy (id.history[id.history_len].id, js.history[id.history_len].id,
+              16);
+      id.history[id.history_len].start_epoch =
+        js.history[id.history_len].first_epoch;
+    }
+    id.acked = 0;
+    colod_log ("identity from the secondary state in %s (generation %u of "
+               "the history, first epoch %" PRIu64 ")", colod.opt.state_dir,
+               id.history_len, id.history[id.history_len - 1].start_epoch);
+  }
+  else {
+    if (getrandom (id.volume_id, 16, 0) != 16 ||
+        getrandom (id.history[0].id, 16, 0) != 16) {
+      colod_log ("getrandom: %s", strerror (errno));
+      return -1;
+    }
+    id.history[0].start_epoch = 1;
+    id.history_len = 1;
+    id.acked = 0;
+    colod_log ("a new volume identity in %s", colod.opt.state_dir);
+  }
+  return save_identity ();
+}
+
+/* ---- the plugin ---- */
+
+static json_t *
+ctl (const char *cmd, json_t *args, char *err, size_t errlen)
+{
+  if (p.ctl == NULL) {
+    p.ctl = colo_ctl_open (colod.opt.fleece_socket, 30000, err, errlen);
+    if (p.ctl == NULL) {
+      json_decref (args);
+      return NULL;
+    }
+  }
+  json_t *r = colo_ctl_execute (p.ctl, cmd, args, err, errlen);
+  if (r == NULL && strstr (err, "control socket")) {
+    colo_ctl_close (p.ctl);     /* reconnect next time */
+    p.ctl = NULL;
+  }
+  return r;
+}
+
+/* N if name is colo-N, else 0. */
+static uint64_t
+colo_number (const char *name)
+{
+  char *end;
+  unsigned long long v;
+
+  if (strncmp (name, PREFIX, strlen (PREFIX)) != 0)
+    return 0;
+  errno = 0;
+  v = strtoull (name + strlen (PREFIX), &end, 10);
+  return errno || *end || end == name + strlen (PREFIX) ? 0 : v;
+}
+
+/* The colo-N names of query-snapshots or query-bitmaps, as numbers:
+ * *out malloc'ed, sorted.
+ */
+static int
+list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
+           size_t errlen)
+{
+  json_t *r = ctl (cmd, NULL, err, errlen), *e;
+  size_t i;
+
+  *out = NULL;
+  *n = 0;
+  if (r == NULL)
+    return -1;
+  *out = calloc (json_array_size (r) + 1, sizeof **out);
+  if (*out == NULL) {
+    json_decref (r);
+    snprintf (err, errlen, "%s: out of memory", cmd);
+    return -1;
+  }
+  json_array_foreach (r, i, e) {
+    uint64_t k = colo_number (json_string_value (json_object_get (e, "name"))
+                              ? json_string_value (json_object_get (e,
+                                                                    "name"))
+                              : "");
+    size_t j;
+    if (k == 0)
+      continue;
+    for (j = *n; j > 0 && (*out)[j - 1] > k; j--)
+      (*out)[j] = (*out)[j - 1];
+    (*out)[j] = k;
+    (*n)++;
+  }
+  json_decref (r);
+  return 0;
+}
+
+static int
+remove_colo (const char *cmd, uint64_t k)
+{
+  char name[64], err[1024];
+  json_t *r;
+
+  snprintf (name, sizeof name, PREFIX "%" PRIu64, k);
+  r = ctl (cmd, json_pack ("{s:s}", "name", name), err, sizeof err);
+  if (r == NULL) {
+    colod_log ("%s %s: %s", cmd, name, err);
+    return -1;
+  }
+  json_decref (r);
+  return 0;
+}
+
+/* Drop what no epoch will need: snapshots other than keep, bitmaps
+ * below below.
+ */
+static void
+prune (uint64_t keep_snapshot, uint64_t below)
+{
+  uint64_t *v;
+  size_t n, i;
+  char err[1024];
+
+  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
+    for (i = 0; i < n; i++)
+      if (v[i] != keep_snapshot)
+        remove_colo ("snapshot-delete", v[i]);
+  free (v);
+  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == 0)
+    for (i = 0; i < n; i++)
+      if (v[i] < below)
+        remove_colo ("bitmap-remove", v[i]);
+  free (v);
+}
+
+static int
+plugin_start (void)
+{
+  char err[1024];
+  json_int_t size, cs;
+  uint64_t *v;
+  size_t n;
+  json_t *r = ctl ("query-status", NULL, err, sizeof err);
+
+  if (r == NULL) {
+    colod_log ("%s", err);
+    return -1;
+  }
+  if (json_unpack (r, "{s:I,s:I}", "disk-size", &size, "cluster-size",
+                   &cs) == -1) {
+    colod_log ("control socket %s: query-status lacks disk-size or "
+               "cluster-size", colod.opt.fleece_socket);
+    json_decref (r);
+    return -1;
+  }
+  json_decref (r);
+  p.disk_size = size;
+  p.cluster_size = cs;
+  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == -1) {
+    colod_log ("%s", err);
+    return -1;
+  }
+  p.last_checkpoint = n ? v[n - 1] : 0;
+  free (v);
+  colod_log ("plugin %s: disk of %" PRIu64 " bytes, clusters of %" PRIu32
+             ", last checkpoint %" PRIu64, colod.opt.fleece_socket,
+             p.disk_size, p.cluster_size, p.last_checkpoint);
+  return 0;
+}
+
+/* ---- the handshake ---- */
+
+static void
+fill_hello (struct colo_msg *m, uint32_t channel)
+{
+  struct colo_msg_hello *h = &m->hello;
+
+  memset (m, 0, sizeof *m);
+  m->type = COLO_MSG_HELLO;
+  h->role = COLO_ROLE_PRIMARY;
+  h->max_version = COLO_WIRE_VERSION;
+  h->channel = channel;
+  memcpy (h->volume_id, id.volume_id, 16);
+  memcpy (h->generation_id, id.history[id.history_len - 1].id, 16);
+  h->last_committed = h->last_applied = id.acked;
+  h->disk_size = p.disk_size;
+  h->cluster_size = p.cluster_size;
+  h->history_count = id.history_len;
+  memcpy (h->history, id.history, id.history_len * sizeof *id.history);
+}
+
+static void
+set_refused (const char *why)
+{
+  pthread_mutex_lock (&colod.lock);
+  snprintf (colod.st.refusal, sizeof colod.st.refusal, "%s", why);
+  colod.st.connection = "refused";
+  pthread_mutex_unlock (&colod.lock);
+}
+
+/* Connect one channel and exchange HELLOs.  NULL on failure; *fatal
+ * when the secondary refused the pairing itself.
+ */
+static struct colod_conn *
+open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
+              char *err, size_t errlen)
+{
+  struct colo_conn *c = colo_connect (tls, colod.opt.peer);
+  struct colod_conn *pc;
+  const struct colo_msg *m;
+  struct colo_msg hello;
+
+  if (c == NULL) {
+    snprintf (err, errlen, "%s", colo_tls_last_error ());
+    return NULL;
+  }
+  pc = colod_conn_wrap (c);
+  if (pc == NULL) {
+    snprintf (err, errlen, "out of memory");
+    return NULL;
+  }
+  colo_conn_set_timeout (c, 30000);
+  fill_hello (&hello, channel);
+  if (colod_send (pc, &hello, err, errlen) == -1 ||
+      colod_recv (pc, &m, err, errlen) != 1)
+    goto fail;
+  if (m->type != COLO_MSG_HELLO || m->hello.role != COLO_ROLE_SECONDARY) {
+    snprintf (err, errlen, "%s: expected the secondary's HELLO, got %s",
+              colo_conn_peer (c), colo_msg_type_name (m->type));
+    colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
+    goto fail;
+  }
+  if (channel == COLO_CHANNEL_DATA)
+    p.sec_committed = m->hello.last_committed;
+  if (colod_recv (pc, &m, err, errlen) != 1)
+    goto fail;
+  if (m->type != COLO_MSG_HELLO_REPLY) {
+    snprintf (err, errlen, "%s: expected HELLO_REPLY, got %s",
+              colo_conn_peer (c), colo_msg_type_name (m->type));
+    colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
+    goto fail;
+  }
+  if (m->hello_reply.status != COLO_HELLO_ACCEPT) {
+    snprintf (err, errlen, "%s refused the pairing (%s): %.700s",
+              colo_conn_peer (c),
+              m->hello_reply.status == COLO_HELLO_SPLIT_BRAIN ? "split brain"
+              : m->hello_reply.status == COLO_HELLO_UNRELATED
+              ? "unrelated histories"
+              : m->hello_reply.status == COLO_HELLO_WRONG_VOLUME
+              ? "another volume" : m->hello_reply.status == COLO_HELLO_BUSY
+              ? "busy" : "refused", m->hello_reply.reason);
+    *fatal = m->hello_reply.status != COLO_HELLO_BUSY;
+    if (m->hello_reply.status == COLO_HELLO_SPLIT_BRAIN)
+      colod_event ("SPLIT_BRAIN", json_pack ("{s:s,s:s}", "peer",
+                                             colo_conn_peer (c), "reason",
+                                             m->hello_reply.reason));
+    goto fail;
+  }
+  if (channel == COLO_CHANNEL_DATA) {
+    if (colod_recv (pc, &m, err, errlen) != 1)
+      goto fail;
+    if (m->type != COLO_MSG_DIVERGED ||
+        (m->diverged.bit_count &&
+         (m->diverged.cluster_size != p.cluster_size ||
+          m->diverged.disk_size != p.disk_size))) {
+      snprintf (err, errlen, "%s: expected DIVERGED for this disk, got %s",
+                colo_conn_peer (c), colo_msg_type_name (m->type));
+      colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
+      goto fail;
+    }
+    p.base = m->diverged.base_epoch;
+    free (p.extra);
+    p.extra = NULL;
+    p.extra_bits = m->diverged.bit_count;
+    if (p.extra_bits) {
+      size_t bytes = (p.extra_bits + 7) / 8;
+      p.extra = malloc (bytes);
+      if (p.extra == NULL) {
+        snprintf (err, errlen, "out of memory");
+        goto fail;
+      }
+      memcpy (p.extra, m->diverged.bits, bytes);
+    }
+  }
+  colo_conn_set_timeout (c, channel == COLO_CHANNEL_HEARTBEAT
+                         ? colod.opt.hb_timeout_ms : -1);
+  return pc;
+ fail:
+  colod_conn_close (pc);
+  return NULL;
+}
+
+/* ---- heartbeats ---- */
+
+static void *
+hb_thread (void *arg)
+{
+  char err[1024];
+
+  (void) arg;
+  while (!colod.stop && !p.lost) {
+    struct colo_msg m = { .type = COLO_MSG_HEARTBEAT };
+    const struct colo_msg *r;
+    int64_t t0 = colod_now_ms ();
+
+    m.heartbeat.monotonic_ms = t0;
+    m.heartbeat.last_committed = id.acked;
+    if (colod_send (p.hb, &m, err, sizeof err) == -1 ||
+        colod_recv (p.hb, &r, err, sizeof err) != 1)
+      break;
+    if (r->type != COLO_MSG_HEARTBEAT_REPLY ||
+        r->heartbeat_reply.echo_ms != (uint64_t) t0) {
+      snprintf (err, sizeof err, "heartbeat: unexpected %s",
+                colo_msg_type_name (r->type));
+      break;
+    }
+    pthread_mutex_lock (&colod.lock);
+    colod.st.last_heartbeat_ms = colod_now_ms ();
+    colod.st.rtt_us = (colod.st.last_heartbeat_ms - t0) * 1000;
+    pthread_mutex_unlock (&colod.lock);
+    colod_sleep_ms (colod.opt.hb_interval_ms);
+  }
+  if (!colod.stop && !p.lost) {
+    colod_log ("peer lost: %s", err);
+    p.lost = true;
+    colod_conn_abort (p.data);
+  }
+  return NULL;
+}
+
+/* ---- epochs ---- */
+
+struct ship {
+  struct colod_conn *c;
+  struct colo_wire_digest digest;
+  uint64_t count, sent;
+  bool corrupt;
+  char *err;
+  size_t errlen;
+};
+
+static int
+ship_extent (void *opaque, uint64_t offset, uint32_t length, bool zero,
+             const void *data, uint64_t xxh)
+{
+  struct ship *s = opaque;
+  struct colo_msg m = { .type = COLO_MSG_EXTENT };
+  uint8_t *copy = NULL;
+  int r;
+
+  m.extent.offset = offset;
+  m.extent.length = length;
+  m.extent.flags = zero ? COLO_EXTENT_ZERO : COLO_EXTENT_DATA;
+  m.extent.checksum = xxh;
+  m.extent.data = data;
+  if (s->corrupt && !zero) {    /* --debug corrupt-epoch: one bad byte */
+    copy = malloc (length);
+    if (copy) {
+      memcpy (copy, data, length);
+      copy[length / 2] ^= 0x5a;
+      m.extent.data = copy;
+      colod_log ("debug: corrupting extent %" PRIu64 "+%" PRIu32 " of this "
+                 "epoch", offset, length);
+    }
+    s->corrupt = false;
+  }
+  colo_wire_digest_add (&s->digest, &m.extent);
+  r = colod_send (s->c, &m, s->err, s->errlen);
+  free (copy);
+  if (r == -1)
+    return -1;
+  s->count++;
+  s->sent += length;
+  pthread_mutex_lock (&colod.lock);
+  colod.st.bytes_in_flight = s->sent;
+  if (colod.st.resync_remaining >= length)
+    colod.st.resync_remaining -= length;
+  pthread_mutex_unlock (&colod.lock);
+  return 0;
+}
+
+/* Send the planned epoch once; 1 durable, 0 refused, -1 failed. */
+static int
+send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
+            bool full, bool corrupt, char *err, size_t errlen)
+{
+  struct colo_msg m = { .type = COLO_MSG_EPOCH_BEGIN };
+  struct ship s = { .c = p.data, .corrupt = corrupt, .err = err,
+                    .errlen = errlen };
+  const struct colo_msg *r;
+
+  m.epoch_begin.epoch = epoch;
+  memcpy (m.epoch_begin.generation_id, id.history[id.history_len - 1].id,
+          16);
+  m.epoch_begin.cluster_size = plan->cluster_size;
+  m.epoch_begin.flags = full ? COLO_EPOCH_FULL : 0;
+  m.epoch_begin.extent_count = plan->n;
+  m.epoch_begin.total_bytes = plan->total_bytes;
+  colo_wire_digest_init (&s.digest);
+  if (colod_send (p.data, &m, err, errlen) == -1 ||
+      colo_plan_read (colod.opt.nbd_uri, snap, plan, 0, ship_extent, &s,
+                      err, errlen) == -1)
+    return -1;
+  m.type = COLO_MSG_EPOCH_END;
+  m.epoch_end.epoch = epoch;
+  m.epoch_end.extent_count = s.count;
+  m.epoch_end.digest = colo_wire_digest_final (&s.digest);
+  if (colod_send (p.data, &m, err, errlen) == -1 ||
+      colod_recv (p.data, &r, err, errlen) != 1)
+    return -1;
+  if (r->type == COLO_MSG_EPOCH_DURABLE && r->epoch_durable.epoch == epoch)
+    return 1;
+  if (r->type == COLO_MSG_EPOCH_REFUSED && r->epoch_refused.epoch == epoch) {
+    colod_log ("epoch %" PRIu64 " refused by the secondary (reason %" PRIu32
+               "): %s; sending it again", epoch, r->epoch_refused.reason,
+               r->epoch_refused.message);
+    pthread_mutex_lock (&colod.lock);
+    colod.st.epochs_refused++;
+    pthread_mutex_unlock (&colod.lock);
+    colod_event ("EPOCH_REFUSED", json_pack ("{s:I,s:s}", "epoch",
+                                             (json_int_t) epoch, "reason",
+                                             r->epoch_refused.message));
+    return 0;
+  }
+  snprintf (err, errlen, "epoch %" PRIu64 ": expected EPOCH_DURABLE, got "
+            "%s", epoch, colo_msg_type_name (r->type));
+  colod_send_error (p.data, COLO_ERROR_UNEXPECTED, err);
+  return -1;
+}
+
+/* The bitmaps colo-base .. colo-(epoch-1), or -1 if colo-base is gone
+ * (then only a full copy will do).
+ */
+static int
+chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
+       char *err, size_t errlen)
+{
+  uint64_t *v;
+  size_t cnt, i;
+  bool have_base = false;
+
+  *names = NULL;
+  *n = 0;
+  if (list_colo ("query-bitmaps", &v, &cnt, err, errlen) == -1)
+    return -1;
+  *names = calloc (cnt + 1, sizeof **names);
+  for (i = 0; *names && i < cnt; i++) {
+    if (v[i] == base)
+      have_base = true;
+    if (v[i] >= base && v[i] < epoch &&
+        asprintf (&(*names)[(*n)++], PREFIX "%" PRIu64, v[i]) == -1)
+      (*names)[--(*n)] = NULL;
+  }
+  free (v);
+  return have_base ? 0 : 1;
+}
+
+static void
+free_names (char **names, size_t n)
+{
+  size_t i;
+
+  for (i = 0; i < n; i++)
+    free (names[i]);
+  free (names);
+}
+
+/* One epoch: checkpoint, plan, ship (again if refused), then prune.
+ * 0, or -1 with err (the connection is then dropped).
+ */
+static int
+run_epoch (char *err, size_t errlen)
+{
+  uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
+  int64_t t0 = colod_now_ms (), wall0 = colod_wall_ms ();
+  char snap[64], **names = NULL;
+  size_t nnames = 0;
+  struct colo_plan plan;
+  bool full = p.base == 0;
+  json_t *r;
+  int attempt, sent = -1;
+
+  epoch = p.last_checkpoint > p.sec_committed ? p.last_checkpoint
+    : p.sec_committed;
+  if (epoch < gen_start - 1)
+    epoch = gen_start - 1;
+  epoch++;
+  snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
+  r = ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
+           errlen);
+  if (r == NULL)
+    return -1;
+  json_decref (r);
+  p.last_checkpoint = epoch;
+  prune (epoch, 0);
+  if (!full) {
+    int c = chain (p.base, epoch, &names, &nnames, err, errlen);
+    if (c == -1)
+      return -1;
+    if (c == 1) {
+      colod_log ("bitmap " PREFIX "%" PRIu64 " is not on the plugin: epoch %"
+                 PRIu64 " is a full copy", p.base, epoch);
+      full = true;
+    }
+  }
+  if (colo_plan_epoch (colod.opt.nbd_uri, snap, full,
+                       (const char *const *) names, nnames,
+                       full ? NULL : p.extra, p.extra_bits,
+                       colod.opt.max_extent, &plan, err, errlen) == -1) {
+    free_names (names, nnames);
+    return -1;
+  }
+  free_names (names, nnames);
+  pthread_mutex_lock (&colod.lock);
+  colod.st.epoch_in_flight = epoch;
+  colod.st.bytes_in_flight = 0;
+  colod.st.resync_remaining = full || p.extra_bits ||
+    p.base < epoch - 1 ? plan.total_bytes : 0;
+  pthread_mutex_unlock (&colod.lock);
+  colod_debug ("epoch %" PRIu64 ": %zu extents, %" PRIu64 " bytes (%" PRIu64
+               " zero)%s", epoch, plan.n, plan.total_bytes, plan.zero_bytes,
+               full ? ", full copy" : "");
+  for (attempt = 0; attempt < COLOD_MAX_RESENDS && sent != 1; attempt++) {
+    bool corrupt = attempt == 0 && colod.opt.debug_corrupt_epoch == epoch;
+    sent = send_epoch (epoch, snap, &plan, full, corrupt, err, errlen);
+    if (sent == -1)
+      break;
+  }
+  if (sent == 0)
+    snprintf (err, errlen, "epoch %" PRIu64 " refused %d times", epoch,
+              COLOD_MAX_RESENDS);
+  if (sent != 1) {
+    colo_plan_free (&plan);
+    pthread_mutex_lock (&colod.lock);
+    colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
+    pthread_mutex_unlock (&colod.lock);
+    return -1;
+  }
+  id.acked = p.sec_committed = epoch;
+  p.base = epoch;
+  free (p.extra);
+  p.extra = NULL;
+  p.extra_bits = 0;
+  if (save_identity () == -1)
+    colod_log ("the acknowledged epoch %" PRIu64 " could not be recorded",
+               epoch);
+  prune (0, epoch);
+  pthread_mutex_lock (&colod.lock);
+  colod.st.last_committed = colod.st.last_applied = epoch;
+  colod.st.committed_at_ms = wall0;
+  colod.st.last_epoch = epoch;
+  colod.st.last_epoch_bytes = plan.total_bytes;
+  colod.st.last_epoch_extents = plan.n;
+  colod.st.last_epoch_ms = colod_now_ms () - t0;
+  colod.st.last_epoch_full = full;
+  colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
+  colod.st.resync_remaining = 0;
+  colod.st.epochs_durable++;
+  pthread_mutex_unlock (&colod.lock);
+  colod_event ("EPOCH_DURABLE",
+               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b}", "epoch",
+                          (json_int_t) epoch, "bytes",
+                          (json_int_t) plan.total_bytes, "zero-bytes",
+                          (json_int_t) plan.zero_bytes, "extents",
+                          (json_int_t) plan.n, "duration-ms",
+                          (json_int_t) (colod_now_ms () - t0), "full", full));
+  colo_plan_free (&plan);
+  return 0;
+}
+
+/* ---- the main loop ---- */
+
+static void
+disconnect (const char *why)
+{
+  if (p.hb) {
+    p.lost = true;
+    colod_conn_abort (p.hb);
+    pthread_join (p.hb_thread, NULL);
+  }
+  colod_conn_close (p.hb);
+  colod_conn_close (p.data);
+  p.hb = p.data = NULL;
+  pthread_mutex_lock (&colod.lock);
+  colod.st.connection = "disconnected";
+  colod.st.reconnects++;
+  colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
+  pthread_mutex_unlock (&colod.lock);
+  colod_event ("PEER_LOST", json_pack ("{s:s,s:s}", "peer", colod.opt.peer,
+                                       "reason", why));
+}
+
+/* Connect both channels: 1 connected, 0 try again later, -1 refused. */
+static int
+connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
+{
+  char err[1024];
+  bool fatal = false;
+
+  pthread_mutex_lock (&colod.lock);
+  colod.st.connection = "connecting";
+  pthread_mutex_unlock (&colod.lock);
+  p.data = open_channel (tls, COLO_CHANNEL_DATA, &fatal, err, sizeof err);
+  if (p.data)
+    p.hb = open_channel (tls, COLO_CHANNEL_HEARTBEAT, &fatal, err,
+                         sizeof err);
+  if (p.hb == NULL) {
+    colod_conn_close (p.data);
+    p.data = NULL;
+    if (fatal) {
+      colod_log ("%s", err);
+      set_refused (err);
+      return -1;
+    }
+    if (strcmp (err, lasterr) != 0)       /* say it once, not every try */
+      colod_log ("cannot pair with %s: %s (trying again)", colod.opt.peer,
+                 err);
+    snprintf (lasterr, errlen, "%s", err);
+    pthread_mutex_lock (&colod.lock);
+    colod.st.connection = "disconnected";
+    pthread_mutex_unlock (&colod.lock);
+    return 0;
+  }
+  lasterr[0] = '\0';
+  p.lost = false;
+  if (pthread_create (&p.hb_thread, NULL, hb_thread, NULL) != 0) {
+    colod_conn_close (p.hb);
+    colod_conn_close (p.data);
+    p.hb = p.data = NULL;
+    return 0;
+  }
+  pthread_mutex_lock (&colod.lock);
+  colod.st.connection = "connected";
+  colod.st.last_heartbeat_ms = colod_now_ms ();
+  snprintf (colod.st.peer, sizeof colod.st.peer, "%s",
+            colo_conn_peer (p.data->conn));
+  snprintf (colod.st.peer_identity, sizeof colod.st.peer_identity, "%s",
+            colo_conn_identity (p.data->conn));
+  colod.st.refusal[0] = '\0';
+  pthread_mutex_unlock (&colod.lock);
+  colod_event ("PEER_CONNECTED",
+               json_pack ("{s:s,s:s,s:I,s:I,s:b}", "peer", colod.st.peer,
+                          "identity", colod.st.peer_identity,
+                          "secondary-committed-epoch",
+                          (json_int_t) p.sec_committed, "base-epoch",
+                          (json_int_t) p.base, "diverged", p.extra_bits != 0));
+  return 1;
+}
+
+/* Wait for the next epoch: the interval, a checkpoint request, or the
+ * end.  Returns the checkpoint ticket to serve (0: none).
+ */
+static uint64_t
+wait_for_epoch (int64_t next)
+{
+  uint64_t ticket = 0;
+
+  pthread_mutex_lock (&colod.lock);
+  while (!colod.stop && !p.lost &&
+         colod.checkpoint_requests == colod.checkpoint_served &&
+         (colod.opt.interval_ms == 0 || colod_now_ms () < next)) {
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 20000000;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
+  }
+  ticket = colod.checkpoint_requests;
+  pthread_mutex_unlock (&colod.lock);
+  return ticket;
+}
+
+static void
+serve_checkpoints (uint64_t ticket, const char *error)
+{
+  pthread_mutex_lock (&colod.lock);
+  if (ticket > colod.checkpoint_served) {
+    colod.checkpoint_served = ticket;
+    snprintf (colod.checkpoint_error, sizeof colod.checkpoint_error, "%s",
+              error ? error : "");
+  }
+  pthread_cond_broadcast (&colod.cond);
+  pthread_mutex_unlock (&colod.lock);
+}
+
+int
+colod_run_primary (void)
+{
+  struct colo_tls *tls;
+  char lasterr[1024] = "";
+  int rc = 0;
+
+  if (mkdir (colod.opt.state_dir, 0700) == -1 && errno != EEXIST) {
+    colod_log ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
+    return COLOD_EXIT_ERROR;
+  }
+  if (init_identity () == -1)
+    return COLOD_EXIT_ERROR;
+  publish_identity ();
+  if (colod_control_start (colod.opt.control) == -1 || plugin_start () == -1)
+    return COLOD_EXIT_ERROR;
+  tls = colo_tls_new (&colod.opt.tls);
+  if (tls == NULL) {
+    colod_log ("%s", colo_tls_last_error ());
+    return COLOD_EXIT_ERROR;
+  }
+  colod_log ("primary: peer %s, epochs every %d ms",
+             colod.opt.peer, colod.opt.interval_ms);
+  while (!colod.stop) {
+    int c = connect_peer (tls, lasterr, sizeof lasterr);
+    int64_t next;
+
+    if (c == -1) {
+      rc = COLOD_EXIT_REFUSED;
+      break;
+    }
+    if (c == 0) {
+      uint64_t t;
+      pthread_mutex_lock (&colod.lock);
+      t = colod.checkpoint_requests;
+      pthread_mutex_unlock (&colod.lock);
+      serve_checkpoints (t, "checkpoint: the secondary is not connected");
+      colod_sleep_ms (1000);
+      continue;
+    }
+    next = colod_now_ms ();     /* the first epoch at once (catch-up) */
+    while (!colod.stop && !p.lost) {
+      char err[1024] = "";
+      uint64_t ticket = wait_for_epoch (next);
+      if (colod.stop || p.lost)
+        break;
+      next = colod_now_ms () + colod.opt.interval_ms;
+      if (run_epoch (err, sizeof err) == -1) {
+        colod_log ("%s", err);
+        serve_checkpoints (ticket, err);
+        if (!p.lost)
+          colod_send_error (p.data, COLO_ERROR_INTERNAL, err);
+        break;
+      }
+      serve_checkpoints (ticket, NULL);
+    }
+    disconnect (colod.stop ? "stopping" : "the connection failed");
+    colod_sleep_ms (colod.stop ? 0 : 500);
+  }
+  colo_tls_free (tls);
+  colo_ctl_close (p.ctl);
+  free (p.extra);
+  return rc;
+}
+
+/* ---- demote: a former primary's diverged clusters ---- */
+
+/* demote records, in STATE_DIR/diverged (secondary.c reads it), the
+ * clusters this side wrote since the last epoch the old secondary
+ * acknowledged: the union of its colo-N bitmaps from that epoch on.
+ */
+
+int
+colod_demote (void)
+{
+  char err[1024], **names = NULL;
+  size_t nnames = 0, i, k;
+  uint64_t nbits;
+  uint8_t *bits = NULL;
+  int rc = COLOD_EXIT_ERROR;
+
+  if (load_identity () != 1) {
+    colod_log ("%s: no primary state to demote", id.path);
+    return COLOD_EXIT_ERROR;
+  }
+  if (id.demoted) {
+    colod_log ("%s: already demoted", id.path);
+    return COLOD_EXIT_ERROR;
+  }
+  if (plugin_start () == -1)
+    return COLOD_EXIT_ERROR;
+  nbits = (p.disk_size + p.cluster_size - 1) / p.cluster_size;
+  bits = calloc (nbits / 8 + 1, 1);
+  if (bits == NULL)
+    goto out;
+  if (chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err) != 0) {
+    colod_log ("cannot tell which clusters this side wrote since epoch %"
+               PRIu64 " (bitmap " PREFIX "%" PRIu64 " is not on the "
+               "plugin): restart it as a secondary with --discard-diverged "
+               "for a full copy instead", id.acked, id.acked);
+    goto out;
+  }
+  for (i = 0; i < nnames; i++) {
+    uint8_t *b;
+    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], p.disk_size,
+                          p.cluster_size, &b, err, sizeof err) == -1) {
+      colod_log ("%s", err);
+      goto out;
+    }
+    for (k = 0; k < (nbits + 7) / 8; k++)
+      bits[k] |= b[k];
+    free (b);
+  }
+  if (colod_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
+                            p.cluster_size, bits, nbits) == -1)
+    goto out;
+  id.demoted = true;
+  if (save_identity () == -1)
+    goto out;
+  {
+    uint64_t n = 0;
+    for (k = 0; k < nbits; k++)
+      n += (bits[k / 8] >> (k % 8)) & 1;
+    printf ("demoted: %" PRIu64 " clusters written since epoch %" PRIu64
+            " will be replaced from the new primary\n", n, id.acked);
+  }
+  rc = 0;
+ out:
+  free_names (names, nnames);
+  free (bits);
+  colo_ctl_close (p.ctl);
+  return rc;
+}
