@@ -880,15 +880,17 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
 }
 
 /* Wait for the next epoch: the interval, a checkpoint request, or the
- * end.  Returns the checkpoint ticket to serve (0: none).
+ * end; not at all when now (the first epoch after pairing: a full copy
+ * or a catch-up goes at once, even with --interval 0).  Returns the
+ * checkpoint ticket to serve.
  */
 static uint64_t
-wait_for_epoch (int64_t next)
+wait_for_epoch (int64_t next, bool now)
 {
   uint64_t ticket = 0;
 
   pthread_mutex_lock (&colod.lock);
-  while (!colod.stop && !p.lost &&
+  while (!now && !colod.stop && !p.lost &&
          colod.checkpoint_requests == colod.checkpoint_served &&
          (colod.opt.interval_ms == 0 || colod_now_ms () < next)) {
     struct timespec ts;
@@ -923,6 +925,7 @@ colod_run_primary (void)
 {
   struct colo_tls *tls;
   char lasterr[1024] = "";
+  bool first;
   int rc = 0;
 
   if (mkdir (colod.opt.state_dir, 0700) == -1 && errno != EEXIST) {
@@ -958,10 +961,12 @@ colod_run_primary (void)
       colod_sleep_ms (1000);
       continue;
     }
-    next = colod_now_ms ();     /* the first epoch at once (catch-up) */
+    next = colod_now_ms ();
+    first = true;
     while (!colod.stop && !p.lost) {
       char err[1024] = "";
-      uint64_t ticket = wait_for_epoch (next);
+      uint64_t ticket = wait_for_epoch (next, first);
+      first = false;
       if (colod.stop || p.lost)
         break;
       next = colod_now_ms () + colod.opt.interval_ms;

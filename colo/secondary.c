@@ -764,7 +764,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
                   ph->history_count, &fork);
     pthread_mutex_unlock (&colod.lock);
     snprintf (v.reason, sizeof v.reason, "split brain: this side was "
-              "promoted (failover completed at epoch %" PRIu64 ") and is "
+              "promoted (its own generation from epoch %" PRIu64 ") and is "
               "the primary now; restart the side whose writes are to be "
               "lost as a secondary with --discard-diverged", fork);
     r = 0;
