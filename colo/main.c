@@ -155,8 +155,11 @@ static struct {
   pthread_t thread;
   bool running;
   int wake[2];
-  /* Under colod.lock: clients subscribed to events. */
+  /* Under colod.lock: clients subscribed to events, and how many client
+   * threads are alive (colod_control_stop waits for them).
+   */
   int subscribers[CONTROL_MAX_CLIENTS];
+  unsigned nclients;
 } ctl = { .fd = -1 };
 
 static void
@@ -413,6 +416,18 @@ subscribe_fd (int fd)
   return ok;
 }
 
+/* A client thread ends. */
+static void
+client_done (int fd)
+{
+  unsubscribe (fd);
+  close (fd);
+  pthread_mutex_lock (&colod.lock);
+  ctl.nclients--;
+  pthread_cond_broadcast (&colod.cond);
+  pthread_mutex_unlock (&colod.lock);
+}
+
 /* One client, in its own (detached) thread: a line in, a line out. */
 static void *
 client_thread (void *arg)
@@ -454,7 +469,7 @@ client_thread (void *arg)
       json_decref (reply);
       json_decref (req);
       if (subscribe && !subscribe_fd (fd)) {
-        close (fd);
+        client_done (fd);
         return NULL;
       }
       len -= nl + 1 - buf;
@@ -468,8 +483,7 @@ client_thread (void *arg)
       break;
     }
   }
-  unsubscribe (fd);
-  close (fd);
+  client_done (fd);
   return NULL;
 }
 
@@ -494,8 +508,11 @@ control_thread (void *arg)
       continue;
     pthread_attr_init (&attr);
     pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+    pthread_mutex_lock (&colod.lock);
+    ctl.nclients++;
+    pthread_mutex_unlock (&colod.lock);
     if (pthread_create (&t, &attr, client_thread, (void *) (intptr_t) fd))
-      close (fd);
+      client_done (fd);
     pthread_attr_destroy (&attr);
   }
   return NULL;
@@ -551,6 +568,9 @@ colod_control_start (const char *path)
 void
 colod_control_stop (void)
 {
+  int64_t deadline = colod_now_ms () + 2000;
+  size_t i;
+
   if (ctl.running) {
     char c = 0;
     if (write (ctl.wake[1], &c, 1) != 1)
@@ -558,6 +578,26 @@ colod_control_stop (void)
     pthread_join (ctl.thread, NULL);
     ctl.running = false;
   }
+  /* Clients still connected (an `events' subscriber stays until the
+   * daemon goes, a checkpoint waits for its epoch): disconnect them and
+   * give their threads up to 2 s to end, so that none is alive at exit.
+   */
+  pthread_mutex_lock (&colod.lock);
+  colod.stop = 1;
+  for (i = 0; i < CONTROL_MAX_CLIENTS; i++)
+    if (ctl.subscribers[i] > 0)
+      shutdown (ctl.subscribers[i], SHUT_RDWR);
+  while (ctl.nclients > 0 && colod_now_ms () < deadline) {
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 50000000;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
+  }
+  pthread_mutex_unlock (&colod.lock);
   if (ctl.fd >= 0) {
     close (ctl.fd);
     unlink (ctl.path);
