@@ -113,6 +113,7 @@ extern void colod_set_failover (enum colod_failover f, const char *why);
 /* Milliseconds: CLOCK_MONOTONIC and wall clock. */
 extern int64_t colod_now_ms (void);
 extern int64_t colod_wall_ms (void);
+extern int64_t colod_wall_us (void);
 /* Sleep up to ms, returning early when the daemon stops. */
 extern void colod_sleep_ms (int ms);
 

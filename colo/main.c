@@ -57,6 +57,15 @@ colod_wall_ms (void)
   return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+int64_t
+colod_wall_us (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_REALTIME, &ts);
+  return ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 void
 colod_sleep_ms (int ms)
 {

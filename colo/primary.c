@@ -365,18 +365,28 @@ prune (uint64_t keep_snapshot, uint64_t below)
   free (v);
 }
 
+/* The plugin's geometry and checkpoints.  A plugin that is not up yet
+ * is waited for (wait: the daemon), or not (demote).
+ */
 static int
-plugin_start (void)
+plugin_start (bool wait)
 {
   char err[1024];
   json_int_t size, cs;
   uint64_t *v;
   size_t n;
-  json_t *r = ctl ("query-status", NULL, err, sizeof err);
+  json_t *r;
+  bool said = false;
 
-  if (r == NULL) {
-    colod_log ("%s", err);
-    return -1;
+  while ((r = ctl ("query-status", NULL, err, sizeof err)) == NULL) {
+    if (!wait || colod.stop || strstr (err, "control socket") == NULL) {
+      colod_log ("%s", err);
+      return -1;
+    }
+    if (!said)
+      colod_log ("%s: waiting for the plugin", err);
+    said = true;
+    colod_sleep_ms (500);
   }
   if (json_unpack (r, "{s:I,s:I}", "disk-size", &size, "cluster-size",
                    &cs) == -1) {
@@ -552,7 +562,9 @@ hb_thread (void *arg)
     pthread_mutex_unlock (&colod.lock);
     colod_sleep_ms (colod.opt.hb_interval_ms);
   }
-  if (!colod.stop && !p.lost) {
+  if (colod.stop)               /* not a failure: no failover for this */
+    colod_send_error (p.hb, COLO_ERROR_SHUTDOWN, "the primary is stopping");
+  else if (!p.lost) {
     colod_log ("peer lost: %s", err);
     p.lost = true;
     colod_conn_abort (p.data);
@@ -697,6 +709,24 @@ free_names (char **names, size_t n)
   free (names);
 }
 
+/* The snapshot of the last checkpoint if it is still on the plugin and
+ * the secondary does not have it: its epoch number, or 0.
+ */
+static uint64_t
+unsent_snapshot (void)
+{
+  uint64_t *v, r = 0;
+  size_t n, i;
+  char err[1024];
+
+  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
+    for (i = 0; i < n; i++)
+      if (v[i] == p.last_checkpoint)
+        r = v[i];
+  free (v);
+  return r;
+}
+
 /* One epoch: checkpoint, plan, ship (again if refused), then prune.
  * 0, or -1 with err (the connection is then dropped).
  */
@@ -704,7 +734,7 @@ static int
 run_epoch (char *err, size_t errlen)
 {
   uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
-  int64_t t0 = colod_now_ms (), wall0 = colod_wall_ms ();
+  int64_t t0 = colod_now_ms (), wall0 = colod_wall_ms (), ck0, ck1;
   char snap[64], **names = NULL;
   size_t nnames = 0;
   struct colo_plan plan;
@@ -712,18 +742,30 @@ run_epoch (char *err, size_t errlen)
   json_t *r;
   int attempt, sent = -1;
 
-  epoch = p.last_checkpoint > p.sec_committed ? p.last_checkpoint
-    : p.sec_committed;
-  if (epoch < gen_start - 1)
-    epoch = gen_start - 1;
-  epoch++;
-  snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
-  r = ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
-           errlen);
-  if (r == NULL)
-    return -1;
-  json_decref (r);
-  p.last_checkpoint = epoch;
+  if (p.last_checkpoint > p.sec_committed &&
+      (epoch = unsent_snapshot ()) != 0) {
+    /* An epoch that failed: send its snapshot again rather than pile up
+     * checkpoints (and frozen bitmaps) while the link is bad.
+     */
+    snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
+    ck0 = ck1 = 0;
+  }
+  else {
+    epoch = p.last_checkpoint > p.sec_committed ? p.last_checkpoint
+      : p.sec_committed;
+    if (epoch < gen_start - 1)
+      epoch = gen_start - 1;
+    epoch++;
+    snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
+    ck0 = colod_wall_us ();
+    r = ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
+             errlen);
+    if (r == NULL)
+      return -1;
+    ck1 = colod_wall_us ();
+    json_decref (r);
+    p.last_checkpoint = epoch;
+  }
   prune (epoch, 0);
   if (!full) {
     int c = chain (p.base, epoch, &names, &nnames, err, errlen);
@@ -790,12 +832,14 @@ run_epoch (char *err, size_t errlen)
   colod.st.epochs_durable++;
   pthread_mutex_unlock (&colod.lock);
   colod_event ("EPOCH_DURABLE",
-               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b}", "epoch",
+               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b,s:I,s:I}", "epoch",
                           (json_int_t) epoch, "bytes",
                           (json_int_t) plan.total_bytes, "zero-bytes",
                           (json_int_t) plan.zero_bytes, "extents",
                           (json_int_t) plan.n, "duration-ms",
-                          (json_int_t) (colod_now_ms () - t0), "full", full));
+                          (json_int_t) (colod_now_ms () - t0), "full", full,
+                          "checkpoint-start-us", (json_int_t) ck0,
+                          "checkpoint-end-us", (json_int_t) ck1));
   colo_plan_free (&plan);
   return 0;
 }
@@ -806,8 +850,13 @@ static void
 disconnect (const char *why)
 {
   if (p.hb) {
-    p.lost = true;
-    colod_conn_abort (p.hb);
+    /* Stopping: the heartbeat thread says so to the secondary itself
+     * (within --hb-interval, or --hb-timeout if it waits for a reply).
+     */
+    if (!colod.stop) {
+      p.lost = true;
+      colod_conn_abort (p.hb);
+    }
     pthread_join (p.hb_thread, NULL);
   }
   colod_conn_close (p.hb);
@@ -935,7 +984,8 @@ colod_run_primary (void)
   if (init_identity () == -1)
     return COLOD_EXIT_ERROR;
   publish_identity ();
-  if (colod_control_start (colod.opt.control) == -1 || plugin_start () == -1)
+  if (colod_control_start (colod.opt.control) == -1 ||
+      plugin_start (true) == -1)
     return COLOD_EXIT_ERROR;
   tls = colo_tls_new (&colod.opt.tls);
   if (tls == NULL) {
@@ -1012,7 +1062,7 @@ colod_demote (void)
     colod_log ("%s: already demoted", id.path);
     return COLOD_EXIT_ERROR;
   }
-  if (plugin_start () == -1)
+  if (plugin_start (false) == -1)
     return COLOD_EXIT_ERROR;
   nbits = (p.disk_size + p.cluster_size - 1) / p.cluster_size;
   bits = calloc (nbits / 8 + 1, 1);

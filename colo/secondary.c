@@ -63,6 +63,7 @@ static struct {
   struct colod_conn *data, *hb;
   bool data_busy, hb_busy;
   bool promoted;
+  bool primary_stopped;           /* it said so: no failover */
   int64_t require_since;
 } s = { .jlock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -666,8 +667,17 @@ heartbeats (struct colod_conn *c)
     const struct colo_msg *m;
     struct colo_msg a = { .type = COLO_MSG_HEARTBEAT_REPLY };
 
-    if (colod_recv (c, &m, err, sizeof err) != 1)
+    if (colod_recv (c, &m, err, sizeof err) != 1) {
+      const struct colo_msg *last = colo_wire_decoder_msg (c->dec);
+      if (last && last->type == COLO_MSG_ERROR &&
+          last->error.code == COLO_ERROR_SHUTDOWN) {
+        colod_log ("the primary stopped cleanly: no failover for that");
+        pthread_mutex_lock (&colod.lock);
+        s.primary_stopped = true;
+        pthread_mutex_unlock (&colod.lock);
+      }
       break;
+    }
     if (m->type != COLO_MSG_HEARTBEAT) {
       snprintf (err, sizeof err, "unexpected %s on the heartbeat "
                 "connection", colo_msg_type_name (m->type));
@@ -680,6 +690,7 @@ heartbeats (struct colod_conn *c)
     a.heartbeat_reply.last_committed = colod.st.last_committed;
     a.heartbeat_reply.last_applied = colod.st.last_applied;
     colod.st.last_heartbeat_ms = colod_now_ms ();
+    s.primary_stopped = false;
     pthread_mutex_unlock (&colod.lock);
     if (colod_send (c, &a, err, sizeof err) == -1)
       break;
@@ -903,10 +914,12 @@ conn_thread (void *arg)
   return NULL;
 }
 
-/* A demoted primary's state directory, first started as a secondary:
- * the journal takes the identity it had as a primary, at the epoch the
- * old secondary last acknowledged; STATE_DIR/diverged says what it
- * wrote since.  0, or -1.
+/* A demoted primary's state directory, started as a secondary: the
+ * journal takes the identity it had as a primary, at the epoch the old
+ * secondary last acknowledged; STATE_DIR/diverged says what it wrote
+ * since.  This replaces whatever secondary state the directory held
+ * from an earlier role (and its promoted marker); primary.json goes, so
+ * that it is done once.  1 adopted, 0 nothing to do, -1 error.
  */
 static int
 adopt_demoted (void)
@@ -916,7 +929,7 @@ adopt_demoted (void)
   uint32_t cs;
   uint8_t *bits;
   bool demoted = false;
-  char err[1024];
+  char err[1024], path[PATH_MAX];
   int r = colod_load_primary_identity (h.volume_id, h.history,
                                        &h.history_count, &base, &demoted);
 
@@ -929,7 +942,7 @@ adopt_demoted (void)
     return colod.opt.discard_diverged ? 0 : -1;
   }
   free (bits);
-  if (open_journal (size, cs, err, sizeof err) == -1) {
+  if (s.j == NULL && open_journal (size, cs, err, sizeof err) == -1) {
     colod_log ("%s", err);
     return -1;
   }
@@ -937,8 +950,14 @@ adopt_demoted (void)
     colod_log ("%s", err);
     return -1;
   }
+  clear_promoted ();
+  snprintf (path, sizeof path, "%s/primary.json", colod.opt.state_dir);
+  if (unlink (path) == -1) {
+    colod_log ("unlink: %s: %s", path, strerror (errno));
+    return -1;
+  }
   colod_log ("the demoted primary's identity, at epoch %" PRIu64, base);
-  return 0;
+  return 1;
 }
 
 /* ---- promotion ---- */
@@ -1037,6 +1056,16 @@ promote (const char *why)
               "committed here");
     goto fail;
   }
+  {
+    char path[PATH_MAX];
+    diverged_path (path, sizeof path);
+    if (access (path, F_OK) == 0) {
+      snprintf (err, sizeof err, "the disk still holds this side's own "
+                "writes from when it was a primary (%.700s): it is at no "
+                "committed epoch until the resync is durable", path);
+      goto fail;
+    }
+  }
   if (journal_recover (s.j) == -1 ||
       getrandom (gen, sizeof gen, 0) != sizeof gen) {
     snprintf (err, sizeof err, "%s", journal_error (s.j));
@@ -1048,7 +1077,9 @@ promote (const char *why)
     goto fail;
   }
   publish_journal ();
-  write_promoted (gen);
+  if (write_promoted (gen) == -1)
+    colod_log ("a restart of this daemon will not know it was promoted: "
+               "start it with the same --state only as a primary");
   if (colod.opt.promote_store &&
       prepare_store (epoch, err, sizeof err) == -1)
     colod_log ("%s: a later failback will need a full copy", err);
@@ -1082,7 +1113,7 @@ watch (void)
 {
   int64_t now = colod_now_ms (), last;
   enum colod_failover f;
-  bool req, paired;
+  bool req, paired, stopped;
 
   pthread_mutex_lock (&colod.lock);
   f = colod.st.failover;
@@ -1090,10 +1121,11 @@ watch (void)
   last = colod.st.last_heartbeat_ms ? colod.st.last_heartbeat_ms
     : s.started_ms;
   paired = colod.st.last_committed > 0;
+  stopped = s.primary_stopped;
   pthread_mutex_unlock (&colod.lock);
   if (f == FAILOVER_COMPLETED)
     return;
-  if (f == FAILOVER_NONE && paired &&
+  if (f == FAILOVER_NONE && paired && !stopped &&
       now - last > colod.opt.hb_timeout_ms) {
     char why[128];
     snprintf (why, sizeof why, "no heartbeat from the primary for %" PRId64
@@ -1113,9 +1145,21 @@ watch (void)
     promote ("--auto-failover: the primary is gone");
 }
 
+static void *
+monitor_thread (void *arg)
+{
+  (void) arg;
+  while (!colod.stop) {
+    watch ();
+    colod_sleep_ms (100);
+  }
+  return NULL;
+}
+
 int
 colod_run_secondary (void)
 {
+  pthread_t monitor;
   struct journal_state js;
   struct colo_listener *l;
   struct colo_tls *tls;
@@ -1126,32 +1170,33 @@ colod_run_secondary (void)
     colod_log ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
     return COLOD_EXIT_ERROR;
   }
-  if (colod.opt.promote_store && access (colod.opt.promote_store, F_OK) == 0) {
-    colod_log ("--promote-store %s: already exists; promotion makes a new "
-               "store there (remove the old one)", colod.opt.promote_store);
-    return COLOD_EXIT_ERROR;
-  }
   r = journal_read_state (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
     colod_log ("%s", err);
     return COLOD_EXIT_ERROR;
   }
-  if (r == 1) {
-    if (open_journal (js.disk_size, js.cluster_size, err, sizeof err) == -1) {
-      colod_log ("%s", err);
-      return COLOD_EXIT_ERROR;
-    }
-    if (read_promoted ()) {
-      s.promoted = true;
-      colod.st.failover = FAILOVER_COMPLETED;
-      colod_log ("this side was promoted (generation of %s): primaries "
-                 "are refused%s", colod.opt.state_dir,
-                 colod.opt.discard_diverged ? ", except with "
-                 "--discard-diverged" : "");
-    }
-  }
-  else if (adopt_demoted () == -1)
+  if (r == 1 &&
+      open_journal (js.disk_size, js.cluster_size, err, sizeof err) == -1) {
+    colod_log ("%s", err);
     return COLOD_EXIT_ERROR;
+  }
+  r = adopt_demoted ();
+  if (r == -1)
+    return COLOD_EXIT_ERROR;
+  if (r == 0 && s.j && read_promoted ()) {
+    s.promoted = true;
+    colod.st.failover = FAILOVER_COMPLETED;
+    colod_log ("this side was promoted (generation of %s): primaries "
+               "are refused%s", colod.opt.state_dir,
+               colod.opt.discard_diverged ? ", except with "
+               "--discard-diverged" : "");
+  }
+  if (!s.promoted && colod.opt.promote_store &&
+      access (colod.opt.promote_store, F_OK) == 0) {
+    colod_log ("--promote-store %s: already exists; promotion makes a new "
+               "store there (remove the old one)", colod.opt.promote_store);
+    return COLOD_EXIT_ERROR;
+  }
   if (colod_control_start (colod.opt.control) == -1)
     return COLOD_EXIT_ERROR;
   tls = colo_tls_new (&colod.opt.tls);
@@ -1173,10 +1218,18 @@ colod_run_secondary (void)
             colo_listener_address (l));
   pthread_mutex_unlock (&colod.lock);
   s.started_ms = colod_now_ms ();
+  /* Heartbeats are watched in a thread of their own: a TLS handshake
+   * here may take up to its timeout.
+   */
+  if (pthread_create (&monitor, NULL, monitor_thread, NULL) != 0) {
+    colod_log ("pthread_create: cannot start the heartbeat monitor");
+    colo_listener_close (l);
+    colo_tls_free (tls);
+    return COLOD_EXIT_ERROR;
+  }
   while (!colod.stop) {
     struct pollfd pfd = { colo_listener_fd (l), POLLIN, 0 };
 
-    watch ();
     if (poll (&pfd, 1, 100) == 1 && (pfd.revents & POLLIN)) {
       struct colo_conn *c = colo_accept (l, 0);
       struct colod_conn *pc;
@@ -1197,6 +1250,7 @@ colod_run_secondary (void)
       pthread_attr_destroy (&attr);
     }
   }
+  pthread_join (monitor, NULL);
   pthread_mutex_lock (&colod.lock);
   if (s.data)
     colod_conn_abort (s.data);
