@@ -90,7 +90,8 @@ ok "... saying so" grep -q "demoted" "$tmp/demoted.err"
 ok "b's secondary daemon stops" stop_colod b
 pa=$(free_port)
 ok "a starts as a secondary" start_colod a secondary --listen "127.0.0.1:$pa" \
-  --disk "$tmp/a/disk" "${tls[@]}" --hb-interval 100 --hb-timeout 1000
+  --disk "$tmp/a/disk" "${tls[@]}" --hb-interval 100 --hb-timeout 1000 \
+  --promote-store "$tmp/a/store2"
 ok "b starts as the primary" start_colod b primary --fleece "$tmp/b.ctl" \
   --nbd "$(live_uri b)" --peer "127.0.0.1:$pa" "${tls[@]}" --interval 0 \
   --hb-interval 100 --hb-timeout 1000
@@ -112,6 +113,36 @@ is "$(status b last-epoch-bytes)" "$cs" "one cluster"
 is "$(file_sum "$tmp/a/disk")" "$(live_sum b)" "still equal"
 is "$(status a last-committed-epoch)" "$r2" "a committed it"
 
-ok "b's primary stops" stop_colod b
-ok "a's secondary stops" stop_colod a
+# A planned switchover back to a, with the same state directories (the
+# second role swap): b's primary stops cleanly, which is not a failure;
+# a is promoted by hand, b is demoted and becomes a's secondary.
+ok "b's primary stops cleanly" stop_colod b
+ok "a was told: no failover" wait_for 10 grep -q "the primary stopped cleanly" "$tmp/a/colod.log"
+sleep 1.5                     # past --hb-timeout
+is "$(status a failover)" none "a did not fail over by itself"
+ok "fleece-colod promote on a" eval 'colod a promote >"$tmp/promote.out"'
+diag "$(cat "$tmp/promote.out")"
+is "$(status a failover)" completed "a is promoted"
+ok "nbdkit on a's promoted disk" start_nbdkit a -- disk="$tmp/a/disk" \
+  store="$tmp/a/store2" control="$tmp/a.ctl" persistent=true
+ok "writes on a after its promotion" qio a "" "write -P 0x61 16M 128k"
+ok "demote b" eval 'colod b demote --fleece "$tmp/b.ctl" --nbd "$(live_uri b)" >"$tmp/demote2.out"'
+ok "b had no unshipped writes" grep -q "^demoted: 0 clusters" "$tmp/demote2.out"
 ok "b's nbdkit stops" eval 'kill $(cat "$tmp/b.nbdkit.pid") && rm -f "$tmp/b.nbdkit.pid"'
+ok "a's secondary daemon stops" stop_colod a
+pb2=$(free_port)
+ok "b starts as a secondary again" start_colod b secondary \
+  --listen "127.0.0.1:$pb2" --disk "$tmp/b/disk" "${tls[@]}" \
+  --hb-interval 100 --hb-timeout 1000
+is "$(status b failover)" none "b is no longer the promoted side"
+ok "a starts as the primary again" primary_a --peer "127.0.0.1:$pb2"
+ok "they pair" wait_for 20 status_ge a epochs-durable 1
+is "$(status a last-epoch-full)" False "the switchover resync is not a full copy"
+is "$(status a last-epoch-bytes)" "$(( 2 * cs ))" \
+  "it moved exactly the 2 clusters a wrote after its promotion"
+ok "b applied it" wait_for 10 eval '[ "$(status b last-applied-epoch)" = "$(status a last-committed-epoch)" ]'
+is "$(file_sum "$tmp/b/disk")" "$(live_sum a)" "b's disk equals a's after the second swap"
+
+ok "a's primary stops" stop_colod a
+ok "b's secondary stops" stop_colod b
+ok "a's nbdkit stops" stop_nbdkit a
