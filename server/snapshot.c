@@ -211,13 +211,60 @@ copy_needed (void *opaque, const struct copy *cp)
   return false;
 }
 
-static void
-copy_drop (void *opaque, const struct copy *cp)
-{
-  struct fleece *fl = opaque;
+/* The slots of the copies a prune drops, gathered while the copy map's
+ * shards are locked and freed together once they are not: freeing
+ * punches the store file, which is slow, and a locked shard holds up the
+ * copies and the snapshot reads that hash to it.
+ */
+struct dropped {
+  struct fleece *fl;
+  uint32_t *slots;
+  size_t n, cap;
+  bool now;                     /* store_free_slots, not meta_free_slots */
+};
 
-  if (cp->slot != ZERO_SLOT)
-    meta_free_slot (fl, cp->slot);
+static bool
+dropped_keep (void *opaque, const struct copy *cp)
+{
+  struct dropped *d = opaque;
+
+  return copy_needed (d->fl, cp);
+}
+
+static void
+dropped_add (void *opaque, const struct copy *cp)
+{
+  struct dropped *d = opaque;
+  uint32_t slot = cp->slot;
+
+  if (slot == ZERO_SLOT)
+    return;
+  if (d->n == d->cap) {
+    size_t cap = d->cap ? d->cap * 2 : 256;
+    uint32_t *p = realloc (d->slots, cap * sizeof *p);
+    if (p == NULL) {            /* free this one at once */
+      if (d->now)
+        store_free (&d->fl->store, slot);
+      else
+        meta_free_slots (d->fl, &slot, 1);
+      return;
+    }
+    d->slots = p;
+    d->cap = cap;
+  }
+  d->slots[d->n++] = slot;
+}
+
+static void
+dropped_free (struct dropped *d)
+{
+  if (d->now)
+    store_free_slots (&d->fl->store, d->slots, d->n);
+  else
+    meta_free_slots (d->fl, d->slots, d->n);
+  free (d->slots);
+  d->slots = NULL;
+  d->n = d->cap = 0;
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
@@ -279,6 +326,7 @@ snap_free_all (struct fleece *fl)
 int
 fleece_snapshot_delete (struct fleece *fl, const char *name)
 {
+  struct dropped drop = { .fl = fl };
   struct fleece_snap *s;
   size_t i;
   int r;
@@ -310,11 +358,12 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
   pthread_rwlock_wrlock (&s->io_lock);
   pthread_rwlock_unlock (&s->io_lock);
   pthread_rwlock_rdlock (&fl->snaps_lock);
-  copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_drop, fl);
+  copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
   /* Persistent: the freed slots are reused only once the image without
-   * the snapshot is stable (meta_free_slot).
+   * the snapshot is stable (meta_free_slots).
    */
+  dropped_free (&drop);
   r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' deleted", name);
@@ -537,6 +586,7 @@ int
 fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
 {
   struct fleece *fl = s->fl;
+  struct dropped drop = { .fl = fl };
   uint64_t end = offset + count, c0, c1, c, seq = 0;
   _Atomic uint64_t *bits;
   int r = -1;
@@ -568,7 +618,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     if (copymap_lookup (&fl->copies, c, s->gen, &cp))
       atomic_fetch_sub (&s->held, 1);
     if (!fl->meta.on)
-      copymap_prune (&fl->copies, c, copy_needed, copy_drop, fl);
+      copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };
@@ -580,6 +630,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   }
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
+  dropped_free (&drop);
   r = fl->meta.on && seq == 0 ? -1 : 0;
  out_unlock_io:
   pthread_rwlock_unlock (&s->io_lock);
@@ -596,10 +647,12 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
     return -1;
   pthread_rwlock_rdlock (&fl->snaps_lock);
+  drop.now = true;
   for (c = c0; c < c1; c++)
-    copymap_prune (&fl->copies, c, copy_needed, copy_free, fl);
+    copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
+  dropped_free (&drop);
   return 0;
 }
 
