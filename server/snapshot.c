@@ -687,13 +687,25 @@ live_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
   return 0;
 }
 
+/* Report the extents of a run of clusters that locate found live: one
+ * disk_extents for the whole run (two lseeks, not two per cluster), each
+ * cluster checked afterwards by live_extent.
+ */
+static int
+live_run_extents (struct live_ext *le, uint64_t start, uint64_t end)
+{
+  return start < end
+    ? disk_extents (&le->s->fl->disk, end - start, start, live_extent, le)
+    : 0;
+}
+
 int
 fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
                      fleece_extent_fn fn, void *opaque)
 {
   struct fleece *fl = s->fl;
   struct live_ext le = { .s = s, .fn = fn, .opaque = opaque };
-  uint64_t end = offset + count, pos = offset;
+  uint64_t end = offset + count, pos = offset, run = offset;
   int r = -1;
 
   if (end > fl->disk.size || end < offset)
@@ -702,26 +714,28 @@ fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
   pthread_rwlock_rdlock (&s->io_lock);
   if (check_readable (s) == -1)
     goto out;
+  /* [run, pos) is live and not reported yet. */
   while (pos < end) {
     uint64_t c = pos >> fl->cluster_bits;
     uint64_t ce = (c + 1) << fl->cluster_bits;
     uint32_t slot = 0;
     enum where w;
-    int e;
 
     if (ce > end)
       ce = end;
     if (locate (s, c, &slot, &w) == -1)
       goto out;
-    if (w == W_LIVE)
-      e = disk_extents (&fl->disk, ce - pos, pos, live_extent, &le);
-    else
-      e = fn (opaque, pos, ce - pos, w == W_ZERO ?
-              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0);
-    if (e == -1)
-      goto out;
+    if (w != W_LIVE) {
+      if (live_run_extents (&le, run, pos) == -1 ||
+          fn (opaque, pos, ce - pos, w == W_ZERO ?
+              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0) == -1)
+        goto out;
+      run = ce;
+    }
     pos = ce;
   }
+  if (live_run_extents (&le, run, end) == -1)
+    goto out;
   r = 0;
  out:
   pthread_rwlock_unlock (&s->io_lock);
