@@ -99,6 +99,10 @@ extern void store_close (struct store *s);
  */
 extern int store_alloc (struct store *s, uint32_t n, uint32_t *first);
 extern void store_free (struct store *s, uint32_t slot);
+/* Free n slots at once, sorting slots in place; adjacent ones are
+ * punched out of the file together.
+ */
+extern void store_free_slots (struct store *s, uint32_t *slots, size_t n);
 extern int store_write (struct store *s, uint32_t slot, uint32_t nslots,
                         const void *buf, size_t len);
 extern int store_read (struct store *s, uint32_t slot, uint64_t within,
@@ -279,8 +283,10 @@ extern int meta_dirty (struct fleece *fl);
 extern int meta_check (struct fleece *fl);
 /* Write the whole state as a new image; admin_lock held. */
 extern int meta_image (struct fleece *fl);
-/* Free slot now, or once the next image is stable (persistent). */
-extern void meta_free_slot (struct fleece *fl, uint32_t slot);
+/* Free n slots now (sorting them in place), or once the next image is
+ * stable (persistent).
+ */
+extern void meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n);
 
 /* ---- engine.c, snapshot.c, cbw.c ---- */
 struct bitmap;

@@ -425,18 +425,23 @@ meta_wait (struct fleece *fl, uint64_t seq)
 }
 
 void
-meta_free_slot (struct fleece *fl, uint32_t slot)
+meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n)
 {
   struct meta *m = &fl->meta;
 
+  if (n == 0)
+    return;
   if (m->on) {
     pthread_mutex_lock (&m->lock);
-    if (m->ndeferred == m->capdeferred) {
-      size_t cap = m->capdeferred ? m->capdeferred * 2 : 256;
-      uint32_t *p = realloc (m->deferred, cap * sizeof *p);
+    if (m->ndeferred + n > m->capdeferred) {
+      size_t cap = m->capdeferred ? m->capdeferred : 256;
+      uint32_t *p;
+      while (cap < m->ndeferred + n)
+        cap *= 2;
+      p = realloc (m->deferred, cap * sizeof *p);
       if (p == NULL) {
-        /* Keep the slot allocated: a leak until restart, never a reuse
-         * before the record that freed it is stable.
+        /* Keep the slots allocated: a leak until restart, never a reuse
+         * before the record that freed them is stable.
          */
         pthread_mutex_unlock (&m->lock);
         return;
@@ -444,11 +449,12 @@ meta_free_slot (struct fleece *fl, uint32_t slot)
       m->deferred = p;
       m->capdeferred = cap;
     }
-    m->deferred[m->ndeferred++] = slot;
+    memcpy (m->deferred + m->ndeferred, slots, n * sizeof *slots);
+    m->ndeferred += n;
     pthread_mutex_unlock (&m->lock);
     return;
   }
-  store_free (&fl->store, slot);
+  store_free_slots (&fl->store, slots, n);
 }
 
 /* ---- the image ---- */
@@ -630,8 +636,7 @@ meta_image (struct fleece *fl)
   if (r == 0) {
     for (i = 0; i < old_n; i++)
       store_free_meta (&fl->store, old_slot + i);
-    for (i = 0; i < ndeferred; i++)
-      store_free (&fl->store, deferred[i]);
+    store_free_slots (&fl->store, deferred, ndeferred);
   }
   free (deferred);
   free (img.p);

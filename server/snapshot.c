@@ -211,13 +211,60 @@ copy_needed (void *opaque, const struct copy *cp)
   return false;
 }
 
-static void
-copy_drop (void *opaque, const struct copy *cp)
-{
-  struct fleece *fl = opaque;
+/* The slots of the copies a prune drops, gathered while the copy map's
+ * shards are locked and freed together once they are not: freeing
+ * punches the store file, which is slow, and a locked shard holds up the
+ * copies and the snapshot reads that hash to it.
+ */
+struct dropped {
+  struct fleece *fl;
+  uint32_t *slots;
+  size_t n, cap;
+  bool now;                     /* store_free_slots, not meta_free_slots */
+};
 
-  if (cp->slot != ZERO_SLOT)
-    meta_free_slot (fl, cp->slot);
+static bool
+dropped_keep (void *opaque, const struct copy *cp)
+{
+  struct dropped *d = opaque;
+
+  return copy_needed (d->fl, cp);
+}
+
+static void
+dropped_add (void *opaque, const struct copy *cp)
+{
+  struct dropped *d = opaque;
+  uint32_t slot = cp->slot;
+
+  if (slot == ZERO_SLOT)
+    return;
+  if (d->n == d->cap) {
+    size_t cap = d->cap ? d->cap * 2 : 256;
+    uint32_t *p = realloc (d->slots, cap * sizeof *p);
+    if (p == NULL) {            /* free this one at once */
+      if (d->now)
+        store_free (&d->fl->store, slot);
+      else
+        meta_free_slots (d->fl, &slot, 1);
+      return;
+    }
+    d->slots = p;
+    d->cap = cap;
+  }
+  d->slots[d->n++] = slot;
+}
+
+static void
+dropped_free (struct dropped *d)
+{
+  if (d->now)
+    store_free_slots (&d->fl->store, d->slots, d->n);
+  else
+    meta_free_slots (d->fl, d->slots, d->n);
+  free (d->slots);
+  d->slots = NULL;
+  d->n = d->cap = 0;
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
@@ -279,6 +326,7 @@ snap_free_all (struct fleece *fl)
 int
 fleece_snapshot_delete (struct fleece *fl, const char *name)
 {
+  struct dropped drop = { .fl = fl };
   struct fleece_snap *s;
   size_t i;
   int r;
@@ -310,11 +358,12 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
   pthread_rwlock_wrlock (&s->io_lock);
   pthread_rwlock_unlock (&s->io_lock);
   pthread_rwlock_rdlock (&fl->snaps_lock);
-  copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_drop, fl);
+  copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
   /* Persistent: the freed slots are reused only once the image without
-   * the snapshot is stable (meta_free_slot).
+   * the snapshot is stable (meta_free_slots).
    */
+  dropped_free (&drop);
   r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' deleted", name);
@@ -537,6 +586,7 @@ int
 fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
 {
   struct fleece *fl = s->fl;
+  struct dropped drop = { .fl = fl };
   uint64_t end = offset + count, c0, c1, c, seq = 0;
   _Atomic uint64_t *bits;
   int r = -1;
@@ -568,7 +618,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     if (copymap_lookup (&fl->copies, c, s->gen, &cp))
       atomic_fetch_sub (&s->held, 1);
     if (!fl->meta.on)
-      copymap_prune (&fl->copies, c, copy_needed, copy_drop, fl);
+      copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };
@@ -580,6 +630,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   }
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
+  dropped_free (&drop);
   r = fl->meta.on && seq == 0 ? -1 : 0;
  out_unlock_io:
   pthread_rwlock_unlock (&s->io_lock);
@@ -596,10 +647,12 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
     return -1;
   pthread_rwlock_rdlock (&fl->snaps_lock);
+  drop.now = true;
   for (c = c0; c < c1; c++)
-    copymap_prune (&fl->copies, c, copy_needed, copy_free, fl);
+    copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
   rangelock_release (&fl->cbw_locks, c0, c1);
+  dropped_free (&drop);
   return 0;
 }
 
@@ -634,13 +687,25 @@ live_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
   return 0;
 }
 
+/* Report the extents of a run of clusters that locate found live: one
+ * disk_extents for the whole run (two lseeks, not two per cluster), each
+ * cluster checked afterwards by live_extent.
+ */
+static int
+live_run_extents (struct live_ext *le, uint64_t start, uint64_t end)
+{
+  return start < end
+    ? disk_extents (&le->s->fl->disk, end - start, start, live_extent, le)
+    : 0;
+}
+
 int
 fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
                      fleece_extent_fn fn, void *opaque)
 {
   struct fleece *fl = s->fl;
   struct live_ext le = { .s = s, .fn = fn, .opaque = opaque };
-  uint64_t end = offset + count, pos = offset;
+  uint64_t end = offset + count, pos = offset, run = offset;
   int r = -1;
 
   if (end > fl->disk.size || end < offset)
@@ -649,26 +714,28 @@ fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
   pthread_rwlock_rdlock (&s->io_lock);
   if (check_readable (s) == -1)
     goto out;
+  /* [run, pos) is live and not reported yet. */
   while (pos < end) {
     uint64_t c = pos >> fl->cluster_bits;
     uint64_t ce = (c + 1) << fl->cluster_bits;
     uint32_t slot = 0;
     enum where w;
-    int e;
 
     if (ce > end)
       ce = end;
     if (locate (s, c, &slot, &w) == -1)
       goto out;
-    if (w == W_LIVE)
-      e = disk_extents (&fl->disk, ce - pos, pos, live_extent, &le);
-    else
-      e = fn (opaque, pos, ce - pos, w == W_ZERO ?
-              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0);
-    if (e == -1)
-      goto out;
+    if (w != W_LIVE) {
+      if (live_run_extents (&le, run, pos) == -1 ||
+          fn (opaque, pos, ce - pos, w == W_ZERO ?
+              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0) == -1)
+        goto out;
+      run = ce;
+    }
     pos = ce;
   }
+  if (live_run_extents (&le, run, end) == -1)
+    goto out;
   r = 0;
  out:
   pthread_rwlock_unlock (&s->io_lock);

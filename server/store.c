@@ -10,7 +10,8 @@
  * adjacent clusters copied together gets adjacent slots and is written
  * with one pwrite.  A freed slot is punched out of the file before its
  * bit is cleared, so that the space goes back to the filesystem and a
- * concurrent allocation can never have its fresh data punched.
+ * concurrent allocation can never have its fresh data punched; slots
+ * freed together are punched a run at a time (store_free_slots).
  *
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
@@ -501,38 +502,80 @@ store_claim (struct store *s, uint32_t slot, bool meta)
   return r;
 }
 
-static void free_slot (struct store *s, uint32_t slot, bool meta);
+static void free_run (struct store *s, uint32_t first, uint32_t n,
+                      bool meta);
 
 void
 store_free (struct store *s, uint32_t slot)
 {
-  free_slot (s, slot, false);
+  free_run (s, slot, 1, false);
 }
 
 void
 store_free_meta (struct store *s, uint32_t slot)
 {
-  free_slot (s, slot, true);
+  free_run (s, slot, 1, true);
+}
+
+static int
+cmp_slot (const void *a, const void *b)
+{
+  uint32_t x = *(const uint32_t *) a, y = *(const uint32_t *) b;
+
+  return x < y ? -1 : x > y;
+}
+
+/* At most this much is punched by one fallocate: a punch holds the store
+ * file's inode lock, which every store write needs, for a time that
+ * grows with its length (about 0.5 ms per MiB of cached data here).
+ */
+#define PUNCH_MAX_BYTES (1u << 20)
+
+/* Free n data slots, in any order (they are sorted in place): each run
+ * of adjacent slots is punched with one fallocate per PUNCH_MAX_BYTES
+ * rather than one per slot.  Deleting a snapshot frees thousands of
+ * slots, mostly adjacent because copies are allocated in order, and a
+ * punch per slot kept the store busy for hundreds of milliseconds.
+ */
+void
+store_free_slots (struct store *s, uint32_t *slots, size_t n)
+{
+  uint32_t per = PUNCH_MAX_BYTES / s->cluster_size;
+  size_t i, j;
+
+  if (per == 0)
+    per = 1;
+  qsort (slots, n, sizeof *slots, cmp_slot);
+  for (i = 0; i < n; i = j) {
+    for (j = i + 1; j < n && j - i < per && slots[j] == slots[j - 1] + 1;
+         j++)
+      ;
+    free_run (s, slots[i], j - i, false);
+  }
 }
 
 static void
-free_slot (struct store *s, uint32_t slot, bool meta)
+free_run (struct store *s, uint32_t first, uint32_t n, bool meta)
 {
+  uint32_t slot;
+
   /* Not while loading: a store refused later must be left as it was. */
   if (s->is_file && !s->loading)
     /* Best effort: a filesystem without holes keeps the space, the slot
      * is still reused.
      */
     (void) fallocate (s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      s->data_offset + (uint64_t) slot * s->cluster_size,
-                      s->cluster_size);
+                      s->data_offset + (uint64_t) first * s->cluster_size,
+                      (uint64_t) n * s->cluster_size);
   pthread_mutex_lock (&s->lock);
-  assert (slot_used (s, slot));
-  s->used[slot / 64] &= ~(UINT64_C (1) << (slot % 64));
-  s->nused--;
-  s->nmeta -= meta;
-  if (slot < s->hint)
-    s->hint = slot;
+  for (slot = first; slot < first + n; slot++) {
+    assert (slot_used (s, slot));
+    s->used[slot / 64] &= ~(UINT64_C (1) << (slot % 64));
+  }
+  s->nused -= n;
+  s->nmeta -= meta ? n : 0;
+  if (first < s->hint)
+    s->hint = first;
   if (s->above_warn && s->nused - s->nmeta < s->warn_slots)
     s->above_warn = false;      /* re-arm the warning */
   pthread_mutex_unlock (&s->lock);
