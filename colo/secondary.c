@@ -64,6 +64,7 @@ static struct {
   bool data_busy, hb_busy;
   bool promoted;
   bool primary_stopped;           /* it said so: no failover */
+  bool failed;                    /* stopped by an I/O error: exit 1 */
   int64_t require_since;
 } s = { .jlock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -547,6 +548,7 @@ end_epoch (struct colod_conn *c, struct epoch_rx *e,
     colod_log ("%s: stopping; a restart applies epoch %" PRIu64 " again",
                journal_error (s.j), e->epoch);
     pthread_mutex_unlock (&s.jlock);
+    s.failed = true;
     colod.stop = 1;
     return -1;
   }
@@ -1267,5 +1269,5 @@ colod_run_secondary (void)
   colo_tls_free (tls);
   if (s.j)
     journal_close (s.j);
-  return 0;
+  return s.failed ? COLOD_EXIT_ERROR : 0;
 }
