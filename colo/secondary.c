@@ -745,6 +745,24 @@ leave_channel (uint32_t channel)
   pthread_mutex_unlock (&colod.lock);
 }
 
+/* Shut both connections down and wait for their threads to go. */
+static void
+drop_channels (void)
+{
+  pthread_mutex_lock (&colod.lock);
+  if (s.data)
+    colod_conn_abort (s.data);
+  if (s.hb)
+    colod_conn_abort (s.hb);
+  while (s.data_busy || s.hb_busy) {
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    ts.tv_sec++;
+    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
+  }
+  pthread_mutex_unlock (&colod.lock);
+}
+
 static int
 send_reply (struct colod_conn *c, uint32_t status, const char *reason,
             char *err, size_t errlen)
@@ -1040,17 +1058,8 @@ promote (const char *why)
   colod_set_failover (FAILOVER_ACTIVE, why);
   pthread_mutex_lock (&colod.lock);
   s.promoted = true;            /* refuse primaries from now on */
-  if (s.data)
-    colod_conn_abort (s.data);
-  if (s.hb)
-    colod_conn_abort (s.hb);
-  while (s.data_busy || s.hb_busy) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec++;
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
   pthread_mutex_unlock (&colod.lock);
+  drop_channels ();
 
   pthread_mutex_lock (&s.jlock);
   if (s.j == NULL || journal_get_state (s.j)->committed_epoch == 0) {
@@ -1253,18 +1262,7 @@ colod_run_secondary (void)
     }
   }
   pthread_join (monitor, NULL);
-  pthread_mutex_lock (&colod.lock);
-  if (s.data)
-    colod_conn_abort (s.data);
-  if (s.hb)
-    colod_conn_abort (s.hb);
-  while (s.data_busy || s.hb_busy) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec++;
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
-  pthread_mutex_unlock (&colod.lock);
+  drop_channels ();
   colo_listener_close (l);
   colo_tls_free (tls);
   if (s.j)

@@ -345,102 +345,31 @@ all_zero (const char *p, size_t n)
   return n == 0 || (p[0] == 0 && memcmp (p, p + 1, n - 1) == 0);
 }
 
-/* Hand a run read into buf to fn, cut at zero/data changes. */
-static int
-emit_run (const char *buf, uint64_t start, uint64_t len, uint32_t cs,
-          colo_extent_fn fn, void *opaque, struct colo_epoch_info *info)
-{
-  uint64_t pos = 0;
-
-  while (pos < len) {
-    uint64_t end = pos;
-    bool zero = all_zero (buf + pos, len - pos < cs ? len - pos : cs);
-
-    while (end < len) {
-      uint64_t n = len - end < cs ? len - end : cs;
-      if (all_zero (buf + end, n) != zero)
-        break;
-      end += n;
-    }
-    if (fn (opaque, start + pos, end - pos, zero, zero ? NULL : buf + pos,
-            zero ? 0 : XXH64 (buf + pos, end - pos, 0)) == -1)
-      return -1;
-    info->extents++;
-    if (zero)
-      info->zero_bytes += end - pos;
-    else
-      info->data_bytes += end - pos;
-    pos = end;
-  }
-  return 0;
-}
-
 int
 colo_read_epoch (const char *base, const char *snapshot, const char *bitmap,
                  uint32_t max_extent, colo_extent_fn fn, void *opaque,
                  struct colo_epoch_info *info, char *err, size_t errlen)
 {
-  char expname[16 + FLEECE_BITMAP_NAME_SIZE];
-  struct nbd_handle *nbd;
-  uint8_t *bits = NULL;
-  char *buf = NULL;
-  int64_t size;
-  uint64_t nclusters, c, run_start = 0, run = 0, max_run;
-  int64_t cs;
-  int r = -1;
+  struct colo_plan plan;
+  size_t i;
+  int r;
 
   memset (info, 0, sizeof *info);
-  snprintf (expname, sizeof expname, "snapshot/%s", snapshot);
-  nbd = open_export (base, expname, err, errlen);
-  if (nbd == NULL)
+  if (colo_plan_epoch (base, snapshot, bitmap == NULL, &bitmap,
+                       bitmap ? 1 : 0, NULL, 0, max_extent, &plan, err,
+                       errlen) == -1)
     return -1;
-  size = nbd_get_size (nbd);
-  cs = nbd_get_block_size (nbd, LIBNBD_SIZE_PREFERRED);
-  if (size < 0 || cs <= 0 || (cs & (cs - 1)) != 0) {
-    seterr (err, errlen, "%s: size or preferred block size (the cluster "
-            "size): %s", expname, nbd_get_error ());
-    goto out;
+  info->disk_size = plan.disk_size;
+  info->cluster_size = plan.cluster_size;
+  r = colo_plan_read (base, snapshot, &plan, 0, fn, opaque, err, errlen);
+  if (r == 0) {
+    info->extents = plan.n;
+    for (i = 0; i < plan.n; i++)
+      if (plan.v[i].zero)
+        info->zero_bytes += plan.v[i].length;
+    info->data_bytes = plan.total_bytes - info->zero_bytes;
   }
-  info->disk_size = size;
-  info->cluster_size = cs;
-  if (max_extent < cs)
-    max_extent = cs;
-  max_run = max_extent / cs;
-  nclusters = ((uint64_t) size + cs - 1) / cs;
-  if (bitmap && read_bitmap (base, bitmap, size, cs, &bits, err,
-                             errlen) == -1)
-    goto out;
-  buf = malloc (max_run * cs);
-  if (buf == NULL) {
-    seterr (err, errlen, "%s: out of memory", expname);
-    goto out;
-  }
-  for (c = 0; c <= nclusters; c++) {
-    bool set = c < nclusters && (bits == NULL || (bits[c / 8] >> (c % 8)) & 1);
-    if (set && run == 0)
-      run_start = c;
-    if (set)
-      run++;
-    if (run > 0 && (!set || run == max_run)) {
-      uint64_t off = run_start * cs, len = run * cs;
-      if (off + len > (uint64_t) size)
-        len = size - off;
-      if (nbd_pread (nbd, buf, len, off, 0) == -1) {
-        seterr (err, errlen, "%s: read at %" PRIu64 "+%" PRIu64 ": %s",
-                expname, off, len, nbd_get_error ());
-        goto out;
-      }
-      if (emit_run (buf, off, len, cs, fn, opaque, info) == -1)
-        goto out;
-      run = 0;
-    }
-  }
-  r = 0;
- out:
-  free (buf);
-  free (bits);
-  nbd_shutdown (nbd, 0);
-  nbd_close (nbd);
+  colo_plan_free (&plan);
   return r;
 }
 
