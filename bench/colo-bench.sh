@@ -130,17 +130,21 @@ for (( run = 1; run <= runs; run++ )); do
   "$colod" events --state "$tmp/a/state" >"$tmp/events" &
   epid=$!; pids+=($epid)
   rm -f "$tmp"/stall_*.log
+  t_fio=${EPOCHREALTIME/./}
   fio --name=stall --ioengine=nbd --uri="nbd+unix:///?socket=$tmp/a.sock" \
     --rw=randwrite --bs=4k --iodepth=8 --time_based --runtime="$runtime" \
     --write_lat_log="$tmp/stall" --log_avg_msec=0 --log_unix_epoch=1 \
     --output="$tmp/fio.json" --output-format=json >/dev/null
   sleep 1.5
   kill "$epid"; wait "$epid" 2>/dev/null || :
-  python3 - "$tmp/events" >"$tmp/windows" <<'EOF'
+  python3 - "$tmp/events" "$t_fio" >"$tmp/windows" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
     e = json.loads(line)
-    if e["event"] == "EPOCH_DURABLE" and "checkpoint-start-us" in e["data"]:
+    # Epochs made before fio started are no windows of fio's (and leave
+    # it time for a baseline before the first one).
+    if (e["event"] == "EPOCH_DURABLE"
+            and e["data"].get("checkpoint-start-us", 0) > int(sys.argv[2]) + 300000):
         print(e["data"]["checkpoint-start-us"], e["data"]["checkpoint-end-us"])
 EOF
   python3 - "$tmp/a.ctl" >"$tmp/drains" <<'EOF'

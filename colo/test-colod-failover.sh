@@ -12,7 +12,10 @@
 #  - b is written; a is demoted and comes back as b's secondary: the
 #    resync moves exactly the union of the clusters a wrote after the
 #    last durable epoch and those b wrote after promotion, and leaves
-#    both disks equal; later epochs go the other way round.
+#    both disks equal; later epochs go the other way round;
+#  - a planned switchover back, with the same state directories;
+#  - a primary of another volume is refused, then accepted with a full
+#    copy once the secondary is started with --discard-diverged.
 source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
 # KEEP=1: leave $tmp and the daemons behind, for debugging by hand.
 [ -n "${KEEP:-}" ] && trap - EXIT
@@ -144,5 +147,38 @@ ok "b applied it" wait_for 10 eval '[ "$(status b last-applied-epoch)" = "$(stat
 is "$(file_sum "$tmp/b/disk")" "$(live_sum a)" "b's disk equals a's after the second swap"
 
 ok "a's primary stops" stop_colod a
+
+# Another volume (a new primary on host c) is refused by b, until b is
+# told that its data may go (--discard-diverged): then a full copy.
+mkdir -p "$tmp/c"
+truncate -s 32M "$tmp/c/disk"
+qemu-io -f raw -c 'write -P 0x71 0 32M' "$tmp/c/disk" >/dev/null
+ok "nbdkit on c" start_plugin c
+primary_c () {
+  start_colod c primary --fleece "$tmp/c.ctl" --nbd "$(live_uri c)" \
+    --peer "127.0.0.1:$pb2" "${tls[@]}" --interval 0 --hb-interval 100 \
+    --hb-timeout 1000
+}
+sum_b=$(file_sum "$tmp/b/disk")
+primary_c >/dev/null || :
+ok "c's primary exits, refused" wait_for 20 eval '! kill -0 $(cat "$tmp/c/colod.pid") 2>/dev/null'
+status=0; wait "$(cat "$tmp/c/colod.pid")" || status=$?
+is "$status" 3 "with status 3"
+rm -f "$tmp/c/colod.pid"
+ok "it names another volume" grep -q "refused the pairing (another volume)" "$tmp/c/colod.log"
+is "$(file_sum "$tmp/b/disk")" "$sum_b" "b's disk is untouched"
 ok "b's secondary stops" stop_colod b
+ok "b restarts with --discard-diverged" start_colod b secondary \
+  --listen "127.0.0.1:$pb2" --disk "$tmp/b/disk" "${tls[@]}" \
+  --hb-interval 100 --hb-timeout 1000 --discard-diverged
+ok "c pairs" primary_c
+ok "c's first epoch is durable" wait_for 30 status_ge c epochs-durable 1
+is "$(status c last-epoch-full)" True "a full copy"
+ok "b applied it" wait_for 10 eval '[ "$(status b last-applied-epoch)" = "$(status c last-committed-epoch)" ]'
+is "$(file_sum "$tmp/b/disk")" "$(live_sum c)" "b's disk is c's"
+is "$(status b volume-id)" "$(status c volume-id)" "b follows c's volume now"
+
+ok "c's primary stops" stop_colod c
+ok "b's secondary stops" stop_colod b
+ok "c's nbdkit stops" stop_nbdkit c
 ok "a's nbdkit stops" stop_nbdkit a
