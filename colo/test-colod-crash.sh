@@ -89,7 +89,8 @@ for (( i = 1; i <= 10; i++ )); do
   if (( i % 3 == 0 )); then
     # Poll b as fast as it answers until epoch n is committed, and kill
     # at once.
-    for (( t = 0; t < 6000; t++ )); do
+    deadline=$((SECONDS + 30))
+    for (( t = 0; t < 6000 && SECONDS < deadline; t++ )); do
       pre=$("$COLOD" status --state "$tmp/b/state" 2>/dev/null)
       c=$(sed -n 's/^last-committed-epoch: //p' <<<"$pre")
       [ -n "$c" ] && (( c >= n )) && break

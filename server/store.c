@@ -543,6 +543,8 @@ store_free_slots (struct store *s, uint32_t *slots, size_t n)
   uint32_t per = PUNCH_MAX_BYTES / s->cluster_size;
   size_t i, j;
 
+  if (n == 0)
+    return;                     /* qsort must not get a NULL array */
   if (per == 0)
     per = 1;
   qsort (slots, n, sizeof *slots, cmp_slot);
