@@ -35,7 +35,7 @@ ok "nbdkit on a" start_plugin a
 ok "secondary b starts" start_colod b secondary --listen "127.0.0.1:$pb" \
   --disk "$tmp/b/disk" "${tls[@]}" --hb-interval 100 --hb-timeout 1000 \
   --auto-failover --promote-store "$tmp/b/store" \
-  --on-promote "nbdkit -U $tmp/b.sock -P $tmp/b.nbdkit.pid $FLEECE_PLUGIN disk=\$FLEECE_COLOD_DISK store=\$FLEECE_COLOD_STORE persistent=true control=$tmp/b.ctl; echo \$FLEECE_COLOD_EPOCH >$tmp/b/promoted-epoch"
+  --on-promote "${FLEECE_ASAN_PRELOAD:+LD_PRELOAD=$FLEECE_ASAN_PRELOAD }nbdkit -U $tmp/b.sock -P $tmp/b.nbdkit.pid $FLEECE_PLUGIN disk=\$FLEECE_COLOD_DISK store=\$FLEECE_COLOD_STORE persistent=true control=$tmp/b.ctl; echo \$FLEECE_COLOD_EPOCH >$tmp/b/promoted-epoch"
 cleanup_fn "kill_by_pidfile '$tmp/b.nbdkit.pid'"
 primary_a () {
   start_colod a primary --fleece "$tmp/a.ctl" --nbd "$(live_uri a)" \
