@@ -735,6 +735,7 @@ run_epoch (char *err, size_t errlen)
 {
   uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
   int64_t t0 = colod_now_ms (), wall0 = colod_wall_ms (), ck0, ck1;
+  int64_t drain_ns = -1;
   char snap[64], **names = NULL;
   size_t nnames = 0;
   struct colo_plan plan;
@@ -765,6 +766,16 @@ run_epoch (char *err, size_t errlen)
     ck1 = colod_wall_us ();
     json_decref (r);
     p.last_checkpoint = epoch;
+    /* How long the plugin held writers for this checkpoint (its drain):
+     * the writer stall of the epoch, for the event.
+     */
+    r = ctl ("query-stats", NULL, err, errlen);
+    if (r) {
+      json_int_t ns;
+      if (json_unpack (r, "{s:I}", "last-drain-ns", &ns) == 0)
+        drain_ns = ns;
+      json_decref (r);
+    }
   }
   prune (epoch, 0);
   if (!full) {
@@ -832,14 +843,15 @@ run_epoch (char *err, size_t errlen)
   colod.st.epochs_durable++;
   pthread_mutex_unlock (&colod.lock);
   colod_event ("EPOCH_DURABLE",
-               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b,s:I,s:I}", "epoch",
+               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b,s:I,s:I,s:I}", "epoch",
                           (json_int_t) epoch, "bytes",
                           (json_int_t) plan.total_bytes, "zero-bytes",
                           (json_int_t) plan.zero_bytes, "extents",
                           (json_int_t) plan.n, "duration-ms",
                           (json_int_t) (colod_now_ms () - t0), "full", full,
                           "checkpoint-start-us", (json_int_t) ck0,
-                          "checkpoint-end-us", (json_int_t) ck1));
+                          "checkpoint-end-us", (json_int_t) ck1,
+                          "drain-ns", (json_int_t) drain_ns));
   colo_plan_free (&plan);
   return 0;
 }

@@ -627,6 +627,12 @@ colo_plan_epoch (const char *base, const char *snapshot, bool full,
   return r;
 }
 
+/* Reads run up to READ_AHEAD extents ahead of the one being handed to
+ * fn, so that the server reads (and the socket fills) while the caller
+ * sends: libnbd's asynchronous reads, completed in plan order.
+ */
+#define READ_AHEAD 4
+
 int
 colo_plan_read (const char *base, const char *snapshot,
                 const struct colo_plan *plan, size_t first,
@@ -635,8 +641,9 @@ colo_plan_read (const char *base, const char *snapshot,
   char expname[16 + FLEECE_BITMAP_NAME_SIZE];
   struct nbd_handle *nbd;
   uint32_t maxlen = 0;
-  char *buf = NULL;
-  size_t i;
+  char *bufs[READ_AHEAD] = { NULL };
+  int64_t cookies[READ_AHEAD];
+  size_t i, issued;
   int r = -1;
 
   for (i = first; i < plan->n; i++)
@@ -650,31 +657,53 @@ colo_plan_read (const char *base, const char *snapshot,
     seterr (err, errlen, "%s: the size changed since the plan", expname);
     goto out;
   }
-  buf = malloc (maxlen ? maxlen : 1);
-  if (buf == NULL) {
-    seterr (err, errlen, "%s: out of memory", expname);
-    goto out;
-  }
-  for (i = first; i < plan->n; i++) {
-    const struct colo_plan_extent *x = &plan->v[i];
+  for (i = 0; i < READ_AHEAD; i++)
+    if ((bufs[i] = malloc (maxlen ? maxlen : 1)) == NULL) {
+      seterr (err, errlen, "%s: out of memory", expname);
+      goto out;
+    }
+  for (i = issued = first; i < plan->n; i++) {
+    const struct colo_plan_extent *x = &plan->v[i], *bad = x;
+    char *buf = bufs[i % READ_AHEAD];
     bool zero = x->zero;
-    if (!zero) {
-      if (nbd_pread (nbd, buf, x->length, x->offset, 0) == -1) {
-        seterr (err, errlen, "%s: read at %" PRIu64 "+%" PRIu32 ": %s",
-                expname, x->offset, x->length, nbd_get_error ());
-        goto out;
+    int done;
+
+    for (; issued < plan->n && issued < i + READ_AHEAD; issued++) {
+      const struct colo_plan_extent *y = &plan->v[issued];
+      if (y->zero)
+        continue;
+      cookies[issued % READ_AHEAD] =
+        nbd_aio_pread (nbd, bufs[issued % READ_AHEAD], y->length, y->offset,
+                       NBD_NULL_COMPLETION, 0);
+      if (cookies[issued % READ_AHEAD] == -1) {
+        bad = y;
+        goto read_error;
       }
+    }
+    if (!zero) {
+      while ((done = nbd_aio_command_completed (nbd,
+                                                cookies[i % READ_AHEAD])) == 0)
+        if (nbd_poll (nbd, -1) == -1)
+          goto read_error;
+      if (done == -1)
+        goto read_error;
       zero = all_zero (buf, x->length);
     }
     if (fn (opaque, x->offset, x->length, zero, zero ? NULL : buf,
             zero ? 0 : XXH64 (buf, x->length, 0)) == -1)
       goto out;
+    continue;
+  read_error:
+    seterr (err, errlen, "%s: read at %" PRIu64 "+%" PRIu32 ": %s",
+            expname, bad->offset, bad->length, nbd_get_error ());
+    goto out;
   }
   r = 0;
  out:
-  free (buf);
   nbd_shutdown (nbd, 0);
-  nbd_close (nbd);
+  nbd_close (nbd);              /* before the buffers reads may fill */
+  for (i = 0; i < READ_AHEAD; i++)
+    free (bufs[i]);
   return r;
 }
 
