@@ -262,16 +262,7 @@ clear_promoted (void)
 
 /* ---- the pairing ---- */
 
-static bool
-is_zero (const uint8_t *p, size_t n)
-{
-  size_t i;
-
-  for (i = 0; i < n; i++)
-    if (p[i])
-      return false;
-  return true;
-}
+static const uint8_t no_volume[16];     /* a journal never paired */
 
 static int
 adopt (const struct colo_msg_hello *ph, uint64_t epoch, char *err,
@@ -349,7 +340,7 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
   if (ensure_journal (ph, v, err, errlen) == -1)
     return v->status ? 0 : -1;
   js = journal_get_state (s.j);
-  if (is_zero (js->volume_id, 16))
+  if (memcmp (js->volume_id, no_volume, 16) == 0)
     return adopt (ph, 0, err, errlen);
   if (memcmp (js->volume_id, ph->volume_id, 16) != 0) {
     if (colod.opt.discard_diverged) {
