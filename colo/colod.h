@@ -114,6 +114,8 @@ extern void colod_set_failover (enum colod_failover f, const char *why);
 extern int64_t colod_now_ms (void);
 extern int64_t colod_wall_ms (void);
 extern int64_t colod_wall_us (void);
+/* With colod.lock held: wait on colod.cond for at most ms. */
+extern void colod_wait_ms (int ms);
 /* Sleep up to ms, returning early when the daemon stops. */
 extern void colod_sleep_ms (int ms);
 
@@ -162,6 +164,9 @@ colod_relate (const struct colo_generation *ours, uint32_t nours,
               const struct colo_generation *theirs, uint32_t ntheirs,
               uint64_t *fork);
 extern const char *colod_relation_name (enum colod_relation r);
+/* A journal's generation history as the wire has it: its length. */
+extern uint32_t colod_history_from_journal (const struct journal_state *js,
+                                            struct colo_generation *out);
 
 extern int colod_run_primary (void);
 extern int colod_run_secondary (void);

@@ -49,21 +49,33 @@ colod_now_ms (void)
 }
 
 int64_t
-colod_wall_ms (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_REALTIME, &ts);
-  return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-int64_t
 colod_wall_us (void)
 {
   struct timespec ts;
 
   clock_gettime (CLOCK_REALTIME, &ts);
   return ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t
+colod_wall_ms (void)
+{
+  return colod_wall_us () / 1000;
+}
+
+void
+colod_wait_ms (int ms)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_REALTIME, &ts);
+  ts.tv_sec += ms / 1000;
+  ts.tv_nsec += (ms % 1000) * 1000000L;
+  if (ts.tv_nsec >= 1000000000) {
+    ts.tv_sec++;
+    ts.tv_nsec -= 1000000000;
+  }
+  pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
 }
 
 void
@@ -291,16 +303,8 @@ cmd_checkpoint (json_t *args, char *err, size_t errlen)
   ticket = ++colod.checkpoint_requests;
   pthread_cond_broadcast (&colod.cond);
   while (wait != json_false () && colod.checkpoint_served < ticket &&
-         !colod.stop && colod_now_ms () < deadline) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 100000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
+         !colod.stop && colod_now_ms () < deadline)
+    colod_wait_ms (100);
   if (wait == json_false ())
     r = json_pack ("{s:b}", "queued", 1);
   else if (colod.checkpoint_served < ticket)
@@ -340,12 +344,8 @@ cmd_promote (json_t *args, char *err, size_t errlen)
     colod.promote_force = force;
     pthread_cond_broadcast (&colod.cond);
     while (colod.st.failover != FAILOVER_COMPLETED && !colod.stop &&
-           colod.promote_requested && colod_now_ms () < deadline) {
-      struct timespec ts;
-      clock_gettime (CLOCK_REALTIME, &ts);
-      ts.tv_sec++;
-      pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-    }
+           colod.promote_requested && colod_now_ms () < deadline)
+      colod_wait_ms (1000);
     if (colod.st.failover == FAILOVER_COMPLETED) {
       char gen[33];
       colod_hex (colod.st.generation_id, 16, gen);
@@ -596,16 +596,8 @@ colod_control_stop (void)
   for (i = 0; i < CONTROL_MAX_CLIENTS; i++)
     if (ctl.subscribers[i] > 0)
       shutdown (ctl.subscribers[i], SHUT_RDWR);
-  while (ctl.nclients > 0 && colod_now_ms () < deadline) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 50000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
+  while (ctl.nclients > 0 && colod_now_ms () < deadline)
+    colod_wait_ms (50);
   pthread_mutex_unlock (&colod.lock);
   if (ctl.fd >= 0) {
     close (ctl.fd);
@@ -755,6 +747,19 @@ colod_relate (const struct colo_generation *ours, uint32_t nours,
     if (find_gen (theirs, ntheirs, ours[i].id) >= 0)
       return REL_DIVERGED;
   return REL_UNRELATED;
+}
+
+uint32_t
+colod_history_from_journal (const struct journal_state *js,
+                            struct colo_generation *out)
+{
+  uint32_t i;
+
+  for (i = 0; i < js->history_len; i++) {
+    memcpy (out[i].id, js->history[i].id, 16);
+    out[i].start_epoch = js->history[i].first_epoch;
+  }
+  return js->history_len;
 }
 
 const char *

@@ -230,13 +230,7 @@ init_identity (void)
   if (r == 1 && js.history_len > 0) {
     /* A promoted secondary becoming the primary. */
     memcpy (id.volume_id, js.volume_id, 16);
-    for (id.history_len = 0; id.history_len < js.history_len;
-         id.history_len++) {
-      memcpy (id.history[id.history_len].id, js.history[id.history_len].id,
-              16);
-      id.history[id.history_len].start_epoch =
-        js.history[id.history_len].first_epoch;
-    }
+    id.history_len = colod_history_from_journal (&js, id.history);
     id.acked = 0;
     colod_log ("identity from the secondary state in %s (generation %u of "
                "the history, first epoch %" PRIu64 ")", colod.opt.state_dir,
@@ -276,14 +270,14 @@ ctl (const char *cmd, json_t *args, char *err, size_t errlen)
   return r;
 }
 
-/* N if name is colo-N, else 0. */
+/* N if name is colo-N, else 0 (also for NULL). */
 static uint64_t
 colo_number (const char *name)
 {
   char *end;
   unsigned long long v;
 
-  if (strncmp (name, PREFIX, strlen (PREFIX)) != 0)
+  if (name == NULL || strncmp (name, PREFIX, strlen (PREFIX)) != 0)
     return 0;
   errno = 0;
   v = strtoull (name + strlen (PREFIX), &end, 10);
@@ -311,10 +305,8 @@ list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
     return -1;
   }
   json_array_foreach (r, i, e) {
-    uint64_t k = colo_number (json_string_value (json_object_get (e, "name"))
-                              ? json_string_value (json_object_get (e,
-                                                                    "name"))
-                              : "");
+    uint64_t k = colo_number (json_string_value (json_object_get (e,
+                                                                  "name")));
     size_t j;
     if (k == 0)
       continue;
@@ -692,8 +684,16 @@ chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
     if (v[i] == base)
       have_base = true;
     if (v[i] >= base && v[i] < epoch &&
-        asprintf (&(*names)[(*n)++], PREFIX "%" PRIu64, v[i]) == -1)
+        asprintf (&(*names)[(*n)++], PREFIX "%" PRIu64, v[i]) == -1) {
       (*names)[--(*n)] = NULL;
+      break;
+    }
+  }
+  if (*names == NULL || i < cnt) {
+    /* A bitmap left out of the union would lose its clusters. */
+    free (v);
+    snprintf (err, errlen, "query-bitmaps: out of memory");
+    return -1;
   }
   free (v);
   return have_base ? 0 : 1;
@@ -780,8 +780,10 @@ run_epoch (char *err, size_t errlen)
   prune (epoch, 0);
   if (!full) {
     int c = chain (p.base, epoch, &names, &nnames, err, errlen);
-    if (c == -1)
+    if (c == -1) {
+      free_names (names, nnames);
       return -1;
+    }
     if (c == 1) {
       colod_log ("bitmap " PREFIX "%" PRIu64 " is not on the plugin: epoch %"
                  PRIu64 " is a full copy", p.base, epoch);
@@ -953,16 +955,8 @@ wait_for_epoch (int64_t next, bool now)
   pthread_mutex_lock (&colod.lock);
   while (!now && !colod.stop && !p.lost &&
          colod.checkpoint_requests == colod.checkpoint_served &&
-         (colod.opt.interval_ms == 0 || colod_now_ms () < next)) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 20000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
+         (colod.opt.interval_ms == 0 || colod_now_ms () < next))
+    colod_wait_ms (20);
   ticket = colod.checkpoint_requests;
   pthread_mutex_unlock (&colod.lock);
   return ticket;
@@ -1064,7 +1058,7 @@ colod_demote (void)
   size_t nnames = 0, i, k;
   uint64_t nbits;
   uint8_t *bits = NULL;
-  int rc = COLOD_EXIT_ERROR;
+  int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
     colod_log ("%s: no primary state to demote", id.path);
@@ -1080,7 +1074,12 @@ colod_demote (void)
   bits = calloc (nbits / 8 + 1, 1);
   if (bits == NULL)
     goto out;
-  if (chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err) != 0) {
+  r = chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err);
+  if (r == -1) {
+    colod_log ("%s", err);
+    goto out;
+  }
+  if (r == 1) {
     colod_log ("cannot tell which clusters this side wrote since epoch %"
                PRIu64 " (bitmap " PREFIX "%" PRIu64 " is not on the "
                "plugin): restart it as a secondary with --discard-diverged "

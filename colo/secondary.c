@@ -183,7 +183,6 @@ static void
 publish_journal (void)
 {
   const struct journal_state *js;
-  uint32_t i;
 
   if (s.j == NULL)
     return;
@@ -191,11 +190,7 @@ publish_journal (void)
   pthread_mutex_lock (&colod.lock);
   memcpy (colod.st.volume_id, js->volume_id, 16);
   memcpy (colod.st.generation_id, js->generation_id, 16);
-  for (i = 0; i < js->history_len; i++) {
-    memcpy (colod.st.history[i].id, js->history[i].id, 16);
-    colod.st.history[i].start_epoch = js->history[i].first_epoch;
-  }
-  colod.st.history_len = js->history_len;
+  colod.st.history_len = colod_history_from_journal (js, colod.st.history);
   colod.st.last_committed = js->committed_epoch;
   colod.st.last_applied = js->applied_epoch;
   pthread_mutex_unlock (&colod.lock);
@@ -332,7 +327,7 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
   struct colo_generation ours[COLO_WIRE_MAX_HISTORY];
   enum colod_relation rel;
   uint64_t fork, dbase = 0, dsize = 0, dbits = 0;
-  uint32_t dcs = 0, i;
+  uint32_t dcs = 0;
   uint8_t *bits = NULL;
   int have_div;
 
@@ -354,10 +349,7 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
               "replaces it");
     return 0;
   }
-  for (i = 0; i < js->history_len; i++) {
-    memcpy (ours[i].id, js->history[i].id, 16);
-    ours[i].start_epoch = js->history[i].first_epoch;
-  }
+  colod_history_from_journal (js, ours);
   rel = colod_relate (ours, js->history_len, ph->history, ph->history_count,
                       &fork);
   have_div = read_diverged (&dbase, &dsize, &dcs, &bits, &dbits);
@@ -430,7 +422,6 @@ fill_hello (struct colo_msg *m, uint32_t channel)
 {
   const struct journal_state *js = s.j ? journal_get_state (s.j) : NULL;
   struct colo_msg_hello *h = &m->hello;
-  uint32_t i;
 
   memset (m, 0, sizeof *m);
   m->type = COLO_MSG_HELLO;
@@ -446,11 +437,7 @@ fill_hello (struct colo_msg *m, uint32_t channel)
   h->last_applied = js->applied_epoch;
   h->disk_size = js->disk_size;
   h->cluster_size = js->cluster_size;
-  h->history_count = js->history_len;
-  for (i = 0; i < js->history_len; i++) {
-    memcpy (h->history[i].id, js->history[i].id, 16);
-    h->history[i].start_epoch = js->history[i].first_epoch;
-  }
+  h->history_count = colod_history_from_journal (js, h->history);
 }
 
 /* ---- epochs ---- */
@@ -704,16 +691,8 @@ take_channel (uint32_t channel, struct colod_conn *c)
   pthread_mutex_lock (&colod.lock);
   if (*slot)
     colod_conn_abort (*slot);
-  while (*busy) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 10000000;
-    if (ts.tv_nsec >= 1000000000) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
+  while (*busy)
+    colod_wait_ms (10);
   *slot = c;
   *busy = true;
   pthread_mutex_unlock (&colod.lock);
@@ -745,12 +724,8 @@ drop_channels (void)
     colod_conn_abort (s.data);
   if (s.hb)
     colod_conn_abort (s.hb);
-  while (s.data_busy || s.hb_busy) {
-    struct timespec ts;
-    clock_gettime (CLOCK_REALTIME, &ts);
-    ts.tv_sec++;
-    pthread_cond_timedwait (&colod.cond, &colod.lock, &ts);
-  }
+  while (s.data_busy || s.hb_busy)
+    colod_wait_ms (1000);
   pthread_mutex_unlock (&colod.lock);
 }
 
