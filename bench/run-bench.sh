@@ -35,7 +35,9 @@
 #                      writes 4 KiB at random on the live export; the
 #                      writes' rate counts those completed during the pull
 #   snap-create-stall  fio 4 KiB random writes (per-request latency log)
-#                      while snapshots are created; engine drain times
+#                      while snapshots are created; engine drain times;
+#                      the gap in completions; a control run with
+#                      "fleecectl status" in the same windows
 #   incremental        fleece-backup full pull vs incremental pull of 1 %
 #
 # The table goes to stdout and the CSV to --csv; progress to stderr.
@@ -437,52 +439,84 @@ scen_snap_pull_busy ()
 }
 
 # Ten snapshot creations, 0.3 s apart, under fio 4 KiB random writes at
-# iodepth 8; each new snapshot replaces the previous one.
+# iodepth 8; each new snapshot replaces the previous one.  With MODE
+# "status" the same windows run "fleecectl status" (a no-op) instead and
+# nothing is deleted: the control run, the floor a process start next to
+# fio costs on this machine.  fio's latency log has completion times in
+# whole milliseconds; its I/O log (version 3) has issue times in
+# microseconds, so bench-report.py rebuilds each completion to the
+# microsecond (issue time + latency) for the gap in completions.
+# stall_run RUN MODE
 stall_run ()
 {
-  local run=$1 fio_pid i t0 t1 stats
+  local run=$1 mode=$2 fio_pid i t0 t1 stats sfx=
   local b50 b99 bmax a50 a99 amax cnt d50 d99 dmax
+  local g50 g99 gmax gb50 gb99 gbmax res
   local win=$tmp/windows drains=$tmp/drains
-  rm -f "$win" "$drains" "$tmp"/stall_*.log
+  [ "$mode" = create ] || sfx=-$mode
+  rm -f "$win" "$drains" "$tmp"/stall_*.log "$tmp/stall.iolog"
   fio_run "$tmp/fio-stall.json" "$(live_uri fleece)" randwrite 4k 8 \
           --time_based --runtime="$((runtime + 2))" \
-          --write_lat_log="$tmp/stall" --log_avg_msec=0 --log_unix_epoch=1 &
+          --write_lat_log="$tmp/stall" --log_avg_msec=0 --log_unix_epoch=1 \
+          --log_offset=1 --write_iolog="$tmp/stall.iolog" &
   fio_pid=$!
   sleep 1.5
   for (( i = 1; i <= 10; i++ )); do
     t0=$EPOCHREALTIME
-    "$fleecectl" -s "$ctl" snapshot create "st$i" >/dev/null
+    if [ "$mode" = create ]; then
+      "$fleecectl" -s "$ctl" snapshot create "st$i" >/dev/null
+    else
+      "$fleecectl" -s "$ctl" status >/dev/null
+    fi
     t1=$EPOCHREALTIME
     echo "${t0/./} ${t1/./}" >>"$win"
     "$fleecectl" -s "$ctl" -j stats | python3 -c \
       'import json,sys; print(json.load(sys.stdin)["last-drain-ns"])' \
       >>"$drains"
-    [ "$i" -eq 1 ] ||
+    [ "$i" -eq 1 ] || [ "$mode" != create ] ||
       "$fleecectl" -s "$ctl" snapshot delete "st$((i - 1))" >/dev/null
     sleep 0.3
   done
   wait "$fio_pid"
-  stats=$(python3 "$report" stall "$tmp/stall_lat.1.log" "$win" "$drains")
-  read -r b50 b99 bmax a50 a99 amax cnt d50 d99 dmax <<<"$stats"
-  record snap-create-stall fleece lat-base-p50 us "$run" "$b50"
-  record snap-create-stall fleece lat-base-p99 us "$run" "$b99"
-  record snap-create-stall fleece lat-base-max us "$run" "$bmax"
-  record snap-create-stall fleece lat-around-p50 us "$run" "$a50"
-  record snap-create-stall fleece lat-around-p99 us "$run" "$a99"
-  record snap-create-stall fleece lat-around-max us "$run" "$amax"
-  record snap-create-stall fleece lat-around-count requests "$run" "$cnt"
-  record snap-create-stall fleece drain-p50 us "$run" "$d50"
-  record snap-create-stall fleece drain-p99 us "$run" "$d99"
-  record snap-create-stall fleece drain-max us "$run" "$dmax"
+  stats=$(python3 "$report" stall "$tmp/stall_lat.1.log" "$win" "$drains" \
+          "$tmp/stall.iolog")
+  read -r b50 b99 bmax a50 a99 amax cnt d50 d99 dmax \
+       g50 g99 gmax gb50 gb99 gbmax res <<<"$stats"
+  if [ "$mode" = create ]; then
+    record snap-create-stall fleece lat-base-p50 us "$run" "$b50"
+    record snap-create-stall fleece lat-base-p99 us "$run" "$b99"
+    record snap-create-stall fleece lat-base-max us "$run" "$bmax"
+  fi
+  record snap-create-stall fleece "lat-around$sfx-p50" us "$run" "$a50"
+  record snap-create-stall fleece "lat-around$sfx-p99" us "$run" "$a99"
+  record snap-create-stall fleece "lat-around$sfx-max" us "$run" "$amax"
+  record snap-create-stall fleece "lat-around$sfx-count" requests "$run" "$cnt"
+  if [ "$mode" = create ]; then
+    record snap-create-stall fleece drain-p50 us "$run" "$d50"
+    record snap-create-stall fleece drain-p99 us "$run" "$d99"
+    record snap-create-stall fleece drain-max us "$run" "$dmax"
+  fi
+  record snap-create-stall fleece "gap-around$sfx-p50" us "$run" "$g50"
+  record snap-create-stall fleece "gap-around$sfx-p99" us "$run" "$g99"
+  record snap-create-stall fleece "gap-around$sfx-max" us "$run" "$gmax"
+  record snap-create-stall fleece "gap-base$sfx-p50" us "$run" "$gb50"
+  record snap-create-stall fleece "gap-base$sfx-p99" us "$run" "$gb99"
+  record snap-create-stall fleece "gap-base$sfx-max" us "$run" "$gbmax"
+  record snap-create-stall fleece "gap-resolution$sfx" us "$run" "$res"
 }
 
+# Creation and control runs alternate, in reverse order every other run.
 scen_snap_create_stall ()
 {
-  local run
+  local run mode
+  local -a modes=(create status)
   for (( run = 1; run <= runs; run++ )); do
-    start_server fleece
-    stall_run "$run"
-    stop_server fleece
+    for mode in "${modes[@]}"; do
+      start_server fleece
+      stall_run "$run" "$mode"
+      stop_server fleece
+    done
+    mapfile -t modes < <(printf '%s\n' "${modes[@]}" | tac)
   done
 }
 
