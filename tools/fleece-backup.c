@@ -39,6 +39,13 @@
  * that were in flight on it fail and are retried.  A mismatch found by
  * --verify is never retried.
  *
+ * Start-up of --sync=incremental: the bitmap is loaded on a thread while
+ * the source connects, and the first block status is asked for before
+ * the bitmap is known, so that the server works on it meanwhile.  Before
+ * the final flush of a file target, the source connection is closed
+ * (when nothing more can be asked of it), so that the server's goodbye
+ * overlaps the flush.
+ *
  * Deliberately ignored: multi-conn (one connection per side is enough to
  * fill a link with 16 requests in flight), structured reads with holes
  * (base:allocation already finds them), target extents (an NBD target
@@ -59,6 +66,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -567,11 +575,22 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
   return NULL;
 }
 
+static bool nbd_lost (struct nbd_handle *h);
+
+/* Say goodbye and wait for the server to close the connection (so that
+ * whatever follows sees the export released), then free the handle.
+ * After nbd_aio_disconnect, only wait.
+ */
 static void
-nbd_finish (struct nbd_handle *h)
+nbd_finish (struct nbd_handle *h, bool disconnected)
 {
-  if (!nbd_aio_is_dead (h) && !nbd_aio_is_closed (h))
+  int64_t deadline = now_us () + 5000000;
+
+  if (!disconnected && !nbd_lost (h))
     nbd_shutdown (h, 0);
+  while (disconnected && !nbd_lost (h) && now_us () < deadline &&
+         nbd_poll (h, 100) != -1)
+    ;
   nbd_close (h);
 }
 
@@ -588,6 +607,7 @@ static struct {
   bool can_extents;
   char *lost;                   /* why the connection died, or NULL */
   bool reset;                   /* the server is going away: reconnect */
+  bool released;                /* disconnect sent before the last flush */
 } src;
 
 /* Limit the request size to what a server accepts. */
@@ -778,19 +798,106 @@ bitmap_check_header (const struct fleece_bitmap_header *h,
   return -1;
 }
 
-/* Read the bits and count them. */
+/* Loading the bitmap runs on a thread of its own, started before the
+ * source connection, so that the two handshakes overlap: the thread
+ * connects to bitmap/CHECKPOINT and reads the header and, in the same
+ * request, the first BITMAP_PREFETCH bytes of bits.  It only uses its
+ * own handle and the fields below (nbd_get_error is per thread) and
+ * reports its errors there; the checks that need the source (its size)
+ * are made by the main thread after joining it, in the same order and
+ * with the same messages as when the load came after the connection.
+ */
+#define BITMAP_PREFETCH (1u << 20)
+
+static struct {
+  pthread_t thread;
+  /* Written by the thread, read after the join. */
+  struct nbd_handle *h;         /* NULL: it could not connect */
+  int64_t size;                 /* of the export */
+  union {
+    struct fleece_bitmap_header h;
+    char raw[FLEECE_BITMAP_HEADER_SIZE];
+  } hdr;
+  char *prefix;                 /* bytes of bits after the header */
+  uint64_t have;                /* ... how many */
+  char err[1024];               /* why the load failed, or "" */
+} bl;
+
+static void *
+bitmap_thread (void *arg)
+{
+  const char *override = getenv ("FLEECE_BACKUP_BITMAP_URI");
+  const char *name = cfg.since;
+  uint64_t want = FLEECE_BITMAP_HEADER_SIZE;
+  int64_t max;
+  char *uri, *msg;
+  bool refused;
+
+  uri = override ? strdup (override) : bitmap_uri (cfg.source, name);
+  if (uri == NULL) {
+    snprintf (bl.err, sizeof bl.err, "strdup: %m");
+    return NULL;
+  }
+  bl.h = nbd_open_uri (uri, "bitmap", false, &msg, &refused);
+  free (uri);
+  if (bl.h == NULL) {
+    snprintf (bl.err, sizeof bl.err, refused
+              ? "bitmap '%s' does not exist on the server: %s"
+              : "bitmap '%s' cannot be opened: %s", name, msg);
+    free (msg);
+    return NULL;
+  }
+  bl.size = nbd_get_size (bl.h);
+  max = nbd_get_block_size (bl.h, LIBNBD_SIZE_MAXIMUM);
+  /* The header and the first bits in one request when the export allows;
+   * a short export fails the header read as it did before.
+   */
+  if (bl.size > (int64_t) want) {
+    want = (uint64_t) bl.size < want + BITMAP_PREFETCH ? (uint64_t) bl.size
+      : want + BITMAP_PREFETCH;
+    if (max >= FLEECE_BITMAP_HEADER_SIZE && (uint64_t) max < want)
+      want = max;
+  }
+  bl.prefix = malloc (want);
+  if (bl.prefix == NULL) {
+    snprintf (bl.err, sizeof bl.err, "malloc: %m");
+    return NULL;
+  }
+  if (bl.size == -1 || nbd_pread (bl.h, bl.prefix, want, 0, 0) == -1) {
+    snprintf (bl.err, sizeof bl.err, "bitmap '%s': %s", name,
+              nbd_get_error ());
+    return NULL;
+  }
+  memcpy (bl.hdr.raw, bl.prefix, FLEECE_BITMAP_HEADER_SIZE);
+  bl.have = want - FLEECE_BITMAP_HEADER_SIZE;
+  memmove (bl.prefix, bl.prefix + FLEECE_BITMAP_HEADER_SIZE, bl.have);
+  return NULL;
+}
+
+static void
+bitmap_start (void)
+{
+  int e = pthread_create (&bl.thread, NULL, bitmap_thread, NULL);
+
+  if (e != 0) {
+    errno = e;
+    die ("pthread_create: %m");
+  }
+}
+
+/* The bits: those the thread read, then the rest; then count them. */
 static int
-bitmap_read_bits (struct nbd_handle *h, const char *name,
-                  const struct fleece_bitmap_header *hdr,
-                  char *err, size_t n)
+bitmap_read_bits (const char *name, char *err, size_t n)
 {
   uint64_t nbytes = (bm.nbits + 7) / 8, off, count = 0, dirty;
   size_t len;
 
   bm.bits = xcalloc (1, nbytes + 1);
-  for (off = 0; off < nbytes; off += len) {
+  off = bl.have < nbytes ? bl.have : nbytes;
+  memcpy (bm.bits, bl.prefix, off);
+  for (; off < nbytes; off += len) {
     len = nbytes - off < cfg.request_size ? nbytes - off : cfg.request_size;
-    if (nbd_pread (h, bm.bits + off, len,
+    if (nbd_pread (bl.h, bm.bits + off, len,
                    FLEECE_BITMAP_HEADER_SIZE + off, 0) == -1) {
       snprintf (err, n, "bitmap '%s': %s", name, nbd_get_error ());
       return -1;
@@ -800,7 +907,7 @@ bitmap_read_bits (struct nbd_handle *h, const char *name,
     bm.bits[nbytes - 1] &= (1u << (bm.nbits & 7)) - 1;
   for (off = 0; off < nbytes; off++)
     count += __builtin_popcount (bm.bits[off]);
-  dirty = le64toh (hdr->dirty_count);
+  dirty = le64toh (bl.hdr.h.dirty_count);
   if (count != dirty) {
     snprintf (err, n, "bitmap '%s' is damaged: its header counts "
               "%" PRIu64 " dirty granules, its bits %" PRIu64,
@@ -815,53 +922,40 @@ bitmap_read_bits (struct nbd_handle *h, const char *name,
   return 0;
 }
 
-/* Load bitmap/CHECKPOINT from the source's server.  Any problem with
- * it is returned as -1 and a message, so that --fallback-full can say
- * why it pulls everything.
+/* Wait for the thread and check what it read against the source.  Any
+ * problem with the bitmap is returned as -1 and a message, so that
+ * --fallback-full can say why it pulls everything.
  */
 static int
 bitmap_load (const char *snapshot, char *err, size_t n)
 {
-  const char *override = getenv ("FLEECE_BACKUP_BITMAP_URI");
-  union {
-    struct fleece_bitmap_header h;
-    char raw[FLEECE_BITMAP_HEADER_SIZE];
-  } hdr;
-  struct nbd_handle *h;
-  char *uri, *msg;
-  bool refused;
-  int64_t size;
-  int r = -1;
+  int e, r = -1;
 
-  uri = override ? strdup (override) : bitmap_uri (cfg.source, cfg.since);
-  if (uri == NULL)
-    die ("strdup: %m");
-  h = nbd_open_uri (uri, "bitmap", false, &msg, &refused);
-  if (h == NULL) {
-    if (refused)
-      snprintf (err, n, "bitmap '%s' does not exist on the server: %s",
-                cfg.since, msg);
-    else
-      snprintf (err, n, "bitmap '%s' cannot be opened: %s", cfg.since,
-                msg);
-    free (msg);
+  e = pthread_join (bl.thread, NULL);
+  if (e != 0) {
+    errno = e;
+    die ("pthread_join: %m");
+  }
+  if (bl.err[0]) {
+    snprintf (err, n, "%s", bl.err);
     goto out;
   }
-  size = nbd_get_size (h);
-  if (size == -1 || nbd_pread (h, &hdr, sizeof hdr, 0, 0) == -1) {
-    snprintf (err, n, "bitmap '%s': %s", cfg.since, nbd_get_error ());
+  if (bitmap_check_header (&bl.hdr.h, cfg.since, snapshot, src.size,
+                           bl.size, err, n) == -1)
     goto out;
-  }
-  if (bitmap_check_header (&hdr.h, cfg.since, snapshot, src.size, size,
-                           err, n) == -1)
-    goto out;
-  bm.granularity = le32toh (hdr.h.granularity);
-  bm.nbits = le64toh (hdr.h.bit_count);
-  r = bitmap_read_bits (h, cfg.since, &hdr.h, err, n);
+  bm.granularity = le32toh (bl.hdr.h.granularity);
+  bm.nbits = le64toh (bl.hdr.h.bit_count);
+  r = bitmap_read_bits (cfg.since, err, n);
  out:
-  if (h)
-    nbd_finish (h);
-  free (uri);
+  /* Say goodbye without waiting for the server to close: pull_end
+   * closes the handle.
+   */
+  if (bl.h && !nbd_lost (bl.h) && nbd_aio_disconnect (bl.h, 0) == -1) {
+    nbd_close (bl.h);
+    bl.h = NULL;
+  }
+  free (bl.prefix);
+  bl.prefix = NULL;
   if (r == -1) {
     free (bm.bits);
     bm.bits = NULL;
@@ -1641,6 +1735,25 @@ plan_more (void)
   job_start_other (job_new (JOB_STATUS, P.pos, end - P.pos));
 }
 
+/* An incremental pull asks for the first extents from offset 0 before it
+ * has the bitmap, so that the server works on them while the bitmap is
+ * loaded; plan_status then keeps only the dirty runs (or everything, if
+ * --fallback-full gave up on the bitmap).
+ */
+static void
+plan_first (void)
+{
+  uint64_t span = (uint64_t) cfg.request_size * 1024;
+
+  if (!src.can_extents || src.size == 0)
+    return;
+  if (span > STATUS_SPAN)
+    span = STATUS_SPAN;
+  P.status_out = true;
+  job_start_other (job_new (JOB_STATUS, 0,
+                            src.size > span ? span : src.size));
+}
+
 /* The server may describe less than was asked: plan what it said and
  * ask again from there.
  */
@@ -1775,6 +1888,21 @@ pull_idle (void)
     P.retry == NULL && P.done.head == NULL && P.slots == 0;
 }
 
+/* Before the last flush of a file target: if nothing more can be asked
+ * of the source (no verify, no trim, no retry after a failed flush),
+ * say goodbye now, so that the server closes the connection while the
+ * target is flushed rather than after; pull_end waits for it.
+ */
+static void
+source_release (void)
+{
+  if (!pull_idle () || cfg.verify || cfg.discard_source || cfg.retry ||
+      P.others > 0 || nbd_lost (src.nbd) ||
+      nbd_aio_in_flight (src.nbd) > 0)
+    return;
+  src.released = nbd_aio_disconnect (src.nbd, 0) == 0;
+}
+
 /* Cut a batch every BATCH_* bytes, and at the end. */
 static void
 batch_maybe_start (void)
@@ -1795,7 +1923,7 @@ batch_maybe_start (void)
   P.batch_out = true;
   if (tgt.is_nbd && tgt.can_flush)
     job_start_other (job_new (JOB_FLUSH, 0, 0));
-  else if (!tgt.is_nbd && fdatasync (tgt.fd) == -1) {
+  else if (!tgt.is_nbd && (source_release (), fdatasync (tgt.fd) == -1)) {
     snprintf (msg, sizeof msg, "flush of %s failed: %m", cfg.target);
     flush_failed (msg);
   }
@@ -2135,10 +2263,14 @@ pull_end (void)
   if (P.covered != P.total)
     die ("internal error: %" PRIu64 " of %" PRIu64 " bytes done",
          P.covered, P.total);
-  nbd_finish (src.nbd);
+  nbd_finish (src.nbd, src.released);
   src.nbd = NULL;
+  if (bl.h) {
+    nbd_finish (bl.h, true);
+    bl.h = NULL;
+  }
   if (tgt.is_nbd) {
-    nbd_finish (tgt.nbd);
+    nbd_finish (tgt.nbd, false);
     tgt.nbd = NULL;
   }
   else if (close (tgt.fd) == -1)
@@ -2160,9 +2292,13 @@ main (int argc, char **argv)
   prog.start = now_us ();
   prog.bar = cfg.progress && isatty (STDERR_FILENO);
   catch_signals ();
-  source_connect ();
   if (cfg.sync == SYNC_INCREMENTAL)
+    bitmap_start ();
+  source_connect ();
+  if (cfg.sync == SYNC_INCREMENTAL) {
+    plan_first ();
     incremental_prepare (snapshot);
+  }
   target_open ();
   pull_setup ();
   pull_run ();
