@@ -84,8 +84,9 @@ def completions_us(lat, iolog_path):
     in nanoseconds, with the offset (--log_offset=1) to pair them: issue
     + latency is the completion on fio's clock to the microsecond.  That
     clock is tied to the wall clock by the millisecond timestamps: the
-    offset must put every completion inside its logged millisecond; the
-    width of the offsets that do is the alignment uncertainty.  Returns
+    offset must put every completion at or before the end of its logged
+    millisecond, and at or after its start unless the log was late; half
+    the width of the offsets that fit is the alignment uncertainty.  Returns
     (sorted completion times in us, uncertainty in us), or None if the
     logs do not pair up."""
     issues = {}
@@ -103,19 +104,16 @@ def completions_us(lat, iolog_path):
         ms.append(end_ms)
     if not rel:
         return None
-    # off + rel in [ms * 1000, ms * 1000 + 1000) for every request.
-    lo = max(m * 1000 - r for m, r in zip(ms, rel))
+    # fio stamps a request when it logs it, at or after its completion:
+    # off + rel < ms * 1000 + 1000 always, and >= ms * 1000 unless the
+    # log came late (a busy CPU).  Late ones say nothing of the offset.
     hi = min(m * 1000 + 1000 - r for m, r in zip(ms, rel))
-    if lo <= hi:
-        off, unc = (lo + hi) / 2, (hi - lo) / 2
-    elif lo - hi <= 50:
-        # Microsecond rounding of the issue times: a few us of overlap.
-        off, unc = (lo + hi) / 2, lo - hi
-    else:
-        # Not one offset fits (fio truncates its epoch and the elapsed
-        # time separately): the median fit, good to a millisecond.
-        off = statistics.median(m * 1000 + 500 - r for m, r in zip(ms, rel))
-        unc = 1000.0
+    lows = [m * 1000 - r for m, r in zip(ms, rel)]
+    lo = max((x for x in lows if x <= hi), default=None)
+    if lo is None:
+        return None
+    # At least 2 us: both stamps are whole microseconds.
+    off, unc = (lo + hi) / 2, max((hi - lo) / 2, 2.0)
     return sorted(r + off for r in rel), unc
 
 
