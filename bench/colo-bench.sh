@@ -18,12 +18,13 @@
 #               target max <= 2000 ms).
 #
 # usage: colo-bench.sh --size=1G --runs=3 --runtime=10 --plugin=SO
-#                      --colod=PATH --csv=FILE
+#                      --colod=PATH --csv=FILE [--only=throughput|stall]
+# (--only=stall runs the stall and rpo scenarios, which share their pairs)
 # Prints a table; the CSV has: scenario,metric,unit,runs,median,values.
 
 set -eu
 
-size=1G runs=3 runtime=10 plugin= colod= csv=colo-results.csv
+size=1G runs=3 runtime=10 plugin= colod= csv=colo-results.csv only=
 for a in "$@"; do
   case $a in
     --size=*) size=${a#*=} ;;
@@ -32,6 +33,7 @@ for a in "$@"; do
     --plugin=*) plugin=${a#*=} ;;
     --colod=*) colod=${a#*=} ;;
     --csv=*) csv=${a#*=} ;;
+    --only=throughput|--only=stall) only=${a#*=} ;;
     *) echo "colo-bench.sh: unknown option $a" >&2; exit 1 ;;
   esac
 done
@@ -103,6 +105,7 @@ stop_pair () {
 
 # ---- throughput ----
 for (( run = 1; run <= runs; run++ )); do
+  [ "$only" != stall ] || break
   port=$(free_port)
   nbdkit -f -p "$port" -i 127.0.0.1 --tls=require \
     --tls-certificates="$tmp/pki" --tls-verify-peer file "$tmp/disk" \
@@ -125,6 +128,7 @@ done
 
 # ---- stall and rpo ----
 for (( run = 1; run <= runs; run++ )); do
+  [ "$only" != throughput ] || break
   start_pair 1000
   wait_until 600 ge "$tmp/b/state" last-committed-epoch 1
   "$colod" events --state "$tmp/a/state" >"$tmp/events" &
