@@ -11,7 +11,12 @@
  *           zeroed (where the COMMIT record goes)
  *   add     check the extent's range, verify its data against its
  *           checksum, append an EXTENT record and the data (streamed:
- *           nothing of the epoch is kept in memory but a running digest)
+ *           nothing of the epoch is kept in memory but a running digest).
+ *           Each record starts a 4 KiB block and its data the next one,
+ *           so that data whose buffer and length are block-aligned goes
+ *           to the journal with O_DIRECT: it is written once and read
+ *           once, and copying it through the page cache cost more than
+ *           the rest of the secondary's work together (bench/)
  *   end     check the count and the digest, fdatasync, write the COMMIT
  *           record in block 1, fdatasync: DURABLE, the caller may ack
  *   apply   read each extent back, verify it again, write it to the
@@ -76,7 +81,8 @@
 /* Journal file. */
 #define REC_SIZE        64
 #define REC_MAGIC       "FLCJ"
-#define REC_VERSION     1
+#define REC_VERSION     2     /* 1: data right after its record */
+#define REC_BLOCK       4096  /* an EXTENT record's block; data is aligned */
 #define BEGIN_OFFSET    0
 #define COMMIT_OFFSET   4096
 #define EXTENTS_OFFSET  8192
@@ -112,8 +118,10 @@ struct journal {
   /* Set by journal_open, then constant. */
   char *state_path, *tmp_path, *journal_path, *disk_path;
   int dir_fd, jfd, dfd;
+  int jdfd;                     /* the journal with O_DIRECT; -1: none */
   bool disk_is_blk;
-  char *buf;                    /* IO_BUF_SIZE bytes */
+  char *buf;                    /* IO_BUF_SIZE bytes, REC_BLOCK-aligned */
+  unsigned char *recblock;      /* REC_BLOCK bytes, aligned, zero-padded */
 
   /* The state file, with committed_epoch raised by a COMMIT record. */
   struct journal_state st;
@@ -260,7 +268,13 @@ struct rec {
   unsigned char body[32];
 };
 
-enum rec_status { REC_OK, REC_ZERO, REC_BAD };
+enum rec_status { REC_OK, REC_ZERO, REC_BAD, REC_OTHER_VERSION };
+
+static uint64_t
+block_up (uint64_t pos)
+{
+  return (pos + REC_BLOCK - 1) & ~(uint64_t) (REC_BLOCK - 1);
+}
 
 static void
 rec_encode (unsigned char out[REC_SIZE], const struct rec *r)
@@ -288,14 +302,13 @@ rec_decode (const unsigned char in[REC_SIZE], struct rec *r)
     return REC_ZERO;
   memcpy (&type, in + 4, 2);
   memcpy (&version, in + 6, 2);
-  if (memcmp (in, REC_MAGIC, 4) != 0 || le16toh (version) != REC_VERSION ||
-      XXH64 (in, 56, 0) != get_u64 (in + 56))
+  if (memcmp (in, REC_MAGIC, 4) != 0 || XXH64 (in, 56, 0) != get_u64 (in + 56))
     return REC_BAD;
   r->type = le16toh (type);
   r->nonce = get_u64 (in + 8);
   r->epoch = get_u64 (in + 16);
   memcpy (r->body, in + 24, 32);
-  return REC_OK;
+  return le16toh (version) == REC_VERSION ? REC_OK : REC_OTHER_VERSION;
 }
 
 /* ---- I/O ---- */
@@ -621,8 +634,26 @@ read_extent_record (struct journal *j, uint64_t *pos, uint64_t index,
     return jerr (j, 0, "read: %s: extent record %" PRIu64 " of committed "
                  "epoch %" PRIu64 ": %s", j->journal_path, index, j->epoch,
                  why);
-  *pos += REC_SIZE;
+  *pos += REC_BLOCK;
   return 0;
+}
+
+/* Read n bytes of extent data at journal offset pos into j->buf, with
+ * O_DIRECT when aligned (it was written so, and going through the page
+ * cache would only copy it once more); 0, or -1 with errno.
+ */
+static int
+read_data (struct journal *j, size_t n, uint64_t pos)
+{
+  if (j->jdfd >= 0 && n % REC_BLOCK == 0 && pos % REC_BLOCK == 0) {
+    if (full_pread (j->jdfd, j->buf, n, pos) == 0)
+      return 0;
+    if (errno != EINVAL)
+      return -1;
+    close (j->jdfd);
+    j->jdfd = -1;
+  }
+  return full_pread (j->jfd, j->buf, n, pos);
 }
 
 /* Hash the len bytes of data at journal offset pos and compare. */
@@ -637,7 +668,7 @@ verify_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
     size_t n = e->length - done < IO_BUF_SIZE ? e->length - done
       : IO_BUF_SIZE;
 
-    if (full_pread (j->jfd, j->buf, n, pos + done) == -1)
+    if (read_data (j, n, pos + done) == -1)
       return jerr (j, errno, "read: %s: data of the extent at disk offset %"
                    PRIu64 " of epoch %" PRIu64, j->journal_path, e->offset,
                    j->epoch);
@@ -662,7 +693,7 @@ apply_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
   uint64_t done;
 
   if (e->length <= IO_BUF_SIZE) {
-    if (full_pread (j->jfd, j->buf, e->length, pos) == -1)
+    if (read_data (j, e->length, pos) == -1)
       return jerr (j, errno, "read: %s: data of the extent at disk offset %"
                    PRIu64, j->journal_path, e->offset);
     if (journal_checksum (j->buf, e->length) != e->checksum)
@@ -678,7 +709,7 @@ apply_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
     size_t n = e->length - done < IO_BUF_SIZE ? e->length - done
       : IO_BUF_SIZE;
 
-    if (full_pread (j->jfd, j->buf, n, pos + done) == -1)
+    if (read_data (j, n, pos + done) == -1)
       return jerr (j, errno, "read: %s", j->journal_path);
     if (disk_write (j, j->buf, n, e->offset + done) == -1)
       return -1;
@@ -704,7 +735,7 @@ verify_epoch (struct journal *j, uint64_t digest, uint64_t end)
     if (e.flags == JOURNAL_EXTENT_DATA) {
       if (verify_data (j, &e, pos) == -1)
         return -1;
-      pos += e.length;
+      pos = block_up (pos + e.length);
     }
     journal_digest_add (&d, &e);
   }
@@ -766,6 +797,31 @@ load_committed (struct journal *j, const struct rec *b, const struct rec *c)
  * epoch is committed and not applied, 0 if there is none (the journal is
  * then emptied), -1 on error.
  */
+/* Does the journal hold a committed epoch, not yet applied, in another
+ * version of the format?  (Its records have the same size and place.)
+ */
+static bool
+other_version_committed (struct journal *j, const struct stat *sb,
+                         struct rec *b)
+{
+  unsigned char raw[REC_SIZE];
+  enum rec_status bs, cs;
+  struct rec c;
+
+  if (sb->st_size < COMMIT_OFFSET + REC_SIZE ||
+      full_pread (j->jfd, raw, REC_SIZE, BEGIN_OFFSET) == -1)
+    return false;
+  bs = rec_decode (raw, b);
+  if (full_pread (j->jfd, raw, REC_SIZE, COMMIT_OFFSET) == -1)
+    return false;
+  cs = rec_decode (raw, &c);
+  return (bs == REC_OTHER_VERSION || cs == REC_OTHER_VERSION) &&
+    (bs == REC_OK || bs == REC_OTHER_VERSION) &&
+    (cs == REC_OK || cs == REC_OTHER_VERSION) &&
+    b->type == REC_BEGIN && c.type == REC_COMMIT && c.nonce == b->nonce &&
+    c.epoch == b->epoch && b->epoch > j->st.applied_epoch;
+}
+
 static int
 scan_journal (struct journal *j)
 {
@@ -780,6 +836,14 @@ scan_journal (struct journal *j)
     snprintf (j->note, sizeof j->note, "journal empty: nothing to recover");
     return 0;
   }
+  if (other_version_committed (j, &sb, &b))
+    /* Written by another fleece-colod: guessing its layout could drop
+     * (or misapply) an epoch that was acknowledged as durable.
+     */
+    return jerr (j, 0, "open: %s: holds committed epoch %" PRIu64 " in "
+                 "another journal format than this fleece-colod's (version "
+                 "%d): start the fleece-colod that wrote it once, to apply "
+                 "it", j->journal_path, b.epoch, REC_VERSION);
   if (sb.st_size < REC_SIZE ||
       full_pread (j->jfd, raw, REC_SIZE, BEGIN_OFFSET) == -1 ||
       rec_decode (raw, &b) != REC_OK || b.type != REC_BEGIN) {
@@ -803,7 +867,7 @@ scan_journal (struct journal *j)
               "commit record is torn or corrupt (bad checksum)", b.epoch);
     return truncate_journal (j);
   }
-  if (cs == REC_ZERO || c.type != REC_COMMIT || c.nonce != b.nonce ||
+  if (cs != REC_OK || c.type != REC_COMMIT || c.nonce != b.nonce ||
       c.epoch != b.epoch) {
     snprintf (j->note, sizeof j->note, "dropped epoch %" PRIu64
               ": incomplete (not committed)", b.epoch);
@@ -896,7 +960,7 @@ journal_apply (struct journal *j)
     else {
       if (apply_data (j, &e, pos) == -1)
         return -1;
-      pos += e.length;
+      pos = block_up (pos + e.length);
     }
   }
   step (JOURNAL_STEP_DISK_SYNC);
@@ -938,6 +1002,12 @@ open_state_dir (struct journal *j, const char *state_dir)
                    j->journal_path);
     return jerr (j, errno, "flock: %s", j->journal_path);
   }
+  /* Where the file system has no O_DIRECT (EINVAL), everything goes
+   * through the page cache.
+   */
+  j->jdfd = open (j->journal_path, O_RDWR | O_DIRECT | O_CLOEXEC);
+  if (j->jdfd == -1 && errno != EINVAL)
+    return jerr (j, errno, "open (O_DIRECT): %s", j->journal_path);
   /* A state update that crashed before its rename. */
   if (unlink (j->tmp_path) == -1 && errno != ENOENT)
     return jerr (j, errno, "unlink: %s", j->tmp_path);
@@ -1012,14 +1082,20 @@ journal_open (const char *state_dir, const char *disk_path,
     snprintf (err, errlen, "calloc: %s", strerror (errno));
     return NULL;
   }
-  j->dir_fd = j->jfd = j->dfd = -1;
+  j->dir_fd = j->jfd = j->jdfd = j->dfd = -1;
   j->state_path = path_join (state_dir, "state");
   j->tmp_path = path_join (state_dir, "state.tmp");
   j->journal_path = path_join (state_dir, "journal");
   j->disk_path = strdup (disk_path);
-  j->buf = malloc (IO_BUF_SIZE);
+  if (posix_memalign ((void **) &j->buf, REC_BLOCK, IO_BUF_SIZE) != 0)
+    j->buf = NULL;
+  if (posix_memalign ((void **) &j->recblock, REC_BLOCK, REC_BLOCK) != 0)
+    j->recblock = NULL;
+  else
+    memset (j->recblock, 0, REC_BLOCK);
   if (!j->state_path || !j->tmp_path || !j->journal_path || !j->disk_path ||
-      !j->buf) {
+      !j->buf || !j->recblock) {
+    errno = ENOMEM;
     jerr (j, errno, "journal_open: %s", state_dir);
     goto out_close;
   }
@@ -1050,6 +1126,8 @@ journal_close (struct journal *j)
     return;
   if (j->dfd >= 0)
     close (j->dfd);
+  if (j->jdfd >= 0)
+    close (j->jdfd);
   if (j->jfd >= 0)
     close (j->jfd);             /* and the lock with it */
   if (j->dir_fd >= 0)
@@ -1059,6 +1137,7 @@ journal_close (struct journal *j)
   free (j->journal_path);
   free (j->disk_path);
   free (j->buf);
+  free (j->recblock);
   free (j);
 }
 
@@ -1193,13 +1272,35 @@ journal_begin (struct journal *j, uint64_t epoch,
   return 0;
 }
 
-int
-journal_add_extent (struct journal *j, uint64_t offset, uint32_t length,
-                    uint32_t flags, const void *data, uint64_t checksum)
+/* Write an EXTENT record's block and its data with O_DIRECT, if the
+ * data can go that way: 0 when written, -1 to write it through the page
+ * cache instead.  A file system that refuses this alignment after all
+ * (EINVAL) is not asked again.
+ */
+static int
+write_direct (struct journal *j, const void *data, uint32_t length,
+              const struct iovec iov[2])
+{
+  struct iovec v[2] = { iov[0], iov[1] };
+
+  if (j->jdfd == -1 || data == NULL ||
+      (uintptr_t) data % REC_BLOCK != 0 || length % REC_BLOCK != 0)
+    return -1;
+  if (full_pwritev (j->jdfd, v, 2, j->pos) == 0)
+    return 0;
+  if (errno == EINVAL) {
+    close (j->jdfd);
+    j->jdfd = -1;
+  }
+  return -1;
+}
+
+static int
+add_extent (struct journal *j, uint64_t offset, uint32_t length,
+            uint32_t flags, const void *data, uint64_t checksum, bool verify)
 {
   const struct journal_extent e = { offset, length, flags, checksum };
   bool is_data = flags == JOURNAL_EXTENT_DATA;
-  unsigned char raw[REC_SIZE];
   struct rec r = { .type = REC_EXTENT, .nonce = j->nonce, .epoch = j->epoch };
   struct iovec iov[2];
   const char *why;
@@ -1211,7 +1312,8 @@ journal_add_extent (struct journal *j, uint64_t offset, uint32_t length,
     why = "DATA extent without data";
   if (why == NULL && !is_data && (data != NULL || checksum != 0))
     why = "ZERO extent with data or a checksum";
-  if (why == NULL && is_data && journal_checksum (data, length) != checksum)
+  if (why == NULL && is_data && verify &&
+      journal_checksum (data, length) != checksum)
     why = "checksum mismatch: the data does not match its checksum";
   if (why) {
     jerr (j, 0, "journal_add_extent: %s: epoch %" PRIu64 " refused: extent %"
@@ -1224,19 +1326,35 @@ journal_add_extent (struct journal *j, uint64_t offset, uint32_t length,
   put_u32 (r.body + 12, flags);
   put_u64 (r.body + 16, checksum);
   put_u64 (r.body + 24, j->count);
-  rec_encode (raw, &r);
-  iov[0] = (struct iovec) { .iov_base = raw, .iov_len = REC_SIZE };
+  rec_encode (j->recblock, &r);
+  iov[0] = (struct iovec) { .iov_base = j->recblock, .iov_len = REC_BLOCK };
   iov[1] = (struct iovec) { .iov_base = (void *) data, .iov_len = length };
   step (JOURNAL_STEP_JOURNAL_WRITE);
-  if (full_pwritev (j->jfd, iov, is_data ? 2 : 1, j->pos) == -1) {
+  if (write_direct (j, is_data ? data : NULL, length, iov) == -1 &&
+      full_pwritev (j->jfd, iov, is_data ? 2 : 1, j->pos) == -1) {
     jerr (j, errno, "pwrite: %s: epoch %" PRIu64 " refused",
           j->journal_path, j->epoch);
     return refuse (j);
   }
-  j->pos += REC_SIZE + (is_data ? length : 0);
+  j->pos = block_up (j->pos + REC_BLOCK + (is_data ? length : 0));
   j->count++;
   journal_digest_add (&j->digest, &e);
   return 0;
+}
+
+int
+journal_add_extent (struct journal *j, uint64_t offset, uint32_t length,
+                    uint32_t flags, const void *data, uint64_t checksum)
+{
+  return add_extent (j, offset, length, flags, data, checksum, true);
+}
+
+int
+journal_add_verified_extent (struct journal *j, uint64_t offset,
+                             uint32_t length, uint32_t flags,
+                             const void *data, uint64_t checksum)
+{
+  return add_extent (j, offset, length, flags, data, checksum, false);
 }
 
 int

@@ -161,6 +161,14 @@ extern int journal_add_extent (struct journal *j, uint64_t offset,
                                uint32_t length, uint32_t flags,
                                const void *data, uint64_t checksum);
 
+/* The same, for a caller that has just verified the data against its
+ * checksum itself (the secondary, as it receives it): hashing it once
+ * more would be the same answer at the cost of a pass over the data.
+ */
+extern int journal_add_verified_extent (struct journal *j, uint64_t offset,
+                                        uint32_t length, uint32_t flags,
+                                        const void *data, uint64_t checksum);
+
 /* Close the epoch: the count and digest must match what was added.
  * Syncs the extents, writes the commit record, syncs it: on success the
  * epoch is DURABLE and survives any crash.

@@ -467,6 +467,160 @@ refuse (struct epoch_rx *e, uint32_t reason, const char *fmt, ...)
   va_end (ap);
 }
 
+/* ---- the journal writer ----
+ *
+ * EXTENT data goes to the journal on a thread of its own, so that
+ * receiving the next extent (TLS, checksums) overlaps writing this one.
+ * The receiver takes each extent's buffer from the decoder (giving it a
+ * spare one), queues it, and waits for the queue to drain before it
+ * ends, refuses or drops an epoch: the journal sees the same calls in
+ * the same order as before.  WRITER_DEPTH bounds the memory: at most
+ * that many extents (of --max-extent bytes) wait.
+ */
+
+#define WRITER_DEPTH 2
+
+struct wjob {
+  uint64_t offset, checksum;
+  uint32_t length, flags;
+  const void *data;
+  void *mem;                      /* the buffer data lives in */
+  size_t cap;
+};
+
+static struct {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  pthread_t thread;
+  struct wjob q[WRITER_DEPTH];
+  unsigned head, n;               /* queued jobs */
+  bool busy, stop;                /* writing one; told to end */
+  void *spare[WRITER_DEPTH + 1];  /* buffers for the decoder */
+  size_t spare_cap[WRITER_DEPTH + 1];
+  unsigned nspare;
+  uint32_t refuse;                /* the first failure, 0: none */
+  char why[COLO_WIRE_MAX_STRING + 1];
+} w = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+
+static void *
+writer_thread (void *arg)
+{
+  (void) arg;
+  pthread_mutex_lock (&w.lock);
+  for (;;) {
+    struct wjob job;
+    int r = 0;
+
+    while (w.n == 0 && !w.stop)
+      pthread_cond_wait (&w.cond, &w.lock);
+    if (w.n == 0)
+      break;
+    job = w.q[w.head];
+    w.head = (w.head + 1) % WRITER_DEPTH;
+    w.n--;
+    w.busy = true;
+    if (w.refuse == 0) {
+      pthread_mutex_unlock (&w.lock);
+      pthread_mutex_lock (&s.jlock);
+      r = journal_add_verified_extent (s.j, job.offset, job.length,
+                                       job.flags, job.data, job.checksum);
+      if (r == -1)
+        snprintf (w.why, sizeof w.why, "%s", journal_error (s.j));
+      pthread_mutex_unlock (&s.jlock);
+      pthread_mutex_lock (&w.lock);
+      if (r == -1)
+        w.refuse = COLO_REFUSE_IO;
+    }
+    if (job.mem) {
+      w.spare[w.nspare] = job.mem;
+      w.spare_cap[w.nspare++] = job.cap;
+    }
+    w.busy = false;
+    pthread_cond_broadcast (&w.cond);
+  }
+  pthread_mutex_unlock (&w.lock);
+  return NULL;
+}
+
+static int
+writer_start (char *err, size_t errlen)
+{
+  int r;
+
+  w.head = w.n = 0;
+  w.busy = w.stop = false;
+  w.refuse = 0;
+  r = pthread_create (&w.thread, NULL, writer_thread, NULL);
+  if (r) {
+    snprintf (err, errlen, "pthread_create: journal writer: %s",
+              strerror (r));
+    return -1;
+  }
+  return 0;
+}
+
+/* Wait until every queued extent is in the journal (or refused). */
+static void
+writer_drain (void)
+{
+  pthread_mutex_lock (&w.lock);
+  while (w.n || w.busy)
+    pthread_cond_wait (&w.cond, &w.lock);
+  pthread_mutex_unlock (&w.lock);
+}
+
+static void
+writer_stop (void)
+{
+  pthread_mutex_lock (&w.lock);
+  w.stop = true;
+  pthread_cond_broadcast (&w.cond);
+  pthread_mutex_unlock (&w.lock);
+  pthread_join (w.thread, NULL);
+  while (w.nspare)
+    colo_wire_buffer_free (w.spare[--w.nspare]);
+}
+
+/* Queue the EXTENT the connection's decoder holds: its buffer goes with
+ * it, and the decoder gets a spare one.
+ */
+static void
+writer_queue (struct colod_conn *c, const struct colo_msg_extent *x)
+{
+  struct wjob job = {
+    .offset = x->offset, .checksum = x->checksum,
+    .length = x->length, .flags = x->flags, .data = x->data,
+  };
+
+  pthread_mutex_lock (&w.lock);
+  while (w.n == WRITER_DEPTH)
+    pthread_cond_wait (&w.cond, &w.lock);
+  if (w.nspare) {
+    job.mem = w.spare[--w.nspare];
+    job.cap = w.spare_cap[w.nspare];
+  }
+  pthread_mutex_unlock (&w.lock);
+  /* The decoder holds x: swapping cannot fail. */
+  if (colo_wire_decoder_swap_buffer (c->dec, &job.mem, &job.cap) == -1)
+    abort ();
+  pthread_mutex_lock (&w.lock);
+  w.q[(w.head + w.n) % WRITER_DEPTH] = job;
+  w.n++;
+  pthread_cond_broadcast (&w.cond);
+  pthread_mutex_unlock (&w.lock);
+}
+
+/* After writer_drain: move a write failure into the epoch. */
+static void
+writer_collect (struct epoch_rx *e)
+{
+  pthread_mutex_lock (&w.lock);
+  if (w.refuse)
+    refuse (e, w.refuse, "%s", w.why);
+  w.refuse = 0;
+  pthread_mutex_unlock (&w.lock);
+}
+
 /* EPOCH_END: commit or refuse, answer, apply.  -1: stop the connection. */
 static int
 end_epoch (struct colod_conn *c, struct epoch_rx *e,
@@ -556,6 +710,10 @@ receive_epochs (struct colod_conn *c)
   bool in_epoch = false, first_durable = true;
   char err[1024] = "";
 
+  if (writer_start (err, sizeof err) == -1) {
+    colod_log ("data connection ended: %s", err);
+    return;
+  }
   for (;;) {
     const struct colo_msg *m;
     int r = colod_recv (c, &m, err, sizeof err);
@@ -596,13 +754,8 @@ receive_epochs (struct colod_conn *c)
           colo_wire_extent_verify (x, &we) == -1)
         refuse (&e, COLO_REFUSE_CHECKSUM, "epoch %" PRIu64 ": %s", e.epoch,
                 we.msg);
-      if (!e.refuse) {
-        pthread_mutex_lock (&s.jlock);
-        if (journal_add_extent (s.j, x->offset, x->length, x->flags,
-                                x->data, x->checksum) == -1)
-          refuse (&e, COLO_REFUSE_IO, "%s", journal_error (s.j));
-        pthread_mutex_unlock (&s.jlock);
-      }
+      if (!e.refuse)
+        writer_queue (c, x);
       pthread_mutex_lock (&colod.lock);
       colod.st.bytes_in_flight = e.bytes;
       if (colod.st.resync_remaining >= x->length)
@@ -611,6 +764,8 @@ receive_epochs (struct colod_conn *c)
     }
     else if (m->type == COLO_MSG_EPOCH_END && in_epoch) {
       in_epoch = false;
+      writer_drain ();
+      writer_collect (&e);
       if (end_epoch (c, &e, &m->epoch_end, &first_durable, err,
                      sizeof err) == -1)
         break;
@@ -623,6 +778,7 @@ receive_epochs (struct colod_conn *c)
       break;
     }
   }
+  writer_stop ();
   pthread_mutex_lock (&s.jlock);
   if (s.epoch_open) {
     colod_log ("epoch %" PRIu64 " dropped: the connection ended before its "

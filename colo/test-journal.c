@@ -21,6 +21,7 @@
 #include <config.h>
 
 #include <assert.h>
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -175,12 +176,15 @@ send_epoch (struct journal *j, uint64_t epoch, const uint8_t *gen,
     return -1;
   for (i = 0; i < n; i++) {
     struct journal_extent e = { ex[i].off, ex[i].len, JOURNAL_EXTENT_ZERO, 0 };
-    char *buf = NULL;
+    char *mem = NULL, *buf = NULL;
     int r;
 
     if (!ex[i].zero) {
-      buf = malloc (ex[i].len);
-      assert (buf);
+      /* Block-aligned data (which the journal writes with O_DIRECT) and
+       * misaligned data (through the page cache), in turn.
+       */
+      assert (posix_memalign ((void **) &mem, 4096, ex[i].len + 64) == 0);
+      buf = mem + (i % 2 ? 64 : 0);
       fill (buf, ex[i].len, epoch * 1000 + i);
       e.flags = JOURNAL_EXTENT_DATA;
       e.checksum = journal_checksum (buf, ex[i].len);
@@ -193,7 +197,7 @@ send_epoch (struct journal *j, uint64_t epoch, const uint8_t *gen,
       else
         memset (model + e.offset, 0, e.length);
     }
-    free (buf);
+    free (mem);
     if (r == -1)
       return -1;
   }
@@ -226,6 +230,14 @@ has (const char *s, const char *want)
   return false;
 }
 
+/* The journal's layout (docs/replication.md): BEGIN in block 0, COMMIT
+ * in block 1, then each extent record in a block of its own, its data
+ * from the next block.
+ */
+#define J_COMMIT   4096
+#define J_EXTENTS  8192
+#define J_BLOCK    4096
+
 static void
 flip_byte (const char *path, off_t off)
 {
@@ -236,6 +248,26 @@ flip_byte (const char *path, off_t off)
   assert (pread (fd, &c, 1, off) == 1);
   c ^= 0x5a;
   assert (pwrite (fd, &c, 1, off) == 1);
+  close (fd);
+}
+
+/* Give the 64-byte journal record at off another format version, with
+ * a valid checksum.
+ */
+static void
+set_record_version (const char *path, off_t off, uint16_t version)
+{
+  int fd = open (path, O_RDWR);
+  unsigned char r[64];
+  uint16_t v = htole16 (version);
+  uint64_t sum;
+
+  assert (fd >= 0);
+  assert (pread (fd, r, sizeof r, off) == sizeof r);
+  memcpy (r + 6, &v, 2);
+  sum = htole64 (XXH64 (r, 56, 0));
+  memcpy (r + 56, &sum, 8);
+  assert (pwrite (fd, r, sizeof r, off) == sizeof r);
   close (fd);
 }
 
@@ -631,7 +663,7 @@ test_corruption (void)
   /* Committed, not applied, with a corrupted COMMIT record. */
   assert (send_epoch (j, 2, gen1, e2, 3, m2) == 0);
   journal_close (j);
-  flip_byte (jpath, 4096 + 30);
+  flip_byte (jpath, J_COMMIT + 30);
   j = jopen (&d);
   ok (j && has (journal_recovery_note (j), "commit record is torn or corrupt")
       && disk_equals (d.disk, m1, DISK_SIZE) &&
@@ -642,22 +674,35 @@ test_corruption (void)
   memcpy (m2, m1, DISK_SIZE);
   assert (send_epoch (j, 2, gen1, e2, 3, m2) == 0);
   journal_close (j);
-  flip_byte (jpath, 8192 + 64 + 100);
+  flip_byte (jpath, J_EXTENTS + J_BLOCK + 100);  /* first extent's data */
   ok (open_fails (&d, DISK_SIZE, CLUSTER, "does not match its checksum") &&
       open_fails (&d, DISK_SIZE, CLUSTER, jpath) &&
       disk_equals (d.disk, m1, DISK_SIZE),
       "corrupted data of a committed epoch: open fails, disk untouched");
-  flip_byte (jpath, 8192 + 64 + 100);
-  flip_byte (jpath, 8192 + 10);
+  flip_byte (jpath, J_EXTENTS + J_BLOCK + 100);
+  flip_byte (jpath, J_EXTENTS + 10);
   ok (open_fails (&d, DISK_SIZE, CLUSTER, "is corrupt") &&
       disk_equals (d.disk, m1, DISK_SIZE),
       "a corrupted extent record of a committed epoch: open fails");
-  flip_byte (jpath, 8192 + 10);
+  flip_byte (jpath, J_EXTENTS + 10);
   assert (stat (jpath, &sb) == 0);
   assert (truncate (jpath, sb.st_size - 100) == 0);
   ok (open_fails (&d, DISK_SIZE, CLUSTER, jpath) &&
       disk_equals (d.disk, m1, DISK_SIZE),
       "a truncated committed epoch: open fails");
+  /* A committed epoch in another version of the journal's format. */
+  assert (truncate (jpath, 0) == 0);
+  j = jopen (&d);
+  assert (j);
+  memcpy (m2, m1, DISK_SIZE);
+  assert (send_epoch (j, 2, gen1, e2, 3, m2) == 0);
+  journal_close (j);
+  set_record_version (jpath, 0, 1);
+  set_record_version (jpath, J_COMMIT, 1);
+  ok (open_fails (&d, DISK_SIZE, CLUSTER, "another journal format") &&
+      disk_equals (d.disk, m1, DISK_SIZE),
+      "a committed epoch of another journal format: open fails, disk "
+      "untouched");
   /* Epoch 2 again, intact, in an emptied journal. */
   assert (truncate (jpath, 0) == 0);
   j = jopen (&d);

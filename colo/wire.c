@@ -52,6 +52,8 @@
                    COLO_WIRE_MAX_HISTORY * sizeof (struct colo_wire_generation))
 #define FIXED_MAX HELLO_MAX     /* largest payload but EXTENT's data */
 #define FIRST_ALLOC (64 * 1024)
+#define DATA_ALIGN 4096
+#define DATA_ALIGN_PAD (DATA_ALIGN - sizeof (struct colo_wire_extent))
 
 /* Payload bounds of each type, checked from the header alone. */
 struct type_info {
@@ -866,8 +868,12 @@ struct colo_wire_decoder {
   struct colo_wire_frame frame;
   uint64_t payload_checksum;
 
-  /* The payload; grows as bytes come, up to the largest frame seen. */
-  uint8_t *buf;
+  /* The payload; grows as bytes come, up to the largest frame seen.  It
+   * starts DATA_ALIGN_PAD bytes into a DATA_ALIGN-aligned allocation
+   * (mem), so that an EXTENT's data is aligned as O_DIRECT wants it (the
+   * secondary's journal writes it so).
+   */
+  uint8_t *mem, *buf;
   size_t cap;
 
   struct colo_msg msg;          /* in READY */
@@ -887,7 +893,7 @@ void
 colo_wire_decoder_free (struct colo_wire_decoder *dec)
 {
   if (dec) {
-    free (dec->buf);
+    free (dec->mem);
     free (dec);
   }
 }
@@ -1040,13 +1046,16 @@ colo_wire_decoder_buffer (struct colo_wire_decoder *dec, void **buf,
 
     if (cap > dec->frame.length)
       cap = dec->frame.length;
-    p = realloc (dec->buf, cap);
-    if (p == NULL)
+    if (posix_memalign ((void **) &p, DATA_ALIGN, DATA_ALIGN_PAD + cap) != 0)
       return dec_fail (dec, err, COLO_ERROR_INTERNAL,
                        "out of memory for a %" PRIu32 "-byte %s payload",
                        dec->frame.length,
                        colo_msg_type_name (dec->frame.type));
-    dec->buf = p;
+    if (dec->have)
+      memcpy (p + DATA_ALIGN_PAD, dec->buf, dec->have);
+    free (dec->mem);
+    dec->mem = p;
+    dec->buf = p + DATA_ALIGN_PAD;
     dec->cap = cap;
   }
   *buf = dec->buf + dec->have;
@@ -1156,6 +1165,29 @@ const struct colo_wire_frame *
 colo_wire_decoder_frame (const struct colo_wire_decoder *dec)
 {
   return dec->state == DEC_READY ? &dec->frame : NULL;
+}
+
+int
+colo_wire_decoder_swap_buffer (struct colo_wire_decoder *dec, void **mem,
+                               size_t *cap)
+{
+  uint8_t *m = *mem;
+  size_t c = *cap;
+
+  if (dec->state != DEC_READY)
+    return -1;
+  *mem = dec->mem;
+  *cap = dec->cap;
+  dec->mem = m;
+  dec->buf = m ? m + DATA_ALIGN_PAD : NULL;
+  dec->cap = m ? c : 0;
+  return 0;
+}
+
+void
+colo_wire_buffer_free (void *mem)
+{
+  free (mem);
 }
 
 int

@@ -247,6 +247,18 @@ colo_wire_decoder_msg (const struct colo_wire_decoder *dec);
 extern const struct colo_wire_frame *
 colo_wire_decoder_frame (const struct colo_wire_decoder *dec);
 
+/* Take the payload buffer of the message the decoder holds, leaving it
+ * *mem instead (a buffer from an earlier call, or NULL) of *cap payload
+ * bytes: the message's data (an EXTENT's) then lives in the buffer
+ * returned in *mem and *cap, the caller's, until it hands it back this
+ * way or frees it with colo_wire_buffer_free.  The receiver uses this to
+ * keep receiving while another thread writes the data out.  0, or -1 if
+ * the decoder holds no message.
+ */
+extern int colo_wire_decoder_swap_buffer (struct colo_wire_decoder *dec,
+                                          void **mem, size_t *cap);
+extern void colo_wire_buffer_free (void *mem);
+
 /* The stream ended: 0 if that is between frames, else -1 ("connection
  * closed in the middle of a frame"), and the decoder fails from now on.
  */
