@@ -329,6 +329,10 @@ def targets(data):
     r = ratio(f, med(data, "live-nosnap", "randwrite-4k", "fleece"))
     out.append(("  same, vs Fleece's own no-snapshot rate >= 0.5",
                 r, None if r is None else r >= 0.5))
+    r3 = ratio(med(data, "snap-pull-busy", "randwrite-4k", "file"),
+               med(data, "live-nosnap", "randwrite-4k", "file"))
+    out.append(("  (nbdkit file, the same pull of the disk with no snapshot, "
+                "vs its own rate: the pull's own cost, info)", r3, None))
     r2 = ratio(q, med(data, "live-nosnap", "randwrite-4k", "qsd"))
     out.append(("  (QEMU fleecing, vs its own no-snapshot rate: info)",
                 r2, None))

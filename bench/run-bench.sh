@@ -34,6 +34,7 @@
 #   snap-pull-busy     the snapshot pulled once by nbdcopy while fio
 #                      writes 4 KiB at random on the live export; the
 #                      writes' rate counts those completed during the pull
+#                      (for "file": the disk itself, no snapshot at all)
 #   snap-create-stall  fio 4 KiB random writes (per-request latency log)
 #                      while snapshots are created; engine drain times;
 #                      the gap in completions; a control run with
@@ -429,7 +430,10 @@ scen_snap_pull_busy ()
 {
   local run server
   for (( run = 1; run <= runs; run++ )); do
-    for server in qsd-fleece fleece; do
+    # file: nbdcopy reads the disk itself while fio writes, with no
+    # snapshot and no copy at all: what the pull alone leaves the writer
+    # on this machine.
+    for server in file qsd-fleece fleece; do
       start_server "$server"
       snapshot "$server" s1
       busy_pull "$server" "$run"
