@@ -166,7 +166,7 @@ for line in open(sys.argv[1]):
         if d.get("drain-ns", -1) >= 0:
             drains.write("%d\n" % d["drain-ns"])
 EOF
-  read -r b50 b99 bmax a50 a99 amax cnt d50 d99 dmax \
+  read -r b50 b99 bmax a50 a99 amax cnt d50 d99 dmax _ \
     <<<"$(python3 "$report" stall "$tmp/stall_lat.1.log" "$tmp/windows" "$tmp/drains")"
   record stall lat-base-p99 us "$b99"
   record stall lat-around-epoch-p50 us "$a50"
