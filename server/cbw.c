@@ -440,9 +440,7 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
 
   if (start + len > fl->disk.size)
     len = fl->disk.size - start;
-  /* Aligned, so that store_write can hand large runs to O_DIRECT. */
-  if (posix_memalign ((void **) &buf, 4096, len) != 0)
-    buf = NULL;
+  buf = malloc (len);
   slots = malloc (n * sizeof *slots);
   if (buf == NULL || slots == NULL) {
     fl_error (ENOMEM, "copy-before-write: malloc: out of memory");

@@ -58,9 +58,8 @@ extern int disk_extents (struct disk *d, uint64_t count, uint64_t offset,
 
 /* ---- store.c: the CBW store file ---- */
 struct store {
-  /* Set by store_open, then constant (dfd may be dropped to -1). */
+  /* Set by store_open, then constant. */
   int fd;
-  _Atomic int dfd;              /* the store with O_DIRECT, -1: none */
   char *path;
   uint32_t cluster_size;
   uint64_t data_offset;

@@ -194,10 +194,6 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
   s->fd = open (path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (s->fd == -1)
     return fl_error (errno, "store: open: %s: %m", path);
-  /* Large copies bypass the page cache (store_write); a file system
-   * without O_DIRECT (EINVAL) has them all go through it.
-   */
-  s->dfd = open (path, O_RDWR | O_DIRECT | O_CLOEXEC);
   s->path = strdup (path);
   if (s->path == NULL) {
     fl_error (ENOMEM, "store: strdup: out of memory");
@@ -274,10 +270,8 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
   free (s->path);
   s->path = NULL;
  out_close_fd:
-  if (s->dfd >= 0)
-    close (s->dfd);
   close (s->fd);
-  s->fd = s->dfd = -1;
+  s->fd = -1;
   return -1;
 }
 
@@ -304,12 +298,10 @@ void
 store_close (struct store *s)
 {
   if (s->fd >= 0) {
-    if (s->dfd >= 0)
-      close (s->dfd);
     close (s->fd);
     pthread_mutex_destroy (&s->lock);
   }
-  s->fd = s->dfd = -1;
+  s->fd = -1;
   free (s->path);
   free (s->used);
   s->path = NULL;
@@ -591,16 +583,6 @@ free_run (struct store *s, uint32_t first, uint32_t n, bool meta)
   pthread_mutex_unlock (&s->lock);
 }
 
-/* Copies of at least this many bytes are written with O_DIRECT: a run
- * of clusters copied for one large write is written once and read
- * rarely, and copying it through the page cache into pages the store
- * never used before was the larger part of a first write's cost
- * (bench/PERF-NOTES.md).  Single clusters stay buffered: one small
- * synchronous device write each was slower there.
- */
-#define STORE_DIRECT_MIN   (256u << 10)
-#define STORE_DIRECT_ALIGN 4096u
-
 int
 store_write (struct store *s, uint32_t slot, uint32_t nslots,
              const void *buf, size_t len)
@@ -614,33 +596,6 @@ store_write (struct store *s, uint32_t slot, uint32_t nslots,
     return fl_error (EIO, "store: pwrite: %s: offset %" PRIu64
                      ": injected error (fleece.fail_store_write)",
                      s->path, offset);
-  if (len >= STORE_DIRECT_MIN && len % STORE_DIRECT_ALIGN == 0 &&
-      offset % STORE_DIRECT_ALIGN == 0 &&
-      (uintptr_t) buf % STORE_DIRECT_ALIGN == 0) {
-    int dfd = atomic_load (&s->dfd);
-
-    if (dfd >= 0) {
-      ssize_t r;
-      size_t done = 0;
-
-      while (done < len) {
-        r = pwrite (dfd, (const char *) buf + done, len - done,
-                    offset + done);
-        if (r <= 0 && errno == EINTR)
-          continue;
-        if (r <= 0)
-          break;
-        done += r;
-      }
-      if (done == len)
-        return 0;
-      if (errno != EINVAL || done)
-        return fl_error (errno, "store: pwrite (O_DIRECT): %s: offset %"
-                         PRIu64 ": %m", s->path, offset + done);
-      /* This file system wants another alignment: no more O_DIRECT. */
-      atomic_store (&s->dfd, -1);
-    }
-  }
   return fl_pwrite_all (s->fd, "store", s->path, buf, len, offset, false);
 }
 
