@@ -271,6 +271,24 @@ set_record_version (const char *path, off_t off, uint16_t version)
   close (fd);
 }
 
+/* Empty the journal, then leave epoch 2 (extents ex) committed and not
+ * applied in it; model becomes from with the epoch.
+ */
+static void
+commit_in_empty_journal (const struct dirs *d, const char *jpath,
+                         const struct ext *ex, size_t n, const char *from,
+                         char *model)
+{
+  struct journal *j;
+
+  assert (truncate (jpath, 0) == 0);
+  j = jopen (d);
+  assert (j);
+  memcpy (model, from, DISK_SIZE);
+  assert (send_epoch (j, 2, gen1, ex, n, model) == 0);
+  journal_close (j);
+}
+
 /* The whole file at path (*len bytes), for putting back later. */
 static char *
 slurp (const char *path, size_t *len)
@@ -691,12 +709,7 @@ test_corruption (void)
       disk_equals (d.disk, m1, DISK_SIZE),
       "a truncated committed epoch: open fails");
   /* A committed epoch in another version of the journal's format. */
-  assert (truncate (jpath, 0) == 0);
-  j = jopen (&d);
-  assert (j);
-  memcpy (m2, m1, DISK_SIZE);
-  assert (send_epoch (j, 2, gen1, e2, 3, m2) == 0);
-  journal_close (j);
+  commit_in_empty_journal (&d, jpath, e2, 3, m1, m2);
   set_record_version (jpath, 0, 1);
   set_record_version (jpath, J_COMMIT, 1);
   ok (open_fails (&d, DISK_SIZE, CLUSTER, "another journal format") &&
@@ -704,12 +717,7 @@ test_corruption (void)
       "a committed epoch of another journal format: open fails, disk "
       "untouched");
   /* Epoch 2 again, intact, in an emptied journal. */
-  assert (truncate (jpath, 0) == 0);
-  j = jopen (&d);
-  assert (j);
-  memcpy (m2, m1, DISK_SIZE);
-  assert (send_epoch (j, 2, gen1, e2, 3, m2) == 0);
-  journal_close (j);
+  commit_in_empty_journal (&d, jpath, e2, 3, m1, m2);
   j = jopen (&d);
   ok (j && has (journal_recovery_note (j), "applied it again") &&
       disk_equals (d.disk, m2, DISK_SIZE) &&
