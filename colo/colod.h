@@ -167,6 +167,12 @@ extern const char *colod_relation_name (enum colod_relation r);
 /* A journal's generation history as the wire has it: its length. */
 extern uint32_t colod_history_from_journal (const struct journal_state *js,
                                             struct colo_generation *out);
+/* Start a HELLO from this side: zeroed, then what both roles send
+ * alike (type, role, version, channel).
+ */
+extern struct colo_msg_hello *colod_hello_init (struct colo_msg *m,
+                                                uint16_t role,
+                                                uint32_t channel);
 
 extern int colod_run_primary (void);
 extern int colod_run_secondary (void);

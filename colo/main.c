@@ -762,6 +762,17 @@ colod_history_from_journal (const struct journal_state *js,
   return js->history_len;
 }
 
+struct colo_msg_hello *
+colod_hello_init (struct colo_msg *m, uint16_t role, uint32_t channel)
+{
+  memset (m, 0, sizeof *m);
+  m->type = COLO_MSG_HELLO;
+  m->hello.role = role;
+  m->hello.max_version = COLO_WIRE_VERSION;
+  m->hello.channel = channel;
+  return &m->hello;
+}
+
 const char *
 colod_relation_name (enum colod_relation r)
 {

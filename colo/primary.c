@@ -407,13 +407,8 @@ plugin_start (bool wait)
 static void
 fill_hello (struct colo_msg *m, uint32_t channel)
 {
-  struct colo_msg_hello *h = &m->hello;
+  struct colo_msg_hello *h = colod_hello_init (m, COLO_ROLE_PRIMARY, channel);
 
-  memset (m, 0, sizeof *m);
-  m->type = COLO_MSG_HELLO;
-  h->role = COLO_ROLE_PRIMARY;
-  h->max_version = COLO_WIRE_VERSION;
-  h->channel = channel;
   memcpy (h->volume_id, id.volume_id, 16);
   memcpy (h->generation_id, id.history[id.history_len - 1].id, 16);
   h->last_committed = h->last_applied = id.acked;

@@ -421,13 +421,9 @@ static void
 fill_hello (struct colo_msg *m, uint32_t channel)
 {
   const struct journal_state *js = s.j ? journal_get_state (s.j) : NULL;
-  struct colo_msg_hello *h = &m->hello;
+  struct colo_msg_hello *h = colod_hello_init (m, COLO_ROLE_SECONDARY,
+                                               channel);
 
-  memset (m, 0, sizeof *m);
-  m->type = COLO_MSG_HELLO;
-  h->role = COLO_ROLE_SECONDARY;
-  h->max_version = COLO_WIRE_VERSION;
-  h->channel = channel;
   if (js == NULL)
     return;
   memcpy (h->volume_id, js->volume_id, 16);
@@ -599,11 +595,9 @@ writer_queue (struct colod_conn *c, const struct colo_msg_extent *x)
     job.mem = w.spare[--w.nspare];
     job.cap = w.spare_cap[w.nspare];
   }
-  pthread_mutex_unlock (&w.lock);
   /* The decoder holds x: swapping cannot fail. */
   if (colo_wire_decoder_swap_buffer (c->dec, &job.mem, &job.cap) == -1)
     abort ();
-  pthread_mutex_lock (&w.lock);
   w.q[(w.head + w.n) % WRITER_DEPTH] = job;
   w.n++;
   pthread_cond_broadcast (&w.cond);
