@@ -638,6 +638,20 @@ read_extent_record (struct journal *j, uint64_t *pos, uint64_t index,
   return 0;
 }
 
+/* After an O_DIRECT call on the journal failed: true if that was the
+ * file system refusing the alignment (EINVAL), after which O_DIRECT is
+ * not tried again and the page cache serves instead.
+ */
+static bool
+direct_refused (struct journal *j)
+{
+  if (errno != EINVAL)
+    return false;
+  close (j->jdfd);
+  j->jdfd = -1;
+  return true;
+}
+
 /* Read n bytes of extent data at journal offset pos into j->buf, with
  * O_DIRECT when aligned (it was written so, and going through the page
  * cache would only copy it once more); 0, or -1 with errno.
@@ -648,10 +662,8 @@ read_data (struct journal *j, size_t n, uint64_t pos)
   if (j->jdfd >= 0 && n % REC_BLOCK == 0 && pos % REC_BLOCK == 0) {
     if (full_pread (j->jdfd, j->buf, n, pos) == 0)
       return 0;
-    if (errno != EINVAL)
+    if (!direct_refused (j))
       return -1;
-    close (j->jdfd);
-    j->jdfd = -1;
   }
   return full_pread (j->jfd, j->buf, n, pos);
 }
@@ -1288,10 +1300,7 @@ write_direct (struct journal *j, const void *data, uint32_t length,
     return -1;
   if (full_pwritev (j->jdfd, v, 2, j->pos) == 0)
     return 0;
-  if (errno == EINVAL) {
-    close (j->jdfd);
-    j->jdfd = -1;
-  }
+  direct_refused (j);
   return -1;
 }
 
