@@ -34,6 +34,15 @@ enum fleece_cbw_error {
   FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */
 };
 
+/* Image locking (server/lock.c, nbdkit-fleece-plugin(1) LOCKING): the
+ * disk and the store are locked against a second writer, QEMU's way.
+ */
+enum fleece_locking {
+  FLEECE_LOCKING_ON = 0,        /* lock, or refuse to start */
+  FLEECE_LOCKING_AUTO = 1,      /* lock where the file system can */
+  FLEECE_LOCKING_OFF = 2,       /* never lock */
+};
+
 struct fleece_config {
   const char *disk;             /* file or block device, required */
   const char *store;            /* store file, required */
@@ -46,6 +55,7 @@ struct fleece_config {
                                  * and crashes (docs/durability.md) */
   uint32_t cbw_timeout_ms;      /* break the snapshot when the store takes
                                  * longer to take a copy; 0: wait */
+  enum fleece_locking locking;  /* 0: FLEECE_LOCKING_ON */
 };
 
 /* Flags for live writes, the same bits as nbdkit's. */
@@ -74,6 +84,10 @@ extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
 extern const char *fleece_store_path (const struct fleece *fl);
+/* "on" (the disk and the store are locked), "off" (locking=off) or
+ * "unsupported" (locking=auto on a file system without OFD locks).
+ */
+extern const char *fleece_locking_state (const struct fleece *fl);
 
 /* The live disk. */
 extern int fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,

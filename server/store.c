@@ -182,7 +182,8 @@ zero_log (struct store *s)
 
 int
 store_open (struct store *s, const char *path, uint32_t *cluster_size,
-            const struct disk *d, bool persistent, bool *existing)
+            const struct disk *d, bool persistent, enum fleece_locking locking,
+            bool *existing)
 {
   struct fleece_superblock sb;
   struct stat st;
@@ -216,6 +217,9 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
       goto out_free_path;
     }
   }
+  /* Before anything is read or the store is formatted. */
+  if (fl_lock_image (s->fd, "store", path, locking, &s->locked) == -1)
+    goto out_free_path;
   s->is_file = S_ISREG (st.st_mode);
   found = read_superblock (s, st.st_size, &sb);
   if (found == -1)
