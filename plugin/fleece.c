@@ -288,9 +288,14 @@ plug_get_ready (void)
                   "locked: nothing stops a second writer from corrupting "
                   "every snapshot", disk_path, store_path);
   else if (strcmp (fleece_locking_state (fl), "on") != 0)
-    nbdkit_debug ("locking=auto: the file system cannot lock them, "
-                  "locked: %s (disk %s, store %s)", fleece_locking_state (fl),
-                  disk_path, store_path);
+    nbdkit_debug ("locking=auto: the file system has no OFD locks, so of "
+                  "the disk %s and the store %s %s: nothing stops a second "
+                  "writer from corrupting every snapshot", disk_path,
+                  store_path,
+                  strcmp (fleece_locking_state (fl), "disk only") == 0
+                  ? "only the disk is locked"
+                  : strcmp (fleece_locking_state (fl), "store only") == 0
+                  ? "only the store is locked" : "neither is locked");
   ctl = ctl_open (fl, control_path, &info);
   if (ctl == NULL) {
     engine_error ();
