@@ -250,6 +250,8 @@ struct fleece_debug {
   int store_write_delay_ms;     /* slow store: sleep before data writes */
   int fail_meta_write;          /* N: metadata writes after the first N
                                  * fail with EIO */
+  int no_ofd_locks;             /* the engine tests: act as if the file
+                                 * system had no OFD locks (ENOLCK) */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);

@@ -10,7 +10,9 @@
  * unchanged or resize (101, 102, 103), or refuses consistent read or
  * write (200, 201); a refused open leaves nothing held (the next byte's
  * open succeeds).  Then: a second engine on the disk or on the store is
- * refused, naming it; locking=off opens anyway; closing releases.
+ * refused, naming it; locking=off opens anyway; closing releases; on a
+ * file system without OFD locks (emulated) locking=on refuses and
+ * locking=auto serves unlocked.
  */
 
 #include <config.h>
@@ -113,6 +115,28 @@ test_two_engines (const char *disk, const char *store)
   fleece_close (b);
 }
 
+/* A file system without OFD locks (emulated): locking=on refuses to
+ * start, saying what to do; locking=auto serves unlocked and says so.
+ */
+static void
+test_no_ofd_locks (const char *disk, const char *store)
+{
+  struct fleece *fl;
+
+  fleece_debug.no_ofd_locks = 1;
+  errno = 0;
+  fl = try_open (disk, store, FLEECE_LOCKING_ON);
+  ok (fl == NULL && errno == ENOLCK && mentions (disk) &&
+      mentions ("locking=auto"),
+      "no OFD locks, locking=on: refused: %s", fleece_last_error ());
+  fleece_close (fl);
+  fl = try_open (disk, store, FLEECE_LOCKING_AUTO);
+  ok (fl != NULL && strcmp (fleece_locking_state (fl), "unsupported") == 0,
+      "no OFD locks, locking=auto: opened, locking unsupported");
+  fleece_debug.no_ofd_locks = 0;
+  fleece_close (fl);
+}
+
 int
 main (int argc, char *argv[])
 {
@@ -124,5 +148,6 @@ main (int argc, char *argv[])
   test_write_disk (disk, NULL, 1 << 20);
   test_qemu_bytes (disk, store);
   test_two_engines (disk, store);
+  test_no_ofd_locks (disk, store);
   return done ();
 }
