@@ -88,6 +88,13 @@ extern const char *fleece_store_path (const struct fleece *fl);
  * "unsupported" (locking=auto on a file system without OFD locks).
  */
 extern const char *fleece_locking_state (const struct fleece *fl);
+/* Lock an image that another program writes (fleece-colod's secondary
+ * disk) as fleece_open locks the disk (nbdkit-fleece-plugin(1),
+ * LOCKING); what names it in messages.  0 (*locked: whether the locks
+ * are held; closing fd drops them), or -1 with fleece_last_error ().
+ */
+extern int fleece_lock_image (int fd, const char *what, const char *path,
+                              enum fleece_locking mode, bool *locked);
 
 /* The live disk. */
 extern int fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,

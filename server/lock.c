@@ -219,3 +219,10 @@ fl_lock_image (int fd, const char *what, const char *path,
   *locked = true;
   return 0;
 }
+
+int
+fleece_lock_image (int fd, const char *what, const char *path,
+                   enum fleece_locking mode, bool *locked)
+{
+  return fl_lock_image (fd, what, path, mode, locked);
+}
