@@ -16,7 +16,9 @@
 #  - 80 connections at once: those beyond the 64 allowed in their
 #    handshake are closed at once, each with a log line naming the peer;
 #    the rest are closed within --handshake-timeout, and the primary
-#    pairs again.
+#    pairs again;
+#  - the primary's control connection to the plugin (subscribed) is kept
+#    however long it is idle.
 source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
 requires psktool --version
 requires python3 --version
@@ -131,7 +133,11 @@ pair ()
 # restart PORT: kill -9 a's primary and restart it; as pair.
 restart () { kill9_colod a && pair "$1"; }
 
-ok "nbdkit on a" start_plugin a
+# The plugin closes idle control clients after 1 s here: the primary's
+# connection must be subscribed to survive --interval 0's idle spells.
+ok "nbdkit on a" start_nbdkit a -D fleece.ctl_idle_timeout_ms=1000 -- \
+  disk="$tmp/a/disk" store="$tmp/a/store" control="$tmp/a.ctl" \
+  persistent=true
 ok "secondary b starts, with --auto-failover" start_colod b secondary \
   --listen "127.0.0.1:$pb" --disk "$tmp/b/disk" "${tls[@]}" "${hb[@]}" \
   --auto-failover
@@ -157,6 +163,8 @@ sleep 3.5                     # past --hb-timeout, the peers still there
 is "$(status b failover)" none "b did not fail over"
 ok "b never judged the primary lost" eval '! grep -q "\"to\":\"require\"" "$tmp/b/colod.log"'
 ok "b heard heartbeats lately" eval '[ "$(status b heartbeat-age-ms)" -lt 1000 ]'
+ok "an epoch after a's plugin connection idled past its idle timeout" \
+  eval 'colod a checkpoint >/dev/null'
 ok "b refused the garbage peers, naming them" \
   grep -q "TLS handshake with 127.0.0.1:[0-9]* failed: the peer does not speak TLS" "$tmp/b/colod.log"
 ok "... and timed out the idle ones" \
