@@ -3,9 +3,10 @@
 # "Hostile peers"): connections that never finish their TLS handshake or
 # their HELLO neither delay the real primary nor count as it.
 #  - host a (nbdkit + primary) and b (secondary, --auto-failover,
-#    --hb-timeout 3000) pair over PSK TLS on 127.0.0.1; the time of that
-#    first pairing, and of a pairing after a kill -9 and restart of the
-#    primary, are measured without hostile peers;
+#    --hb-timeout 3000, --handshake-timeout 3000) pair over PSK TLS on
+#    127.0.0.1; the time of that first pairing, and of a pairing after a
+#    kill -9 and restart of the primary, are measured without hostile
+#    peers;
 #  - the primary is killed and restarted again while 20 idle TCP
 #    connections and garbage ones (random bytes, a half TLS client
 #    hello, a plaintext greeting and HELLO on the TLS port) are held
@@ -26,7 +27,11 @@ requires qemu-io --version
 
 make_pki >/dev/null
 tls=(--tls-psk "$tmp/pki/keys.psk")
-hb=(--hb-interval 100 --hb-timeout 3000)
+# Under valgrind (make check-valgrind) a daemon starts and handshakes
+# several times slower: longer timeouts, and more slack in the bounds.
+if [ -n "$VG" ]; then hbt=15000 hst=10000 slack=10000
+else hbt=3000 hst=3000 slack=2000; fi
+hb=(--hb-interval 100 --hb-timeout "$hbt" --handshake-timeout "$hst")
 mkdir -p "$tmp/a" "$tmp/b" "$tmp/c"
 truncate -s 16M "$tmp/a/disk" "$tmp/b/disk" "$tmp/c/disk"
 qemu-io -f raw -c 'write -P 0x41 0 8M' "$tmp/a/disk" >/dev/null
@@ -157,9 +162,9 @@ sleep 0.5
 ok "a pairs again with hostile peers on b" restart "$pb"
 hostile_ms=$ms
 diag "pairing after a restart: $base_ms ms alone, ${hostile_ms:-none} ms with hostile peers"
-ok "within 2 s more than without them" test "${hostile_ms:-99999}" -le $(( base_ms + 2000 ))
+ok "within $slack ms more than without them" test "${hostile_ms:-99999}" -le $(( base_ms + slack ))
 ok "an epoch after the restart" eval 'colod a checkpoint >/dev/null'
-sleep 3.5                     # past --hb-timeout, the peers still there
+sleep $(( hbt / 1000 + 1 ))   # past --hb-timeout, the peers still there
 is "$(status b failover)" none "b did not fail over"
 ok "b never judged the primary lost" eval '! grep -q "\"to\":\"require\"" "$tmp/b/colod.log"'
 ok "b heard heartbeats lately" eval '[ "$(status b heartbeat-age-ms)" -lt 1000 ]'
@@ -168,7 +173,7 @@ ok "an epoch after a's plugin connection idled past its idle timeout" \
 ok "b refused the garbage peers, naming them" \
   grep -q "TLS handshake with 127.0.0.1:[0-9]* failed: the peer does not speak TLS" "$tmp/b/colod.log"
 ok "... and timed out the idle ones" \
-  grep -q "TLS handshake with 127.0.0.1:[0-9]* failed: no TLS client hello within 3000 ms" "$tmp/b/colod.log"
+  grep -q "TLS handshake with 127.0.0.1:[0-9]* failed: no TLS client hello within $hst ms" "$tmp/b/colod.log"
 ok "the hostile peers stop" stop_hostile h1
 
 # A first pairing, with 30 idle connections open on a fresh secondary.
@@ -180,14 +185,14 @@ sleep 0.5
 ok "a pairs with c" pair "$pc"
 c_ms=$ms
 diag "first pairing: $first_ms ms alone, ${c_ms:-none} ms with 30 idle connections"
-ok "within 2 s more than the first pairing alone" test "${c_ms:-99999}" -le $(( first_ms + 2000 ))
+ok "within $slack ms more than the first pairing alone" test "${c_ms:-99999}" -le $(( first_ms + slack ))
 ok "c's full copy is durable" wait_for 30 status_ge c last-committed-epoch 1
 ok "the idle peers stop" stop_hostile h2
 
 # More connections than may be pending at once.
 mark=$(stat -c %s "$tmp/c/colod.log")
-ok "80 connections to c at once" hostile h3 "$pc" 20 idle:80 --once
-ok "they are all closed by c" wait_for 15 eval '! kill -0 $(cat "$tmp/h3.pid") 2>/dev/null'
+ok "80 connections to c at once" hostile h3 "$pc" 60 idle:80 --once
+ok "they are all closed by c" wait_for $(( hst / 1000 + 15 )) eval '! kill -0 $(cat "$tmp/h3.pid") 2>/dev/null'
 diag "$(cat "$tmp/h3.out")"
 ok "... all 80" grep -q "closed by the secondary 80" "$tmp/h3.out"
 n=$(tail -c +$(( mark + 1 )) "$tmp/c/colod.log" | grep -c "connection from 127.0.0.1:[0-9]* closed at once: 64 connections are already in their TLS handshake or HELLO")
