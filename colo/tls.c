@@ -757,7 +757,11 @@ colo_listen (struct colo_tls *tls, const char *addr)
       continue;
     }
     setsockopt (fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind (fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen (fd, SOMAXCONN) == 0)
+    /* The longest backlog: a burst of hostile connections must not push
+     * the primary's into SYN retransmissions.
+     */
+    if (bind (fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+        listen (fd, SOMAXCONN) == 0)
       break;
     saved = errno;
     close (fd);
