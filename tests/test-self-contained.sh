@@ -10,7 +10,8 @@ s=$abs_top_srcdir
 sources=$tmp/sources
 (cd "$s" && find . \( -name .git -o -name build-aux -o -name autom4te.cache \
                    -o -name .libs -o -name .deps -o -name 'fuzz-work' \
-                   -o -name '*-corpus' \) -prune -o -type f \
+                   -o -name '*-corpus' -o -path './_build*' \) -prune \
+       -o -type f \
        \( -name '*.[ch]' -o -name '*.sh' -o -name '*.md' -o -name '*.pod' \
           -o -name '*.py' -o -name '*.am' -o -name '*.ac' -o -name '*.in' \
           -o -name HACKING -o -name install-deps -o -path ./.ci/run \) \
