@@ -56,7 +56,7 @@ struct colod_options {
   int debug_extent_delay_ms;      /* secondary: sleep before each extent */
 };
 
-/* Failover states, after colo.c's (RELAUNCH is not used: a promoted
+/* Failover states, after QEMU colo.c's (RELAUNCH is not used: a promoted
  * secondary stays promoted until an operator makes it a primary).
  */
 enum colod_failover {

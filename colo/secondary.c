@@ -5,7 +5,7 @@
  * journaled, verified and committed before it is acknowledged, then
  * applied.  This file pairs with the primary, judges generation
  * histories, receives epochs, answers heartbeats and runs the failover
- * states of colo.c: NONE (a primary is sending heartbeats) -> REQUIRE
+ * states of QEMU colo.c: NONE (a primary is sending heartbeats) -> REQUIRE
  * (none for --hb-timeout) -> ACTIVE (promotion running) -> COMPLETED
  * (a new generation; the disk is ours to serve).
  *

@@ -28,7 +28,7 @@ extern "C" {
 #define FLEECE_SNAPSHOT_NAME_MAX     128
 #define FLEECE_SNAPSHOTS_MAX         1024
 
-/* What a failed copy-before-write does (DESIGN.md invariant 6). */
+/* What a failed copy-before-write does (docs/design.md invariant 6). */
 enum fleece_cbw_error {
   FLEECE_CBW_BREAK_SNAPSHOT = 0, /* live write succeeds, snapshots break */
   FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */

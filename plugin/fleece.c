@@ -469,7 +469,7 @@ plug_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 }
 
 /* A snapshot is writable in NBD's sense only so that clients may trim
- * it (DESIGN.md, Exports); .pwrite refuses every write.
+ * it (docs/design.md, Exports); .pwrite refuses every write.
  */
 static int
 plug_can_write (void *handle)
