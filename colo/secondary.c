@@ -1068,9 +1068,8 @@ recv_hello (struct colod_conn *c, int64_t accepted_ms)
 
   colo_conn_set_deadline (c->conn, left > 0 ? left : 1);
   if (colod_recv (c, &m, err, sizeof err) != 1) {
-    colod_log ("no HELLO from %s within %d ms of its connection: %s",
-               colo_conn_peer (c->conn), colod.opt.tls.handshake_timeout_ms,
-               err);
+    colod_log ("connection from %s closed before its HELLO: %s",
+               colo_conn_peer (c->conn), err);
     return NULL;
   }
   colo_conn_set_deadline (c->conn, -1);
