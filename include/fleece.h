@@ -236,6 +236,8 @@ struct fleece_debug {
   int store_write_delay_ms;     /* slow store: sleep before data writes */
   int fail_meta_write;          /* N: metadata writes after the first N
                                  * fail with EIO */
+  int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
+                                 * timeouts are N ms */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);
