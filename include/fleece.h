@@ -28,7 +28,7 @@ extern "C" {
 #define FLEECE_SNAPSHOT_NAME_MAX     128
 #define FLEECE_SNAPSHOTS_MAX         1024
 
-/* What a failed copy-before-write does (DESIGN.md invariant 6). */
+/* What a failed copy-before-write does (docs/design.md invariant 6). */
 enum fleece_cbw_error {
   FLEECE_CBW_BREAK_SNAPSHOT = 0, /* live write succeeds, snapshots break */
   FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */
@@ -257,6 +257,8 @@ struct fleece_debug {
   int store_write_delay_ms;     /* slow store: sleep before data writes */
   int fail_meta_write;          /* N: metadata writes after the first N
                                  * fail with EIO */
+  int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
+                                 * timeouts are N ms */
   int no_ofd_locks;             /* the engine tests: act as if the file
                                  * system had no OFD locks (ENOLCK) */
 };

@@ -23,7 +23,7 @@
  * recording bitmap on stable storage (bitmap_intent: DIRTY records), so
  * that after a crash a recording bitmap still covers every write.
  *
- * checkpoint-create NAME does in one gate closure what the seed's
+ * checkpoint-create NAME does in one gate closure what QEMU's
  * successor/abdicate does for a backup job: snapshot NAME is created, the
  * bitmap of the previous checkpoint stops recording and is frozen (it now
  * holds exactly the clusters changed between that checkpoint and NAME),
