@@ -84,8 +84,9 @@ extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
 extern const char *fleece_store_path (const struct fleece *fl);
-/* "on" (the disk and the store are locked), "off" (locking=off) or
- * "unsupported" (locking=auto on a file system without OFD locks).
+/* "on" (the disk and the store are locked), "off" (locking=off), or
+ * with locking=auto on a file system without OFD locks "unsupported"
+ * (or "disk only", "store only": one of them could be locked).
  */
 extern const char *fleece_locking_state (const struct fleece *fl);
 /* Lock an image that another program writes (fleece-colod's secondary
