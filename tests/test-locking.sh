@@ -28,8 +28,9 @@ start_bg ()
   # shellcheck disable=SC2086
   env ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
     timeout -k 5 120 $VG nbdkit -U "$tmp/$name.sock" -P "$tmp/$name.pid" \
-    "$FLEECE_PLUGIN" "$@" >"$tmp/$name.log" 2>&1 || { cat "$tmp/$name.log"; return 1; }
-  cleanup_fn "kill \$(cat '$tmp/$name.pid') 2>/dev/null"
+    "$FLEECE_PLUGIN" "$@" >"$tmp/$name.log" 2>&1 ||
+    { cat "$tmp/$name.log"; return 1; }
+  cleanup_fn "kill \$(cat '$tmp/$name.pid' 2>/dev/null) 2>/dev/null"
   for (( i = 0; i < 100; i++ )); do
     [ -S "$tmp/$name.sock" ] && [ -s "$tmp/$name.pid" ] && return 0
     sleep 0.1
