@@ -86,6 +86,12 @@ log_to_nbdkit (const char *msg)
 }
 
 static void
+warn_to_nbdkit (const char *msg)
+{
+  nbdkit_error ("%s", msg);
+}
+
+static void
 plug_unload (void)
 {
   free (disk_path);
@@ -261,6 +267,7 @@ plug_get_ready (void)
   fleece_debug.store_write_delay_ms = fleece_debug_store_write_delay_ms;
   fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
   fleece_set_log (log_to_nbdkit);
+  fleece_set_warn (warn_to_nbdkit);
   fl = fleece_open (&cfg);
   if (fl == NULL)
     return engine_error ();
