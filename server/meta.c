@@ -15,7 +15,13 @@
  * record at the start of the other half, sync.  Loading picks the half
  * whose STATE has the higher sequence, reads its image, and applies the
  * records that follow it up to the first one whose magic, checksum or
- * sequence is wrong: the torn tail of a crash.
+ * sequence is wrong.  That end is judged (tail_verdict): a write torn by
+ * a crash, which was never acknowledged and is ignored, or damage, which
+ * breaks every snapshot and makes every recording bitmap inconsistent,
+ * loudly (fl_warn).  Telling them apart relies on everything past the end
+ * of the log being zero: making a half active zeroes what an earlier use
+ * of it left.  A copy whose slot the store file no longer holds whole (a
+ * truncation) breaks only the snapshots that read it.
  *
  * Group commit.  A writer appends its record to a pending buffer and
  * waits for it to be stable; the first waiter to find no commit running

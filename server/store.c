@@ -16,6 +16,16 @@
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
  * validates and names this disk; meta.c then loads its metadata.
+ *
+ * Formatting destroys what a store holds, so it is done only to a store
+ * that holds nothing to keep: an empty or all-zero file (for a block
+ * device, an all-zero superblock and log region), or one whose intact
+ * superblock says it keeps nothing (FLEECE_SB_PERSISTENT clear).  In
+ * either mode anything else (a damaged superblock, another version,
+ * somebody else's file) is refused with what was found: it may be a
+ * persistent store's snapshots and bitmaps.  That is why a new persistent
+ * store is given a superblock without FLEECE_SB_PERSISTENT at once, and
+ * the persistent one only after its first image (meta_start).
  */
 
 #include <config.h>
