@@ -299,7 +299,8 @@ check_formattable (struct store *s, uint64_t size,
   uint64_t at = 0;
   int r;
 
-  r = region_is_zero (s, 0, s->is_file ? size : meta_end, &at);
+  r = region_is_zero (s, 0, s->is_file || size < meta_end ? size : meta_end,
+                      &at);
   if (r != 0)
     return r == 1 ? 0 : -1;
   show_bytes ((const unsigned char *) sb->magic, got < 8 ? got : 8, shown,
