@@ -1108,10 +1108,18 @@ load (struct fleece *fl)
                      &m->load_size) == -1)
     goto out;
   if (len == 0 || nslots != (len + fl->cluster_size - 1) / fl->cluster_size
-      || slot >= UINT32_MAX - 1 || nslots >= UINT32_MAX - 1 - slot ||
-      fl->store.data_offset + (uint64_t) slot * fl->cluster_size + len >
-      m->load_size) {
+      || slot >= UINT32_MAX - 1 || nslots >= UINT32_MAX - 1 - slot) {
     damaged (fl, "the STATE record points outside the store");
+    goto out;
+  }
+  if (fl->store.data_offset + (uint64_t) slot * fl->cluster_size + len >
+      m->load_size) {
+    char what[200];
+    snprintf (what, sizeof what, "the STATE record points outside the "
+              "store: its image ends at byte %" PRIu64 ", the store has %"
+              PRIu64 " (it was truncated)", fl->store.data_offset +
+              (uint64_t) slot * fl->cluster_size + len, m->load_size);
+    damaged (fl, what);
     goto out;
   }
   img = malloc (len);

@@ -77,6 +77,20 @@ ok "a still exact" same_as a "$tmp/a.ref"
 ok "nbdkit stops cleanly" stop_nbdkit p
 cp "$store" "$tmp/store.good"
 
+# A clean stop writes its last image after the copies: a byte cut off
+# it leaves nothing to load.  (Another disk and store, so that a's disk
+# is only ever written through a's store.)
+disk=$tmp/disk2 store=$tmp/store2
+truncate -s 8M "$disk"
+qemu-io -f raw -c 'write -P 0x22 0 8M' "$disk" >/dev/null
+ok "start on another new store" start
+ok "snapshot create s" ctl p snapshot create s
+ok "writes that copy for s" qio p "" "write -P 0x61 0 1M"
+ok "nbdkit stops cleanly" stop_nbdkit p
+truncate -s -1 "$store"
+refused "cut inside the image written at a clean stop" "STATE record points outside the store: its image ends at byte [0-9]+, the store has [0-9]+ \\(it was truncated\\)" persistent=true
+disk=$tmp/disk store=$tmp/store
+
 # --- 2. one byte of the superblock's magic ---
 python3 -c '
 import sys
