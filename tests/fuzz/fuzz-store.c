@@ -21,7 +21,9 @@
  *            bit 3 leave the checksums of patched records wrong; bit 4
  *            leave the STATE's image hash wrong; bit 5 flip the clean bit;
  *            bit 6 truncate the store; bit 7 damage the data area
- *   with bit 6, u24 t: 1 + t % (data area size) bytes are cut off the end
+ *   with bit 6, u24 t: 1 + t % (data area size) bytes are cut off the
+ *            end; if t >= 0x800000, the store is cut to t % 4096 bytes,
+ *            shorter than its superblock
  *   with bit 7, u24 o, u8 n: 1 + n % 8 bytes at data area offset
  *            o % (its size) are replaced by the bytes that follow
  *   edits    one byte op: op % 8 is the kind, op / 8 a parameter p; then
@@ -54,7 +56,9 @@
  * snapshot read when the bases were made.  A truncated store must refuse
  * to load only because its image is cut, and otherwise every snapshot
  * must read exactly what it read, or be broken (a copy whose slot the
- * truncation cut breaks the snapshots that read it).  Copied data has no
+ * truncation cut breaks the snapshots that read it); one cut shorter than
+ * its superblock must be refused as such, unless it is empty (then it is
+ * a new store).  Copied data has no
  * checksum, so damage in a data slot may show, but only as the damaged
  * bytes, at their offset within the slot, in clusters of snapshots that
  * are not broken; nothing else may differ.
@@ -943,7 +947,9 @@ build (struct model *m)
     size_t n = m->ndmg < size - off ? m->ndmg : size - off;
     memcpy (work + off, m->dmg, n);
   }
-  if ((m->flags & F_TRUNCATE) && size > DATA_OFF)
+  if ((m->flags & F_TRUNCATE) && m->cut >= 0x800000)
+    size = m->cut % FLEECE_STORE_HEADER_SIZE;
+  else if ((m->flags & F_TRUNCATE) && size > DATA_OFF)
     size -= 1 + m->cut % (size - DATA_OFF);
   return size;
 }
@@ -1267,17 +1273,23 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     /* Only the image, cut or damaged, may stop a truncated or damaged
      * store from loading.
      */
-    if (modelled && !strstr (msg, "the STATE record points outside") &&
-        !strstr (msg, "the image")) {
+    if (modelled && len > 0 && len < FLEECE_STORE_HEADER_SIZE
+        ? !strstr (msg, "shorter than a store's")
+        : modelled && !strstr (msg, "the STATE record points outside") &&
+          !strstr (msg, "the image")) {
       fprintf (stderr, "fuzz-store: a store with only its data area "
                "truncated or damaged is refused: %s\n", msg);
       abort ();
     }
   }
   else {
+    if (modelled && len > 0 && len < FLEECE_STORE_HEADER_SIZE) {
+      fprintf (stderr, "fuzz-store: a store of %zu bytes loads\n", len);
+      abort ();
+    }
     if (unchanged)
       check_expect (fl);
-    else if (modelled)
+    else if (modelled && len > 0)
       check_model (fl, m);
     use_store (fl);
     fleece_close (fl);
