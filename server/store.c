@@ -352,15 +352,79 @@ zero_log (struct store *s)
   return r;
 }
 
+/* Read what the store holds and decide (docs/store-format.md,
+ * "Opening"): 0 with *existing set if it is a persistent store to load,
+ * 0 with *existing clear if it may be formatted, -1 if it is refused.
+ */
+static int
+judge_store (struct store *s, uint64_t size, bool persistent,
+             uint32_t *cluster_size, const struct disk *d, bool *existing)
+{
+  struct fleece_superblock sb;
+  ssize_t got;
+  bool found;
+
+  memset (&sb, 0, sizeof sb);
+  got = size == 0 ? 0 : pread (s->fd, &sb, sizeof sb, 0);
+  if (got == -1)
+    return fl_error (errno, "store: reading the superblock: %s: %m",
+                     s->path);
+  /* A superblock is a whole 4096-byte block: a shorter file has none. */
+  found = size >= FLEECE_STORE_HEADER_SIZE && got == sizeof sb &&
+    memcmp (sb.magic, FLEECE_STORE_MAGIC, 8) == 0;
+  /* Whatever the mode, a Fleece superblock must be intact, and anything
+   * else may be formatted only if it holds nothing.
+   */
+  if (!found)
+    return size > 0 ? check_formattable (s, size, &sb, got) : 0;
+  if (check_superblock_intact (s, &sb) == -1)
+    return -1;
+  if (!(le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
+    /* A persistent=false store, or a persistent=true start that stopped
+     * before its first image: nothing to keep.
+     */
+    if (size > data_offset_for (le32toh (sb.cluster_size)))
+      fl_debug ("store: %s: formatting it, discarding the copies of an "
+                "earlier run that kept nothing (%" PRIu64 " bytes)",
+                s->path, size);
+    return 0;
+  }
+  if (!persistent)
+    return fl_error (EEXIST, "store: %s: holds the persistent snapshots "
+                     "and bitmaps of an earlier run: start with "
+                     "persistent=true to keep them, or remove the file to "
+                     "discard them", s->path);
+  if (check_superblock (s, &sb, cluster_size, d) == -1)
+    return -1;
+  *existing = true;
+  return 0;
+}
+
+/* Format a store that holds nothing to keep: a superblock that says so.
+ * A persistent one gets its persistent superblock only after its first
+ * image (meta_start), so that a crash in between leaves a store that is
+ * formatted again, not one refused as damaged.
+ */
+static int
+format_store (struct store *s, const struct disk *d)
+{
+  s->created = (uint64_t) time (NULL);
+  if (s->is_file && ftruncate (s->fd, 0) == -1)
+    return fl_error (errno, "store: ftruncate: %s: %m", s->path);
+  /* A block device is not truncated: clear its metadata log, so that
+   * the records of an earlier store on it can never be loaded.
+   */
+  if (!s->is_file && s->persistent && zero_log (s) == -1)
+    return -1;
+  return write_superblock (s, d, FLEECE_SB_CLEAN);
+}
+
 int
 store_open (struct store *s, const char *path, uint32_t *cluster_size,
             const struct disk *d, bool persistent, bool *existing)
 {
-  struct fleece_superblock sb;
   struct stat st;
   uint64_t size;
-  ssize_t got;
-  bool found, formatted = false;
 
   memset (s, 0, sizeof *s);
   *existing = false;
@@ -395,64 +459,13 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
     size = st.st_size;
   else if (fl_block_size (s->fd, "store", path, &size) == -1)
     goto out_free_path;
-  memset (&sb, 0, sizeof sb);
-  got = size == 0 ? 0 : pread (s->fd, &sb, sizeof sb, 0);
-  if (got == -1) {
-    fl_error (errno, "store: reading the superblock: %s: %m", path);
+  if (judge_store (s, size, persistent, cluster_size, d, existing) == -1)
     goto out_free_path;
-  }
-  /* A superblock is a whole 4096-byte block: a shorter file has none. */
-  found = size >= FLEECE_STORE_HEADER_SIZE && got == sizeof sb &&
-    memcmp (sb.magic, FLEECE_STORE_MAGIC, 8) == 0;
-  /* Whatever the mode, a Fleece superblock must be intact, and anything
-   * else may be formatted only if it holds nothing.
-   */
-  if (found ? check_superblock_intact (s, &sb) == -1
-      : size > 0 && check_formattable (s, size, &sb, got) == -1)
-    goto out_free_path;
-  if (found && !persistent &&
-      (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
-    fl_error (EEXIST, "store: %s: holds the persistent snapshots and "
-              "bitmaps of an earlier run: start with persistent=true to "
-              "keep them, or remove the file to discard them", path);
-    goto out_free_path;
-  }
-  if (found && persistent && (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
-    if (check_superblock (s, &sb, cluster_size, d) == -1)
-      goto out_free_path;
-    *existing = true;
-  }
-  else {
-    /* Nothing here is to be kept: an empty store, or one whose
-     * superblock says it was made by persistent=false (or by a
-     * persistent=true start that stopped before its first image).
-     */
-    if (found && size > data_offset_for (le32toh (sb.cluster_size)))
-      fl_debug ("store: %s: formatting it, discarding the copies of an "
-                "earlier run that kept nothing (%" PRIu64 " bytes)", path,
-                size);
-    if (*cluster_size == 0)
-      *cluster_size = FLEECE_CLUSTER_SIZE_DEFAULT;
-    s->created = (uint64_t) time (NULL);
-    if (s->is_file && ftruncate (s->fd, 0) == -1) {
-      fl_error (errno, "store: ftruncate: %s: %m", path);
-      goto out_free_path;
-    }
-    /* A block device is not truncated: clear its metadata log, so that
-     * the records of an earlier store on it can never be loaded.
-     */
-    if (!s->is_file && persistent && zero_log (s) == -1)
-      goto out_free_path;
-    formatted = true;
-  }
+  if (!*existing && *cluster_size == 0)
+    *cluster_size = FLEECE_CLUSTER_SIZE_DEFAULT;
   s->cluster_size = *cluster_size;
   s->data_offset = data_offset_for (s->cluster_size);
-  /* A formatted store gets a superblock that says it holds nothing to
-   * keep; a persistent one gets its persistent superblock only after its
-   * first image (meta_start), so that a crash in between leaves a store
-   * that is formatted again, not one refused as damaged.
-   */
-  if (formatted && write_superblock (s, d, FLEECE_SB_CLEAN) == -1)
+  if (!*existing && format_store (s, d) == -1)
     goto out_free_path;
   pthread_mutex_init (&s->lock, NULL);
   return 0;
