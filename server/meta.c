@@ -1045,6 +1045,56 @@ tail_verdict (const char *half, size_t pos, uint64_t prev)
   return unsure ? TAIL_UNSURE : TAIL_DAMAGED;
 }
 
+/* What ends the log of half h at pos, after the record of sequence prev
+ * (tail_verdict): damage, or doubt, breaks every snapshot and makes every
+ * recording bitmap inconsistent, loudly.  Returns the highest sequence
+ * number found in the half.
+ */
+static uint64_t
+judge_end (struct fleece *fl, const char *half, int h, size_t pos,
+           uint64_t prev)
+{
+  uint64_t newest = prev;
+  int verdict = tail_verdict (half, pos, prev);
+  char why[256];
+  struct rec r;
+  size_t q, i;
+
+  /* A valid newer record past the end means a damaged record, not a torn
+   * tail (or a tail torn out of order): records may be missing.
+   */
+  for (q = pos + 8; q + REC_HDR_SIZE <= HALF_SIZE; q += 8)
+    if (decode (half + q, HALF_SIZE - q, &r) && r.seq > newest)
+      newest = r.seq;
+  if (newest > prev)
+    snprintf (why, sizeof why, "the store's metadata log has a damaged "
+              "record (sequence %" PRIu64 ") followed by valid ones: copies "
+              "may be missing", prev + 1);
+  else if (verdict == TAIL_DAMAGED)
+    snprintf (why, sizeof why, "the last record of the store's metadata "
+              "log (sequence %" PRIu64 ", offset %zu of half %d) is "
+              "damaged, not torn (it was written whole): a copy may be "
+              "missing", prev + 1, pos, h);
+  else if (verdict == TAIL_UNSURE)
+    snprintf (why, sizeof why, "the last record of the store's metadata "
+              "log (sequence %" PRIu64 ", offset %zu of half %d) fails its "
+              "checksum, and whether a crash tore it or it is damaged cannot "
+              "be told: a copy may be missing", prev + 1, pos, h);
+  else {
+    if (verdict == TAIL_TORN)
+      fl_debug ("store: %s: the log ends with a record torn by a crash "
+                "(sequence %" PRIu64 "): it was never acknowledged, ignored",
+                fl->store.path, prev + 1);
+    return newest;
+  }
+  fl_warn ("store: %s: %s; every snapshot is marked broken, every "
+           "recording bitmap inconsistent", fl->store.path, why);
+  for (i = 0; i < fl->nsnaps; i++)
+    break_at_load (fl, fl->snaps[i], why);
+  bitmap_distrust_recording (fl, why);
+  return newest;
+}
+
 /* Count, for each snapshot, the copies it reads. */
 static int
 count_held (void *opaque, const struct copy *cp)
@@ -1064,13 +1114,12 @@ load (struct fleece *fl)
   struct meta *m = &fl->meta;
   char *region = NULL, *img = NULL;
   struct rec st[2], r;
-  size_t sz[2], pos, q;
+  size_t sz[2], pos;
   uint32_t slot, nslots, gen, i;
   uint64_t len, hash, prev, newest;
-  int h, ret = -1, verdict;
+  int h, ret = -1;
   struct stat sb;
   const char *half;
-  char why[256];
 
   region = malloc (FLEECE_STORE_META_SIZE);
   if (region == NULL)
@@ -1154,40 +1203,7 @@ load (struct fleece *fl)
     prev = r.seq;
     pos += n;
   }
-  /* A valid newer record past the end means a damaged record, not a torn
-   * tail (or a tail torn out of order): records may be missing, so no
-   * snapshot can be proven exact.
-   */
-  newest = prev;
-  for (q = pos + 8; q + REC_HDR_SIZE <= HALF_SIZE; q += 8)
-    if (decode (half + q, HALF_SIZE - q, &r) && r.seq > newest)
-      newest = r.seq;
-  verdict = tail_verdict (half, pos, prev);
-  if (newest > prev)
-    snprintf (why, sizeof why, "the store's metadata log has a damaged "
-              "record (sequence %" PRIu64 ") followed by valid ones: copies "
-              "may be missing", prev + 1);
-  else if (verdict == TAIL_DAMAGED)
-    snprintf (why, sizeof why, "the last record of the store's metadata "
-              "log (sequence %" PRIu64 ", offset %zu of half %d) is "
-              "damaged, not torn (it was written whole): a copy may be "
-              "missing", prev + 1, pos, h);
-  else if (verdict == TAIL_UNSURE)
-    snprintf (why, sizeof why, "the last record of the store's metadata "
-              "log (sequence %" PRIu64 ", offset %zu of half %d) fails its "
-              "checksum, and whether a crash tore it or it is damaged cannot "
-              "be told: a copy may be missing", prev + 1, pos, h);
-  else if (verdict == TAIL_TORN)
-    fl_debug ("store: %s: the log ends with a record torn by a crash "
-              "(sequence %" PRIu64 "): it was never acknowledged, ignored",
-              fl->store.path, prev + 1);
-  if (newest > prev || verdict == TAIL_DAMAGED || verdict == TAIL_UNSURE) {
-    fl_warn ("store: %s: %s; every snapshot is marked broken, every "
-             "recording bitmap inconsistent", fl->store.path, why);
-    for (i = 0; i < fl->nsnaps; i++)
-      break_at_load (fl, fl->snaps[i], why);
-    bitmap_distrust_recording (fl, why);
-  }
+  newest = judge_end (fl, half, h, pos, prev);
   break_lost (fl);
   /* What each half holds that is not zero: zeroed when it is next made
    * active (meta_image).
