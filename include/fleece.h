@@ -242,6 +242,11 @@ struct fleece_debug {
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);
 extern void fleece_set_log (fleece_log_fn fn);
+/* Messages that must reach the operator at any debug level: damage found
+ * in a persistent store at load and what it cost (docs/store-format.md,
+ * Resilience).
+ */
+extern void fleece_set_warn (fleece_log_fn fn);
 
 /* Errors. */
 extern const char *fleece_last_error (void);

@@ -87,6 +87,12 @@ log_to_nbdkit (const char *msg)
 }
 
 static void
+warn_to_nbdkit (const char *msg)
+{
+  nbdkit_error ("%s", msg);
+}
+
+static void
 plug_unload (void)
 {
   free (disk_path);
@@ -263,6 +269,7 @@ plug_get_ready (void)
   fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
   fleece_debug.ctl_idle_timeout_ms = fleece_debug_ctl_idle_timeout_ms;
   fleece_set_log (log_to_nbdkit);
+  fleece_set_warn (warn_to_nbdkit);
   fl = fleece_open (&cfg);
   if (fl == NULL)
     return engine_error ();
