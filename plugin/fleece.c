@@ -229,7 +229,7 @@ plug_dump_plugin (void)
   printf ("fleece_cluster_size_min=%u\n", FLEECE_CLUSTER_SIZE_MIN);
   printf ("fleece_cluster_size_max=%u\n", FLEECE_CLUSTER_SIZE_MAX);
   printf ("fleece_snapshots_max=%d\n", FLEECE_SNAPSHOTS_MAX);
-  printf ("fleece_exports=\"\" snapshot/NAME\n");
+  printf ("fleece_exports=\"\" " SNAP_PREFIX "NAME " BITMAP_PREFIX "NAME\n");
   printf ("fleece_control_protocol=qmp-json\n");
 }
 
