@@ -65,6 +65,20 @@ ok_fails "store on a full filesystem" "store superblock: pwrite: .*No space left
 is "$(sum "$disk")" "$orig" "failed starts left the disk unchanged"
 cp "$disk" "$tmp/ref"
 
+# --- fleecectl: a wrong command line exits 2, before it connects ---
+status_of () { local st=0; "$@" >"$tmp/.st" 2>&1 || st=$?; echo "$st"; }
+nosock=$tmp/no-server.ctl
+is "$(status_of fleecectl -s "$nosock" --bogus status)" 2 \
+   "fleecectl: an unknown option exits 2"
+is "$(status_of fleecectl -s)" 2 "fleecectl: -s without its argument exits 2"
+is "$(status_of fleecectl -s "$nosock" status extra)" 2 \
+   "fleecectl: an extra argument exits 2, without a server"
+ok "... and names it" grep -q "status: unexpected argument 'extra'" "$tmp/.st"
+is "$(status_of fleecectl -s "$nosock" snapshot delete)" 2 \
+   "fleecectl: a missing argument exits 2, without a server"
+is "$(status_of fleecectl -s "$nosock" status)" 1 \
+   "fleecectl: a right command line without a server exits 1"
+
 # --- a running server gets bad requests ---
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
    control="$tmp/s.ctl"
@@ -80,6 +94,13 @@ ok_fails "snapshot name with a control character" "control character 0x01" \
   ctl s raw '{"execute":"snapshot-create","arguments":{"name":"a\u0001b"}}'
 ok_fails "snapshot name with DEL" "control character 0x7f" \
   ctl s raw '{"execute":"snapshot-create","arguments":{"name":"a\u007fb"}}'
+ok_fails "snapshot name '..'" "'.' and '..' are not names" \
+  ctl s snapshot create ..
+ok_fails "checkpoint name of spaces" "checkpoint name is only whitespace" \
+  ctl s checkpoint "   "
+ok_fails "bitmap name with RIGHT-TO-LEFT OVERRIDE" \
+  "bidirectional control character U\\+202E" \
+  ctl s bitmap add "$(printf 'ab\342\200\256c')"
 ok_fails "duplicate snapshot" "snapshot 'keep' already exists" \
   ctl s snapshot create keep
 ok_fails "delete unknown snapshot" "snapshot 'ghost' does not exist" \
