@@ -25,7 +25,8 @@
  *
  * Deletion removes the snapshot from the list (new copies stop counting
  * it), waits for its reads in flight (io_lock), then frees every copy that
- * no remaining snapshot needs.  Handles opened before deletion see ENOENT.
+ * no remaining snapshot needs.  Handles opened before deletion see
+ * EINVAL (NBD has no ENOENT), and the server's log says it was deleted.
  *
  * Trim (release) marks whole clusters released for S and frees copies
  * nobody else needs; a later write to c copies nothing for S.  A partial
@@ -476,8 +477,12 @@ fleece_snap_name (const struct fleece_snap *s)
 static int
 check_readable (struct fleece_snap *s)
 {
+  /* EINVAL, not ENOENT: NBD has no ENOENT (nbdkit would send EINVAL
+   * anyway), and the engine's errno is what the client sees.
+   */
   if (atomic_load (&s->deleted))
-    return fl_error (ENOENT, "snapshot '%s' was deleted", s->name);
+    return fl_error (EINVAL, "snapshot '%s' was deleted (snapshot-delete) "
+                     "while this client had it open", s->name);
   if (atomic_load (&s->broken))
     return fl_error (EIO, "snapshot '%s' is broken: %s", s->name,
                      s->broken_reason);

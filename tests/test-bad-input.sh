@@ -135,6 +135,35 @@ ok_fails "unknown snapshot export refused" "export not available" \
 ok "server log says which snapshot does not exist" \
   grep -q "snapshot 'ghost' does not exist" "$tmp/s.log"
 
+# A snapshot deleted while a client has it open: that client's next
+# read fails with EINVAL (what NBD can carry; the docs say so), and the
+# server's log says the snapshot was deleted.  qemu-io reads its commands
+# from a FIFO so that the deletion comes between two reads.
+ok "snapshot create doomed" ctl s snapshot create doomed
+mkfifo "$tmp/qio.in"
+timeout -k 5 30 qemu-io -f raw "$(snap_uri s doomed)" <"$tmp/qio.in" \
+  >"$tmp/qio.out" 2>&1 &
+qio_pid=$!
+cleanup_fn "kill $qio_pid 2>/dev/null"
+exec 3>"$tmp/qio.in"
+echo "read 0 64k" >&3
+for (( i = 0; i < 100; i++ )); do
+  grep -q "^qemu-io> read 65536/65536" "$tmp/qio.out" && break
+  sleep 0.1
+done
+ok "the open snapshot is read" grep -q "read 65536/65536" "$tmp/qio.out"
+ok "snapshot delete doomed, with a client on it" ctl s snapshot delete doomed
+echo "read 0 64k" >&3
+echo "quit" >&3
+exec 3>&-
+wait "$qio_pid"
+diag "$(cat "$tmp/qio.out")"
+ok "the client's next read fails with EINVAL" \
+  grep -q "read failed: Invalid argument" "$tmp/qio.out"
+ok "the server's log says the snapshot was deleted" \
+  grep -q "snapshot 'doomed' was deleted (snapshot-delete) while this client had it open" \
+  "$tmp/s.log"
+
 # Nothing changed, and the server still serves.
 ok "server still serves the live disk" qio s "" "read -P 0x66 1M 1M"
 is "$(sum "$disk")" "$(sum "$tmp/live-ref")" "live disk unchanged by bad input"

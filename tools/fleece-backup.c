@@ -1959,6 +1959,11 @@ describe_failure (const struct job *j, char *msg, size_t n)
       (size_t) len < n && strstr (cfg.source, "snapshot/"))
     snprintf (msg + len, n - len, "; if the snapshot is broken, "
               "'fleecectl snapshot list' on its server says why");
+  /* ... and a deleted one with EINVAL (NBD has no ENOENT). */
+  else if (!j->err_target && j->err == EINVAL && lost == NULL &&
+           (size_t) len < n && strstr (cfg.source, "snapshot/"))
+    snprintf (msg + len, n - len, "; the snapshot may have been deleted "
+              "meanwhile: its server's log says so");
 }
 
 static void
