@@ -546,22 +546,34 @@ copy_clusters (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c0,
 }
 
 /* store-warn: say once, when the store first passes the mark (it is
- * re-armed when the store drops below it again).
+ * re-armed when the store drops below it again), and say what passed
+ * it: the copy, and whether it fit.  A copy that did not fit has been
+ * given back by now, so what the store holds afterwards may be nothing.
  */
 static void
 report_high_water (struct fleece *fl)
 {
-  uint64_t used;
-  char why[160];
+  const uint64_t cs = fl->cluster_size;
+  struct store_warning w;
+  uint64_t max, warn;
+  char why[256];
 
-  if (fl->store.warn_slots && store_take_warning (&fl->store, &used)) {
-    snprintf (why, sizeof why, "the store holds %" PRIu64 " of at most %"
-              PRIu64 " bytes (store-warn at %" PRIu64 " bytes)",
-              used * fl->cluster_size,
-              (uint64_t) fl->store.max_slots * fl->cluster_size,
-              (uint64_t) fl->store.warn_slots * fl->cluster_size);
-    fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
-  }
+  if (fl->store.warn_slots == 0 || !store_take_warning (&fl->store, &w))
+    return;
+  max = (uint64_t) fl->store.max_slots * cs;
+  warn = (uint64_t) fl->store.warn_slots * cs;
+  if ((uint64_t) w.held + w.asked > fl->store.max_slots)
+    snprintf (why, sizeof why, "a copy of %" PRIu64 " bytes did not fit: "
+              "the store held %" PRIu64 " of at most %" PRIu64 " bytes "
+              "(store-warn at %" PRIu64 " bytes); it holds %" PRIu64
+              " bytes now", w.asked * cs, w.held * cs, max, warn,
+              w.used * cs);
+  else
+    snprintf (why, sizeof why, "a copy of %" PRIu64 " bytes took the store "
+              "from %" PRIu64 " to %" PRIu64 " of at most %" PRIu64 " bytes "
+              "(store-warn at %" PRIu64 " bytes)", w.asked * cs,
+              w.held * cs, (w.held + (uint64_t) w.asked) * cs, max, warn);
+  fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
 }
 
 /* True if no cluster of [offset, offset+count) needs a copy in generation

@@ -76,6 +76,9 @@ struct store {
   pthread_mutex_t lock;
   bool above_warn;              /* crossed warn_slots, not yet below */
   bool warn_pending;            /* the crossing is not yet reported */
+  uint32_t warn_asked;          /* ... the allocation that crossed: slots
+                                 * asked for, */
+  uint32_t warn_held;           /* ... and data slots held before it */
   uint64_t *used;               /* bitmap of allocated slots */
   uint32_t nslots;              /* slots the bitmap covers */
   uint32_t nused;                /* data and metadata */
@@ -92,7 +95,13 @@ extern int store_open (struct store *s, const char *path,
                        bool persistent, bool *existing);
 extern int store_set_limits (struct store *s, uint64_t max_bytes,
                              unsigned warn_percent);
-extern bool store_take_warning (struct store *s, uint64_t *used);
+/* What crossed the store-warn mark: a copy of asked slots, when the
+ * store held held data slots; it holds used now.
+ */
+struct store_warning {
+  uint32_t asked, held, used;
+};
+extern bool store_take_warning (struct store *s, struct store_warning *w);
 extern void store_close (struct store *s);
 /* Allocate n contiguous slots if possible; returns how many were
  * allocated (>= 1) at *first, or -1 on error.

@@ -41,7 +41,8 @@ ok "write an 8th cluster: at the mark" qio b "" "write -P 0x31 448k 64k"
 ok "write more" qio b "" "write -P 0x31 512k 128k"
 sleep 0.3
 is "$(grep -c STORE_HIGH_WATER "$tmp/events")" 1 "one STORE_HIGH_WATER event"
-ok "it names the sizes" grep -q 'holds 524288 of at most 1048576 bytes' "$tmp/events"
+ok "it names the copy and the sizes" \
+   grep -q 'a copy of 65536 bytes took the store from 458752 to 524288 of at most 1048576 bytes (store-warn at 524288 bytes)' "$tmp/events"
 cp "$disk" "$tmp/before-overflow"
 ok "a write past store-max still succeeds (break-snapshot)" \
    qio b "" "write -P 0x41 1M 2M"
@@ -59,6 +60,27 @@ kill "$events_pid" 2>/dev/null; wait "$events_pid" 2>/dev/null
 is "$(grep -c STORE_HIGH_WATER "$tmp/events")" 2 "the warning was re-armed below the mark"
 ok "STORE_HIGH_WATER names no snapshot" sh -c "! grep STORE_HIGH_WATER '$tmp/events' | grep -q '\"snapshot\"'"
 ok "nbdkit b stops cleanly" stop_nbdkit b
+
+# --- a copy bigger than the whole store passes the mark and fails ---
+# STORE_HIGH_WATER says which copy did not fit, not that an empty store
+# holds 0 bytes.
+ok "nbdkit starts with store-max=128K store-warn=50" start_nbdkit w -- \
+   disk="$disk" store="$tmp/store-w" control="$tmp/w.ctl" store-max=128K \
+   store-warn=50
+fleecectl -s "$tmp/w.ctl" --json events --timeout 30 >"$tmp/events-w" 2>&1 &
+events_pid=$!
+cleanup_fn "kill $events_pid 2>/dev/null"
+sleep 0.5
+ok "snapshot create s" ctl w snapshot create s
+ok "a 256 KiB write (break-snapshot)" qio w "" "write -P 0x71 0 256k"
+sleep 0.5
+kill "$events_pid" 2>/dev/null; wait "$events_pid" 2>/dev/null
+diag "$(grep STORE_HIGH_WATER "$tmp/events-w")"
+is "$(grep -c STORE_HIGH_WATER "$tmp/events-w")" 1 "one STORE_HIGH_WATER event"
+ok "it names the copy that did not fit" \
+   grep -q 'a copy of 262144 bytes did not fit: the store held 0 of at most 131072 bytes (store-warn at 65536 bytes); it holds 0 bytes now' \
+   "$tmp/events-w"
+ok "nbdkit w stops cleanly" stop_nbdkit w
 
 # --- fail-write with a 256 KiB store ---
 qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
