@@ -247,6 +247,10 @@ extern void fleece_set_log (fleece_log_fn fn);
 
 /* Errors. */
 extern const char *fleece_last_error (void);
+/* The last error repeats one already reported for the same object (the
+ * reads of a broken or deleted snapshot): log it as debug only.
+ */
+extern bool fleece_last_error_is_repeat (void);
 
 #ifdef __cplusplus
 }

@@ -67,13 +67,20 @@ struct handle {
                                          * the live disk */
 };
 
-/* Pass the engine's error to nbdkit and keep errno for the client. */
+/* Pass the engine's error to nbdkit and keep errno for the client.  An
+ * error the engine already reported for the same snapshot (every read of
+ * a broken one fails) is only a debug message: a pull would otherwise
+ * log a line per request.
+ */
 static int
 engine_error (void)
 {
   int err = errno;
 
-  nbdkit_error ("%s", fleece_last_error ());
+  if (fleece_last_error_is_repeat ())
+    nbdkit_debug ("%s (reported before)", fleece_last_error ());
+  else
+    nbdkit_error ("%s", fleece_last_error ());
   nbdkit_set_error (err);
   errno = err;
   return -1;

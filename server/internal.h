@@ -17,6 +17,10 @@
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+/* The error just recorded was already logged once: the caller logs it
+ * as debug only (fleece_last_error_is_repeat).
+ */
+extern void fl_error_repeat (void);
 extern void fl_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 extern uint64_t fl_now_ns (void);
@@ -389,7 +393,12 @@ struct fleece_snap {
   atomic_bool deleted;
   atomic_bool broken;
   char broken_reason[256];      /* set once, before broken */
-  _Atomic uint64_t broken_seq;  /* its BROKEN record, set before broken */
+  /* Its BROKEN record, set before broken: 0 if the broken state is
+   * stable anyway (not persistent, or loaded from the store), UINT64_MAX
+   * if it is on no stable storage (snap_keeps_copies).
+   */
+  _Atomic uint64_t broken_seq;
+  atomic_uint logged;           /* LOGGED_*: failures already logged once */
 
   /* Clusters a client trimmed: atomic bits, allocated on first trim. */
   _Atomic (_Atomic uint64_t *) released;
@@ -437,6 +446,8 @@ extern uint32_t bitmap_count_all (struct fleece *fl);
 extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);
 extern bool copy_needed (void *opaque, const struct copy *cp);
+extern bool snap_keeps_copies (const struct fleece_snap *s);
+extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
 extern int ensure_released_bits (struct fleece_snap *s);
 

@@ -858,6 +858,10 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     if (s && !atomic_load (&s->broken)) {
       snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
       atomic_store (&s->broken, true);
+      /* Its copies were freed once this record was stable, and their
+       * slots may be reused by later records.
+       */
+      copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
     }
     return 0;
   }
@@ -880,7 +884,8 @@ count_held (void *opaque, const struct copy *cp)
   size_t i;
 
   for (i = 0; i < fl->nsnaps; i++)
-    if (snap_reads_copy (fl->snaps[i], cp->cluster, cp->lo, cp->hi))
+    if (snap_reads_copy (fl->snaps[i], cp->cluster, cp->lo, cp->hi) &&
+        !atomic_load (&fl->snaps[i]->broken))
       atomic_fetch_add (&fl->snaps[i]->held, 1);
   return 0;
 }
@@ -994,6 +999,8 @@ load (struct fleece *fl)
                   "the store's metadata log has a damaged record (sequence "
                   "%" PRIu64 ") followed by valid ones: copies may be "
                   "missing", prev + 1);
+        /* Broken in memory only: keep its copies (snap_keeps_copies). */
+        atomic_store (&fl->snaps[i]->broken_seq, UINT64_MAX);
         atomic_store (&fl->snaps[i]->broken, true);
       }
   m->seq = newest;
@@ -1006,8 +1013,8 @@ load (struct fleece *fl)
       gen = fl->snaps[i]->gen;
   atomic_store (&fl->state, ((uint64_t) gen << 32) | fl->nsnaps);
 
-  /* Copies no snapshot reads any more (trimmed or deleted before the
-   * crash) go; the rest are counted.
+  /* Copies no unbroken snapshot reads any more (trimmed, deleted or
+   * broken before the crash) go; the rest are counted.
    */
   copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
   copymap_foreach (&fl->copies, count_held, fl);

@@ -273,6 +273,18 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
   return r;
 }
 
+/* Does snapshot s still need the copies it reads?  A broken snapshot
+ * fails every read for good, so it needs none, once its broken state is
+ * stable: with a persistent store, a crash before its BROKEN record is
+ * would bring it back unbroken, reading copies whose slots were reused.
+ */
+bool
+snap_keeps_copies (const struct fleece_snap *s)
+{
+  return !atomic_load (&s->broken) ||
+    atomic_load (&s->broken_seq) > atomic_load (&s->fl->meta.durable_pub);
+}
+
 /* Is copy cp still needed by a live snapshot?  Called with snaps_lock. */
 bool
 copy_needed (void *opaque, const struct copy *cp)
@@ -282,7 +294,8 @@ copy_needed (void *opaque, const struct copy *cp)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi))
+    if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi) &&
+        snap_keeps_copies (s))
       return true;
   }
   return false;
@@ -342,6 +355,29 @@ dropped_free (struct dropped *d)
   free (d->slots);
   d->slots = NULL;
   d->n = d->cap = 0;
+}
+
+/* Free the copies that only broken snapshots read, now that their
+ * broken state is stable (cbw.c, after breaking one): a full store gets
+ * its space back without a snapshot-delete.  The slots are reused at
+ * once, so a read of a broken snapshot that was in flight checks for
+ * the break after reading (fleece_snap_pread).
+ */
+void
+snap_free_broken (struct fleece *fl)
+{
+  struct dropped drop = { .fl = fl, .now = true };
+  size_t i;
+
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  for (i = 0; i < fl->nsnaps; i++)
+    if (!snap_keeps_copies (fl->snaps[i]))
+      atomic_store (&fl->snaps[i]->held, 0);
+  copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  if (drop.n)
+    fl_debug ("freed %zu copies that only broken snapshots read", drop.n);
+  dropped_free (&drop);
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
@@ -473,6 +509,20 @@ fleece_snap_name (const struct fleece_snap *s)
   return s->name;
 }
 
+#define LOGGED_DELETED 1u
+#define LOGGED_BROKEN  2u
+
+/* The first failure of each kind is logged; the many reads that follow
+ * it (a pull has hundreds in flight) are told to log it as debug only.
+ */
+static int
+failed_once (struct fleece_snap *s, unsigned kind)
+{
+  if (atomic_fetch_or (&s->logged, kind) & kind)
+    fl_error_repeat ();
+  return -1;
+}
+
 /* Can s be read at all?  Called with io_lock held. */
 static int
 check_readable (struct fleece_snap *s)
@@ -480,12 +530,15 @@ check_readable (struct fleece_snap *s)
   /* EINVAL, not ENOENT: NBD has no ENOENT (nbdkit would send EINVAL
    * anyway), and the engine's errno is what the client sees.
    */
-  if (atomic_load (&s->deleted))
-    return fl_error (EINVAL, "snapshot '%s' was deleted (snapshot-delete) "
-                     "while this client had it open", s->name);
-  if (atomic_load (&s->broken))
-    return fl_error (EIO, "snapshot '%s' is broken: %s", s->name,
-                     s->broken_reason);
+  if (atomic_load (&s->deleted)) {
+    fl_error (EINVAL, "snapshot '%s' was deleted (snapshot-delete) while "
+              "this client had it open", s->name);
+    return failed_once (s, LOGGED_DELETED);
+  }
+  if (atomic_load (&s->broken)) {
+    fl_error (EIO, "snapshot '%s' is broken: %s", s->name, s->broken_reason);
+    return failed_once (s, LOGGED_BROKEN);
+  }
   return 0;
 }
 
@@ -641,6 +694,13 @@ fleece_snap_pread (struct fleece_snap *s, void *buf, uint32_t count,
   }
   if (in_run && read_live_run (s, p + (run_start - offset), run_start, end,
                                run_a, (end - 1) >> fl->cluster_bits) == -1)
+    goto out;
+  /* If s broke meanwhile, its copies may have been freed and their slots
+   * reused under this read (snap_free_broken breaks it before it frees):
+   * what was read cannot be trusted.
+   */
+  atomic_thread_fence (memory_order_seq_cst);
+  if (atomic_load (&s->broken) && check_readable (s) == -1)
     goto out;
   r = 0;
  out:
