@@ -74,6 +74,12 @@ is "$(status fleece-backup --sync=sideways "$(snap_uri s c2)" "$tmp/u.img")" 2 \
    "unknown --sync: exit 2"
 ok "... and says so" grep -q 'sideways' "$tmp/status.out"
 is "$(status fleece-backup "$(snap_uri s c2)")" 2 "one argument only: exit 2"
+is "$(status fleece-backup "$(snap_uri s c2)" "$tmp/u.img" extra)" 2 \
+   "an extra argument: exit 2"
+is "$(status fleece-backup --bogus "$(snap_uri s c2)" "$tmp/u.img")" 2 \
+   "an unknown option: exit 2"
+is "$(status fleece-backup "$(snap_uri s c2)" "$tmp/u.img" --rate)" 2 \
+   "an option without its argument: exit 2"
 is "$(status fleece-backup --rate=fast "$(snap_uri s c2)" "$tmp/u.img")" 2 \
    "bad --rate: exit 2"
 is "$(status fleece-backup --rate=99999999999T "$(snap_uri s c2)" "$tmp/u.img")" 2 \
