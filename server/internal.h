@@ -393,11 +393,14 @@ struct fleece_snap {
   atomic_bool deleted;
   atomic_bool broken;
   char broken_reason[256];      /* set once, before broken */
-  /* Its BROKEN record, set before broken: 0 if the broken state is
-   * stable anyway (not persistent, or loaded from the store), UINT64_MAX
-   * if it is on no stable storage (snap_keeps_copies).
+  /* Its BROKEN record, set before broken: 0 if there is none (not
+   * persistent, or loaded from the store).
    */
   _Atomic uint64_t broken_seq;
+  /* Broken at load for damage the store does not record: its broken
+   * state is on no stable storage, so it keeps its copies.
+   */
+  atomic_bool broken_unrecorded;
   atomic_uint logged;           /* LOGGED_*: failures already logged once */
 
   /* Clusters a client trimmed: atomic bits, allocated on first trim. */

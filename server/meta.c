@@ -1000,7 +1000,7 @@ load (struct fleece *fl)
                   "%" PRIu64 ") followed by valid ones: copies may be "
                   "missing", prev + 1);
         /* Broken in memory only: keep its copies (snap_keeps_copies). */
-        atomic_store (&fl->snaps[i]->broken_seq, UINT64_MAX);
+        atomic_store (&fl->snaps[i]->broken_unrecorded, true);
         atomic_store (&fl->snaps[i]->broken, true);
       }
   m->seq = newest;

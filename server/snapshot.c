@@ -281,7 +281,7 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
 bool
 snap_keeps_copies (const struct fleece_snap *s)
 {
-  return !atomic_load (&s->broken) ||
+  return !atomic_load (&s->broken) || atomic_load (&s->broken_unrecorded) ||
     atomic_load (&s->broken_seq) > atomic_load (&s->fl->meta.durable_pub);
 }
 

@@ -187,6 +187,8 @@ reason=$(jget "$(ctl p --json snapshot list)" '[s["broken-reason"] for s in d if
 diag "reason: $reason"
 ok "the reason names the damaged record" grep -q "has a damaged record" <<<"$reason"
 ok_fails "t's export fails reads" "Input/output error" qio p snapshot/t "read 0 64k"
+ok "live writes go on while t is broken by damage (no record to wait for)" \
+   timeout 30 qemu-io -f raw "$(live_uri p)" -c "write -P 0x93 6M 64k"
 ok "snapshot delete t" ctl p snapshot delete t
 ok "nbdkit stops cleanly" stop_nbdkit p
 
