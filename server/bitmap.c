@@ -14,8 +14,9 @@
  * States.  enabled: recording.  disabled: kept, not recording.  frozen:
  * closed by a checkpoint, read-only for good (it may be exported, merged
  * into another bitmap, or removed).  inconsistent: must not be trusted
- * for an incremental pull.  Nothing in the engine sets it any more (an
- * image may still carry it); clearing a bitmap resets it.
+ * for an incremental pull.  Only loading a store whose log is damaged
+ * sets it (a DIRTY record may be lost: bitmap_distrust_recording);
+ * clearing a bitmap resets it.
  *
  * Persistence: every change of the list or of a bitmap's state writes an
  * image of the whole state (meta.c), which holds every bitmap's bits, and
@@ -191,6 +192,28 @@ bitmap_apply_dirty (struct fleece *fl, uint32_t first, uint32_t count)
   return 0;
 }
 
+/* Loading a damaged store: a DIRTY record may be lost, so no bitmap that
+ * was recording can be trusted for an incremental pull.  Called before
+ * the engine serves anything.
+ */
+void
+bitmap_distrust_recording (struct fleece *fl, const char *reason)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nbitmaps; i++) {
+    struct bitmap *bm = fl->bitmaps[i];
+    if (!bm->enabled || bm->frozen || bm->inconsistent)
+      continue;
+    bm->inconsistent = true;
+    snprintf (bm->inconsistent_reason, sizeof bm->inconsistent_reason, "%s",
+              reason);
+    fl_warn ("store: %s: bitmap '%s' is marked inconsistent (not to be "
+             "trusted for an incremental pull until it is cleared): %s",
+             fl->store.path, bm->name, reason);
+  }
+}
+
 /* ---- the list ---- */
 
 static struct bitmap *
@@ -336,7 +359,7 @@ fleece_bitmap_add (struct fleece *fl, const char *name, bool disabled)
 {
   int r;
 
-  if (fleece_check_name ("bitmap", name) == -1)
+  if (fleece_check_new_name ("bitmap", name) == -1)
     return -1;
   pthread_mutex_lock (&fl->admin_lock);
   r = add_locked (fl, name, disabled);
@@ -492,7 +515,7 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
   uint64_t t0;
   int r;
 
-  if (fleece_check_name ("checkpoint", name) == -1)
+  if (fleece_check_new_name ("checkpoint", name) == -1)
     return -1;
   pthread_mutex_lock (&fl->admin_lock);
   if (find_bitmap (fl, name)) {

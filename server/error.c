@@ -21,12 +21,26 @@
 struct fleece_debug fleece_debug;
 
 static __thread char last_error[512];
+static __thread bool last_error_repeat;
 static fleece_log_fn log_fn;
+static fleece_log_fn warn_fn;
 
 const char *
 fleece_last_error (void)
 {
   return last_error[0] ? last_error : "unknown error";
+}
+
+bool
+fleece_last_error_is_repeat (void)
+{
+  return last_error_repeat;
+}
+
+void
+fl_error_repeat (void)
+{
+  last_error_repeat = true;
 }
 
 /* Record the message; returns -1 with errno = err, so that callers can
@@ -38,6 +52,7 @@ fl_error (int err, const char *fmt, ...)
   va_list ap;
 
   errno = err;
+  last_error_repeat = false;
   va_start (ap, fmt);
   vsnprintf (last_error, sizeof last_error, fmt, ap);
   va_end (ap);
@@ -50,6 +65,33 @@ void
 fleece_set_log (fleece_log_fn fn)
 {
   log_fn = fn;
+}
+
+void
+fleece_set_warn (fleece_log_fn fn)
+{
+  warn_fn = fn;
+}
+
+/* What the operator must see whatever the debug level: a loaded store
+ * that was found damaged, and what that cost.  The engine still never
+ * prints: the plugin passes it to nbdkit_error.
+ */
+void
+fl_warn (const char *fmt, ...)
+{
+  char msg[1024];
+  va_list ap;
+  int saved = errno;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (warn_fn)
+    warn_fn (msg);
+  else
+    fl_debug ("%s", msg);
+  errno = saved;
 }
 
 void

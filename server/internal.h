@@ -17,7 +17,13 @@
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+/* The error just recorded was already logged once: the caller logs it
+ * as debug only (fleece_last_error_is_repeat).
+ */
+extern void fl_error_repeat (void);
 extern void fl_debug (const char *fmt, ...)
+  __attribute__ ((format (printf, 1, 2)));
+extern void fl_warn (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 extern uint64_t fl_now_ns (void);
 extern bool fl_is_zero (const void *buf, size_t len);
@@ -87,6 +93,9 @@ struct store {
   pthread_mutex_t lock;
   bool above_warn;              /* crossed warn_slots, not yet below */
   bool warn_pending;            /* the crossing is not yet reported */
+  uint32_t warn_asked;          /* ... the allocation that crossed: slots
+                                 * asked for, */
+  uint32_t warn_held;           /* ... and data slots held before it */
   uint64_t *used;               /* bitmap of allocated slots */
   uint32_t nslots;              /* slots the bitmap covers */
   uint32_t nused;                /* data and metadata */
@@ -104,7 +113,13 @@ extern int store_open (struct store *s, const char *path,
                        bool *existing);
 extern int store_set_limits (struct store *s, uint64_t max_bytes,
                              unsigned warn_percent);
-extern bool store_take_warning (struct store *s, uint64_t *used);
+/* What crossed the store-warn mark: a copy of asked slots, when the
+ * store held held data slots; it holds used now.
+ */
+struct store_warning {
+  uint32_t asked, held, used;
+};
+extern bool store_take_warning (struct store *s, struct store_warning *w);
 extern void store_close (struct store *s);
 /* Allocate n contiguous slots if possible; returns how many were
  * allocated (>= 1) at *first, or -1 on error.
@@ -258,7 +273,12 @@ struct meta {
   int err;                      /* errno of a failed write: sticky */
   char errmsg[256];
   uint32_t img_slot, img_nslots; /* the current image in the data area */
-  uint32_t load_slots;          /* loading: slots the store file spans */
+  uint64_t used_end[2];         /* bytes of each half that may be non-zero:
+                                 * zeroed when the half becomes active */
+  /* Loading only. */
+  uint64_t load_size;           /* bytes the store file (device) holds */
+  struct copy *lost;            /* copies whose slot is not wholly in it */
+  size_t nlost, caplost;
   uint32_t *deferred;           /* slots to free once the image is stable */
   size_t ndeferred, capdeferred;
   pthread_t compactor;
@@ -393,7 +413,15 @@ struct fleece_snap {
   atomic_bool deleted;
   atomic_bool broken;
   char broken_reason[256];      /* set once, before broken */
-  _Atomic uint64_t broken_seq;  /* its BROKEN record, set before broken */
+  /* Its BROKEN record, set before broken: 0 if there is none (not
+   * persistent, or loaded from the store).
+   */
+  _Atomic uint64_t broken_seq;
+  /* Broken at load for damage the store does not record: its broken
+   * state is on no stable storage, so it keeps its copies.
+   */
+  atomic_bool broken_unrecorded;
+  atomic_uint logged;           /* LOGGED_*: failures already logged once */
 
   /* Clusters a client trimmed: atomic bits, allocated on first trim. */
   _Atomic (_Atomic uint64_t *) released;
@@ -429,6 +457,7 @@ extern void snap_discard (struct fleece_snap *s);
 extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
 extern void snap_record_drain (struct fleece *fl, uint64_t ns);
 extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
+extern void bitmap_distrust_recording (struct fleece *fl, const char *reason);
 extern int bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
                           uint64_t *wait);
 extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,
@@ -441,6 +470,8 @@ extern uint32_t bitmap_count_all (struct fleece *fl);
 extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);
 extern bool copy_needed (void *opaque, const struct copy *cp);
+extern bool snap_keeps_copies (const struct fleece_snap *s);
+extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
 extern int ensure_released_bits (struct fleece_snap *s);
 
