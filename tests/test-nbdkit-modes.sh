@@ -258,6 +258,32 @@ is "$st" 0 "--run: nbdkit exits with the command's status, 0"
 kill_by_pidfile "$pidfile" 1
 after --run "$disk" "$store"
 
+# ---- --run, short: the command ends at once, many times (the server's
+# .cleanup used to block now and then, on a condition variable whose
+# waiter had stayed in the parent) ----
+truncate -s 64M "$tmp/short.img"
+short_runs ()
+{
+  local i st bad=0
+  for (( i = 1; i <= 10; i++ )); do
+    st=0
+    # shellcheck disable=SC2016,SC2086
+    timeout -k 2 "$stop_s" "${nbdkit_env[@]}" $VG nbdkit -U - \
+      "$FLEECE_PLUGIN" disk="$tmp/short.img" store="$tmp/short.store" \
+      control="$tmp/short.ctl" persistent=true \
+      --run 'nbdinfo --size "$uri" >/dev/null' >>"$tmp/short.log" 2>&1 ||
+      st=$?
+    if [ "$st" -ne 0 ]; then
+      echo "run $i: status $st$([ "$st" -ge 124 ] && echo " (still running after $stop_s s: killed)")"
+      bad=$((bad + 1))
+    fi
+  done
+  [ "$bad" -eq 0 ]
+}
+ok "--run: 10 runs whose command ends at once each return within $stop_s s" \
+  short_runs
+rm -f "$tmp/short.img" "$tmp/short.store"
+
 # ---- socket activation: systemd-socket-activate listens, and starts
 # nbdkit (in its own process, no fork) on the first connection ----
 new_disk sa
