@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # Helpers of bench/run-bench.sh: read fio's JSON and latency logs, and turn
 # the raw measurements (one line per run) into the table, the CSV and the
-# verdict on each performance target of DESIGN.md.
+# verdict on each performance target of docs/design.md.
 #
 #   bench-report.py fio FILE KEY...        print fio JSON values (a.b.c paths
 #                                          under jobs[0], summed over jobs)
@@ -303,7 +303,7 @@ def ratio(a, b):
 
 
 def targets(data):
-    """(description, measured text, met?) per DESIGN.md target."""
+    """(description, measured text, met?) per target of docs/design.md."""
     out = []
     live = [("seqwrite-1m", "MiB/s"), ("seqwrite-64k", "MiB/s"),
             ("randwrite-4k", "IOPS"), ("seqread-1m", "MiB/s")]
@@ -366,7 +366,7 @@ def cmd_report(raw, csv_path):
     print_table(rows)
     write_csv(rows, csv_path)
     print()
-    print("Targets (DESIGN.md, medians of one run):")
+    print("Targets (docs/design.md, medians of one run):")
     for desc, value, ok in targets(data):
         verdict = {True: "MET", False: "MISSED", None: ""}[ok]
         if value is None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fleece benchmark: the same workloads against Fleece and its peers, side
-# by side, and the verdict on each performance target of DESIGN.md.
+# by side, and the verdict on each performance target of docs/design.md.
 #
 #   bench/run-bench.sh [--size=1G] [--runs=3] [--runtime=5]
 #       --plugin=.../nbdkit-fleece-plugin.so --fleecectl=.../fleecectl

@@ -25,6 +25,11 @@
 #define COLOD_DEFAULT_HB_TIMEOUT_MS   3000
 #define COLOD_DEFAULT_MAX_EXTENT      (4u << 20)
 #define COLOD_MAX_RESENDS             5
+#define COLOD_DEFAULT_HANDSHAKE_TIMEOUT_MS 3000
+/* Secondary: connections in their TLS handshake or before their HELLO
+ * at once; more are closed as they come.
+ */
+#define COLOD_MAX_PENDING             64
 
 /* Exit statuses. */
 #define COLOD_EXIT_ERROR       1      /* bad options, I/O errors */
@@ -51,7 +56,7 @@ struct colod_options {
   int debug_extent_delay_ms;      /* secondary: sleep before each extent */
 };
 
-/* Failover states, after colo.c's (RELAUNCH is not used: a promoted
+/* Failover states, after QEMU colo.c's (RELAUNCH is not used: a promoted
  * secondary stays promoted until an operator makes it a primary).
  */
 enum colod_failover {

@@ -870,10 +870,12 @@ usage (FILE *f)
 "  fleece-colod secondary --listen ADDR:PORT --disk PATH --state DIR TLS\n"
 "                [--hb-interval MS] [--hb-timeout MS] [--auto-failover]\n"
 "                [--on-promote CMD] [--promote-store PATH]\n"
-"                [--discard-diverged] [--control PATH] [-v]\n"
+"                [--discard-diverged] [--handshake-timeout MS]\n"
+"                [--control PATH] [-v]\n"
 "  fleece-colod primary --fleece SOCKET --nbd URI --peer ADDR:PORT\n"
 "                --state DIR TLS [--interval MS] [--hb-interval MS]\n"
-"                [--hb-timeout MS] [--max-extent BYTES] [--control PATH] [-v]\n"
+"                [--hb-timeout MS] [--handshake-timeout MS]\n"
+"                [--max-extent BYTES] [--control PATH] [-v]\n"
 "  fleece-colod demote --fleece SOCKET --nbd URI --state DIR\n"
 "  fleece-colod status --state DIR [--json]\n"
 "  fleece-colod checkpoint --state DIR [--no-wait]\n"
@@ -907,6 +909,7 @@ enum {
   OPT_ON_PROMOTE, OPT_PROMOTE_STORE, OPT_DISCARD, OPT_CONTROL, OPT_MAX_EXTENT,
   OPT_TLS_CERTS, OPT_TLS_PSK, OPT_TLS_USER, OPT_INSECURE, OPT_NO_VERIFY,
   OPT_PRIORITY, OPT_JSON, OPT_NO_WAIT, OPT_FORCE, OPT_DEBUG,
+  OPT_HANDSHAKE_TIMEOUT,
 };
 
 static const struct option long_options[] = {
@@ -919,6 +922,7 @@ static const struct option long_options[] = {
   { "interval", required_argument, NULL, OPT_INTERVAL },
   { "hb-interval", required_argument, NULL, OPT_HB_INTERVAL },
   { "hb-timeout", required_argument, NULL, OPT_HB_TIMEOUT },
+  { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "auto-failover", no_argument, NULL, OPT_AUTO_FAILOVER },
   { "on-promote", required_argument, NULL, OPT_ON_PROMOTE },
   { "promote-store", required_argument, NULL, OPT_PROMOTE_STORE },
@@ -968,6 +972,7 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
   o->interval_ms = COLOD_DEFAULT_INTERVAL_MS;
   o->hb_interval_ms = COLOD_DEFAULT_HB_INTERVAL_MS;
   o->hb_timeout_ms = COLOD_DEFAULT_HB_TIMEOUT_MS;
+  o->tls.handshake_timeout_ms = COLOD_DEFAULT_HANDSHAKE_TIMEOUT_MS;
   o->max_extent = COLOD_DEFAULT_MAX_EXTENT;
   while ((c = getopt_long (argc, argv, "vh", long_options, NULL)) != -1) {
     switch (c) {
@@ -987,6 +992,11 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
       break;
     case OPT_HB_TIMEOUT:
       if (parse_ms ("--hb-timeout", optarg, 50, &o->hb_timeout_ms) == -1)
+        return -1;
+      break;
+    case OPT_HANDSHAKE_TIMEOUT:
+      if (parse_ms ("--handshake-timeout", optarg, 100,
+                    &o->tls.handshake_timeout_ms) == -1)
         return -1;
       break;
     case OPT_AUTO_FAILOVER: o->auto_failover = true; break;

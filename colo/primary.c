@@ -255,14 +255,25 @@ init_identity (void)
 static json_t *
 ctl (const char *cmd, json_t *args, char *err, size_t errlen)
 {
+  json_t *r;
+
   if (p.ctl == NULL) {
     p.ctl = colo_ctl_open (colod.opt.fleece_socket, 30000, err, errlen);
-    if (p.ctl == NULL) {
+    /* Subscribed, the plugin keeps this connection however long it is
+     * idle (--interval 0 waits for requests): not subscribed, it would
+     * close it after a minute.
+     */
+    r = p.ctl ? colo_ctl_execute (p.ctl, "subscribe-events", NULL, err,
+                                  errlen) : NULL;
+    if (r == NULL) {
+      colo_ctl_close (p.ctl);
+      p.ctl = NULL;
       json_decref (args);
       return NULL;
     }
+    json_decref (r);
   }
-  json_t *r = colo_ctl_execute (p.ctl, cmd, args, err, errlen);
+  r = colo_ctl_execute (p.ctl, cmd, args, err, errlen);
   if (r == NULL && strstr (err, "control socket")) {
     colo_ctl_close (p.ctl);     /* reconnect next time */
     p.ctl = NULL;

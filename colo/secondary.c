@@ -5,7 +5,7 @@
  * journaled, verified and committed before it is acknowledged, then
  * applied.  This file pairs with the primary, judges generation
  * histories, receives epochs, answers heartbeats and runs the failover
- * states of colo.c: NONE (a primary is sending heartbeats) -> REQUIRE
+ * states of QEMU colo.c: NONE (a primary is sending heartbeats) -> REQUIRE
  * (none for --hb-timeout) -> ACTIVE (promotion running) -> COMPLETED
  * (a new generation; the disk is ours to serve).
  *
@@ -24,10 +24,20 @@
  *     unrelated histories, refused unless --discard-diverged says this
  *     side's data may go (then a full copy).
  *
- * Threads: the main thread accepts connections, watches heartbeats and
- * promotes; each connection has a thread.  The journal is used under
- * jlock; a new data connection replaces the old one, which is shut down
- * and waited for first.
+ * Threads: the main thread accepts connections; a monitor thread
+ * watches heartbeats and promotes; each connection has a thread.  The
+ * journal is used under jlock; a new data connection replaces the old
+ * one, which is shut down and waited for first.
+ *
+ * Until a peer has finished the TLS handshake and sent a primary's
+ * HELLO it is "pending", and nothing it does matters to anyone else: it
+ * is handled on its own thread, so the accept loop never waits on it;
+ * it must be done within --handshake-timeout of its accept; at most
+ * COLOD_MAX_PENDING peers are pending, and a connection beyond them is
+ * closed at once; and the failover judgment (watch) counts only what an
+ * authenticated primary does: an accepted data HELLO and heartbeats.
+ * So idle or garbage connections can neither delay the real primary's
+ * pairing (into a false failover) nor stand in for its heartbeats.
  */
 
 #include <config.h>
@@ -43,6 +53,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -65,6 +76,10 @@ static struct {
   bool promoted;
   bool primary_stopped;           /* it said so: no failover */
   bool failed;                    /* stopped by an I/O error: exit 1 */
+  int64_t paired_ms;              /* a primary's data HELLO accepted */
+  struct colo_conn *pending[COLOD_MAX_PENDING]; /* before their HELLO */
+  unsigned npending;
+  unsigned nthreads;              /* connection threads alive */
   int64_t require_since;
 } s = { .jlock = PTHREAD_MUTEX_INITIALIZER };
 
@@ -960,6 +975,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
   colo_conn_set_timeout (c->conn, -1);
   pthread_mutex_lock (&colod.lock);
   colod.st.connection = "connected";
+  s.paired_ms = colod_now_ms ();   /* the primary is back: alive */
   colod.st.refusal[0] = '\0';
   snprintf (colod.st.peer, sizeof colod.st.peer, "%s",
             colo_conn_peer (c->conn));
@@ -1012,42 +1028,174 @@ hb_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
   colod_conn_close (c);
 }
 
-/* A new connection's thread: its HELLO says which channel it is. */
-static void *
-conn_thread (void *arg)
+/* ---- connections before their HELLO ---- */
+
+/* Under colod.lock: a pending connection is done being pending. */
+static void
+pending_remove (struct colo_conn *conn)
 {
-  struct colod_conn *c = arg;
+  unsigned i;
+
+  for (i = 0; i < s.npending; i++)
+    if (s.pending[i] == conn) {
+      s.pending[i] = s.pending[--s.npending];
+      return;
+    }
+}
+
+static void
+conn_thread_end (struct colo_conn *pending)
+{
+  pthread_mutex_lock (&colod.lock);
+  if (pending)
+    pending_remove (pending);
+  s.nthreads--;
+  pthread_cond_broadcast (&colod.cond);
+  pthread_mutex_unlock (&colod.lock);
+}
+
+/* The primary's HELLO, within what is left of --handshake-timeout:
+ * a copy of it (the decoder's message goes with the next recv), or NULL.
+ */
+static struct colo_msg_hello *
+recv_hello (struct colod_conn *c, int64_t accepted_ms)
+{
+  int left = colod.opt.tls.handshake_timeout_ms -
+    (int) (colod_now_ms () - accepted_ms);
   const struct colo_msg *m;
   struct colo_msg_hello *ph;
   char err[1024];
 
-  colo_conn_set_timeout (c->conn, 30000);
+  colo_conn_set_deadline (c->conn, left > 0 ? left : 1);
   if (colod_recv (c, &m, err, sizeof err) != 1) {
-    colod_log ("%s", err);
-    colod_conn_close (c);
+    colod_log ("connection from %s closed before its HELLO: %s",
+               colo_conn_peer (c->conn), err);
     return NULL;
   }
+  colo_conn_set_deadline (c->conn, -1);
   if (m->type != COLO_MSG_HELLO || m->hello.role != COLO_ROLE_PRIMARY) {
     snprintf (err, sizeof err, "%s: expected a primary's HELLO, got %s",
               colo_conn_peer (c->conn), m->type == COLO_MSG_HELLO
               ? "a secondary's HELLO" : colo_msg_type_name (m->type));
     colod_log ("%s", err);
     colod_send_error (c, COLO_ERROR_UNEXPECTED, err);
-    colod_conn_close (c);
     return NULL;
   }
-  ph = malloc (sizeof *ph);     /* the decoder's message goes with recv */
+  ph = malloc (sizeof *ph);
   if (ph == NULL) {
-    colod_conn_close (c);
+    colod_log ("malloc: HELLO of %s: %s", colo_conn_peer (c->conn),
+               strerror (errno));
     return NULL;
   }
   *ph = m->hello;
-  if (ph->channel == COLO_CHANNEL_DATA)
+  return ph;
+}
+
+/* A new connection's thread: the handshake, then its HELLO says which
+ * channel it is.
+ */
+static void *
+conn_thread (void *arg)
+{
+  struct colo_conn *conn = arg;
+  int64_t accepted_ms = colod_now_ms ();
+  struct colod_conn *c;
+  struct colo_msg_hello *ph;
+
+  if (colo_accept_handshake (conn) == -1) {
+    colod_log ("%s", colo_tls_last_error ());
+    conn_thread_end (conn);     /* before the socket goes */
+    colo_discard (conn);
+    return NULL;
+  }
+  pthread_mutex_lock (&colod.lock);
+  c = colod_conn_wrap (conn);   /* which closes conn if it fails */
+  if (c == NULL)
+    pending_remove (conn);
+  pthread_mutex_unlock (&colod.lock);
+  if (c == NULL) {
+    conn_thread_end (NULL);
+    return NULL;
+  }
+  colo_conn_set_timeout (c->conn, 30000);
+  ph = recv_hello (c, accepted_ms);
+  pthread_mutex_lock (&colod.lock);
+  pending_remove (conn);
+  pthread_mutex_unlock (&colod.lock);
+  if (ph != NULL && ph->channel == COLO_CHANNEL_DATA)
     data_channel (c, ph);
-  else
+  else if (ph != NULL)
     hb_channel (c, ph);
+  else
+    colod_conn_close (c);
   free (ph);
+  conn_thread_end (NULL);
   return NULL;
+}
+
+/* Take the peers waiting on the listener, each to a thread of its own;
+ * beyond COLOD_MAX_PENDING connections before their HELLO, close them.
+ */
+static void
+accept_peers (struct colo_listener *l)
+{
+  for (;;) {
+    struct colo_conn *conn = colo_accept_socket (l);
+    pthread_attr_t attr;
+    pthread_t t;
+    int r;
+
+    if (conn == NULL) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        colod_log ("%s", colo_tls_last_error ());
+        colod_sleep_ms (100);   /* e.g. EMFILE: the peer still waits */
+      }
+      return;
+    }
+    pthread_mutex_lock (&colod.lock);
+    if (s.npending == COLOD_MAX_PENDING) {
+      pthread_mutex_unlock (&colod.lock);
+      colod_log ("connection from %s closed at once: %d connections are "
+                 "already in their TLS handshake or HELLO, the most allowed",
+                 colo_conn_peer (conn), COLOD_MAX_PENDING);
+      colo_discard (conn);
+      continue;
+    }
+    s.pending[s.npending++] = conn;
+    s.nthreads++;
+    pthread_mutex_unlock (&colod.lock);
+    pthread_attr_init (&attr);
+    pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+    r = pthread_create (&t, &attr, conn_thread, conn);
+    pthread_attr_destroy (&attr);
+    if (r != 0) {
+      colod_log ("pthread_create: connection from %s: %s",
+                 colo_conn_peer (conn), strerror (r));
+      conn_thread_end (conn);
+      colo_discard (conn);
+    }
+  }
+}
+
+/* Stopping: end every connection thread, pending or not, and wait for
+ * them (a pending one within the handshake timeout at worst).
+ */
+static void
+end_conn_threads (void)
+{
+  unsigned i;
+
+  pthread_mutex_lock (&colod.lock);
+  while (s.nthreads > 0) {
+    for (i = 0; i < s.npending; i++)
+      shutdown (colo_conn_fd (s.pending[i]), SHUT_RDWR);
+    if (s.data)
+      colod_conn_abort (s.data);
+    if (s.hb)
+      colod_conn_abort (s.hb);
+    colod_wait_ms (100);
+  }
+  pthread_mutex_unlock (&colod.lock);
 }
 
 /* A demoted primary's state directory, started as a secondary: the
@@ -1245,8 +1393,14 @@ watch (void)
   pthread_mutex_lock (&colod.lock);
   f = colod.st.failover;
   req = colod.promote_requested;
-  last = colod.st.last_heartbeat_ms ? colod.st.last_heartbeat_ms
-    : s.started_ms;
+  /* Signs of life from an authenticated primary only: a pending peer
+   * (handshake, HELLO) or a refused one counts for nothing.
+   */
+  last = s.started_ms;
+  if (colod.st.last_heartbeat_ms > last)
+    last = colod.st.last_heartbeat_ms;
+  if (s.paired_ms > last)
+    last = s.paired_ms;
   paired = colod.st.last_committed > 0;
   stopped = s.primary_stopped;
   pthread_mutex_unlock (&colod.lock);
@@ -1345,8 +1499,8 @@ colod_run_secondary (void)
             colo_listener_address (l));
   pthread_mutex_unlock (&colod.lock);
   s.started_ms = colod_now_ms ();
-  /* Heartbeats are watched in a thread of their own: a TLS handshake
-   * here may take up to its timeout.
+  /* Heartbeats are watched in a thread of their own, so that nothing
+   * on this loop can delay the judgment.
    */
   if (pthread_create (&monitor, NULL, monitor_thread, NULL) != 0) {
     colod_log ("pthread_create: cannot start the heartbeat monitor");
@@ -1357,28 +1511,11 @@ colod_run_secondary (void)
   while (!colod.stop) {
     struct pollfd pfd = { colo_listener_fd (l), POLLIN, 0 };
 
-    if (poll (&pfd, 1, 100) == 1 && (pfd.revents & POLLIN)) {
-      struct colo_conn *c = colo_accept (l, 0);
-      struct colod_conn *pc;
-      pthread_t t;
-      pthread_attr_t attr;
-
-      if (c == NULL) {
-        colod_log ("%s", colo_tls_last_error ());
-        continue;
-      }
-      pc = colod_conn_wrap (c);
-      if (pc == NULL)
-        continue;
-      pthread_attr_init (&attr);
-      pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-      if (pthread_create (&t, &attr, conn_thread, pc) != 0)
-        colod_conn_close (pc);
-      pthread_attr_destroy (&attr);
-    }
+    if (poll (&pfd, 1, 100) == 1 && (pfd.revents & POLLIN))
+      accept_peers (l);
   }
   pthread_join (monitor, NULL);
-  drop_channels ();
+  end_conn_threads ();
   colo_listener_close (l);
   colo_tls_free (tls);
   if (s.j)

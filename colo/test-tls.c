@@ -707,6 +707,108 @@ test_timeouts (void)
   server_join (s, NULL, 0);
 }
 
+/* A byte every 100 ms on conn, count times. */
+struct trickle {
+  struct colo_conn *conn;
+  int count;
+};
+
+static void *
+trickle_main (void *arg)
+{
+  struct trickle *t = arg;
+  int i;
+
+  for (i = 0; i < t->count; i++) {
+    struct timespec ts = { 0, 100 * 1000 * 1000 };
+    if (colo_send_all (t->conn, "x", 1) == -1)
+      break;
+    nanosleep (&ts, NULL);
+  }
+  return NULL;
+}
+
+/* The server's accept in two steps (the secondary hands the second to a
+ * thread per connection), and a deadline that bytes trickling in cannot
+ * put off.
+ */
+static void
+test_split_accept_and_deadline (void)
+{
+  struct colo_tls_config sv = x509_server;
+  struct sockaddr_in sin = { .sin_family = AF_INET };
+  struct colo_listener *l;
+  struct colo_tls *tls;
+  struct colo_conn *conn;
+  struct server *s;
+  struct client cl;
+  struct trickle t;
+  pthread_t th;
+  char buf[100];
+  int64_t t0;
+  int fd, r;
+
+  sv.handshake_timeout_ms = 300;
+  tls = colo_tls_new (&sv);
+  assert (tls);
+  l = colo_listen (tls, "127.0.0.1:0");
+  assert (l);
+  conn = colo_accept_socket (l);
+  ok (conn == NULL && errno == EAGAIN,
+      "colo_accept_socket without a peer: EAGAIN, at once");
+  sin.sin_addr.s_addr = htonl (INADDR_LOOPBACK);
+  sin.sin_port = htons (atoi (strrchr (colo_listener_address (l), ':') + 1));
+  fd = socket (AF_INET, SOCK_STREAM, 0);
+  assert (fd >= 0 && connect (fd, (struct sockaddr *) &sin, sizeof sin) == 0);
+  t0 = now_ms ();
+  do
+    conn = colo_accept_socket (l);
+  while (conn == NULL && errno == EAGAIN && now_ms () - t0 < 2000);
+  ok (conn != NULL, "colo_accept_socket takes a silent peer at once");
+  if (conn) {
+    t0 = now_ms ();
+    r = colo_accept_handshake (conn);
+    t0 = now_ms () - t0;
+    ok (r == -1 && errno == ETIMEDOUT &&
+        contains (colo_tls_last_error (), "no TLS client hello within "
+                  "300 ms") && t0 >= 250 && t0 < 2000,
+        "then colo_accept_handshake times out (%lld ms): %s",
+        (long long) t0, colo_tls_last_error ());
+    colo_discard (conn);
+  }
+  close (fd);
+  colo_listener_close (l);
+  colo_tls_free (tls);
+
+  /* One byte every 100 ms, echoed: a 200 ms timeout never fires, a
+   * 300 ms deadline does.
+   */
+  s = server_start (&x509_server, ECHO);
+  if (client_connect (&cl, &x509_client, s, NULL)) {
+    t.conn = cl.conn;
+    t.count = 20;
+    assert (pthread_create (&th, NULL, trickle_main, &t) == 0);
+    colo_conn_set_timeout (cl.conn, 200);
+    colo_conn_set_deadline (cl.conn, 300);
+    t0 = now_ms ();
+    r = colo_recv_all (cl.conn, buf, sizeof buf);
+    t0 = now_ms () - t0;
+    ok (r == -1 && errno == ETIMEDOUT &&
+        contains (colo_tls_last_error (), "not done within the 300 ms "
+                  "allowed") && t0 >= 250 && t0 < 1500,
+        "a deadline ends a trickle (%lld ms): %s", (long long) t0,
+        colo_tls_last_error ());
+    colo_conn_set_deadline (cl.conn, -1);
+    r = colo_recv_all (cl.conn, buf, 2);
+    ok (r == 1, "cleared, the connection goes on");
+    pthread_join (th, NULL);
+  }
+  else
+    ok (false, "connect: %s", cl.error);
+  client_close (&cl);
+  server_join (s, NULL, 0);
+}
+
 static void
 test_ipv6 (void)
 {
@@ -743,6 +845,7 @@ main (void)
   test_psk ();
   test_insecure ();
   test_timeouts ();
+  test_split_accept_and_deadline ();
   test_ipv6 ();
 
   remove_credentials ();

@@ -138,8 +138,13 @@ struct colo_conn {
   bool recording;
   char refusal[256];            /* why psk_server_key refused */
   char psk_user[100];           /* PSK server: the user the peer named */
-  /* Set by colo_conn_set_timeout before the I/O calls use it. */
+  int failed_errno;             /* why colo_accept_handshake failed */
+  /* Set by colo_conn_set_timeout and colo_conn_set_deadline before the
+   * I/O calls use them.
+   */
   int timeout_ms;
+  int64_t deadline;             /* monotonic ms; -1: none */
+  int deadline_ms;              /* what it was set to, for messages */
 };
 
 static __thread char last_error[1024];
@@ -752,7 +757,11 @@ colo_listen (struct colo_tls *tls, const char *addr)
       continue;
     }
     setsockopt (fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind (fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen (fd, 16) == 0)
+    /* The longest backlog: a burst of hostile connections must not push
+     * the primary's into SYN retransmissions.
+     */
+    if (bind (fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+        listen (fd, SOMAXCONN) == 0)
       break;
     saved = errno;
     close (fd);
@@ -813,6 +822,7 @@ conn_new (struct colo_tls *tls, int fd, const char *name)
   conn->tls = tls;
   conn->fd = fd;
   conn->timeout_ms = -1;
+  conn->deadline = -1;
   if (getpeername (fd, (struct sockaddr *) &ss, &sslen) == 0)
     format_address ((struct sockaddr *) &ss, sslen, conn->peer,
                     sizeof conn->peer);
@@ -842,23 +852,14 @@ conn_free (struct colo_conn *conn)
 static int handshake (struct colo_conn *conn);
 
 struct colo_conn *
-colo_accept (struct colo_listener *l, int timeout_ms)
+colo_accept_socket (struct colo_listener *l)
 {
   struct colo_conn *conn;
-  int fd, r;
+  int fd;
 
-  r = wait_fd (l->fd, POLLIN, deadline_after (timeout_ms));
-  if (r == 0) {
-    set_error (ETIMEDOUT, "accept on %s: no peer within %d ms", l->address,
-               timeout_ms);
-    return NULL;
-  }
-  fd = -1;
-  if (r == 1) {
-    do
-      fd = accept4 (l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    while (fd == -1 && errno == EINTR);
-  }
+  do
+    fd = accept4 (l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  while (fd == -1 && errno == EINTR);
   if (fd == -1) {
     set_error (errno, "accept on %s: %m", l->address);
     return NULL;
@@ -868,14 +869,61 @@ colo_accept (struct colo_listener *l, int timeout_ms)
     close (fd);
     return NULL;
   }
-  if (set_socket_options (fd) == -1 || handshake (conn) == -1) {
-    int saved = errno;
-    if (saved == ETIMEDOUT)
-      close (fd);
-    else
-      linger_close (fd);
-    conn_free (conn);
-    errno = saved;
+  if (set_socket_options (fd) == -1) {
+    colo_close (conn);
+    return NULL;
+  }
+  return conn;
+}
+
+int
+colo_accept_handshake (struct colo_conn *conn)
+{
+  if (handshake (conn) == -1) {
+    conn->failed_errno = errno;
+    return -1;
+  }
+  return 0;
+}
+
+void
+colo_discard (struct colo_conn *conn)
+{
+  int saved = errno;
+
+  /* No close_notify: there is no session to end.  A peer given up
+   * before its handshake or that timed out is not waited for; one that
+   * was refused lingers, so that it reads why.
+   */
+  if (conn->failed_errno == 0 || conn->failed_errno == ETIMEDOUT)
+    close (conn->fd);
+  else
+    linger_close (conn->fd);
+  conn_free (conn);
+  errno = saved;
+}
+
+struct colo_conn *
+colo_accept (struct colo_listener *l, int timeout_ms)
+{
+  struct colo_conn *conn;
+  int r;
+
+  r = wait_fd (l->fd, POLLIN, deadline_after (timeout_ms));
+  if (r == 0) {
+    set_error (ETIMEDOUT, "accept on %s: no peer within %d ms", l->address,
+               timeout_ms);
+    return NULL;
+  }
+  if (r == -1) {
+    set_error (errno, "accept on %s: poll: %m", l->address);
+    return NULL;
+  }
+  conn = colo_accept_socket (l);
+  if (conn == NULL)
+    return NULL;
+  if (colo_accept_handshake (conn) == -1) {
+    colo_discard (conn);
     return NULL;
   }
   return conn;
@@ -1260,6 +1308,9 @@ io_timed_out (struct colo_conn *conn, bool handshaking, const char *what,
   if (handshaking)
     return fail_step (conn, ETIMEDOUT, "no answer within %d ms",
                       conn->tls->handshake_timeout_ms);
+  if (conn->deadline >= 0)
+    return set_error (ETIMEDOUT, "%s %s: not done within the %d ms "
+                      "allowed", what, conn->name, conn->deadline_ms);
   return set_error (ETIMEDOUT, "%s %s: nothing for %d ms", what, conn->name,
                     timeout_ms);
 }
@@ -1356,10 +1407,18 @@ colo_conn_set_timeout (struct colo_conn *conn, int timeout_ms)
   conn->timeout_ms = timeout_ms < 0 ? -1 : timeout_ms;
 }
 
+void
+colo_conn_set_deadline (struct colo_conn *conn, int timeout_ms)
+{
+  conn->deadline = deadline_after (timeout_ms);
+  conn->deadline_ms = timeout_ms;
+}
+
 int
 colo_send_all (struct colo_conn *conn, const void *buf, size_t len)
 {
-  return conn_send_all (conn, buf, len, -1, conn->timeout_ms, false);
+  return conn_send_all (conn, buf, len, conn->deadline, conn->timeout_ms,
+                        false);
 }
 
 ssize_t
@@ -1368,14 +1427,16 @@ colo_recv_some (struct colo_conn *conn, void *buf, size_t len)
   if (len == 0)
     return set_error (EINVAL, "receive from %s: zero-length buffer",
                       conn->name);
-  return conn_recv (conn, buf, len, deadline_after (conn->timeout_ms),
-                    conn->timeout_ms, false);
+  return conn_recv (conn, buf, len, conn->deadline >= 0 ? conn->deadline
+                    : deadline_after (conn->timeout_ms), conn->timeout_ms,
+                    false);
 }
 
 int
 colo_recv_all (struct colo_conn *conn, void *buf, size_t len)
 {
-  return conn_recv_all (conn, buf, len, -1, conn->timeout_ms, false);
+  return conn_recv_all (conn, buf, len, conn->deadline, conn->timeout_ms,
+                        false);
 }
 
 int

@@ -95,6 +95,18 @@ extern int colo_listener_fd (const struct colo_listener *l);
  */
 extern struct colo_conn *colo_accept (struct colo_listener *l,
                                       int timeout_ms);
+/* colo_accept in two steps, for a server that must not wait on one
+ * peer while others connect: colo_accept_socket takes a waiting peer
+ * without waiting (NULL with errno EAGAIN if there is none) and returns
+ * the connection before any byte is exchanged; colo_accept_handshake
+ * runs the handshake and the greeting on it (bounded by the handshake
+ * timeout), and may run on another thread.  A connection whose
+ * handshake failed, or that is given up before it, is ended with
+ * colo_discard, never colo_close.
+ */
+extern struct colo_conn *colo_accept_socket (struct colo_listener *l);
+extern int colo_accept_handshake (struct colo_conn *conn);
+extern void colo_discard (struct colo_conn *conn);
 extern void colo_listener_close (struct colo_listener *l);
 
 /* Connect to addr (every address it resolves to, in turn, each bounded
@@ -108,6 +120,12 @@ extern struct colo_conn *colo_connect (struct colo_tls *tls,
  * moved for timeout_ms (-1, the default: wait forever).
  */
 extern void colo_conn_set_timeout (struct colo_conn *conn, int timeout_ms);
+/* A deadline for the calls below, timeout_ms from now (-1: none, the
+ * default): until it is cleared, they fail with ETIMEDOUT when it
+ * passes, however the bytes trickle; it replaces the timeout above
+ * while it is set.
+ */
+extern void colo_conn_set_deadline (struct colo_conn *conn, int timeout_ms);
 /* Send all len bytes: 0, or -1. */
 extern int colo_send_all (struct colo_conn *conn, const void *buf,
                           size_t len);

@@ -12,6 +12,16 @@
 
 #define CTL_MAX_LINE   (64 * 1024)  /* longest request line accepted */
 #define CTL_MAX_CLIENTS 32
+/* A client that is not subscribed (subscribe-events) is closed after so
+ * long without a complete request: since it connected, or since its
+ * last one.  -D fleece.ctl_idle_timeout_ms=N sets both (for the tests).
+ */
+#define CTL_NEW_TIMEOUT_MS   10000
+#define CTL_IDLE_TIMEOUT_MS  60000
+/* With CTL_MAX_CLIENTS connected, a new client takes the place of the
+ * client not subscribed that has been idle longest, at least this long.
+ */
+#define CTL_EVICT_IDLE_MS    1000
 
 struct ctl;
 

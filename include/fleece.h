@@ -35,7 +35,7 @@ extern "C" {
 #define FLEECE_SNAPSHOT_NAME_MAX     128
 #define FLEECE_SNAPSHOTS_MAX         1024
 
-/* What a failed copy-before-write does (DESIGN.md invariant 6). */
+/* What a failed copy-before-write does (docs/design.md invariant 6). */
 enum fleece_cbw_error {
   FLEECE_CBW_BREAK_SNAPSHOT = 0, /* live write succeeds, snapshots break */
   FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */
@@ -248,10 +248,17 @@ struct fleece_debug {
   int store_write_delay_ms;     /* slow store: sleep before data writes */
   int fail_meta_write;          /* N: metadata writes after the first N
                                  * fail with EIO */
+  int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
+                                 * timeouts are N ms */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);
 extern void fleece_set_log (fleece_log_fn fn);
+/* Messages that must reach the operator at any debug level: damage found
+ * in a persistent store at load and what it cost (docs/store-format.md,
+ * Resilience).
+ */
+extern void fleece_set_warn (fleece_log_fn fn);
 
 /* Errors. */
 extern const char *fleece_last_error (void);

@@ -51,6 +51,7 @@ NBDKIT_DLL_PUBLIC int fleece_debug_skip_isolation_check = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_live_read_delay_us = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_store_write_delay_ms = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_fail_meta_write = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_ctl_idle_timeout_ms = 0;
 
 /* Set by .config, then constant. */
 static char *disk_path;
@@ -90,6 +91,12 @@ static void
 log_to_nbdkit (const char *msg)
 {
   nbdkit_debug ("%s", msg);
+}
+
+static void
+warn_to_nbdkit (const char *msg)
+{
+  nbdkit_error ("%s", msg);
 }
 
 static void
@@ -267,7 +274,9 @@ plug_get_ready (void)
   fleece_debug.live_read_delay_us = fleece_debug_live_read_delay_us;
   fleece_debug.store_write_delay_ms = fleece_debug_store_write_delay_ms;
   fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
+  fleece_debug.ctl_idle_timeout_ms = fleece_debug_ctl_idle_timeout_ms;
   fleece_set_log (log_to_nbdkit);
+  fleece_set_warn (warn_to_nbdkit);
   fl = fleece_open (&cfg);
   if (fl == NULL)
     return engine_error ();
@@ -474,7 +483,7 @@ plug_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
 }
 
 /* A snapshot is writable in NBD's sense only so that clients may trim
- * it (DESIGN.md, Exports); .pwrite refuses every write.
+ * it (docs/design.md, Exports); .pwrite refuses every write.
  */
 static int
 plug_can_write (void *handle)

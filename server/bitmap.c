@@ -14,8 +14,9 @@
  * States.  enabled: recording.  disabled: kept, not recording.  frozen:
  * closed by a checkpoint, read-only for good (it may be exported, merged
  * into another bitmap, or removed).  inconsistent: must not be trusted
- * for an incremental pull.  Nothing in the engine sets it any more (an
- * image may still carry it); clearing a bitmap resets it.
+ * for an incremental pull.  Only loading a store whose log is damaged
+ * sets it (a DIRTY record may be lost: bitmap_distrust_recording);
+ * clearing a bitmap resets it.
  *
  * Persistence: every change of the list or of a bitmap's state writes an
  * image of the whole state (meta.c), which holds every bitmap's bits, and
@@ -23,7 +24,7 @@
  * recording bitmap on stable storage (bitmap_intent: DIRTY records), so
  * that after a crash a recording bitmap still covers every write.
  *
- * checkpoint-create NAME does in one gate closure what the seed's
+ * checkpoint-create NAME does in one gate closure what QEMU's
  * successor/abdicate does for a backup job: snapshot NAME is created, the
  * bitmap of the previous checkpoint stops recording and is frozen (it now
  * holds exactly the clusters changed between that checkpoint and NAME),
@@ -189,6 +190,28 @@ bitmap_apply_dirty (struct fleece *fl, uint32_t first, uint32_t count)
     if (fl->bitmaps[i]->enabled && !fl->bitmaps[i]->frozen)
       set_bits (fl->bitmaps[i], first, (uint64_t) first + count - 1);
   return 0;
+}
+
+/* Loading a damaged store: a DIRTY record may be lost, so no bitmap that
+ * was recording can be trusted for an incremental pull.  Called before
+ * the engine serves anything.
+ */
+void
+bitmap_distrust_recording (struct fleece *fl, const char *reason)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nbitmaps; i++) {
+    struct bitmap *bm = fl->bitmaps[i];
+    if (!bm->enabled || bm->frozen || bm->inconsistent)
+      continue;
+    bm->inconsistent = true;
+    snprintf (bm->inconsistent_reason, sizeof bm->inconsistent_reason, "%s",
+              reason);
+    fl_warn ("store: %s: bitmap '%s' is marked inconsistent (not to be "
+             "trusted for an incremental pull until it is cleared): %s",
+             fl->store.path, bm->name, reason);
+  }
 }
 
 /* ---- the list ---- */

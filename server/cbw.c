@@ -6,7 +6,7 @@
  * written while snapshots existed.  A write in generation G to a cluster
  * with cgen[c] == G needs nothing: its old data was preserved (or needed
  * by nobody) by the first write of this generation.  That test is one
- * acquire load per cluster and takes no lock (DESIGN.md invariant 4).
+ * acquire load per cluster and takes no lock (docs/design.md invariant 4).
  *
  * The copy runs outside the write gate: the writer copies for the
  * generation it saw, then enters the gate and repeats the lock-free test

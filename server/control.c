@@ -81,6 +81,9 @@ struct ctl_event {
 /* A connected client.  Only the service thread touches it. */
 struct ctl_client {
   int fd;
+  uint64_t since_ns;            /* connected, or its last request */
+  bool requested;               /* it has sent a complete request */
+  bool subscribed;              /* subscribe-events: kept however idle */
   bool eof;                     /* the client shut down its side */
   bool dead;                    /* close at the end of this round */
   bool discarding;              /* skipping the rest of a too-long line */
@@ -108,6 +111,8 @@ struct ctl {
   bool started;
   struct ctl_client *clients[CTL_MAX_CLIENTS];
   size_t nclients;
+  struct ctl_client *current;   /* whose request runs; NULL outside the
+                                   service (tests, fuzzer) */
   uint64_t accept_paused_until;
 
   /* Protected by ev_lock. */
@@ -220,6 +225,14 @@ static json_t *
 cmd_qmp_capabilities (struct ctl *ctl, json_t *args)
 {
   return checked (json_object (), "qmp_capabilities");
+}
+
+static json_t *
+cmd_subscribe_events (struct ctl *ctl, json_t *args)
+{
+  if (ctl->current)
+    ctl->current->subscribed = true;
+  return checked (json_object (), "subscribe-events");
 }
 
 static const char *
@@ -584,6 +597,8 @@ static const struct ctl_command commands[] = {
     "End capabilities negotiation (accepted, not required)" },
   { "query-commands", cmd_query_commands, no_params,
     "List the commands this server understands" },
+  { "subscribe-events", cmd_subscribe_events, no_params,
+    "Keep this connection open however long it is idle, for events" },
   { "query-status", cmd_query_status, no_params,
     "Show the server, disk and store configuration" },
   { "query-stats", cmd_query_stats, no_params,
@@ -864,7 +879,11 @@ client_request (struct ctl *ctl, struct ctl_client *c, const char *line,
 
   if (is_blank (line, len))
     return;
+  c->requested = true;
+  c->since_ns = fl_now_ns ();
+  ctl->current = c;
   reply = ctl_handle_line (ctl, line, len);
+  ctl->current = NULL;
   if (reply == NULL) {
     client_send_error (c, "out of memory");
     return;
@@ -963,6 +982,98 @@ refuse (int fd, const char *desc)
   close (fd);
 }
 
+/* ---- Idle clients ----
+ *
+ * A client that is not subscribed may be idle (no complete request) for
+ * CTL_NEW_TIMEOUT_MS after it connects and CTL_IDLE_TIMEOUT_MS after each
+ * request; then it is told why and closed.  And when CTL_MAX_CLIENTS are
+ * connected, a new client takes the place of the one idle longest (at
+ * least CTL_EVICT_IDLE_MS), so that forgotten or hostile connections
+ * never lock fleecectl and fleece-colod out: a new client is answered at
+ * once, not after a timeout.  Subscribers (fleecectl events) are never
+ * closed for being idle.
+ */
+
+static void reap_clients (struct ctl *ctl);
+
+static uint64_t
+idle_limit_ns (const struct ctl_client *c)
+{
+  int ms = fleece_debug.ctl_idle_timeout_ms;
+
+  if (ms <= 0)
+    ms = c->requested ? CTL_IDLE_TIMEOUT_MS : CTL_NEW_TIMEOUT_MS;
+  return (uint64_t) ms * 1000000;
+}
+
+/* Tell c why it goes (idle too long, or evicted to make room for a new
+ * client), and close it at the end of this round.
+ */
+static void
+client_drop_idle (struct ctl_client *c, uint64_t now, bool evicted)
+{
+  char msg[160];
+  int n;
+
+  n = snprintf (msg, sizeof msg, "closing the connection: %s for %" PRIu64
+                " ms", c->requested ? "idle" : "no complete request",
+                (now - c->since_ns) / 1000000);
+  if (evicted && n > 0 && (size_t) n < sizeof msg)
+    snprintf (msg + n, sizeof msg - n, ", and a new client needs its "
+              "place (the limit is %d clients)", CTL_MAX_CLIENTS);
+  fl_debug ("control: %s", msg);
+  client_send_error (c, msg);
+  c->dead = true;
+}
+
+/* Drop the clients idle too long; the milliseconds until the next one
+ * is (for poll), or -1.
+ */
+static int
+expire_clients (struct ctl *ctl)
+{
+  uint64_t now = fl_now_ns (), next = UINT64_MAX;
+  size_t i;
+
+  for (i = 0; i < ctl->nclients; i++) {
+    struct ctl_client *c = ctl->clients[i];
+    uint64_t end = c->since_ns + idle_limit_ns (c);
+
+    if (c->subscribed || c->dead)
+      continue;
+    if (now >= end)
+      client_drop_idle (c, now, false);
+    else if (end < next)
+      next = end;
+  }
+  reap_clients (ctl);
+  if (next == UINT64_MAX)
+    return -1;
+  return (next - now) / 1000000 + 1;
+}
+
+/* All places taken: free the one of the client idle longest. */
+static bool
+evict_idle (struct ctl *ctl)
+{
+  uint64_t now = fl_now_ns ();
+  struct ctl_client *v = NULL;
+  size_t i;
+
+  for (i = 0; i < ctl->nclients; i++) {
+    struct ctl_client *c = ctl->clients[i];
+    if (!c->subscribed && !c->dead &&
+        now - c->since_ns >= (uint64_t) CTL_EVICT_IDLE_MS * 1000000 &&
+        (v == NULL || c->since_ns < v->since_ns))
+      v = c;
+  }
+  if (v == NULL)
+    return false;
+  client_drop_idle (v, now, true);
+  reap_clients (ctl);
+  return true;
+}
+
 /* May this connection become a client?  If not, says why in msg. */
 static bool
 client_allowed (struct ctl *ctl, int fd, char *msg, size_t size)
@@ -979,7 +1090,7 @@ client_allowed (struct ctl *ctl, int fd, char *msg, size_t size)
               "control socket", (unsigned) cred.uid);
     return false;
   }
-  if (ctl->nclients >= CTL_MAX_CLIENTS) {
+  if (ctl->nclients >= CTL_MAX_CLIENTS && !evict_idle (ctl)) {
     snprintf (msg, size, "too many clients: the limit is %d",
               CTL_MAX_CLIENTS);
     return false;
@@ -1003,6 +1114,7 @@ add_client (struct ctl *ctl, int fd)
     return;
   }
   c->fd = fd;
+  c->since_ns = fl_now_ns ();
   ctl->clients[ctl->nclients++] = c;
   client_send (c, ctl->greeting);
 }
@@ -1214,7 +1326,11 @@ service (void *arg)
   int timeout;
 
   for (;;) {
+    int idle = expire_clients (ctl);
+
     n = setup_poll (ctl, pfd, &timeout);
+    if (idle >= 0 && (timeout < 0 || idle < timeout))
+      timeout = idle;
     if (poll (pfd, n, timeout) == -1) {
       if (errno == EINTR || errno == ENOMEM || errno == EAGAIN)
         continue;

@@ -5,7 +5,7 @@
  * created in (lo, hi], lo being the generation of the write before it.
  * A lookup for (cluster, g) finds the copy whose range holds g.
  *
- * Memory is what DESIGN.md budgets: a copy is 16 bytes and the tables are
+ * Memory is what docs/design.md budgets: a copy is 16 bytes and the tables are
  * open-addressed with linear probing at most 3/4 full, so about 21 bytes
  * per copied cluster, and nothing for clusters never copied.  The map is
  * split in COPYMAP_SHARDS shards by cluster number, each with its own

@@ -3,7 +3,7 @@
  * Live writes, zeroes and trims enter the write gate and read fl->state
  * once.  With no snapshot they write at once: the cost over a plain pwrite
  * is the gate (one atomic add on a per-thread counter and one load) and
- * that one load of the state (DESIGN.md invariant 4).  With snapshots they
+ * that one load of the state (docs/design.md invariant 4).  With snapshots they
  * check lock-free that the clusters they touch are already preserved for
  * the current generation; if not, they leave the gate, copy (cbw.c) and
  * try again, so that a copy never holds up snapshot creation.  Live reads

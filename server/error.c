@@ -22,6 +22,7 @@ struct fleece_debug fleece_debug;
 
 static __thread char last_error[512];
 static fleece_log_fn log_fn;
+static fleece_log_fn warn_fn;
 
 const char *
 fleece_last_error (void)
@@ -50,6 +51,33 @@ void
 fleece_set_log (fleece_log_fn fn)
 {
   log_fn = fn;
+}
+
+void
+fleece_set_warn (fleece_log_fn fn)
+{
+  warn_fn = fn;
+}
+
+/* What the operator must see whatever the debug level: a loaded store
+ * that was found damaged, and what that cost.  The engine still never
+ * prints: the plugin passes it to nbdkit_error.
+ */
+void
+fl_warn (const char *fmt, ...)
+{
+  char msg[1024];
+  va_list ap;
+  int saved = errno;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  if (warn_fn)
+    warn_fn (msg);
+  else
+    fl_debug ("%s", msg);
+  errno = saved;
 }
 
 void

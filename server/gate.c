@@ -1,5 +1,5 @@
 /* The write gate: drains in-flight live writes so that snapshot creation
- * is atomic (DESIGN.md invariant 3).
+ * is atomic (docs/design.md invariant 3).
  *
  * Every live write, zero and trim runs inside the gate: it decides whether
  * to copy-before-write from the generation it read inside the gate, so no

@@ -19,6 +19,8 @@ extern int fl_error (int err, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
 extern void fl_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
+extern void fl_warn (const char *fmt, ...)
+  __attribute__ ((format (printf, 1, 2)));
 extern uint64_t fl_now_ns (void);
 extern bool fl_is_zero (const void *buf, size_t len);
 extern int fl_pread_all (int fd, const char *what, const char *path,
@@ -246,7 +248,12 @@ struct meta {
   int err;                      /* errno of a failed write: sticky */
   char errmsg[256];
   uint32_t img_slot, img_nslots; /* the current image in the data area */
-  uint32_t load_slots;          /* loading: slots the store file spans */
+  uint64_t used_end[2];         /* bytes of each half that may be non-zero:
+                                 * zeroed when the half becomes active */
+  /* Loading only. */
+  uint64_t load_size;           /* bytes the store file (device) holds */
+  struct copy *lost;            /* copies whose slot is not wholly in it */
+  size_t nlost, caplost;
   uint32_t *deferred;           /* slots to free once the image is stable */
   size_t ndeferred, capdeferred;
   bool logging;                 /* meta_start wrote the first image;
@@ -420,6 +427,7 @@ extern void snap_discard (struct fleece_snap *s);
 extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
 extern void snap_record_drain (struct fleece *fl, uint64_t ns);
 extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
+extern void bitmap_distrust_recording (struct fleece *fl, const char *reason);
 extern int bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
                           uint64_t *wait);
 extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,

@@ -15,7 +15,13 @@
  * record at the start of the other half, sync.  Loading picks the half
  * whose STATE has the higher sequence, reads its image, and applies the
  * records that follow it up to the first one whose magic, checksum or
- * sequence is wrong: the torn tail of a crash.
+ * sequence is wrong.  That end is judged (tail_verdict): a write torn by
+ * a crash, which was never acknowledged and is ignored, or damage, which
+ * breaks every snapshot and makes every recording bitmap inconsistent,
+ * loudly (fl_warn).  Telling them apart relies on everything past the end
+ * of the log being zero: making a half active zeroes what an earlier use
+ * of it left.  A copy whose slot the store file no longer holds whole (a
+ * truncation) breaks only the snapshots that read it.
  *
  * Group commit.  A writer appends its record to a pending buffer and
  * waits for it to be stable; the first waiter to find no commit running
@@ -428,6 +434,8 @@ meta_wait (struct fleece *fl, uint64_t seq)
     m->committing = false;
     if (r == 0) {
       m->pos += batch.len;
+      if (m->pos > m->used_end[m->half])
+        m->used_end[m->half] = m->pos;
       m->durable = last;
       atomic_store (&m->durable_pub, last);
     }
@@ -564,7 +572,8 @@ meta_image (struct fleece *fl)
   struct wbuf img = { 0 }, payload = { 0 }, rec = { 0 }, carry = { 0 };
   uint32_t cs = fl->cluster_size, slot = 0, nslots, old_slot, old_n, i;
   uint32_t carried;
-  uint64_t state_seq, hash;
+  uint64_t state_seq, hash, zero_to;
+  size_t rec_len = 0;
   uint32_t *deferred;
   size_t ndeferred;
   int half, r = -1;
@@ -623,14 +632,38 @@ meta_image (struct fleece *fl)
   encode (&rec, REC_STATE, state_seq, payload.p, payload.len);
   for (i = 0; i < carried; i++)
     encode (&rec, REC_DIRTY, state_seq + 1 + i, carry.p + (size_t) i * 8, 8);
+  rec_len = rec.len;
   if (rec.failed || carry.failed) {
     fl_error (ENOMEM, "persistent store: out of memory");
     goto out;
+  }
+  /* Whatever an earlier use of the half left past the new records is
+   * zeroed in the same write: everything past the end of the log is then
+   * zero, which is what tells a torn write from damage at load
+   * (tail_verdict).
+   */
+  pthread_mutex_lock (&m->lock);
+  zero_to = m->used_end[half];
+  pthread_mutex_unlock (&m->lock);
+  if (zero_to > rec.len) {
+    size_t n = zero_to - rec.len;
+    char *z = calloc (1, n);
+    if (z == NULL) {
+      fl_error (ENOMEM, "persistent store: out of memory");
+      goto out;
+    }
+    wb_bytes (&rec, z, n);
+    free (z);
+    if (rec.failed) {
+      fl_error (ENOMEM, "persistent store: out of memory");
+      goto out;
+    }
   }
   if (store_meta_pwrite (&fl->store, rec.p, rec.len,
                          half_offset (half)) == -1 ||
       store_sync (&fl->store) == -1)
     goto out;
+  rec.len = rec_len;
   r = 0;
  out:
   pthread_mutex_lock (&m->lock);
@@ -640,6 +673,7 @@ meta_image (struct fleece *fl)
   if (r == 0) {
     m->half = half;
     m->pos = rec.len;
+    m->used_end[half] = rec.len;
     m->durable = state_seq + carried;
     atomic_store (&m->durable_pub, m->durable);
     m->img_slot = slot;
@@ -705,6 +739,81 @@ damaged (struct fleece *fl, const char *what)
                    "losing its snapshots and bitmaps)", fl->store.path, what);
 }
 
+/* Copies were written, and synced, before their records: a slot that a
+ * record names and that is not wholly inside the store (up to the bytes
+ * the copy uses: the disk's last cluster may be short) lost its data
+ * since, to a truncation.  Its data is gone and is never read.
+ */
+static bool
+copy_in_store (struct fleece *fl, const struct copy *cp)
+{
+  uint64_t need = fl->disk.size - (uint64_t) cp->cluster * fl->cluster_size;
+
+  if (need > fl->cluster_size)
+    need = fl->cluster_size;
+  return fl->store.data_offset + (uint64_t) cp->slot * fl->cluster_size +
+    need <= fl->meta.load_size;
+}
+
+/* Keep a lost copy aside: once every record is applied (a later RELEASE
+ * may make it unneeded), the snapshots that still read it are broken
+ * (break_lost).  cgen still counts it, so that the copy ranges of the
+ * cluster stay disjoint.
+ */
+static int
+lose_copy (struct fleece *fl, const struct copy *cp)
+{
+  struct meta *m = &fl->meta;
+
+  if (m->nlost == m->caplost) {
+    size_t cap = m->caplost ? m->caplost * 2 : 16;
+    struct copy *p = realloc (m->lost, cap * sizeof *p);
+    if (p == NULL)
+      return fl_error (ENOMEM, "loading the store: out of memory");
+    m->lost = p;
+    m->caplost = cap;
+  }
+  m->lost[m->nlost++] = *cp;
+  if (cp->hi > atomic_load (&fl->cgen[cp->cluster]))
+    atomic_store (&fl->cgen[cp->cluster], cp->hi);
+  return 0;
+}
+
+/* Break snapshot s at load, for reason, and say so whatever the debug
+ * level: the operator must learn that a snapshot was lost.
+ */
+static void
+break_at_load (struct fleece *fl, struct fleece_snap *s, const char *reason)
+{
+  if (atomic_load (&s->broken))
+    return;
+  snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
+  atomic_store (&s->broken, true);
+  fl_warn ("store: %s: snapshot '%s' is broken (its export fails every "
+           "read): %s", fl->store.path, s->name, reason);
+}
+
+static void
+break_lost (struct fleece *fl)
+{
+  struct meta *m = &fl->meta;
+  char reason[256];
+  size_t i, j;
+
+  for (i = 0; i < m->nlost; i++) {
+    const struct copy *cp = &m->lost[i];
+    for (j = 0; j < fl->nsnaps; j++) {
+      if (!snap_reads_copy (fl->snaps[j], cp->cluster, cp->lo, cp->hi))
+        continue;
+      snprintf (reason, sizeof reason, "the store file ends before the end "
+                "of slot %" PRIu32 ", which held the copy of cluster %"
+                PRIu32 ": the store was truncated and the copy is lost",
+                cp->slot, cp->cluster);
+      break_at_load (fl, fl->snaps[j], reason);
+    }
+  }
+}
+
 static int
 load_copy (struct fleece *fl, const struct copy *cp)
 {
@@ -712,13 +821,15 @@ load_copy (struct fleece *fl, const struct copy *cp)
 
   if (cp->cluster >= fl->nclusters || cp->lo >= cp->hi ||
       cp->hi >= GEN_LIMIT ||
-      (cp->slot != ZERO_SLOT && cp->slot >= fl->meta.load_slots))
+      (cp->slot != ZERO_SLOT && cp->slot >= UINT32_MAX - 1))
     return damaged (fl, "a copy record is out of range");
   /* A copy no snapshot reads any more (an image can hold one whose
    * release was pending) is skipped: its slot may have been reused.
    */
   if (!copy_needed (fl, cp))
     return 0;
+  if (cp->slot != ZERO_SLOT && !copy_in_store (fl, cp))
+    return lose_copy (fl, cp);
   if (copymap_overlap (&fl->copies, cp->cluster, cp->lo, cp->hi, &have)) {
     if (memcmp (&have, cp, sizeof have) == 0)
       return 0;                 /* repeated after an image: the same copy */
@@ -888,6 +999,118 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
   }
 }
 
+/* What ends the log at pos, after the record of sequence prev
+ * (docs/store-format.md, "Torn tail or damage").
+ *
+ * A write is torn only in whole sectors: a crash leaves each 512-byte
+ * sector of a group commit's write either written or as it was, and the
+ * page cache tears an interrupted pwrite at page boundaries.  Everything
+ * past the end of the log was zero before the write (meta_image zeroes a
+ * half when it becomes active).  So:
+ *
+ * - neither the record magic nor the next sequence number at pos: no
+ *   record was written there (or its first sector was lost to a crash):
+ *   the end of the log;
+ * - a record there (its magic, or its sequence number) that fails to
+ *   decode, lying within one sector: a torn write cannot do that, it is
+ *   damaged;
+ * - spanning sectors, one of them after its first all zero, holding at
+ *   least 16 of the record's bytes (16 bytes of any record as written hold
+ *   a non-zero byte: a sequence number, a checksum, a count, a generation
+ *   or text): that sector was never written, the record is torn;
+ * - spanning sectors, none of them zero: written whole, damaged;
+ * - a zero sector holding fewer than 16 of its bytes, at its end: those
+ *   bytes might have been written as zeroes; which it is cannot be told.
+ */
+enum { TAIL_END, TAIL_TORN, TAIL_DAMAGED, TAIL_UNSURE };
+#define SECTOR 512
+
+static int
+tail_verdict (const char *half, size_t pos, uint64_t prev)
+{
+  size_t end, sec, s0, s1;
+  uint64_t seq;
+  uint32_t len;
+  bool magic, unsure = false;
+  struct rec r;
+
+  /* A valid record that is not the next one: an earlier use of the half
+   * (stores of earlier versions did not zero it), or a later record,
+   * which load judges.
+   */
+  if (pos + 24 > HALF_SIZE || decode (half + pos, HALF_SIZE - pos, &r))
+    return TAIL_END;
+  magic = memcmp (half + pos, REC_MAGIC, 4) == 0;
+  memcpy (&seq, half + pos + 16, 8);
+  if (!magic && le64toh (seq) != prev + 1)
+    return TAIL_END;
+  memcpy (&len, half + pos + 8, 4);
+  len = le32toh (len);
+  end = magic && pos + REC_HDR_SIZE <= HALF_SIZE &&
+    len <= HALF_SIZE - pos - REC_HDR_SIZE ? pos + REC_HDR_SIZE + len
+    : pos + 24;
+  for (sec = pos / SECTOR + 1; sec * SECTOR < end; sec++) {
+    s0 = sec * SECTOR;
+    s1 = s0 + SECTOR < HALF_SIZE ? s0 + SECTOR : HALF_SIZE;
+    if (!fl_is_zero (half + s0, s1 - s0))
+      continue;
+    if ((end < s1 ? end : s1) - s0 >= 16)
+      return TAIL_TORN;
+    unsure = true;
+  }
+  return unsure ? TAIL_UNSURE : TAIL_DAMAGED;
+}
+
+/* What ends the log of half h at pos, after the record of sequence prev
+ * (tail_verdict): damage, or doubt, breaks every snapshot and makes every
+ * recording bitmap inconsistent, loudly.  Returns the highest sequence
+ * number found in the half.
+ */
+static uint64_t
+judge_end (struct fleece *fl, const char *half, int h, size_t pos,
+           uint64_t prev)
+{
+  uint64_t newest = prev;
+  int verdict = tail_verdict (half, pos, prev);
+  char why[256];
+  struct rec r;
+  size_t q, i;
+
+  /* A valid newer record past the end means a damaged record, not a torn
+   * tail (or a tail torn out of order): records may be missing.
+   */
+  for (q = pos + 8; q + REC_HDR_SIZE <= HALF_SIZE; q += 8)
+    if (decode (half + q, HALF_SIZE - q, &r) && r.seq > newest)
+      newest = r.seq;
+  if (newest > prev)
+    snprintf (why, sizeof why, "the store's metadata log has a damaged "
+              "record (sequence %" PRIu64 ") followed by valid ones: copies "
+              "may be missing", prev + 1);
+  else if (verdict == TAIL_DAMAGED)
+    snprintf (why, sizeof why, "the last record of the store's metadata "
+              "log (sequence %" PRIu64 ", offset %zu of half %d) is "
+              "damaged, not torn (it was written whole): a copy may be "
+              "missing", prev + 1, pos, h);
+  else if (verdict == TAIL_UNSURE)
+    snprintf (why, sizeof why, "the last record of the store's metadata "
+              "log (sequence %" PRIu64 ", offset %zu of half %d) fails its "
+              "checksum, and whether a crash tore it or it is damaged cannot "
+              "be told: a copy may be missing", prev + 1, pos, h);
+  else {
+    if (verdict == TAIL_TORN)
+      fl_debug ("store: %s: the log ends with a record torn by a crash "
+                "(sequence %" PRIu64 "): it was never acknowledged, ignored",
+                fl->store.path, prev + 1);
+    return newest;
+  }
+  fl_warn ("store: %s: %s; every snapshot is marked broken, every "
+           "recording bitmap inconsistent", fl->store.path, why);
+  for (i = 0; i < fl->nsnaps; i++)
+    break_at_load (fl, fl->snaps[i], why);
+  bitmap_distrust_recording (fl, why);
+  return newest;
+}
+
 /* Count, for each snapshot, the copies it reads. */
 static int
 count_held (void *opaque, const struct copy *cp)
@@ -907,11 +1130,12 @@ load (struct fleece *fl)
   struct meta *m = &fl->meta;
   char *region = NULL, *img = NULL;
   struct rec st[2], r;
-  size_t sz[2], pos, q;
+  size_t sz[2], pos;
   uint32_t slot, nslots, gen, i;
   uint64_t len, hash, prev, newest;
   int h, ret = -1;
   struct stat sb;
+  const char *half;
 
   region = malloc (FLEECE_STORE_META_SIZE);
   if (region == NULL)
@@ -940,24 +1164,27 @@ load (struct fleece *fl)
     fl_error (errno, "store: fstat: %s: %m", fl->store.path);
     goto out;
   }
-  /* Copies were written before their records: every slot a record
-   * names lies within the store as it is now.
+  /* The image must be wholly inside the store: without it nothing can
+   * be loaded.  A copy that is not loses only its snapshots (lose_copy).
    */
-  {
-    uint64_t size = sb.st_size, n;
-    if (!fl->store.is_file &&
-        fl_block_size (fl->store.fd, "store", fl->store.path, &size) == -1)
-      goto out;
-    n = size > fl->store.data_offset
-      ? (size - fl->store.data_offset + fl->cluster_size - 1) /
-        fl->cluster_size : 0;
-    m->load_slots = n > UINT32_MAX - 2 ? UINT32_MAX - 2 : n;
-  }
+  m->load_size = sb.st_size;
+  if (!fl->store.is_file &&
+      fl_block_size (fl->store.fd, "store", fl->store.path,
+                     &m->load_size) == -1)
+    goto out;
   if (len == 0 || nslots != (len + fl->cluster_size - 1) / fl->cluster_size
-      || (uint64_t) slot + nslots > m->load_slots ||
-      (fl->store.is_file && fl->store.data_offset +
-       (uint64_t) slot * fl->cluster_size + len > (uint64_t) sb.st_size)) {
+      || slot >= UINT32_MAX - 1 || nslots >= UINT32_MAX - 1 - slot) {
     damaged (fl, "the STATE record points outside the store");
+    goto out;
+  }
+  if (fl->store.data_offset + (uint64_t) slot * fl->cluster_size + len >
+      m->load_size) {
+    char what[200];
+    snprintf (what, sizeof what, "the STATE record points outside the "
+              "store: its image ends at byte %" PRIu64 ", the store has %"
+              PRIu64 " (it was truncated)", fl->store.data_offset +
+              (uint64_t) slot * fl->cluster_size + len, m->load_size);
+    damaged (fl, what);
     goto out;
   }
   img = malloc (len);
@@ -980,11 +1207,11 @@ load (struct fleece *fl)
   if (load_image (fl, img, len, &gen) == -1)
     goto out;
 
-  /* The records after the STATE, up to the torn tail. */
+  /* The records after the STATE, up to the end of the log. */
   prev = st[h].seq;
+  half = region + (size_t) h * HALF_SIZE;
   for (pos = sz[h]; pos < HALF_SIZE; ) {
-    const char *p = region + (size_t) h * HALF_SIZE + pos;
-    size_t n = decode (p, HALF_SIZE - pos, &r);
+    size_t n = decode (half + pos, HALF_SIZE - pos, &r);
     if (n == 0 || r.seq != prev + 1)
       break;
     if (apply_record (fl, &r, &gen) == -1)
@@ -992,26 +1219,18 @@ load (struct fleece *fl)
     prev = r.seq;
     pos += n;
   }
-  /* A valid newer record past the end means a damaged record, not a torn
-   * tail (or a tail torn out of order): records may be missing, so no
-   * snapshot can be proven exact.
+  newest = judge_end (fl, half, h, pos, prev);
+  break_lost (fl);
+  /* What each half holds that is not zero: zeroed when it is next made
+   * active (meta_image).
    */
-  newest = prev;
-  for (q = pos + 8; q + REC_HDR_SIZE <= HALF_SIZE; q += 8) {
-    const char *p = region + (size_t) h * HALF_SIZE + q;
-    if (decode (p, HALF_SIZE - q, &r) && r.seq > newest)
-      newest = r.seq;
+  for (i = 0; i < 2; i++) {
+    const char *p = region + (size_t) i * HALF_SIZE;
+    size_t e = HALF_SIZE;
+    while (e > 0 && p[e - 1] == 0)
+      e--;
+    m->used_end[i] = e;
   }
-  if (newest > prev)
-    for (i = 0; i < fl->nsnaps; i++)
-      if (!atomic_load (&fl->snaps[i]->broken)) {
-        snprintf (fl->snaps[i]->broken_reason,
-                  sizeof fl->snaps[i]->broken_reason,
-                  "the store's metadata log has a damaged record (sequence "
-                  "%" PRIu64 ") followed by valid ones: copies may be "
-                  "missing", prev + 1);
-        atomic_store (&fl->snaps[i]->broken, true);
-      }
   m->seq = newest;
   m->durable = newest;
   atomic_store (&m->durable_pub, newest);
@@ -1038,6 +1257,9 @@ load (struct fleece *fl)
  out:
   free (region);
   free (img);
+  free (m->lost);
+  m->lost = NULL;
+  m->nlost = m->caplost = 0;
   return ret;
 }
 

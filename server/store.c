@@ -16,6 +16,16 @@
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
  * validates and names this disk; meta.c then loads its metadata.
+ *
+ * Formatting destroys what a store holds, so it is done only to a store
+ * that holds nothing to keep: an empty or all-zero file (for a block
+ * device, an all-zero superblock and log region), or one whose intact
+ * superblock says it keeps nothing (FLEECE_SB_PERSISTENT clear).  In
+ * either mode anything else (a damaged superblock, another version,
+ * somebody else's file) is refused with what was found: it may be a
+ * persistent store's snapshots and bitmaps.  That is why a new persistent
+ * store is given a superblock without FLEECE_SB_PERSISTENT at once, and
+ * the persistent one only after its first image (meta_start).
  */
 
 #include <config.h>
@@ -24,6 +34,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <endian.h>
 #include <stddef.h>
@@ -57,9 +68,11 @@ meta_write_fails (void)
     atomic_fetch_add (&done, 1) >= fleece_debug.fail_meta_write;
 }
 
-/* Write the superblock, and with a persistent store make it stable. */
-int
-store_write_superblock (struct store *s, const struct disk *d, bool clean)
+/* Write the superblock block with these flags; with a persistent store
+ * make it stable.
+ */
+static int
+write_superblock (struct store *s, const struct disk *d, uint32_t flags)
 {
   char block[FLEECE_STORE_HEADER_SIZE];
   struct fleece_superblock *sb = (void *) block;
@@ -67,8 +80,7 @@ store_write_superblock (struct store *s, const struct disk *d, bool clean)
   memset (block, 0, sizeof block);
   memcpy (sb->magic, FLEECE_STORE_MAGIC, 8);
   sb->version = htole32 (FLEECE_STORE_VERSION);
-  sb->flags = htole32 ((clean ? FLEECE_SB_CLEAN : 0) |
-                       (s->persistent ? FLEECE_SB_PERSISTENT : 0));
+  sb->flags = htole32 (flags);
   sb->cluster_size = htole32 (s->cluster_size);
   sb->header_size = htole32 (FLEECE_STORE_HEADER_SIZE);
   sb->disk_size = htole64 (d->size);
@@ -80,13 +92,23 @@ store_write_superblock (struct store *s, const struct disk *d, bool clean)
   sb->created = htole64 (s->created);
   sb->checksum = htole64 (XXH64 (sb, offsetof (struct fleece_superblock,
                                                checksum), 0));
-  if (meta_write_fails ())
-    return fl_error (EIO, "store: writing superblock: %s: injected error "
-                     "(fleece.fail_meta_write)", s->path);
   if (fl_pwrite_all (s->fd, "store superblock", s->path, block, sizeof block,
                      0, false) == -1)
     return -1;
   return s->persistent ? store_sync (s) : 0;
+}
+
+/* The superblock of a store in use, and with a persistent store make it
+ * stable.
+ */
+int
+store_write_superblock (struct store *s, const struct disk *d, bool clean)
+{
+  if (meta_write_fails ())
+    return fl_error (EIO, "store: writing superblock: %s: injected error "
+                     "(fleece.fail_meta_write)", s->path);
+  return write_superblock (s, d, (clean ? FLEECE_SB_CLEAN : 0) |
+                           (s->persistent ? FLEECE_SB_PERSISTENT : 0));
 }
 
 int
@@ -94,6 +116,32 @@ store_sync (struct store *s)
 {
   if (fdatasync (s->fd) == -1)
     return fl_error (errno, "store: fdatasync: %s: %m", s->path);
+  return 0;
+}
+
+/* The checks every Fleece superblock must pass, in either mode, before
+ * the store is loaded or formatted: one that fails them may be a damaged
+ * persistent store (docs/store-format.md, "Opening").
+ */
+static int
+check_superblock_intact (struct store *s, const struct fleece_superblock *sb)
+{
+  uint32_t flags = le32toh (sb->flags);
+
+  if (le64toh (sb->checksum) !=
+      XXH64 (sb, offsetof (struct fleece_superblock, checksum), 0))
+    return fl_error (EINVAL, "store: %s: the superblock checksum is wrong: "
+                     "the store is damaged (remove it to start afresh, "
+                     "losing what it holds)", s->path);
+  if (le32toh (sb->version) != FLEECE_STORE_VERSION)
+    return fl_error (EINVAL, "store: %s: format version %" PRIu32 ", this "
+                     "Fleece reads version %d: refusing to load or format "
+                     "it", s->path, le32toh (sb->version),
+                     FLEECE_STORE_VERSION);
+  if (flags & ~(uint32_t) (FLEECE_SB_PERSISTENT | FLEECE_SB_CLEAN))
+    return fl_error (EINVAL, "store: %s: unknown superblock flags 0x%"
+                     PRIx32 ": refusing to load or format it", s->path,
+                     flags);
   return 0;
 }
 
@@ -105,19 +153,9 @@ check_superblock (struct store *s, const struct fleece_superblock *sb,
                   uint32_t *cluster_size, const struct disk *d)
 {
   uint32_t cs = le32toh (sb->cluster_size);
-  uint32_t flags = le32toh (sb->flags);
 
-  if (le64toh (sb->checksum) !=
-      XXH64 (sb, offsetof (struct fleece_superblock, checksum), 0))
-    return fl_error (EINVAL, "store: %s: the superblock checksum is wrong: "
-                     "the store is damaged", s->path);
-  if (le32toh (sb->version) != FLEECE_STORE_VERSION)
-    return fl_error (EINVAL, "store: %s: format version %" PRIu32 ", this "
-                     "Fleece reads version %d", s->path,
-                     le32toh (sb->version), FLEECE_STORE_VERSION);
-  if (flags & ~(uint32_t) (FLEECE_SB_PERSISTENT | FLEECE_SB_CLEAN))
-    return fl_error (EINVAL, "store: %s: unknown superblock flags 0x%"
-                     PRIx32, s->path, flags);
+  if (check_superblock_intact (s, sb) == -1)
+    return -1;
   if (le32toh (sb->header_size) != FLEECE_STORE_HEADER_SIZE ||
       le64toh (sb->meta_offset) != FLEECE_STORE_HEADER_SIZE ||
       le64toh (sb->meta_size) != FLEECE_STORE_META_SIZE ||
@@ -146,24 +184,158 @@ check_superblock (struct store *s, const struct fleece_superblock *sb,
   return 0;
 }
 
-/* Read the superblock.  Returns 1 if the store holds a Fleece
- * superblock (in sb), 0 if it holds none, -1 on error.
+/* Is [off, off + len) of the store all zero?  Holes of a regular file
+ * are skipped (SEEK_DATA), so a sparse store costs only its data.
+ * Returns 1 if it is, 0 if not (with the first non-zero offset in *at),
+ * -1 on error.
  */
 static int
-read_superblock (struct store *s, uint64_t file_size,
-                 struct fleece_superblock *sb)
+region_is_zero (struct store *s, uint64_t off, uint64_t len, uint64_t *at)
 {
-  ssize_t r;
+  const size_t chunk = 1 << 20;
+  uint64_t end = off + len;
+  char *buf = malloc (chunk);
+  int r = 1;
 
-  if (s->is_file && file_size < FLEECE_STORE_HEADER_SIZE)
-    return 0;
-  r = pread (s->fd, sb, sizeof *sb, 0);
-  if (r == -1)
-    return fl_error (errno, "store: reading the superblock: %s: %m",
-                     s->path);
-  if (r != sizeof *sb || memcmp (sb->magic, FLEECE_STORE_MAGIC, 8) != 0)
-    return 0;
-  return 1;
+  if (buf == NULL)
+    return fl_error (ENOMEM, "store: out of memory");
+  while (off < end && r == 1) {
+    uint64_t data_end = end;
+    if (s->is_file) {
+      off_t d = lseek (s->fd, off, SEEK_DATA), h;
+      if (d == -1 && errno == ENXIO)
+        break;                  /* only holes from here */
+      if (d == -1) {
+        r = fl_error (errno, "store: lseek: %s: %m", s->path);
+        break;
+      }
+      if ((uint64_t) d >= end)
+        break;
+      off = d;
+      h = lseek (s->fd, off, SEEK_HOLE);
+      if (h != -1 && (uint64_t) h < end)
+        data_end = h;
+    }
+    while (off < data_end) {
+      size_t n = data_end - off < chunk ? data_end - off : chunk;
+      size_t i;
+      if (fl_pread_all (s->fd, "store", s->path, buf, n, off) == -1) {
+        r = -1;
+        break;
+      }
+      if (!fl_is_zero (buf, n)) {
+        for (i = 0; buf[i] == 0; i++)
+          ;
+        *at = off + i;
+        r = 0;
+        break;
+      }
+      off += n;
+    }
+  }
+  free (buf);
+  return r;
+}
+
+/* Does half h of the metadata log start with a valid record? */
+static bool
+log_starts_with_record (struct store *s, int h)
+{
+  char rec[32 + 32];
+  uint32_t len;
+  uint64_t sum;
+  XXH64_state_t *st;
+  bool ok;
+
+  if (fl_pread_all (s->fd, "store", s->path, rec, sizeof rec,
+                    FLEECE_STORE_HEADER_SIZE +
+                    (uint64_t) h * (FLEECE_STORE_META_SIZE / 2)) == -1 ||
+      memcmp (rec, "FLMR", 4) != 0)
+    return false;
+  memcpy (&len, rec + 8, 4);
+  memcpy (&sum, rec + 24, 8);
+  if (le32toh (len) > 32)
+    return true;                /* the magic alone says enough */
+  st = XXH64_createState ();
+  if (st == NULL)
+    return true;
+  XXH64_reset (st, 0);
+  XXH64_update (st, rec, 24);
+  XXH64_update (st, rec + 32, le32toh (len));
+  ok = XXH64_digest (st) == le64toh (sum);
+  XXH64_freeState (st);
+  return ok;
+}
+
+/* The first bytes of something that is not a superblock, for a message:
+ * printable ASCII as is, the rest as \xNN.
+ */
+static void
+show_bytes (const unsigned char *p, size_t n, char *out, size_t outlen)
+{
+  size_t i, o = 0;
+
+  for (i = 0; i < n && o + 5 < outlen; i++)
+    o += snprintf (out + o, outlen - o,
+                   p[i] >= 0x20 && p[i] < 0x7f && p[i] != '\\' && p[i] != '"'
+                   ? "%c" : "\\x%02x", p[i]);
+  out[o] = '\0';
+}
+
+/* A store without a valid superblock may be formatted only if it holds
+ * nothing: no byte of a regular file, nor of a block device's superblock
+ * and log, is other than zero.  Anything else is refused with what was
+ * found, so that neither a damaged persistent store nor somebody else's
+ * file is ever formatted (docs/store-format.md, "Opening").  Returns 0
+ * when it may be formatted.
+ */
+static int
+check_formattable (struct store *s, uint64_t size,
+                   const struct fleece_superblock *sb, ssize_t got)
+{
+  const uint64_t meta_end = FLEECE_STORE_HEADER_SIZE + FLEECE_STORE_META_SIZE;
+  struct fleece_superblock fixed;
+  char shown[8 * 4 + 1];
+  uint64_t at = 0;
+  int r;
+
+  r = region_is_zero (s, 0, s->is_file || size < meta_end ? size : meta_end,
+                      &at);
+  if (r != 0)
+    return r == 1 ? 0 : -1;
+  show_bytes ((const unsigned char *) sb->magic, got < 8 ? got : 8, shown,
+              sizeof shown);
+  if (s->is_file && size < FLEECE_STORE_HEADER_SIZE)
+    return fl_error (EINVAL, "store: %s: is %" PRIu64 " bytes long, shorter "
+                     "than a store's %d-byte superblock, and not empty%s: "
+                     "refusing to format it (remove it to start afresh, "
+                     "losing what it holds)", s->path, size,
+                     FLEECE_STORE_HEADER_SIZE,
+                     got >= 8 && memcmp (sb->magic, FLEECE_STORE_MAGIC, 8) == 0
+                     ? " (it starts with a Fleece superblock's magic: a "
+                     "truncated store)" : "");
+  /* A superblock whose only fault is its magic. */
+  fixed = *sb;
+  memcpy (fixed.magic, FLEECE_STORE_MAGIC, 8);
+  if (le64toh (fixed.checksum) ==
+      XXH64 (&fixed, offsetof (struct fleece_superblock, checksum), 0))
+    return fl_error (EINVAL, "store: %s: the superblock's magic is damaged "
+                     "(\"%s\", not \"%s\"; the rest of the superblock is "
+                     "intact): the store is damaged; refusing to format it "
+                     "(remove it to start afresh, losing its snapshots and "
+                     "bitmaps)", s->path, shown, FLEECE_STORE_MAGIC);
+  if (log_starts_with_record (s, 0) || log_starts_with_record (s, 1))
+    return fl_error (EINVAL, "store: %s: has no valid superblock (it starts "
+                     "with \"%s\", not \"%s\"), but its metadata log holds "
+                     "records: a damaged persistent store; refusing to "
+                     "format it (remove it to start afresh, losing its "
+                     "snapshots and bitmaps)", s->path, shown,
+                     FLEECE_STORE_MAGIC);
+  return fl_error (EINVAL, "store: %s: is not a Fleece store and not empty "
+                   "(it starts with \"%s\", not the superblock magic \"%s\"; "
+                   "first non-zero byte at offset %" PRIu64 "): refusing to "
+                   "format it; give a new or empty file (or remove this one)",
+                   s->path, shown, FLEECE_STORE_MAGIC, at);
 }
 
 static int
@@ -180,13 +352,79 @@ zero_log (struct store *s)
   return r;
 }
 
+/* Read what the store holds and decide (docs/store-format.md,
+ * "Opening"): 0 with *existing set if it is a persistent store to load,
+ * 0 with *existing clear if it may be formatted, -1 if it is refused.
+ */
+static int
+judge_store (struct store *s, uint64_t size, bool persistent,
+             uint32_t *cluster_size, const struct disk *d, bool *existing)
+{
+  struct fleece_superblock sb;
+  ssize_t got;
+  bool found;
+
+  memset (&sb, 0, sizeof sb);
+  got = size == 0 ? 0 : pread (s->fd, &sb, sizeof sb, 0);
+  if (got == -1)
+    return fl_error (errno, "store: reading the superblock: %s: %m",
+                     s->path);
+  /* A superblock is a whole 4096-byte block: a shorter file has none. */
+  found = size >= FLEECE_STORE_HEADER_SIZE && got == sizeof sb &&
+    memcmp (sb.magic, FLEECE_STORE_MAGIC, 8) == 0;
+  /* Whatever the mode, a Fleece superblock must be intact, and anything
+   * else may be formatted only if it holds nothing.
+   */
+  if (!found)
+    return size > 0 ? check_formattable (s, size, &sb, got) : 0;
+  if (check_superblock_intact (s, &sb) == -1)
+    return -1;
+  if (!(le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
+    /* A persistent=false store, or a persistent=true start that stopped
+     * before its first image: nothing to keep.
+     */
+    if (size > data_offset_for (le32toh (sb.cluster_size)))
+      fl_debug ("store: %s: formatting it, discarding the copies of an "
+                "earlier run that kept nothing (%" PRIu64 " bytes)",
+                s->path, size);
+    return 0;
+  }
+  if (!persistent)
+    return fl_error (EEXIST, "store: %s: holds the persistent snapshots "
+                     "and bitmaps of an earlier run: start with "
+                     "persistent=true to keep them, or remove the file to "
+                     "discard them", s->path);
+  if (check_superblock (s, &sb, cluster_size, d) == -1)
+    return -1;
+  *existing = true;
+  return 0;
+}
+
+/* Format a store that holds nothing to keep: a superblock that says so.
+ * A persistent one gets its persistent superblock only after its first
+ * image (meta_start), so that a crash in between leaves a store that is
+ * formatted again, not one refused as damaged.
+ */
+static int
+format_store (struct store *s, const struct disk *d)
+{
+  s->created = (uint64_t) time (NULL);
+  if (s->is_file && ftruncate (s->fd, 0) == -1)
+    return fl_error (errno, "store: ftruncate: %s: %m", s->path);
+  /* A block device is not truncated: clear its metadata log, so that
+   * the records of an earlier store on it can never be loaded.
+   */
+  if (!s->is_file && s->persistent && zero_log (s) == -1)
+    return -1;
+  return write_superblock (s, d, FLEECE_SB_CLEAN);
+}
+
 int
 store_open (struct store *s, const char *path, uint32_t *cluster_size,
             const struct disk *d, bool persistent, bool *existing)
 {
-  struct fleece_superblock sb;
   struct stat st;
-  int found;
+  uint64_t size;
 
   memset (s, 0, sizeof *s);
   *existing = false;
@@ -217,51 +455,17 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
     }
   }
   s->is_file = S_ISREG (st.st_mode);
-  found = read_superblock (s, st.st_size, &sb);
-  if (found == -1)
+  if (s->is_file)
+    size = st.st_size;
+  else if (fl_block_size (s->fd, "store", path, &size) == -1)
     goto out_free_path;
-  /* A Fleece superblock that fails its checksum may be a persistent
-   * store's: refuse it rather than format it.
-   */
-  if (found && le64toh (sb.checksum) !=
-      XXH64 (&sb, offsetof (struct fleece_superblock, checksum), 0)) {
-    fl_error (EINVAL, "store: %s: the superblock checksum is wrong: the "
-              "store is damaged (remove it to start afresh, losing what it "
-              "holds)", path);
+  if (judge_store (s, size, persistent, cluster_size, d, existing) == -1)
     goto out_free_path;
-  }
-  if (found && !persistent &&
-      (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
-    fl_error (EEXIST, "store: %s: holds the persistent snapshots and "
-              "bitmaps of an earlier run: start with persistent=true to "
-              "keep them, or remove the file to discard them", path);
-    goto out_free_path;
-  }
-  if (found && persistent && (le32toh (sb.flags) & FLEECE_SB_PERSISTENT)) {
-    if (check_superblock (s, &sb, cluster_size, d) == -1)
-      goto out_free_path;
-    *existing = true;
-  }
-  else {
-    if (*cluster_size == 0)
-      *cluster_size = FLEECE_CLUSTER_SIZE_DEFAULT;
-    s->created = (uint64_t) time (NULL);
-    if (s->is_file && ftruncate (s->fd, 0) == -1) {
-      fl_error (errno, "store: ftruncate: %s: %m", path);
-      goto out_free_path;
-    }
-    /* A block device is not truncated: clear its metadata log, so that
-     * the records of an earlier store on it can never be loaded.
-     */
-    if (!s->is_file && persistent && zero_log (s) == -1)
-      goto out_free_path;
-  }
+  if (!*existing && *cluster_size == 0)
+    *cluster_size = FLEECE_CLUSTER_SIZE_DEFAULT;
   s->cluster_size = *cluster_size;
   s->data_offset = data_offset_for (s->cluster_size);
-  /* A new persistent store gets its superblock after its first image
-   * (meta_start).
-   */
-  if (!persistent && store_write_superblock (s, d, true) == -1)
+  if (!*existing && format_store (s, d) == -1)
     goto out_free_path;
   pthread_mutex_init (&s->lock, NULL);
   return 0;

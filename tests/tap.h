@@ -6,7 +6,7 @@
  *   ok (cond, fmt, ...);         "ok N - ..." / "not ok N - ..."; returns cond
  *   diag (fmt, ...);             "# ..." (a comment, kept in the log)
  *   skip_all (fmt, ...);         "1..0 # SKIP ..." and exit 0: only for a
- *                                genuinely optional feature (STYLE.md)
+ *                                genuinely optional feature (HACKING)
  *   bail_out (fmt, ...);         "Bail out! ..." and exit 1: the test
  *                                cannot go on (setup failed)
  *   return done ();              exit status: 0 if every test passed and

@@ -12,7 +12,7 @@
  * cluster has a version, bumped by every live write, zero or trim that
  * touches it, and each snapshot remembers the versions it saw.  A live
  * operation preserves version v of cluster c exactly when some live
- * snapshot that has not released c saw v (DESIGN.md invariant 2: one copy,
+ * snapshot that has not released c saw v (docs/design.md invariant 2: one copy,
  * however many snapshots share it); the copy is kept while such a snapshot
  * exists, and takes no store space if the cluster was all zeroes
  * (invariant 5).  So cbw_clusters, cbw_zero_clusters, bytes_copied,

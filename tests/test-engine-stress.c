@@ -1,6 +1,6 @@
 /* Concurrency: snapshot isolation and atomic creation under load.
  *
- * (a) Isolation (DESIGN.md invariant 1).  A disk of random data; the
+ * (a) Isolation (docs/design.md invariant 1).  A disk of random data; the
  * reference is a copy of the disk taken, with the writers paused, just
  * before snapshot S is created.  Writer threads then do random live
  * writes, zeroes and trims on overlapping, unaligned ranges, mostly on a

@@ -137,9 +137,12 @@ ok "nbdkit stops cleanly" stop_nbdkit p
 
 # --- the log's tail: torn (a batch that never completed) or damaged ---
 # log_edit STORE torn|damage: find the active half (the valid STATE record
-# with the higher sequence), walk its records; "torn" writes a half-written
-# record after the last one (the next sequence, a bad checksum), "damage"
-# flips a payload byte of the first record after the STATE.
+# with the higher sequence), walk its records; "torn" writes what a crash
+# leaves of a record after the last one: the next sequence and a length
+# that reaches past the sector (512 bytes) where it starts, its bytes up
+# to the end of that sector written and the next sectors not (zero, as
+# everything past the end of the log is); "damage" flips a payload byte
+# of the first record after the STATE.
 log_edit ()
 {
   python3 - "$@" <<'EOF2'
@@ -161,8 +164,10 @@ base = 4096 + act * HALF
 print("records after STATE:", len(recs) - 1)
 if what == "torn":
     last = recs[-1]
-    hdr = b"FLMR" + struct.pack("<HHIIQQ", 0x20, 0, 24, 0, last[3] + 1, 12345)
-    f.seek(base + end); f.write(hdr + b"\x01" * 10)
+    hdr = b"FLMR" + struct.pack("<HHIIQQ", 0x20, 0, 8 + 16 * 80, 0, last[3] + 1, 12345)
+    written = (end // 512 + 1) * 512 - end
+    body = (hdr + b"\x01" * 2000)[:max(written, 32)]
+    f.seek(base + end); f.write(body)
 else:
     pos = recs[1][0] + 32 + 9
     f.seek(base + pos); b = f.read(1); f.seek(base + pos); f.write(bytes([b[0] ^ 0x40]))
@@ -186,6 +191,9 @@ is "$(broken t)" True "t is broken: copies may be missing"
 reason=$(jget "$(ctl p --json snapshot list)" '[s["broken-reason"] for s in d if s["name"] == "t"][0]')
 diag "reason: $reason"
 ok "the reason names the damaged record" grep -q "has a damaged record" <<<"$reason"
+is "$(state c4)" inconsistent "the recording bitmap c4 is inconsistent: a DIRTY record may be missing"
+ok "bitmap clear c4 makes it consistent again" ctl p bitmap clear c4
+is "$(state c4)" recording "c4 recording again"
 ok_fails "t's export fails reads" "Input/output error" qio p snapshot/t "read 0 64k"
 ok "snapshot delete t" ctl p snapshot delete t
 ok "nbdkit stops cleanly" stop_nbdkit p

@@ -1,5 +1,5 @@
 /* fleece-backup: pull a snapshot export onto a file or an NBD target
- * (fleece-backup(1), DESIGN.md "Pulls").
+ * (fleece-backup(1), docs/design.md "Pulls").
  *
  * One thread and one poll loop drive the source handle and, when the
  * target is NBD, the target handle, with libnbd's asynchronous API.  The

@@ -674,14 +674,21 @@ print_event (json_t *ev)
   printf ("\n");
 }
 
+/* Subscribe (so that the server keeps the connection however long no
+ * event comes), then print events as they come, including any that come
+ * before the reply.
+ */
 static int
 do_events (struct conn *c, int duration)
 {
   int64_t deadline = deadline_of (duration);
+  bool subscribed = false;
+  const char *desc;
   json_t *ev;
   char *line;
   int r;
 
+  conn_send (c, "{\"execute\":\"subscribe-events\"}");
   for (;;) {
     r = conn_read_line (c, deadline, &line);
     if (r == -1)
@@ -689,7 +696,12 @@ do_events (struct conn *c, int duration)
     if (r == 0)
       die ("events: %s closed the connection", c->path);
     ev = json_loads (line, 0, NULL);
-    if (json_object_get (ev, "event")) {
+    if (!subscribed && ev && json_object_get (ev, "event") == NULL) {
+      if (json_unpack (ev, "{s:{s:s}}", "error", "desc", &desc) == 0)
+        die ("events: subscribe-events: %s", desc);
+      subscribed = true;
+    }
+    else if (json_object_get (ev, "event")) {
       if (json_output)
         printf ("%s\n", line);
       else

@@ -19,7 +19,13 @@
  *
  *   byte 0   bits 0-1 base; bit 2 leave the superblock checksum wrong;
  *            bit 3 leave the checksums of patched records wrong; bit 4
- *            leave the STATE's image hash wrong; bit 5 flip the clean bit
+ *            leave the STATE's image hash wrong; bit 5 flip the clean bit;
+ *            bit 6 truncate the store; bit 7 damage the data area
+ *   with bit 6, u24 t: 1 + t % (data area size) bytes are cut off the
+ *            end; if t >= 0x800000, the store is cut to t % 4096 bytes,
+ *            shorter than its superblock
+ *   with bit 7, u24 o, u8 n: 1 + n % 8 bytes at data area offset
+ *            o % (its size) are replaced by the bytes that follow
  *   edits    one byte op: op % 8 is the kind, op / 8 a parameter p; then
  *            the kind's arguments (missing bytes read as zero):
  *     0  superblock patch    off u8 (% 112), 1 + p % 8 bytes
@@ -44,6 +50,18 @@
  * their checksum, and an edited image the STATE's length, slots (moved to
  * the end of the file if it grew) and hash, unless a flag says otherwise.
  * Raw patches are applied last and never fixed up.
+ *
+ * Truncation and data damage are applied after everything else.  An
+ * input that makes no other edit is checked against a model: what each
+ * snapshot read when the bases were made.  A truncated store must refuse
+ * to load only because its image is cut, and otherwise every snapshot
+ * must read exactly what it read, or be broken (a copy whose slot the
+ * truncation cut breaks the snapshots that read it); one cut shorter than
+ * its superblock must be refused as such, unless it is empty (then it is
+ * a new store).  Copied data has no
+ * checksum, so damage in a data slot may show, but only as the damaged
+ * bytes, at their offset within the slot, in clusters of snapshots that
+ * are not broken; nothing else may differ.
  *
  * After a successful load the target reads every snapshot, opens every
  * bitmap's export, makes a few changes (copies, a trim, a checkpoint, a
@@ -105,6 +123,8 @@
 #define F_NO_REC_FIX  (1u << 3)
 #define F_NO_IMG_FIX  (1u << 4)
 #define F_FLIP_CLEAN  (1u << 5)
+#define F_TRUNCATE    (1u << 6)
+#define F_DAMAGE_DATA (1u << 7)
 
 static char dir[64], disk[80], store[80];
 static bool verbose;            /* $FUZZ_STORE_VERBOSE: say what loads */
@@ -136,6 +156,7 @@ struct expect {
   char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
   bool broken;
   uint64_t hash;
+  uint8_t *data;                /* DISK_SIZE bytes, unless broken */
 };
 static struct expect expect[16];
 static size_t nexpect;
@@ -324,9 +345,12 @@ trim (struct fleece *fl, const char *snap, uint32_t c, uint32_t n)
   fleece_snap_put (s);
 }
 
-/* Hash a snapshot's content; false when it is broken. */
+/* Hash a snapshot's content, and keep it in *keep if keep is not NULL;
+ * false when it is broken.
+ */
 static bool
-snap_hash (struct fleece *fl, const char *name, uint64_t *hash)
+snap_read (struct fleece *fl, const char *name, uint64_t *hash,
+           uint8_t **keep)
 {
   struct fleece_snap *s = fleece_snap_get (fl, name);
   uint8_t *buf = malloc (DISK_SIZE);
@@ -337,8 +361,17 @@ snap_hash (struct fleece *fl, const char *name, uint64_t *hash)
   ok = fleece_snap_pread (s, buf, DISK_SIZE, 0) == 0;
   *hash = ok ? XXH64 (buf, DISK_SIZE, 0) : 0;
   fleece_snap_put (s);
-  free (buf);
+  if (keep && ok)
+    *keep = buf;
+  else
+    free (buf);
   return ok;
+}
+
+static bool
+snap_hash (struct fleece *fl, const char *name, uint64_t *hash)
+{
+  return snap_read (fl, name, hash, NULL);
 }
 
 /* Called with the list locked: names only, read afterwards. */
@@ -452,7 +485,8 @@ make_bases (void)
   fleece_list_snapshots (fl, add_expect, NULL);
   assert (nexpect == 4);
   for (n = 0; n < nexpect; n++)
-    if (snap_hash (fl, expect[n].name, &expect[n].hash) == expect[n].broken)
+    if (snap_read (fl, expect[n].name, &expect[n].hash, &expect[n].data)
+        == expect[n].broken)
       die ("a snapshot's broken state");
   keep_base (0);
   fleece_close (fl);
@@ -537,6 +571,10 @@ struct model {
   struct { uint64_t off; uint8_t bytes[8]; size_t n; } raw[64];
   size_t nraw;
   size_t nedits;
+  uint32_t cut;                 /* F_TRUNCATE: parameter t */
+  uint32_t dmg_off;             /* F_DAMAGE_DATA: parameter o, */
+  uint8_t dmg[8];               /* ... the bytes */
+  size_t ndmg;
 };
 
 static uint8_t *work;
@@ -909,7 +947,69 @@ build (struct model *m)
   }
   if (!(m->flags & F_NO_SB_FIX))
     put64 (work + SB_SUM_OFF, XXH64 (work, SB_SUM_OFF, 0));
+  if ((m->flags & F_DAMAGE_DATA) && m->ndmg && size > DATA_OFF) {
+    uint64_t off = DATA_OFF + m->dmg_off % (size - DATA_OFF);
+    size_t n = m->ndmg < size - off ? m->ndmg : size - off;
+    memcpy (work + off, m->dmg, n);
+  }
+  if ((m->flags & F_TRUNCATE) && m->cut >= 0x800000)
+    size = m->cut % FLEECE_STORE_HEADER_SIZE;
+  else if ((m->flags & F_TRUNCATE) && size > DATA_OFF)
+    size -= 1 + m->cut % (size - DATA_OFF);
   return size;
+}
+
+/* Inputs that only truncate or damage data (see the top): every
+ * snapshot reads what it read when the bases were made, or is broken;
+ * damaged data shows only as itself.
+ */
+static void
+check_model (struct fleece *fl, const struct model *m)
+{
+  uint64_t dmg_in_slot = 0;
+  size_t i, c, k;
+
+  if ((m->flags & F_DAMAGE_DATA) && m->ndmg)
+    dmg_in_slot = (m->dmg_off % (m->b->size - DATA_OFF)) % CLUSTER;
+  for (i = 0; i < nexpect; i++) {
+    struct fleece_snap *s = fleece_snap_get (fl, expect[i].name);
+    uint8_t *buf = malloc (DISK_SIZE);
+
+    if (s == NULL || buf == NULL) {
+      fprintf (stderr, "fuzz-store: snapshot '%s' is gone: %s\n",
+               expect[i].name, fleece_last_error ());
+      abort ();
+    }
+    if (fleece_snap_pread (s, buf, DISK_SIZE, 0) == -1) {
+      fleece_snap_put (s);
+      free (buf);
+      continue;                 /* broken: refuses to read, as it must */
+    }
+    fleece_snap_put (s);
+    if (expect[i].broken) {
+      fprintf (stderr, "fuzz-store: snapshot '%s' was broken and reads\n",
+               expect[i].name);
+      abort ();
+    }
+    for (c = 0; c < DISK_SIZE; c += CLUSTER) {
+      size_t n = DISK_SIZE - c < CLUSTER ? DISK_SIZE - c : CLUSTER;
+      for (k = 0; k < n; k++) {
+        size_t d = (k + CLUSTER - dmg_in_slot) % CLUSTER;
+        if (buf[c + k] == expect[i].data[c + k])
+          continue;
+        /* The damaged bytes, at their place in the slot. */
+        if ((m->flags & F_DAMAGE_DATA) && d < m->ndmg &&
+            buf[c + k] == m->dmg[d])
+          continue;
+        fprintf (stderr, "fuzz-store: snapshot '%s' is not broken but "
+                 "reads 0x%02x at offset %zu, not 0x%02x as at its "
+                 "creation\n", expect[i].name, buf[c + k], c + k,
+                 expect[i].data[c + k]);
+        abort ();
+      }
+    }
+    free (buf);
+  }
 }
 
 /* Write work to the store file, leaving zero blocks as holes. */
@@ -1065,6 +1165,8 @@ cleanup (void)
     free (bases[i].p);
   free (disk_copy);
   free (work);
+  for (i = 0; i < (int) nexpect; i++)
+    free (expect[i].data);
 }
 
 int LLVMFuzzerInitialize (int *argc, char ***argv);
@@ -1120,7 +1222,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   struct fleece *fl;
   unsigned flags;
   size_t len;
-  bool unchanged;
+  bool unchanged, modelled;
 
   if (size == 0)
     return 0;
@@ -1129,6 +1231,17 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   if (m == NULL)
     abort ();
   model_init (m, &bases[flags % NBASES], flags);
+  if (flags & F_TRUNCATE)
+    m->cut = take (&in, 3);
+  if (flags & F_DAMAGE_DATA) {
+    size_t n;
+    const uint8_t *src;
+    m->dmg_off = take (&in, 3);
+    n = 1 + take (&in, 1) % 8;
+    src = take_bytes (&in, &n);
+    memcpy (m->dmg, src, n);
+    m->ndmg = n;
+  }
   while (in.pos < in.len)
     edit (m, &in);
   len = build (m);
@@ -1138,8 +1251,9 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     snprintf (path, sizeof path, "%sinput", getenv ("FUZZ_STORE_SAVE"));
     save_file (path, work, len);
   }
-  unchanged = m->nedits == 0 &&
+  modelled = m->nedits == 0 &&
     !((flags & F_FLIP_CLEAN) && (flags & F_NO_SB_FIX));
+  unchanged = modelled && !(flags & (F_TRUNCATE | F_DAMAGE_DATA));
 
   /* A known message, so that a failure without one shows. */
   fleece_check_name (sentinel, "");
@@ -1161,10 +1275,27 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
                "why: %s\n", msg);
       abort ();
     }
+    /* Only the image, cut or damaged, may stop a truncated or damaged
+     * store from loading.
+     */
+    if (modelled && len > 0 && len < FLEECE_STORE_HEADER_SIZE
+        ? !strstr (msg, "shorter than a store's")
+        : modelled && !strstr (msg, "the STATE record points outside") &&
+          !strstr (msg, "the image")) {
+      fprintf (stderr, "fuzz-store: a store with only its data area "
+               "truncated or damaged is refused: %s\n", msg);
+      abort ();
+    }
   }
   else {
+    if (modelled && len > 0 && len < FLEECE_STORE_HEADER_SIZE) {
+      fprintf (stderr, "fuzz-store: a store of %zu bytes loads\n", len);
+      abort ();
+    }
     if (unchanged)
       check_expect (fl);
+    else if (modelled && len > 0)
+      check_model (fl, m);
     use_store (fl);
     fleece_close (fl);
   }
