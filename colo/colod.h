@@ -32,7 +32,8 @@
 #define COLOD_MAX_PENDING             64
 
 /* Exit statuses. */
-#define COLOD_EXIT_ERROR       1      /* bad options, I/O errors */
+#define COLOD_EXIT_ERROR       1      /* could not start, I/O errors */
+#define COLOD_EXIT_USAGE       2      /* the command line is wrong */
 #define COLOD_EXIT_REFUSED     3      /* the peer refused the pairing */
 
 /* Everything the command line says. */

@@ -883,7 +883,22 @@ usage (FILE *f)
 "  fleece-colod events --state DIR\n"
 "TLS is one of: --tls-certificates DIR | --tls-psk FILE [--tls-username U]\n"
 "  | --insecure; with --tls-no-verify-hostname, --tls-priority STRING.\n"
+"  fleece-colod --help | --version\n"
 "See fleece-colod(1).\n");
+}
+
+/* A usage error: say what is wrong and where to read more, exit 2. */
+static int __attribute__ ((format (printf, 1, 2)))
+usage_error (const char *fmt, ...)
+{
+  va_list ap;
+
+  fprintf (stderr, "fleece-colod: ");
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "\nTry 'fleece-colod --help' for more information.\n");
+  return COLOD_EXIT_USAGE;
 }
 
 static int
@@ -941,6 +956,7 @@ static const struct option long_options[] = {
   { "debug", required_argument, NULL, OPT_DEBUG },
   { "verbose", no_argument, NULL, 'v' },
   { "help", no_argument, NULL, 'h' },
+  { "version", no_argument, NULL, 'V' },
   { NULL, 0, NULL, 0 },
 };
 
@@ -974,7 +990,7 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
   o->hb_timeout_ms = COLOD_DEFAULT_HB_TIMEOUT_MS;
   o->tls.handshake_timeout_ms = COLOD_DEFAULT_HANDSHAKE_TIMEOUT_MS;
   o->max_extent = COLOD_DEFAULT_MAX_EXTENT;
-  while ((c = getopt_long (argc, argv, "vh", long_options, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "vhV", long_options, NULL)) != -1) {
     switch (c) {
     case OPT_LISTEN: o->listen = optarg; break;
     case OPT_DISK: o->disk = optarg; break;
@@ -1030,7 +1046,11 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
       break;
     case 'v': o->verbose = true; break;
     case 'h': usage (stdout); exit (0);
-    default: usage (stderr); return -1;
+    case 'V': printf ("fleece-colod %s\n", PACKAGE_VERSION); exit (0);
+    default:                    /* getopt said what */
+      fprintf (stderr, "Try 'fleece-colod --help' for more "
+               "information.\n");
+      return -1;
     }
   }
   if (optind != argc) {
@@ -1066,6 +1086,21 @@ on_signal (int sig)
   colod.stop = 1;
 }
 
+static bool
+known_role (const char *role)
+{
+  static const char *const roles[] = {
+    "secondary", "primary", "demote", "status", "checkpoint", "promote",
+    "events", NULL
+  };
+  size_t i;
+
+  for (i = 0; roles[i]; i++)
+    if (strcmp (role, roles[i]) == 0)
+      return true;
+  return false;
+}
+
 static int
 require (const char *what, const char *value)
 {
@@ -1085,19 +1120,26 @@ main (int argc, char *argv[])
   struct sigaction sa = { .sa_handler = on_signal };
   int r;
 
-  if (argc < 2 || argv[1][0] == '-') {
-    if (argc >= 2 && (strcmp (argv[1], "--help") == 0 ||
-                      strcmp (argv[1], "-h") == 0)) {
+  argv[0] = (char *) "fleece-colod";    /* for getopt's messages */
+  if (argc < 2)
+    return usage_error ("no subcommand given");
+  if (argv[1][0] == '-') {
+    if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0) {
       usage (stdout);
       return 0;
     }
-    usage (stderr);
-    return COLOD_EXIT_ERROR;
+    if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
+      printf ("fleece-colod %s\n", PACKAGE_VERSION);
+      return 0;
+    }
+    return usage_error ("expected a subcommand before '%s'", argv[1]);
   }
   colod.opt.role = argv[1];
+  if (!known_role (colod.opt.role))
+    return usage_error ("unknown subcommand '%s'", colod.opt.role);
   optind = 2;
   if (parse_options (argc, argv, &json, &no_wait, &force) == -1)
-    return COLOD_EXIT_ERROR;
+    return COLOD_EXIT_USAGE;
   if (colod.opt.control == NULL) {
     snprintf (ctlpath, sizeof ctlpath, "%s/control.sock",
               colod.opt.state_dir);
@@ -1123,30 +1165,26 @@ main (int argc, char *argv[])
   if (strcmp (colod.opt.role, "demote") == 0) {
     if (require ("--fleece SOCKET", colod.opt.fleece_socket) == -1 ||
         require ("--nbd URI", colod.opt.nbd_uri) == -1)
-      return COLOD_EXIT_ERROR;
+      return COLOD_EXIT_USAGE;
     return colod_demote ();
   }
   if (strcmp (colod.opt.role, "primary") == 0) {
     if (require ("--fleece SOCKET", colod.opt.fleece_socket) == -1 ||
         require ("--nbd URI", colod.opt.nbd_uri) == -1 ||
         require ("--peer ADDR:PORT", colod.opt.peer) == -1)
-      return COLOD_EXIT_ERROR;
+      return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_CLIENT;
     r = colod_run_primary ();
   }
   else if (strcmp (colod.opt.role, "secondary") == 0) {
     if (require ("--listen ADDR:PORT", colod.opt.listen) == -1 ||
         require ("--disk PATH", colod.opt.disk) == -1)
-      return COLOD_EXIT_ERROR;
+      return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_SERVER;
     r = colod_run_secondary ();
   }
-  else {
-    fprintf (stderr, "fleece-colod: unknown subcommand '%s'\n",
-             colod.opt.role);
-    usage (stderr);
-    return COLOD_EXIT_ERROR;
-  }
+  else
+    abort ();                   /* known_role */
   colod_control_stop ();
   return r;
 }

@@ -83,26 +83,38 @@ mkdir -p "$tmp/a" "$tmp/b"
 
 # ---- command lines that are refused ----
 
-ok "a secondary without TLS options exits 1, naming --insecure" \
-  exits_with 1 "exactly one of .*--insecure" "$COLOD" secondary "${sec[@]}" --state "$tmp/b/state"
-ok "two TLS modes at once: exit 1" \
-  exits_with 1 "exactly one of" "$COLOD" secondary "${sec[@]}" \
+ok "--version prints the version, exit 0" \
+  exits_with 0 "^fleece-colod [0-9]+\.[0-9]+" "$COLOD" --version
+ok "no subcommand: exit 2" exits_with 2 "no subcommand given" "$COLOD"
+ok "an unknown subcommand: exit 2" \
+  exits_with 2 "unknown subcommand 'frob'" "$COLOD" frob --state "$tmp/b/state"
+ok "an unknown option: exit 2" \
+  exits_with 2 "unrecognized option '--bogus'" "$COLOD" status --bogus
+ok "an option without its argument: exit 2" \
+  exits_with 2 "option '--state' requires an argument" "$COLOD" status --state
+ok "an extra argument: exit 2" \
+  exits_with 2 "unexpected argument 'extra'" \
+  "$COLOD" status --state "$tmp/b/state" extra
+ok "a secondary without TLS options exits 2, naming --insecure" \
+  exits_with 2 "exactly one of .*--insecure" "$COLOD" secondary "${sec[@]}" --state "$tmp/b/state"
+ok "two TLS modes at once: exit 2" \
+  exits_with 2 "exactly one of" "$COLOD" secondary "${sec[@]}" \
   --state "$tmp/b/state" --insecure --tls-psk "$tmp/none.psk"
-ok "--interval soon: exit 1" \
-  exits_with 1 "--interval: 'soon' is not a number of milliseconds" \
+ok "--interval soon: exit 2" \
+  exits_with 2 "--interval: 'soon' is not a number of milliseconds" \
   "$COLOD" primary "${prim[@]}" --state "$tmp/a/state" --insecure --interval soon
-ok "--hb-timeout not longer than --hb-interval: exit 1" \
-  exits_with 1 "--hb-timeout \(200 ms\) must be longer" \
+ok "--hb-timeout not longer than --hb-interval: exit 2" \
+  exits_with 2 "--hb-timeout \(200 ms\) must be longer" \
   "$COLOD" secondary "${sec[@]}" --state "$tmp/b/state" --insecure \
   --hb-interval 500 --hb-timeout 200
-ok "--max-extent 5000: exit 1" \
-  exits_with 1 "--max-extent: '5000' is not a power of two" \
+ok "--max-extent 5000: exit 2" \
+  exits_with 2 "--max-extent: '5000' is not a power of two" \
   "$COLOD" primary "${prim[@]}" --state "$tmp/a/state" --insecure --max-extent 5000
-ok "--debug with an unknown flag: exit 1" \
-  exits_with 1 "the flags are corrupt-epoch=N" \
+ok "--debug with an unknown flag: exit 2" \
+  exits_with 2 "the flags are corrupt-epoch=N" \
   "$COLOD" primary "${prim[@]}" --state "$tmp/a/state" --insecure --debug corrupt=1
-ok "a primary without --peer: exit 1" \
-  exits_with 1 "primary: --peer ADDR:PORT is required" \
+ok "a primary without --peer: exit 2" \
+  exits_with 2 "primary: --peer ADDR:PORT is required" \
   "$COLOD" primary --fleece "$tmp/a.ctl" --nbd "$(live_uri a)" \
   --state "$tmp/a/state" --insecure
 ok "status without a daemon: exit 1, naming the state directory" \

@@ -103,9 +103,13 @@ extern int fleece_live_extents (struct fleece *fl, uint32_t count,
                                 void *opaque);
 
 /* Snapshots.  Names are 1..FLEECE_SNAPSHOT_NAME_MAX bytes, with no '/',
- * no control characters and no DEL.
+ * no control characters and no DEL.  A new snapshot, bitmap or
+ * checkpoint is also refused the names "." and "..", a name of only
+ * whitespace and the bidirectional controls U+202A-U+202E and
+ * U+2066-U+2069.
  */
 extern int fleece_check_name (const char *what, const char *name);
+extern int fleece_check_new_name (const char *what, const char *name);
 extern int fleece_snapshot_create (struct fleece *fl, const char *name);
 extern int fleece_snapshot_delete (struct fleece *fl, const char *name);
 
@@ -262,6 +266,10 @@ extern void fleece_set_warn (fleece_log_fn fn);
 
 /* Errors. */
 extern const char *fleece_last_error (void);
+/* The last error repeats one already reported for the same object (the
+ * reads of a broken or deleted snapshot): log it as debug only.
+ */
+extern bool fleece_last_error_is_repeat (void);
 
 #ifdef __cplusplus
 }

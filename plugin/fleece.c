@@ -75,13 +75,20 @@ struct handle {
                                          * the live disk */
 };
 
-/* Pass the engine's error to nbdkit and keep errno for the client. */
+/* Pass the engine's error to nbdkit and keep errno for the client.  An
+ * error the engine already reported for the same snapshot (every read of
+ * a broken one fails) is only a debug message: a pull would otherwise
+ * log a line per request.
+ */
 static int
 engine_error (void)
 {
   int err = errno;
 
-  nbdkit_error ("%s", fleece_last_error ());
+  if (fleece_last_error_is_repeat ())
+    nbdkit_debug ("%s (reported before)", fleece_last_error ());
+  else
+    nbdkit_error ("%s", fleece_last_error ());
   nbdkit_set_error (err);
   errno = err;
   return -1;
@@ -243,7 +250,7 @@ plug_dump_plugin (void)
   printf ("fleece_cluster_size_min=%u\n", FLEECE_CLUSTER_SIZE_MIN);
   printf ("fleece_cluster_size_max=%u\n", FLEECE_CLUSTER_SIZE_MAX);
   printf ("fleece_snapshots_max=%d\n", FLEECE_SNAPSHOTS_MAX);
-  printf ("fleece_exports=\"\" snapshot/NAME\n");
+  printf ("fleece_exports=\"\" " SNAP_PREFIX "NAME " BITMAP_PREFIX "NAME\n");
   printf ("fleece_control_protocol=qmp-json\n");
 }
 

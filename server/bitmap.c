@@ -359,7 +359,7 @@ fleece_bitmap_add (struct fleece *fl, const char *name, bool disabled)
 {
   int r;
 
-  if (fleece_check_name ("bitmap", name) == -1)
+  if (fleece_check_new_name ("bitmap", name) == -1)
     return -1;
   pthread_mutex_lock (&fl->admin_lock);
   r = add_locked (fl, name, disabled);
@@ -515,7 +515,7 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
   uint64_t t0;
   int r;
 
-  if (fleece_check_name ("checkpoint", name) == -1)
+  if (fleece_check_new_name ("checkpoint", name) == -1)
     return -1;
   pthread_mutex_lock (&fl->admin_lock);
   if (find_bitmap (fl, name)) {

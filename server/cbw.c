@@ -29,7 +29,8 @@
  * store) either fails the live write and leaves everything as it was
  * (fail-write), or breaks every snapshot that needed the copy, records
  * why, and lets the live write go on (break-snapshot): a broken snapshot
- * fails every read, so it never returns wrong data.
+ * fails every read, so it never returns wrong data, and its copies are
+ * freed at once (snap_free_broken): it needs none any more.
  *
  * Lock order: cbw_locks range, then snaps_lock (read), then copy map
  * shard and store locks.
@@ -78,6 +79,7 @@ struct cbw_ctx {
   uint64_t c0;
   uint64_t wait;                /* highest record sequence to wait for */
   uint8_t *publish;             /* persistent only: cgen[c0 + i] = gen */
+  bool broke;                   /* broke a snapshot: free its copies */
 };
 
 /* cgen[c] = gen: the cluster's old data is safe.  With a persistent
@@ -122,7 +124,7 @@ count_holders (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (snap_reads_copy (s, c, lo, gen))
+    if (snap_reads_copy (s, c, lo, gen) && !atomic_load (&s->broken))
       atomic_fetch_add (&s->held, 1);
   }
 }
@@ -133,7 +135,7 @@ count_holders (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
  */
 static int
 snap_break_locked (struct fleece *fl, struct fleece_snap *s,
-                   const char *reason, uint64_t *wait)
+                   const char *reason, uint64_t *wait, bool *broke)
 {
   uint64_t seq = 0;
 
@@ -156,6 +158,7 @@ snap_break_locked (struct fleece *fl, struct fleece_snap *s,
   }
   atomic_store (&s->broken_seq, seq);
   atomic_store (&s->broken, true);
+  *broke = true;
   fl_emit_event (fl, "SNAPSHOT_BROKEN", s->name, s->broken_reason);
   return 0;
 }
@@ -176,7 +179,8 @@ break_snapshots (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
   pthread_mutex_lock (&fl->break_lock);
   for (i = 0; i < fl->nsnaps && r == 0; i++)
     if (snap_reads_copy (fl->snaps[i], c, lo, gen))
-      r = snap_break_locked (fl, fl->snaps[i], reason, &ctx->wait);
+      r = snap_break_locked (fl, fl->snaps[i], reason, &ctx->wait,
+                             &ctx->broke);
   pthread_mutex_unlock (&fl->break_lock);
   return r;
 }
@@ -546,22 +550,34 @@ copy_clusters (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c0,
 }
 
 /* store-warn: say once, when the store first passes the mark (it is
- * re-armed when the store drops below it again).
+ * re-armed when the store drops below it again), and say what passed
+ * it: the copy, and whether it fit.  A copy that did not fit has been
+ * given back by now, so what the store holds afterwards may be nothing.
  */
 static void
 report_high_water (struct fleece *fl)
 {
-  uint64_t used;
-  char why[160];
+  const uint64_t cs = fl->cluster_size;
+  struct store_warning w;
+  uint64_t max, warn;
+  char why[256];
 
-  if (fl->store.warn_slots && store_take_warning (&fl->store, &used)) {
-    snprintf (why, sizeof why, "the store holds %" PRIu64 " of at most %"
-              PRIu64 " bytes (store-warn at %" PRIu64 " bytes)",
-              used * fl->cluster_size,
-              (uint64_t) fl->store.max_slots * fl->cluster_size,
-              (uint64_t) fl->store.warn_slots * fl->cluster_size);
-    fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
-  }
+  if (fl->store.warn_slots == 0 || !store_take_warning (&fl->store, &w))
+    return;
+  max = (uint64_t) fl->store.max_slots * cs;
+  warn = (uint64_t) fl->store.warn_slots * cs;
+  if ((uint64_t) w.held + w.asked > fl->store.max_slots)
+    snprintf (why, sizeof why, "a copy of %" PRIu64 " bytes did not fit: "
+              "the store held %" PRIu64 " of at most %" PRIu64 " bytes "
+              "(store-warn at %" PRIu64 " bytes); it holds %" PRIu64
+              " bytes now", w.asked * cs, w.held * cs, max, warn,
+              w.used * cs);
+  else
+    snprintf (why, sizeof why, "a copy of %" PRIu64 " bytes took the store "
+              "from %" PRIu64 " to %" PRIu64 " of at most %" PRIu64 " bytes "
+              "(store-warn at %" PRIu64 " bytes)", w.asked * cs,
+              w.held * cs, (w.held + (uint64_t) w.asked) * cs, max, warn);
+  fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
 }
 
 /* True if no cluster of [offset, offset+count) needs a copy in generation
@@ -627,5 +643,11 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
   atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, fl_now_ns () - t0,
                              memory_order_relaxed);
   report_high_water (fl);
+  /* The snapshots broken here will never be read again: their copies go
+   * now (persistent: their BROKEN records are stable by now), so that a
+   * full store makes room for the other snapshots.
+   */
+  if (ctx.broke && r == 0)
+    snap_free_broken (fl);
   return r;
 }

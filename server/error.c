@@ -21,6 +21,7 @@
 struct fleece_debug fleece_debug;
 
 static __thread char last_error[512];
+static __thread bool last_error_repeat;
 static fleece_log_fn log_fn;
 static fleece_log_fn warn_fn;
 
@@ -28,6 +29,18 @@ const char *
 fleece_last_error (void)
 {
   return last_error[0] ? last_error : "unknown error";
+}
+
+bool
+fleece_last_error_is_repeat (void)
+{
+  return last_error_repeat;
+}
+
+void
+fl_error_repeat (void)
+{
+  last_error_repeat = true;
 }
 
 /* Record the message; returns -1 with errno = err, so that callers can
@@ -39,6 +52,7 @@ fl_error (int err, const char *fmt, ...)
   va_list ap;
 
   errno = err;
+  last_error_repeat = false;
   va_start (ap, fmt);
   vsnprintf (last_error, sizeof last_error, fmt, ap);
   va_end (ap);

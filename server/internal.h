@@ -17,6 +17,10 @@
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
   __attribute__ ((format (printf, 2, 3)));
+/* The error just recorded was already logged once: the caller logs it
+ * as debug only (fleece_last_error_is_repeat).
+ */
+extern void fl_error_repeat (void);
 extern void fl_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 extern void fl_warn (const char *fmt, ...)
@@ -78,6 +82,9 @@ struct store {
   pthread_mutex_t lock;
   bool above_warn;              /* crossed warn_slots, not yet below */
   bool warn_pending;            /* the crossing is not yet reported */
+  uint32_t warn_asked;          /* ... the allocation that crossed: slots
+                                 * asked for, */
+  uint32_t warn_held;           /* ... and data slots held before it */
   uint64_t *used;               /* bitmap of allocated slots */
   uint32_t nslots;              /* slots the bitmap covers */
   uint32_t nused;                /* data and metadata */
@@ -94,7 +101,13 @@ extern int store_open (struct store *s, const char *path,
                        bool persistent, bool *existing);
 extern int store_set_limits (struct store *s, uint64_t max_bytes,
                              unsigned warn_percent);
-extern bool store_take_warning (struct store *s, uint64_t *used);
+/* What crossed the store-warn mark: a copy of asked slots, when the
+ * store held held data slots; it holds used now.
+ */
+struct store_warning {
+  uint32_t asked, held, used;
+};
+extern bool store_take_warning (struct store *s, struct store_warning *w);
 extern void store_close (struct store *s);
 /* Allocate n contiguous slots if possible; returns how many were
  * allocated (>= 1) at *first, or -1 on error.
@@ -391,7 +404,15 @@ struct fleece_snap {
   atomic_bool deleted;
   atomic_bool broken;
   char broken_reason[256];      /* set once, before broken */
-  _Atomic uint64_t broken_seq;  /* its BROKEN record, set before broken */
+  /* Its BROKEN record, set before broken: 0 if there is none (not
+   * persistent, or loaded from the store).
+   */
+  _Atomic uint64_t broken_seq;
+  /* Broken at load for damage the store does not record: its broken
+   * state is on no stable storage, so it keeps its copies.
+   */
+  atomic_bool broken_unrecorded;
+  atomic_uint logged;           /* LOGGED_*: failures already logged once */
 
   /* Clusters a client trimmed: atomic bits, allocated on first trim. */
   _Atomic (_Atomic uint64_t *) released;
@@ -440,6 +461,8 @@ extern uint32_t bitmap_count_all (struct fleece *fl);
 extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);
 extern bool copy_needed (void *opaque, const struct copy *cp);
+extern bool snap_keeps_copies (const struct fleece_snap *s);
+extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
 extern int ensure_released_bits (struct fleece_snap *s);
 

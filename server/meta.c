@@ -788,6 +788,11 @@ break_at_load (struct fleece *fl, struct fleece_snap *s, const char *reason)
   if (atomic_load (&s->broken))
     return;
   snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
+  /* Broken in memory only, no BROKEN record: keep its copies, which the
+   * log still gives it (snap_keeps_copies), or the next load would find
+   * their slots claimed twice.
+   */
+  atomic_store (&s->broken_unrecorded, true);
   atomic_store (&s->broken, true);
   fl_warn ("store: %s: snapshot '%s' is broken (its export fails every "
            "read): %s", fl->store.path, s->name, reason);
@@ -985,6 +990,10 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     if (s && !atomic_load (&s->broken)) {
       snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
       atomic_store (&s->broken, true);
+      /* Its copies were freed once this record was stable, and their
+       * slots may be reused by later records.
+       */
+      copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
     }
     return 0;
   }
@@ -1119,7 +1128,8 @@ count_held (void *opaque, const struct copy *cp)
   size_t i;
 
   for (i = 0; i < fl->nsnaps; i++)
-    if (snap_reads_copy (fl->snaps[i], cp->cluster, cp->lo, cp->hi))
+    if (snap_reads_copy (fl->snaps[i], cp->cluster, cp->lo, cp->hi) &&
+        !atomic_load (&fl->snaps[i]->broken))
       atomic_fetch_add (&fl->snaps[i]->held, 1);
   return 0;
 }
@@ -1241,8 +1251,8 @@ load (struct fleece *fl)
       gen = fl->snaps[i]->gen;
   atomic_store (&fl->state, ((uint64_t) gen << 32) | fl->nsnaps);
 
-  /* Copies no snapshot reads any more (trimmed or deleted before the
-   * crash) go; the rest are counted.
+  /* Copies no unbroken snapshot reads any more (trimmed, deleted or
+   * broken before the crash) go; the rest are counted.
    */
   copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
   copymap_foreach (&fl->copies, count_held, fl);

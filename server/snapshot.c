@@ -25,7 +25,8 @@
  *
  * Deletion removes the snapshot from the list (new copies stop counting
  * it), waits for its reads in flight (io_lock), then frees every copy that
- * no remaining snapshot needs.  Handles opened before deletion see ENOENT.
+ * no remaining snapshot needs.  Handles opened before deletion see
+ * EINVAL (NBD has no ENOENT), and the server's log says it was deleted.
  *
  * Trim (release) marks whole clusters released for S and frees copies
  * nobody else needs; a later write to c copies nothing for S.  A partial
@@ -66,6 +67,80 @@ fleece_check_name (const char *what, const char *name)
       return fl_error (EINVAL, "%s name contains control character 0x%02x "
                        "at byte %zu", what, ch, i);
   }
+  return 0;
+}
+
+/* The code point of the 2- or 3-byte UTF-8 sequence at p (*len = its
+ * length), or 0 with *len = 1: every bidirectional control and every
+ * non-ASCII space is in the Basic Multilingual Plane.
+ */
+static uint32_t
+utf8_at (const unsigned char *p, size_t avail, size_t *len)
+{
+  if (p[0] >= 0xc2 && p[0] <= 0xdf && avail >= 2 && (p[1] & 0xc0) == 0x80) {
+    *len = 2;
+    return ((p[0] & 0x1fu) << 6) | (p[1] & 0x3fu);
+  }
+  if (p[0] >= 0xe0 && p[0] <= 0xef && avail >= 3 &&
+      (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
+    *len = 3;
+    return ((p[0] & 0x0fu) << 12) | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
+  }
+  *len = 1;
+  return 0;
+}
+
+/* Unicode whitespace that is not ASCII (ASCII whitespace other than the
+ * space is a control character, refused anyway).
+ */
+static bool
+is_unicode_space (uint32_t cp)
+{
+  return cp == 0x00a0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200b) ||
+    cp == 0x2028 || cp == 0x2029 || cp == 0x202f || cp == 0x205f ||
+    cp == 0x3000 || cp == 0xfeff;
+}
+
+/* The embeddings, overrides and isolates of the Unicode bidirectional
+ * algorithm: in a name they make a listing show it differently from
+ * what it is ("Trojan Source").
+ */
+static bool
+is_bidi_control (uint32_t cp)
+{
+  return (cp >= 0x202a && cp <= 0x202e) || (cp >= 0x2066 && cp <= 0x2069);
+}
+
+/* The rules for a name being given to a new snapshot, bitmap or
+ * checkpoint, on top of fleece_check_name's: no "." or "..", not only
+ * whitespace, no bidirectional control characters.  Names that a store
+ * written by an older version holds are still loaded, found and deleted
+ * (fleece_check_name alone).
+ */
+int
+fleece_check_new_name (const char *what, const char *name)
+{
+  const unsigned char *p = (const unsigned char *) name;
+  size_t i, n, len;
+  bool blank = true;
+
+  if (fleece_check_name (what, name) == -1)
+    return -1;
+  if (strcmp (name, ".") == 0 || strcmp (name, "..") == 0)
+    return fl_error (EINVAL, "%s name '%s' is refused: '.' and '..' are "
+                     "not names", what, name);
+  len = strlen (name);
+  for (i = 0; i < len; i += n) {
+    uint32_t cp = utf8_at (p + i, len - i, &n);
+    if (is_bidi_control (cp))
+      return fl_error (EINVAL, "%s name contains the bidirectional control "
+                       "character U+%04" PRIX32 " at byte %zu: it would be "
+                       "shown differently from what it is", what, cp, i);
+    if (p[i] != ' ' && !is_unicode_space (cp))
+      blank = false;
+  }
+  if (blank)
+    return fl_error (EINVAL, "%s name is only whitespace", what);
   return 0;
 }
 
@@ -177,6 +252,8 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
   uint64_t t0, drain;
   int r;
 
+  if (fleece_check_new_name ("snapshot", name) == -1)
+    return -1;
   pthread_mutex_lock (&fl->admin_lock);
   s = snap_prepare (fl, name);
   if (s == NULL) {
@@ -196,6 +273,18 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
   return r;
 }
 
+/* Does snapshot s still need the copies it reads?  A broken snapshot
+ * fails every read for good, so it needs none, once its broken state is
+ * stable: with a persistent store, a crash before its BROKEN record is
+ * would bring it back unbroken, reading copies whose slots were reused.
+ */
+bool
+snap_keeps_copies (const struct fleece_snap *s)
+{
+  return !atomic_load (&s->broken) || atomic_load (&s->broken_unrecorded) ||
+    atomic_load (&s->broken_seq) > atomic_load (&s->fl->meta.durable_pub);
+}
+
 /* Is copy cp still needed by a live snapshot?  Called with snaps_lock. */
 bool
 copy_needed (void *opaque, const struct copy *cp)
@@ -205,7 +294,8 @@ copy_needed (void *opaque, const struct copy *cp)
 
   for (i = 0; i < fl->nsnaps; i++) {
     struct fleece_snap *s = fl->snaps[i];
-    if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi))
+    if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi) &&
+        snap_keeps_copies (s))
       return true;
   }
   return false;
@@ -265,6 +355,29 @@ dropped_free (struct dropped *d)
   free (d->slots);
   d->slots = NULL;
   d->n = d->cap = 0;
+}
+
+/* Free the copies that only broken snapshots read, now that their
+ * broken state is stable (cbw.c, after breaking one): a full store gets
+ * its space back without a snapshot-delete.  The slots are reused at
+ * once, so a read of a broken snapshot that was in flight checks for
+ * the break after reading (fleece_snap_pread).
+ */
+void
+snap_free_broken (struct fleece *fl)
+{
+  struct dropped drop = { .fl = fl, .now = true };
+  size_t i;
+
+  pthread_rwlock_rdlock (&fl->snaps_lock);
+  for (i = 0; i < fl->nsnaps; i++)
+    if (!snap_keeps_copies (fl->snaps[i]))
+      atomic_store (&fl->snaps[i]->held, 0);
+  copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+  if (drop.n)
+    fl_debug ("freed %zu copies that only broken snapshots read", drop.n);
+  dropped_free (&drop);
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
@@ -396,15 +509,36 @@ fleece_snap_name (const struct fleece_snap *s)
   return s->name;
 }
 
+#define LOGGED_DELETED 1u
+#define LOGGED_BROKEN  2u
+
+/* The first failure of each kind is logged; the many reads that follow
+ * it (a pull has hundreds in flight) are told to log it as debug only.
+ */
+static int
+failed_once (struct fleece_snap *s, unsigned kind)
+{
+  if (atomic_fetch_or (&s->logged, kind) & kind)
+    fl_error_repeat ();
+  return -1;
+}
+
 /* Can s be read at all?  Called with io_lock held. */
 static int
 check_readable (struct fleece_snap *s)
 {
-  if (atomic_load (&s->deleted))
-    return fl_error (ENOENT, "snapshot '%s' was deleted", s->name);
-  if (atomic_load (&s->broken))
-    return fl_error (EIO, "snapshot '%s' is broken: %s", s->name,
-                     s->broken_reason);
+  /* EINVAL, not ENOENT: NBD has no ENOENT (nbdkit would send EINVAL
+   * anyway), and the engine's errno is what the client sees.
+   */
+  if (atomic_load (&s->deleted)) {
+    fl_error (EINVAL, "snapshot '%s' was deleted (snapshot-delete) while "
+              "this client had it open", s->name);
+    return failed_once (s, LOGGED_DELETED);
+  }
+  if (atomic_load (&s->broken)) {
+    fl_error (EIO, "snapshot '%s' is broken: %s", s->name, s->broken_reason);
+    return failed_once (s, LOGGED_BROKEN);
+  }
   return 0;
 }
 
@@ -560,6 +694,13 @@ fleece_snap_pread (struct fleece_snap *s, void *buf, uint32_t count,
   }
   if (in_run && read_live_run (s, p + (run_start - offset), run_start, end,
                                run_a, (end - 1) >> fl->cluster_bits) == -1)
+    goto out;
+  /* If s broke meanwhile, its copies may have been freed and their slots
+   * reused under this read (snap_free_broken breaks it before it frees):
+   * what was read cannot be trusted.
+   */
+  atomic_thread_fence (memory_order_seq_cst);
+  if (atomic_load (&s->broken) && check_readable (s) == -1)
     goto out;
   r = 0;
  out:

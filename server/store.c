@@ -598,16 +598,21 @@ store_set_limits (struct store *s, uint64_t max_bytes, unsigned warn_percent)
   return 0;
 }
 
-/* Has the store crossed the high-water mark since the last call? */
+/* Has the store crossed the high-water mark since the last call?  *w
+ * says what crossed it: the copy may have failed and its slots been
+ * freed since, so what the store holds now can be below the mark.
+ */
 bool
-store_take_warning (struct store *s, uint64_t *used)
+store_take_warning (struct store *s, struct store_warning *w)
 {
   bool r;
 
   pthread_mutex_lock (&s->lock);
   r = s->warn_pending;
   s->warn_pending = false;
-  *used = s->nused - s->nmeta;
+  w->asked = s->warn_asked;
+  w->held = s->warn_held;
+  w->used = s->nused - s->nmeta;
   pthread_mutex_unlock (&s->lock);
   return r;
 }
@@ -615,7 +620,7 @@ store_take_warning (struct store *s, uint64_t *used)
 int
 store_alloc (struct store *s, uint32_t n, uint32_t *first)
 {
-  uint32_t i, got;
+  uint32_t i, got, asked = n;
 
   assert (n >= 1);
   pthread_mutex_lock (&s->lock);
@@ -644,8 +649,11 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
   s->nused += got;
   s->hint = *first + got;
   if (s->warn_slots && !s->above_warn &&
-      s->nused - s->nmeta >= s->warn_slots)
+      s->nused - s->nmeta >= s->warn_slots) {
     s->above_warn = s->warn_pending = true;
+    s->warn_asked = asked;
+    s->warn_held = s->nused - s->nmeta - got;
+  }
   pthread_mutex_unlock (&s->lock);
   return got;
 }

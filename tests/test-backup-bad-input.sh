@@ -36,6 +36,26 @@ ok_fails "unknown bitmap" "bitmap 'nosuch' does not exist" \
 ok "the target is untouched" cmp "$tmp/t.img" "$tmp/base.img"
 ok_fails "unknown snapshot" "snapshot/nosuch.*No such file" \
    fleece-backup --sync=full "$(snap_uri s nosuch)" "$tmp/nosuch.img"
+cp "$tmp/.out" "$tmp/nosuch.out"
+ok "... on a plaintext server, the message says so" \
+   grep -q "the server does not serve this export, and it offers no TLS" \
+   "$tmp/nosuch.out"
+ok "... and does not suggest TLS" sh -c "! grep -q 'nbds' '$tmp/nosuch.out'"
+ok_fails "a missing tls-certificates directory is named" \
+   "tls-certificates=$tmp/nodir: No such file or directory" \
+   fleece-backup --sync=full \
+   "nbds+unix:///snapshot/c2?socket=$tmp/s.sock&tls-certificates=$tmp/nodir" \
+   "$tmp/nosuch.img"
+ok_fails "a tls-certificates that is not a directory is named" \
+   "tls-certificates=$tmp/disk: Not a directory" \
+   fleece-backup --sync=full \
+   "nbds+unix:///snapshot/c2?tls-certificates=$tmp/disk&socket=$tmp/s.sock" \
+   "$tmp/nosuch.img"
+ok_fails "a missing tls-psk-file is named" \
+   "tls-psk-file=$tmp/no.psk: No such file or directory" \
+   fleece-backup --sync=full \
+   "nbds+unix:///snapshot/c2?socket=$tmp/s.sock&tls-psk-file=$tmp/no.psk" \
+   "$tmp/nosuch.img"
 ok "--fallback-full with an unknown bitmap pulls everything" \
    backup "$tmp/fb.err" --sync=incremental --since=nosuch --fallback-full \
    "$(snap_uri s c2)" "$tmp/fb.img"
@@ -54,8 +74,21 @@ is "$(status fleece-backup --sync=sideways "$(snap_uri s c2)" "$tmp/u.img")" 2 \
    "unknown --sync: exit 2"
 ok "... and says so" grep -q 'sideways' "$tmp/status.out"
 is "$(status fleece-backup "$(snap_uri s c2)")" 2 "one argument only: exit 2"
+is "$(status fleece-backup "$(snap_uri s c2)" "$tmp/u.img" extra)" 2 \
+   "an extra argument: exit 2"
+is "$(status fleece-backup --bogus "$(snap_uri s c2)" "$tmp/u.img")" 2 \
+   "an unknown option: exit 2"
+is "$(status fleece-backup "$(snap_uri s c2)" "$tmp/u.img" --rate)" 2 \
+   "an option without its argument: exit 2"
 is "$(status fleece-backup --rate=fast "$(snap_uri s c2)" "$tmp/u.img")" 2 \
    "bad --rate: exit 2"
+is "$(status fleece-backup --rate=99999999999T "$(snap_uri s c2)" "$tmp/u.img")" 2 \
+   "--rate=99999999999T: exit 2"
+ok "... and says it is out of range" \
+   grep -q -- "--rate: '99999999999T' is out of range" "$tmp/status.out"
+is "$(status fleece-backup --rate=99999999999999999999999 "$(snap_uri s c2)" "$tmp/u.img")" 2 \
+   "--rate beyond 64 bits: exit 2"
+ok "... and says it is out of range" grep -q "is out of range" "$tmp/status.out"
 ok_fails "bad URI (unknown scheme)" "unsupported URI scheme 'http'" \
    fleece-backup --sync=full "http://example.invalid/snapshot/c2" "$tmp/u.img"
 ok_fails "bad URI (garbage)" "parse URI" \

@@ -65,6 +65,20 @@ ok_fails "store on a full filesystem" "store superblock: pwrite: .*No space left
 is "$(sum "$disk")" "$orig" "failed starts left the disk unchanged"
 cp "$disk" "$tmp/ref"
 
+# --- fleecectl: a wrong command line exits 2, before it connects ---
+status_of () { local st=0; "$@" >"$tmp/.st" 2>&1 || st=$?; echo "$st"; }
+nosock=$tmp/no-server.ctl
+is "$(status_of fleecectl -s "$nosock" --bogus status)" 2 \
+   "fleecectl: an unknown option exits 2"
+is "$(status_of fleecectl -s)" 2 "fleecectl: -s without its argument exits 2"
+is "$(status_of fleecectl -s "$nosock" status extra)" 2 \
+   "fleecectl: an extra argument exits 2, without a server"
+ok "... and names it" grep -q "status: unexpected argument 'extra'" "$tmp/.st"
+is "$(status_of fleecectl -s "$nosock" snapshot delete)" 2 \
+   "fleecectl: a missing argument exits 2, without a server"
+is "$(status_of fleecectl -s "$nosock" status)" 1 \
+   "fleecectl: a right command line without a server exits 1"
+
 # --- a running server gets bad requests ---
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
    control="$tmp/s.ctl"
@@ -80,6 +94,13 @@ ok_fails "snapshot name with a control character" "control character 0x01" \
   ctl s raw '{"execute":"snapshot-create","arguments":{"name":"a\u0001b"}}'
 ok_fails "snapshot name with DEL" "control character 0x7f" \
   ctl s raw '{"execute":"snapshot-create","arguments":{"name":"a\u007fb"}}'
+ok_fails "snapshot name '..'" "'.' and '..' are not names" \
+  ctl s snapshot create ..
+ok_fails "checkpoint name of spaces" "checkpoint name is only whitespace" \
+  ctl s checkpoint "   "
+ok_fails "bitmap name with RIGHT-TO-LEFT OVERRIDE" \
+  "bidirectional control character U\\+202E" \
+  ctl s bitmap add "$(printf 'ab\342\200\256c')"
 ok_fails "duplicate snapshot" "snapshot 'keep' already exists" \
   ctl s snapshot create keep
 ok_fails "delete unknown snapshot" "snapshot 'ghost' does not exist" \
@@ -113,6 +134,35 @@ ok_fails "unknown snapshot export refused" "export not available" \
   qio s snapshot/ghost "read 0 4k"
 ok "server log says which snapshot does not exist" \
   grep -q "snapshot 'ghost' does not exist" "$tmp/s.log"
+
+# A snapshot deleted while a client has it open: that client's next
+# read fails with EINVAL (what NBD can carry; the docs say so), and the
+# server's log says the snapshot was deleted.  qemu-io reads its commands
+# from a FIFO so that the deletion comes between two reads.
+ok "snapshot create doomed" ctl s snapshot create doomed
+mkfifo "$tmp/qio.in"
+timeout -k 5 30 qemu-io -f raw "$(snap_uri s doomed)" <"$tmp/qio.in" \
+  >"$tmp/qio.out" 2>&1 &
+qio_pid=$!
+cleanup_fn "kill $qio_pid 2>/dev/null"
+exec 3>"$tmp/qio.in"
+echo "read 0 64k" >&3
+for (( i = 0; i < 100; i++ )); do
+  grep -q "^qemu-io> read 65536/65536" "$tmp/qio.out" && break
+  sleep 0.1
+done
+ok "the open snapshot is read" grep -q "read 65536/65536" "$tmp/qio.out"
+ok "snapshot delete doomed, with a client on it" ctl s snapshot delete doomed
+echo "read 0 64k" >&3
+echo "quit" >&3
+exec 3>&-
+wait "$qio_pid"
+diag "$(cat "$tmp/qio.out")"
+ok "the client's next read fails with EINVAL" \
+  grep -q "read failed: Invalid argument" "$tmp/qio.out"
+ok "the server's log says the snapshot was deleted" \
+  grep -q "snapshot 'doomed' was deleted (snapshot-delete) while this client had it open" \
+  "$tmp/s.log"
 
 # Nothing changed, and the server still serves.
 ok "server still serves the live disk" qio s "" "read -P 0x66 1M 1M"

@@ -311,6 +311,57 @@ test_names (void)
   expect_error_str ("{\"execute\":\"snapshot-create\","
                     "\"arguments\":{\"name\":\"a\\u007fb\"}}", "GenericError",
                     "control character 0x7f", "name with DEL");
+
+  /* Refused for new snapshots, bitmaps and checkpoints alike. */
+  {
+    static const char *const cmds[] = {
+      "snapshot-create", "bitmap-add", "checkpoint-create", NULL
+    };
+    static const struct { const char *json, *msg, *what; } bad[] = {
+      { ".", "name '.' is refused: '.' and '..' are not names", "'.'" },
+      { "..", "name '..' is refused", "'..'" },
+      { " ", "name is only whitespace", "a space" },
+      { "  \\u00a0\\u3000", "name is only whitespace",
+        "spaces, NBSP and an ideographic space" },
+      { "a\\u202eb", "bidirectional control character U+202E at byte 1",
+        "RIGHT-TO-LEFT OVERRIDE" },
+      { "\\u202aa", "bidirectional control character U+202A at byte 0",
+        "LEFT-TO-RIGHT EMBEDDING" },
+      { "ab\\u2066", "bidirectional control character U+2066 at byte 2",
+        "LEFT-TO-RIGHT ISOLATE" },
+      { "x\\u2069", "bidirectional control character U+2069",
+        "POP DIRECTIONAL ISOLATE" },
+    };
+    size_t i, j;
+    json_t *ret;
+
+    for (i = 0; cmds[i]; i++)
+      for (j = 0; j < sizeof bad / sizeof bad[0]; j++) {
+        char desc[128];
+        snprintf (line, sizeof line, "{\"execute\":\"%s\","
+                  "\"arguments\":{\"name\":\"%s\"}}", cmds[i],
+                  bad[j].json);
+        snprintf (desc, sizeof desc, "%s: %s refused", cmds[i], bad[j].what);
+        expect_error_str (line, "GenericError", bad[j].msg, desc);
+      }
+    /* Spaces, dots and other scripts inside a name are fine. */
+    ret = expect_ok ("{\"execute\":\"snapshot-create\","
+                     "\"arguments\":{\"name\":\" a. b\\u05d0 \"}}",
+                     "a name with spaces, dots and Hebrew is accepted");
+    json_decref (ret);
+    ret = expect_ok ("{\"execute\":\"snapshot-delete\","
+                     "\"arguments\":{\"name\":\" a. b\\u05d0 \"}}",
+                     "... and deleted");
+    json_decref (ret);
+    ret = expect_ok ("{\"execute\":\"bitmap-add\","
+                     "\"arguments\":{\"name\":\"...\"}}",
+                     "bitmap '...' is accepted");
+    json_decref (ret);
+    ret = expect_ok ("{\"execute\":\"bitmap-remove\","
+                     "\"arguments\":{\"name\":\"...\"}}",
+                     "... and removed");
+    json_decref (ret);
+  }
 }
 
 static void

@@ -393,9 +393,17 @@ test_break_snapshot (void)
       strstr (fleece_last_error (), "broken"),
       "break-snapshot: snapshot a fails reads with EIO: %s",
       fleece_last_error ());
+  ok (!fleece_last_error_is_repeat (),
+      "break-snapshot: ... the first failure is to be logged");
   errno = 0;
   ok (fleece_snap_pread (b, buf, cs, 9 * cs) == -1 && errno == EIO,
       "break-snapshot: so does b, which needed the same copy");
+  ok (!fleece_last_error_is_repeat (),
+      "break-snapshot: ... b's first failure is to be logged too");
+  errno = 0;
+  ok (fleece_snap_pread (a, buf, cs, 5 * cs) == -1 && errno == EIO &&
+      fleece_last_error_is_repeat (),
+      "break-snapshot: a's next failure is not logged again");
   ok (fleece_snapshot_info (fl, "a", &info) == 0 && info.broken &&
       strstr (info.broken_reason, "injected"),
       "break-snapshot: the snapshot info says why: %s", info.broken_reason);
@@ -406,6 +414,12 @@ test_break_snapshot (void)
   fleece_get_stats (fl, &st);
   ok (st.cbw_errors == 1, "break-snapshot: cbw_errors is 1 (%" PRIu64 ")",
       st.cbw_errors);
+  ok (st.copies == 0 && st.store_clusters_used == 0,
+      "break-snapshot: a's copy of cluster 5 was freed at the break, "
+      "before any delete (%" PRIu64 " copies, %" PRIu64 " clusters)",
+      st.copies, st.store_clusters_used);
+  ok (fleece_snapshot_info (fl, "a", &info) == 0 && info.clusters_held == 0,
+      "break-snapshot: a holds no copies (%" PRIu64 ")", info.clusters_held);
   fleece_snap_put (a);
   fleece_snap_put (b);
   fleece_snapshot_delete (fl, "a");

@@ -195,6 +195,8 @@ is "$(state c4)" inconsistent "the recording bitmap c4 is inconsistent: a DIRTY 
 ok "bitmap clear c4 makes it consistent again" ctl p bitmap clear c4
 is "$(state c4)" recording "c4 recording again"
 ok_fails "t's export fails reads" "Input/output error" qio p snapshot/t "read 0 64k"
+ok "live writes go on while t is broken by damage (no record to wait for)" \
+   timeout 30 qemu-io -f raw "$(live_uri p)" -c "write -P 0x93 6M 64k"
 ok "snapshot delete t" ctl p snapshot delete t
 ok "nbdkit stops cleanly" stop_nbdkit p
 

@@ -12,6 +12,9 @@ dump=$(nbdkit_once "$FLEECE_PLUGIN" --dump-plugin 2>&1)
 ok "--dump-plugin" grep -q '^fleece_cluster_size_default=65536' <<<"$dump"
 ok "--dump-plugin shows the thread model" \
    grep -q '^thread_model=parallel' <<<"$dump"
+is "$(grep '^fleece_exports=' <<<"$dump")" \
+   'fleece_exports="" snapshot/NAME bitmap/NAME' \
+   "--dump-plugin lists the three kinds of export"
 
 disk=$tmp/disk
 truncate -s 10M "$disk"

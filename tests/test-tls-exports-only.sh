@@ -33,6 +33,9 @@ ok_fails "plaintext nbdcopy of snapshot/s1 refused" "no export named" \
    nbdcopy "$(snap_uri s s1)" "$tmp/plain.img"
 ok_fails "plaintext qemu-io of snapshot/s1 refused" "export not available" \
    qio s snapshot/s1 "read 0 64k"
+ok_fails "plaintext fleece-backup of snapshot/s1 refused, suggesting TLS" \
+   "the server offers TLS and may serve this export only over TLS: use nbds://" \
+   fleece-backup --sync=full "$(snap_uri s s1)" "$tmp/plain.img"
 ok_fails "plaintext open of bitmap/c1 refused as unknown" "No such file" \
    nbdinfo "nbd+unix:///bitmap/c1?socket=$tmp/s.sock"
 ok_fails "plaintext nbdcopy of bitmap/c1 refused" "no export named" \

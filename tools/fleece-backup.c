@@ -252,7 +252,7 @@ parse_size (const char *opt, const char *s, uint64_t min, uint64_t max)
   if (!isdigit ((unsigned char) *s))
     goto bad;
   v = strtoull (s, &end, 10);
-  if (errno)
+  if (errno && errno != ERANGE)
     goto bad;
   switch (*end) {
   case 'k': case 'K': shift = 10; end++; break;
@@ -260,8 +260,12 @@ parse_size (const char *opt, const char *s, uint64_t min, uint64_t max)
   case 'g': case 'G': shift = 30; end++; break;
   case 't': case 'T': shift = 40; end++; break;
   }
-  if (*end || (shift && v > (UINT64_MAX >> shift)))
+  if (*end)
     goto bad;
+  /* A number too big for 64 bits, before or after its suffix. */
+  if (errno == ERANGE || (shift && v > (UINT64_MAX >> shift)))
+    usage_error ("%s: '%s' is out of range (%" PRIu64 " to %" PRIu64 ")",
+                 opt, s, min, max);
   v <<= shift;
   if (v < min || v > max)
     usage_error ("%s: '%s' is out of range (%" PRIu64 " to %" PRIu64 ")",
@@ -537,12 +541,86 @@ parse_args (int argc, char **argv, char **snapshot)
  * have it, or not for us) from a connection that failed.  Option mode
  * makes the two steps separate.
  */
+/* The files a URI's TLS query parameters name must exist: libnbd only
+ * says "connection is closed" when they do not.  Returns false with the
+ * reason in *msg (to free).
+ */
+static bool
+uri_tls_files_exist (const char *uri, char **msg)
+{
+  static const struct { const char *key; bool dir; } keys[] = {
+    { "tls-certificates", true }, { "tls-psk-file", false },
+  };
+  const char *q = strchr (uri, '?');
+  size_t i;
+
+  while (q && *q && *q != '#') {
+    size_t len;
+    q++;                                /* past '?', '&' or ';' */
+    len = strcspn (q, "&;#");
+    for (i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+      size_t klen = strlen (keys[i].key);
+      struct stat st;
+      char *path;
+      int err = 0;
+
+      if (len <= klen || strncmp (q, keys[i].key, klen) != 0 ||
+          q[klen] != '=')
+        continue;
+      path = pct_decode (q + klen + 1, len - klen - 1);
+      if (path == NULL)
+        err = EINVAL;
+      else if (stat (path, &st) == -1)
+        err = errno;
+      else if (keys[i].dir && !S_ISDIR (st.st_mode))
+        err = ENOTDIR;
+      if (err && asprintf (msg, "%s=%.*s: %s", keys[i].key,
+                           (int) (len - klen - 1), q + klen + 1,
+                           strerror (err)) == -1)
+        die ("asprintf: %m");
+      free (path);
+      if (err)
+        return false;
+    }
+    q += len;
+  }
+  return true;
+}
+
+/* A plaintext connection was refused an export: does the server offer
+ * TLS?  Then the export may be served only over TLS (nbdkit-fleece-
+ * plugin's tls-exports-only=true).  A probe connection lets libnbd try
+ * STARTTLS: 1 yes, 0 no, -1 unknown.
+ */
+static int
+server_offers_tls (const char *uri)
+{
+  struct nbd_handle *h = nbd_create ();
+  int r = -1;
+
+  if (h == NULL)
+    return -1;
+  if (nbd_set_opt_mode (h, true) == 0 &&
+      nbd_set_tls (h, LIBNBD_TLS_ALLOW) == 0 &&
+      nbd_set_uri_allow_local_file (h, true) == 0 &&
+      nbd_connect_uri (h, uri) == 0)
+    r = nbd_get_tls_negotiated (h);
+  if (r != -1)
+    nbd_opt_abort (h);
+  nbd_close (h);
+  return r;
+}
+
 static struct nbd_handle *
 nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
               bool *refused)
 {
-  struct nbd_handle *h = nbd_create ();
+  struct nbd_handle *h;
 
+  *refused = false;
+  if (!uri_tls_files_exist (uri, msg))
+    return NULL;
+  h = nbd_create ();
   if (h == NULL)
     die ("nbd_create: %s", nbd_get_error ());
   if (nbd_set_handle_name (h, name) == -1 ||
@@ -551,7 +629,6 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
       (extents &&
        nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1))
     die ("%s: %s", uri, nbd_get_error ());
-  *refused = false;
   if (nbd_connect_uri (h, uri) == 0) {
     if (!nbd_aio_is_negotiating (h))    /* an oldstyle server */
       return h;
@@ -559,19 +636,30 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
       return h;
     *refused = true;
   }
+  if ((*msg = strdup (nbd_get_error ())) == NULL)
+    die ("strdup: %m");
+  nbd_close (h);
   /* A server that only serves its snapshots over TLS refuses them to a
-   * plain connection without saying why: say what to try.
+   * plain connection without saying why: say what to try, but only to
+   * a server that offers TLS.
    */
   if (*refused && (strncmp (uri, "nbd://", 6) == 0 ||
                    strncmp (uri, "nbd+unix://", 11) == 0)) {
-    if (asprintf (msg, "%s (if the server requires TLS, use nbds:// or "
-                  "nbds+unix:// with tls-certificates= or tls-psk-file=)",
-                  nbd_get_error ()) == -1)
+    int tls = server_offers_tls (uri);
+    char *m;
+    if (asprintf (&m, "%s (%s)", *msg,
+                  tls == 0 ? "the server does not serve this export, "
+                  "and it offers no TLS"
+                  : tls == 1 ? "the server offers TLS and may serve this "
+                  "export only over TLS: use nbds:// or nbds+unix:// with "
+                  "tls-certificates= or tls-psk-file="
+                  : "if the server requires TLS, use nbds:// or "
+                  "nbds+unix:// with tls-certificates= or "
+                  "tls-psk-file=") == -1)
       die ("asprintf: %m");
+    free (*msg);
+    *msg = m;
   }
-  else if ((*msg = strdup (nbd_get_error ())) == NULL)
-    die ("strdup: %m");
-  nbd_close (h);
   return NULL;
 }
 
@@ -1959,6 +2047,11 @@ describe_failure (const struct job *j, char *msg, size_t n)
       (size_t) len < n && strstr (cfg.source, "snapshot/"))
     snprintf (msg + len, n - len, "; if the snapshot is broken, "
               "'fleecectl snapshot list' on its server says why");
+  /* ... and a deleted one with EINVAL (NBD has no ENOENT). */
+  else if (!j->err_target && j->err == EINVAL && lost == NULL &&
+           (size_t) len < n && strstr (cfg.source, "snapshot/"))
+    snprintf (msg + len, n - len, "; the snapshot may have been deleted "
+              "meanwhile: its server's log says so");
 }
 
 static void

@@ -118,13 +118,16 @@ parse_seconds (const char *opt, const char *s)
 
 /* ---- The connection ---- */
 
+/* Connect to c->path.  Called by conn_greeting, once the command line
+ * has been checked: a usage error exits 2 whether or not the server is
+ * there.
+ */
 static void
-conn_open (struct conn *c, const char *path, int timeout)
+conn_open (struct conn *c)
 {
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  const char *path = c->path;
 
-  c->path = path;
-  c->timeout = timeout;
   if (strlen (path) >= sizeof sun.sun_path)
     die ("connect: %s: the path is longer than %zu bytes", path,
          sizeof sun.sun_path - 1);
@@ -139,7 +142,8 @@ conn_open (struct conn *c, const char *path, int timeout)
 static void
 conn_close (struct conn *c)
 {
-  close (c->fd);
+  if (c->fd >= 0)
+    close (c->fd);
   free (c->buf);
 }
 
@@ -273,8 +277,11 @@ conn_send (struct conn *c, const char *line)
 static void
 conn_greeting (struct conn *c)
 {
-  json_t *g = conn_reply (c, NULL);
+  json_t *g;
   const char *desc;
+
+  conn_open (c);
+  g = conn_reply (c, NULL);
 
   if (json_unpack (g, "{s:{s:s}}", "error", "desc", &desc) == 0)
     die ("%s: %s", c->path, desc);
@@ -967,7 +974,8 @@ main (int argc, char **argv)
   check_command (argc - optind, argv + optind);
   if (path == NULL || *path == '\0')
     usage_error ("no control socket: use -s SOCKET or set FLEECE_SOCKET");
-  conn_open (&c, path, timeout);
+  c.path = path;
+  c.timeout = timeout;
   status = run (&c, argc - optind, argv + optind);
   conn_close (&c);
   return status;
