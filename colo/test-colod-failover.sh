@@ -131,7 +131,9 @@ ok "nbdkit on a's promoted disk" start_nbdkit a -- disk="$tmp/a/disk" \
 ok "writes on a after its promotion" qio a "" "write -P 0x61 16M 128k"
 ok "demote b" eval 'colod b demote --fleece "$tmp/b.ctl" --nbd "$(live_uri b)" >"$tmp/demote2.out"'
 ok "b had no unshipped writes" grep -q "^demoted: 0 clusters" "$tmp/demote2.out"
-ok "b's nbdkit stops" eval 'kill $(cat "$tmp/b.nbdkit.pid") && rm -f "$tmp/b.nbdkit.pid"'
+# It runs in the background (nbdkit's default), not as our child: it
+# must be gone, not merely sent SIGTERM.
+ok "b's nbdkit stops" kill_by_pidfile "$tmp/b.nbdkit.pid"
 ok "a's secondary daemon stops" stop_colod a
 pb2=$(free_port)
 ok "b starts as a secondary again" start_colod b secondary \
