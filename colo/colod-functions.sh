@@ -64,13 +64,20 @@ start_colod ()
   return 1
 }
 
-# stop_colod NAME: SIGTERM, and it must exit 0 (119 under valgrind: an
-# error it reported).
+# stop_colod NAME: SIGTERM, and it must be gone within stop_seconds
+# (else it is killed with SIGKILL and the stop fails) and have exited 0
+# (119 under valgrind: an error it reported).
 stop_colod ()
 {
   local pidfile="$tmp/$1/colod.pid" pid status=0
   pid=$(cat "$pidfile") || return 1
   kill "$pid" 2>/dev/null
+  if ! pid_gone "$pid" "$(stop_seconds)"; then
+    echo "# fleece-colod $1 still ran $(stop_seconds) s after SIGTERM: killed with SIGKILL"
+    kill -9 "$pid" 2>/dev/null
+    pid_gone "$pid" 5
+    status=137
+  fi
   wait "$pid" || status=$?
   rm -f "$pidfile"
   if [ "$status" -ne 0 ]; then

@@ -1322,7 +1322,7 @@ prepare_store (uint64_t epoch, char *err, size_t errlen)
   struct fleece *fl = fleece_open (&cfg);
 
   snprintf (name, sizeof name, "colo-%" PRIu64, epoch);
-  if (fl == NULL ||
+  if (fl == NULL || fleece_start (fl) == -1 ||
       fleece_checkpoint_create (fl, name) == -1 ||
       fleece_snapshot_delete (fl, name) == -1) {
     snprintf (err, errlen, "--promote-store %s: %s", colod.opt.promote_store,

@@ -103,15 +103,12 @@ hostile ()
   wait_for 10 test -s "$tmp/$n.ready"
 }
 
-# stop_hostile NAME: SIGTERM by PID; it must be gone.
+# stop_hostile NAME: SIGTERM by PID; it must be gone within a bound
+# (kill_by_pidfile: else SIGKILL, and the stop fails).
 stop_hostile ()
 {
-  local pid
-  pid=$(cat "$tmp/$1.pid") || return 1
-  kill "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  rm -f "$tmp/$1.pid"
-  ! kill -0 "$pid" 2>/dev/null
+  [ -s "$tmp/$1.pid" ] || return 1
+  kill_by_pidfile "$tmp/$1.pid"
 }
 
 now_ms () { echo $(( $(date +%s%N) / 1000000 )); }

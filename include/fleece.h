@@ -8,7 +8,14 @@
  * fleece_last_error().  The engine never prints.
  *
  * Thread safety: every function may be called from any thread at any time,
- * except fleece_open/fleece_close which bracket all others.
+ * except fleece_open, fleece_start and fleece_close which bracket all
+ * others.
+ *
+ * Threads: fleece_open starts none, so that a server may open the engine
+ * (and fail on a bad disk or store) before it forks into the background;
+ * fleece_start starts them in the process that then uses the engine.  A
+ * process that forks after fleece_start must not use the engine in the
+ * child.
  */
 
 #ifndef FLEECE_H
@@ -75,9 +82,14 @@ struct fleece_snap;
 
 /* Lifecycle.  With cfg->persistent, fleece_open loads the snapshots and
  * bitmaps an earlier run left in the store, and fleece_close records
- * them and marks the store clean.
+ * them and marks the store clean.  fleece_start starts the engine's
+ * threads (the persistent store's metadata compactor), once, before the
+ * first live write: without it a persistent store's writers fail with EIO
+ * once its metadata log is full.  fleece_close works whether or not
+ * fleece_start ran.
  */
 extern struct fleece *fleece_open (const struct fleece_config *cfg);
+extern int fleece_start (struct fleece *fl);
 extern void fleece_close (struct fleece *fl);
 extern bool fleece_persistent (const struct fleece *fl);
 extern uint64_t fleece_disk_size (const struct fleece *fl);

@@ -11,10 +11,17 @@
  *   "bitmap/NAME"    dirty bitmap NAME (docs/bitmap-export.md), read-only
  *
  * The engine and the control socket are opened in .get_ready, before
- * nbdkit forks into the background, so that a bad disk or store stops
- * nbdkit with a clear error; the control service thread starts in
- * .after_fork.  Errors are reported once, here, with the engine's message,
- * and errno is what the NBD client sees.
+ * nbdkit forks into the background (or, with --run, forks the server off
+ * the process that runs the command), so that a bad disk or store stops
+ * nbdkit with a clear error.  No thread may start there: threads do not
+ * survive fork, and the process that serves would miss them.  Every
+ * thread starts in .after_fork, which nbdkit calls in the process that
+ * serves, in every mode (-f, background, --run, socket activation): the
+ * engine's (fleece_start), then the control service's.  The control socket
+ * listens from .get_ready on, so that it is up as soon as nbdkit is,
+ * before any NBD client connects.  .cleanup works whether or not
+ * .after_fork ran.  Errors are reported once, here, with the engine's
+ * message, and errno is what the NBD client sees.
  */
 
 #include <config.h>
@@ -325,7 +332,7 @@ plug_get_ready (void)
 static int
 plug_after_fork (void)
 {
-  if (ctl_start (ctl) == -1)
+  if (fleece_start (fl) == -1 || ctl_start (ctl) == -1)
     return engine_error ();
   return 0;
 }

@@ -111,6 +111,23 @@ fleece_open (const struct fleece_config *cfg)
   return NULL;
 }
 
+/* Threads start here, never in fleece_open: nbdkit opens the engine in
+ * .get_ready, before it forks into the background, and a thread does not
+ * survive fork.  The copy threads of cbw-timeout start later still, from
+ * the writes that need them.
+ */
+int
+fleece_start (struct fleece *fl)
+{
+  if (fl->started)
+    return fl_error (EINVAL, "fleece_start: the engine of %s is already "
+                     "started", fl->disk.path);
+  if (meta_start_compactor (fl) == -1)
+    return -1;
+  fl->started = true;
+  return 0;
+}
+
 void
 fleece_close (struct fleece *fl)
 {

@@ -281,8 +281,10 @@ struct meta {
   size_t nlost, caplost;
   uint32_t *deferred;           /* slots to free once the image is stable */
   size_t ndeferred, capdeferred;
+  bool logging;                 /* meta_start wrote the first image;
+                                 * meta_close writes the last */
   pthread_t compactor;
-  bool compactor_started;
+  bool compactor_started;       /* by fleece_start, in this process */
   /* The superblock says clean: cleared before the first live write. */
   atomic_bool sb_clean;
 };
@@ -296,6 +298,7 @@ struct meta {
 
 extern int meta_init (struct fleece *fl, bool existing, bool *was_clean);
 extern int meta_start (struct fleece *fl, bool existing, bool was_clean);
+extern int meta_start_compactor (struct fleece *fl);
 extern void meta_close (struct fleece *fl);
 /* Append a record; returns its sequence number (0 when the store is not
  * persistent), or 0 with meta->err set.  data: the record points at data
@@ -349,6 +352,7 @@ struct fleece {
 
   struct meta meta;
   uint64_t cbw_timeout_ns;      /* 0: none */
+  bool started;                 /* by fleece_start */
 
   struct gate gate;
   struct rangelock cbw_locks;

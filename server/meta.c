@@ -43,6 +43,15 @@
  * so every operation that needs a record fails from then on (the live
  * disk stays writable where no copy is needed).
  *
+ * Threads.  One compactor thread writes the image when the active half
+ * is full.  It starts in fleece_start, never in fleece_open: nbdkit opens
+ * the engine before it forks into the background, and the process that
+ * serves would inherit no compactor (its writers waiting forever for an
+ * image) and a condition variable with a waiter that never leaves (its
+ * pthread_cond_destroy waiting forever).  Without a compactor, a writer
+ * that finds the log full fails instead of waiting.  meta_close writes the
+ * last image whether or not the compactor ever ran.
+ *
  * Lock order: admin_lock, then snaps_lock, then break_lock, then meta
  * lock; the meta lock is never held across I/O.  Waiting for a commit never happens with
  * snaps_lock or a snapshot's io_lock held: the compactor, which writes
@@ -391,6 +400,13 @@ meta_wait (struct fleece *fl, uint64_t seq)
       continue;
     }
     if (m->pos + m->pend.len > HALF_SIZE) {
+      if (!m->compactor_started) {
+        /* Waiting would be forever: fail, loudly, instead. */
+        r = fl_error (EIO, "persistent store: %s: the metadata log is "
+                      "full and no compactor runs in this process "
+                      "(fleece_start was not called)", fl->store.path);
+        break;
+      }
       m->want_image = true;     /* the compactor writes an image */
       pthread_cond_broadcast (&m->cond);
       pthread_cond_wait (&m->cond, &m->lock);
@@ -1309,11 +1325,30 @@ meta_start (struct fleece *fl, bool existing, bool was_clean)
     was_clean = true;
   }
   atomic_store (&m->sb_clean, was_clean);
+  m->logging = true;
+  return 0;
+}
+
+/* Called by fleece_start, in the process that serves: a thread created
+ * before nbdkit forks into the background does not exist in the child
+ * that serves, and the child would wait forever for its images.
+ */
+int
+meta_start_compactor (struct fleece *fl)
+{
+  struct meta *m = &fl->meta;
+  int r;
+
+  if (!m->on)
+    return 0;
   r = pthread_create (&m->compactor, NULL, compactor, fl);
   if (r != 0)
-    return fl_error (r, "persistent store: pthread_create: %s",
+    return fl_error (r, "persistent store: %s: pthread_create: the "
+                     "metadata compactor: %s", fl->store.path,
                      strerror (r));
+  pthread_mutex_lock (&m->lock);
   m->compactor_started = true;
+  pthread_mutex_unlock (&m->lock);
   return 0;
 }
 
@@ -1355,6 +1390,12 @@ meta_close (struct fleece *fl)
     pthread_mutex_unlock (&m->lock);
     pthread_join (m->compactor, NULL);
     m->compactor_started = false;
+  }
+  /* Also when fleece_start never ran (nbdkit stopped before .after_fork):
+   * the state is still worth a clean stop.
+   */
+  if (m->logging) {
+    m->logging = false;
     pthread_mutex_lock (&fl->admin_lock);
     r = meta_image (fl);
     pthread_mutex_unlock (&fl->admin_lock);

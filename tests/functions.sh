@@ -148,14 +148,59 @@ start_nbdkit ()
   return 1
 }
 
+# pid_gone PID [SECONDS]: true once process PID is gone, polling for at
+# most SECONDS (default 5).  Works for a daemon that is not a child of
+# this shell, where "wait" cannot (bash reaps its own children as they
+# exit, so an exited child is gone too).
+pid_gone ()
+{
+  local pid=$1 t=${2:-5} i
+  for (( i = 0; i < t * 10; i++ )); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  ! kill -0 "$pid" 2>/dev/null
+}
+
+# How long a server has to exit after SIGTERM: a few seconds, more under
+# valgrind (its leak check runs at exit).
+stop_seconds () { [ -n "$VG" ] && echo 60 || echo "${FLEECE_STOP_SECONDS:-10}"; }
+
+# stop_pid WHAT PID [SECONDS]: SIGTERM, then PID must be gone within
+# SECONDS (default stop_seconds).  If it is not, say so, kill -9 it (so
+# that no test leaves a server behind) and fail: a stop that did not stop
+# is a failure, whatever kill returned.
+stop_pid ()
+{
+  local what=$1 pid=$2 t=${3:-$(stop_seconds)}
+  kill "$pid" 2>/dev/null || :
+  if pid_gone "$pid" "$t"; then
+    wait "$pid" 2>/dev/null || :     # reap it if it is our child
+    return 0
+  fi
+  kill -9 "$pid" 2>/dev/null || :
+  pid_gone "$pid" 5 && wait "$pid" 2>/dev/null
+  if [ -n "${FLEECE_ASAN_PRELOAD:-}" ]; then
+    # The libp11-kit hang at exit of stop_nbdkit, below.
+    echo "# $what (PID $pid) hung at exit (ASan + libp11-kit), killed"
+    return 0
+  fi
+  echo "# $what (PID $pid) still ran $t s after SIGTERM: killed with SIGKILL"
+  return 1
+}
+
+# kill_by_pidfile PIDFILE [SECONDS]: stop_pid on the PID in PIDFILE, then
+# remove it; true if there is nothing to stop.  Cleanup uses it for every
+# server (a daemon that ignores SIGTERM gets SIGKILL, never outlives the
+# test); a test that asserts a stop may use it too.
 kill_by_pidfile ()
 {
-  local pid
+  local pid st=0
   pid=$(cat "$1" 2>/dev/null) || return 0
   [ -n "$pid" ] || return 0
-  kill "$pid" 2>/dev/null || :
-  wait "$pid" 2>/dev/null || :
+  stop_pid "$1" "$pid" "${2:-}" || st=$?
   rm -f "$1"
+  return "$st"
 }
 
 # stop_nbdkit NAME: stop it by PID and check that it exits cleanly (under
@@ -163,17 +208,23 @@ kill_by_pidfile ()
 # build, that its log holds no sanitizer report).
 stop_nbdkit ()
 {
-  local name=$1 pidfile="$tmp/$1.pid" log="$tmp/$1.log" pid status i
+  local name=$1 pidfile="$tmp/$1.pid" log="$tmp/$1.log" pid status
   pid=$(cat "$pidfile")
   kill "$pid"
-  if [ -n "${FLEECE_ASAN_PRELOAD:-}" ]; then
+  if ! pid_gone "$pid" "$(stop_seconds)"; then
+    kill -9 "$pid" 2>/dev/null
+    pid_gone "$pid" 5
+    if [ -z "${FLEECE_ASAN_PRELOAD:-}" ]; then
+      echo "# nbdkit $name still ran $(stop_seconds) s after SIGTERM: killed with SIGKILL; log:"
+      sed 's/^/#   /' "$log" | tail -40
+      wait "$pid" 2>/dev/null
+      rm -f "$pidfile"
+      return 1
+    fi
     # With the ASan runtime preloaded, nbdkit sometimes hangs in
     # libp11-kit's destructor at exit (after LeakSanitizer has run):
-    # give it time, then kill it, and judge it by its log.
-    for (( i = 0; i < 100 && $(kill -0 "$pid" 2>/dev/null; echo $?) == 0; i++ )); do
-      sleep 0.1
-    done
-    kill -9 "$pid" 2>/dev/null && echo "# nbdkit $name hung at exit (ASan + libp11-kit), killed"
+    # judge it by its log.
+    echo "# nbdkit $name hung at exit (ASan + libp11-kit), killed"
   fi
   status=0
   wait "$pid" || status=$?

@@ -574,7 +574,7 @@ main (void)
   cfg.disk = disk_path;
   cfg.store = store_path;
   fl = fleece_open (&cfg);
-  if (fl == NULL)
+  if (fl == NULL || fleece_start (fl) == -1)
     bail_out ("fleece_open: %s", fleece_last_error ());
   ctl = ctl_open (fl, sock_path, &info);
   if (ctl == NULL)

@@ -78,14 +78,11 @@ wait_ready ()
 # done_idle NAME: wait for it to exit by itself (bounded), assert it is gone.
 done_idle ()
 {
-  local pid i
+  local pid
   pid=$(cat "$tmp/$1.pid") || return 1
-  for (( i = 0; i < 200 && $(kill -0 "$pid" 2>/dev/null; echo $?) == 0; i++ )); do
-    sleep 0.1
-  done
+  pid_gone "$pid" 20 || return 1   # cleanup kills it by its PID file
   wait "$pid"
   rm -f "$tmp/$1.pid"
-  ! kill -0 "$pid" 2>/dev/null
 }
 now_ms () { echo $(( $(date +%s%N) / 1000000 )); }
 

@@ -1210,8 +1210,8 @@ test_bad_config (void)
   fleece_close (fl);
   cfg.cluster_size = 0;
   fl = fleece_open (&cfg);
-  ok (fl && fleece_cluster_size (fl) == FLEECE_CLUSTER_SIZE_DEFAULT,
-      "cluster size 0 means the default");
+  ok (fl && fleece_cluster_size (fl) == FLEECE_CLUSTER_SIZE_DEFAULT &&
+      fleece_start (fl) == 0, "cluster size 0 means the default");
 
   /* Ranges beyond the end. */
   if (fl) {

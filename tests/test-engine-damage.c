@@ -70,8 +70,15 @@ open_store (void)
     .disk = disk, .store = store, .cluster_size = CS, .persistent = true,
   };
 
+  struct fleece *fl;
+
   warned[0] = '\0';
-  return fleece_open (&cfg);
+  fl = fleece_open (&cfg);
+  if (fl && fleece_start (fl) == -1) {
+    fleece_close (fl);
+    return NULL;
+  }
+  return fl;
 }
 
 static uint8_t *

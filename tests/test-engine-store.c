@@ -463,7 +463,8 @@ test_fail_write (void)
   rng_fill (&rng, data, 16 * cs);
   test_write_disk (disk, data, 16 * cs);
   fl = fleece_open (&cfg);
-  if (fl == NULL || fleece_snapshot_create (fl, "f") == -1 ||
+  if (fl == NULL || fleece_start (fl) == -1 ||
+      fleece_snapshot_create (fl, "f") == -1 ||
       (h = fleece_snap_get (fl, "f")) == NULL)
     bail_out ("%s", fleece_last_error ());
   memset (patch, 0x24, sizeof patch);

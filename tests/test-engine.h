@@ -239,6 +239,8 @@ test_open (const char *disk, const char *store, uint32_t cluster_size)
 
   if (fl == NULL)
     bail_out ("fleece_open: %s", fleece_last_error ());
+  if (fleece_start (fl) == -1)
+    bail_out ("fleece_start: %s", fleece_last_error ());
   return fl;
 }
 

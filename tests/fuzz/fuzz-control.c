@@ -61,6 +61,10 @@ LLVMFuzzerInitialize (int *argc, char ***argv)
   cfg.disk = disk;
   cfg.store = store;
   fl = fleece_open (&cfg);
+  if (fl && fleece_start (fl) == -1) {
+    fleece_close (fl);
+    fl = NULL;
+  }
   ctl = fl ? ctl_open (fl, sock, &info) : NULL;
   if (ctl == NULL) {
     fprintf (stderr, "fuzz-control: %s\n", fleece_last_error ());

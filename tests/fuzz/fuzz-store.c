@@ -303,8 +303,13 @@ open_store (void)
     .disk = disk, .store = store, .cluster_size = CLUSTER,
     .persistent = true,
   };
+  struct fleece *fl = fleece_open (&cfg);
 
-  return fleece_open (&cfg);
+  if (fl && fleece_start (fl) == -1) {
+    fleece_close (fl);
+    return NULL;
+  }
+  return fl;
 }
 
 static void
