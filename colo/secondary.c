@@ -81,7 +81,8 @@ static struct {
   unsigned npending;
   unsigned nthreads;              /* connection threads alive */
   int64_t require_since;
-} s = { .jlock = PTHREAD_MUTEX_INITIALIZER };
+  int lock_fd;                    /* holds the disk's locks, or -1 */
+} s = { .jlock = PTHREAD_MUTEX_INITIALIZER, .lock_fd = -1 };
 
 /* ---- STATE_DIR/diverged ---- */
 
@@ -211,9 +212,57 @@ publish_journal (void)
   pthread_mutex_unlock (&colod.lock);
 }
 
+/* ---- the disk's locks (nbdkit-fleece-plugin(1), LOCKING) ----
+ *
+ * While this side is a secondary, it alone may write the disk: it holds
+ * the QEMU-compatible locks that the plugin takes, on a descriptor of
+ * its own, so that nbdkit with the plugin, a VM or qemu-nbd cannot open
+ * the disk for writing meanwhile, and a disk one of them has open is
+ * refused.  Promotion hands the disk over: the locks go before
+ * --on-promote starts a server on it, and a promoted side restarted
+ * takes none.  On a file system without OFD locks it goes on unlocked
+ * (the plugin's locking=auto).
+ */
 static int
-open_journal (uint64_t size, uint32_t cs, char *err, size_t errlen)
+lock_disk (char *err, size_t errlen)
 {
+  bool locked;
+  int fd;
+
+  if (s.lock_fd >= 0)
+    return 0;
+  fd = open (colod.opt.disk, O_RDWR | O_CLOEXEC);
+  if (fd == -1) {
+    snprintf (err, errlen, "open: %s: %s", colod.opt.disk, strerror (errno));
+    return -1;
+  }
+  if (fleece_lock_image (fd, "disk", colod.opt.disk, FLEECE_LOCKING_AUTO,
+                         &locked) == -1) {
+    snprintf (err, errlen, "%s", fleece_last_error ());
+    close (fd);
+    return -1;
+  }
+  if (!locked)
+    colod_log ("disk %s: not locked: its file system has no OFD locks",
+               colod.opt.disk);
+  s.lock_fd = fd;
+  return 0;
+}
+
+static void
+unlock_disk (void)
+{
+  if (s.lock_fd >= 0)
+    close (s.lock_fd);
+  s.lock_fd = -1;
+}
+
+static int
+open_journal (uint64_t size, uint32_t cs, bool lock, char *err,
+              size_t errlen)
+{
+  if (lock && lock_disk (err, errlen) == -1)
+    return -1;
   s.j = journal_open (colod.opt.state_dir, colod.opt.disk, size, cs, err,
                       errlen);
   if (s.j == NULL)
@@ -226,7 +275,7 @@ open_journal (uint64_t size, uint32_t cs, char *err, size_t errlen)
 /* ---- STATE_DIR/promoted: this side took over (its generation) ---- */
 
 static bool
-read_promoted (void)
+promoted_in (const uint8_t generation[16])
 {
   char path[PATH_MAX];
   uint8_t gen[16];
@@ -239,8 +288,13 @@ read_promoted (void)
     return false;
   n = read (fd, gen, sizeof gen);
   close (fd);
-  return n == sizeof gen &&
-    memcmp (gen, journal_get_state (s.j)->generation_id, 16) == 0;
+  return n == sizeof gen && memcmp (gen, generation, 16) == 0;
+}
+
+static bool
+read_promoted (void)
+{
+  return promoted_in (journal_get_state (s.j)->generation_id);
 }
 
 static int
@@ -311,8 +365,8 @@ ensure_journal (const struct colo_msg_hello *ph, struct verdict *v,
 {
   const struct journal_state *js;
 
-  if (s.j == NULL && open_journal (ph->disk_size, ph->cluster_size, err,
-                                   errlen) == -1)
+  if (s.j == NULL && open_journal (ph->disk_size, ph->cluster_size, true,
+                                   err, errlen) == -1)
     return -1;
   js = journal_get_state (s.j);
   if (js->disk_size != ph->disk_size || js->cluster_size != ph->cluster_size) {
@@ -934,11 +988,16 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
   else {
     r = judge (ph, &v, err, sizeof err);
     if (r == 0 && v.status == COLO_HELLO_ACCEPT && s.promoted) {
-      /* --discard-diverged on a promoted side: a secondary again. */
-      clear_promoted ();
-      s.promoted = false;
-      colod_set_failover (FAILOVER_NONE, "--discard-diverged: a secondary "
-                          "again");
+      /* --discard-diverged on a promoted side: a secondary again, once
+       * no server has the disk any more.
+       */
+      r = lock_disk (err, sizeof err);
+      if (r == 0) {
+        clear_promoted ();
+        s.promoted = false;
+        colod_set_failover (FAILOVER_NONE, "--discard-diverged: a "
+                            "secondary again");
+      }
     }
   }
   fill_hello (&m, COLO_CHANNEL_DATA);
@@ -1226,7 +1285,8 @@ adopt_demoted (void)
     return colod.opt.discard_diverged ? 0 : -1;
   }
   free (bits);
-  if (s.j == NULL && open_journal (size, cs, err, sizeof err) == -1) {
+  if ((s.j == NULL && open_journal (size, cs, true, err, sizeof err) == -1)
+      || lock_disk (err, sizeof err) == -1) {
     colod_log ("%s", err);
     return -1;
   }
@@ -1355,6 +1415,7 @@ promote (const char *why)
   if (write_promoted (gen) == -1)
     colod_log ("a restart of this daemon will not know it was promoted: "
                "start it with the same --state only as a primary");
+  unlock_disk ();               /* for the server that takes over */
   if (colod.opt.promote_store &&
       prepare_store (epoch, err, sizeof err) == -1)
     colod_log ("%s: a later failback will need a full copy", err);
@@ -1457,7 +1518,8 @@ colod_run_secondary (void)
     return COLOD_EXIT_ERROR;
   }
   if (r == 1 &&
-      open_journal (js.disk_size, js.cluster_size, err, sizeof err) == -1) {
+      open_journal (js.disk_size, js.cluster_size,
+                    !promoted_in (js.generation_id), err, sizeof err) == -1) {
     colod_log ("%s", err);
     return COLOD_EXIT_ERROR;
   }
@@ -1520,5 +1582,6 @@ colod_run_secondary (void)
   colo_tls_free (tls);
   if (s.j)
     journal_close (s.j);
+  unlock_disk ();
   return s.failed ? COLOD_EXIT_ERROR : 0;
 }

@@ -162,6 +162,13 @@ is "$(status a last-epoch-bytes)" $SIZE "a full copy covers the whole disk"
 is "$(applied_sum 1)" "$live" "the secondary's disk equals the primary's export"
 is "$(head -c 48M "$tmp/b/disk" | tail -c 16M | tr -d '\0' | wc -c)" 0 \
   "the zero region (32M-48M, junk before) is zero on the secondary"
+# The secondary alone writes its disk (LOCKING in nbdkit-fleece-plugin(1)).
+ok_fails "nbdkit with the plugin on the secondary's disk is refused" \
+  "disk: .*/b/disk: in use by another process" \
+  nbdkit_once -U - "$FLEECE_PLUGIN" disk="$tmp/b/disk" \
+  store="$tmp/b/other.store" --run true
+ok_fails "qemu-io writing the secondary's disk is refused" \
+  'Failed to get "write" lock' qemu-io -f raw -c 'write 0 4k' "$tmp/b/disk"
 
 # ---- 3. status on both sides; events ----
 

@@ -41,6 +41,15 @@ enum fleece_cbw_error {
   FLEECE_CBW_FAIL_WRITE = 1,     /* live write fails, nothing changes */
 };
 
+/* Image locking (server/lock.c, nbdkit-fleece-plugin(1) LOCKING): the
+ * disk and the store are locked against a second writer, QEMU's way.
+ */
+enum fleece_locking {
+  FLEECE_LOCKING_ON = 0,        /* lock, or refuse to start */
+  FLEECE_LOCKING_AUTO = 1,      /* lock where the file system can */
+  FLEECE_LOCKING_OFF = 2,       /* never lock */
+};
+
 struct fleece_config {
   const char *disk;             /* file or block device, required */
   const char *store;            /* store file, required */
@@ -53,6 +62,7 @@ struct fleece_config {
                                  * and crashes (docs/durability.md) */
   uint32_t cbw_timeout_ms;      /* break the snapshot when the store takes
                                  * longer to take a copy; 0: wait */
+  enum fleece_locking locking;  /* 0: FLEECE_LOCKING_ON */
 };
 
 /* Flags for live writes, the same bits as nbdkit's. */
@@ -86,6 +96,18 @@ extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
 extern const char *fleece_store_path (const struct fleece *fl);
+/* "on" (the disk and the store are locked), "off" (locking=off), or
+ * with locking=auto on a file system without OFD locks "unsupported"
+ * (or "disk only", "store only": one of them could be locked).
+ */
+extern const char *fleece_locking_state (const struct fleece *fl);
+/* Lock an image that another program writes (fleece-colod's secondary
+ * disk) as fleece_open locks the disk (nbdkit-fleece-plugin(1),
+ * LOCKING); what names it in messages.  0 (*locked: whether the locks
+ * are held; closing fd drops them), or -1 with fleece_last_error ().
+ */
+extern int fleece_lock_image (int fd, const char *what, const char *path,
+                              enum fleece_locking mode, bool *locked);
 
 /* The live disk. */
 extern int fleece_live_pread (struct fleece *fl, void *buf, uint32_t count,
@@ -254,6 +276,8 @@ struct fleece_debug {
                                  * fail with EIO */
   int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
                                  * timeouts are N ms */
+  int no_ofd_locks;             /* the engine tests: act as if the file
+                                 * system had no OFD locks (ENOLCK) */
 };
 extern struct fleece_debug fleece_debug;
 typedef void (*fleece_log_fn) (const char *msg);

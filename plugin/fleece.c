@@ -64,6 +64,7 @@ static uint64_t store_max;      /* bytes, 0: no cap */
 static unsigned store_warn;     /* percent of store_max, 0: off */
 static int persistent;
 static uint32_t cbw_timeout_ms; /* 0: none */
+static enum fleece_locking locking = FLEECE_LOCKING_ON;
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -202,6 +203,20 @@ plug_config (const char *key, const char *value)
     cbw_timeout_ms = secs * 1000 + 0.5;
     return 0;
   }
+  if (strcmp (key, "locking") == 0) {
+    int r;
+    if (strcmp (value, "auto") == 0) {
+      locking = FLEECE_LOCKING_AUTO;
+      return 0;
+    }
+    r = nbdkit_parse_bool (value);     /* on, off, true, false, ... */
+    if (r == -1) {
+      nbdkit_error ("locking=%s: expected on, off or auto", value);
+      return -1;
+    }
+    locking = r ? FLEECE_LOCKING_ON : FLEECE_LOCKING_OFF;
+    return 0;
+  }
   nbdkit_error ("unknown parameter '%s' (see nbdkit fleece --help)", key);
   return -1;
 }
@@ -240,7 +255,10 @@ plug_config_complete (void)
   "tls-exports-only=true  Snapshot and bitmap exports only over TLS.\n" \
   "persistent=true|false  Snapshots and bitmaps survive restarts and\n" \
   "                     crashes (default false: they last as long as\n" \
-  "                     nbdkit)."
+  "                     nbdkit).\n" \
+  "locking=on|auto|off  Lock the disk and the store against a second\n" \
+  "                     writer, as QEMU does (default on; auto: where the\n" \
+  "                     file system can; off: never, at your risk)."
 
 static void
 plug_dump_plugin (void)
@@ -266,6 +284,7 @@ plug_get_ready (void)
     .store_warn = store_warn,
     .persistent = persistent,
     .cbw_timeout_ms = cbw_timeout_ms,
+    .locking = locking,
   };
   const struct ctl_info info = {
     .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE
@@ -287,6 +306,19 @@ plug_get_ready (void)
   fl = fleece_open (&cfg);
   if (fl == NULL)
     return engine_error ();
+  if (locking == FLEECE_LOCKING_OFF)
+    nbdkit_debug ("locking=off: the disk %s and the store %s are not "
+                  "locked: nothing stops a second writer from corrupting "
+                  "every snapshot", disk_path, store_path);
+  else if (strcmp (fleece_locking_state (fl), "on") != 0)
+    nbdkit_debug ("locking=auto: the file system has no OFD locks, so of "
+                  "the disk %s and the store %s %s: nothing stops a second "
+                  "writer from corrupting every snapshot", disk_path,
+                  store_path,
+                  strcmp (fleece_locking_state (fl), "disk only") == 0
+                  ? "only the disk is locked"
+                  : strcmp (fleece_locking_state (fl), "store only") == 0
+                  ? "only the store is locked" : "neither is locked");
   ctl = ctl_open (fl, control_path, &info);
   if (ctl == NULL) {
     engine_error ();

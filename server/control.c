@@ -252,7 +252,7 @@ cmd_query_status (struct ctl *ctl, json_t *args)
 
   fleece_get_stats (ctl->fl, &st);
   return checked (json_pack ("{s:s,s:s,s:o,s:I,s:I,s:o,s:s,s:b,s:I,s:I,"
-                             "s:I,s:I}",
+                             "s:I,s:I,s:s}",
                              "status", "running",
                              "version", PACKAGE_VERSION,
                              "disk", ctl_str (fleece_disk_path (ctl->fl)),
@@ -265,7 +265,8 @@ cmd_query_status (struct ctl *ctl, json_t *args)
                              "snapshots", (json_int_t) st.snapshots,
                              "generation", (json_int_t) st.generation,
                              "uptime", (json_int_t) uptime,
-                             "store-max", (json_int_t) st.store_max_bytes),
+                             "store-max", (json_int_t) st.store_max_bytes,
+                             "locking", fleece_locking_state (ctl->fl)),
                   "query-status");
 }
 

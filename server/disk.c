@@ -35,7 +35,7 @@ fl_block_size (int fd, const char *what, const char *path, uint64_t *size)
 }
 
 int
-disk_open (struct disk *d, const char *path)
+disk_open (struct disk *d, const char *path, enum fleece_locking locking)
 {
   struct stat st;
   struct { uint64_t dev, ino, size; } ident;
@@ -49,6 +49,9 @@ disk_open (struct disk *d, const char *path)
     fl_error (errno, "disk: fstat: %s: %m", path);
     goto out_close_fd;
   }
+  if ((S_ISBLK (st.st_mode) || S_ISREG (st.st_mode)) &&
+      fl_lock_image (d->fd, "disk", path, locking, &d->locked) == -1)
+    goto out_close_fd;
   if (S_ISBLK (st.st_mode)) {
     d->is_block = true;
     if (fl_block_size (d->fd, "disk", path, &d->size) == -1)

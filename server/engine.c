@@ -48,12 +48,13 @@ fleece_open (const struct fleece_config *cfg)
     return NULL;
   }
   fl->on_cbw_error = cfg->on_cbw_error;
+  fl->locking = cfg->locking;
   fl->cbw_timeout_ns = (uint64_t) cfg->cbw_timeout_ms * 1000000;
-  if (disk_open (&fl->disk, cfg->disk) == -1)
+  if (disk_open (&fl->disk, cfg->disk, cfg->locking) == -1)
     goto out_free;
   /* A persistent store brings its own cluster size. */
   if (store_open (&fl->store, cfg->store, &cs, &fl->disk, cfg->persistent,
-                  &existing) == -1)
+                  cfg->locking, &existing) == -1)
     goto out_disk;
   fl->cluster_size = cs;
   fl->cluster_bits = __builtin_ctz (cs);
@@ -93,11 +94,12 @@ fleece_open (const struct fleece_config *cfg)
     return NULL;
   }
   fl_debug ("opened disk %s (%" PRIu64 " bytes, %s), store %s%s, cluster "
-            "size %" PRIu32 "%s", fl->disk.path, fl->disk.size,
+            "size %" PRIu32 "%s, locking %s", fl->disk.path, fl->disk.size,
             fl->disk.is_block ? "block device" : "file", fl->store.path,
             !cfg->persistent ? "" : existing ? " (persistent, loaded)"
             : " (persistent, new)", cs,
-            existing && !clean ? ", after an unclean stop" : "");
+            existing && !clean ? ", after an unclean stop" : "",
+            fleece_locking_state (fl));
   return fl;
 
  out_store:
@@ -160,6 +162,17 @@ const char *fleece_disk_path (const struct fleece *fl)
 { return fl->disk.path; }
 const char *fleece_store_path (const struct fleece *fl)
 { return fl->store.path; }
+
+const char *
+fleece_locking_state (const struct fleece *fl)
+{
+  if (fl->disk.locked && fl->store.locked)
+    return "on";
+  if (fl->locking == FLEECE_LOCKING_OFF)
+    return "off";
+  return fl->disk.locked ? "disk only" : fl->store.locked ? "store only"
+    : "unsupported";
+}
 
 static int
 check_range (struct fleece *fl, const char *op, uint64_t count,

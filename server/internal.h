@@ -33,6 +33,14 @@ extern int fl_pwrite_all (int fd, const char *what, const char *path,
                           const void *buf, size_t count, uint64_t offset,
                           bool dsync);
 
+/* ---- lock.c: one writer per image, QEMU-compatible ---- */
+/* Lock fd's image (what: "disk" or "store"), or refuse it if another
+ * process uses it.  *locked: whether the locks are now held (false with
+ * locking=off, or locking=auto on a file system without OFD locks).
+ */
+extern int fl_lock_image (int fd, const char *what, const char *path,
+                          enum fleece_locking mode, bool *locked);
+
 /* ---- disk.c: the live disk ---- */
 struct disk {
   /* Set by disk_open, then constant. */
@@ -42,10 +50,12 @@ struct disk {
   bool is_block;
   bool can_punch;               /* regular file on a fs with holes */
   bool can_seek_data;
+  bool locked;                  /* lock.c's locks are held on fd */
   uint8_t id[16];
 };
 
-extern int disk_open (struct disk *d, const char *path);
+extern int disk_open (struct disk *d, const char *path,
+                      enum fleece_locking locking);
 /* The size of a block device (the disk's, or the store's). */
 extern int fl_block_size (int fd, const char *what, const char *path,
                           uint64_t *size);
@@ -72,6 +82,7 @@ struct store {
   bool is_file;
   bool persistent;
   bool loading;                 /* meta.c is loading it: no punching */
+  bool locked;                  /* lock.c's locks are held on fd */
   uint64_t created;             /* when the store was formatted */
   uint64_t sb_sequence;         /* of the last superblock written */
 
@@ -98,7 +109,8 @@ struct store {
  */
 extern int store_open (struct store *s, const char *path,
                        uint32_t *cluster_size, const struct disk *d,
-                       bool persistent, bool *existing);
+                       bool persistent, enum fleece_locking locking,
+                       bool *existing);
 extern int store_set_limits (struct store *s, uint64_t max_bytes,
                              unsigned warn_percent);
 /* What crossed the store-warn mark: a copy of asked slots, when the
@@ -323,6 +335,7 @@ struct fleece {
   unsigned cluster_bits;
   uint64_t nclusters;
   enum fleece_cbw_error on_cbw_error;
+  enum fleece_locking locking;
 
   /* Generation of the newest snapshot in the high 32 bits, number of
    * live snapshots in the low 32.  Read lock-free on the write path; only

@@ -421,7 +421,8 @@ format_store (struct store *s, const struct disk *d)
 
 int
 store_open (struct store *s, const char *path, uint32_t *cluster_size,
-            const struct disk *d, bool persistent, bool *existing)
+            const struct disk *d, bool persistent, enum fleece_locking locking,
+            bool *existing)
 {
   struct stat st;
   uint64_t size;
@@ -454,6 +455,9 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
       goto out_free_path;
     }
   }
+  /* Before anything is read or the store is formatted. */
+  if (fl_lock_image (s->fd, "store", path, locking, &s->locked) == -1)
+    goto out_free_path;
   s->is_file = S_ISREG (st.st_mode);
   if (s->is_file)
     size = st.st_size;

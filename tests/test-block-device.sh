@@ -30,7 +30,7 @@ ok "FUA write" qio s "" "write -f -P 0x34 12M 64k"
 ok "flush" qio s "" "flush"
 ok "live reads the zeroes" qio s "" "read -P 0 4M 3M"
 ok "device holds the new data" \
-   qemu-io -f raw -c 'read -P 0x33 0 4M' -c 'read -P 0x34 12M 64k' "$dev"
+   qemu-io -r -f raw -c 'read -P 0x33 0 4M' -c 'read -P 0x34 12M 64k' "$dev"
 ok "pull the snapshot" pull s b "$tmp/b.img"
 is "$(sum "$tmp/b.img")" "$(sum "$tmp/ref")" "snapshot of the block device is exact"
 map=$(nbdinfo --map "$(snap_uri s b)")

@@ -51,8 +51,12 @@ static struct fleece *parent_engine;
 static struct fleece *
 open_store (void)
 {
+  /* Unlocked: parent_engine keeps the locks it took, as nbdkit's parent
+   * would if it did not exit, and the later opens are of the same files.
+   */
   const struct fleece_config cfg = {
     .disk = disk, .store = store, .cluster_size = CS, .persistent = true,
+    .locking = FLEECE_LOCKING_OFF,
   };
 
   return fleece_open (&cfg);

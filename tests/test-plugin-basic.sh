@@ -37,7 +37,7 @@ ok "write with FUA" qio s "" "write -f -P 0x02 1M 64k"
 ok "flush" qio s "" "flush"
 ok "zero" qio s "" "write -z 2M 1M" "read -P 0 2M 1M"
 ok "trim" qio s "" "discard 3M 1M"
-ok "data is on the disk file" qemu-io -f raw -c 'read -P 0x02 1M 64k' "$disk"
+ok "data is on the disk file" qemu-io -r -f raw -c 'read -P 0x02 1M 64k' "$disk"
 map=$(nbdinfo --map "$(live_uri s)")
 diag "live map: $(tr '\n' ';' <<<"$map")"
 ok "extents show the data at the start" grep -Eq '^ *0 +[0-9]+ +0 +data' <<<"$map"
