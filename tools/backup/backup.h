@@ -27,6 +27,7 @@
 
 #include <libnbd.h>
 
+#include "vector.h"
 #include "rw.h"
 
 #define MAX_RETRIES      5
@@ -65,7 +66,6 @@ extern void usage_error (const char *fmt, ...)
   __attribute__ ((noreturn, format (printf, 1, 2)));
 extern void *xmalloc (size_t n);
 extern void *xcalloc (size_t n, size_t size);
-extern int64_t now_us (void);
 extern void sleep_ms (unsigned ms);
 
 /* uri.c */
@@ -118,9 +118,11 @@ struct extent {
   uint32_t flags;
 };
 
+DEFINE_VECTOR_TYPE (extent_vector, struct extent);
+
+/* Ranges, and how many bytes they hold. */
 struct rvec {
-  struct extent *v;
-  size_t n, cap;
+  extent_vector v;
   uint64_t bytes;
 };
 

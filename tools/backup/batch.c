@@ -27,8 +27,8 @@ redo_ranges (struct rvec *r)
 {
   size_t i;
 
-  for (i = 0; i < r->n; i++) {
-    struct extent *e = &r->v[i];
+  for (i = 0; i < r->v.len; i++) {
+    struct extent *e = &r->v.ptr[i];
 
     P.covered -= e->length;
     plan_piece (e->offset, e->length, e->flags);
@@ -42,15 +42,16 @@ redo_ranges (struct rvec *r)
 void
 batch_verified (void)
 {
+  const struct extent *v = P.batch.v.ptr;
   struct jlist trims = { NULL };
   uint64_t off, len;
   size_t i;
 
-  for (i = 0; cfg.discard_source && i < P.batch.n; ) {
-    off = P.batch.v[i].offset;
+  for (i = 0; cfg.discard_source && i < P.batch.v.len; ) {
+    off = v[i].offset;
     len = 0;
-    for (; i < P.batch.n && P.batch.v[i].offset == off + len; i++)
-      len += P.batch.v[i].length;
+    for (; i < P.batch.v.len && v[i].offset == off + len; i++)
+      len += v[i].length;
     add_jobs (&trims, JOB_TRIM, off, len, ZERO_MAX);
   }
   while (trims.head)
@@ -69,9 +70,9 @@ batch_flushed (void)
     batch_verified ();
     return;
   }
-  for (i = 0; i < P.batch.n; i++)
-    add_jobs (&verify, JOB_VERIFY, P.batch.v[i].offset,
-              P.batch.v[i].length, cfg.request_size);
+  for (i = 0; i < P.batch.v.len; i++)
+    add_jobs (&verify, JOB_VERIFY, P.batch.v.ptr[i].offset,
+              P.batch.v.ptr[i].length, cfg.request_size);
   P.batch_verify = verify.len;
   jl_prepend (&P.ready, &verify);
   if (P.batch_verify == 0)
@@ -105,19 +106,19 @@ rvec_sort (struct rvec *r)
 {
   size_t i, n = 0;
 
-  if (r->n == 0)
+  if (r->v.len == 0)
     return;
-  qsort (r->v, r->n, sizeof *r->v, extent_cmp);
-  for (i = 1; i < r->n; i++) {
-    struct extent *last = &r->v[n];
+  qsort (r->v.ptr, r->v.len, sizeof *r->v.ptr, extent_cmp);
+  for (i = 1; i < r->v.len; i++) {
+    struct extent *last = &r->v.ptr[n];
 
-    if (last->offset + last->length == r->v[i].offset &&
-        last->flags == r->v[i].flags)
-      last->length += r->v[i].length;
+    if (last->offset + last->length == r->v.ptr[i].offset &&
+        last->flags == r->v.ptr[i].flags)
+      last->length += r->v.ptr[i].length;
     else
-      r->v[++n] = r->v[i];
+      r->v.ptr[++n] = r->v.ptr[i];
   }
-  r->n = n + 1;
+  r->v.len = n + 1;
 }
 
 bool
@@ -133,7 +134,7 @@ batch_maybe_start (void)
 {
   struct rvec t;
 
-  if (P.batch_out || P.unflushed.n == 0)
+  if (P.batch_out || P.unflushed.v.len == 0)
     return;
   if (P.unflushed.bytes < (cfg.discard_source ? BATCH_DISCARD
                            : BATCH_DEFAULT) && !pull_idle ())

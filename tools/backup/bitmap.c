@@ -29,6 +29,7 @@
 #include <xxhash.h>
 
 #include "fleece-wire.h"
+#include "cleanup.h"
 #include "backup.h"
 
 struct dirty_bitmap bm;
@@ -155,8 +156,8 @@ bitmap_thread (void *arg)
   const char *override = getenv ("FLEECE_BACKUP_BITMAP_URI");
   const char *name = cfg.since;
   uint64_t want = FLEECE_BITMAP_HEADER_SIZE;
+  CLEANUP_FREE char *uri = NULL, *msg = NULL;
   int64_t max;
-  char *uri, *msg;
   bool refused;
 
   uri = override ? strdup (override) : bitmap_uri (cfg.source, name);
@@ -165,12 +166,10 @@ bitmap_thread (void *arg)
     return NULL;
   }
   bl.h = nbd_open_uri (uri, "bitmap", false, &msg, &refused);
-  free (uri);
   if (bl.h == NULL) {
     snprintf (bl.err, sizeof bl.err, refused
               ? "bitmap '%s' does not exist on the server: %s"
               : "bitmap '%s' cannot be opened: %s", name, msg);
-    free (msg);
     return NULL;
   }
   bl.size = nbd_get_size (bl.h);

@@ -68,7 +68,8 @@ int
 rvec_append (struct rvec *r, uint64_t offset, uint64_t length,
              uint32_t flags, bool merge)
 {
-  struct extent *last = r->n ? &r->v[r->n - 1] : NULL;
+  struct extent *last = r->v.len ? &r->v.ptr[r->v.len - 1] : NULL;
+  struct extent e = { offset, length, flags };
 
   if (merge && last && last->offset + last->length == offset &&
       last->flags == flags) {
@@ -76,16 +77,8 @@ rvec_append (struct rvec *r, uint64_t offset, uint64_t length,
     r->bytes += length;
     return 0;
   }
-  if (r->n == r->cap) {
-    size_t cap = r->cap ? r->cap * 2 : 64;
-    struct extent *v = realloc (r->v, cap * sizeof *v);
-
-    if (v == NULL)
-      return -1;
-    r->v = v;
-    r->cap = cap;
-  }
-  r->v[r->n++] = (struct extent) { offset, length, flags };
+  if (extent_vector_append (&r->v, e) == -1)
+    return -1;
   r->bytes += length;
   return 0;
 }
@@ -101,7 +94,7 @@ rvec_add (struct rvec *r, uint64_t offset, uint64_t length, uint32_t flags,
 void
 rvec_clear (struct rvec *r)
 {
-  r->n = 0;
+  r->v.len = 0;
   r->bytes = 0;
 }
 
@@ -121,7 +114,7 @@ job_free (struct job *j)
 {
   free (j->buf);
   free (j->buf2);
-  free (j->ext.v);
+  extent_vector_reset (&j->ext.v);
   free (j);
 }
 

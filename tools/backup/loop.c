@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "monotonic.h"
 #include "backup.h"
 
 /* ---- Finishing jobs ---- */
@@ -80,7 +81,7 @@ job_failed (struct job *j)
     *(j->err_target ? &tgt.reset : &src.reset) = true;
   j->attempts++;
   warn ("%s: retrying (%d of %d)", msg, j->attempts, MAX_RETRIES);
-  j->not_before = now_us () +
+  j->not_before = monotonic_us () +
     (int64_t) (RETRY_DELAY_MS << (j->attempts - 1)) * 1000;
   j->next = P.retry;
   P.retry = j;
@@ -157,7 +158,7 @@ job_finish (struct job *j)
 static int64_t
 fill (void)
 {
-  int64_t t = now_us (), wait = -1, w;
+  int64_t t = monotonic_us (), wait = -1, w;
   struct job *j, **pp;
 
   for (pp = &P.retry; (j = *pp) != NULL; ) {
@@ -264,14 +265,14 @@ void
 disconnect_all (void)
 {
   static bool once;
-  int64_t deadline = now_us () + 5000000;
+  int64_t deadline = monotonic_us () + 5000000;
   struct nbd_handle *h[2] = { src.nbd, tgt.nbd };
   int i;
 
   if (once)
     return;
   once = true;
-  while (now_us () < deadline) {
+  while (monotonic_us () < deadline) {
     for (i = 0; i < 2; i++)
       if (h[i] && !nbd_lost (h[i]) && nbd_aio_in_flight (h[i]) > 0)
         break;
@@ -309,7 +310,7 @@ static bool
 pull_finished (void)
 {
   return pull_idle () && P.others == 0 && !P.batch_out &&
-    P.unflushed.n == 0;
+    P.unflushed.v.len == 0;
 }
 
 void
@@ -371,8 +372,8 @@ pull_end (void)
   tgt.ops->close (&tgt);
   free (src.lost);
   free (tgt.lost);
-  free (P.unflushed.v);
-  free (P.batch.v);
+  extent_vector_reset (&P.unflushed.v);
+  extent_vector_reset (&P.batch.v);
   free (zero_buf);
   free (bm.bits);
 }

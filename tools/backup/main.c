@@ -153,15 +153,6 @@ xcalloc (size_t n, size_t size)
   return p;
 }
 
-int64_t
-now_us (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
 void
 sleep_ms (unsigned ms)
 {

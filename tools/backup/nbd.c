@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "cleanup.h"
+#include "monotonic.h"
 #include "backup.h"
 
 /* The files a URI's TLS query parameters name must exist: libnbd only
@@ -38,8 +40,8 @@ uri_tls_files_exist (const char *uri, char **msg)
     len = strcspn (q, "&;#");
     for (i = 0; i < sizeof keys / sizeof keys[0]; i++) {
       size_t klen = strlen (keys[i].key);
+      CLEANUP_FREE char *path = NULL;
       struct stat st;
-      char *path;
       int err = 0;
 
       if (len <= klen || strncmp (q, keys[i].key, klen) != 0 ||
@@ -56,7 +58,6 @@ uri_tls_files_exist (const char *uri, char **msg)
                            (int) (len - klen - 1), q + klen + 1,
                            strerror (err)) == -1)
         die ("asprintf: %m");
-      free (path);
       if (err)
         return false;
     }
@@ -153,11 +154,11 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
 void
 nbd_finish (struct nbd_handle *h, bool disconnected)
 {
-  int64_t deadline = now_us () + 5000000;
+  int64_t deadline = monotonic_us () + 5000000;
 
   if (!disconnected && !nbd_lost (h))
     nbd_shutdown (h, 0);
-  while (disconnected && !nbd_lost (h) && now_us () < deadline &&
+  while (disconnected && !nbd_lost (h) && monotonic_us () < deadline &&
          nbd_poll (h, 100) != -1)
     ;
   nbd_close (h);
@@ -190,7 +191,7 @@ void
 nbd_reconnect (struct nbd_handle **hp, const char *uri, const char *name,
            bool extents, char **lost)
 {
-  int64_t deadline = now_us () + 5000000;
+  int64_t deadline = monotonic_us () + 5000000;
   bool refused;
   char *msg;
   unsigned i;
@@ -198,7 +199,7 @@ nbd_reconnect (struct nbd_handle **hp, const char *uri, const char *name,
   warn ("connection to %s lost (%s): reconnecting", uri,
         *lost ? *lost : nbd_lost (*hp) ? "closed" : "server shutting down");
   while (!nbd_lost (*hp) && nbd_aio_in_flight (*hp) > 0 &&
-         now_us () < deadline)
+         monotonic_us () < deadline)
     poll_handles (100);
   if (nbd_aio_in_flight (*hp) > 0)
     die ("%s: requests still in flight on a connection that must be "

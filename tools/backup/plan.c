@@ -148,8 +148,8 @@ plan_status (struct job *j)
   uint64_t pos = j->offset, end = j->offset + j->length, skip, len;
   size_t i;
 
-  for (i = 0; i < j->ext.n && pos < end; i++) {
-    struct extent *e = &j->ext.v[i];
+  for (i = 0; i < j->ext.v.len && pos < end; i++) {
+    struct extent *e = &j->ext.v.ptr[i];
 
     if (e->offset > pos || e->offset + e->length <= pos)
       break;                    /* not contiguous: ask again */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include "monotonic.h"
 #include "backup.h"
 
 /* ---- Rate limit (--rate): a token bucket of bytes read ---- */
@@ -37,7 +38,7 @@ rate_take (uint64_t n, bool force, int64_t *wait)
 
   if (cfg.rate == 0)
     return true;
-  t = now_us ();
+  t = monotonic_us ();
   cap = rate / 10 > cfg.request_size ? rate / 10 : cfg.request_size;
   bucket.tokens += (t - bucket.last) * rate / 1e6;
   bucket.last = t;
@@ -54,7 +55,7 @@ rate_take (uint64_t n, bool force, int64_t *wait)
 void
 rate_start (void)
 {
-  bucket.last = now_us ();
+  bucket.last = monotonic_us ();
 }
 
 /* ---- Progress ---- */
@@ -102,7 +103,7 @@ progress_show (void)
   unsigned pct, oldest;
   char line[160], done[32], total[32], speed[32], eta[32] = "-:--";
   double secs, bps = 0;
-  int64_t t = now_us ();
+  int64_t t = monotonic_us ();
   uint64_t eta_s;
   int w;
 
@@ -139,7 +140,7 @@ progress_show (void)
 void
 progress_start (void)
 {
-  prog.start = now_us ();
+  prog.start = monotonic_us ();
   prog.bar = cfg.progress && isatty (STDERR_FILENO);
 }
 
@@ -153,5 +154,5 @@ progress_bar (void)
 double
 progress_seconds (void)
 {
-  return (now_us () - prog.start) / 1e6;
+  return (monotonic_us () - prog.start) / 1e6;
 }

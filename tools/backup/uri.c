@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "backup.h"
 
 static const char *const uri_schemes[] = {
@@ -131,8 +132,9 @@ uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
 char *
 bitmap_uri (const char *source_uri, const char *name)
 {
+  CLEANUP_FREE char *enc = NULL;
   struct uri u;
-  char err[512], *enc, *r;
+  char err[512], *r;
 
   if (uri_parse (source_uri, &u, err, sizeof err) == -1)
     return NULL;
@@ -140,7 +142,6 @@ bitmap_uri (const char *source_uri, const char *name)
   if (asprintf (&r, "%s://%s/bitmap/%s%s", u.scheme, u.authority, enc,
                 u.rest) == -1)
     die ("asprintf: %m");
-  free (enc);
   uri_free (&u);
   return r;
 }
