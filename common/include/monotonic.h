@@ -12,12 +12,18 @@
 #include <time.h>
 
 static inline int64_t
-monotonic_us (void)
+monotonic_ns (void)
 {
   struct timespec ts;
 
   clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline int64_t
+monotonic_us (void)
+{
+  return monotonic_ns () / 1000;
 }
 
 static inline int64_t
