@@ -87,6 +87,24 @@ stop_colod ()
   fi
 }
 
+# exit_status_colod NAME: set colod_status to the exit status of NAME's
+# daemon, which the caller expects to have exited already; one still
+# running is killed with SIGKILL (status 137) rather than waited for
+# without a bound.  Not in a subshell: only this shell can wait for it.
+exit_status_colod ()
+{
+  local pidfile="$tmp/$1/colod.pid" pid
+  pid=$(cat "$pidfile") || return 1
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "# fleece-colod $1 still runs: killed with SIGKILL" >&2
+    kill -9 "$pid" 2>/dev/null
+    pid_gone "$pid" 5
+  fi
+  colod_status=0
+  wait "$pid" || colod_status=$?
+  rm -f "$pidfile"
+}
+
 # kill9_colod NAME: kill -9 by PID.
 kill9_colod ()
 {
