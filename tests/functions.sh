@@ -203,6 +203,17 @@ kill_by_pidfile ()
   return "$st"
 }
 
+# crash_nbdkit NAME: kill -9 nbdkit NAME by PID, as a power cut would
+# stop it (minus the page cache), and wait until it is gone.
+crash_nbdkit ()
+{
+  local pid
+  pid=$(cat "$tmp/$1.pid") || return 1
+  kill -9 "$pid"
+  wait "$pid" 2>/dev/null || :
+  rm -f "$tmp/$1.pid"
+}
+
 # stop_nbdkit NAME: stop it by PID and check that it exits cleanly (under
 # valgrind, that it reported no error: valgrind exits 119; in a sanitizer
 # build, that its log holds no sanitizer report).
