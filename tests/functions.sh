@@ -240,6 +240,17 @@ stop_nbdkit ()
   status=0
   wait "$pid" || status=$?
   rm -f "$pidfile"
+  nbdkit_exited_cleanly "$name" "$status" "$log"
+}
+
+# nbdkit_exited_cleanly NAME STATUS LOG: true if nbdkit NAME, which
+# exited with STATUS and wrote LOG, stopped cleanly: status 0 and no
+# sanitizer report, where a LeakSanitizer report of nbdkit's own blocks
+# only (and the exit status it caused) is forgiven, and so is a SIGKILL
+# of a sanitizer build hung at exit.
+nbdkit_exited_cleanly ()
+{
+  local name=$1 status=$2 log=$3
   if grep -q 'ERROR: LeakSanitizer' "$log" && nbdkit_own_leaks_only "$log"; then
     echo "# nbdkit $name: LeakSanitizer reported only nbdkit's own blocks (see valgrind.supp)"
     # LeakSanitizer's report is what made the exit status non-zero.
