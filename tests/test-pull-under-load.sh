@@ -14,21 +14,23 @@ requires fio --version
 requires fio --enghelp=nbd
 
 # The disk and the store on tmpfs: a mount of our own as root (CI),
-# otherwise a directory of /dev/shm.
+# otherwise (or if this root may not mount) a directory of /dev/shm.
+# The disk, the store and the pull's output need about 1.6 GiB.
 fs=$tmp/shm
 mkdir "$fs"
-if [ "$(id -u)" = 0 ]; then
-  mount -t tmpfs -o size=1700M fleece-test "$fs" ||
-    { echo "Bail out! mount -t tmpfs on $fs failed"; exit 1; }
+if [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=1700M fleece-test "$fs"; then
   cleanup_fn "umount '$fs'"
 else
   [ -d /dev/shm ] && [ -w /dev/shm ] ||
-    { echo "Bail out! not root and /dev/shm is not writable: no tmpfs"; exit 1; }
+    { echo "Bail out! no tmpfs: cannot mount one on $fs and /dev/shm is not writable"; exit 1; }
   fs=$(mktemp -d /dev/shm/fleece-test.XXXXXX)
   cleanup_fn "rm -rf '$fs'"
 fi
 [ "$(stat -f -c %T "$fs")" = tmpfs ] ||
   { echo "Bail out! $fs is not on tmpfs"; exit 1; }
+avail=$(df -Pm "$fs" | awk 'NR == 2 { print $4 }')
+[ "${avail:-0}" -ge 1600 ] ||
+  { echo "Bail out! tmpfs $fs has $avail MiB free, this test needs 1600"; exit 1; }
 
 # The bound: the pull under load within this many times the idle pull
 # (plus a second: the idle pull takes a fraction of one, and on 2 loaded
