@@ -15,7 +15,7 @@
 #     it was and say why in both logs; a PSK pair works;
 #   - bad command lines exit 1 with a message;
 #   - every daemon stops with exit status 0 on SIGTERM.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 requires fio --enghelp=nbd
