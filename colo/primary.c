@@ -36,7 +36,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "colod.h"
+#include "conn.h"
+#include "ctl.h"
+#include "events.h"
+#include "log.h"
+#include "pairing.h"
+#include "primary.h"
+#include "secondary.h"
 #include "source.h"
 
 #define PREFIX "colo-"

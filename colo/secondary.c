@@ -61,7 +61,15 @@
 #include <xxhash.h>
 
 #include "fleece.h"
+#include "clock.h"
 #include "colod.h"
+#include "conn.h"
+#include "ctl.h"
+#include "events.h"
+#include "log.h"
+#include "pairing.h"
+#include "primary.h"
+#include "secondary.h"
 
 #define DIVERGED_MAGIC "FLCODIV1"
 
