@@ -109,12 +109,9 @@ extern struct journal *journal_open (const char *state_dir,
                                      uint32_t cluster_size,
                                      char *err, size_t errlen);
 
-/* Read STATE_DIR/state without opening the journal (no lock, no
- * recovery): 1 with *st filled, 0 if there is none, -1 with err.
+/* colo_state_read (state.h) reads STATE_DIR/state without opening the
+ * journal.
  */
-extern int journal_read_state (const char *state_dir,
-                               struct journal_state *st,
-                               char *err, size_t errlen);
 
 /* Recovery, as done by journal_open; harmless to call again when idle. */
 extern int journal_recover (struct journal *j);

@@ -44,19 +44,16 @@
 #include "log.h"
 #include "pairing.h"
 #include "primary.h"
-#include "secondary.h"
+#include "state.h"
 #include "source.h"
 
 #define PREFIX "colo-"
 
-static struct {
-  char path[PATH_MAX], tmp[PATH_MAX];
-  uint8_t volume_id[16];
-  struct colo_generation history[COLO_WIRE_MAX_HISTORY];
-  uint32_t history_len;
-  uint64_t acked;                 /* last epoch durable on the secondary */
-  bool demoted;
-} id;
+/* The identity (STATE_DIR/primary.json, state.c), and its path for
+ * messages.  Main thread only.
+ */
+static struct colo_primary_state id;
+static char id_path[PATH_MAX];
 
 static struct {
   struct colo_ctl *ctl;
@@ -89,127 +86,30 @@ publish_identity (void)
 }
 
 static int
-parse_hex (const char *s, uint8_t out[16])
-{
-  int i;
-
-  if (s == NULL || strlen (s) != 32)
-    return -1;
-  for (i = 0; i < 16; i++)
-    if (sscanf (s + 2 * i, "%2hhx", &out[i]) != 1)
-      return -1;
-  return 0;
-}
-
-static int
 save_identity (void)
 {
-  char hex[33];
-  json_t *o, *h = json_array ();
-  uint32_t i;
-  int fd, r = -1;
-  char *s;
+  char err[1024];
 
-  for (i = 0; i < id.history_len; i++) {
-    colod_hex (id.history[i].id, 16, hex);
-    json_array_append_new (h, json_pack ("{s:s,s:I}", "generation", hex,
-                                         "first-epoch", (json_int_t)
-                                         id.history[i].start_epoch));
-  }
-  colod_hex (id.volume_id, 16, hex);
-  o = json_pack ("{s:s,s:o,s:I,s:b}", "volume-id", hex, "history", h,
-                 "acked-epoch", (json_int_t) id.acked, "demoted", id.demoted);
-  s = o ? json_dumps (o, JSON_INDENT (2)) : NULL;
-  json_decref (o);
-  if (s == NULL) {
-    colod_log ("%s: out of memory", id.path);
+  if (colo_state_save_primary (colod.opt.state_dir, &id, err,
+                               sizeof err) == -1) {
+    colod_log ("%s", err);
     return -1;
   }
-  fd = open (id.tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, s, strlen (s)) != (ssize_t) strlen (s) ||
-      fsync (fd) == -1 || close (fd) == -1 || (fd = -1, 0) ||
-      rename (id.tmp, id.path) == -1) {
-    colod_log ("%s: %s", id.tmp, strerror (errno));
-    if (fd >= 0)
-      close (fd);
-    goto out;
-  }
-  fd = open (colod.opt.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd == -1 || fsync (fd) == -1) {
-    colod_log ("fsync: %s: %s", colod.opt.state_dir, strerror (errno));
-    if (fd >= 0)
-      close (fd);
-    goto out;
-  }
-  close (fd);
-  r = 0;
- out:
-  free (s);
-  return r;
+  return 0;
 }
 
 /* 1 loaded, 0 none, -1 error. */
 static int
 load_identity (void)
 {
-  json_error_t je;
-  json_t *o, *h, *e;
-  const char *vol;
-  json_int_t acked;
-  int demoted = 0;
-  size_t i;
+  char err[1024];
+  int r;
 
-  snprintf (id.path, sizeof id.path, "%s/primary.json", colod.opt.state_dir);
-  snprintf (id.tmp, sizeof id.tmp, "%s/primary.json.tmp",
-            colod.opt.state_dir);
-  o = json_load_file (id.path, 0, &je);
-  if (o == NULL) {
-    if (access (id.path, F_OK) == -1 && errno == ENOENT)
-      return 0;
-    colod_log ("%s: %s (line %d)", id.path, je.text, je.line);
-    return -1;
-  }
-  if (json_unpack (o, "{s:s,s:o,s:I,s?b}", "volume-id", &vol, "history", &h,
-                   "acked-epoch", &acked, "demoted", &demoted) == -1 ||
-      parse_hex (vol, id.volume_id) == -1 || !json_is_array (h) ||
-      json_array_size (h) == 0 ||
-      json_array_size (h) > COLO_WIRE_MAX_HISTORY || acked < 0)
-    goto bad;
-  json_array_foreach (h, i, e) {
-    const char *g;
-    json_int_t first;
-    if (json_unpack (e, "{s:s,s:I}", "generation", &g, "first-epoch",
-                     &first) == -1 || parse_hex (g, id.history[i].id) == -1
-        || first < 1)
-      goto bad;
-    id.history[i].start_epoch = first;
-  }
-  id.history_len = json_array_size (h);
-  id.acked = acked;
-  id.demoted = demoted;
-  json_decref (o);
-  return 1;
- bad:
-  colod_log ("%s: not a valid fleece-colod primary state file", id.path);
-  json_decref (o);
-  return -1;
-}
-
-int
-colod_load_primary_identity (uint8_t volume_id[16],
-                             struct colo_generation *history,
-                             uint32_t *history_len, uint64_t *acked,
-                             bool *demoted)
-{
-  int r = load_identity ();
-
-  if (r == 1) {
-    memcpy (volume_id, id.volume_id, 16);
-    memcpy (history, id.history, id.history_len * sizeof *history);
-    *history_len = id.history_len;
-    *acked = id.acked;
-    *demoted = id.demoted;
-  }
+  colo_state_path (colod.opt.state_dir, "primary.json", id_path,
+                   sizeof id_path);
+  r = colo_state_load_primary (colod.opt.state_dir, &id, err, sizeof err);
+  if (r == -1)
+    colod_log ("%s", err);
   return r;
 }
 
@@ -225,12 +125,12 @@ init_identity (void)
   if (r == 1) {
     if (id.demoted) {
       colod_log ("%s: this state directory was demoted (fleece-colod "
-                 "demote): it belongs to a secondary now", id.path);
+                 "demote): it belongs to a secondary now", id_path);
       return -1;
     }
     return 0;
   }
-  r = journal_read_state (colod.opt.state_dir, &js, err, sizeof err);
+  r = colo_state_read (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
     colod_log ("%s", err);
     return -1;
@@ -1075,11 +975,11 @@ colod_demote (void)
   int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
-    colod_log ("%s: no primary state to demote", id.path);
+    colod_log ("%s: no primary state to demote", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (id.demoted) {
-    colod_log ("%s: already demoted", id.path);
+    colod_log ("%s: already demoted", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (plugin_start (false) == -1)
@@ -1111,9 +1011,12 @@ colod_demote (void)
       bits[k] |= b[k];
     free (b);
   }
-  if (colod_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
-                            p.cluster_size, bits, nbits) == -1)
+  if (colo_state_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
+                                 p.cluster_size, bits, nbits, err,
+                                 sizeof err) == -1) {
+    colod_log ("%s", err);
     goto out;
+  }
   id.demoted = true;
   if (save_identity () == -1)
     goto out;

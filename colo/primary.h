@@ -10,13 +10,4 @@ extern int colod_run_primary (void);
  */
 extern int colod_demote (void);
 
-#include <stdbool.h>
-#include <stdint.h>
-#include "wire.h"
-/* primary.json (primary.c): 1 loaded, 0 none, -1 damaged. */
-extern int colod_load_primary_identity (uint8_t volume_id[16],
-                                        struct colo_generation *history,
-                                        uint32_t *history_len,
-                                        uint64_t *acked, bool *demoted);
-
 #endif /* COLO_PRIMARY_H */
