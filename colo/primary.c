@@ -29,6 +29,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,21 +51,39 @@
 #define PREFIX "colo-"
 
 /* The identity (STATE_DIR/primary.json, state.c), and its path for
- * messages.  Main thread only.
+ * messages.  Main thread only (the heartbeat thread reads p.acked).
  */
 static struct colo_primary_state id;
 static char id_path[PATH_MAX];
 
+/* Which thread owns what: the main thread (connect, handshake, epochs)
+ * and the heartbeat thread (hb_thread), which it starts after each
+ * handshake and joins before it closes the connections.
+ */
 static struct {
+  /* Main thread only. */
   struct colo_ctl *ctl;
   uint64_t disk_size;
   uint32_t cluster_size;
   uint64_t last_checkpoint;       /* highest colo-N on the plugin */
-  /* The connection. */
+  /* The connections: opened and closed by the main thread, which uses
+   * data; hb and hb_thread are set before the heartbeat thread starts
+   * and it alone uses hb until it is joined.  The heartbeat thread only
+   * aborts data (colod_conn_abort: a shutdown), never closes it.
+   */
   struct colod_conn *data, *hb;
   pthread_t hb_thread;
-  volatile bool lost;
-  /* What the first epoch after a handshake must cover. */
+  /* Both threads: the peer is lost (set by whichever sees it first; the
+   * main thread clears it before it starts a heartbeat thread).
+   */
+  atomic_bool lost;
+  /* The last epoch durable on the secondary (id.acked), for the
+   * heartbeat thread's HEARTBEATs: written by the main thread.
+   */
+  _Atomic uint64_t acked;
+  /* Main thread only: what the first epoch after a handshake must
+   * cover.
+   */
   uint64_t base;                  /* 0: a full copy */
   uint8_t *extra;                 /* the secondary's diverged clusters */
   uint64_t extra_bits;
@@ -83,6 +102,7 @@ publish_identity (void)
   memcpy (colod.st.generation_id, id.history[id.history_len - 1].id, 16);
   colod.st.last_committed = colod.st.last_applied = id.acked;
   pthread_mutex_unlock (&colod.lock);
+  atomic_store (&p.acked, id.acked);
 }
 
 static int
@@ -446,13 +466,13 @@ hb_thread (void *arg)
   char err[1024];
 
   (void) arg;
-  while (!colod.stop && !p.lost) {
+  while (!colod.stop && !atomic_load (&p.lost)) {
     struct colo_msg m = { .type = COLO_MSG_HEARTBEAT };
     const struct colo_msg *r;
     int64_t t0 = colod_now_ms ();
 
     m.heartbeat.monotonic_ms = t0;
-    m.heartbeat.last_committed = id.acked;
+    m.heartbeat.last_committed = atomic_load (&p.acked);
     if (colod_send (p.hb, &m, err, sizeof err) == -1 ||
         colod_recv (p.hb, &r, err, sizeof err) != 1)
       break;
@@ -470,9 +490,8 @@ hb_thread (void *arg)
   }
   if (colod.stop)               /* not a failure: no failover for this */
     colod_send_error (p.hb, COLO_ERROR_SHUTDOWN, "the primary is stopping");
-  else if (!p.lost) {
+  else if (!atomic_exchange (&p.lost, true)) {
     colod_log ("peer lost: %s", err);
-    p.lost = true;
     colod_conn_abort (p.data);
   }
   return NULL;
@@ -738,6 +757,7 @@ run_epoch (char *err, size_t errlen)
     return -1;
   }
   id.acked = p.sec_committed = epoch;
+  atomic_store (&p.acked, epoch);
   p.base = epoch;
   free (p.extra);
   p.extra = NULL;
@@ -782,7 +802,7 @@ disconnect (const char *why)
      * (within --hb-interval, or --hb-timeout if it waits for a reply).
      */
     if (!colod.stop) {
-      p.lost = true;
+      atomic_store (&p.lost, true);
       colod_conn_abort (p.hb);
     }
     pthread_join (p.hb_thread, NULL);
@@ -831,7 +851,7 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
     return 0;
   }
   lasterr[0] = '\0';
-  p.lost = false;
+  atomic_store (&p.lost, false);
   if (pthread_create (&p.hb_thread, NULL, hb_thread, NULL) != 0) {
     colod_conn_close (p.hb);
     colod_conn_close (p.data);
@@ -867,7 +887,7 @@ wait_for_epoch (int64_t next, bool now)
   uint64_t ticket = 0;
 
   pthread_mutex_lock (&colod.lock);
-  while (!now && !colod.stop && !p.lost &&
+  while (!now && !colod.stop && !atomic_load (&p.lost) &&
          colod.checkpoint_requests == colod.checkpoint_served &&
          (colod.opt.interval_ms == 0 || colod_now_ms () < next))
     colod_wait_ms (20);
@@ -933,17 +953,17 @@ colod_run_primary (void)
     }
     next = colod_now_ms ();
     first = true;
-    while (!colod.stop && !p.lost) {
+    while (!colod.stop && !atomic_load (&p.lost)) {
       char err[1024] = "";
       uint64_t ticket = wait_for_epoch (next, first);
       first = false;
-      if (colod.stop || p.lost)
+      if (colod.stop || atomic_load (&p.lost))
         break;
       next = colod_now_ms () + colod.opt.interval_ms;
       if (run_epoch (err, sizeof err) == -1) {
         colod_log ("%s", err);
         serve_checkpoints (ticket, err);
-        if (!p.lost)
+        if (!atomic_load (&p.lost))
           colod_send_error (p.data, COLO_ERROR_INTERNAL, err);
         break;
       }
