@@ -54,6 +54,10 @@
  * verification makes recovery fail rather than guess, and a COMMIT
  * record that fails its checksum cannot be told from a torn write, so
  * its epoch is dropped (and the recovery note says so).
+ *
+ * Size.  Over 1000 lines because the invariants above are one order of
+ * writes and syncs across begin, add, end, apply and recovery, which is
+ * best checked in one file; the state file's format is in state.c.
  */
 
 #include <config.h>

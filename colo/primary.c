@@ -21,6 +21,10 @@
  * heartbeat thread pings on the second connection and, when replies
  * stop for --hb-timeout, shuts the data connection down so that the
  * main thread, wherever it is blocked, fails and reconnects.
+ *
+ * Size.  Just over 1000 lines: the plugin's checkpoints, the handshake,
+ * the epochs and demote share the globals below; the state files are
+ * in state.c, the connection in conn.c, the pairing rules in pairing.c.
  */
 
 #include <config.h>

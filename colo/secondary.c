@@ -38,11 +38,17 @@
  * authenticated primary does: an accepted data HELLO and heartbeats.
  * So idle or garbage connections can neither delay the real primary's
  * pairing (into a false failover) nor stand in for its heartbeats.
+ *
+ * Size.  Over 1000 lines: the pairing, the epochs, the journal writer,
+ * the connection threads and the promotion all work on the one state
+ * struct s below, under colod.lock and jlock; splitting it would make s
+ * a shared header of the secondary's.  The seams, if it grows: the
+ * journal writer ("the journal writer") and the promotion ("promotion",
+ * watch) are the parts that use s least.
  */
 
 #include <config.h>
 
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
