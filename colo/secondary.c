@@ -64,8 +64,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <xxhash.h>
-
 #include "fleece.h"
 #include "clock.h"
 #include "colod.h"
