@@ -81,6 +81,7 @@
 #include <linux/fs.h>
 
 #include "journal.h"
+#include "le.h"
 #include "state.h"
 
 /* Journal file. */
@@ -191,17 +192,6 @@ check_usable (struct journal *j)
                  "journal to recover", j->journal_path);
   return 0;
 }
-
-/* ---- little-endian fields ---- */
-
-static void put_u32 (unsigned char *p, uint32_t v)
-{ v = htole32 (v); memcpy (p, &v, 4); }
-static void put_u64 (unsigned char *p, uint64_t v)
-{ v = htole64 (v); memcpy (p, &v, 8); }
-static uint32_t get_u32 (const unsigned char *p)
-{ uint32_t v; memcpy (&v, p, 4); return le32toh (v); }
-static uint64_t get_u64 (const unsigned char *p)
-{ uint64_t v; memcpy (&v, p, 8); return le64toh (v); }
 
 /* ---- extents and digest ---- */
 

@@ -28,6 +28,7 @@
 #include <jansson.h>
 #include <xxhash.h>
 
+#include "le.h"
 #include "state.h"
 
 #define STATE_MAGIC     "FLCOLOST"
@@ -57,14 +58,45 @@ sync_dir (const char *state_dir, char *err, size_t errlen)
   return 0;
 }
 
-static void put_u32 (unsigned char *p, uint32_t v)
-{ v = htole32 (v); memcpy (p, &v, 4); }
-static void put_u64 (unsigned char *p, uint64_t v)
-{ v = htole64 (v); memcpy (p, &v, 8); }
-static uint32_t get_u32 (const unsigned char *p)
-{ uint32_t v; memcpy (&v, p, 4); return le32toh (v); }
-static uint64_t get_u64 (const unsigned char *p)
-{ uint64_t v; memcpy (&v, p, 8); return le64toh (v); }
+/* Create or truncate path and write buf to it, synced. */
+static int
+write_synced (const char *path, const void *buf, size_t len, char *err,
+              size_t errlen)
+{
+  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), e;
+
+  if (fd == -1)
+    goto fail;
+  if (write (fd, buf, len) != (ssize_t) len || fsync (fd) == -1) {
+    e = errno;
+    close (fd);
+    errno = e;
+    goto fail;
+  }
+  if (close (fd) == -1)
+    goto fail;
+  return 0;
+ fail:
+  snprintf (err, errlen, "%s: %s", path, strerror (errno));
+  return -1;
+}
+
+/* Open STATE_DIR/name (its path in path[PATH_MAX]) to read: 1 with
+ * *fd, 0 if there is none, -1 with err.
+ */
+static int
+open_to_read (const char *state_dir, const char *name, char *path,
+              int *fd, char *err, size_t errlen)
+{
+  colo_state_path (state_dir, name, path, PATH_MAX);
+  *fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (*fd >= 0)
+    return 1;
+  if (errno == ENOENT)
+    return 0;
+  snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
+  return -1;
+}
 
 /* ---- STATE_DIR/state ----
  *
@@ -138,16 +170,10 @@ colo_state_read (const char *state_dir, struct journal_state *st,
   unsigned char buf[COLO_STATE_MAX + 1];
   char path[PATH_MAX];
   ssize_t len;
-  int fd;
+  int fd, r;
 
-  colo_state_path (state_dir, "state", path, sizeof path);
-  fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1) {
-    if (errno == ENOENT)
-      return 0;
-    snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
-    return -1;
-  }
+  if ((r = open_to_read (state_dir, "state", path, &fd, err, errlen)) <= 0)
+    return r;
   do
     len = pread (fd, buf, sizeof buf, 0);
   while (len == -1 && errno == EINTR);
@@ -198,7 +224,7 @@ colo_state_save_primary (const char *state_dir,
   char path[PATH_MAX], tmp[PATH_MAX], id[33];
   json_t *o, *h = json_array ();
   uint32_t i;
-  int fd, r = -1;
+  int r = -1;
   char *s;
 
   colo_state_path (state_dir, "primary.json", path, sizeof path);
@@ -219,13 +245,10 @@ colo_state_save_primary (const char *state_dir,
     snprintf (err, errlen, "%s: out of memory", path);
     return -1;
   }
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, s, strlen (s)) != (ssize_t) strlen (s) ||
-      fsync (fd) == -1 || close (fd) == -1 || (fd = -1, 0) ||
-      rename (tmp, path) == -1) {
+  if (write_synced (tmp, s, strlen (s), err, errlen) == -1)
+    goto out;
+  if (rename (tmp, path) == -1) {
     snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
-    if (fd >= 0)
-      close (fd);
     goto out;
   }
   r = sync_dir (state_dir, err, errlen);
@@ -344,17 +367,12 @@ colo_state_read_diverged (const char *state_dir, uint64_t *base,
   XXH64_state_t x;
   uint64_t sum;
   size_t bytes;
-  int fd;
+  int fd, r;
 
-  colo_state_path (state_dir, "diverged", path, sizeof path);
   *bits = NULL;
-  fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1) {
-    if (errno == ENOENT)
-      return 0;
-    snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
-    return -1;
-  }
+  if ((r = open_to_read (state_dir, "diverged", path, &fd, err,
+                         errlen)) <= 0)
+    return r;
   if (read (fd, &h, sizeof h) != sizeof h ||
       memcmp (h.magic, DIVERGED_MAGIC, 8) != 0 ||
       le64toh (h.nbits) > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
@@ -425,18 +443,9 @@ colo_state_write_promoted (const char *state_dir, const uint8_t gen[16],
                            char *err, size_t errlen)
 {
   char path[PATH_MAX];
-  int fd;
 
   colo_state_path (state_dir, "promoted", path, sizeof path);
-  fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, gen, 16) != 16 || fsync (fd) == -1) {
-    snprintf (err, errlen, "%s: %s", path, strerror (errno));
-    if (fd >= 0)
-      close (fd);
-    return -1;
-  }
-  close (fd);
-  return 0;
+  return write_synced (path, gen, 16, err, errlen);
 }
 
 void
