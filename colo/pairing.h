@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#include "journal.h"
+#include "state.h"
 #include "wire.h"
 
 /* The generation history relation of two sides. */

@@ -70,6 +70,7 @@
 #include "conn.h"
 #include "ctl.h"
 #include "events.h"
+#include "journal.h"
 #include "log.h"
 #include "pairing.h"
 #include "secondary.h"

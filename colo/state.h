@@ -17,10 +17,33 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "journal.h"
 #include "wire.h"
 
-/* ---- STATE_DIR/state ---- */
+/* ---- STATE_DIR/state: the secondary's identity and epochs ----
+ *
+ * struct journal_state is this file's content, which journal.c keeps
+ * (hence its name); it is defined here so that the state file's format
+ * depends on nothing of the journal's.
+ */
+
+#define JOURNAL_ID_SIZE      16
+#define JOURNAL_MAX_HISTORY  256
+
+struct journal_generation {
+  uint8_t id[JOURNAL_ID_SIZE];
+  uint64_t first_epoch;         /* first epoch of this generation */
+};
+
+struct journal_state {
+  uint8_t volume_id[JOURNAL_ID_SIZE];     /* all zero: not paired yet */
+  uint8_t generation_id[JOURNAL_ID_SIZE]; /* the last history entry's */
+  struct journal_generation history[JOURNAL_MAX_HISTORY]; /* oldest first */
+  uint32_t history_len;
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint64_t committed_epoch;     /* last durable epoch (0: none) */
+  uint64_t applied_epoch;       /* last epoch the disk holds (0: none) */
+};
 
 #define COLO_STATE_FIXED  80
 #define COLO_STATE_ENTRY  24
