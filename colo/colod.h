@@ -19,6 +19,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -40,6 +41,10 @@
 #define COLOD_EXIT_ERROR       1      /* could not start, I/O errors */
 #define COLOD_EXIT_USAGE       2      /* the command line is wrong */
 #define COLOD_EXIT_REFUSED     3      /* the peer refused the pairing */
+
+#if ATOMIC_INT_LOCK_FREE != 2
+#error "colod.stop is set in a signal handler: it needs a lock-free atomic_int"
+#endif
 
 /* Everything the command line says. */
 struct colod_options {
@@ -93,8 +98,13 @@ struct colod_status {
 };
 
 struct colod {
+  /* Set by main before the role starts, then constant. */
   struct colod_options opt;
-  volatile sig_atomic_t stop;
+  /* The daemon stops: set by the signal handler (SIGTERM, SIGINT) and
+   * colod_control_stop, read by every thread.  A lock-free atomic, so
+   * both a signal handler and other threads may use it.
+   */
+  atomic_int stop;
 
   pthread_mutex_t lock;           /* guards status and the events below */
   pthread_cond_t cond;            /* status changes (checkpoint waits) */
