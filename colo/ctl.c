@@ -40,11 +40,15 @@
 #define CONTROL_MAX_LINE    4096
 
 static struct {
+  /* Set by colod_control_start before the control thread starts, then
+   * constant until colod_control_stop (main thread) has joined it.
+   */
   int fd;
   char *path;
   pthread_t thread;
   bool running;
-  int wake[2];
+  int wake[2];                    /* the main thread writes, the control
+                                     thread polls */
   /* Under colod.lock: how many client threads are alive
    * (colod_control_stop waits for them).
    */
