@@ -16,7 +16,7 @@
 #  - a planned switchover back, with the same state directories;
 #  - a primary of another volume is refused, then accepted with a full
 #    copy once the secondary is started with --discard-diverged.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 # KEEP=1: leave $tmp and the daemons behind, for debugging by hand.
 [ -n "${KEEP:-}" ] && trap - EXIT
 requires qemu-io --version

@@ -1,11 +1,11 @@
-# Helpers for the fleece-colod tests (colo/test-colod-*.sh), on top of
+# Helpers for the fleece-colod tests (tests/colo/test-colod-*.sh), on top of
 # tests/functions.sh.  Each "host" is a directory $tmp/NAME holding its
 # disk, its fleece store and its fleece-colod state; the two daemons talk
 # over 127.0.0.1 and are stopped by PID.
 
-source "${abs_top_srcdir:-..}/tests/functions.sh"
+source "${abs_top_srcdir:-../..}/tests/functions.sh"
 
-COLOD="${abs_top_builddir:-..}/colo/fleece-colod"
+COLOD="${abs_top_builddir:-../..}/colo/fleece-colod"
 
 # free_port: a TCP port on 127.0.0.1 nobody listens on right now.
 free_port ()
