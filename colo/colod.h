@@ -1,9 +1,17 @@
-/* fleece-colod: what main.c, primary.c and secondary.c share.
+/* fleece-colod: the daemon's shared state (colod.c defines it): the
+ * options, the status both roles fill in and the control socket reads,
+ * and the requests the control socket passes to the role's loop.
  *
- * main.c parses the command line, logs, runs the control socket (status,
- * checkpoint, promote, events) and holds the status both roles fill in;
- * primary.c and secondary.c are the two roles.  docs/replication.md is
- * the operator's description; fleece-colod(1) the options.
+ * The files of fleece-colod, each with its header, depend one way:
+ *   main.c                     options and dispatch
+ *   primary.c, secondary.c     the two roles
+ *   ctl.c conn.c pairing.c     the control socket and its clients, a peer
+ *                              connection, the pairing rules
+ *   events.c                   events to subscribers, failover states
+ *   log.c clock.c colod.c      the log, time, this state
+ * and on libcolo (wire.c, tls.c, journal.c, state.c, source.c).
+ * docs/replication.md is the operator's description; fleece-colod(1)
+ * the options.
  */
 
 #ifndef COLO_COLOD_H
@@ -11,12 +19,10 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
-#include <jansson.h>
-
-#include "journal.h"
 #include "tls.h"
 #include "wire.h"
 
@@ -35,6 +41,10 @@
 #define COLOD_EXIT_ERROR       1      /* could not start, I/O errors */
 #define COLOD_EXIT_USAGE       2      /* the command line is wrong */
 #define COLOD_EXIT_REFUSED     3      /* the peer refused the pairing */
+
+#if ATOMIC_INT_LOCK_FREE != 2
+#error "colod.stop is set in a signal handler: it needs a lock-free atomic_int"
+#endif
 
 /* Everything the command line says. */
 struct colod_options {
@@ -88,8 +98,13 @@ struct colod_status {
 };
 
 struct colod {
+  /* Set by main before the role starts, then constant. */
   struct colod_options opt;
-  volatile sig_atomic_t stop;
+  /* The daemon stops: set by the signal handler (SIGTERM, SIGINT) and
+   * colod_control_stop, read by every thread.  A lock-free atomic, so
+   * both a signal handler and other threads may use it.
+   */
+  atomic_int stop;
 
   pthread_mutex_t lock;           /* guards status and the events below */
   pthread_cond_t cond;            /* status changes (checkpoint waits) */
@@ -103,94 +118,5 @@ struct colod {
 };
 
 extern struct colod colod;
-
-/* Log a line to stderr: "fleece-colod: ROLE: message". */
-extern void colod_log (const char *fmt, ...)
-  __attribute__ ((format (printf, 1, 2)));
-extern void colod_debug (const char *fmt, ...)
-  __attribute__ ((format (printf, 1, 2)));
-
-/* Send an event to every `events' client and log it; data is consumed. */
-extern void colod_event (const char *name, json_t *data);
-
-extern const char *colod_failover_name (enum colod_failover f);
-extern void colod_set_failover (enum colod_failover f, const char *why);
-
-/* Milliseconds: CLOCK_MONOTONIC and wall clock. */
-extern int64_t colod_now_ms (void);
-extern int64_t colod_wall_ms (void);
-extern int64_t colod_wall_us (void);
-/* With colod.lock held: wait on colod.cond for at most ms. */
-extern void colod_wait_ms (int ms);
-/* Sleep up to ms, returning early when the daemon stops. */
-extern void colod_sleep_ms (int ms);
-
-extern void colod_hex (const uint8_t *id, size_t n, char *out);
-
-/* Start the control socket thread; stop it. */
-extern int colod_control_start (const char *path);
-extern void colod_control_stop (void);
-
-/* A connection to the peer: the TLS conn with its encoder and decoder. */
-struct colod_conn {
-  struct colo_conn *conn;
-  struct colo_wire_encoder enc;
-  struct colo_wire_decoder *dec;
-};
-
-extern struct colod_conn *colod_conn_wrap (struct colo_conn *c);
-extern void colod_conn_close (struct colod_conn *c);
-/* Wake a thread blocked on the connection (shutdown of the socket). */
-extern void colod_conn_abort (struct colod_conn *c);
-extern int colod_send (struct colod_conn *c, const struct colo_msg *m,
-                       char *err, size_t errlen);
-/* 1 with *m, 0 if the peer closed, -1 with err (an ERROR frame from the
- * peer is reported as -1 with its message).
- */
-extern int colod_recv (struct colod_conn *c, const struct colo_msg **m,
-                       char *err, size_t errlen);
-/* Tell the peer why we drop it (ERROR), best effort. */
-extern void colod_send_error (struct colod_conn *c, uint32_t code,
-                              const char *msg);
-
-/* The generation history relation of two sides. */
-enum colod_relation {
-  REL_SAME,            /* same current generation */
-  REL_BEHIND,          /* ours is an older entry of theirs */
-  REL_AHEAD,           /* theirs is an older entry of ours */
-  REL_DIVERGED,        /* a common generation, then each its own */
-  REL_UNRELATED,       /* nothing in common */
-};
-/* How `ours' relates to `theirs'; *fork is the first epoch of the
- * generation after the common one on the longer side (REL_BEHIND: on
- * theirs; REL_AHEAD: on ours).
- */
-extern enum colod_relation
-colod_relate (const struct colo_generation *ours, uint32_t nours,
-              const struct colo_generation *theirs, uint32_t ntheirs,
-              uint64_t *fork);
-extern const char *colod_relation_name (enum colod_relation r);
-/* A journal's generation history as the wire has it: its length. */
-extern uint32_t colod_history_from_journal (const struct journal_state *js,
-                                            struct colo_generation *out);
-/* Start a HELLO from this side: zeroed, then what both roles send
- * alike (type, role, version, channel).
- */
-extern struct colo_msg_hello *colod_hello_init (struct colo_msg *m,
-                                                uint16_t role,
-                                                uint32_t channel);
-
-extern int colod_run_primary (void);
-extern int colod_run_secondary (void);
-/* primary.json (primary.c): 1 loaded, 0 none, -1 damaged. */
-extern int colod_load_primary_identity (uint8_t volume_id[16],
-                                        struct colo_generation *history,
-                                        uint32_t *history_len,
-                                        uint64_t *acked, bool *demoted);
-extern int colod_write_diverged (const char *state_dir, uint64_t base,
-                                 uint64_t disk_size, uint32_t cs,
-                                 const uint8_t *bits, uint64_t nbits);
-/* fleece-colod demote: see primary.c. */
-extern int colod_demote (void);
 
 #endif /* COLO_COLOD_H */

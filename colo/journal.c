@@ -54,6 +54,10 @@
  * verification makes recovery fail rather than guess, and a COMMIT
  * record that fails its checksum cannot be told from a torn write, so
  * its epoch is dropped (and the recovery note says so).
+ *
+ * Size.  Over 1000 lines because the invariants above are one order of
+ * writes and syncs across begin, add, end, apply and recovery, which is
+ * best checked in one file; the state file's format is in state.c.
  */
 
 #include <config.h>
@@ -77,6 +81,8 @@
 #include <linux/fs.h>
 
 #include "journal.h"
+#include "le.h"
+#include "state.h"
 
 /* Journal file. */
 #define REC_SIZE        64
@@ -92,13 +98,6 @@ enum rec_type {
   REC_EXTENT = 2,
   REC_COMMIT = 3,
 };
-
-/* State file. */
-#define STATE_MAGIC     "FLCOLOST"
-#define STATE_VERSION   1
-#define STATE_FIXED     80
-#define STATE_ENTRY     24
-#define STATE_MAX       (STATE_FIXED + JOURNAL_MAX_HISTORY * STATE_ENTRY + 8)
 
 #define MIN_CLUSTER     512u
 #define MAX_CLUSTER     (64u << 20)
@@ -193,17 +192,6 @@ check_usable (struct journal *j)
                  "journal to recover", j->journal_path);
   return 0;
 }
-
-/* ---- little-endian fields ---- */
-
-static void put_u32 (unsigned char *p, uint32_t v)
-{ v = htole32 (v); memcpy (p, &v, 4); }
-static void put_u64 (unsigned char *p, uint64_t v)
-{ v = htole64 (v); memcpy (p, &v, 8); }
-static uint32_t get_u32 (const unsigned char *p)
-{ uint32_t v; memcpy (&v, p, 4); return le32toh (v); }
-static uint64_t get_u64 (const unsigned char *p)
-{ uint64_t v; memcpy (&v, p, 8); return le64toh (v); }
 
 /* ---- extents and digest ---- */
 
@@ -369,69 +357,7 @@ full_pread (int fd, void *p, size_t len, uint64_t off)
   return 0;
 }
 
-/* ---- the state file ----
- *
- * magic[8], version u32, history_count u32, volume_id[16],
- * generation_id[16], disk_size u64, cluster_size u32, reserved u32,
- * committed_epoch u64, applied_epoch u64, then history_count entries of
- * (id[16], first_epoch u64), then xxh64 of everything before.
- */
-
-static size_t
-state_encode (const struct journal_state *st, unsigned char *p)
-{
-  size_t n = STATE_FIXED;
-  uint32_t i;
-
-  memset (p, 0, STATE_FIXED);
-  memcpy (p, STATE_MAGIC, 8);
-  put_u32 (p + 8, STATE_VERSION);
-  put_u32 (p + 12, st->history_len);
-  memcpy (p + 16, st->volume_id, JOURNAL_ID_SIZE);
-  memcpy (p + 32, st->generation_id, JOURNAL_ID_SIZE);
-  put_u64 (p + 48, st->disk_size);
-  put_u32 (p + 56, st->cluster_size);
-  put_u64 (p + 64, st->committed_epoch);
-  put_u64 (p + 72, st->applied_epoch);
-  for (i = 0; i < st->history_len; i++, n += STATE_ENTRY) {
-    memcpy (p + n, st->history[i].id, JOURNAL_ID_SIZE);
-    put_u64 (p + n + 16, st->history[i].first_epoch);
-  }
-  put_u64 (p + n, XXH64 (p, n, 0));
-  return n + 8;
-}
-
-static bool
-state_decode (const unsigned char *p, size_t len, struct journal_state *st)
-{
-  static const uint8_t zero[JOURNAL_ID_SIZE];
-  uint32_t count, i;
-  size_t n = STATE_FIXED;
-
-  if (len < STATE_FIXED + 8 || memcmp (p, STATE_MAGIC, 8) != 0 ||
-      get_u32 (p + 8) != STATE_VERSION)
-    return false;
-  count = get_u32 (p + 12);
-  if (count > JOURNAL_MAX_HISTORY ||
-      len != STATE_FIXED + (size_t) count * STATE_ENTRY + 8 ||
-      XXH64 (p, len - 8, 0) != get_u64 (p + len - 8))
-    return false;
-  memset (st, 0, sizeof *st);
-  st->history_len = count;
-  memcpy (st->volume_id, p + 16, JOURNAL_ID_SIZE);
-  memcpy (st->generation_id, p + 32, JOURNAL_ID_SIZE);
-  st->disk_size = get_u64 (p + 48);
-  st->cluster_size = get_u32 (p + 56);
-  st->committed_epoch = get_u64 (p + 64);
-  st->applied_epoch = get_u64 (p + 72);
-  for (i = 0; i < count; i++, n += STATE_ENTRY) {
-    memcpy (st->history[i].id, p + n, JOURNAL_ID_SIZE);
-    st->history[i].first_epoch = get_u64 (p + n + 16);
-  }
-  return memcmp (st->generation_id,
-                 count ? st->history[count - 1].id : zero,
-                 JOURNAL_ID_SIZE) == 0;
-}
+/* ---- the state file (its format: state.c) ---- */
 
 /* Replace the state file atomically; j->st takes *st on success.  A
  * failure before the rename leaves the old file; one after it (the
@@ -440,8 +366,8 @@ state_decode (const unsigned char *p, size_t len, struct journal_state *st)
 static int
 state_save (struct journal *j, const struct journal_state *st)
 {
-  unsigned char buf[STATE_MAX];
-  size_t len = state_encode (st, buf);
+  unsigned char buf[COLO_STATE_MAX];
+  size_t len = colo_state_encode (st, buf);
   int fd;
 
   step (JOURNAL_STEP_STATE_WRITE);
@@ -478,7 +404,7 @@ state_save (struct journal *j, const struct journal_state *st)
 static int
 state_load (struct journal *j)
 {
-  unsigned char buf[STATE_MAX + 1];
+  unsigned char buf[COLO_STATE_MAX + 1];
   ssize_t len;
   int fd;
 
@@ -494,42 +420,9 @@ state_load (struct journal *j)
   close (fd);
   if (len == -1)
     return jerr (j, errno, "read: %s", j->state_path);
-  if (!state_decode (buf, len, &j->st))
+  if (!colo_state_decode (buf, len, &j->st))
     return jerr (j, 0, "read: %s: not a valid fleece-colod state file "
                  "(bad magic, version, length or checksum)", j->state_path);
-  return 1;
-}
-
-int
-journal_read_state (const char *state_dir, struct journal_state *st,
-                    char *err, size_t errlen)
-{
-  unsigned char buf[STATE_MAX + 1];
-  char path[4096];
-  ssize_t len;
-  int fd;
-
-  snprintf (path, sizeof path, "%s/state", state_dir);
-  fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1) {
-    if (errno == ENOENT)
-      return 0;
-    snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
-    return -1;
-  }
-  do
-    len = pread (fd, buf, sizeof buf, 0);
-  while (len == -1 && errno == EINTR);
-  close (fd);
-  if (len == -1) {
-    snprintf (err, errlen, "read: %s: %s", path, strerror (errno));
-    return -1;
-  }
-  if (!state_decode (buf, len, st)) {
-    snprintf (err, errlen, "read: %s: not a valid fleece-colod state file "
-              "(bad magic, version, length or checksum)", path);
-    return -1;
-  }
   return 1;
 }
 

@@ -29,6 +29,8 @@
 #endif
 #include <xxhash.h>
 
+#include "state.h"
+
 struct journal;
 
 /* ---- Extents and the epoch digest, shared with the primary and the
@@ -73,26 +75,7 @@ extern void journal_digest_add (struct journal_digest *d,
                                 const struct journal_extent *e);
 extern uint64_t journal_digest_final (const struct journal_digest *d);
 
-/* ---- Identity and state (kept in STATE_DIR/state). ---- */
-
-#define JOURNAL_ID_SIZE      16
-#define JOURNAL_MAX_HISTORY  256
-
-struct journal_generation {
-  uint8_t id[JOURNAL_ID_SIZE];
-  uint64_t first_epoch;         /* first epoch of this generation */
-};
-
-struct journal_state {
-  uint8_t volume_id[JOURNAL_ID_SIZE];     /* all zero: not paired yet */
-  uint8_t generation_id[JOURNAL_ID_SIZE]; /* the last history entry's */
-  struct journal_generation history[JOURNAL_MAX_HISTORY]; /* oldest first */
-  uint32_t history_len;
-  uint64_t disk_size;
-  uint32_t cluster_size;
-  uint64_t committed_epoch;     /* last durable epoch (0: none) */
-  uint64_t applied_epoch;       /* last epoch the disk holds (0: none) */
-};
+/* ---- Identity and state: struct journal_state (state.h). ---- */
 
 /* ---- The journal. ---- */
 
@@ -109,12 +92,9 @@ extern struct journal *journal_open (const char *state_dir,
                                      uint32_t cluster_size,
                                      char *err, size_t errlen);
 
-/* Read STATE_DIR/state without opening the journal (no lock, no
- * recovery): 1 with *st filled, 0 if there is none, -1 with err.
+/* colo_state_read (state.h) reads STATE_DIR/state without opening the
+ * journal.
  */
-extern int journal_read_state (const char *state_dir,
-                               struct journal_state *st,
-                               char *err, size_t errlen);
 
 /* Recovery, as done by journal_open; harmless to call again when idle. */
 extern int journal_recover (struct journal *j);

@@ -21,6 +21,10 @@
  * heartbeat thread pings on the second connection and, when replies
  * stop for --hb-timeout, shuts the data connection down so that the
  * main thread, wherever it is blocked, fails and reconnects.
+ *
+ * Size.  Just over 1000 lines: the plugin's checkpoints, the handshake,
+ * the epochs and demote share the globals below; the state files are
+ * in state.c, the connection in conn.c, the pairing rules in pairing.c.
  */
 
 #include <config.h>
@@ -29,6 +33,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,30 +41,53 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "colod.h"
+#include "conn.h"
+#include "ctl.h"
+#include "events.h"
+#include "log.h"
+#include "pairing.h"
+#include "primary.h"
+#include "state.h"
 #include "source.h"
 
 #define PREFIX "colo-"
 
-static struct {
-  char path[PATH_MAX], tmp[PATH_MAX];
-  uint8_t volume_id[16];
-  struct colo_generation history[COLO_WIRE_MAX_HISTORY];
-  uint32_t history_len;
-  uint64_t acked;                 /* last epoch durable on the secondary */
-  bool demoted;
-} id;
+/* The identity (STATE_DIR/primary.json, state.c), and its path for
+ * messages.  Main thread only (the heartbeat thread reads p.acked).
+ */
+static struct colo_primary_state id;
+static char id_path[PATH_MAX];
 
+/* Which thread owns what: the main thread (connect, handshake, epochs)
+ * and the heartbeat thread (hb_thread), which it starts after each
+ * handshake and joins before it closes the connections.
+ */
 static struct {
+  /* Main thread only. */
   struct colo_ctl *ctl;
   uint64_t disk_size;
   uint32_t cluster_size;
   uint64_t last_checkpoint;       /* highest colo-N on the plugin */
-  /* The connection. */
+  /* The connections: opened and closed by the main thread, which uses
+   * data; hb and hb_thread are set before the heartbeat thread starts
+   * and it alone uses hb until it is joined.  The heartbeat thread only
+   * aborts data (colod_conn_abort: a shutdown), never closes it.
+   */
   struct colod_conn *data, *hb;
   pthread_t hb_thread;
-  volatile bool lost;
-  /* What the first epoch after a handshake must cover. */
+  /* Both threads: the peer is lost (set by whichever sees it first; the
+   * main thread clears it before it starts a heartbeat thread).
+   */
+  atomic_bool lost;
+  /* The last epoch durable on the secondary (id.acked), for the
+   * heartbeat thread's HEARTBEATs: written by the main thread.
+   */
+  _Atomic uint64_t acked;
+  /* Main thread only: what the first epoch after a handshake must
+   * cover.
+   */
   uint64_t base;                  /* 0: a full copy */
   uint8_t *extra;                 /* the secondary's diverged clusters */
   uint64_t extra_bits;
@@ -78,130 +106,34 @@ publish_identity (void)
   memcpy (colod.st.generation_id, id.history[id.history_len - 1].id, 16);
   colod.st.last_committed = colod.st.last_applied = id.acked;
   pthread_mutex_unlock (&colod.lock);
-}
-
-static int
-parse_hex (const char *s, uint8_t out[16])
-{
-  int i;
-
-  if (s == NULL || strlen (s) != 32)
-    return -1;
-  for (i = 0; i < 16; i++)
-    if (sscanf (s + 2 * i, "%2hhx", &out[i]) != 1)
-      return -1;
-  return 0;
+  atomic_store (&p.acked, id.acked);
 }
 
 static int
 save_identity (void)
 {
-  char hex[33];
-  json_t *o, *h = json_array ();
-  uint32_t i;
-  int fd, r = -1;
-  char *s;
+  char err[1024];
 
-  for (i = 0; i < id.history_len; i++) {
-    colod_hex (id.history[i].id, 16, hex);
-    json_array_append_new (h, json_pack ("{s:s,s:I}", "generation", hex,
-                                         "first-epoch", (json_int_t)
-                                         id.history[i].start_epoch));
-  }
-  colod_hex (id.volume_id, 16, hex);
-  o = json_pack ("{s:s,s:o,s:I,s:b}", "volume-id", hex, "history", h,
-                 "acked-epoch", (json_int_t) id.acked, "demoted", id.demoted);
-  s = o ? json_dumps (o, JSON_INDENT (2)) : NULL;
-  json_decref (o);
-  if (s == NULL) {
-    colod_log ("%s: out of memory", id.path);
+  if (colo_state_save_primary (colod.opt.state_dir, &id, err,
+                               sizeof err) == -1) {
+    colod_log ("%s", err);
     return -1;
   }
-  fd = open (id.tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, s, strlen (s)) != (ssize_t) strlen (s) ||
-      fsync (fd) == -1 || close (fd) == -1 || (fd = -1, 0) ||
-      rename (id.tmp, id.path) == -1) {
-    colod_log ("%s: %s", id.tmp, strerror (errno));
-    if (fd >= 0)
-      close (fd);
-    goto out;
-  }
-  fd = open (colod.opt.state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd == -1 || fsync (fd) == -1) {
-    colod_log ("fsync: %s: %s", colod.opt.state_dir, strerror (errno));
-    if (fd >= 0)
-      close (fd);
-    goto out;
-  }
-  close (fd);
-  r = 0;
- out:
-  free (s);
-  return r;
+  return 0;
 }
 
 /* 1 loaded, 0 none, -1 error. */
 static int
 load_identity (void)
 {
-  json_error_t je;
-  json_t *o, *h, *e;
-  const char *vol;
-  json_int_t acked;
-  int demoted = 0;
-  size_t i;
+  char err[1024];
+  int r;
 
-  snprintf (id.path, sizeof id.path, "%s/primary.json", colod.opt.state_dir);
-  snprintf (id.tmp, sizeof id.tmp, "%s/primary.json.tmp",
-            colod.opt.state_dir);
-  o = json_load_file (id.path, 0, &je);
-  if (o == NULL) {
-    if (access (id.path, F_OK) == -1 && errno == ENOENT)
-      return 0;
-    colod_log ("%s: %s (line %d)", id.path, je.text, je.line);
-    return -1;
-  }
-  if (json_unpack (o, "{s:s,s:o,s:I,s?b}", "volume-id", &vol, "history", &h,
-                   "acked-epoch", &acked, "demoted", &demoted) == -1 ||
-      parse_hex (vol, id.volume_id) == -1 || !json_is_array (h) ||
-      json_array_size (h) == 0 ||
-      json_array_size (h) > COLO_WIRE_MAX_HISTORY || acked < 0)
-    goto bad;
-  json_array_foreach (h, i, e) {
-    const char *g;
-    json_int_t first;
-    if (json_unpack (e, "{s:s,s:I}", "generation", &g, "first-epoch",
-                     &first) == -1 || parse_hex (g, id.history[i].id) == -1
-        || first < 1)
-      goto bad;
-    id.history[i].start_epoch = first;
-  }
-  id.history_len = json_array_size (h);
-  id.acked = acked;
-  id.demoted = demoted;
-  json_decref (o);
-  return 1;
- bad:
-  colod_log ("%s: not a valid fleece-colod primary state file", id.path);
-  json_decref (o);
-  return -1;
-}
-
-int
-colod_load_primary_identity (uint8_t volume_id[16],
-                             struct colo_generation *history,
-                             uint32_t *history_len, uint64_t *acked,
-                             bool *demoted)
-{
-  int r = load_identity ();
-
-  if (r == 1) {
-    memcpy (volume_id, id.volume_id, 16);
-    memcpy (history, id.history, id.history_len * sizeof *history);
-    *history_len = id.history_len;
-    *acked = id.acked;
-    *demoted = id.demoted;
-  }
+  colo_state_path (colod.opt.state_dir, "primary.json", id_path,
+                   sizeof id_path);
+  r = colo_state_load_primary (colod.opt.state_dir, &id, err, sizeof err);
+  if (r == -1)
+    colod_log ("%s", err);
   return r;
 }
 
@@ -217,12 +149,12 @@ init_identity (void)
   if (r == 1) {
     if (id.demoted) {
       colod_log ("%s: this state directory was demoted (fleece-colod "
-                 "demote): it belongs to a secondary now", id.path);
+                 "demote): it belongs to a secondary now", id_path);
       return -1;
     }
     return 0;
   }
-  r = journal_read_state (colod.opt.state_dir, &js, err, sizeof err);
+  r = colo_state_read (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
     colod_log ("%s", err);
     return -1;
@@ -538,13 +470,13 @@ hb_thread (void *arg)
   char err[1024];
 
   (void) arg;
-  while (!colod.stop && !p.lost) {
+  while (!colod.stop && !atomic_load (&p.lost)) {
     struct colo_msg m = { .type = COLO_MSG_HEARTBEAT };
     const struct colo_msg *r;
     int64_t t0 = colod_now_ms ();
 
     m.heartbeat.monotonic_ms = t0;
-    m.heartbeat.last_committed = id.acked;
+    m.heartbeat.last_committed = atomic_load (&p.acked);
     if (colod_send (p.hb, &m, err, sizeof err) == -1 ||
         colod_recv (p.hb, &r, err, sizeof err) != 1)
       break;
@@ -562,9 +494,8 @@ hb_thread (void *arg)
   }
   if (colod.stop)               /* not a failure: no failover for this */
     colod_send_error (p.hb, COLO_ERROR_SHUTDOWN, "the primary is stopping");
-  else if (!p.lost) {
+  else if (!atomic_exchange (&p.lost, true)) {
     colod_log ("peer lost: %s", err);
-    p.lost = true;
     colod_conn_abort (p.data);
   }
   return NULL;
@@ -830,6 +761,7 @@ run_epoch (char *err, size_t errlen)
     return -1;
   }
   id.acked = p.sec_committed = epoch;
+  atomic_store (&p.acked, epoch);
   p.base = epoch;
   free (p.extra);
   p.extra = NULL;
@@ -874,7 +806,7 @@ disconnect (const char *why)
      * (within --hb-interval, or --hb-timeout if it waits for a reply).
      */
     if (!colod.stop) {
-      p.lost = true;
+      atomic_store (&p.lost, true);
       colod_conn_abort (p.hb);
     }
     pthread_join (p.hb_thread, NULL);
@@ -923,7 +855,7 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
     return 0;
   }
   lasterr[0] = '\0';
-  p.lost = false;
+  atomic_store (&p.lost, false);
   if (pthread_create (&p.hb_thread, NULL, hb_thread, NULL) != 0) {
     colod_conn_close (p.hb);
     colod_conn_close (p.data);
@@ -959,7 +891,7 @@ wait_for_epoch (int64_t next, bool now)
   uint64_t ticket = 0;
 
   pthread_mutex_lock (&colod.lock);
-  while (!now && !colod.stop && !p.lost &&
+  while (!now && !colod.stop && !atomic_load (&p.lost) &&
          colod.checkpoint_requests == colod.checkpoint_served &&
          (colod.opt.interval_ms == 0 || colod_now_ms () < next))
     colod_wait_ms (20);
@@ -1025,17 +957,17 @@ colod_run_primary (void)
     }
     next = colod_now_ms ();
     first = true;
-    while (!colod.stop && !p.lost) {
+    while (!colod.stop && !atomic_load (&p.lost)) {
       char err[1024] = "";
       uint64_t ticket = wait_for_epoch (next, first);
       first = false;
-      if (colod.stop || p.lost)
+      if (colod.stop || atomic_load (&p.lost))
         break;
       next = colod_now_ms () + colod.opt.interval_ms;
       if (run_epoch (err, sizeof err) == -1) {
         colod_log ("%s", err);
         serve_checkpoints (ticket, err);
-        if (!p.lost)
+        if (!atomic_load (&p.lost))
           colod_send_error (p.data, COLO_ERROR_INTERNAL, err);
         break;
       }
@@ -1067,11 +999,11 @@ colod_demote (void)
   int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
-    colod_log ("%s: no primary state to demote", id.path);
+    colod_log ("%s: no primary state to demote", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (id.demoted) {
-    colod_log ("%s: already demoted", id.path);
+    colod_log ("%s: already demoted", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (plugin_start (false) == -1)
@@ -1103,9 +1035,12 @@ colod_demote (void)
       bits[k] |= b[k];
     free (b);
   }
-  if (colod_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
-                            p.cluster_size, bits, nbits) == -1)
+  if (colo_state_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
+                                 p.cluster_size, bits, nbits, err,
+                                 sizeof err) == -1) {
+    colod_log ("%s", err);
     goto out;
+  }
   id.demoted = true;
   if (save_identity () == -1)
     goto out;

@@ -38,11 +38,17 @@
  * authenticated primary does: an accepted data HELLO and heartbeats.
  * So idle or garbage connections can neither delay the real primary's
  * pairing (into a false failover) nor stand in for its heartbeats.
+ *
+ * Size.  Over 1000 lines: the pairing, the epochs, the journal writer,
+ * the connection threads and the promotion all work on the one state
+ * struct s below, under colod.lock and jlock; splitting it would make s
+ * a shared header of the secondary's.  The seams, if it grows: the
+ * journal writer ("the journal writer") and the promotion ("promotion",
+ * watch) are the parts that use s least.
  */
 
 #include <config.h>
 
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -58,12 +64,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <xxhash.h>
-
 #include "fleece.h"
+#include "clock.h"
 #include "colod.h"
-
-#define DIVERGED_MAGIC "FLCODIV1"
+#include "conn.h"
+#include "ctl.h"
+#include "events.h"
+#include "journal.h"
+#include "log.h"
+#include "pairing.h"
+#include "secondary.h"
+#include "state.h"
 
 static struct {
   pthread_mutex_t jlock;
@@ -84,103 +95,20 @@ static struct {
   int lock_fd;                    /* holds the disk's locks, or -1 */
 } s = { .jlock = PTHREAD_MUTEX_INITIALIZER, .lock_fd = -1 };
 
-/* ---- STATE_DIR/diverged ---- */
-
-struct diverged_hdr {
-  char magic[8];
-  uint64_t base, disk_size;
-  uint32_t cluster_size, reserved;
-  uint64_t nbits;
-} __attribute__ ((__packed__));
-
-static void
-diverged_path (char *out, size_t n)
-{
-  snprintf (out, n, "%s/diverged", colod.opt.state_dir);
-}
-
-int
-colod_write_diverged (const char *state_dir, uint64_t base,
-                      uint64_t disk_size, uint32_t cs, const uint8_t *bits,
-                      uint64_t nbits)
-{
-  struct diverged_hdr h = { .base = htole64 (base),
-                            .disk_size = htole64 (disk_size),
-                            .cluster_size = htole32 (cs),
-                            .nbits = htole64 (nbits) };
-  size_t bytes = (nbits + 7) / 8;
-  char path[PATH_MAX], tmp[PATH_MAX];
-  XXH64_state_t x;
-  uint64_t sum;
-  int fd;
-
-  memcpy (h.magic, DIVERGED_MAGIC, 8);
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  XXH64_update (&x, bits, bytes);
-  sum = htole64 (XXH64_digest (&x));
-  snprintf (path, sizeof path, "%s/diverged", state_dir);
-  snprintf (tmp, sizeof tmp, "%s/diverged.tmp", state_dir);
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, &h, sizeof h) != sizeof h ||
-      write (fd, bits, bytes) != (ssize_t) bytes ||
-      write (fd, &sum, sizeof sum) != sizeof sum || fsync (fd) == -1 ||
-      close (fd) == -1 || rename (tmp, path) == -1) {
-    colod_log ("%s: %s", tmp, strerror (errno));
-    return -1;
-  }
-  fd = open (state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    fsync (fd);
-    close (fd);
-  }
-  return 0;
-}
+/* ---- STATE_DIR/diverged (state.c) ---- */
 
 /* 1 with the file's contents (*bits malloc'ed), 0 none, -1 bad. */
 static int
 read_diverged (uint64_t *base, uint64_t *disk_size, uint32_t *cs,
                uint8_t **bits, uint64_t *nbits)
 {
-  char path[PATH_MAX];
-  struct diverged_hdr h;
-  XXH64_state_t x;
-  uint64_t sum;
-  size_t bytes;
-  int fd;
+  char err[PATH_MAX + 128];
+  int r = colo_state_read_diverged (colod.opt.state_dir, base, disk_size,
+                                    cs, bits, nbits, err, sizeof err);
 
-  diverged_path (path, sizeof path);
-  *bits = NULL;
-  fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1)
-    return errno == ENOENT ? 0 : -1;
-  if (read (fd, &h, sizeof h) != sizeof h ||
-      memcmp (h.magic, DIVERGED_MAGIC, 8) != 0 ||
-      le64toh (h.nbits) > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
-    goto bad;
-  *base = le64toh (h.base);
-  *disk_size = le64toh (h.disk_size);
-  *cs = le32toh (h.cluster_size);
-  *nbits = le64toh (h.nbits);
-  bytes = (*nbits + 7) / 8;
-  *bits = malloc (bytes + 1);
-  if (*bits == NULL || read (fd, *bits, bytes) != (ssize_t) bytes ||
-      read (fd, &sum, sizeof sum) != sizeof sum)
-    goto bad;
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  XXH64_update (&x, *bits, bytes);
-  if (XXH64_digest (&x) != le64toh (sum))
-    goto bad;
-  close (fd);
-  return 1;
- bad:
-  colod_log ("%s: damaged (bad magic, size or checksum): ignored; the "
-             "resync will be a full copy", path);
-  close (fd);
-  free (*bits);
-  *bits = NULL;
-  return -1;
+  if (r == -1)
+    colod_log ("%s: ignored; the resync will be a full copy", err);
+  return r;
 }
 
 static void
@@ -188,8 +116,8 @@ drop_diverged (void)
 {
   char path[PATH_MAX];
 
-  diverged_path (path, sizeof path);
-  if (unlink (path) == 0)
+  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
+  if (colo_state_remove_diverged (colod.opt.state_dir))
     colod_log ("the diverged clusters are replaced: %s removed", path);
 }
 
@@ -275,53 +203,23 @@ open_journal (uint64_t size, uint32_t cs, bool lock, char *err,
 /* ---- STATE_DIR/promoted: this side took over (its generation) ---- */
 
 static bool
-promoted_in (const uint8_t generation[16])
-{
-  char path[PATH_MAX];
-  uint8_t gen[16];
-  ssize_t n;
-  int fd;
-
-  snprintf (path, sizeof path, "%s/promoted", colod.opt.state_dir);
-  fd = open (path, O_RDONLY | O_CLOEXEC);
-  if (fd == -1)
-    return false;
-  n = read (fd, gen, sizeof gen);
-  close (fd);
-  return n == sizeof gen && memcmp (gen, generation, 16) == 0;
-}
-
-static bool
 read_promoted (void)
 {
-  return promoted_in (journal_get_state (s.j)->generation_id);
+  return colo_state_promoted_in (colod.opt.state_dir,
+                                 journal_get_state (s.j)->generation_id);
 }
 
 static int
 write_promoted (const uint8_t gen[16])
 {
-  char path[PATH_MAX];
-  int fd;
+  char err[PATH_MAX + 128];
 
-  snprintf (path, sizeof path, "%s/promoted", colod.opt.state_dir);
-  fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, gen, 16) != 16 || fsync (fd) == -1) {
-    colod_log ("%s: %s", path, strerror (errno));
-    if (fd >= 0)
-      close (fd);
+  if (colo_state_write_promoted (colod.opt.state_dir, gen, err,
+                                 sizeof err) == -1) {
+    colod_log ("%s", err);
     return -1;
   }
-  close (fd);
   return 0;
-}
-
-static void
-clear_promoted (void)
-{
-  char path[PATH_MAX];
-
-  snprintf (path, sizeof path, "%s/promoted", colod.opt.state_dir);
-  unlink (path);
 }
 
 /* ---- the pairing ---- */
@@ -993,7 +891,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
        */
       r = lock_disk (err, sizeof err);
       if (r == 0) {
-        clear_promoted ();
+        colo_state_clear_promoted (colod.opt.state_dir);
         s.promoted = false;
         colod_set_failover (FAILOVER_NONE, "--discard-diverged: a "
                             "secondary again");
@@ -1268,16 +1166,22 @@ static int
 adopt_demoted (void)
 {
   struct colo_msg_hello h = { 0 };
+  struct colo_primary_state ps;
   uint64_t base, size, nbits;
   uint32_t cs;
   uint8_t *bits;
-  bool demoted = false;
   char err[1024], path[PATH_MAX];
-  int r = colod_load_primary_identity (h.volume_id, h.history,
-                                       &h.history_count, &base, &demoted);
+  int r = colo_state_load_primary (colod.opt.state_dir, &ps, err,
+                                   sizeof err);
 
-  if (r <= 0 || !demoted)
+  if (r == -1)
+    colod_log ("%s", err);
+  if (r <= 0 || !ps.demoted)
     return r;                   /* nothing, or a primary.json error */
+  memcpy (h.volume_id, ps.volume_id, 16);
+  memcpy (h.history, ps.history, ps.history_len * sizeof *h.history);
+  h.history_count = ps.history_len;
+  base = ps.acked;
   if (read_diverged (&base, &size, &cs, &bits, &nbits) != 1) {
     colod_log ("%s: demoted, but its diverged clusters are missing or "
                "damaged: pair with --discard-diverged for a full copy",
@@ -1294,8 +1198,8 @@ adopt_demoted (void)
     colod_log ("%s", err);
     return -1;
   }
-  clear_promoted ();
-  snprintf (path, sizeof path, "%s/primary.json", colod.opt.state_dir);
+  colo_state_clear_promoted (colod.opt.state_dir);
+  colo_state_path (colod.opt.state_dir, "primary.json", path, sizeof path);
   if (unlink (path) == -1) {
     colod_log ("unlink: %s: %s", path, strerror (errno));
     return -1;
@@ -1393,8 +1297,8 @@ promote (const char *why)
   }
   {
     char path[PATH_MAX];
-    diverged_path (path, sizeof path);
-    if (access (path, F_OK) == 0) {
+    colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
+    if (colo_state_has_diverged (colod.opt.state_dir)) {
       snprintf (err, sizeof err, "the disk still holds this side's own "
                 "writes from when it was a primary (%.700s): it is at no "
                 "committed epoch until the resync is durable", path);
@@ -1512,14 +1416,15 @@ colod_run_secondary (void)
     colod_log ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
     return COLOD_EXIT_ERROR;
   }
-  r = journal_read_state (colod.opt.state_dir, &js, err, sizeof err);
+  r = colo_state_read (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
     colod_log ("%s", err);
     return COLOD_EXIT_ERROR;
   }
   if (r == 1 &&
       open_journal (js.disk_size, js.cluster_size,
-                    !promoted_in (js.generation_id), err, sizeof err) == -1) {
+                    !colo_state_promoted_in (colod.opt.state_dir,
+                                            js.generation_id), err, sizeof err) == -1) {
     colod_log ("%s", err);
     return COLOD_EXIT_ERROR;
   }

@@ -2,6 +2,14 @@
  * only when asked for (see tls.h for the API, docs/replication.md
  * "Transport and security" for the operator's view).
  *
+ * Size.  Over 1000 lines because a transport is credentials, sockets,
+ * the handshake and its diagnosis, and the byte mover around one
+ * private struct colo_conn whose invariants (non-blocking sockets,
+ * deadlines, the first bytes recorded to explain a failed handshake)
+ * every section relies on.  The seams, if it grows: the credentials
+ * ("Credentials", ~360 lines) and the handshake's diagnosis ("Why a
+ * handshake failed") would each make a file behind a private header.
+ *
  * Design.  Sockets are non-blocking for their whole life and every wait
  * is a poll with a deadline, so nothing here blocks longer than the
  * connect timeout (per address tried), the handshake timeout (from

@@ -1,5 +1,11 @@
 /* fleece-colod: the wire protocol's encoder and decoder.
  *
+ * Size.  Over 1000 lines because each of the eleven message types is
+ * checked, decoded and encoded here, with the checks shared by the
+ * decoder and the encoder; kept in one file so that the fuzzer
+ * (tests/fuzz/fuzz-colo-wire.c) and a reader see every rule a frame
+ * must pass in one place.
+ *
  * A frame is a 40-byte header (include/fleece-colo-wire.h) and a payload
  * whose layout depends on its type.  The header carries two xxh64
  * checksums: one of its own first 32 bytes, one of the payload.  Frames

@@ -797,47 +797,112 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   return 0;
 }
 
-struct live_ext {
-  struct fleece_snap *s;
-  fleece_extent_fn fn;
-  void *opaque;
+/* Extents.  A request is answered in three steps, so that its cost
+ * depends on the range asked and on the disk's own allocation, never on
+ * how finely copy-before-write has cut the live clusters into runs, and
+ * so that no engine lock is held while the disk is asked:
+ *
+ *   1. under io_lock, in memory: find the span of clusters that are
+ *      live for s (cgen[c] < g, not released);
+ *   2. no lock: ask the disk for its allocation over that span once
+ *      (SEEK_DATA/SEEK_HOLE), at most SNAP_EXT_DISK_MAX extents.  On
+ *      tmpfs a seek walks the page cache under the inode lock that
+ *      writers need, and SEEK_HOLE in data walks to the next hole,
+ *      however far: the number of seeks is what has to be bounded.  When
+ *      the budget runs out the answer stops there: nbdkit lets a plugin
+ *      cover less than asked, and the client asks again for the rest;
+ *   3. a full fence, then under io_lock, each cluster located again: a
+ *      cluster still live now was live during the whole of step 2 (a
+ *      writer stores cgen[c] before it writes the disk, as for reads), so
+ *      the disk's allocation of it is its point-in-time allocation and a
+ *      hole there is a hole of s.  A cluster copied meanwhile is reported
+ *      from its copy.  Step 3 is what keeps invariant 1, so a hole is
+ *      never reported for a cluster from a disk answer older than its
+ *      last cgen load.
+ */
+#define SNAP_EXT_DISK_MAX 64
+
+struct disk_alloc {
+  uint64_t end;                 /* the disk extents cover up to here */
+  size_t n;
+  bool full;                    /* the budget ran out */
+  struct { uint64_t end; uint32_t type; } e[SNAP_EXT_DISK_MAX];
 };
 
-/* Disk extents of a live run, checked like live reads: a cluster that a
- * writer overtook is reported as data, which is always safe to claim.
+/* disk_extents callback: record an extent, merged with the last one if
+ * it has the same type.  Each call follows at most two seeks, so a full
+ * list bounds the seeks of a request.
  */
 static int
-live_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+disk_alloc_add (void *opaque, uint64_t offset, uint64_t length,
+                uint32_t type)
 {
-  struct live_ext *le = opaque;
-  struct fleece *fl = le->s->fl;
-  uint64_t end = offset + length;
+  struct disk_alloc *da = opaque;
 
-  if (type == 0)
-    return le->fn (le->opaque, offset, length, 0);
-  while (offset < end) {
-    uint64_t c = offset >> fl->cluster_bits;
-    uint64_t ce = (c + 1) << fl->cluster_bits;
-    if (ce > end)
-      ce = end;
-    if (le->fn (le->opaque, offset, ce - offset,
-                live_read_valid (le->s, c) ? type : 0) == -1)
-      return -1;
-    offset = ce;
+  if (da->n > 0 && da->e[da->n - 1].type == type) {
+    da->e[da->n - 1].end = offset + length;
+    da->end = offset + length;
+    return 0;
   }
+  if (da->n == SNAP_EXT_DISK_MAX) {
+    da->full = true;
+    return -1;                  /* stop here: not an error */
+  }
+  da->e[da->n].end = offset + length;
+  da->e[da->n].type = type;
+  da->n++;
+  da->end = offset + length;
   return 0;
 }
 
-/* Report the extents of a run of clusters that locate found live: one
- * disk_extents for the whole run (two lseeks, not two per cluster), each
- * cluster checked afterwards by live_extent.
+/* Adjacent extents of one type are passed to the caller as one. */
+struct ext_out {
+  fleece_extent_fn fn;
+  void *opaque;
+  uint64_t start, len;
+  uint32_t type;
+};
+
+static int
+ext_emit (struct ext_out *o, uint64_t offset, uint64_t length, uint32_t type)
+{
+  if (o->len > 0 && o->type == type && o->start + o->len == offset) {
+    o->len += length;
+    return 0;
+  }
+  if (o->len > 0 && o->fn (o->opaque, o->start, o->len, o->type) == -1)
+    return -1;
+  o->start = offset;
+  o->len = length;
+  o->type = type;
+  return 0;
+}
+
+static int
+ext_flush (struct ext_out *o)
+{
+  return o->len > 0 ? o->fn (o->opaque, o->start, o->len, o->type) : 0;
+}
+
+/* Report [offset, end) of a live cluster with the disk's allocation
+ * (*i: the first disk extent that may meet it, advanced).
  */
 static int
-live_run_extents (struct live_ext *le, uint64_t start, uint64_t end)
+ext_live (struct ext_out *o, const struct disk_alloc *da, size_t *i,
+          uint64_t offset, uint64_t end)
 {
-  return start < end
-    ? disk_extents (&le->s->fl->disk, end - start, start, live_extent, le)
-    : 0;
+  while (offset < end) {
+    uint64_t e;
+    while (*i < da->n && da->e[*i].end <= offset)
+      ++*i;
+    if (*i == da->n)            /* not asked: data is always safe */
+      return ext_emit (o, offset, end - offset, 0);
+    e = da->e[*i].end < end ? da->e[*i].end : end;
+    if (ext_emit (o, offset, e - offset, da->e[*i].type) == -1)
+      return -1;
+    offset = e;
+  }
+  return 0;
 }
 
 int
@@ -845,37 +910,89 @@ fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
                      fleece_extent_fn fn, void *opaque)
 {
   struct fleece *fl = s->fl;
-  struct live_ext le = { .s = s, .fn = fn, .opaque = opaque };
-  uint64_t end = offset + count, pos = offset, run = offset;
+  struct ext_out o = { .fn = fn, .opaque = opaque };
+  struct disk_alloc da = { 0 };
+  uint64_t end = offset + count, pos, c, c1, live_start = 0, live_end = 0;
+  size_t i = 0;
   int r = -1;
 
   if (end > fl->disk.size || end < offset)
     return fl_error (EINVAL, "snapshot '%s': extents beyond the end",
                      s->name);
+  if (count == 0)
+    return 0;
+
+  /* 1. The span of live clusters, in memory. */
+  pthread_rwlock_rdlock (&s->io_lock);
+  if (check_readable (s) == -1) {
+    pthread_rwlock_unlock (&s->io_lock);
+    return -1;
+  }
+  c1 = (end - 1) >> fl->cluster_bits;
+  for (c = offset >> fl->cluster_bits; c <= c1; c++)
+    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) < s->gen
+        && !snap_is_released (s, c)) {
+      if (live_end == 0)
+        live_start = c << fl->cluster_bits;
+      live_end = (c + 1) << fl->cluster_bits;
+    }
+  pthread_rwlock_unlock (&s->io_lock);
+  if (live_start < offset)
+    live_start = offset;
+  if (live_end > end)
+    live_end = end;
+
+  /* 2. The disk's allocation over that span, no lock held. */
+  if (live_start < live_end && fl->disk.can_seek_data) {
+    if (fleece_debug.live_read_delay_us)  /* fault injection for tests */
+      usleep (fleece_debug.live_read_delay_us);
+    if (disk_extents (&fl->disk, live_end - live_start, live_start,
+                      disk_alloc_add, &da) == -1 && !da.full)
+      return -1;
+    if (da.full)
+      end = da.end;             /* > live_start >= offset */
+    atomic_thread_fence (memory_order_seq_cst);
+  }
+
+  /* 3. Each cluster located after the disk answered. */
   pthread_rwlock_rdlock (&s->io_lock);
   if (check_readable (s) == -1)
     goto out;
-  /* [run, pos) is live and not reported yet. */
-  while (pos < end) {
-    uint64_t c = pos >> fl->cluster_bits;
-    uint64_t ce = (c + 1) << fl->cluster_bits;
+  for (pos = offset; pos < end; ) {
+    uint64_t ce;
     uint32_t slot = 0;
     enum where w;
 
+    c = pos >> fl->cluster_bits;
+    ce = (c + 1) << fl->cluster_bits;
     if (ce > end)
       ce = end;
     if (locate (s, c, &slot, &w) == -1)
       goto out;
-    if (w != W_LIVE) {
-      if (live_run_extents (&le, run, pos) == -1 ||
-          fn (opaque, pos, ce - pos, w == W_ZERO ?
-              FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO : 0) == -1)
+    /* Tests (FLEECE_BREAK_ISOLATION): believe the disk's answer for a
+     * cluster copied while it was asked, which step 3 exists to avoid.
+     */
+    if (fleece_debug.skip_isolation_check && w == W_COPY &&
+        pos >= live_start && ce <= live_end)
+      w = W_LIVE;
+    switch (w) {
+    case W_ZERO:
+      if (ext_emit (&o, pos, ce - pos,
+                    FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO) == -1)
         goto out;
-      run = ce;
+      break;
+    case W_COPY:
+      if (ext_emit (&o, pos, ce - pos, 0) == -1)
+        goto out;
+      break;
+    case W_LIVE:
+      if (ext_live (&o, &da, &i, pos, ce) == -1)
+        goto out;
+      break;
     }
     pos = ce;
   }
-  if (live_run_extents (&le, run, end) == -1)
+  if (ext_flush (&o) == -1)
     goto out;
   r = 0;
  out:

@@ -203,6 +203,17 @@ kill_by_pidfile ()
   return "$st"
 }
 
+# crash_nbdkit NAME: kill -9 nbdkit NAME by PID, as a power cut would
+# stop it (minus the page cache), and wait until it is gone.
+crash_nbdkit ()
+{
+  local pid
+  pid=$(cat "$tmp/$1.pid") || return 1
+  kill -9 "$pid"
+  wait "$pid" 2>/dev/null || :
+  rm -f "$tmp/$1.pid"
+}
+
 # stop_nbdkit NAME: stop it by PID and check that it exits cleanly (under
 # valgrind, that it reported no error: valgrind exits 119; in a sanitizer
 # build, that its log holds no sanitizer report).
@@ -229,6 +240,17 @@ stop_nbdkit ()
   status=0
   wait "$pid" || status=$?
   rm -f "$pidfile"
+  nbdkit_exited_cleanly "$name" "$status" "$log"
+}
+
+# nbdkit_exited_cleanly NAME STATUS LOG: true if nbdkit NAME, which
+# exited with STATUS and wrote LOG, stopped cleanly: status 0 and no
+# sanitizer report, where a LeakSanitizer report of nbdkit's own blocks
+# only (and the exit status it caused) is forgiven, and so is a SIGKILL
+# of a sanitizer build hung at exit.
+nbdkit_exited_cleanly ()
+{
+  local name=$1 status=$2 log=$3
   if grep -q 'ERROR: LeakSanitizer' "$log" && nbdkit_own_leaks_only "$log"; then
     echo "# nbdkit $name: LeakSanitizer reported only nbdkit's own blocks (see valgrind.supp)"
     # LeakSanitizer's report is what made the exit status non-zero.

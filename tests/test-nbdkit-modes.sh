@@ -225,7 +225,8 @@ ok "-f: SIGTERM stops nbdkit within $stop_s s" stopped -f "$pidfile"
 stop_diag -f
 writer_ends -f
 st=0; wait "$runner" || st=$?
-is "$st" 0 "-f: nbdkit exits with status 0"
+ok "-f: nbdkit exits cleanly (status 0, no sanitizer report)" \
+  nbdkit_exited_cleanly fg "$st" "$log"
 after -f "$disk" "$store"
 
 # ---- captive (--run): nbdkit forks the server off the process that runs
@@ -308,7 +309,8 @@ ok "socket activation: SIGTERM stops nbdkit within $stop_s s" \
 stop_diag "socket activation"
 writer_ends "socket activation"
 st=0; wait "$runner" || st=$?
-is "$st" 0 "socket activation: nbdkit exits with status 0"
+ok "socket activation: nbdkit exits cleanly (status 0, no sanitizer report)" \
+  nbdkit_exited_cleanly sa "$st" "$log"
 after "socket activation" "$disk" "$store"
 
 if [ -s "$tmp/watchdog.log" ]; then diag "$(cat "$tmp/watchdog.log")"; fi

@@ -23,14 +23,7 @@ start ()
   start_nbdkit "$name" "${pre[@]}" -- disk="$disk" store="$store" \
     control="$tmp/$name.ctl" persistent=true "$@"
 }
-crash ()
-{
-  local pid
-  pid=$(cat "$tmp/$1.pid")
-  kill -9 "$pid"
-  wait "$pid" 2>/dev/null || :
-  rm -f "$tmp/$1.pid"
-}
+crash () { crash_nbdkit "$1"; }
 snapinfo () { jget "$(ctl "$1" --json snapshot list)" "[s.get('$3', '') for s in d if s['name'] == '$2'][0]"; }
 now_ms () { echo $(( $(date +%s%N) / 1000000 )); }
 

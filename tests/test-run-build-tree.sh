@@ -18,7 +18,6 @@ run ()
 {
   timeout -k 5 60 env -u FLEECE_VALGRIND -u VG \
     PATH="$(getconf PATH):/usr/local/bin" \
-    ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
     "$b/run" "$@"
 }
 

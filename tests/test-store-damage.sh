@@ -23,14 +23,7 @@ truncate -s 8M "$disk"
 qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
 
 start () { start_nbdkit p -- disk="$disk" store="$store" control="$tmp/p.ctl" persistent=true "$@"; }
-crash ()
-{
-  local pid
-  pid=$(cat "$tmp/p.pid")
-  kill -9 "$pid"
-  wait "$pid" 2>/dev/null || :
-  rm -f "$tmp/p.pid"
-}
+crash () { crash_nbdkit p; }
 snapinfo () { jget "$(ctl p --json snapshot list)" "[s['$2'] for s in d if s['name'] == '$1'][0]"; }
 # refused DESC PATTERN [plugin args]: nbdkit refuses to start on $store,
 # with a message naming it and matching PATTERN, and leaves it unchanged.

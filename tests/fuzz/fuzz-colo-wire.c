@@ -15,7 +15,7 @@
  *
  * Built and run by "make fuzz" (tests/Makefile.am) with clang
  * -fsanitize=fuzzer,address,undefined; seeds in
- * tests/fuzz/colo-wire-corpus (written by "colo/test-wire
+ * tests/fuzz/colo-wire-corpus (written by "tests/colo/test-wire
  * --write-corpus DIR").
  */
 

@@ -22,7 +22,7 @@
 # restarts first on a port the primary does not know, so that what
 # recovery left is checked before any catch-up, then on its own port.
 # COLOD_CRASH_SEED replays a run's offsets and delays.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 

@@ -16,7 +16,7 @@
 #  - a planned switchover back, with the same state directories;
 #  - a primary of another volume is refused, then accepted with a full
 #    copy once the secondary is started with --discard-diverged.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 # KEEP=1: leave $tmp and the daemons behind, for debugging by hand.
 [ -n "${KEEP:-}" ] && trap - EXIT
 requires qemu-io --version
@@ -72,9 +72,8 @@ is "$first" "$((e + 1))" "the new generation starts after epoch $e"
 ok "nbdkit on a again (its store is persistent)" start_plugin a
 primary_a >/dev/null || :     # it may exit before the check sees it up
 ok "it exits: split brain" wait_for 20 eval '! kill -0 $(cat "$tmp/a/colod.pid") 2>/dev/null'
-status=0; wait "$(cat "$tmp/a/colod.pid")" || status=$?
-is "$status" 3 "the refused primary exits with status 3"
-rm -f "$tmp/a/colod.pid"
+exit_status_colod a
+is "$colod_status" 3 "the refused primary exits with status 3"
 ok "its log names the split brain" grep -q "refused the pairing (split brain)" "$tmp/a/colod.log"
 ok "b raised SPLIT_BRAIN" grep -q "event SPLIT_BRAIN" "$tmp/b/colod.log"
 is "$(status b failover)" completed "b is still the promoted side"
@@ -164,9 +163,8 @@ primary_c () {
 sum_b=$(file_sum "$tmp/b/disk")
 primary_c >/dev/null || :
 ok "c's primary exits, refused" wait_for 20 eval '! kill -0 $(cat "$tmp/c/colod.pid") 2>/dev/null'
-status=0; wait "$(cat "$tmp/c/colod.pid")" || status=$?
-is "$status" 3 "with status 3"
-rm -f "$tmp/c/colod.pid"
+exit_status_colod c
+is "$colod_status" 3 "with status 3"
 ok "it names another volume" grep -q "refused the pairing (another volume)" "$tmp/c/colod.log"
 is "$(file_sum "$tmp/b/disk")" "$sum_b" "b's disk is untouched"
 ok "b's secondary stops" stop_colod b

@@ -20,7 +20,7 @@
 #    pairs again;
 #  - the primary's control connection to the plugin (subscribed) is kept
 #    however long it is idle.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires psktool --version
 requires python3 --version
 requires qemu-io --version

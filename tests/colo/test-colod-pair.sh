@@ -13,13 +13,16 @@
 #   - refused peers (plaintext, a client certificate from another CA, a
 #     wrong PSK key, an unknown PSK user) leave the secondary's disk as
 #     it was and say why in both logs; a PSK pair works;
+#   - the control socket refuses another user's client (SO_PEERCRED);
 #   - bad command lines exit 1 with a message;
 #   - every daemon stops with exit status 0 on SIGTERM.
-source "${abs_top_srcdir:-..}/colo/colod-functions.sh"
+source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 requires fio --enghelp=nbd
 requires certtool --version
+requires socat -V
+requires setpriv --version
 
 CLUSTER=65536
 SIZE=$((64 << 20))
@@ -373,6 +376,38 @@ refused_primary "unknown PSK user" \
   "the peer's PSK user 'bob' is not in" \
   "does not accept PSK user 'bob'" \
   --tls-psk "$tmp/bob.psk"
+
+# ---- 5b. the control socket: only the daemon's user and root ----
+
+# The socket is made reachable to uid 65534 on purpose, as a wrong mode
+# would make it: the daemon itself must refuse that client, as the
+# plugin's control socket does.  Acting as another user needs root.
+if [ "$(id -u)" -eq 0 ]; then
+  mark=$(log_mark b)
+  chmod 0711 "$tmp" "$tmp/b" "$tmp/b/state"
+  chmod 0666 "$tmp/b/state/control.sock"
+  out=$(setpriv --reuid=65534 --regid=65534 --clear-groups -- \
+          timeout 10 socat -t 5 -u "UNIX-CONNECT:$tmp/b/state/control.sock" - \
+          </dev/null 2>&1)
+  chmod 0700 "$tmp" "$tmp/b/state"
+  chmod 0600 "$tmp/b/state/control.sock"
+  printf '%s\n' "$out" | sed 's/^/# uid 65534 got: /'
+  ok "uid 65534 is refused by the control socket, told why" \
+    grep -q 'permission denied: uid 65534 may not use this control socket' <<<"$out"
+  ok "... and gets neither the greeting nor the status" \
+    eval '! grep -Eq "QMP|\"role\"" <<<"$out"'
+  ok "... and the daemon logs the refusal" \
+    logged b "$mark" 'refusing a client: permission denied: uid 65534'
+  is "$(status b role)" secondary "root still gets the status"
+else
+  for d in "uid 65534 is refused by the control socket, told why" \
+           "... and gets neither the greeting nor the status" \
+           "... and the daemon logs the refusal" \
+           "root still gets the status"; do
+    _tap_n=$((_tap_n + 1))
+    echo "ok $_tap_n - $d # SKIP acting as another user needs root"
+  done
+fi
 
 # ---- 6. the end ----
 

@@ -1,11 +1,11 @@
-# Helpers for the fleece-colod tests (colo/test-colod-*.sh), on top of
+# Helpers for the fleece-colod tests (tests/colo/test-colod-*.sh), on top of
 # tests/functions.sh.  Each "host" is a directory $tmp/NAME holding its
 # disk, its fleece store and its fleece-colod state; the two daemons talk
 # over 127.0.0.1 and are stopped by PID.
 
-source "${abs_top_srcdir:-..}/tests/functions.sh"
+source "${abs_top_srcdir:-../..}/tests/functions.sh"
 
-COLOD="${abs_top_builddir:-..}/colo/fleece-colod"
+COLOD="${abs_top_builddir:-../..}/colo/fleece-colod"
 
 # free_port: a TCP port on 127.0.0.1 nobody listens on right now.
 free_port ()
@@ -85,6 +85,24 @@ stop_colod ()
     sed 's/^/#   /' "$tmp/$1/colod.log" | tail -30
     return 1
   fi
+}
+
+# exit_status_colod NAME: set colod_status to the exit status of NAME's
+# daemon, which the caller expects to have exited already; one still
+# running is killed with SIGKILL (status 137) rather than waited for
+# without a bound.  Not in a subshell: only this shell can wait for it.
+exit_status_colod ()
+{
+  local pidfile="$tmp/$1/colod.pid" pid
+  pid=$(cat "$pidfile") || return 1
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "# fleece-colod $1 still runs: killed with SIGKILL" >&2
+    kill -9 "$pid" 2>/dev/null
+    pid_gone "$pid" 5
+  fi
+  colod_status=0
+  wait "$pid" || colod_status=$?
+  rm -f "$pidfile"
 }
 
 # kill9_colod NAME: kill -9 by PID.

@@ -5,11 +5,11 @@
 # next epoch (the clusters of the frozen bitmap, read from the next
 # snapshot) applied on top of it equals the next snapshot, moves only the
 # changed clusters, and sends zero clusters as zero extents.
-source "${abs_top_srcdir:-..}/tests/functions.sh"
+source "${abs_top_srcdir:-../..}/tests/functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 # colo-epoch (under valgrind with make check-valgrind: $VG).
-epoch () { $VG "${abs_top_builddir:-..}/colo/colo-epoch" "$@"; }
+epoch () { $VG "${abs_top_builddir:-../..}/tests/colo/colo-epoch" "$@"; }
 
 disk=$tmp/disk
 truncate -s 8M "$disk"

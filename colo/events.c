@@ -1,0 +1,139 @@
+/* fleece-colod: events (QMP-shaped, docs/control-protocol.md), sent
+ * to the control socket's subscribers and logged, and the failover
+ * states of QEMU colo.c, whose every change is an event.
+ *
+ * The subscribers are the control clients' sockets (ctl.c adds and
+ * removes them); the table is guarded by colod.lock, so an event goes
+ * out whole to each subscriber before the next one starts.
+ */
+
+#include <config.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "clock.h"
+#include "colod.h"
+#include "events.h"
+#include "log.h"
+
+#define EVENTS_MAX_SUBSCRIBERS 16
+
+/* Under colod.lock: the subscribed clients' sockets (0: a free slot). */
+static int subscribers[EVENTS_MAX_SUBSCRIBERS];
+
+void
+colod_send_line (int fd, json_t *v)
+{
+  char *s = json_dumps (v, JSON_COMPACT);
+  size_t len, off = 0;
+
+  if (s == NULL)
+    return;
+  len = strlen (s);
+  s[len++] = '\n';              /* over the NUL */
+  while (off < len) {
+    ssize_t r = send (fd, s + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r == -1 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      break;                    /* a client that does not read loses */
+    off += r;
+  }
+  free (s);
+}
+
+void
+colod_event (const char *name, json_t *data)
+{
+  int64_t now = colod_wall_ms ();
+  json_t *ev = json_pack ("{s:s,s:o,s:{s:I,s:I}}", "event", name,
+                          "data", data ? data : json_object (),
+                          "timestamp", "seconds", (json_int_t) (now / 1000),
+                          "microseconds", (json_int_t) (now % 1000 * 1000));
+  char *s;
+  size_t i;
+
+  if (ev == NULL)
+    return;
+  s = json_dumps (json_object_get (ev, "data"), JSON_COMPACT);
+  colod_log ("event %s %s", name, s ? s : "");
+  free (s);
+  pthread_mutex_lock (&colod.lock);
+  for (i = 0; i < EVENTS_MAX_SUBSCRIBERS; i++)
+    if (subscribers[i] > 0)
+      colod_send_line (subscribers[i], ev);
+  pthread_mutex_unlock (&colod.lock);
+  json_decref (ev);
+}
+
+bool
+colod_events_subscribe (int fd)
+{
+  size_t i;
+  bool ok = false;
+
+  pthread_mutex_lock (&colod.lock);
+  for (i = 0; i < EVENTS_MAX_SUBSCRIBERS && !ok; i++)
+    if (subscribers[i] == 0) {
+      subscribers[i] = fd;
+      ok = true;
+    }
+  pthread_mutex_unlock (&colod.lock);
+  return ok;
+}
+
+void
+colod_events_unsubscribe (int fd)
+{
+  size_t i;
+
+  pthread_mutex_lock (&colod.lock);
+  for (i = 0; i < EVENTS_MAX_SUBSCRIBERS; i++)
+    if (subscribers[i] == fd)
+      subscribers[i] = 0;
+  pthread_mutex_unlock (&colod.lock);
+}
+
+/* With colod.lock held (colod_control_stop). */
+void
+colod_events_shutdown_all (void)
+{
+  size_t i;
+
+  for (i = 0; i < EVENTS_MAX_SUBSCRIBERS; i++)
+    if (subscribers[i] > 0)
+      shutdown (subscribers[i], SHUT_RDWR);
+}
+
+const char *
+colod_failover_name (enum colod_failover f)
+{
+  switch (f) {
+  case FAILOVER_NONE: return "none";
+  case FAILOVER_REQUIRE: return "require";
+  case FAILOVER_ACTIVE: return "active";
+  case FAILOVER_COMPLETED: return "completed";
+  }
+  return "unknown";
+}
+
+void
+colod_set_failover (enum colod_failover f, const char *why)
+{
+  enum colod_failover old;
+
+  pthread_mutex_lock (&colod.lock);
+  old = colod.st.failover;
+  colod.st.failover = f;
+  pthread_cond_broadcast (&colod.cond);
+  pthread_mutex_unlock (&colod.lock);
+  if (old != f)
+    colod_event ("FAILOVER_STATE",
+                 json_pack ("{s:s,s:s,s:s}", "from",
+                            colod_failover_name (old), "to",
+                            colod_failover_name (f), "reason", why));
+}

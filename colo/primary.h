@@ -1,0 +1,13 @@
+/* fleece-colod: the primary (primary.c). */
+
+#ifndef COLO_PRIMARY_H
+#define COLO_PRIMARY_H
+
+/* fleece-colod primary: run until stopped; an exit status. */
+extern int colod_run_primary (void);
+/* fleece-colod demote: record this former primary's diverged clusters
+ * for the secondary it becomes; an exit status.
+ */
+extern int colod_demote (void);
+
+#endif /* COLO_PRIMARY_H */

@@ -1,0 +1,458 @@
+/* The state directory's files but the journal (state.h lists them;
+ * docs/replication.md "The state directory" and "State file").
+ *
+ * Each file is replaced whole and atomically (a temporary file, fsync,
+ * rename, fsync of the directory), never edited in place, so that a
+ * crash leaves the old file or the new one.  The binary ones (state,
+ * diverged) carry a magic and an xxh64 of everything before it, and a
+ * file that fails them is reported as damaged, never half used.
+ * STATE_DIR/state is written by journal.c, which orders its writes
+ * against the journal's and the disk's (journal.c, "apply"); it is
+ * encoded and decoded here.
+ *
+ * Nothing here logs or knows the daemon: errors go to err, naming the
+ * file, and the caller decides what a missing or damaged file means.
+ */
+
+#include <config.h>
+
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <xxhash.h>
+
+#include "le.h"
+#include "state.h"
+
+#define STATE_MAGIC     "FLCOLOST"
+#define STATE_VERSION   1
+#define DIVERGED_MAGIC  "FLCODIV1"
+
+void
+colo_state_path (const char *state_dir, const char *name, char *out,
+                 size_t n)
+{
+  snprintf (out, n, "%s/%s", state_dir, name);
+}
+
+/* fsync the directory, for a rename in it to be durable. */
+static int
+sync_dir (const char *state_dir, char *err, size_t errlen)
+{
+  int fd = open (state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+  if (fd == -1 || fsync (fd) == -1) {
+    snprintf (err, errlen, "fsync: %s: %s", state_dir, strerror (errno));
+    if (fd >= 0)
+      close (fd);
+    return -1;
+  }
+  close (fd);
+  return 0;
+}
+
+/* Create or truncate path and write buf to it, synced. */
+static int
+write_synced (const char *path, const void *buf, size_t len, char *err,
+              size_t errlen)
+{
+  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), e;
+
+  if (fd == -1)
+    goto fail;
+  if (write (fd, buf, len) != (ssize_t) len || fsync (fd) == -1) {
+    e = errno;
+    close (fd);
+    errno = e;
+    goto fail;
+  }
+  if (close (fd) == -1)
+    goto fail;
+  return 0;
+ fail:
+  snprintf (err, errlen, "%s: %s", path, strerror (errno));
+  return -1;
+}
+
+/* Open STATE_DIR/name (its path in path[PATH_MAX]) to read: 1 with
+ * *fd, 0 if there is none, -1 with err.
+ */
+static int
+open_to_read (const char *state_dir, const char *name, char *path,
+              int *fd, char *err, size_t errlen)
+{
+  colo_state_path (state_dir, name, path, PATH_MAX);
+  *fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (*fd >= 0)
+    return 1;
+  if (errno == ENOENT)
+    return 0;
+  snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
+  return -1;
+}
+
+/* ---- STATE_DIR/state ----
+ *
+ * magic[8], version u32, history_count u32, volume_id[16],
+ * generation_id[16], disk_size u64, cluster_size u32, reserved u32,
+ * committed_epoch u64, applied_epoch u64, then history_count entries of
+ * (id[16], first_epoch u64), then xxh64 of everything before.
+ */
+
+size_t
+colo_state_encode (const struct journal_state *st, unsigned char *p)
+{
+  size_t n = COLO_STATE_FIXED;
+  uint32_t i;
+
+  memset (p, 0, COLO_STATE_FIXED);
+  memcpy (p, STATE_MAGIC, 8);
+  put_u32 (p + 8, STATE_VERSION);
+  put_u32 (p + 12, st->history_len);
+  memcpy (p + 16, st->volume_id, JOURNAL_ID_SIZE);
+  memcpy (p + 32, st->generation_id, JOURNAL_ID_SIZE);
+  put_u64 (p + 48, st->disk_size);
+  put_u32 (p + 56, st->cluster_size);
+  put_u64 (p + 64, st->committed_epoch);
+  put_u64 (p + 72, st->applied_epoch);
+  for (i = 0; i < st->history_len; i++, n += COLO_STATE_ENTRY) {
+    memcpy (p + n, st->history[i].id, JOURNAL_ID_SIZE);
+    put_u64 (p + n + 16, st->history[i].first_epoch);
+  }
+  put_u64 (p + n, XXH64 (p, n, 0));
+  return n + 8;
+}
+
+bool
+colo_state_decode (const unsigned char *p, size_t len, struct journal_state *st)
+{
+  static const uint8_t zero[JOURNAL_ID_SIZE];
+  uint32_t count, i;
+  size_t n = COLO_STATE_FIXED;
+
+  if (len < COLO_STATE_FIXED + 8 || memcmp (p, STATE_MAGIC, 8) != 0 ||
+      get_u32 (p + 8) != STATE_VERSION)
+    return false;
+  count = get_u32 (p + 12);
+  if (count > JOURNAL_MAX_HISTORY ||
+      len != COLO_STATE_FIXED + (size_t) count * COLO_STATE_ENTRY + 8 ||
+      XXH64 (p, len - 8, 0) != get_u64 (p + len - 8))
+    return false;
+  memset (st, 0, sizeof *st);
+  st->history_len = count;
+  memcpy (st->volume_id, p + 16, JOURNAL_ID_SIZE);
+  memcpy (st->generation_id, p + 32, JOURNAL_ID_SIZE);
+  st->disk_size = get_u64 (p + 48);
+  st->cluster_size = get_u32 (p + 56);
+  st->committed_epoch = get_u64 (p + 64);
+  st->applied_epoch = get_u64 (p + 72);
+  for (i = 0; i < count; i++, n += COLO_STATE_ENTRY) {
+    memcpy (st->history[i].id, p + n, JOURNAL_ID_SIZE);
+    st->history[i].first_epoch = get_u64 (p + n + 16);
+  }
+  return memcmp (st->generation_id,
+                 count ? st->history[count - 1].id : zero,
+                 JOURNAL_ID_SIZE) == 0;
+}
+
+
+int
+colo_state_read (const char *state_dir, struct journal_state *st,
+                 char *err, size_t errlen)
+{
+  unsigned char buf[COLO_STATE_MAX + 1];
+  char path[PATH_MAX];
+  ssize_t len;
+  int fd, r;
+
+  if ((r = open_to_read (state_dir, "state", path, &fd, err, errlen)) <= 0)
+    return r;
+  do
+    len = pread (fd, buf, sizeof buf, 0);
+  while (len == -1 && errno == EINTR);
+  close (fd);
+  if (len == -1) {
+    snprintf (err, errlen, "read: %s: %s", path, strerror (errno));
+    return -1;
+  }
+  if (!colo_state_decode (buf, len, st)) {
+    snprintf (err, errlen, "read: %s: not a valid fleece-colod state file "
+              "(bad magic, version, length or checksum)", path);
+    return -1;
+  }
+  return 1;
+}
+
+
+/* ---- STATE_DIR/primary.json ---- */
+
+static void
+hex (const uint8_t *id, size_t n, char *out)
+{
+  size_t i;
+
+  for (i = 0; i < n; i++)
+    sprintf (out + 2 * i, "%02x", id[i]);
+  out[2 * n] = '\0';
+}
+
+static int
+parse_hex (const char *s, uint8_t out[16])
+{
+  int i;
+
+  if (s == NULL || strlen (s) != 32)
+    return -1;
+  for (i = 0; i < 16; i++)
+    if (sscanf (s + 2 * i, "%2hhx", &out[i]) != 1)
+      return -1;
+  return 0;
+}
+
+int
+colo_state_save_primary (const char *state_dir,
+                         const struct colo_primary_state *ps, char *err,
+                         size_t errlen)
+{
+  char path[PATH_MAX], tmp[PATH_MAX], id[33];
+  json_t *o, *h = json_array ();
+  uint32_t i;
+  int r = -1;
+  char *s;
+
+  colo_state_path (state_dir, "primary.json", path, sizeof path);
+  colo_state_path (state_dir, "primary.json.tmp", tmp, sizeof tmp);
+  for (i = 0; i < ps->history_len; i++) {
+    hex (ps->history[i].id, 16, id);
+    json_array_append_new (h, json_pack ("{s:s,s:I}", "generation", id,
+                                         "first-epoch", (json_int_t)
+                                         ps->history[i].start_epoch));
+  }
+  hex (ps->volume_id, 16, id);
+  o = json_pack ("{s:s,s:o,s:I,s:b}", "volume-id", id, "history", h,
+                 "acked-epoch", (json_int_t) ps->acked, "demoted",
+                 ps->demoted);
+  s = o ? json_dumps (o, JSON_INDENT (2)) : NULL;
+  json_decref (o);
+  if (s == NULL) {
+    snprintf (err, errlen, "%s: out of memory", path);
+    return -1;
+  }
+  if (write_synced (tmp, s, strlen (s), err, errlen) == -1)
+    goto out;
+  if (rename (tmp, path) == -1) {
+    snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
+    goto out;
+  }
+  r = sync_dir (state_dir, err, errlen);
+ out:
+  free (s);
+  return r;
+}
+
+int
+colo_state_load_primary (const char *state_dir,
+                         struct colo_primary_state *ps, char *err,
+                         size_t errlen)
+{
+  char path[PATH_MAX];
+  json_error_t je;
+  json_t *o, *h, *e;
+  const char *vol;
+  json_int_t acked;
+  int demoted = 0;
+  size_t i;
+
+  colo_state_path (state_dir, "primary.json", path, sizeof path);
+  o = json_load_file (path, 0, &je);
+  if (o == NULL) {
+    if (access (path, F_OK) == -1 && errno == ENOENT)
+      return 0;
+    snprintf (err, errlen, "%s: %s (line %d)", path, je.text, je.line);
+    return -1;
+  }
+  if (json_unpack (o, "{s:s,s:o,s:I,s?b}", "volume-id", &vol, "history", &h,
+                   "acked-epoch", &acked, "demoted", &demoted) == -1 ||
+      parse_hex (vol, ps->volume_id) == -1 || !json_is_array (h) ||
+      json_array_size (h) == 0 ||
+      json_array_size (h) > COLO_WIRE_MAX_HISTORY || acked < 0)
+    goto bad;
+  json_array_foreach (h, i, e) {
+    const char *g;
+    json_int_t first;
+    if (json_unpack (e, "{s:s,s:I}", "generation", &g, "first-epoch",
+                     &first) == -1 || parse_hex (g, ps->history[i].id) == -1
+        || first < 1)
+      goto bad;
+    ps->history[i].start_epoch = first;
+  }
+  ps->history_len = json_array_size (h);
+  ps->acked = acked;
+  ps->demoted = demoted;
+  json_decref (o);
+  return 1;
+ bad:
+  snprintf (err, errlen, "%s: not a valid fleece-colod primary state file",
+            path);
+  json_decref (o);
+  return -1;
+}
+
+/* ---- STATE_DIR/diverged ----
+ *
+ * The header below, the bitmap (a bit a cluster, nbits of them), then
+ * the xxh64 of both, little-endian.
+ */
+
+struct diverged_hdr {
+  char magic[8];
+  uint64_t base, disk_size;
+  uint32_t cluster_size, reserved;
+  uint64_t nbits;
+} __attribute__ ((__packed__));
+
+int
+colo_state_write_diverged (const char *state_dir, uint64_t base,
+                           uint64_t disk_size, uint32_t cs,
+                           const uint8_t *bits, uint64_t nbits, char *err,
+                           size_t errlen)
+{
+  struct diverged_hdr h = { .base = htole64 (base),
+                            .disk_size = htole64 (disk_size),
+                            .cluster_size = htole32 (cs),
+                            .nbits = htole64 (nbits) };
+  size_t bytes = (nbits + 7) / 8;
+  char path[PATH_MAX], tmp[PATH_MAX];
+  XXH64_state_t x;
+  uint64_t sum;
+  int fd;
+
+  memcpy (h.magic, DIVERGED_MAGIC, 8);
+  XXH64_reset (&x, 0);
+  XXH64_update (&x, &h, sizeof h);
+  XXH64_update (&x, bits, bytes);
+  sum = htole64 (XXH64_digest (&x));
+  colo_state_path (state_dir, "diverged", path, sizeof path);
+  colo_state_path (state_dir, "diverged.tmp", tmp, sizeof tmp);
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd == -1 || write (fd, &h, sizeof h) != sizeof h ||
+      write (fd, bits, bytes) != (ssize_t) bytes ||
+      write (fd, &sum, sizeof sum) != sizeof sum || fsync (fd) == -1 ||
+      close (fd) == -1 || rename (tmp, path) == -1) {
+    snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
+    return -1;
+  }
+  fd = open (state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    fsync (fd);
+    close (fd);
+  }
+  return 0;
+}
+
+int
+colo_state_read_diverged (const char *state_dir, uint64_t *base,
+                          uint64_t *disk_size, uint32_t *cs, uint8_t **bits,
+                          uint64_t *nbits, char *err, size_t errlen)
+{
+  char path[PATH_MAX];
+  struct diverged_hdr h;
+  XXH64_state_t x;
+  uint64_t sum;
+  size_t bytes;
+  int fd, r;
+
+  *bits = NULL;
+  if ((r = open_to_read (state_dir, "diverged", path, &fd, err,
+                         errlen)) <= 0)
+    return r;
+  if (read (fd, &h, sizeof h) != sizeof h ||
+      memcmp (h.magic, DIVERGED_MAGIC, 8) != 0 ||
+      le64toh (h.nbits) > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
+    goto bad;
+  *base = le64toh (h.base);
+  *disk_size = le64toh (h.disk_size);
+  *cs = le32toh (h.cluster_size);
+  *nbits = le64toh (h.nbits);
+  bytes = (*nbits + 7) / 8;
+  *bits = malloc (bytes + 1);
+  if (*bits == NULL || read (fd, *bits, bytes) != (ssize_t) bytes ||
+      read (fd, &sum, sizeof sum) != sizeof sum)
+    goto bad;
+  XXH64_reset (&x, 0);
+  XXH64_update (&x, &h, sizeof h);
+  XXH64_update (&x, *bits, bytes);
+  if (XXH64_digest (&x) != le64toh (sum))
+    goto bad;
+  close (fd);
+  return 1;
+ bad:
+  snprintf (err, errlen, "%s: damaged (bad magic, size or checksum)", path);
+  close (fd);
+  free (*bits);
+  *bits = NULL;
+  return -1;
+}
+
+bool
+colo_state_has_diverged (const char *state_dir)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "diverged", path, sizeof path);
+  return access (path, F_OK) == 0;
+}
+
+bool
+colo_state_remove_diverged (const char *state_dir)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "diverged", path, sizeof path);
+  return unlink (path) == 0;
+}
+
+/* ---- STATE_DIR/promoted: the 16 bytes of the generation ---- */
+
+bool
+colo_state_promoted_in (const char *state_dir, const uint8_t gen[16])
+{
+  char path[PATH_MAX];
+  uint8_t buf[16];
+  ssize_t n;
+  int fd;
+
+  colo_state_path (state_dir, "promoted", path, sizeof path);
+  fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (fd == -1)
+    return false;
+  n = read (fd, buf, sizeof buf);
+  close (fd);
+  return n == sizeof buf && memcmp (buf, gen, 16) == 0;
+}
+
+int
+colo_state_write_promoted (const char *state_dir, const uint8_t gen[16],
+                           char *err, size_t errlen)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "promoted", path, sizeof path);
+  return write_synced (path, gen, 16, err, errlen);
+}
+
+void
+colo_state_clear_promoted (const char *state_dir)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "promoted", path, sizeof path);
+  unlink (path);
+}

@@ -1,0 +1,117 @@
+/* The state directory's files (state.c; docs/replication.md "The state
+ * directory" and "State file"):
+ *   state          the secondary's identity and epochs (journal.c keeps
+ *                  it; FLCOLOST, binary, with a checksum)
+ *   primary.json   the primary's identity
+ *   diverged       the clusters a demoted primary wrote that its old
+ *                  secondary never received (FLCODIV1, with a checksum)
+ *   promoted       the generation this side started when promoted
+ * and control.sock (ctl.c), journal (journal.c).  Every call reports a
+ * failure in err, naming the file; none logs.
+ */
+
+#ifndef COLO_STATE_H
+#define COLO_STATE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wire.h"
+
+/* ---- STATE_DIR/state: the secondary's identity and epochs ----
+ *
+ * struct journal_state is this file's content, which journal.c keeps
+ * (hence its name); it is defined here so that the state file's format
+ * depends on nothing of the journal's.
+ */
+
+#define JOURNAL_ID_SIZE      16
+#define JOURNAL_MAX_HISTORY  256
+
+struct journal_generation {
+  uint8_t id[JOURNAL_ID_SIZE];
+  uint64_t first_epoch;         /* first epoch of this generation */
+};
+
+struct journal_state {
+  uint8_t volume_id[JOURNAL_ID_SIZE];     /* all zero: not paired yet */
+  uint8_t generation_id[JOURNAL_ID_SIZE]; /* the last history entry's */
+  struct journal_generation history[JOURNAL_MAX_HISTORY]; /* oldest first */
+  uint32_t history_len;
+  uint64_t disk_size;
+  uint32_t cluster_size;
+  uint64_t committed_epoch;     /* last durable epoch (0: none) */
+  uint64_t applied_epoch;       /* last epoch the disk holds (0: none) */
+};
+
+#define COLO_STATE_FIXED  80
+#define COLO_STATE_ENTRY  24
+#define COLO_STATE_MAX    (COLO_STATE_FIXED + \
+                           JOURNAL_MAX_HISTORY * COLO_STATE_ENTRY + 8)
+
+/* Encode into p (COLO_STATE_MAX bytes): the length. */
+extern size_t colo_state_encode (const struct journal_state *st,
+                                 unsigned char *p);
+/* Decode len bytes: false if they are not a valid state file. */
+extern bool colo_state_decode (const unsigned char *p, size_t len,
+                               struct journal_state *st);
+/* Read STATE_DIR/state without opening the journal (no lock, no
+ * recovery): 1 with *st filled, 0 if there is none, -1 with err.
+ */
+extern int colo_state_read (const char *state_dir, struct journal_state *st,
+                            char *err, size_t errlen);
+
+/* ---- STATE_DIR/primary.json ---- */
+
+struct colo_primary_state {
+  uint8_t volume_id[16];
+  struct colo_generation history[COLO_WIRE_MAX_HISTORY];
+  uint32_t history_len;
+  uint64_t acked;                 /* last epoch durable on the secondary */
+  bool demoted;                   /* `fleece-colod demote' ran */
+};
+
+/* 1 loaded, 0 none, -1 damaged or unreadable (err). */
+extern int colo_state_load_primary (const char *state_dir,
+                                    struct colo_primary_state *ps,
+                                    char *err, size_t errlen);
+/* Replace it atomically (temporary file, fsync, rename, fsync of the
+ * directory).
+ */
+extern int colo_state_save_primary (const char *state_dir,
+                                    const struct colo_primary_state *ps,
+                                    char *err, size_t errlen);
+
+/* ---- STATE_DIR/diverged ---- */
+
+extern int colo_state_write_diverged (const char *state_dir, uint64_t base,
+                                      uint64_t disk_size, uint32_t cs,
+                                      const uint8_t *bits, uint64_t nbits,
+                                      char *err, size_t errlen);
+/* 1 with the file's contents (*bits malloc'ed), 0 none, -1 damaged or
+ * unreadable (err).
+ */
+extern int colo_state_read_diverged (const char *state_dir, uint64_t *base,
+                                     uint64_t *disk_size, uint32_t *cs,
+                                     uint8_t **bits, uint64_t *nbits,
+                                     char *err, size_t errlen);
+extern bool colo_state_has_diverged (const char *state_dir);
+/* Remove it: true if there was one. */
+extern bool colo_state_remove_diverged (const char *state_dir);
+
+/* ---- STATE_DIR/promoted ---- */
+
+/* Was this side promoted into generation gen? */
+extern bool colo_state_promoted_in (const char *state_dir,
+                                    const uint8_t gen[16]);
+extern int colo_state_write_promoted (const char *state_dir,
+                                      const uint8_t gen[16],
+                                      char *err, size_t errlen);
+extern void colo_state_clear_promoted (const char *state_dir);
+
+/* The path of one of the directory's files, in out. */
+extern void colo_state_path (const char *state_dir, const char *name,
+                             char *out, size_t n);
+
+#endif /* COLO_STATE_H */
