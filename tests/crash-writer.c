@@ -74,6 +74,8 @@
 #include <libnbd.h>
 #include <xxhash.h>
 
+#include "monotonic.h"
+
 #define DEPTH 8                 /* writes in flight */
 #define FLUSH_EVERY 48          /* acknowledgements between flushes */
 #define MAX_REPORTED 20         /* violations printed in full */
@@ -366,15 +368,6 @@ lost (struct nbd_handle *h, int error)
   }
 }
 
-static uint64_t
-now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * UINT64_C (1000000000) + ts.tv_nsec;
-}
-
 /* May writes be issued now?  Without RATE, to every free slot; with
  * RATE, a burst of DEPTH once every slot is free and the time came.
  * *timeout is how long nbd_poll may wait (ms, -1: until an event).
@@ -391,7 +384,7 @@ write_may_issue (struct writer *w, int *timeout)
   for (i = 0; i < DEPTH; i++)
     if (w->slots[i].busy)
       return false;
-  now = now_ns ();
+  now = monotonic_ns ();
   if (now < w->next_burst) {
     *timeout = (w->next_burst - now + 999999) / 1000000;
     return false;
@@ -410,7 +403,7 @@ write_loop (struct writer *w)
   int timeout;
   size_t i;
 
-  w->next_burst = now_ns ();
+  w->next_burst = monotonic_ns ();
   for (;;) {
     if (write_may_issue (w, &timeout))
       for (i = 0; i < DEPTH; i++)

@@ -31,8 +31,8 @@ print("\n".join(bad))
 sys.exit(1 if bad else 0)
 EOF
 ok "every example URI with '?' is quoted" \
-   python3 "$tmp/uris.py" "$src"/tools/*.pod "$src"/plugin/*.pod \
-   "$src"/colo/*.pod "$src"/docs/*.md "$src"/README.md
+   python3 "$tmp/uris.py" "$src"/tools/*.pod "$src"/tools/backup/*.pod \
+   "$src"/plugin/*.pod "$src"/colo/*.pod "$src"/docs/*.md "$src"/README.md
 
 # --- control-protocol.md and the server's member order ---
 disk=$tmp/disk

@@ -35,6 +35,7 @@
 #include <time.h>
 
 #include "fleece.h"
+#include "monotonic.h"
 #include "test-engine.h"
 
 #define CS 4096u
@@ -63,15 +64,6 @@ writer (void *arg)
   return NULL;
 }
 
-static double
-now (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 int
 main (int argc, char *argv[])
 {
@@ -79,7 +71,7 @@ main (int argc, char *argv[])
   uint8_t *data = malloc (NCLUSTERS * CS);
   pthread_t w[NWRITERS];
   double seconds = test_env_ulong ("FLEECE_STRESS_SECONDS", 1) / 2.0;
-  double deadline;
+  int64_t deadline;             /* monotonic_us */
   uint64_t w0;
   unsigned rounds = 0, created = 0, i, n;
   struct rng rng = { test_seed () };
@@ -100,11 +92,11 @@ main (int argc, char *argv[])
   for (i = 0; i < NWRITERS; i++)
     if (pthread_create (&w[i], NULL, writer, (void *) (uintptr_t) i) != 0)
       bail_out ("pthread_create: %m");
-  deadline = now () + seconds;
-  while (now () < deadline && rounds < 20) {
+  deadline = monotonic_us () + (int64_t) (seconds * 1e6);
+  while (monotonic_us () < deadline && rounds < 20) {
     unsigned made;
 
-    for (n = 0; n < NSNAPS && now () < deadline; n++) {
+    for (n = 0; n < NSNAPS && monotonic_us () < deadline; n++) {
       snprintf (name, sizeof name, "r%u-%u", rounds, n);
       if (fleece_snapshot_create (fl, name) == -1)
         bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
@@ -114,7 +106,8 @@ main (int argc, char *argv[])
        * the writers never get in (under valgrind they would never run).
        */
       w0 = atomic_load (&writes);
-      while (atomic_load (&writes) < w0 + NWRITERS && now () < deadline)
+      while (atomic_load (&writes) < w0 + NWRITERS &&
+             monotonic_us () < deadline)
         sched_yield ();
     }
     made = n;

@@ -54,6 +54,7 @@
 #include <unistd.h>
 
 #include "fleece.h"
+#include "monotonic.h"
 #include "test-engine.h"
 
 #define KiB 1024u
@@ -61,15 +62,6 @@
 
 static uint64_t seed;
 static bool under_valgrind;
-
-static uint64_t
-now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void
 sleep_us (unsigned us)
@@ -393,7 +385,7 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
    */
   unsigned long long min_reads = under_valgrind ? 200 : 1000;
   unsigned long long min_writes = under_valgrind ? 20 : 200;
-  uint64_t t0, deadline;
+  int64_t t0, deadline;
   uint8_t *data = malloc (size);
   struct fleece_stats st;
 
@@ -420,9 +412,9 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
                         i < nworkers ? reader : churn, &w[i]) != 0)
       bail_out ("pthread_create: %m");
   }
-  t0 = now_ns ();
-  deadline = t0 + (uint64_t) (seconds * 1e9);
-  while (now_ns () < deadline) {
+  t0 = monotonic_ns ();
+  deadline = t0 + (int64_t) (seconds * 1e9);
+  while (monotonic_ns () < deadline) {
     sleep_us (epoch_ms * 1000);
     pause_workers (&t, nworkers);
     renew (&t, epoch++);
@@ -438,7 +430,7 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
   diag ("cluster size %" PRIu32 ", %u hot clusters, %.1f s: %llu reads "
         "(%llu raced a write, %llu MiB), %llu writes, %llu epochs, "
         "%llu extra snapshots created, %llu deleted",
-        cs, nhot, (now_ns () - t0) / 1e9, (unsigned long long) t.reads,
+        cs, nhot, (monotonic_ns () - t0) / 1e9, (unsigned long long) t.reads,
         (unsigned long long) t.raced,
         (unsigned long long) t.bytes_read / MiB,
         (unsigned long long) t.writes, (unsigned long long) t.epochs,

@@ -40,7 +40,8 @@ done
 
 # Every document a man page cites as F<docs/NAME>.
 cited=$(grep -oh 'F<docs/[A-Za-z0-9_.-]*>' "$s"/plugin/*.pod "$s"/tools/*.pod \
-          "$s"/colo/*.pod | sed 's|^F<docs/||; s|>$||' | sort -u)
+          "$s"/tools/backup/*.pod "$s"/colo/*.pod |
+          sed 's|^F<docs/||; s|>$||' | sort -u)
 ok "the man pages cite documents" test -n "$cited"
 for d in $cited; do
   ok "docs/$d, cited by a man page, is installed in the doc directory" \

@@ -52,7 +52,8 @@ is "$broken" "" "every relative link of the Markdown documents exists"
 
 broken=
 for l in $(cd "$s" && grep -ohE 'F<docs/[A-Za-z0-9_.-]+>' \
-             plugin/*.pod tools/*.pod colo/*.pod | sed 's/^F<//; s/>$//'); do
+             plugin/*.pod tools/*.pod tools/backup/*.pod colo/*.pod |
+             sed 's/^F<//; s/>$//'); do
   [ -e "$s/$l" ] || broken="$broken $l"
 done
 is "$broken" "" "every docs/ file the man pages cite exists"

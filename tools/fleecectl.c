@@ -33,6 +33,10 @@
 
 #include <jansson.h>
 
+#include "cleanup.h"
+#include "monotonic.h"
+#include "vector.h"
+
 #define MAX_REPLY (64 * 1024 * 1024)  /* longest line accepted */
 
 struct conn {
@@ -147,15 +151,6 @@ conn_close (struct conn *c)
   free (c->buf);
 }
 
-static int64_t
-now_ms (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Wait for input until deadline (-1: forever).  Returns false on
  * timeout.
  */
@@ -167,7 +162,7 @@ conn_wait (struct conn *c, int64_t deadline)
   int r;
 
   do {
-    left = deadline < 0 ? -1 : deadline - now_ms ();
+    left = deadline < 0 ? -1 : deadline - monotonic_ms ();
     if (deadline >= 0 && left < 0)
       left = 0;
     r = poll (&pfd, 1, left > INT32_MAX ? INT32_MAX : (int) left);
@@ -217,7 +212,7 @@ conn_read_line (struct conn *c, int64_t deadline, char **line)
 static int64_t
 deadline_of (int timeout)
 {
-  return timeout < 0 ? -1 : now_ms () + (int64_t) timeout * 1000;
+  return timeout < 0 ? -1 : monotonic_ms () + (int64_t) timeout * 1000;
 }
 
 /* The next line that is not an event, parsed, with its text in *text if
@@ -296,9 +291,9 @@ static json_t *
 execute (struct conn *c, const char *cmd, json_t *args)
 {
   static int next_id = 1;
+  CLEANUP_FREE char *line = NULL;
   json_t *req, *reply, *ret;
   const char *desc;
-  char *line;
   int id = next_id++;
 
   req = json_pack ("{s:s,s:o*,s:i}", "execute", cmd, "arguments", args,
@@ -308,7 +303,6 @@ execute (struct conn *c, const char *cmd, json_t *args)
     die ("%s: out of memory", c->label);
   json_decref (req);
   conn_send (c, line);
-  free (line);
   reply = conn_reply (c, NULL);
   if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
     die ("%s: %s", c->label, desc);
@@ -431,23 +425,24 @@ print_members (json_t *obj)
 static void
 print_json (json_t *v)
 {
-  char *s = json_dumps (v, JSON_COMPACT | JSON_ENCODE_ANY);
+  CLEANUP_FREE char *s = json_dumps (v, JSON_COMPACT | JSON_ENCODE_ANY);
 
   if (s == NULL)
     die ("out of memory");
   printf ("%s\n", s);
-  free (s);
 }
 
 /* ---- Tables ---- */
 
 #define MAX_COLS 7
 
+DEFINE_VECTOR_TYPE (string_vector, char *);
+
 struct table {
   int ncols;
   const char *head[MAX_COLS];
   bool right[MAX_COLS];         /* right-aligned (numbers) */
-  char **cell;                  /* nrows * ncols, malloc'd strings */
+  string_vector cell;           /* nrows * ncols, malloc'd strings */
   size_t nrows;
 };
 
@@ -457,15 +452,14 @@ table_add (struct table *t, ...)
   va_list ap;
   int i;
 
-  t->cell = realloc (t->cell, (t->nrows + 1) * t->ncols * sizeof *t->cell);
-  if (t->cell == NULL)
+  if (string_vector_reserve (&t->cell, t->ncols) == -1)
     die ("out of memory");
   va_start (ap, t);
   for (i = 0; i < t->ncols; i++) {
     char *s = strdup (va_arg (ap, const char *));
     if (s == NULL)
       die ("out of memory");
-    t->cell[t->nrows * t->ncols + i] = s;
+    t->cell.ptr[t->cell.len++] = s;
   }
   va_end (ap);
   t->nrows++;
@@ -498,15 +492,15 @@ table_print (struct table *t)
   for (i = 0; i < t->ncols; i++) {
     w[i] = strlen (t->head[i]);
     for (r = 0; r < t->nrows; r++)
-      if ((int) strlen (t->cell[r * t->ncols + i]) > w[i])
-        w[i] = strlen (t->cell[r * t->ncols + i]);
+      if ((int) strlen (t->cell.ptr[r * t->ncols + i]) > w[i])
+        w[i] = strlen (t->cell.ptr[r * t->ncols + i]);
   }
   table_print_row (t, w, t->head);
   for (r = 0; r < t->nrows; r++)
-    table_print_row (t, w, (const char **) &t->cell[r * t->ncols]);
-  for (r = 0; r < t->nrows * t->ncols; r++)
-    free (t->cell[r]);
-  free (t->cell);
+    table_print_row (t, w, (const char **) &t->cell.ptr[r * t->ncols]);
+  for (r = 0; r < t->cell.len; r++)
+    free (t->cell.ptr[r]);
+  string_vector_reset (&t->cell);
 }
 
 static const char *
@@ -638,15 +632,14 @@ snapshot_change (struct conn *c, const char *cmd, const char *name)
 static int
 do_raw (struct conn *c, const char *line)
 {
+  CLEANUP_FREE char *text = NULL;
   json_t *reply;
-  char *text;
   int status;
 
   conn_send (c, line);
   reply = conn_reply (c, &text);
   printf ("%s\n", text);
   status = json_object_get (reply, "return") ? EXIT_SUCCESS : EXIT_FAILURE;
-  free (text);
   json_decref (reply);
   return status;
 }
