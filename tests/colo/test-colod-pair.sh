@@ -66,18 +66,6 @@ applied_sum ()
 # epoch_of OUTPUT: N from checkpoint's {"epoch":N}.
 epoch_of () { jget "$1" "d['epoch']"; }
 
-# next_epoch: the number the next epoch of a restarted primary gets:
-# after the highest colo-N bitmap on the plugin and the secondary's
-# committed epoch.
-next_epoch ()
-{
-  local hi c
-  hi=$(jget "$(ctl a --json bitmap list)" \
-    "max([int(b['name'][5:]) for b in d if b['name'].startswith('colo-')] + [0])")
-  c=$(status b last-committed-epoch)
-  echo $(( (hi > c ? hi : c) + 1 ))
-}
-
 port=$(free_port)
 peer=127.0.0.1:$port
 prim=(--fleece "$tmp/a.ctl" --nbd "$(live_uri a)" --peer "$peer")
@@ -284,8 +272,11 @@ is "$(status b last-committed-epoch)" "$acked" \
 # ---- 4. a corrupted extent is refused, the resend is durable ----
 
 # The first epoch after the restart (n0, at once, empty) is left alone;
-# the one after a write is corrupted.
-n0=$(next_epoch)
+# the one after a write is corrupted.  The restarted primary goes on from
+# the epoch it recorded as acknowledged: not from the newest colo-N
+# bitmap, which a stop during a checkpoint (slow under valgrind) leaves
+# one ahead.
+n0=$((acked + 1))
 n=$((n0 + 1))
 mark=$(log_mark a); bmark=$(log_mark b)
 ok "the primary restarts with --debug corrupt-epoch=$n" \
