@@ -15,15 +15,6 @@
 
 
 int64_t
-colod_now_ms (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-int64_t
 colod_wall_us (void)
 {
   struct timespec ts;

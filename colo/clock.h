@@ -5,8 +5,11 @@
 
 #include <stdint.h>
 
-/* Milliseconds: CLOCK_MONOTONIC and wall clock. */
-extern int64_t colod_now_ms (void);
+#include "monotonic.h"
+
+/* The wall clock, in milliseconds and microseconds; the monotonic clock
+ * is monotonic_ms (common/include).
+ */
 extern int64_t colod_wall_ms (void);
 extern int64_t colod_wall_us (void);
 /* With colod.lock held: wait on colod.cond for at most ms. */

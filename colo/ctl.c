@@ -61,7 +61,7 @@ status_json (void)
   struct colod_status *st = &colod.st;
   char vol[33], gen[33], id[33];
   json_t *hist = json_array (), *o;
-  int64_t now = colod_now_ms (), wall = colod_wall_ms ();
+  int64_t now = monotonic_ms (), wall = colod_wall_ms ();
   uint32_t i;
 
   colod_hex (st->volume_id, 16, vol);
@@ -117,7 +117,7 @@ static json_t *
 cmd_checkpoint (json_t *args, char *err, size_t errlen)
 {
   uint64_t ticket;
-  int64_t deadline = colod_now_ms () + 600000;
+  int64_t deadline = monotonic_ms () + 600000;
   json_t *wait = json_object_get (args, "wait");
   json_t *r = NULL;
 
@@ -130,7 +130,7 @@ cmd_checkpoint (json_t *args, char *err, size_t errlen)
   ticket = ++colod.checkpoint_requests;
   pthread_cond_broadcast (&colod.cond);
   while (wait != json_false () && colod.checkpoint_served < ticket &&
-         !colod.stop && colod_now_ms () < deadline)
+         !colod.stop && monotonic_ms () < deadline)
     colod_wait_ms (100);
   if (wait == json_false ())
     r = json_pack ("{s:b}", "queued", 1);
@@ -150,7 +150,7 @@ cmd_promote (json_t *args, char *err, size_t errlen)
 {
   json_t *r = NULL;
   bool force = json_is_true (json_object_get (args, "force"));
-  int64_t deadline = colod_now_ms () + 600000;
+  int64_t deadline = monotonic_ms () + 600000;
 
   if (strcmp (colod.opt.role, "secondary") != 0) {
     snprintf (err, errlen, "promote: this daemon is a %s; only a secondary "
@@ -171,7 +171,7 @@ cmd_promote (json_t *args, char *err, size_t errlen)
     colod.promote_force = force;
     pthread_cond_broadcast (&colod.cond);
     while (colod.st.failover != FAILOVER_COMPLETED && !colod.stop &&
-           colod.promote_requested && colod_now_ms () < deadline)
+           colod.promote_requested && monotonic_ms () < deadline)
       colod_wait_ms (1000);
     if (colod.st.failover == FAILOVER_COMPLETED) {
       char gen[33];
@@ -409,7 +409,7 @@ colod_control_start (const char *path)
 void
 colod_control_stop (void)
 {
-  int64_t deadline = colod_now_ms () + 2000;
+  int64_t deadline = monotonic_ms () + 2000;
 
   if (ctl.running) {
     char c = 0;
@@ -425,7 +425,7 @@ colod_control_stop (void)
   pthread_mutex_lock (&colod.lock);
   colod.stop = 1;
   colod_events_shutdown_all ();
-  while (ctl.nclients > 0 && colod_now_ms () < deadline)
+  while (ctl.nclients > 0 && monotonic_ms () < deadline)
     colod_wait_ms (50);
   pthread_mutex_unlock (&colod.lock);
   if (ctl.fd >= 0) {

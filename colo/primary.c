@@ -473,7 +473,7 @@ hb_thread (void *arg)
   while (!colod.stop && !atomic_load (&p.lost)) {
     struct colo_msg m = { .type = COLO_MSG_HEARTBEAT };
     const struct colo_msg *r;
-    int64_t t0 = colod_now_ms ();
+    int64_t t0 = monotonic_ms ();
 
     m.heartbeat.monotonic_ms = t0;
     m.heartbeat.last_committed = atomic_load (&p.acked);
@@ -487,7 +487,7 @@ hb_thread (void *arg)
       break;
     }
     pthread_mutex_lock (&colod.lock);
-    colod.st.last_heartbeat_ms = colod_now_ms ();
+    colod.st.last_heartbeat_ms = monotonic_ms ();
     colod.st.rtt_us = (colod.st.last_heartbeat_ms - t0) * 1000;
     pthread_mutex_unlock (&colod.lock);
     colod_sleep_ms (colod.opt.hb_interval_ms);
@@ -671,7 +671,7 @@ static int
 run_epoch (char *err, size_t errlen)
 {
   uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
-  int64_t t0 = colod_now_ms (), wall0 = colod_wall_ms (), ck0, ck1;
+  int64_t t0 = monotonic_ms (), wall0 = colod_wall_ms (), ck0, ck1;
   int64_t drain_ns = -1;
   char snap[64], **names = NULL;
   size_t nnames = 0;
@@ -776,7 +776,7 @@ run_epoch (char *err, size_t errlen)
   colod.st.last_epoch = epoch;
   colod.st.last_epoch_bytes = plan.total_bytes;
   colod.st.last_epoch_extents = plan.n;
-  colod.st.last_epoch_ms = colod_now_ms () - t0;
+  colod.st.last_epoch_ms = monotonic_ms () - t0;
   colod.st.last_epoch_full = full;
   colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
   colod.st.resync_remaining = 0;
@@ -788,7 +788,7 @@ run_epoch (char *err, size_t errlen)
                           (json_int_t) plan.total_bytes, "zero-bytes",
                           (json_int_t) plan.zero_bytes, "extents",
                           (json_int_t) plan.n, "duration-ms",
-                          (json_int_t) (colod_now_ms () - t0), "full", full,
+                          (json_int_t) (monotonic_ms () - t0), "full", full,
                           "checkpoint-start-us", (json_int_t) ck0,
                           "checkpoint-end-us", (json_int_t) ck1,
                           "drain-ns", (json_int_t) drain_ns));
@@ -864,7 +864,7 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
   }
   pthread_mutex_lock (&colod.lock);
   colod.st.connection = "connected";
-  colod.st.last_heartbeat_ms = colod_now_ms ();
+  colod.st.last_heartbeat_ms = monotonic_ms ();
   snprintf (colod.st.peer, sizeof colod.st.peer, "%s",
             colo_conn_peer (p.data->conn));
   snprintf (colod.st.peer_identity, sizeof colod.st.peer_identity, "%s",
@@ -893,7 +893,7 @@ wait_for_epoch (int64_t next, bool now)
   pthread_mutex_lock (&colod.lock);
   while (!now && !colod.stop && !atomic_load (&p.lost) &&
          colod.checkpoint_requests == colod.checkpoint_served &&
-         (colod.opt.interval_ms == 0 || colod_now_ms () < next))
+         (colod.opt.interval_ms == 0 || monotonic_ms () < next))
     colod_wait_ms (20);
   ticket = colod.checkpoint_requests;
   pthread_mutex_unlock (&colod.lock);
@@ -955,7 +955,7 @@ colod_run_primary (void)
       colod_sleep_ms (1000);
       continue;
     }
-    next = colod_now_ms ();
+    next = monotonic_ms ();
     first = true;
     while (!colod.stop && !atomic_load (&p.lost)) {
       char err[1024] = "";
@@ -963,7 +963,7 @@ colod_run_primary (void)
       first = false;
       if (colod.stop || atomic_load (&p.lost))
         break;
-      next = colod_now_ms () + colod.opt.interval_ms;
+      next = monotonic_ms () + colod.opt.interval_ms;
       if (run_epoch (err, sizeof err) == -1) {
         colod_log ("%s", err);
         serve_checkpoints (ticket, err);

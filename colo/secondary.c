@@ -652,7 +652,7 @@ end_epoch (struct colod_conn *c, struct epoch_rx *e,
   colod.st.last_epoch = e->epoch;
   colod.st.last_epoch_bytes = e->bytes;
   colod.st.last_epoch_extents = e->count;
-  colod.st.last_epoch_ms = colod_now_ms () - e->t0;
+  colod.st.last_epoch_ms = monotonic_ms () - e->t0;
   colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
   colod.st.epochs_durable++;
   pthread_mutex_unlock (&colod.lock);
@@ -687,7 +687,7 @@ receive_epochs (struct colod_conn *c)
       e.epoch = b->epoch;
       e.want_count = b->extent_count;
       e.want_bytes = b->total_bytes;
-      e.t0 = colod_now_ms ();
+      e.t0 = monotonic_ms ();
       colo_wire_digest_init (&e.digest);
       pthread_mutex_lock (&s.jlock);
       if (journal_begin (s.j, b->epoch, b->generation_id) == -1)
@@ -782,11 +782,11 @@ heartbeats (struct colod_conn *c)
       break;
     }
     a.heartbeat_reply.echo_ms = m->heartbeat.monotonic_ms;
-    a.heartbeat_reply.monotonic_ms = colod_now_ms ();
+    a.heartbeat_reply.monotonic_ms = monotonic_ms ();
     pthread_mutex_lock (&colod.lock);
     a.heartbeat_reply.last_committed = colod.st.last_committed;
     a.heartbeat_reply.last_applied = colod.st.last_applied;
-    colod.st.last_heartbeat_ms = colod_now_ms ();
+    colod.st.last_heartbeat_ms = monotonic_ms ();
     s.primary_stopped = false;
     pthread_mutex_unlock (&colod.lock);
     if (colod_send (c, &a, err, sizeof err) == -1)
@@ -932,7 +932,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
   colo_conn_set_timeout (c->conn, -1);
   pthread_mutex_lock (&colod.lock);
   colod.st.connection = "connected";
-  s.paired_ms = colod_now_ms ();   /* the primary is back: alive */
+  s.paired_ms = monotonic_ms ();   /* the primary is back: alive */
   colod.st.refusal[0] = '\0';
   snprintf (colod.st.peer, sizeof colod.st.peer, "%s",
             colo_conn_peer (c->conn));
@@ -1018,7 +1018,7 @@ static struct colo_msg_hello *
 recv_hello (struct colod_conn *c, int64_t accepted_ms)
 {
   int left = colod.opt.tls.handshake_timeout_ms -
-    (int) (colod_now_ms () - accepted_ms);
+    (int) (monotonic_ms () - accepted_ms);
   const struct colo_msg *m;
   struct colo_msg_hello *ph;
   char err[1024];
@@ -1055,7 +1055,7 @@ static void *
 conn_thread (void *arg)
 {
   struct colo_conn *conn = arg;
-  int64_t accepted_ms = colod_now_ms ();
+  int64_t accepted_ms = monotonic_ms ();
   struct colod_conn *c;
   struct colo_msg_hello *ph;
 
@@ -1351,7 +1351,7 @@ promote (const char *why)
 static void
 watch (void)
 {
-  int64_t now = colod_now_ms (), last;
+  int64_t now = monotonic_ms (), last;
   enum colod_failover f;
   bool req, paired, stopped;
 
@@ -1465,7 +1465,7 @@ colod_run_secondary (void)
   snprintf (colod.st.peer, sizeof colod.st.peer, "%s",
             colo_listener_address (l));
   pthread_mutex_unlock (&colod.lock);
-  s.started_ms = colod_now_ms ();
+  s.started_ms = monotonic_ms ();
   /* Heartbeats are watched in a thread of their own, so that nothing
    * on this loop can delay the judgment.
    */

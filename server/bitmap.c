@@ -536,12 +536,12 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
   bm->checkpoint = true;
   fl->bitmaps[fl->nbitmaps++] = bm;
 
-  t0 = fl_now_ns ();
+  t0 = monotonic_ns ();
   gate_close (&fl->gate);
   snap_publish (fl, s);
   old = swap_set (fl, set);
   gate_open (&fl->gate);
-  snap_record_drain (fl, fl_now_ns () - t0);
+  snap_record_drain (fl, monotonic_ns () - t0);
 
   if (prev) {
     prev->enabled = false;

@@ -607,7 +607,7 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
 {
   uint64_t c0 = offset >> fl->cluster_bits;
   uint64_t c1 = (offset + count - 1) >> fl->cluster_bits;
-  uint64_t t0 = fl_now_ns (), c;
+  uint64_t t0 = monotonic_ns (), c;
   struct cbw_ctx ctx = { .c0 = c0 };
   int r;
 
@@ -640,7 +640,7 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
     free (ctx.publish);
   }
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);
-  atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, fl_now_ns () - t0,
+  atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, monotonic_ns () - t0,
                              memory_order_relaxed);
   report_high_water (fl);
   /* The snapshots broken here will never be read again: their copies go

@@ -248,7 +248,7 @@ static json_t *
 cmd_query_status (struct ctl *ctl, json_t *args)
 {
   struct fleece_stats st;
-  uint64_t uptime = (fl_now_ns () - ctl->opened_ns) / 1000000000;
+  uint64_t uptime = (monotonic_ns () - ctl->opened_ns) / 1000000000;
 
   fleece_get_stats (ctl->fl, &st);
   return checked (json_pack ("{s:s,s:s,s:o,s:I,s:I,s:o,s:s,s:b,s:I,s:I,"
@@ -881,7 +881,7 @@ client_request (struct ctl *ctl, struct ctl_client *c, const char *line,
   if (is_blank (line, len))
     return;
   c->requested = true;
-  c->since_ns = fl_now_ns ();
+  c->since_ns = monotonic_ns ();
   ctl->current = c;
   reply = ctl_handle_line (ctl, line, len);
   ctl->current = NULL;
@@ -1033,7 +1033,7 @@ client_drop_idle (struct ctl_client *c, uint64_t now, bool evicted)
 static int
 expire_clients (struct ctl *ctl)
 {
-  uint64_t now = fl_now_ns (), next = UINT64_MAX;
+  uint64_t now = monotonic_ns (), next = UINT64_MAX;
   size_t i;
 
   for (i = 0; i < ctl->nclients; i++) {
@@ -1057,7 +1057,7 @@ expire_clients (struct ctl *ctl)
 static bool
 evict_idle (struct ctl *ctl)
 {
-  uint64_t now = fl_now_ns ();
+  uint64_t now = monotonic_ns ();
   struct ctl_client *v = NULL;
   size_t i;
 
@@ -1115,7 +1115,7 @@ add_client (struct ctl *ctl, int fd)
     return;
   }
   c->fd = fd;
-  c->since_ns = fl_now_ns ();
+  c->since_ns = monotonic_ns ();
   ctl->clients[ctl->nclients++] = c;
   client_send (c, ctl->greeting);
 }
@@ -1136,7 +1136,7 @@ accept_clients (struct ctl *ctl)
          * rather than spin on it.
          */
         fl_debug ("control: accept: %s: %m", ctl->path);
-        ctl->accept_paused_until = fl_now_ns () + CTL_ACCEPT_PAUSE_NS;
+        ctl->accept_paused_until = monotonic_ns () + CTL_ACCEPT_PAUSE_NS;
       }
       return;
     }
@@ -1282,7 +1282,7 @@ setup_poll (struct ctl *ctl, struct pollfd *pfd, int *timeout)
   pfd[1] = (struct pollfd) { .fd = ctl->listen_fd, .events = POLLIN };
   *timeout = -1;
   if (ctl->accept_paused_until) {
-    uint64_t now = fl_now_ns ();
+    uint64_t now = monotonic_ns ();
     if (now < ctl->accept_paused_until) {
       pfd[1].fd = -1;
       *timeout = (ctl->accept_paused_until - now) / 1000000 + 1;
@@ -1482,7 +1482,7 @@ ctl_open (struct fleece *fl, const char *path, const struct ctl_info *info)
   }
   ctl->fl = fl;
   ctl->listen_fd = ctl->wake_rd = ctl->wake_wr = -1;
-  ctl->opened_ns = fl_now_ns ();
+  ctl->opened_ns = monotonic_ns ();
   ctl->ev_tail = &ctl->ev_head;
   ctl->persistent = info && info->persistent;
   ctl->path = strdup (path);

@@ -14,7 +14,6 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include "internal.h"
 
@@ -108,15 +107,6 @@ fl_debug (const char *fmt, ...)
   va_end (ap);
   log_fn (msg);
   errno = saved;
-}
-
-uint64_t
-fl_now_ns (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 /* True if len bytes at buf are all zero: test the first 16 bytes, then

@@ -11,6 +11,7 @@
 #include <sys/types.h>
 
 #include "fleece.h"
+#include "monotonic.h"
 
 #define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
 
@@ -25,7 +26,6 @@ extern void fl_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
 extern void fl_warn (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
-extern uint64_t fl_now_ns (void);
 extern bool fl_is_zero (const void *buf, size_t len);
 extern int fl_pread_all (int fd, const char *what, const char *path,
                          void *buf, size_t count, uint64_t offset);

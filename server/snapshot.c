@@ -260,11 +260,11 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
     pthread_mutex_unlock (&fl->admin_lock);
     return -1;
   }
-  t0 = fl_now_ns ();
+  t0 = monotonic_ns ();
   gate_close (&fl->gate);
   snap_publish (fl, s);
   gate_open (&fl->gate);
-  drain = fl_now_ns () - t0;
+  drain = monotonic_ns () - t0;
   snap_record_drain (fl, drain);
   r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
