@@ -203,6 +203,17 @@ kill_by_pidfile ()
   return "$st"
 }
 
+# wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds.
+wait_for ()
+{
+  local t=$1 i; shift
+  for (( i = 0; i < t * 10; i++ )); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # crash_nbdkit NAME: kill -9 nbdkit NAME by PID, as a power cut would
 # stop it (minus the page cache), and wait until it is gone.
 crash_nbdkit ()

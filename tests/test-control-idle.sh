@@ -64,16 +64,7 @@ idle ()
     >"$tmp/$n.out" 2>&1 &
   echo $! >"$tmp/$n.pid"
   cleanup_fn "kill_by_pidfile '$tmp/$n.pid'"
-  wait_ready "$tmp/$n.ready"
-}
-wait_ready ()
-{
-  local i
-  for (( i = 0; i < 100; i++ )); do
-    [ -s "$1" ] && return 0
-    sleep 0.1
-  done
-  return 1
+  wait_for 10 test -s "$tmp/$n.ready"
 }
 # done_idle NAME: wait for it to exit by itself (bounded), assert it is gone.
 done_idle ()

@@ -52,17 +52,6 @@ stop_bg ()
   return 1
 }
 
-# wait_sock PATH: a server's socket appears within 10 s.
-wait_sock ()
-{
-  local i
-  for (( i = 0; i < 100; i++ )); do
-    [ -S "$1" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 # --- refusals while Fleece serves, in both modes ---
 for mode in background foreground; do
   if [ $mode = background ]; then
@@ -123,7 +112,7 @@ rm -f "$tmp/q.sock"              # a refused qemu-nbd leaves it behind
 timeout -k 5 60 qemu-nbd -f raw -k "$tmp/q.sock" "$disk" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
-ok "qemu-nbd serves the disk" wait_sock "$tmp/q.sock"
+ok "qemu-nbd serves the disk" wait_for 10 test -S "$tmp/q.sock"
 ok_fails "fleece refuses a disk qemu-nbd serves, naming it" "$in_use" \
   nbd disk="$disk" store="$tmp/b.store"
 kill $qpid; wait $qpid 2>/dev/null

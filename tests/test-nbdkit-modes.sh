@@ -66,32 +66,11 @@ watchdog ()
   cleanup_fn "kill $watchdog_pid 2>/dev/null"
 }
 
-# wait_file FILE SECONDS: until FILE exists and is not empty;
-# wait_sock SOCKET SECONDS: until SOCKET is a socket.
-wait_file ()
-{
-  local i
-  for (( i = 0; i < $2 * 10; i++ )); do
-    [ -s "$1" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-wait_sock ()
-{
-  local i
-  for (( i = 0; i < $2 * 10; i++ )); do
-    [ -S "$1" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 # status_answers CONTROL: fleecectl status answers on CONTROL (once it
 # appears).
 status_answers ()
 {
-  wait_sock "$1" 30 && fleecectl -s "$1" --timeout 10 status
+  wait_for 30 test -S "$1" && fleecectl -s "$1" --timeout 10 status
 }
 
 # connected_raw SOCKET: a client that connects and says nothing for 60 s
@@ -195,7 +174,7 @@ cleanup_fn "kill_by_pidfile '$pidfile' 1"
 ok "background: nbdkit forks and returns 0" \
   timeout -k 5 $(( 30 * scale )) "${nbdkit_env[@]}" $VG nbdkit -U "$sock" -P "$pidfile" \
   "${plugin[@]}"
-ok "background: the PID file is written" wait_file "$pidfile" 10
+ok "background: the PID file is written" wait_for 10 test -s "$pidfile"
 watchdog "$(cat "$pidfile")" "$life_s"
 ok "background: the control socket answers before any NBD client" \
   status_answers "$ctl"
@@ -216,7 +195,7 @@ timeout -k 5 "$life_s" "${nbdkit_env[@]}" $VG nbdkit -f -U "$sock" \
   -P "$pidfile" "${plugin[@]}" >"$log" 2>&1 &
 runner=$!
 cleanup_fn "kill_by_pidfile '$pidfile' 1"
-ok "-f: the PID file is written" wait_file "$pidfile" 30
+ok "-f: the PID file is written" wait_for 30 test -s "$pidfile"
 ok "-f: the control socket answers before any NBD client" \
   status_answers "$ctl"
 exercise -f "$sock" "$ctl"
@@ -240,8 +219,8 @@ timeout -k 5 "$life_s" "${nbdkit_env[@]}" $VG nbdkit -U - -P "$pidfile" \
   >"$log" 2>&1 &
 runner=$!
 cleanup_fn "touch '$tmp/run.stop'; kill_by_pidfile '$pidfile' 1"
-ok "--run: the command runs" wait_file "$tmp/run.sock" 30
-ok "--run: the PID file is written" wait_file "$pidfile" 10
+ok "--run: the command runs" wait_for 30 test -s "$tmp/run.sock"
+ok "--run: the PID file is written" wait_for 10 test -s "$pidfile"
 sock=$(cat "$tmp/run.sock") pid=$(cat "$pidfile")
 ok "--run: the control socket answers before any NBD client" \
   status_answers "$ctl"
@@ -294,11 +273,11 @@ timeout -k 5 "$life_s" systemd-socket-activate -l "$sock" \
   "${nbdkit_env[@]}" $VG nbdkit -P "$pidfile" "${plugin[@]}" >"$log" 2>&1 &
 runner=$!
 cleanup_fn "kill_by_pidfile '$pidfile' 1"
-ok "socket activation: the NBD socket listens" wait_sock "$sock" 30
+ok "socket activation: the NBD socket listens" wait_for 30 test -S "$sock"
 ok "socket activation: nbdkit waits for a first connection" test ! -e "$ctl"
 connected_raw "$sock"
 ok "socket activation: a client that says nothing starts nbdkit" \
-  wait_file "$pidfile" 30
+  wait_for 30 test -s "$pidfile"
 ok "socket activation: the control socket answers while that client has not negotiated" \
   eval 'status_answers "$ctl" && kill -0 "$raw_pid"'
 kill "$raw_pid" 2>/dev/null; wait "$raw_pid" 2>/dev/null

@@ -24,17 +24,6 @@ status ()
   jget "$j" "d.get('$2')"
 }
 
-# wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds.
-wait_for ()
-{
-  local t=$1 i; shift
-  for (( i = 0; i < t * 10; i++ )); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 status_is () { [ "$(status "$1" "$2")" = "$3" ]; }
 status_ge () { local v; v=$(status "$1" "$2") && [ "$v" != None ] && [ "$v" -ge "$3" ]; }
 
