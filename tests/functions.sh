@@ -469,3 +469,18 @@ backup ()
   cat "$log" >&2
   return "$st"
 }
+
+# build_setting NAME: the value of NAME in the build's top Makefile (the
+# directories "make install" uses, as configure set them).
+build_setting ()
+{
+  sed -n "s|^$1 = ||p" "$abs_top_builddir/Makefile"
+}
+
+# install_tree ROOT: "make install DESTDIR=ROOT" of this build, bounded;
+# the outer make's jobserver and flags are not this make's.
+install_tree ()
+{
+  timeout -k 5 300 env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
+    make -C "$abs_top_builddir" install DESTDIR="$1"
+}
