@@ -470,11 +470,17 @@ backup ()
   return "$st"
 }
 
-# build_setting NAME: the value of NAME in the build's top Makefile (the
-# directories "make install" uses, as configure set them).
-build_setting ()
+# install_dirs: set the directories "make install" uses (prefix, bindir,
+# ..., systemdsystemunitdir), as configure set them in the build's top
+# Makefile, each expanded (${prefix}, ${libdir} ... in them).
+install_dirs ()
 {
-  sed -n "s|^$1 = ||p" "$abs_top_builddir/Makefile"
+  local v
+  for v in prefix exec_prefix bindir libdir datarootdir datadir mandir \
+           PACKAGE_TARNAME docdir nbdkit_plugindir systemdsystemunitdir \
+           sysusersdir bashcompletiondir; do
+    eval "$v=\"$(sed -n "s|^$v = ||p" "$abs_top_builddir/Makefile")\""
+  done
 }
 
 # install_tree ROOT: "make install DESTDIR=ROOT" of this build, bounded;

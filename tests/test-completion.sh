@@ -9,9 +9,7 @@ requires make --version
 
 root=$tmp/root
 ok "make install DESTDIR=..." install_tree "$root"
-for v in prefix datarootdir datadir bashcompletiondir; do
-  eval "$v=\"$(build_setting "$v")\""
-done
+install_dirs
 dir=$root$bashcompletiondir
 
 # compl WORD...: COMPREPLY, one a line, after <TAB> at the end of the

@@ -13,10 +13,7 @@ root=$tmp/root
 ok "make install DESTDIR=..." install_tree "$root"
 
 # Where each kind of file went, from the build's own settings.
-for v in prefix exec_prefix bindir datarootdir mandir PACKAGE_TARNAME \
-         docdir nbdkit_plugindir systemdsystemunitdir sysusersdir; do
-  eval "$v=\"$(build_setting "$v")\""
-done
+install_dirs
 plugindir=$nbdkit_plugindir
 diag "prefix=$prefix docdir=$docdir plugindir=$plugindir"
 

@@ -28,10 +28,7 @@ life=120
 [ -n "$VG" ] && life=600
 root=$tmp/root
 ok "make install DESTDIR=..." install_tree "$root"
-for v in prefix exec_prefix bindir libdir datarootdir nbdkit_plugindir \
-         systemdsystemunitdir; do
-  eval "$v=\"$(build_setting "$v")\""
-done
+install_dirs
 units=$root$systemdsystemunitdir
 plugin=$root$nbdkit_plugindir/nbdkit-fleece-plugin.so
 

@@ -10,10 +10,7 @@ requires make --version
 
 root=$tmp/root
 ok "make install DESTDIR=..." install_tree "$root"
-for v in prefix exec_prefix bindir datarootdir mandir \
-         systemdsystemunitdir sysusersdir; do
-  eval "$v=\"$(build_setting "$v")\""
-done
+install_dirs
 units=$root$systemdsystemunitdir
 
 # The units name the programs where they will be, $bindir; here they are
