@@ -48,16 +48,21 @@ static uint64_t notify_watchdog_usec;   /* 0: no watchdog */
 static bool notify_ready;
 static char notify_status[512];
 
-/* Tell systemd MSG (one or more VAR=VALUE lines); a failure is logged
- * once in a while, never fatal: systemd's view is not worth the data.
+/* Tell systemd MSG (one or more VAR=VALUE lines).  A failure is logged
+ * the first time only (the next ticks would repeat it), and is never
+ * fatal: replication does not depend on systemd's view of it.
  */
 static void
 notify_send (const char *msg)
 {
+  static bool logged;
   int r = sd_notify (0, msg);
 
-  if (r < 0)
-    colod_log ("sd_notify: %s: %s", msg, strerror (-r));
+  if (r < 0 && !logged) {
+    logged = true;
+    colod_log ("sd_notify: %s: %s: %s", getenv ("NOTIFY_SOCKET"), msg,
+               strerror (-r));
+  }
 }
 
 /* The status line, and whether the role is in service. */
