@@ -65,25 +65,30 @@ notify_send (const char *msg)
   }
 }
 
-/* The status line, and whether the role is in service. */
+/* The status line, and whether the role is in service.  The line fits
+ * (the peer is at most 127 bytes, the rest well under 200); a longer one
+ * would be cut, never overrun.
+ */
 static bool
 notify_format (char *buf, size_t len)
 {
   const struct colod_status *st = &colod.st;
   bool ready;
-  int n;
+  size_t n;
 
   pthread_mutex_lock (&colod.lock);
   ready = strcmp (st->connection, "listening") == 0 ||
           strcmp (st->connection, "connected") == 0;
-  n = snprintf (buf, len, "%s%s%s", st->connection,
-                st->peer[0] ? " " : "", st->peer);
+  snprintf (buf, len, "%s%s%s", st->connection, st->peer[0] ? " " : "",
+            st->peer);
+  n = strlen (buf);
   if (st->committed_at_ms)
-    n += snprintf (buf + n, len - n, "; epoch %" PRIu64 " committed, "
-                   "lag %" PRId64 " ms", st->last_committed,
-                   colod_wall_ms () - (int64_t) st->committed_at_ms);
+    snprintf (buf + n, len - n, "; epoch %" PRIu64 " committed, lag %"
+              PRId64 " ms", st->last_committed,
+              colod_wall_ms () - (int64_t) st->committed_at_ms);
   else
-    n += snprintf (buf + n, len - n, "; no epoch committed yet");
+    snprintf (buf + n, len - n, "; no epoch committed yet");
+  n = strlen (buf);
   if (st->failover != FAILOVER_NONE)
     snprintf (buf + n, len - n, "; failover %s",
               colod_failover_name (st->failover));
