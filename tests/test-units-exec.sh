@@ -21,6 +21,8 @@ source "${abs_top_srcdir:-..}/tests/colo/colod-functions.sh"
 requires systemd-socket-activate --version
 requires python3 --version
 requires nbdinfo --version
+requires qemu-img --version
+requires qemu-io --version
 requires make --version
 requires timeout --version
 
@@ -190,8 +192,10 @@ if timeout 60 "$root$bindir/fleece-backup" init "$tmp/repo" >"$tmp/init.log" 2>&
   ok "the backup service's cycle succeeds" \
      timeout -k 5 "$life" env -i PATH="$PATH" "${unit_env[@]}" \
        "${unit_argv[@]}"
-  ok "and the repository holds a restore point" \
-     sh -c "'$root$bindir/fleece-backup' list '$tmp/repo' | grep -q ."
+  point=$(find "$tmp/repo" -name '*.qcow2' | head -1)
+  ok "the repository holds a qcow2 restore point ($point)" test -n "$point"
+  ok "which is the disk (nothing was written since)" \
+     timeout 60 qemu-img compare -f raw -F qcow2 "$tmp/a.disk" "$point"
 else
   # Until issue 16's "fleece-backup backup" is merged: an expected
   # failure, reported as such (an XPASS once it is there fails the test,
