@@ -1,0 +1,296 @@
+/* fleece-colod: the wire protocol's encoder (wire.c's note describes
+ * frames and their rules).
+ *
+ * Encoding checks each message with the decoder's own rules first
+ * (colo_msg_check), so that nothing leaves that the peer would refuse,
+ * and the encoding is canonical: a frame that decodes re-encodes to the
+ * same bytes (tests/fuzz/fuzz-colo-wire.c checks it).
+ */
+
+#include <config.h>
+
+#include <assert.h>
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "wire.h"
+#include "wire-internal.h"
+
+/* ---- Encoding ---- */
+
+void
+colo_wire_encoder_init (struct colo_wire_encoder *enc)
+{
+  enc->sequence = 0;
+}
+
+static size_t
+put_string (uint8_t *p, const char *s)
+{
+  struct colo_wire_string w;
+  size_t n = strlen (s);
+
+  w.length = htole16 (n);
+  memcpy (p, &w, sizeof w);
+  memcpy (p + sizeof w, s, n);
+  return sizeof w + n;
+}
+
+static size_t
+put_hello (uint8_t *p, const struct colo_msg_hello *h)
+{
+  struct colo_wire_hello w = {
+    .role = htole16 (h->role),
+    .max_version = htole16 (h->max_version),
+    .channel = htole32 (h->channel),
+    .last_committed = htole64 (h->last_committed),
+    .last_applied = htole64 (h->last_applied),
+    .disk_size = htole64 (h->disk_size),
+    .cluster_size = htole32 (h->cluster_size),
+    .history_count = htole32 (h->history_count),
+  };
+  struct colo_wire_generation g;
+  uint32_t i;
+
+  memcpy (w.volume_id, h->volume_id, sizeof w.volume_id);
+  memcpy (w.generation_id, h->generation_id, sizeof w.generation_id);
+  memcpy (p, &w, sizeof w);
+  for (i = 0; i < h->history_count; i++) {
+    memcpy (g.generation_id, h->history[i].id, sizeof g.generation_id);
+    g.start_epoch = htole64 (h->history[i].start_epoch);
+    memcpy (p + sizeof w + i * sizeof g, &g, sizeof g);
+  }
+  return sizeof w + h->history_count * sizeof g;
+}
+
+void
+wire_put_extent (uint8_t *p, const struct colo_msg_extent *x)
+{
+  struct colo_wire_extent w = {
+    .offset = htole64 (x->offset),
+    .length = htole32 (x->length),
+    .flags = htole32 (x->flags),
+    .checksum = htole64 (x->checksum),
+  };
+
+  memcpy (p, &w, sizeof w);
+}
+
+/* Stores a fixed-size wire struct and returns its size. */
+#define PUT(p, ...) ({                                  \
+      __typeof__ (__VA_ARGS__) put_w_ = __VA_ARGS__;    \
+      memcpy ((p), &put_w_, sizeof put_w_);             \
+      sizeof put_w_;                                    \
+    })
+
+/* The payload of m, without an EXTENT's data: at most FIXED_MAX bytes. */
+static size_t
+put_payload (uint8_t *p, const struct colo_msg *m)
+{
+  size_t n;
+
+  switch (m->type) {
+  case COLO_MSG_HELLO:
+    return put_hello (p, &m->hello);
+  case COLO_MSG_HELLO_REPLY:
+    n = PUT (p, (struct colo_wire_hello_reply) {
+             .status = htole32 (m->hello_reply.status) });
+    return n + put_string (p + n, m->hello_reply.reason);
+  case COLO_MSG_EPOCH_BEGIN: {
+    struct colo_wire_epoch_begin w = {
+      .epoch = htole64 (m->epoch_begin.epoch),
+      .cluster_size = htole32 (m->epoch_begin.cluster_size),
+      .flags = htole32 (m->epoch_begin.flags),
+      .extent_count = htole64 (m->epoch_begin.extent_count),
+      .total_bytes = htole64 (m->epoch_begin.total_bytes),
+    };
+    memcpy (w.generation_id, m->epoch_begin.generation_id,
+            sizeof w.generation_id);
+    return PUT (p, w);
+  }
+  case COLO_MSG_EXTENT:
+    wire_put_extent (p, &m->extent);
+    return sizeof (struct colo_wire_extent);
+  case COLO_MSG_EPOCH_END:
+    return PUT (p, (struct colo_wire_epoch_end) {
+        .epoch = htole64 (m->epoch_end.epoch),
+        .extent_count = htole64 (m->epoch_end.extent_count),
+        .digest = htole64 (m->epoch_end.digest) });
+  case COLO_MSG_EPOCH_DURABLE:
+    return PUT (p, (struct colo_wire_epoch_durable) {
+        .epoch = htole64 (m->epoch_durable.epoch) });
+  case COLO_MSG_EPOCH_REFUSED:
+    n = PUT (p, (struct colo_wire_epoch_refused) {
+             .epoch = htole64 (m->epoch_refused.epoch),
+             .reason = htole32 (m->epoch_refused.reason) });
+    return n + put_string (p + n, m->epoch_refused.message);
+  case COLO_MSG_HEARTBEAT:
+    return PUT (p, (struct colo_wire_heartbeat) {
+        .monotonic_ms = htole64 (m->heartbeat.monotonic_ms),
+        .last_committed = htole64 (m->heartbeat.last_committed) });
+  case COLO_MSG_HEARTBEAT_REPLY:
+    return PUT (p, (struct colo_wire_heartbeat_reply) {
+        .echo_ms = htole64 (m->heartbeat_reply.echo_ms),
+        .monotonic_ms = htole64 (m->heartbeat_reply.monotonic_ms),
+        .last_committed = htole64 (m->heartbeat_reply.last_committed),
+        .last_applied = htole64 (m->heartbeat_reply.last_applied) });
+  case COLO_MSG_ERROR:
+    n = PUT (p, (struct colo_wire_error_msg) {
+             .code = htole32 (m->error.code) });
+    return n + put_string (p + n, m->error.message);
+  case COLO_MSG_DIVERGED:
+    return PUT (p, (struct colo_wire_diverged) {
+        .base_epoch = htole64 (m->diverged.base_epoch),
+        .disk_size = htole64 (m->diverged.disk_size),
+        .cluster_size = htole32 (m->diverged.cluster_size),
+        .bit_count = htole64 (m->diverged.bit_count) });
+  default:
+    abort ();                   /* colo_msg_check lets no other through */
+  }
+}
+
+static void
+put_header (uint8_t *p, uint16_t type, uint32_t length, uint64_t sequence,
+            uint64_t payload_checksum)
+{
+  struct colo_wire_header h = {
+    .version = htole16 (COLO_WIRE_VERSION),
+    .type = htole16 (type),
+    .length = htole32 (length),
+    .flags = 0,
+    .sequence = htole64 (sequence),
+    .payload_checksum = htole64 (payload_checksum),
+  };
+
+  memcpy (h.magic, COLO_WIRE_MAGIC, sizeof h.magic);
+  h.header_checksum =
+    htole64 (XXH64 (&h, offsetof (struct colo_wire_header, header_checksum),
+                    0));
+  memcpy (p, &h, sizeof h);
+}
+
+/* Checks m and lays out its frame: header and fixed part in out (at
+ * least HDR + FIXED_MAX bytes), an EXTENT's data in *data.  Takes the
+ * next sequence number.
+ */
+static int
+prepare (struct colo_wire_encoder *enc, const struct colo_msg *m,
+         uint8_t *out, size_t *out_len, const void **data, size_t *data_len,
+         struct colo_wire_error *err)
+{
+  XXH64_state_t st;
+  size_t n;
+
+  if (colo_msg_check (m, err) == -1)
+    return -1;
+  n = put_payload (out + HDR, m);
+  assert (n <= FIXED_MAX);
+  *data = NULL;
+  *data_len = 0;
+  if (m->type == COLO_MSG_EXTENT && m->extent.flags == COLO_EXTENT_DATA) {
+    *data = m->extent.data;
+    *data_len = m->extent.length;
+  }
+  if (m->type == COLO_MSG_DIVERGED && m->diverged.bit_count) {
+    *data = m->diverged.bits;
+    *data_len = m->diverged.bit_count / 8 + (m->diverged.bit_count % 8 != 0);
+  }
+  XXH64_reset (&st, 0);
+  XXH64_update (&st, out + HDR, n);
+  if (*data_len)
+    XXH64_update (&st, *data, *data_len);
+  put_header (out, m->type, n + *data_len, ++enc->sequence,
+              XXH64_digest (&st));
+  *out_len = HDR + n;
+  return 0;
+}
+
+int
+colo_wire_send (struct colo_wire_encoder *enc, const struct colo_msg *m,
+                colo_wire_write_fn write_fn, void *opaque,
+                struct colo_wire_error *err)
+{
+  uint8_t frame[HDR + FIXED_MAX];
+  const void *data;
+  size_t len, data_len;
+
+  if (prepare (enc, m, frame, &len, &data, &data_len, err) == -1)
+    return -1;
+  if (write_fn (opaque, frame, len) == -1 ||
+      (data_len && write_fn (opaque, data, data_len) == -1))
+    return wire_set_error (err, 0, "write: %s frame %" PRIu64 ": %m",
+                           colo_msg_type_name (m->type), enc->sequence);
+  return 0;
+}
+
+int
+colo_wire_encode (struct colo_wire_encoder *enc, const struct colo_msg *m,
+                  struct colo_wire_buf *buf, struct colo_wire_error *err)
+{
+  uint8_t frame[HDR + FIXED_MAX];
+  const void *data;
+  size_t len, data_len, need;
+
+  if (colo_msg_check (m, err) == -1)
+    return -1;
+  need = buf->len + HDR + FIXED_MAX;
+  if (m->type == COLO_MSG_EXTENT)
+    need += m->extent.length;
+  if (m->type == COLO_MSG_DIVERGED)
+    need += m->diverged.bit_count / 8 + 1;
+  if (need > buf->cap) {
+    size_t cap = buf->cap ? buf->cap : 4096;
+    uint8_t *p;
+
+    while (cap < need)
+      cap *= 2;
+    p = realloc (buf->data, cap);
+    if (p == NULL)
+      return wire_set_error (err, COLO_ERROR_INTERNAL,
+                             "out of memory encoding a %s frame",
+                             colo_msg_type_name (m->type));
+    buf->data = p;
+    buf->cap = cap;
+  }
+  if (prepare (enc, m, frame, &len, &data, &data_len, err) == -1)
+    return -1;
+  memcpy (buf->data + buf->len, frame, len);
+  if (data_len)
+    memcpy (buf->data + buf->len + len, data, data_len);
+  buf->len += len + data_len;
+  return 0;
+}
+
+void
+colo_wire_buf_free (struct colo_wire_buf *buf)
+{
+  free (buf->data);
+  buf->data = NULL;
+  buf->len = buf->cap = 0;
+}
+
+int
+colo_wire_send_error (struct colo_wire_encoder *enc,
+                      const struct colo_wire_error *e,
+                      colo_wire_write_fn write_fn, void *opaque)
+{
+  struct colo_msg m = { .type = COLO_MSG_ERROR };
+  size_t i;
+
+  if (e->code == 0)
+    return 0;
+  m.error.code = e->code <= COLO_ERROR_CODE_MAX ? e->code
+    : COLO_ERROR_INTERNAL;
+  for (i = 0; i < sizeof e->msg && i < COLO_WIRE_MAX_STRING && e->msg[i];
+       i++)
+    m.error.message[i] = wire_is_printable (e->msg[i]) ? e->msg[i] : '?';
+  m.error.message[i] = '\0';
+  return colo_wire_send (enc, &m, write_fn, opaque, NULL);
+}
+
