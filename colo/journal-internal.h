@@ -44,6 +44,9 @@ enum phase {
   PHASE_COMMITTED,              /* durable, not yet applied */
 };
 
+/* A journal is used by one thread at a time: its owner serialises the
+ * calls (the secondary holds jlock).
+ */
 struct journal {
   /* Set by journal_open, then constant. */
   char *state_path, *tmp_path, *journal_path, *disk_path;

@@ -89,6 +89,9 @@
 #include "le.h"
 #include "state.h"
 
+/* Set by a test (journal_set_test_hook) before it opens a journal,
+ * then only read.
+ */
 static journal_test_hook_fn hook_fn;
 static void *hook_opaque;
 

@@ -78,6 +78,12 @@ struct wjob {
   size_t cap;
 };
 
+/* The queue between the data connection's thread and the writer
+ * thread.  thread is the data connection's (writer_start, writer_stop);
+ * the rest is under lock, but for what writer_start sets before the
+ * writer thread runs and writer_stop frees after it is joined.  cond is
+ * broadcast when a job is queued, taken or done.
+ */
 static struct {
   pthread_mutex_t lock;
   pthread_cond_t cond;

@@ -54,7 +54,11 @@
 #include "tls.h"
 #include "tls-internal.h"
 
+/* Each thread its own (colo_tls_last_error). */
 static __thread char last_error[1024];
+/* Set by colo_tls_set_log before any connection is made, then only
+ * read, by any thread.
+ */
 static void (*log_fn) (const char *msg);
 
 const char *
