@@ -139,14 +139,12 @@ free_psk (struct colo_tls *tls)
 {
   size_t i;
 
-  for (i = 0; i < tls->npsk; i++) {
-    free (tls->psk[i].user);
-    gnutls_memset (tls->psk[i].key.data, 0, tls->psk[i].key.size);
-    gnutls_free (tls->psk[i].key.data);
+  for (i = 0; i < tls->psk.len; i++) {
+    free (tls->psk.ptr[i].user);
+    gnutls_memset (tls->psk.ptr[i].key.data, 0, tls->psk.ptr[i].key.size);
+    gnutls_free (tls->psk.ptr[i].key.data);
   }
-  free (tls->psk);
-  tls->psk = NULL;
-  tls->npsk = 0;
+  psk_list_reset (&tls->psk);
 }
 
 /* Read every user of the PSK file into tls->psk. */
@@ -164,28 +162,25 @@ read_psk_file (struct colo_tls *tls, const char *file)
   if (fp == NULL)
     return tls_error (errno, "%s: %m (the pre-shared keys)", file);
   while ((len = getline (&line, &size, fp)) != -1) {
-    struct psk_entry *p;
-
     lineno++;
     while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
       line[--len] = '\0';
     if (len == 0)
       continue;
-    p = realloc (tls->psk, (tls->npsk + 1) * sizeof *p);
-    if (p == NULL) {
-      tls_error (errno, "realloc: %m");
+    if (psk_list_reserve (&tls->psk, 1) == -1) {
+      tls_error (errno, "%s: line %u: %m", file, lineno);
       goto out;
     }
-    tls->psk = p;
-    if (parse_psk_line (file, lineno, line, &tls->psk[tls->npsk]) == -1)
+    if (parse_psk_line (file, lineno, line,
+                        &tls->psk.ptr[tls->psk.len]) == -1)
       goto out;
-    tls->npsk++;
+    tls->psk.len++;
   }
   if (ferror (fp)) {
     tls_error (errno, "%s: read: %m", file);
     goto out;
   }
-  if (tls->npsk == 0) {
+  if (tls->psk.len == 0) {
     tls_error (EINVAL, "%s: no keys in the file (make one with: psktool "
                "-u USER -p %s)", file, file);
     goto out;
@@ -204,9 +199,9 @@ find_psk (const struct colo_tls *tls, const char *user)
 {
   size_t i;
 
-  for (i = 0; i < tls->npsk; i++)
-    if (strcmp (tls->psk[i].user, user) == 0)
-      return &tls->psk[i];
+  for (i = 0; i < tls->psk.len; i++)
+    if (strcmp (tls->psk.ptr[i].user, user) == 0)
+      return &tls->psk.ptr[i];
   return NULL;
 }
 
@@ -269,10 +264,10 @@ load_psk (struct colo_tls *tls, const struct colo_tls_config *cfg)
     return 0;
   }
 
-  if (cfg->psk_username == NULL && tls->npsk > 1)
+  if (cfg->psk_username == NULL && tls->psk.len > 1)
     return tls_error (EINVAL, "%s has several users: choose one with "
                       "--tls-username", cfg->psk_file);
-  e = cfg->psk_username ? find_psk (tls, cfg->psk_username) : &tls->psk[0];
+  e = cfg->psk_username ? find_psk (tls, cfg->psk_username) : &tls->psk.ptr[0];
   if (e == NULL)
     return tls_error (EINVAL, "%s: no key for user %s", cfg->psk_file,
                       cfg->psk_username);

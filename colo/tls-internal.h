@@ -14,6 +14,7 @@
 #include <gnutls/gnutls.h>
 
 #include "tls.h"
+#include "vector.h"
 
 #define GREETING_SIZE    8
 static const char GREETING_CLIENT[GREETING_SIZE] = "FLCOLOC\001";
@@ -36,6 +37,7 @@ struct psk_entry {
   char *user;
   gnutls_datum_t key;           /* raw bytes */
 };
+DEFINE_VECTOR_TYPE (psk_list, struct psk_entry)
 
 struct colo_tls {
   /* Set by colo_tls_new, then constant (read by any thread). */
@@ -44,8 +46,7 @@ struct colo_tls {
   char *ca_file;                /* X.509: for messages */
   char *psk_file;               /* PSK: for messages */
   char *psk_username;           /* PSK client */
-  struct psk_entry *psk;        /* PSK server: the users */
-  size_t npsk;
+  psk_list psk;                 /* PSK server: the users */
   gnutls_certificate_credentials_t x509;
   gnutls_psk_server_credentials_t psk_server;
   gnutls_psk_client_credentials_t psk_client;

@@ -231,7 +231,7 @@ colo_wire_send (struct colo_wire_encoder *enc, const struct colo_msg *m,
 
 int
 colo_wire_encode (struct colo_wire_encoder *enc, const struct colo_msg *m,
-                  struct colo_wire_buf *buf, struct colo_wire_error *err)
+                  colo_wire_buf *buf, struct colo_wire_error *err)
 {
   uint8_t frame[HDR + FIXED_MAX];
   const void *data;
@@ -239,40 +239,22 @@ colo_wire_encode (struct colo_wire_encoder *enc, const struct colo_msg *m,
 
   if (colo_msg_check (m, err) == -1)
     return -1;
-  need = buf->len + HDR + FIXED_MAX;
+  need = HDR + FIXED_MAX;
   if (m->type == COLO_MSG_EXTENT)
     need += m->extent.length;
   if (m->type == COLO_MSG_DIVERGED)
     need += m->diverged.bit_count / 8 + 1;
-  if (need > buf->cap) {
-    size_t cap = buf->cap ? buf->cap : 4096;
-    uint8_t *p;
-
-    while (cap < need)
-      cap *= 2;
-    p = realloc (buf->data, cap);
-    if (p == NULL)
-      return wire_set_error (err, COLO_ERROR_INTERNAL,
-                             "out of memory encoding a %s frame",
-                             colo_msg_type_name (m->type));
-    buf->data = p;
-    buf->cap = cap;
-  }
+  if (colo_wire_buf_reserve (buf, need) == -1)
+    return wire_set_error (err, COLO_ERROR_INTERNAL,
+                           "out of memory encoding a %s frame",
+                           colo_msg_type_name (m->type));
   if (prepare (enc, m, frame, &len, &data, &data_len, err) == -1)
     return -1;
-  memcpy (buf->data + buf->len, frame, len);
+  memcpy (buf->ptr + buf->len, frame, len);
   if (data_len)
-    memcpy (buf->data + buf->len + len, data, data_len);
+    memcpy (buf->ptr + buf->len + len, data, data_len);
   buf->len += len + data_len;
   return 0;
-}
-
-void
-colo_wire_buf_free (struct colo_wire_buf *buf)
-{
-  free (buf->data);
-  buf->data = NULL;
-  buf->len = buf->cap = 0;
 }
 
 int
