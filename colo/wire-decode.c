@@ -76,36 +76,25 @@ get_string (const char *type, const uint8_t *p, size_t len, size_t off,
 }
 
 static int
-decode_hello (const uint8_t *p, size_t len, struct colo_msg_hello *h,
-              struct colo_wire_error *err)
+decode_hello (const struct type_info *t, const uint8_t *p, size_t len,
+              struct colo_msg_hello *h, struct colo_wire_error *err)
 {
-  struct colo_wire_hello w;
   struct colo_wire_generation g;
   size_t want;
   uint32_t i;
 
-  memcpy (&w, p, sizeof w);
-  h->channel = le32toh (w.channel);
-  h->history_count = le32toh (w.history_count);
+  wire_get_fields (t, p, h);
   if (h->history_count > COLO_WIRE_MAX_HISTORY)
     return PROTO (err, "HELLO: history of %" PRIu32 " generations, more "
                   "than the maximum %d", h->history_count,
                   COLO_WIRE_MAX_HISTORY);
-  want = sizeof w + (size_t) h->history_count * sizeof g;
+  want = t->fixed + (size_t) h->history_count * sizeof g;
   if (len != want)
     return PROTO (err, "HELLO: payload of %zu bytes, expected %zu for a "
                   "history of %" PRIu32 " generations", len, want,
                   h->history_count);
-  h->role = le16toh (w.role);
-  h->max_version = le16toh (w.max_version);
-  memcpy (h->volume_id, w.volume_id, sizeof h->volume_id);
-  memcpy (h->generation_id, w.generation_id, sizeof h->generation_id);
-  h->last_committed = le64toh (w.last_committed);
-  h->last_applied = le64toh (w.last_applied);
-  h->disk_size = le64toh (w.disk_size);
-  h->cluster_size = le32toh (w.cluster_size);
   for (i = 0; i < h->history_count; i++) {
-    memcpy (&g, p + sizeof w + i * sizeof g, sizeof g);
+    memcpy (&g, p + t->fixed + i * sizeof g, sizeof g);
     memcpy (h->history[i].id, g.generation_id, sizeof g.generation_id);
     h->history[i].start_epoch = le64toh (g.start_epoch);
   }
@@ -113,18 +102,13 @@ decode_hello (const uint8_t *p, size_t len, struct colo_msg_hello *h,
 }
 
 static int
-decode_extent (const uint8_t *p, size_t len, struct colo_msg_extent *x,
-               struct colo_wire_error *err)
+decode_extent (const struct type_info *t, const uint8_t *p, size_t len,
+               struct colo_msg_extent *x, struct colo_wire_error *err)
 {
-  struct colo_wire_extent w;
-  size_t data_len = len - sizeof w;
+  size_t data_len = len - t->fixed;
 
-  memcpy (&w, p, sizeof w);
-  x->offset = le64toh (w.offset);
-  x->length = le32toh (w.length);
-  x->flags = le32toh (w.flags);
-  x->checksum = le64toh (w.checksum);
-  x->data = x->flags == COLO_EXTENT_DATA ? p + sizeof w : NULL;
+  wire_get_fields (t, p, x);
+  x->data = x->flags == COLO_EXTENT_DATA ? p + t->fixed : NULL;
   if (wire_check_extent (x, err) == -1)
     return -1;
   if (x->flags == COLO_EXTENT_ZERO && data_len != 0)
@@ -138,95 +122,29 @@ decode_extent (const uint8_t *p, size_t len, struct colo_msg_extent *x,
 
 /* The types whose payload is only fixed fields, and strings. */
 static int
-decode_simple (unsigned type, const uint8_t *p, size_t len,
+decode_simple (const struct type_info *t, const uint8_t *p, size_t len,
                struct colo_msg *m, struct colo_wire_error *err)
 {
-  const char *name = wire_type_info (type)->name;
-
-  switch (type) {
-  case COLO_MSG_HELLO_REPLY: {
-    struct colo_wire_hello_reply w;
-    memcpy (&w, p, sizeof w);
-    m->hello_reply.status = le32toh (w.status);
-    return get_string (name, p, len, sizeof w, m->hello_reply.reason, err);
-  }
-  case COLO_MSG_EPOCH_BEGIN: {
-    struct colo_wire_epoch_begin w;
-    memcpy (&w, p, sizeof w);
-    m->epoch_begin.epoch = le64toh (w.epoch);
-    memcpy (m->epoch_begin.generation_id, w.generation_id,
-            sizeof w.generation_id);
-    m->epoch_begin.cluster_size = le32toh (w.cluster_size);
-    m->epoch_begin.flags = le32toh (w.flags);
-    m->epoch_begin.extent_count = le64toh (w.extent_count);
-    m->epoch_begin.total_bytes = le64toh (w.total_bytes);
-    return 0;
-  }
-  case COLO_MSG_EPOCH_END: {
-    struct colo_wire_epoch_end w;
-    memcpy (&w, p, sizeof w);
-    m->epoch_end.epoch = le64toh (w.epoch);
-    m->epoch_end.extent_count = le64toh (w.extent_count);
-    m->epoch_end.digest = le64toh (w.digest);
-    return 0;
-  }
-  case COLO_MSG_EPOCH_DURABLE: {
-    struct colo_wire_epoch_durable w;
-    memcpy (&w, p, sizeof w);
-    m->epoch_durable.epoch = le64toh (w.epoch);
-    return 0;
-  }
-  case COLO_MSG_EPOCH_REFUSED: {
-    struct colo_wire_epoch_refused w;
-    memcpy (&w, p, sizeof w);
-    m->epoch_refused.epoch = le64toh (w.epoch);
-    m->epoch_refused.reason = le32toh (w.reason);
-    return get_string (name, p, len, sizeof w, m->epoch_refused.message,
-                       err);
-  }
-  case COLO_MSG_HEARTBEAT: {
-    struct colo_wire_heartbeat w;
-    memcpy (&w, p, sizeof w);
-    m->heartbeat.monotonic_ms = le64toh (w.monotonic_ms);
-    m->heartbeat.last_committed = le64toh (w.last_committed);
-    return 0;
-  }
-  case COLO_MSG_HEARTBEAT_REPLY: {
-    struct colo_wire_heartbeat_reply w;
-    memcpy (&w, p, sizeof w);
-    m->heartbeat_reply.echo_ms = le64toh (w.echo_ms);
-    m->heartbeat_reply.monotonic_ms = le64toh (w.monotonic_ms);
-    m->heartbeat_reply.last_committed = le64toh (w.last_committed);
-    m->heartbeat_reply.last_applied = le64toh (w.last_applied);
-    return 0;
-  }
-  case COLO_MSG_ERROR: {
-    struct colo_wire_error_msg w;
-    memcpy (&w, p, sizeof w);
-    m->error.code = le32toh (w.code);
-    return get_string (name, p, len, sizeof w, m->error.message, err);
-  }
-  default:
-    abort ();
-  }
+  wire_get_fields (t, p, &m->hello);     /* the union's start */
+  if (t->tail == TAIL_STRING)
+    return get_string (t->name, p, len, t->fixed,
+                       (char *) &m->hello + t->string, err);
+  return 0;
 }
 
 static int
-decode_diverged (const uint8_t *p, size_t len, struct colo_msg_diverged *d,
-                 struct colo_wire_error *err)
+decode_diverged (const struct type_info *t, const uint8_t *p, size_t len,
+                 struct colo_msg_diverged *d, struct colo_wire_error *err)
 {
   struct colo_wire_diverged w;
-  size_t data_len = len - sizeof w;
+  size_t data_len = len - t->fixed;
 
   memcpy (&w, p, sizeof w);
   if (w.reserved != 0)
     return PROTO (err, "DIVERGED: reserved field is 0x%" PRIx32 ", not 0",
                   le32toh (w.reserved));
-  d->base_epoch = le64toh (w.base_epoch);
-  d->disk_size = le64toh (w.disk_size);
-  d->cluster_size = le32toh (w.cluster_size);
-  d->bit_count = le64toh (w.bit_count);
-  d->bits = d->bit_count ? p + sizeof w : NULL;
+  wire_get_fields (t, p, d);
+  d->bits = d->bit_count ? p + t->fixed : NULL;
   if (wire_check_diverged (d, err) == -1)
     return -1;
   if (data_len != d->bit_count / 8 + (d->bit_count % 8 != 0))
@@ -249,13 +167,13 @@ colo_msg_decode (unsigned type, const void *payload, size_t len,
   m->type = type;
   switch (type) {
   case COLO_MSG_HELLO:
-    return decode_hello (payload, len, &m->hello, err);
+    return decode_hello (t, payload, len, &m->hello, err);
   case COLO_MSG_EXTENT:
-    return decode_extent (payload, len, &m->extent, err);
+    return decode_extent (t, payload, len, &m->extent, err);
   case COLO_MSG_DIVERGED:
-    return decode_diverged (payload, len, &m->diverged, err);
+    return decode_diverged (t, payload, len, &m->diverged, err);
   default:
-    if (decode_simple (type, payload, len, m, err) == -1)
+    if (decode_simple (t, payload, len, m, err) == -1)
       return -1;
     return colo_msg_check (m, err);
   }

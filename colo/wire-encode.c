@@ -42,117 +42,34 @@ put_string (uint8_t *p, const char *s)
   return sizeof w + n;
 }
 
-static size_t
-put_hello (uint8_t *p, const struct colo_msg_hello *h)
-{
-  struct colo_wire_hello w = {
-    .role = htole16 (h->role),
-    .max_version = htole16 (h->max_version),
-    .channel = htole32 (h->channel),
-    .last_committed = htole64 (h->last_committed),
-    .last_applied = htole64 (h->last_applied),
-    .disk_size = htole64 (h->disk_size),
-    .cluster_size = htole32 (h->cluster_size),
-    .history_count = htole32 (h->history_count),
-  };
-  struct colo_wire_generation g;
-  uint32_t i;
-
-  memcpy (w.volume_id, h->volume_id, sizeof w.volume_id);
-  memcpy (w.generation_id, h->generation_id, sizeof w.generation_id);
-  memcpy (p, &w, sizeof w);
-  for (i = 0; i < h->history_count; i++) {
-    memcpy (g.generation_id, h->history[i].id, sizeof g.generation_id);
-    g.start_epoch = htole64 (h->history[i].start_epoch);
-    memcpy (p + sizeof w + i * sizeof g, &g, sizeof g);
-  }
-  return sizeof w + h->history_count * sizeof g;
-}
-
 void
 wire_put_extent (uint8_t *p, const struct colo_msg_extent *x)
 {
-  struct colo_wire_extent w = {
-    .offset = htole64 (x->offset),
-    .length = htole32 (x->length),
-    .flags = htole32 (x->flags),
-    .checksum = htole64 (x->checksum),
-  };
-
-  memcpy (p, &w, sizeof w);
+  wire_put_fields (wire_type_info (COLO_MSG_EXTENT), p, x);
 }
-
-/* Stores a fixed-size wire struct and returns its size. */
-#define PUT(p, ...) ({                                  \
-      __typeof__ (__VA_ARGS__) put_w_ = __VA_ARGS__;    \
-      memcpy ((p), &put_w_, sizeof put_w_);             \
-      sizeof put_w_;                                    \
-    })
 
 /* The payload of m, without an EXTENT's data: at most FIXED_MAX bytes. */
 static size_t
 put_payload (uint8_t *p, const struct colo_msg *m)
 {
-  size_t n;
+  const struct type_info *t = wire_type_info (m->type);
+  const struct colo_msg_hello *h = &m->hello;
+  struct colo_wire_generation g;
+  uint32_t i;
 
-  switch (m->type) {
-  case COLO_MSG_HELLO:
-    return put_hello (p, &m->hello);
-  case COLO_MSG_HELLO_REPLY:
-    n = PUT (p, (struct colo_wire_hello_reply) {
-             .status = htole32 (m->hello_reply.status) });
-    return n + put_string (p + n, m->hello_reply.reason);
-  case COLO_MSG_EPOCH_BEGIN: {
-    struct colo_wire_epoch_begin w = {
-      .epoch = htole64 (m->epoch_begin.epoch),
-      .cluster_size = htole32 (m->epoch_begin.cluster_size),
-      .flags = htole32 (m->epoch_begin.flags),
-      .extent_count = htole64 (m->epoch_begin.extent_count),
-      .total_bytes = htole64 (m->epoch_begin.total_bytes),
-    };
-    memcpy (w.generation_id, m->epoch_begin.generation_id,
-            sizeof w.generation_id);
-    return PUT (p, w);
+  wire_put_fields (t, p, &m->hello);    /* the union's start */
+  if (t->tail == TAIL_STRING)
+    return t->fixed + put_string (p + t->fixed,
+                                  (const char *) &m->hello + t->string);
+  if (m->type != COLO_MSG_HELLO)
+    return t->fixed;            /* EXTENT's data and DIVERGED's bits
+                                   are sent as they are */
+  for (i = 0; i < h->history_count; i++) {
+    memcpy (g.generation_id, h->history[i].id, sizeof g.generation_id);
+    g.start_epoch = htole64 (h->history[i].start_epoch);
+    memcpy (p + t->fixed + i * sizeof g, &g, sizeof g);
   }
-  case COLO_MSG_EXTENT:
-    wire_put_extent (p, &m->extent);
-    return sizeof (struct colo_wire_extent);
-  case COLO_MSG_EPOCH_END:
-    return PUT (p, (struct colo_wire_epoch_end) {
-        .epoch = htole64 (m->epoch_end.epoch),
-        .extent_count = htole64 (m->epoch_end.extent_count),
-        .digest = htole64 (m->epoch_end.digest) });
-  case COLO_MSG_EPOCH_DURABLE:
-    return PUT (p, (struct colo_wire_epoch_durable) {
-        .epoch = htole64 (m->epoch_durable.epoch) });
-  case COLO_MSG_EPOCH_REFUSED:
-    n = PUT (p, (struct colo_wire_epoch_refused) {
-             .epoch = htole64 (m->epoch_refused.epoch),
-             .reason = htole32 (m->epoch_refused.reason) });
-    return n + put_string (p + n, m->epoch_refused.message);
-  case COLO_MSG_HEARTBEAT:
-    return PUT (p, (struct colo_wire_heartbeat) {
-        .monotonic_ms = htole64 (m->heartbeat.monotonic_ms),
-        .last_committed = htole64 (m->heartbeat.last_committed) });
-  case COLO_MSG_HEARTBEAT_REPLY:
-    return PUT (p, (struct colo_wire_heartbeat_reply) {
-        .echo_ms = htole64 (m->heartbeat_reply.echo_ms),
-        .monotonic_ms = htole64 (m->heartbeat_reply.monotonic_ms),
-        .last_committed = htole64 (m->heartbeat_reply.last_committed),
-        .last_applied = htole64 (m->heartbeat_reply.last_applied) });
-  case COLO_MSG_ERROR:
-    n = PUT (p, (struct colo_wire_error_msg) {
-             .code = htole32 (m->error.code) });
-    return n + put_string (p + n, m->error.message);
-  case COLO_MSG_DIVERGED:
-    return PUT (p, (struct colo_wire_diverged) {
-        .base_epoch = htole64 (m->diverged.base_epoch),
-        .disk_size = htole64 (m->diverged.disk_size),
-        .cluster_size = htole32 (m->diverged.cluster_size),
-        .bit_count = htole64 (m->diverged.bit_count) });
-  default:
-    abort ();                   /* colo_msg_check lets no other through */
-  }
+  return t->fixed + h->history_count * sizeof g;
 }
 
 static void

@@ -20,10 +20,34 @@
 #define DATA_ALIGN 4096
 #define DATA_ALIGN_PAD (DATA_ALIGN - sizeof (struct colo_wire_extent))
 
-/* Payload bounds of each type, checked from the header alone. */
+/* One fixed field of a message: its offset in the payload (struct
+ * colo_wire_T) and in the message (struct colo_msg_T), which name it
+ * alike, and its size in both: 2, 4 or 8 (a little-endian number) or
+ * 16 (bytes).
+ */
+struct wire_field {
+  uint16_t wire, msg, size;
+};
+
+/* What follows a message's fixed fields. */
+enum wire_tail {
+  TAIL_NONE,
+  TAIL_STRING,                  /* a colo_wire_string, at string */
+  TAIL_OTHER,                   /* HELLO's history, EXTENT's data,
+                                   DIVERGED's bits: its own code */
+};
+
+/* Each type: its payload's bounds, checked from the header alone, and
+ * its layout, which the encoder and the decoder both follow.
+ */
 struct type_info {
   const char *name;
   uint32_t min, max;
+  uint32_t fixed;               /* sizeof (struct colo_wire_T) */
+  const struct wire_field *fields;
+  unsigned nfields;
+  enum wire_tail tail;
+  uint16_t string;              /* TAIL_STRING: its offset in colo_msg_T */
 };
 
 /* wire.c */
@@ -38,6 +62,16 @@ extern int wire_set_error (struct colo_wire_error *err, uint32_t code,
                            const char *fmt, ...)
   __attribute__ ((format (printf, 3, 4)));
 #define PROTO(err, ...) wire_set_error ((err), COLO_ERROR_PROTOCOL, __VA_ARGS__)
+
+/* Copy the fixed fields of a message of type t between the payload p
+ * and the message's body (the member of struct colo_msg's union, all of
+ * which start at the same address).  wire_put_fields writes t->fixed
+ * bytes, reserved ones as zeroes.
+ */
+extern void wire_get_fields (const struct type_info *t, const uint8_t *p,
+                             void *body);
+extern void wire_put_fields (const struct type_info *t, uint8_t *p,
+                             const void *body);
 
 extern bool wire_is_printable (uint8_t c);
 /* The checks of colo_msg_check that the decoder also runs on a message

@@ -43,38 +43,96 @@
 #include "wire.h"
 #include "wire-internal.h"
 
+/* A field of struct colo_wire_T and struct colo_msg_T; naming the
+ * array's length 1 - 2 * (sizes differ) stops the build if they differ.
+ */
+#define FIELD(T, f)                                                     \
+  { offsetof (struct colo_wire_##T, f), offsetof (struct colo_msg_##T, f), \
+    sizeof (((struct colo_wire_##T *) 0)->f) *                          \
+    sizeof (char [1 - 2 * (sizeof (((struct colo_wire_##T *) 0)->f) !=  \
+                           sizeof (((struct colo_msg_##T *) 0)->f))]) }
+#define FIELDS(a) a, sizeof a / sizeof a[0]
+
+static const struct wire_field hello[] = {
+  FIELD (hello, role), FIELD (hello, max_version), FIELD (hello, channel),
+  FIELD (hello, volume_id), FIELD (hello, generation_id),
+  FIELD (hello, last_committed), FIELD (hello, last_applied),
+  FIELD (hello, disk_size), FIELD (hello, cluster_size),
+  FIELD (hello, history_count),
+};
+static const struct wire_field hello_reply[] = { FIELD (hello_reply, status) };
+static const struct wire_field epoch_begin[] = {
+  FIELD (epoch_begin, epoch), FIELD (epoch_begin, generation_id),
+  FIELD (epoch_begin, cluster_size), FIELD (epoch_begin, flags),
+  FIELD (epoch_begin, extent_count), FIELD (epoch_begin, total_bytes),
+};
+static const struct wire_field extent[] = {
+  FIELD (extent, offset), FIELD (extent, length), FIELD (extent, flags),
+  FIELD (extent, checksum),
+};
+static const struct wire_field epoch_end[] = {
+  FIELD (epoch_end, epoch), FIELD (epoch_end, extent_count),
+  FIELD (epoch_end, digest),
+};
+static const struct wire_field epoch_durable[] = {
+  FIELD (epoch_durable, epoch),
+};
+static const struct wire_field epoch_refused[] = {
+  FIELD (epoch_refused, epoch), FIELD (epoch_refused, reason),
+};
+static const struct wire_field heartbeat[] = {
+  FIELD (heartbeat, monotonic_ms), FIELD (heartbeat, last_committed),
+};
+static const struct wire_field heartbeat_reply[] = {
+  FIELD (heartbeat_reply, echo_ms), FIELD (heartbeat_reply, monotonic_ms),
+  FIELD (heartbeat_reply, last_committed),
+  FIELD (heartbeat_reply, last_applied),
+};
+static const struct wire_field error_fields[] = {
+  { offsetof (struct colo_wire_error_msg, code),
+    offsetof (struct colo_msg_error, code), 4 },
+};
+static const struct wire_field diverged[] = {       /* not reserved */
+  FIELD (diverged, base_epoch), FIELD (diverged, disk_size),
+  FIELD (diverged, cluster_size), FIELD (diverged, bit_count),
+};
+
+/* A type whose payload is its fixed fields only, then a string, or
+ * then what its own code reads and writes (up to max bytes).
+ */
+#define ONLY(N, T) \
+  { #N, sizeof (struct colo_wire_##T), sizeof (struct colo_wire_##T), \
+    sizeof (struct colo_wire_##T), FIELDS (T), TAIL_NONE, 0 }
+#define WITH_STRING(N, T, wt, s) \
+  { #N, sizeof (struct colo_wire_##wt) + 2, \
+    sizeof (struct colo_wire_##wt) + STR_MAX, sizeof (struct colo_wire_##wt), \
+    FIELDS (T), TAIL_STRING, offsetof (struct colo_msg_##T, s) }
+#define WITH_OTHER(N, T, max) \
+  { #N, sizeof (struct colo_wire_##T), max, sizeof (struct colo_wire_##T), \
+    FIELDS (T), TAIL_OTHER, 0 }
+
 static const struct type_info types[COLO_MSG_TYPE_MAX + 1] = {
-  [COLO_MSG_HELLO] = { "HELLO", sizeof (struct colo_wire_hello), HELLO_MAX },
-  [COLO_MSG_HELLO_REPLY] = {
-    "HELLO_REPLY", sizeof (struct colo_wire_hello_reply) + 2,
-    sizeof (struct colo_wire_hello_reply) + STR_MAX },
-  [COLO_MSG_EPOCH_BEGIN] = {
-    "EPOCH_BEGIN", sizeof (struct colo_wire_epoch_begin),
-    sizeof (struct colo_wire_epoch_begin) },
-  [COLO_MSG_EXTENT] = {
-    "EXTENT", sizeof (struct colo_wire_extent),
-    sizeof (struct colo_wire_extent) + COLO_WIRE_MAX_EXTENT },
-  [COLO_MSG_EPOCH_END] = {
-    "EPOCH_END", sizeof (struct colo_wire_epoch_end),
-    sizeof (struct colo_wire_epoch_end) },
-  [COLO_MSG_EPOCH_DURABLE] = {
-    "EPOCH_DURABLE", sizeof (struct colo_wire_epoch_durable),
-    sizeof (struct colo_wire_epoch_durable) },
-  [COLO_MSG_EPOCH_REFUSED] = {
-    "EPOCH_REFUSED", sizeof (struct colo_wire_epoch_refused) + 2,
-    sizeof (struct colo_wire_epoch_refused) + STR_MAX },
-  [COLO_MSG_HEARTBEAT] = {
-    "HEARTBEAT", sizeof (struct colo_wire_heartbeat),
-    sizeof (struct colo_wire_heartbeat) },
-  [COLO_MSG_HEARTBEAT_REPLY] = {
-    "HEARTBEAT_REPLY", sizeof (struct colo_wire_heartbeat_reply),
-    sizeof (struct colo_wire_heartbeat_reply) },
+  [COLO_MSG_HELLO] = WITH_OTHER (HELLO, hello, HELLO_MAX),
+  [COLO_MSG_HELLO_REPLY] = WITH_STRING (HELLO_REPLY, hello_reply,
+                                        hello_reply, reason),
+  [COLO_MSG_EPOCH_BEGIN] = ONLY (EPOCH_BEGIN, epoch_begin),
+  [COLO_MSG_EXTENT] = WITH_OTHER (EXTENT, extent, sizeof (struct
+                                                          colo_wire_extent)
+                                  + COLO_WIRE_MAX_EXTENT),
+  [COLO_MSG_EPOCH_END] = ONLY (EPOCH_END, epoch_end),
+  [COLO_MSG_EPOCH_DURABLE] = ONLY (EPOCH_DURABLE, epoch_durable),
+  [COLO_MSG_EPOCH_REFUSED] = WITH_STRING (EPOCH_REFUSED, epoch_refused,
+                                          epoch_refused, message),
+  [COLO_MSG_HEARTBEAT] = ONLY (HEARTBEAT, heartbeat),
+  [COLO_MSG_HEARTBEAT_REPLY] = ONLY (HEARTBEAT_REPLY, heartbeat_reply),
   [COLO_MSG_ERROR] = {
     "ERROR", sizeof (struct colo_wire_error_msg) + 2,
-    sizeof (struct colo_wire_error_msg) + STR_MAX },
-  [COLO_MSG_DIVERGED] = {
-    "DIVERGED", sizeof (struct colo_wire_diverged),
-    sizeof (struct colo_wire_diverged) + COLO_WIRE_MAX_EXTENT },
+    sizeof (struct colo_wire_error_msg) + STR_MAX,
+    sizeof (struct colo_wire_error_msg), FIELDS (error_fields), TAIL_STRING,
+    offsetof (struct colo_msg_error, message) },
+  [COLO_MSG_DIVERGED] = WITH_OTHER (DIVERGED, diverged,
+                                    sizeof (struct colo_wire_diverged) +
+                                    COLO_WIRE_MAX_EXTENT),
 };
 
 _Static_assert (COLO_WIRE_MAX_PAYLOAD >= HELLO_MAX &&
@@ -96,6 +154,73 @@ colo_msg_type_name (unsigned type)
   const struct type_info *t = wire_type_info (type);
 
   return t ? t->name : "unknown";
+}
+
+/* A field's value in the message: a host number of size bytes. */
+static uint64_t
+load_host (const void *from, unsigned size)
+{
+  uint16_t u16;
+  uint32_t u32;
+  uint64_t u64;
+
+  switch (size) {
+  case 2: memcpy (&u16, from, 2); return u16;
+  case 4: memcpy (&u32, from, 4); return u32;
+  default: memcpy (&u64, from, 8); return u64;
+  }
+}
+
+static void
+store_host (void *to, unsigned size, uint64_t v)
+{
+  uint16_t u16 = v;
+  uint32_t u32 = v;
+
+  switch (size) {
+  case 2: memcpy (to, &u16, 2); break;
+  case 4: memcpy (to, &u32, 4); break;
+  default: memcpy (to, &v, 8);
+  }
+}
+
+void
+wire_get_fields (const struct type_info *t, const uint8_t *p, void *body)
+{
+  unsigned i, k;
+
+  for (i = 0; i < t->nfields; i++) {
+    const struct wire_field *f = &t->fields[i];
+    uint64_t v = 0;
+
+    if (f->size == 16) {
+      memcpy ((char *) body + f->msg, p + f->wire, 16);
+      continue;
+    }
+    for (k = f->size; k > 0; k--)     /* little-endian */
+      v = v << 8 | p[f->wire + k - 1];
+    store_host ((char *) body + f->msg, f->size, v);
+  }
+}
+
+void
+wire_put_fields (const struct type_info *t, uint8_t *p, const void *body)
+{
+  unsigned i, k;
+
+  memset (p, 0, t->fixed);
+  for (i = 0; i < t->nfields; i++) {
+    const struct wire_field *f = &t->fields[i];
+    uint64_t v;
+
+    if (f->size == 16) {
+      memcpy (p + f->wire, (const char *) body + f->msg, 16);
+      continue;
+    }
+    v = load_host ((const char *) body + f->msg, f->size);
+    for (k = 0; k < f->size; k++, v >>= 8)
+      p[f->wire + k] = v;
+  }
 }
 
 int
