@@ -59,6 +59,15 @@ plan ()
   echo "1..$1"
 }
 
+# _not_ok DESC: test $_tap_n failed; the tail of its output ($tmp/.out)
+# goes to the log.
+_not_ok ()
+{
+  echo "not ok $_tap_n - $1"
+  sed 's/^/# /' "$tmp/.out" | tail -20
+  _tap_failed=$((_tap_failed + 1))
+}
+
 ok ()
 {
   local desc=$1; shift
@@ -66,9 +75,7 @@ ok ()
   if "$@" >"$tmp/.out" 2>&1; then
     echo "ok $_tap_n - $desc"
   else
-    echo "not ok $_tap_n - $desc"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc"
   fi
 }
 
@@ -79,15 +86,11 @@ ok_fails ()
   local desc=$1 pattern=$2; shift 2
   _tap_n=$((_tap_n + 1))
   if "$@" >"$tmp/.out" 2>&1; then
-    echo "not ok $_tap_n - $desc (command succeeded)"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc (command succeeded)"
   elif grep -Eq -- "$pattern" "$tmp/.out"; then
     echo "ok $_tap_n - $desc"
   else
-    echo "not ok $_tap_n - $desc (no message matching /$pattern/)"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc (no message matching /$pattern/)"
   fi
 }
 
@@ -108,6 +111,44 @@ is ()
 diag ()
 {
   printf '%s\n' "$*" | sed 's/^/# /'
+}
+
+# ---- set-up ----
+
+# make_disk PATH SIZE [PATTERN [LENGTH]]: a raw disk image of SIZE (as
+# truncate takes it: 8M) whose first LENGTH bytes (all of it if not
+# given) hold the byte PATTERN, written with qemu-io.
+make_disk ()
+{
+  truncate -s "$2" "$1" || return 1
+  [ $# -lt 3 ] ||
+    qemu-io -f raw -c "write -P $3 0 ${4:-$2}" "$1" >/dev/null
+}
+
+# persistent_setup: the persistence tests' set-up: $disk (8 MiB of
+# 0x21), $store, and the functions start [PLUGIN ARGS] (nbdkit p on them
+# with persistent=true and control socket $tmp/p.ctl) and crash (nbdkit
+# p killed with -9, as a power cut would).
+persistent_setup ()
+{
+  disk=$tmp/disk
+  store=$tmp/store
+  make_disk "$disk" 8M 0x21 || return 1
+  start () {
+    start_nbdkit p -- disk="$disk" store="$store" control="$tmp/p.ctl" \
+                 persistent=true "$@"
+  }
+  crash () { crash_nbdkit p; }
+}
+
+# watch_events CTL FILE SECONDS: fleecectl subscribes to the events of
+# control socket CTL for at most SECONDS, in the background, writing
+# them to FILE as JSON; its PID is $events_pid, killed at exit.
+watch_events ()
+{
+  fleecectl -s "$1" --json events --timeout "$3" >"$2" 2>&1 &
+  events_pid=$!
+  cleanup_fn "kill $events_pid 2>/dev/null"
 }
 
 # ---- servers ----

@@ -14,8 +14,7 @@ make_pki
 
 G=65536                                 # granule = cluster size
 disk=$tmp/disk
-truncate -s 64M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 32M' "$disk" >/dev/null
+make_disk "$disk" 64M 0x01 32M
 ok "nbdkit starts (--tls=require, peer verified)" \
    start_nbdkit s --tls=require --tls-certificates="$tmp/pki" --tls-verify-peer \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" \
