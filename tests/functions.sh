@@ -153,6 +153,26 @@ watch_events ()
 
 # ---- servers ----
 
+# _started WHAT SOCK PIDFILE LOG: a server WHAT was just started in the
+# background, its PID in PIDFILE: register its kill by PID, then wait up
+# to 30 s for it to create SOCK.  1, with its log, if it exits first.
+_started ()
+{
+  local what=$1 sock=$2 pidfile=$3 log=$4 i
+  cleanup_fn "kill_by_pidfile '$pidfile'"
+  for (( i = 0; i < 300; i++ )); do
+    [ -S "$sock" ] && return 0
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "# $what exited during start:"
+      sed 's/^/#   /' "$log"
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "# $what did not create $sock in 30 s"
+  return 1
+}
+
 # start_nbdkit NAME [nbdkit args...] -- PLUGIN-ARGS...
 # Starts nbdkit with the fleece plugin in the foreground, in the
 # background of this shell, on socket $tmp/NAME.sock, with its log in
@@ -162,7 +182,7 @@ start_nbdkit ()
 {
   local name=$1; shift
   local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
-  local args=() i
+  local args=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     args+=("$1"); shift
   done
@@ -173,20 +193,7 @@ start_nbdkit ()
     $VG nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
     >"$log" 2>&1 &
   echo $! >"$pidfile"
-  cleanup_fn "kill_by_pidfile '$pidfile'"
-  for (( i = 0; i < 300; i++ )); do
-    if [ -S "$sock" ]; then
-      return 0
-    fi
-    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      echo "# nbdkit $name exited during start:"
-      sed 's/^/#   /' "$log"
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "# nbdkit $name did not create $sock in 30 s"
-  return 1
+  _started "nbdkit $name" "$sock" "$pidfile" "$log"
 }
 
 # pid_gone PID [SECONDS]: true once process PID is gone, polling for at
@@ -427,7 +434,7 @@ start_proxy ()
 {
   local name=$1 up=$2; shift 2
   local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
-  local opts=() params=() i
+  local opts=() params=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     case $1 in
       -*) opts+=("$1") ;;
@@ -440,18 +447,7 @@ start_proxy ()
   nbdkit -f -U "$sock" "${opts[@]}" nbd socket="$tmp/$up.sock" \
     dynamic-export=true "${params[@]}" "$@" >"$log" 2>&1 &
   echo $! >"$pidfile"
-  cleanup_fn "kill_by_pidfile '$pidfile'"
-  for (( i = 0; i < 300; i++ )); do
-    [ -S "$sock" ] && return 0
-    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      echo "# proxy $name exited during start:"
-      sed 's/^/#   /' "$log"
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "# proxy $name did not create $sock in 30 s"
-  return 1
+  _started "proxy $name" "$sock" "$pidfile" "$log"
 }
 
 # stats_read_bytes FILE: bytes read according to the last "read:" line of
