@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "clock.h"
 #include "colod.h"
 #include "log.h"
@@ -194,7 +195,7 @@ int
 plugin_chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
               char *err, size_t errlen)
 {
-  uint64_t *v;
+  CLEANUP_FREE uint64_t *v = NULL;
   size_t cnt, i;
   bool have_base = false;
 
@@ -214,11 +215,9 @@ plugin_chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
   }
   if (*names == NULL || i < cnt) {
     /* A bitmap left out of the union would lose its clusters. */
-    free (v);
     snprintf (err, errlen, "query-bitmaps: out of memory");
     return -1;
   }
-  free (v);
   return have_base ? 0 : 1;
 }
 

@@ -1202,7 +1202,38 @@ test_diverged_errors (void)
 {
   static uint8_t f[HDR + 64], p[64];
   const uint64_t disk = 11 * 4096 - 100; /* 11 clusters, the last partial */
-  size_t n;
+  /* A DIVERGED payload and the error it must get. */
+  const struct {
+    uint64_t disk_size;
+    uint32_t cluster_size;
+    uint64_t bit_count;
+    size_t bytes;
+    const char *desc, *msg;
+  } bad[] = {
+    { disk, 1000, 11, 2, "DIVERGED cluster size 1000",
+      "DIVERGED: cluster size 1000 is not a power of two from 512 to "
+      "67108864" },
+    { disk, 0, 0, 0, "DIVERGED cluster size 0",
+      "DIVERGED: cluster size 0 is not a power of two" },
+    { disk, 256, 0, 0, "DIVERGED cluster size 256",
+      "DIVERGED: cluster size 256 is not a power of two" },
+    { disk, 4096, 10, 2, "DIVERGED one bit short",
+      "DIVERGED: 10 bits for a disk of 11 clusters" },
+    { 11 * 4096, 4096, 12, 2, "DIVERGED one bit too many",
+      "DIVERGED: 12 bits for a disk of 11 clusters" },
+    { 0, 4096, 1, 1, "DIVERGED bits for an empty disk",
+      "DIVERGED: 1 bits for a disk of 0 clusters" },
+    { ((1ull << 29) + 1) * 4096, 4096, (1ull << 29) + 1, 0,
+      "DIVERGED bitmap larger than a frame",
+      "DIVERGED: 536870913 bits, more than one frame holds" },
+    { disk, 4096, 11, 1, "DIVERGED bitmap one byte short",
+      "DIVERGED: 11 bits in 1 bytes" },
+    { disk, 4096, 11, 3, "DIVERGED bitmap one byte long",
+      "DIVERGED: 11 bits in 3 bytes" },
+    { disk, 4096, 0, 2, "DIVERGED bitmap with bit_count 0",
+      "DIVERGED: 0 bits in 2 bytes" },
+  };
+  size_t n, i;
 
   n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
                     diverged_payload (p, disk, 4096, 11, 2));
@@ -1211,51 +1242,13 @@ test_diverged_errors (void)
                     diverged_payload (p, 1ull << 40, 65536, 0, 0));
   expect_valid ("a DIVERGED with nothing diverged", f, n, COLO_MSG_DIVERGED);
 
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 1000, 11, 2));
-  expect_error ("DIVERGED cluster size 1000", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 1000 is not a power of two from "
-                "512 to 67108864");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 0, 0, 0));
-  expect_error ("DIVERGED cluster size 0", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 0 is not a power of two");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 256, 0, 0));
-  expect_error ("DIVERGED cluster size 256", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 256 is not a power of two");
-
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 10, 2));
-  expect_error ("DIVERGED one bit short", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 10 bits for a disk of 11 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, 11 * 4096, 4096, 12, 2));
-  expect_error ("DIVERGED one bit too many", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 12 bits for a disk of 11 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, 0, 4096, 1, 1));
-  expect_error ("DIVERGED bits for an empty disk", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 1 bits for a disk of 0 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, ((1ull << 29) + 1) * 4096, 4096,
-                                      (1ull << 29) + 1, 0));
-  expect_error ("DIVERGED bitmap larger than a frame", f, n,
-                COLO_ERROR_PROTOCOL,
-                "DIVERGED: 536870913 bits, more than one frame holds");
-
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 11, 1));
-  expect_error ("DIVERGED bitmap one byte short", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 11 bits in 1 bytes");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 11, 3));
-  expect_error ("DIVERGED bitmap one byte long", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 11 bits in 3 bytes");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 0, 2));
-  expect_error ("DIVERGED bitmap with bit_count 0", f, n,
-                COLO_ERROR_PROTOCOL, "DIVERGED: 0 bits in 2 bytes");
+  for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                      diverged_payload (p, bad[i].disk_size,
+                                        bad[i].cluster_size,
+                                        bad[i].bit_count, bad[i].bytes));
+    expect_error (bad[i].desc, f, n, COLO_ERROR_PROTOCOL, bad[i].msg);
+  }
 
   n = diverged_payload (p, disk, 4096, 11, 2);
   put32 (p + 20, 1);
