@@ -1,11 +1,13 @@
 /* fleece-colod: the wire protocol's messages and their rules.
  *
- * Files.  Each of the eleven message types is checked here (wire.c:
- * colo_msg_check, the type table, an extent's checksum and the epoch
- * digest), encoded in wire-encode.c and decoded in wire-decode.c; the
- * checks are shared by the decoder and the encoder, so that the fuzzer
- * (tests/fuzz/fuzz-colo-wire.c) and a reader find every rule a frame
- * must pass in this file.
+ * Files.  Each of the eleven message types is checked and laid out here
+ * (wire.c: colo_msg_check; the type table, with each type's payload
+ * bounds and its fixed fields, their offsets and sizes; an extent's
+ * checksum and the epoch digest), encoded in wire-encode.c and decoded
+ * in wire-decode.c.  The checks and the layout are shared by the
+ * decoder and the encoder, so that the fuzzer (tests/fuzz/
+ * fuzz-colo-wire.c) and a reader find every rule a frame must pass, and
+ * every field's place, in this file.
  *
  * A frame is a 40-byte header (include/fleece-colo-wire.h) and a payload
  * whose layout depends on its type.  The header carries two xxh64
