@@ -59,7 +59,7 @@ static __thread char last_error[1024];
 /* Set by colo_tls_set_log before any connection is made, then only
  * read, by any thread.
  */
-static void (*log_fn) (const char *msg);
+static void (*log_fn) (const char *fmt, va_list ap);
 
 const char *
 colo_tls_last_error (void)
@@ -68,7 +68,7 @@ colo_tls_last_error (void)
 }
 
 void
-colo_tls_set_log (void (*fn) (const char *msg))
+colo_tls_set_log (void (*fn) (const char *fmt, va_list ap))
 {
   log_fn = fn;
 }
@@ -89,16 +89,14 @@ tls_error (int err, const char *fmt, ...)
 void
 tls_debug (const char *fmt, ...)
 {
-  char msg[512];
   va_list ap;
   int saved = errno;
 
-  if (!log_fn)
-    return;
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  log_fn (msg);
+  if (log_fn) {
+    va_start (ap, fmt);
+    log_fn (fmt, ap);
+    va_end (ap);
+  }
   errno = saved;
 }
 

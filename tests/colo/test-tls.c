@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -819,6 +820,39 @@ test_ipv6 (void)
   colo_tls_free (tls);
 }
 
+/* The transport's debug messages, as colo_tls_set_log passes them:
+ * formatted here, one a line (the server's and the client's threads
+ * both log).
+ */
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static char logged[8192];
+
+static void
+collect (const char *fmt, va_list ap)
+{
+  size_t n;
+
+  pthread_mutex_lock (&log_lock);
+  n = strlen (logged);
+  if (n + 2 < sizeof logged) {
+    vsnprintf (logged + n, sizeof logged - n - 1, fmt, ap);
+    strcat (logged, "\n");
+  }
+  pthread_mutex_unlock (&log_lock);
+}
+
+static void
+test_debug_log (void)
+{
+  colo_tls_set_log (collect);
+  test_x509_ok ();
+  colo_tls_set_log (NULL);
+  ok (contains (logged, "listening on 127.0.0.1:"),
+      "debug log: the listener's address, formatted");
+  ok (contains (logged, "TLS with 127.0.0.1:"),
+      "debug log: the negotiated session and the peer");
+}
+
 int
 main (void)
 {
@@ -830,7 +864,7 @@ main (void)
 
   test_addresses ();
   test_config_errors ();
-  test_x509_ok ();
+  test_debug_log ();            /* test_x509_ok, logging */
   test_x509_refused ();
   test_x509_names ();
   test_no_client_certificate ();
