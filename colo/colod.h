@@ -12,6 +12,7 @@
  *   ctl.c conn.c pairing.c     the control socket and its clients, a peer
  *                              connection, the pairing rules
  *   events.c                   events to subscribers, failover states
+ *   notify.c                   what it tells systemd (sd_notify)
  *   log.c clock.c colod.c      the log, time, this state
  * and on libcolo (wire*.c, tls*.c, journal*.c, state.c, source.c).
  * docs/replication.md is the operator's description; fleece-colod(1)

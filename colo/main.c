@@ -20,6 +20,7 @@
 
 #include "colod.h"
 #include "ctl.h"
+#include "notify.h"
 #include "primary.h"
 #include "secondary.h"
 
@@ -337,6 +338,8 @@ main (int argc, char *argv[])
         require ("--peer ADDR:PORT", colod.opt.peer) == -1)
       return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_CLIENT;
+    if (colod_notify_start () == -1)
+      return COLOD_EXIT_ERROR;
     r = colod_run_primary ();
   }
   else if (strcmp (colod.opt.role, "secondary") == 0) {
@@ -344,10 +347,13 @@ main (int argc, char *argv[])
         require ("--disk PATH", colod.opt.disk) == -1)
       return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_SERVER;
+    if (colod_notify_start () == -1)
+      return COLOD_EXIT_ERROR;
     r = colod_run_secondary ();
   }
   else
     abort ();                   /* known_role */
+  colod_notify_stop ();
   colod_control_stop ();
   return r;
 }

@@ -506,3 +506,24 @@ backup ()
   cat "$log" >&2
   return "$st"
 }
+
+# install_dirs: set the directories "make install" uses (prefix, bindir,
+# ..., systemdsystemunitdir), as configure set them in the build's top
+# Makefile, each expanded (${prefix}, ${libdir} ... in them).
+install_dirs ()
+{
+  local v
+  for v in prefix exec_prefix bindir libdir datarootdir datadir mandir \
+           PACKAGE_TARNAME docdir nbdkit_plugindir systemdsystemunitdir \
+           sysusersdir bashcompletiondir; do
+    eval "$v=\"$(sed -n "s|^$v = ||p" "$abs_top_builddir/Makefile")\""
+  done
+}
+
+# install_tree ROOT: "make install DESTDIR=ROOT" of this build, bounded;
+# the outer make's jobserver and flags are not this make's.
+install_tree ()
+{
+  timeout -k 5 300 env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
+    make -C "$abs_top_builddir" install DESTDIR="$1"
+}

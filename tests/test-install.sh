@@ -10,20 +10,10 @@ b=$abs_top_builddir
 s=$abs_top_srcdir
 root=$tmp/root
 
-# The outer make's jobserver and flags are not this make's.
-ok "make install DESTDIR=..." \
-   timeout -k 5 300 env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
-     make -C "$b" install DESTDIR="$root"
+ok "make install DESTDIR=..." install_tree "$root"
 
 # Where each kind of file went, from the build's own settings.
-setting ()
-{
-  sed -n "s|^$1 = ||p" "$b/Makefile"
-}
-for v in prefix exec_prefix bindir datarootdir mandir PACKAGE_TARNAME \
-         docdir nbdkit_plugindir; do
-  eval "$v=\"$(setting "$v")\""
-done
+install_dirs
 plugindir=$nbdkit_plugindir
 diag "prefix=$prefix docdir=$docdir plugindir=$plugindir"
 
@@ -50,6 +40,16 @@ done
 for d in README.md LICENSE design.md; do
   ok "$d is installed in the doc directory" test -s "$root$docdir/$d"
 done
+for u in fleece-nbdkit@.service fleece-nbdkit@.socket \
+         fleece-colod-primary@.service fleece-colod-secondary@.service \
+         fleece-backup@.service fleece-backup@.timer; do
+  ok "systemd unit $u is installed" test -s "$root$systemdsystemunitdir/$u"
+done
+ok "the services name the installed programs" \
+   grep -q "^ExecStart=$bindir/fleece-colod primary " \
+     "$root$systemdsystemunitdir/fleece-colod-primary@.service"
+ok "the sysusers.d file of their user is installed" \
+   grep -q '^u fleece ' "$root$sysusersdir/fleece.conf"
 ok "the man pages say where the documents are" \
    grep -q 'share/doc/fleece' "$root$mandir/man1/nbdkit-fleece-plugin.1"
 
