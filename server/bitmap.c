@@ -166,8 +166,7 @@ bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
     *wait = seq;
   return 0;
  record:
-  wb_u32 (&b, in.c0);
-  wb_u32 (&b, in.c1 - in.c0 + 1);
+  rec_put_dirty (&b, in.c0, in.c1 - in.c0 + 1);
   seq = meta_append_with (fl, REC_DIRTY, &b, false, intent_set, &in);
   free (b.p);
   if (seq == 0)

@@ -147,8 +147,7 @@ snap_break_locked (struct fleece *fl, struct fleece_snap *s,
   snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
   if (fl->meta.on) {
     struct wbuf b = { 0 };
-    wb_u32 (&b, s->gen);
-    wb_str (&b, s->broken_reason);
+    rec_put_broken (&b, s->gen, s->broken_reason);
     seq = meta_append (fl, REC_BROKEN, &b, false);
     free (b.p);
     if (seq == 0)
@@ -461,8 +460,7 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
     r = store_failed (fl, ctx, a, n, gen);
     goto out;
   }
-  wb_u32 (&rec, n);
-  wb_u32 (&rec, 0);
+  rec_copies_begin (&rec);
   for (i = 0; i < n; i++) {
     uint64_t c = a + i;
     struct copy cp = {
@@ -479,10 +477,7 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
       n = i;                    /* the record holds the copies made */
       goto record;
     }
-    wb_u32 (&rec, cp.cluster);
-    wb_u32 (&rec, cp.lo);
-    wb_u32 (&rec, cp.hi);
-    wb_u32 (&rec, cp.slot);
+    rec_put_copy (&rec, &cp);
     data |= cp.slot != ZERO_SLOT;
     count_holders (fl, c, cp.lo, gen);
     atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1,
@@ -495,9 +490,7 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
  record:
   if (fl->meta.on && n > 0) {
     uint64_t seq;
-    uint32_t le = htole32 (n);
-    if (!rec.failed)
-      memcpy (rec.p, &le, 4);
+    rec_copies_end (&rec, n);
     seq = meta_append (fl, REC_COPY, &rec, data);
     if (seq == 0)
       r = -1;

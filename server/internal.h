@@ -225,11 +225,9 @@ extern int copymap_foreach (struct copymap *m,
                             int (*fn) (void *, const struct copy *),
                             void *opaque);
 
-/* ---- meta.c: the metadata log of persistent stores ---- */
+/* ---- record.c: the metadata's encodings (docs/store-format.md) ---- */
 
-/* A growable little-endian output buffer and a bounds-checked reader, for
- * the records and the image (docs/store-format.md).
- */
+/* A growable little-endian output buffer and a bounds-checked reader. */
 struct wbuf {
   char *p;
   size_t len, cap;
@@ -241,18 +239,82 @@ extern void wb_u32 (struct wbuf *b, uint32_t v);
 extern void wb_u64 (struct wbuf *b, uint64_t v);
 extern void wb_str (struct wbuf *b, const char *s);
 extern void wb_words (struct wbuf *b, _Atomic uint64_t *w, uint64_t n);
+extern void wb_free (struct wbuf *b);
 
 struct rbuf {
   const char *p;
   size_t len, pos;
   bool bad;                     /* read past the end, or invalid */
 };
+extern const void *rb_take (struct rbuf *b, size_t n);
 extern uint16_t rb_u16 (struct rbuf *b);
 extern uint32_t rb_u32 (struct rbuf *b);
 extern uint64_t rb_u64 (struct rbuf *b);
 /* A string of at most max bytes into out (max + 1 bytes). */
 extern void rb_str (struct rbuf *b, char *out, size_t max);
 extern void rb_words (struct rbuf *b, _Atomic uint64_t *w, uint64_t n);
+extern size_t rb_left (const struct rbuf *b);
+
+/* Record types. */
+#define REC_STATE    0x0001
+#define REC_BROKEN   0x0013
+#define REC_COPY     0x0020
+#define REC_RELEASE  0x0021
+#define REC_DIRTY    0x0022
+
+#define REC_HDR_SIZE   32
+#define REC_REASON_MAX 255      /* bytes of a BROKEN record's reason */
+
+struct rec {
+  uint16_t type;
+  uint64_t seq;
+  struct rbuf payload;
+};
+extern void rec_encode (struct wbuf *out, uint16_t type, uint64_t seq,
+                        const void *payload, size_t len);
+extern size_t rec_decode (const char *p, size_t avail, struct rec *r);
+extern void rec_peek (const char *p, bool *magic, uint32_t *len,
+                      uint64_t *seq);
+
+/* STATE: where the image is. */
+struct rec_state {
+  uint32_t slot, nslots;
+  uint64_t len, hash;
+  uint32_t gen;
+};
+extern void rec_put_state (struct wbuf *b, const struct rec_state *st);
+extern bool rec_get_state (const struct rec *r, struct rec_state *st);
+extern void rec_put_copy (struct wbuf *b, const struct copy *cp);
+extern void rec_get_copy (struct rbuf *b, struct copy *cp);
+extern void rec_copies_begin (struct wbuf *b);
+extern void rec_copies_end (struct wbuf *b, uint32_t n);
+extern bool rec_get_copies (struct rbuf *b, uint32_t *n);
+extern void rec_put_release (struct wbuf *b, uint32_t gen, uint32_t first,
+                             uint32_t count);
+extern bool rec_get_release (struct rbuf *b, uint32_t *gen, uint32_t *first,
+                             uint32_t *count);
+extern void rec_put_broken (struct wbuf *b, uint32_t gen,
+                            const char *reason);
+extern bool rec_get_broken (struct rbuf *b, uint32_t *gen, char *reason);
+extern void rec_put_dirty (struct wbuf *b, uint32_t first, uint32_t count);
+extern bool rec_get_dirty (struct rbuf *b, uint32_t *first,
+                           uint32_t *count);
+
+/* The image's header; the snapshots and bitmaps that follow it are
+ * snapshot.c's and bitmap.c's, then comes the copy table.
+ */
+struct rec_image {
+  uint32_t cluster_size;
+  uint64_t disk_size;
+  uint32_t gen, nsnaps, nbitmaps;
+  uint64_t ncopies;
+};
+extern void rec_put_image (struct wbuf *b, const struct rec_image *im);
+extern void rec_image_copies (struct wbuf *b, size_t start);
+extern bool rec_get_image (struct rbuf *b, struct rec_image *im);
+extern bool rec_image_table_ok (const struct rbuf *b, uint64_t ncopies);
+
+/* ---- meta.c: the metadata log of persistent stores ---- */
 
 struct meta {
   bool on;                      /* persistent=true; constant after open */
@@ -289,14 +351,14 @@ struct meta {
   atomic_bool sb_clean;
 };
 
-/* Record types (docs/store-format.md). */
-#define REC_STATE    0x0001
-#define REC_BROKEN   0x0013
-#define REC_COPY     0x0020
-#define REC_RELEASE  0x0021
-#define REC_DIRTY    0x0022
+/* The log's two halves, after the superblock. */
+#define META_HALF_SIZE (FLEECE_STORE_META_SIZE / 2)
 
 extern int meta_init (struct fleece *fl, bool existing, bool *was_clean);
+/* meta-load.c: load the log into memory (meta_init). */
+extern int meta_load (struct fleece *fl);
+/* Record why the metadata cannot be trusted; returns -1. */
+extern int meta_damaged (struct fleece *fl, const char *what);
 extern int meta_start (struct fleece *fl, bool existing, bool was_clean);
 extern int meta_start_compactor (struct fleece *fl);
 extern void meta_close (struct fleece *fl);
@@ -467,7 +529,13 @@ extern int bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
 extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,
                                uint32_t count);
 extern void bitmap_free_all (struct fleece *fl);
-/* The image (meta.c): bitmaps; admin_lock held. */
+/* The image (meta.c): snapshots, with snaps_lock held; bitmaps, with
+ * admin_lock held.
+ */
+extern void snap_image_put (struct fleece *fl, struct wbuf *b);
+extern int snap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n,
+                           uint32_t gen);
+extern struct fleece_snap *snap_by_gen (struct fleece *fl, uint32_t gen);
 extern void bitmap_image_put (struct fleece *fl, struct wbuf *b);
 extern int bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n);
 extern uint32_t bitmap_count_all (struct fleece *fl);

@@ -763,9 +763,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };
-    wb_u32 (&b, s->gen);
-    wb_u32 (&b, c0);
-    wb_u32 (&b, c1 - c0);
+    rec_put_release (&b, s->gen, c0, c1 - c0);
     seq = meta_append (fl, REC_RELEASE, &b, false);
     free (b.p);
   }
@@ -1051,4 +1049,91 @@ fleece_snapshot_info (struct fleece *fl, const char *name,
   if (r == -1)
     fl_error (ENOENT, "snapshot '%s' does not exist", name);
   return r;
+}
+
+/* ---- persistence: the snapshots' part of the image (meta.c) ---- */
+
+#define IMG_BROKEN   1u
+#define IMG_RELEASED 2u         /* its released bits follow */
+
+struct fleece_snap *
+snap_by_gen (struct fleece *fl, uint32_t gen)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++)
+    if (fl->snaps[i]->gen == gen)
+      return fl->snaps[i];
+  return NULL;
+}
+
+/* Called with snaps_lock held. */
+void
+snap_image_put (struct fleece *fl, struct wbuf *b)
+{
+  uint64_t nwords = (fl->nclusters + 63) / 64;
+  size_t i;
+
+  /* A snapshot being broken appends its BROKEN record before it sets
+   * broken, both under break_lock: if the record fell before the cut, the
+   * flag is set by the time this lock is ours.
+   */
+  pthread_mutex_lock (&fl->break_lock);
+  for (i = 0; i < fl->nsnaps; i++) {
+    struct fleece_snap *s = fl->snaps[i];
+    _Atomic uint64_t *rel = atomic_load (&s->released);
+    bool broken = atomic_load (&s->broken);
+
+    wb_u32 (b, s->gen);
+    wb_u32 (b, (broken ? IMG_BROKEN : 0) | (rel ? IMG_RELEASED : 0));
+    wb_u64 (b, (uint64_t) s->created);
+    wb_str (b, s->name);
+    wb_str (b, broken ? s->broken_reason : "");
+    if (rel)
+      wb_words (b, rel, nwords);
+  }
+  pthread_mutex_unlock (&fl->break_lock);
+}
+
+/* Load n snapshots of the image, oldest first, none newer than gen. */
+int
+snap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, uint32_t gen)
+{
+  uint64_t nwords = (fl->nclusters + 63) / 64;
+  uint32_t i, last_gen = 0;
+
+  for (i = 0; i < n; i++) {
+    char name[FLEECE_SNAPSHOT_NAME_MAX + 1], reason[REC_REASON_MAX + 1];
+    uint32_t sgen = rb_u32 (b), flags = rb_u32 (b);
+    int64_t created = (int64_t) rb_u64 (b);
+    struct fleece_snap *s;
+
+    rb_str (b, name, FLEECE_SNAPSHOT_NAME_MAX);
+    rb_str (b, reason, REC_REASON_MAX);
+    if (b->bad || sgen <= last_gen || sgen > gen ||
+        (flags & ~(IMG_BROKEN | IMG_RELEASED)))
+      return meta_damaged (fl, "a snapshot in the image is not valid");
+    last_gen = sgen;
+    s = snap_restore (fl, name, sgen, created);
+    if (s == NULL)
+      return -1;
+    if (flags & IMG_RELEASED) {
+      _Atomic uint64_t *bits;
+      if (ensure_released_bits (s) == -1)
+        return -1;
+      bits = atomic_load (&s->released);
+      rb_words (b, bits, nwords);
+      if (fl->nclusters % 64 &&
+          (atomic_load (&bits[nwords - 1]) >> (fl->nclusters % 64)))
+        b->bad = true;
+    }
+    if (flags & IMG_BROKEN) {
+      snprintf (s->broken_reason, sizeof s->broken_reason, "%s",
+                reason[0] ? reason : "broken in an earlier run");
+      atomic_store (&s->broken, true);
+    }
+  }
+  if (b->bad)
+    return meta_damaged (fl, "a snapshot in the image is truncated");
+  return 0;
 }
