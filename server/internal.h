@@ -14,6 +14,7 @@
 #include "monotonic.h"
 
 #define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
+#define NO_SLOT (UINT32_MAX - 1) /* none allocated (store_put_run) */
 
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
@@ -134,6 +135,11 @@ extern int store_write (struct store *s, uint32_t slot, uint32_t nslots,
                         const void *buf, size_t len);
 extern int store_read (struct store *s, uint32_t slot, uint64_t within,
                        void *buf, size_t len);
+extern int store_put_run (struct store *s, const char *buf, uint32_t n,
+                          uint64_t len, uint32_t *slots,
+                          _Atomic uint64_t *copied);
+extern void store_free_run (struct store *s, const uint32_t *slots,
+                            uint32_t n);
 extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
                          uint64_t *file_bytes);
 /* Persistent stores. */
@@ -507,6 +513,11 @@ state_nsnaps (uint64_t st)
   return st & 0xffffffff;
 }
 
+/* snapshot-read.c: can s be read at all?  io_lock held. */
+extern int snap_check_readable (struct fleece_snap *s);
+extern int snap_break_locked (struct fleece *fl, struct fleece_snap *s,
+                              const char *reason, uint64_t *wait,
+                              bool *broke);
 extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
 extern bool snap_reads_copy (const struct fleece_snap *s, uint64_t c,
                              uint32_t lo, uint32_t hi);
