@@ -211,7 +211,8 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     uint32_t sgen, first, count, c;
     struct fleece_snap *s;
     _Atomic uint64_t *bits;
-    if (!rec_get_release (b, &sgen, &first, &count) || first >= fl->nclusters || count > fl->nclusters - first)
+    if (!rec_get_release (b, &sgen, &first, &count) ||
+        first >= fl->nclusters || count > fl->nclusters - first)
       return meta_damaged (fl, "a RELEASE record is out of range");
     s = snap_by_gen (fl, sgen);
     if (s == NULL)
@@ -293,7 +294,8 @@ tail_verdict (const char *half, size_t pos, uint64_t prev)
    * (stores of earlier versions did not zero it), or a later record,
    * which load judges.
    */
-  if (pos + 24 > META_HALF_SIZE || rec_decode (half + pos, META_HALF_SIZE - pos, &r))
+  if (pos + 24 > META_HALF_SIZE ||
+      rec_decode (half + pos, META_HALF_SIZE - pos, &r))
     return TAIL_END;
   rec_peek (half + pos, &magic, &len, &seq);
   if (!magic && seq != prev + 1)

@@ -32,8 +32,9 @@
  * its record is appended, or with it under the meta lock); their waiters
  * are released once the image is stable.  DIRTY records are carried over
  * after the new STATE instead: a writer may find its bits set and must
- * still see a stable record for them.  Records appended after the cut go into the new half.  Loading
- * tolerates a record that repeats what the image holds.
+ * still see a stable record for them.  Records appended after the cut
+ * go into the new half.  Loading tolerates a record that repeats what the
+ * image holds.
  *
  * A failed write of the log is sticky: nothing more can be made durable,
  * so every operation that needs a record fails from then on (the live
@@ -49,10 +50,10 @@
  * last image whether or not the compactor ever ran.
  *
  * Lock order: admin_lock, then snaps_lock, then break_lock, then meta
- * lock; the meta lock is never held across I/O.  Waiting for a commit never happens with
- * snaps_lock or a snapshot's io_lock held: the compactor, which writes
- * the image when the log is full, takes admin_lock, and an admin
- * operation may wait for those locks.
+ * lock; the meta lock is never held across I/O.  Waiting for a commit
+ * never happens with snaps_lock or a snapshot's io_lock held: the
+ * compactor, which writes the image when the log is full, takes
+ * admin_lock, and an admin operation may wait for those locks.
  */
 
 #include <config.h>

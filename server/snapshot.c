@@ -520,9 +520,10 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   return 0;
 }
 
-/* Mark s broken, once, with break_lock held, with a stable BROKEN record first when the store
- * is persistent (*wait receives its sequence).  Returns -1 if that record
- * cannot be written: then the live write must not go on.
+/* Mark s broken, once (break_lock held), with a stable BROKEN record
+ * first when the store is persistent (*wait receives its sequence).
+ * Returns -1 if that record cannot be written: then the live write must
+ * not go on.
  */
 int
 snap_break_locked (struct fleece *fl, struct fleece_snap *s,
