@@ -47,6 +47,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cleanup.h"
 #include "internal.h"
 
 #define MAX_RUN_BYTES (8u << 20)
@@ -192,10 +193,10 @@ cbw_reap (struct fleece *fl, bool all)
   size_t i = 0;
 
   pthread_mutex_lock (&fl->orphan_lock);
-  while (i < fl->norphans) {
-    if (all ? pthread_join (fl->orphans[i], NULL) == 0
-        : pthread_tryjoin_np (fl->orphans[i], NULL) == 0)
-      fl->orphans[i] = fl->orphans[--fl->norphans];
+  while (i < fl->orphans.len) {
+    if (all ? pthread_join (fl->orphans.ptr[i], NULL) == 0
+        : pthread_tryjoin_np (fl->orphans.ptr[i], NULL) == 0)
+      fl->orphans.ptr[i] = fl->orphans.ptr[--fl->orphans.len];
     else
       i++;
   }
@@ -208,23 +209,8 @@ cbw_reap (struct fleece *fl, bool all)
 static bool
 adopt (struct fleece *fl, pthread_t t)
 {
-  bool ok = true;
-
-  pthread_mutex_lock (&fl->orphan_lock);
-  if (fl->norphans == fl->caporphans) {
-    size_t cap = fl->caporphans ? fl->caporphans * 2 : 16;
-    pthread_t *p = realloc (fl->orphans, cap * sizeof *p);
-    if (p == NULL)
-      ok = false;
-    else {
-      fl->orphans = p;
-      fl->caporphans = cap;
-    }
-  }
-  if (ok)
-    fl->orphans[fl->norphans++] = t;
-  pthread_mutex_unlock (&fl->orphan_lock);
-  return ok;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->orphan_lock);
+  return thread_vector_append (&fl->orphans, t) == 0;
 }
 
 /* store_put_run with cbw-timeout.  On success or failure *bufp and *slotsp

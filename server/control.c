@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "control-internal.h"
 
 /* ---- JSON helpers ---- */
@@ -376,8 +377,7 @@ cmd_bitmap_merge (struct ctl *ctl, json_t *args)
 {
   json_t *sources = json_object_get (args, "sources");
   size_t i, n = json_array_size (sources);
-  const char **names;
-  int r;
+  CLEANUP_FREE const char **names = NULL;
 
   if (n == 0) {
     fl_error (EINVAL, "Parameter 'sources' must list at least one bitmap");
@@ -391,14 +391,14 @@ cmd_bitmap_merge (struct ctl *ctl, json_t *args)
   for (i = 0; i < n; i++) {
     names[i] = json_string_value (json_array_get (sources, i));
     if (names[i] == NULL) {
-      free (names);
       fl_error (EINVAL, "Parameter 'sources' expects an array of strings");
       return NULL;
     }
   }
-  r = fleece_bitmap_merge (ctl->fl, arg_name (args, "target"), names, n);
-  free (names);
-  return r == -1 ? NULL : checked (json_object (), "bitmap-merge");
+  if (fleece_bitmap_merge (ctl->fl, arg_name (args, "target"), names,
+                           n) == -1)
+    return NULL;
+  return checked (json_object (), "bitmap-merge");
 }
 
 struct bitmap_list {

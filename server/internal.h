@@ -12,9 +12,14 @@
 
 #include "fleece.h"
 #include "monotonic.h"
+#include "vector.h"
 
 #define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
 #define NO_SLOT (UINT32_MAX - 1) /* none allocated (store_put_run) */
+
+/* Growable arrays (common/include/vector.h). */
+DEFINE_VECTOR_TYPE (slot_vector, uint32_t);
+DEFINE_VECTOR_TYPE (thread_vector, pthread_t);
 
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
@@ -174,11 +179,15 @@ extern void gate_close (struct gate *g);
 extern void gate_open (struct gate *g);
 
 /* ---- rangelock.c: exclusive cluster ranges for copy-before-write ---- */
+struct range {
+  uint64_t start, end;
+};
+DEFINE_VECTOR_TYPE (range_vector, struct range);
+
 struct rangelock {
   pthread_mutex_t lock;
   pthread_cond_t cond;
-  struct { uint64_t start, end; } *held;   /* protected by lock */
-  size_t nheld, cap;
+  range_vector held;            /* protected by lock */
 };
 
 extern void rangelock_init (struct rangelock *rl);
@@ -198,6 +207,8 @@ struct copy {
   uint32_t lo, hi;
   uint32_t slot;                /* ZERO_SLOT: the data was all zeroes */
 };
+
+DEFINE_VECTOR_TYPE (copy_vector, struct copy);
 
 #define COPYMAP_SHARDS 64
 struct copymap {
@@ -345,10 +356,8 @@ struct meta {
                                  * zeroed when the half becomes active */
   /* Loading only. */
   uint64_t load_size;           /* bytes the store file (device) holds */
-  struct copy *lost;            /* copies whose slot is not wholly in it */
-  size_t nlost, caplost;
-  uint32_t *deferred;           /* slots to free once the image is stable */
-  size_t ndeferred, capdeferred;
+  copy_vector lost;             /* copies whose slot is not wholly in it */
+  slot_vector deferred;         /* slots to free once the image is stable */
   bool logging;                 /* meta_start wrote the first image;
                                  * meta_close writes the last */
   pthread_t compactor;
@@ -431,8 +440,7 @@ struct fleece {
   pthread_mutex_t break_lock;   /* serialises breaking snapshots */
   /* Threads of cbw-timeout copies the writers gave up on (cbw.c). */
   pthread_mutex_t orphan_lock;
-  pthread_t *orphans;
-  size_t norphans, caporphans;
+  thread_vector orphans;
 
   /* Live snapshots, oldest first, in an array allocated once.  Creation
    * only appends (admin_lock held, gate closed): it stores the new entry,

@@ -71,15 +71,8 @@ lose_copy (struct fleece *fl, const struct copy *cp)
 {
   struct meta *m = &fl->meta;
 
-  if (m->nlost == m->caplost) {
-    size_t cap = m->caplost ? m->caplost * 2 : 16;
-    struct copy *p = realloc (m->lost, cap * sizeof *p);
-    if (p == NULL)
-      return fl_error (ENOMEM, "loading the store: out of memory");
-    m->lost = p;
-    m->caplost = cap;
-  }
-  m->lost[m->nlost++] = *cp;
+  if (copy_vector_append (&m->lost, *cp) == -1)
+    return fl_error (ENOMEM, "loading the store: out of memory");
   if (cp->hi > atomic_load (&fl->cgen[cp->cluster]))
     atomic_store (&fl->cgen[cp->cluster], cp->hi);
   return 0;
@@ -111,8 +104,8 @@ break_lost (struct fleece *fl)
   char reason[256];
   size_t i, j;
 
-  for (i = 0; i < m->nlost; i++) {
-    const struct copy *cp = &m->lost[i];
+  for (i = 0; i < m->lost.len; i++) {
+    const struct copy *cp = &m->lost.ptr[i];
     for (j = 0; j < fl->nsnaps; j++) {
       if (!snap_reads_copy (fl->snaps[j], cp->cluster, cp->lo, cp->hi))
         continue;
@@ -516,9 +509,7 @@ meta_load (struct fleece *fl)
  out:
   free (region);
   free (img);
-  free (m->lost);
-  m->lost = NULL;
-  m->nlost = m->caplost = 0;
+  copy_vector_reset (&m->lost);
   return ret;
 }
 

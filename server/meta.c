@@ -70,6 +70,7 @@
 #include <xxhash.h>
 
 #include "fleece-wire.h"
+#include "cleanup.h"
 #include "internal.h"
 
 #define HALF_SIZE     META_HALF_SIZE
@@ -100,15 +101,11 @@ int
 meta_check (struct fleece *fl)
 {
   struct meta *m = &fl->meta;
-  int r = 0;
 
   if (!m->on)
     return 0;
-  pthread_mutex_lock (&m->lock);
-  if (m->err)
-    r = sticky_error (m);
-  pthread_mutex_unlock (&m->lock);
-  return r;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&m->lock);
+  return m->err ? sticky_error (m) : 0;
 }
 
 uint64_t
@@ -240,24 +237,15 @@ meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n)
     return;
   if (m->on) {
     pthread_mutex_lock (&m->lock);
-    if (m->ndeferred + n > m->capdeferred) {
-      size_t cap = m->capdeferred ? m->capdeferred : 256;
-      uint32_t *p;
-      while (cap < m->ndeferred + n)
-        cap *= 2;
-      p = realloc (m->deferred, cap * sizeof *p);
-      if (p == NULL) {
-        /* Keep the slots allocated: a leak until restart, never a reuse
-         * before the record that freed them is stable.
-         */
-        pthread_mutex_unlock (&m->lock);
-        return;
-      }
-      m->deferred = p;
-      m->capdeferred = cap;
+    if (slot_vector_reserve (&m->deferred, n) == -1) {
+      /* Keep the slots allocated: a leak until restart, never a reuse
+       * before the record that freed them is stable.
+       */
+      pthread_mutex_unlock (&m->lock);
+      return;
     }
-    memcpy (m->deferred + m->ndeferred, slots, n * sizeof *slots);
-    m->ndeferred += n;
+    memcpy (m->deferred.ptr + m->deferred.len, slots, n * sizeof *slots);
+    m->deferred.len += n;
     pthread_mutex_unlock (&m->lock);
     return;
   }
@@ -331,8 +319,7 @@ meta_image (struct fleece *fl)
   uint32_t carried;
   uint64_t state_seq, hash, zero_to;
   size_t rec_len = 0;
-  uint32_t *deferred;
-  size_t ndeferred;
+  slot_vector deferred;
   int half, r = -1;
 
   if (!m->on)
@@ -361,9 +348,7 @@ meta_image (struct fleece *fl)
    * reflects: free them once it is stable.
    */
   deferred = m->deferred;
-  ndeferred = m->ndeferred;
-  m->deferred = NULL;
-  m->ndeferred = m->capdeferred = 0;
+  memset (&m->deferred, 0, sizeof m->deferred);
   pthread_mutex_unlock (&m->lock);
 
   if (build_image (fl, &img) == -1)
@@ -442,9 +427,9 @@ meta_image (struct fleece *fl)
   if (r == 0) {
     for (i = 0; i < old_n; i++)
       store_free_meta (&fl->store, old_slot + i);
-    store_free_slots (&fl->store, deferred, ndeferred);
+    store_free_slots (&fl->store, deferred.ptr, deferred.len);
   }
-  free (deferred);
+  slot_vector_reset (&deferred);
   free (img.p);
   free (payload.p);
   free (rec.p);
@@ -617,10 +602,8 @@ meta_close (struct fleece *fl)
       fl_debug ("closing the persistent store: %s; it will load as after "
                 "a crash", fleece_last_error ());
   }
-  free (m->pend.p);
-  free (m->deferred);
-  m->pend.p = NULL;
-  m->deferred = NULL;
+  wb_free (&m->pend);
+  slot_vector_reset (&m->deferred);
   pthread_mutex_destroy (&m->lock);
   pthread_cond_destroy (&m->cond);
 }

@@ -232,8 +232,7 @@ copy_needed (void *opaque, const struct copy *cp)
  */
 struct dropped {
   struct fleece *fl;
-  uint32_t *slots;
-  size_t n, cap;
+  slot_vector slots;
   bool now;                     /* store_free_slots, not meta_free_slots */
 };
 
@@ -253,32 +252,23 @@ dropped_add (void *opaque, const struct copy *cp)
 
   if (slot == ZERO_SLOT)
     return;
-  if (d->n == d->cap) {
-    size_t cap = d->cap ? d->cap * 2 : 256;
-    uint32_t *p = realloc (d->slots, cap * sizeof *p);
-    if (p == NULL) {            /* free this one at once */
-      if (d->now)
-        store_free (&d->fl->store, slot);
-      else
-        meta_free_slots (d->fl, &slot, 1);
-      return;
-    }
-    d->slots = p;
-    d->cap = cap;
+  if (slot_vector_append (&d->slots, slot) == -1) {
+    /* Out of memory: free this one at once. */
+    if (d->now)
+      store_free (&d->fl->store, slot);
+    else
+      meta_free_slots (d->fl, &slot, 1);
   }
-  d->slots[d->n++] = slot;
 }
 
 static void
 dropped_free (struct dropped *d)
 {
   if (d->now)
-    store_free_slots (&d->fl->store, d->slots, d->n);
+    store_free_slots (&d->fl->store, d->slots.ptr, d->slots.len);
   else
-    meta_free_slots (d->fl, d->slots, d->n);
-  free (d->slots);
-  d->slots = NULL;
-  d->n = d->cap = 0;
+    meta_free_slots (d->fl, d->slots.ptr, d->slots.len);
+  slot_vector_reset (&d->slots);
 }
 
 /* Free the copies that only broken snapshots read, now that their
@@ -299,8 +289,9 @@ snap_free_broken (struct fleece *fl)
       atomic_store (&fl->snaps[i]->held, 0);
   copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
-  if (drop.n)
-    fl_debug ("freed %zu copies that only broken snapshots read", drop.n);
+  if (drop.slots.len)
+    fl_debug ("freed %zu copies that only broken snapshots read",
+              drop.slots.len);
   dropped_free (&drop);
 }
 
