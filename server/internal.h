@@ -38,6 +38,7 @@ extern int fl_pread_all (int fd, const char *what, const char *path,
 extern int fl_pwrite_all (int fd, const char *what, const char *path,
                           const void *buf, size_t count, uint64_t offset,
                           bool dsync);
+extern int fl_fdatasync (int fd, const char *what, const char *path);
 
 /* ---- lock.c: one writer per image, QEMU-compatible ---- */
 /* Lock fd's image (what: "disk" or "store"), or refuse it if another

@@ -114,9 +114,7 @@ store_write_superblock (struct store *s, const struct disk *d, bool clean)
 int
 store_sync (struct store *s)
 {
-  if (fdatasync (s->fd) == -1)
-    return fl_error (errno, "store: fdatasync: %s: %m", s->path);
-  return 0;
+  return fl_fdatasync (s->fd, "store", s->path);
 }
 
 /* The checks every Fleece superblock must pass, in either mode, before
