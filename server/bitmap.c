@@ -758,8 +758,8 @@ bitmap_image_put (struct fleece *fl, struct wbuf *b)
 }
 
 /* Load n bitmaps.  A bitmap that was recording at a crash needs nothing
- * more: the DIRTY records that follow the image (meta.c) add every write
- * since.
+ * more: the DIRTY records that follow the image (meta-load.c) add every
+ * write since.
  */
 int
 bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n)

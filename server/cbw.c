@@ -20,7 +20,7 @@
  * (cgen[c], G] that has not released c.  One copy serves all of them
  * (invariant 2).  Adjacent clusters are read with one pread and, when the
  * store hands out adjacent slots, written with one pwrite; all-zero
- * clusters are recorded, not stored (invariant 5).  The copy is published
+ * clusters are recorded, not stored (invariant 5; store_put_run).  The copy is published
  * in the copy map before cgen[c] is set to G with release order: a reader
  * that sees the new cgen finds the copy.
  *
@@ -39,7 +39,6 @@
 #include <config.h>
 
 #include <assert.h>
-#include <endian.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>

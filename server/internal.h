@@ -88,7 +88,7 @@ struct store {
   uint64_t data_offset;
   bool is_file;
   bool persistent;
-  bool loading;                 /* meta.c is loading it: no punching */
+  bool loading;                 /* meta-load.c loads it: no punching */
   bool locked;                  /* lock.c's locks are held on fd */
   uint64_t created;             /* when the store was formatted */
   uint64_t sb_sequence;         /* of the last superblock written */
@@ -401,7 +401,7 @@ extern int meta_image (struct fleece *fl);
  */
 extern void meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n);
 
-/* ---- engine.c, snapshot.c, cbw.c ---- */
+/* ---- engine.c, snapshot.c, snapshot-read.c, cbw.c, bitmap.c ---- */
 struct bitmap;
 struct bitmap_set;
 

@@ -24,9 +24,10 @@
  * no remaining snapshot needs.  Handles opened before deletion see
  * EINVAL (NBD has no ENOENT), and the server's log says it was deleted.
  *
- * Trim (release) marks whole clusters released for S and frees copies
- * nobody else needs; a later write to c copies nothing for S.  A partial
- * cluster is not released: the client may still read the rest of it.
+ * Trim (release) marks whole clusters released for the snapshot and
+ * frees the copies nobody else needs; a later write to such a cluster
+ * copies nothing for it.  A partial cluster is not released: the client
+ * may still read the rest of it.
  *
  * Persistence (meta.c): creation and deletion write an image of the
  * state before they return; a deletion's freed slots are reused only
@@ -296,7 +297,7 @@ snap_free_broken (struct fleece *fl)
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
- * is being loaded (meta.c).
+ * is being loaded (meta-load.c).
  */
 void
 copy_free (void *opaque, const struct copy *cp)
@@ -307,7 +308,7 @@ copy_free (void *opaque, const struct copy *cp)
     store_free (&fl->store, cp->slot);
 }
 
-/* Loading a persistent store (meta.c): append snapshot name. */
+/* Loading a persistent store (meta-load.c): append snapshot name. */
 struct fleece_snap *
 snap_restore (struct fleece *fl, const char *name, uint32_t gen,
               int64_t created)

@@ -15,7 +15,7 @@
  *
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
- * validates and names this disk; meta.c then loads its metadata.
+ * validates and names this disk; meta-load.c then loads its metadata.
  *
  * Formatting destroys what a store holds, so it is done only to a store
  * that holds nothing to keep: an empty or all-zero file (for a block
