@@ -565,6 +565,6 @@ extern bool copy_needed (void *opaque, const struct copy *cp);
 extern bool snap_keeps_copies (const struct fleece_snap *s);
 extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
-extern int ensure_released_bits (struct fleece_snap *s);
+extern int snap_ensure_released (struct fleece_snap *s);
 
 #endif /* FLEECE_INTERNAL_H */

@@ -210,7 +210,7 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     s = snap_by_gen (fl, sgen);
     if (s == NULL)
       return 0;                 /* deleted since */
-    if (ensure_released_bits (s) == -1)
+    if (snap_ensure_released (s) == -1)
       return -1;
     bits = atomic_load (&s->released);
     for (c = first; c < first + count; c++) {

@@ -426,7 +426,7 @@ fleece_snap_name (const struct fleece_snap *s)
 }
 
 int
-ensure_released_bits (struct fleece_snap *s)
+snap_ensure_released (struct fleece_snap *s)
 {
   _Atomic uint64_t *bits, *expect = NULL;
 
@@ -461,7 +461,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
     r = 0;
     goto out_unlock_io;
   }
-  if (ensure_released_bits (s) == -1 || meta_check (fl) == -1)
+  if (snap_ensure_released (s) == -1 || meta_check (fl) == -1)
     goto out_unlock_io;
   bits = atomic_load (&s->released);
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
@@ -668,7 +668,7 @@ snap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, uint32_t gen)
       return -1;
     if (flags & IMG_RELEASED) {
       _Atomic uint64_t *bits;
-      if (ensure_released_bits (s) == -1)
+      if (snap_ensure_released (s) == -1)
         return -1;
       bits = atomic_load (&s->released);
       rb_words (b, bits, nwords);
