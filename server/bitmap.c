@@ -47,6 +47,7 @@
 #include <xxhash.h>
 
 #include "fleece-wire.h"
+#include "cleanup.h"
 #include "internal.h"
 
 struct bitmap {
@@ -166,8 +167,7 @@ bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
     *wait = seq;
   return 0;
  record:
-  wb_u32 (&b, in.c0);
-  wb_u32 (&b, in.c1 - in.c0 + 1);
+  rec_put_dirty (&b, in.c0, in.c1 - in.c0 + 1);
   seq = meta_append_with (fl, REC_DIRTY, &b, false, intent_set, &in);
   free (b.p);
   if (seq == 0)
@@ -599,16 +599,14 @@ fleece_list_bitmaps (struct fleece *fl,
                      void *opaque)
 {
   struct fleece_bitmap_info info;
-  size_t i, n;
+  size_t i;
 
-  pthread_mutex_lock (&fl->admin_lock);
-  n = fl->nbitmaps;
-  for (i = 0; i < n; i++) {
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->admin_lock);
+  for (i = 0; i < fl->nbitmaps; i++) {
     fill_info (fl, fl->bitmaps[i], &info);
     fn (opaque, &info);
   }
-  pthread_mutex_unlock (&fl->admin_lock);
-  return n;
+  return fl->nbitmaps;
 }
 
 int
@@ -617,29 +615,27 @@ fleece_bitmap_info (struct fleece *fl, const char *name,
 {
   struct bitmap *bm;
 
-  pthread_mutex_lock (&fl->admin_lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->admin_lock);
   bm = lookup (fl, name);
-  if (bm)
-    fill_info (fl, bm, info);
-  pthread_mutex_unlock (&fl->admin_lock);
-  return bm ? 0 : -1;
+  if (bm == NULL)
+    return -1;
+  fill_info (fl, bm, info);
+  return 0;
 }
 
 int
 fleece_bitmap_test (struct fleece *fl, const char *name, uint64_t c)
 {
   struct bitmap *bm;
-  int r = -1;
 
-  pthread_mutex_lock (&fl->admin_lock);
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->admin_lock);
   bm = lookup (fl, name);
-  if (bm && c >= fl->nclusters)
-    fl_error (EINVAL, "bitmap '%s': cluster %" PRIu64 " is beyond the end",
-              name, c);
-  else if (bm)
-    r = (atomic_load (&bm->bits[c / 64]) >> (c % 64)) & 1;
-  pthread_mutex_unlock (&fl->admin_lock);
-  return r;
+  if (bm == NULL)
+    return -1;
+  if (c >= fl->nclusters)
+    return fl_error (EINVAL, "bitmap '%s': cluster %" PRIu64 " is beyond "
+                     "the end", name, c);
+  return (atomic_load (&bm->bits[c / 64]) >> (c % 64)) & 1;
 }
 
 /* ---- the export ---- */
@@ -759,8 +755,8 @@ bitmap_image_put (struct fleece *fl, struct wbuf *b)
 }
 
 /* Load n bitmaps.  A bitmap that was recording at a crash needs nothing
- * more: the DIRTY records that follow the image (meta.c) add every write
- * since.
+ * more: the DIRTY records that follow the image (meta-load.c) add every
+ * write since.
  */
 int
 bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n)

@@ -20,7 +20,7 @@
  * (cgen[c], G] that has not released c.  One copy serves all of them
  * (invariant 2).  Adjacent clusters are read with one pread and, when the
  * store hands out adjacent slots, written with one pwrite; all-zero
- * clusters are recorded, not stored (invariant 5).  The copy is published
+ * clusters are recorded, not stored (invariant 5; store_put_run).  The copy is published
  * in the copy map before cgen[c] is set to G with release order: a reader
  * that sees the new cgen finds the copy.
  *
@@ -39,7 +39,6 @@
 #include <config.h>
 
 #include <assert.h>
-#include <endian.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -47,29 +46,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "cleanup.h"
 #include "internal.h"
 
 #define MAX_RUN_BYTES (8u << 20)
-
-bool
-snap_is_released (const struct fleece_snap *s, uint64_t c)
-{
-  _Atomic uint64_t *bits = atomic_load (&s->released);
-
-  return bits && (atomic_load_explicit (&bits[c / 64], memory_order_relaxed)
-                  >> (c % 64)) & 1;
-}
-
-/* Does snapshot s read the copy of cluster c that serves generations
- * (lo, hi]?  Every decision about copies (make one, count its readers,
- * break on failure, free it) asks this.
- */
-bool
-snap_reads_copy (const struct fleece_snap *s, uint64_t c, uint32_t lo,
-                 uint32_t hi)
-{
-  return s->gen > lo && s->gen <= hi && !snap_is_released (s, c);
-}
 
 /* What one cbw_range did, for persistent stores: the record to wait for
  * before any cluster of the range may be overwritten, and the clusters
@@ -129,40 +109,6 @@ count_holders (struct fleece *fl, uint64_t c, uint32_t lo, uint32_t gen)
   }
 }
 
-/* Mark s broken, once, with a stable BROKEN record first when the store
- * is persistent (*wait receives its sequence).  Returns -1 if that record
- * cannot be written: then the live write must not go on.
- */
-static int
-snap_break_locked (struct fleece *fl, struct fleece_snap *s,
-                   const char *reason, uint64_t *wait, bool *broke)
-{
-  uint64_t seq = 0;
-
-  if (atomic_load (&s->broken)) {
-    if (atomic_load (&s->broken_seq) > *wait)
-      *wait = atomic_load (&s->broken_seq);
-    return 0;
-  }
-  snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
-  if (fl->meta.on) {
-    struct wbuf b = { 0 };
-    wb_u32 (&b, s->gen);
-    wb_str (&b, s->broken_reason);
-    seq = meta_append (fl, REC_BROKEN, &b, false);
-    free (b.p);
-    if (seq == 0)
-      return -1;
-    if (seq > *wait)
-      *wait = seq;
-  }
-  atomic_store (&s->broken_seq, seq);
-  atomic_store (&s->broken, true);
-  *broke = true;
-  fl_emit_event (fl, "SNAPSHOT_BROKEN", s->name, s->broken_reason);
-  return 0;
-}
-
 /* Break the snapshots that needed cluster c.  Called with snaps_lock
  * held; the event listener does not block.
  */
@@ -185,68 +131,12 @@ break_snapshots (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
   return r;
 }
 
-#define NO_SLOT (UINT32_MAX - 1)
-
-/* Write the non-zero clusters of a run of n clusters (len bytes at buf)
- * to the store, with as few writes as the allocator's runs allow.
- * slots[i] receives cluster i's slot, ZERO_SLOT, or NO_SLOT if nothing was
- * allocated for it before a failure.
- */
-static int
-store_run (struct fleece *fl, const char *buf, uint32_t n, uint64_t len,
-           uint32_t *slots)
-{
-  uint32_t cs = fl->cluster_size, i, j, k, first;
-
-  for (i = 0; i < n; i++) {
-    uint64_t clen = i == n - 1 ? len - (uint64_t) i * cs : cs;
-    slots[i] = fl_is_zero (buf + (uint64_t) i * cs, clen)
-      ? ZERO_SLOT : NO_SLOT;
-  }
-  for (i = 0; i < n; ) {
-    int got;
-    uint64_t blen;
-
-    if (slots[i] == ZERO_SLOT) {
-      i++;
-      continue;
-    }
-    for (j = i; j < n && slots[j] != ZERO_SLOT; j++)
-      ;
-    got = store_alloc (&fl->store, j - i, &first);
-    if (got <= 0)
-      return -1;
-    for (k = 0; k < (uint32_t) got; k++)
-      slots[i + k] = first + k;
-    blen = (uint64_t) got * cs;
-    if (blen > len - (uint64_t) i * cs)
-      blen = len - (uint64_t) i * cs;
-    if (store_write (&fl->store, first, got, buf + (uint64_t) i * cs,
-                     blen) == -1)
-      return -1;
-    atomic_fetch_add_explicit (&fl->st_bytes_copied, blen,
-                               memory_order_relaxed);
-    i += got;
-  }
-  return 0;
-}
-
-static void
-free_slots (struct fleece *fl, const uint32_t *slots, uint32_t n)
-{
-  uint32_t i;
-
-  for (i = 0; i < n; i++)
-    if (slots[i] != ZERO_SLOT && slots[i] != NO_SLOT)
-      store_free (&fl->store, slots[i]);
-}
-
 /* cbw-timeout: the store write of one run, in a thread of its own so
  * that the writer can give up on it.  The job is freed by the writer,
  * or, if the writer gave up, by the thread when the write ends; the
  * writer joins the thread, or, if it gave up, leaves it to cbw_reap.
  */
-struct store_job {
+struct cbw_job {
   struct fleece *fl;
   char *buf;
   uint32_t n, *slots;
@@ -259,7 +149,7 @@ struct store_job {
 };
 
 static void
-job_free (struct store_job *j)
+cbw_job_free (struct cbw_job *j)
 {
   pthread_mutex_destroy (&j->lock);
   pthread_cond_destroy (&j->cond);
@@ -269,13 +159,14 @@ job_free (struct store_job *j)
 }
 
 static void *
-store_job_run (void *arg)
+cbw_job_run (void *arg)
 {
-  struct store_job *j = arg;
+  struct cbw_job *j = arg;
   struct fleece *fl = j->fl;
   bool abandoned;
 
-  j->r = store_run (fl, j->buf, j->n, j->len, j->slots);
+  j->r = store_put_run (&fl->store, j->buf, j->n, j->len, j->slots,
+                        &fl->st_bytes_copied);
   if (j->r == -1) {
     j->err = errno;
     snprintf (j->msg, sizeof j->msg, "%s", fleece_last_error ());
@@ -286,8 +177,8 @@ store_job_run (void *arg)
   pthread_cond_signal (&j->cond);
   pthread_mutex_unlock (&j->lock);
   if (abandoned) {
-    free_slots (fl, j->slots, j->n);
-    job_free (j);
+    store_free_run (&fl->store, j->slots, j->n);
+    cbw_job_free (j);
   }
   return NULL;
 }
@@ -301,10 +192,10 @@ cbw_reap (struct fleece *fl, bool all)
   size_t i = 0;
 
   pthread_mutex_lock (&fl->orphan_lock);
-  while (i < fl->norphans) {
-    if (all ? pthread_join (fl->orphans[i], NULL) == 0
-        : pthread_tryjoin_np (fl->orphans[i], NULL) == 0)
-      fl->orphans[i] = fl->orphans[--fl->norphans];
+  while (i < fl->orphans.len) {
+    if (all ? pthread_join (fl->orphans.ptr[i], NULL) == 0
+        : pthread_tryjoin_np (fl->orphans.ptr[i], NULL) == 0)
+      fl->orphans.ptr[i] = fl->orphans.ptr[--fl->orphans.len];
     else
       i++;
   }
@@ -317,39 +208,25 @@ cbw_reap (struct fleece *fl, bool all)
 static bool
 adopt (struct fleece *fl, pthread_t t)
 {
-  bool ok = true;
-
-  pthread_mutex_lock (&fl->orphan_lock);
-  if (fl->norphans == fl->caporphans) {
-    size_t cap = fl->caporphans ? fl->caporphans * 2 : 16;
-    pthread_t *p = realloc (fl->orphans, cap * sizeof *p);
-    if (p == NULL)
-      ok = false;
-    else {
-      fl->orphans = p;
-      fl->caporphans = cap;
-    }
-  }
-  if (ok)
-    fl->orphans[fl->norphans++] = t;
-  pthread_mutex_unlock (&fl->orphan_lock);
-  return ok;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->orphan_lock);
+  return thread_vector_append (&fl->orphans, t) == 0;
 }
 
-/* store_run with cbw-timeout.  On success or failure *bufp and *slotsp
+/* store_put_run with cbw-timeout.  On success or failure *bufp and *slotsp
  * stay the caller's; on a timeout they belong to the job.
  */
 static int
-store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
+put_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
                  uint32_t **slotsp)
 {
-  struct store_job *j;
+  struct cbw_job *j;
   struct timespec deadline;
   pthread_t t;
   int r;
 
   if (fl->cbw_timeout_ns == 0)
-    return store_run (fl, *bufp, n, len, *slotsp);
+    return store_put_run (&fl->store, *bufp, n, len, *slotsp,
+                          &fl->st_bytes_copied);
   j = calloc (1, sizeof *j);
   if (j == NULL)
     return fl_error (ENOMEM, "copy-before-write: out of memory");
@@ -361,11 +238,11 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
   pthread_mutex_init (&j->lock, NULL);
   pthread_cond_init (&j->cond, NULL);
   cbw_reap (fl, false);
-  r = pthread_create (&t, NULL, store_job_run, j);
+  r = pthread_create (&t, NULL, cbw_job_run, j);
   if (r != 0) {
     j->buf = NULL;
     j->slots = NULL;
-    job_free (j);
+    cbw_job_free (j);
     return fl_error (r, "copy-before-write: pthread_create: %s",
                      strerror (r));
   }
@@ -397,7 +274,7 @@ store_run_timed (struct fleece *fl, char **bufp, uint32_t n, uint64_t len,
     fl_error (j->err, "%s", j->msg);
   j->buf = NULL;
   j->slots = NULL;
-  job_free (j);
+  cbw_job_free (j);
   return r;
 }
 
@@ -453,16 +330,15 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
   if (disk_pread (&fl->disk, buf, len, start) == -1)
     goto out;                   /* the live disk itself failed */
 
-  if (store_run_timed (fl, &buf, n, len, &slots) == -1) {
+  if (put_run_timed (fl, &buf, n, len, &slots) == -1) {
     int err = errno;
     if (slots)
-      free_slots (fl, slots, n);
+      store_free_run (&fl->store, slots, n);
     errno = err;
     r = store_failed (fl, ctx, a, n, gen);
     goto out;
   }
-  wb_u32 (&rec, n);
-  wb_u32 (&rec, 0);
+  rec_copies_begin (&rec);
   for (i = 0; i < n; i++) {
     uint64_t c = a + i;
     struct copy cp = {
@@ -473,16 +349,13 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
     };
     if (copymap_insert (&fl->copies, &cp) == -1) {
       int err = errno;
-      free_slots (fl, slots + i, n - i);
+      store_free_run (&fl->store, slots + i, n - i);
       errno = err;
       r = store_failed (fl, ctx, c, n - i, gen);
       n = i;                    /* the record holds the copies made */
       goto record;
     }
-    wb_u32 (&rec, cp.cluster);
-    wb_u32 (&rec, cp.lo);
-    wb_u32 (&rec, cp.hi);
-    wb_u32 (&rec, cp.slot);
+    rec_put_copy (&rec, &cp);
     data |= cp.slot != ZERO_SLOT;
     count_holders (fl, c, cp.lo, gen);
     atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1,
@@ -495,9 +368,7 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
  record:
   if (fl->meta.on && n > 0) {
     uint64_t seq;
-    uint32_t le = htole32 (n);
-    if (!rec.failed)
-      memcpy (rec.p, &le, 4);
+    rec_copies_end (&rec, n);
     seq = meta_append (fl, REC_COPY, &rec, data);
     if (seq == 0)
       r = -1;

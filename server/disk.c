@@ -124,9 +124,7 @@ disk_pwrite (struct disk *d, const void *buf, size_t count, uint64_t offset,
 int
 disk_flush (struct disk *d)
 {
-  if (fdatasync (d->fd) == -1)
-    return fl_error (errno, "disk: fdatasync: %s: %m", d->path);
-  return 0;
+  return fl_fdatasync (d->fd, "disk", d->path);
 }
 
 static int

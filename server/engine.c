@@ -135,7 +135,7 @@ fleece_close (struct fleece *fl)
     return;
   /* cbw-timeout copies the writers gave up on still hold slots. */
   cbw_reap (fl, true);
-  free (fl->orphans);
+  thread_vector_reset (&fl->orphans);
   pthread_mutex_destroy (&fl->orphan_lock);
   meta_close (fl);
   snap_free_all (fl);

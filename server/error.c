@@ -76,37 +76,47 @@ fleece_set_warn (fleece_log_fn fn)
  * that was found damaged, and what that cost.  The engine still never
  * prints: the plugin passes it to nbdkit_error.
  */
+/* Format a message of at most size - 1 bytes and pass it to fn, errno
+ * untouched.
+ */
+static void
+emit (fleece_log_fn fn, size_t size, const char *fmt, va_list ap)
+{
+  char msg[1024];
+  int saved = errno;
+
+  vsnprintf (msg, size < sizeof msg ? size : sizeof msg, fmt, ap);
+  fn (msg);
+  errno = saved;
+}
+
+/* A warning with no warning listener is a debug message. */
+static void
+warn_as_debug (const char *msg)
+{
+  fl_debug ("%s", msg);
+}
+
 void
 fl_warn (const char *fmt, ...)
 {
-  char msg[1024];
   va_list ap;
-  int saved = errno;
 
   va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
+  emit (warn_fn ? warn_fn : warn_as_debug, 1024, fmt, ap);
   va_end (ap);
-  if (warn_fn)
-    warn_fn (msg);
-  else
-    fl_debug ("%s", msg);
-  errno = saved;
 }
 
 void
 fl_debug (const char *fmt, ...)
 {
-  char msg[512];
   va_list ap;
-  int saved = errno;
 
   if (!fleece_debug.verbose || !log_fn)
     return;
   va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
+  emit (log_fn, 512, fmt, ap);
   va_end (ap);
-  log_fn (msg);
-  errno = saved;
 }
 
 /* True if len bytes at buf are all zero: test the first 16 bytes, then
@@ -171,5 +181,14 @@ fl_pwrite_all (int fd, const char *what, const char *path, const void *buf,
     count -= r;
     offset += r;
   }
+  return 0;
+}
+
+/* Make fd's writes stable. */
+int
+fl_fdatasync (int fd, const char *what, const char *path)
+{
+  if (fdatasync (fd) == -1)
+    return fl_error (errno, "%s: fdatasync: %s: %m", what, path);
   return 0;
 }

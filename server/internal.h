@@ -12,8 +12,14 @@
 
 #include "fleece.h"
 #include "monotonic.h"
+#include "vector.h"
 
 #define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
+#define NO_SLOT (UINT32_MAX - 1) /* none allocated (store_put_run) */
+
+/* Growable arrays (common/include/vector.h). */
+DEFINE_VECTOR_TYPE (slot_vector, uint32_t);
+DEFINE_VECTOR_TYPE (thread_vector, pthread_t);
 
 /* ---- error.c ---- */
 extern int fl_error (int err, const char *fmt, ...)
@@ -32,6 +38,7 @@ extern int fl_pread_all (int fd, const char *what, const char *path,
 extern int fl_pwrite_all (int fd, const char *what, const char *path,
                           const void *buf, size_t count, uint64_t offset,
                           bool dsync);
+extern int fl_fdatasync (int fd, const char *what, const char *path);
 
 /* ---- lock.c: one writer per image, QEMU-compatible ---- */
 /* Lock fd's image (what: "disk" or "store"), or refuse it if another
@@ -81,7 +88,7 @@ struct store {
   uint64_t data_offset;
   bool is_file;
   bool persistent;
-  bool loading;                 /* meta.c is loading it: no punching */
+  bool loading;                 /* meta-load.c loads it: no punching */
   bool locked;                  /* lock.c's locks are held on fd */
   uint64_t created;             /* when the store was formatted */
   uint64_t sb_sequence;         /* of the last superblock written */
@@ -134,6 +141,11 @@ extern int store_write (struct store *s, uint32_t slot, uint32_t nslots,
                         const void *buf, size_t len);
 extern int store_read (struct store *s, uint32_t slot, uint64_t within,
                        void *buf, size_t len);
+extern int store_put_run (struct store *s, const char *buf, uint32_t n,
+                          uint64_t len, uint32_t *slots,
+                          _Atomic uint64_t *copied);
+extern void store_free_run (struct store *s, const uint32_t *slots,
+                            uint32_t n);
 extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
                          uint64_t *file_bytes);
 /* Persistent stores. */
@@ -168,11 +180,15 @@ extern void gate_close (struct gate *g);
 extern void gate_open (struct gate *g);
 
 /* ---- rangelock.c: exclusive cluster ranges for copy-before-write ---- */
+struct range {
+  uint64_t start, end;
+};
+DEFINE_VECTOR_TYPE (range_vector, struct range);
+
 struct rangelock {
   pthread_mutex_t lock;
   pthread_cond_t cond;
-  struct { uint64_t start, end; } *held;   /* protected by lock */
-  size_t nheld, cap;
+  range_vector held;            /* protected by lock */
 };
 
 extern void rangelock_init (struct rangelock *rl);
@@ -192,6 +208,8 @@ struct copy {
   uint32_t lo, hi;
   uint32_t slot;                /* ZERO_SLOT: the data was all zeroes */
 };
+
+DEFINE_VECTOR_TYPE (copy_vector, struct copy);
 
 #define COPYMAP_SHARDS 64
 struct copymap {
@@ -225,11 +243,9 @@ extern int copymap_foreach (struct copymap *m,
                             int (*fn) (void *, const struct copy *),
                             void *opaque);
 
-/* ---- meta.c: the metadata log of persistent stores ---- */
+/* ---- record.c: the metadata's encodings (docs/store-format.md) ---- */
 
-/* A growable little-endian output buffer and a bounds-checked reader, for
- * the records and the image (docs/store-format.md).
- */
+/* A growable little-endian output buffer and a bounds-checked reader. */
 struct wbuf {
   char *p;
   size_t len, cap;
@@ -241,18 +257,82 @@ extern void wb_u32 (struct wbuf *b, uint32_t v);
 extern void wb_u64 (struct wbuf *b, uint64_t v);
 extern void wb_str (struct wbuf *b, const char *s);
 extern void wb_words (struct wbuf *b, _Atomic uint64_t *w, uint64_t n);
+extern void wb_free (struct wbuf *b);
 
 struct rbuf {
   const char *p;
   size_t len, pos;
   bool bad;                     /* read past the end, or invalid */
 };
+extern const void *rb_take (struct rbuf *b, size_t n);
 extern uint16_t rb_u16 (struct rbuf *b);
 extern uint32_t rb_u32 (struct rbuf *b);
 extern uint64_t rb_u64 (struct rbuf *b);
 /* A string of at most max bytes into out (max + 1 bytes). */
 extern void rb_str (struct rbuf *b, char *out, size_t max);
 extern void rb_words (struct rbuf *b, _Atomic uint64_t *w, uint64_t n);
+extern size_t rb_left (const struct rbuf *b);
+
+/* Record types. */
+#define REC_STATE    0x0001
+#define REC_BROKEN   0x0013
+#define REC_COPY     0x0020
+#define REC_RELEASE  0x0021
+#define REC_DIRTY    0x0022
+
+#define REC_HDR_SIZE   32
+#define REC_REASON_MAX 255      /* bytes of a BROKEN record's reason */
+
+struct rec {
+  uint16_t type;
+  uint64_t seq;
+  struct rbuf payload;
+};
+extern void rec_encode (struct wbuf *out, uint16_t type, uint64_t seq,
+                        const void *payload, size_t len);
+extern size_t rec_decode (const char *p, size_t avail, struct rec *r);
+extern void rec_peek (const char *p, bool *magic, uint32_t *len,
+                      uint64_t *seq);
+
+/* STATE: where the image is. */
+struct rec_state {
+  uint32_t slot, nslots;
+  uint64_t len, hash;
+  uint32_t gen;
+};
+extern void rec_put_state (struct wbuf *b, const struct rec_state *st);
+extern bool rec_get_state (const struct rec *r, struct rec_state *st);
+extern void rec_put_copy (struct wbuf *b, const struct copy *cp);
+extern void rec_get_copy (struct rbuf *b, struct copy *cp);
+extern void rec_copies_begin (struct wbuf *b);
+extern void rec_copies_end (struct wbuf *b, uint32_t n);
+extern bool rec_get_copies (struct rbuf *b, uint32_t *n);
+extern void rec_put_release (struct wbuf *b, uint32_t gen, uint32_t first,
+                             uint32_t count);
+extern bool rec_get_release (struct rbuf *b, uint32_t *gen, uint32_t *first,
+                             uint32_t *count);
+extern void rec_put_broken (struct wbuf *b, uint32_t gen,
+                            const char *reason);
+extern bool rec_get_broken (struct rbuf *b, uint32_t *gen, char *reason);
+extern void rec_put_dirty (struct wbuf *b, uint32_t first, uint32_t count);
+extern bool rec_get_dirty (struct rbuf *b, uint32_t *first,
+                           uint32_t *count);
+
+/* The image's header; the snapshots and bitmaps that follow it are
+ * snapshot.c's and bitmap.c's, then comes the copy table.
+ */
+struct rec_image {
+  uint32_t cluster_size;
+  uint64_t disk_size;
+  uint32_t gen, nsnaps, nbitmaps;
+  uint64_t ncopies;
+};
+extern void rec_put_image (struct wbuf *b, const struct rec_image *im);
+extern void rec_image_copies (struct wbuf *b, size_t start);
+extern bool rec_get_image (struct rbuf *b, struct rec_image *im);
+extern bool rec_image_table_ok (const struct rbuf *b, uint64_t ncopies);
+
+/* ---- meta.c: the metadata log of persistent stores ---- */
 
 struct meta {
   bool on;                      /* persistent=true; constant after open */
@@ -277,10 +357,8 @@ struct meta {
                                  * zeroed when the half becomes active */
   /* Loading only. */
   uint64_t load_size;           /* bytes the store file (device) holds */
-  struct copy *lost;            /* copies whose slot is not wholly in it */
-  size_t nlost, caplost;
-  uint32_t *deferred;           /* slots to free once the image is stable */
-  size_t ndeferred, capdeferred;
+  copy_vector lost;             /* copies whose slot is not wholly in it */
+  slot_vector deferred;         /* slots to free once the image is stable */
   bool logging;                 /* meta_start wrote the first image;
                                  * meta_close writes the last */
   pthread_t compactor;
@@ -289,14 +367,14 @@ struct meta {
   atomic_bool sb_clean;
 };
 
-/* Record types (docs/store-format.md). */
-#define REC_STATE    0x0001
-#define REC_BROKEN   0x0013
-#define REC_COPY     0x0020
-#define REC_RELEASE  0x0021
-#define REC_DIRTY    0x0022
+/* The log's two halves, after the superblock. */
+#define META_HALF_SIZE (FLEECE_STORE_META_SIZE / 2)
 
 extern int meta_init (struct fleece *fl, bool existing, bool *was_clean);
+/* meta-load.c: load the log into memory (meta_init). */
+extern int meta_load (struct fleece *fl);
+/* Record why the metadata cannot be trusted; returns -1. */
+extern int meta_damaged (struct fleece *fl, const char *what);
 extern int meta_start (struct fleece *fl, bool existing, bool was_clean);
 extern int meta_start_compactor (struct fleece *fl);
 extern void meta_close (struct fleece *fl);
@@ -323,7 +401,7 @@ extern int meta_image (struct fleece *fl);
  */
 extern void meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n);
 
-/* ---- engine.c, snapshot.c, cbw.c ---- */
+/* ---- engine.c, snapshot.c, snapshot-read.c, cbw.c, bitmap.c ---- */
 struct bitmap;
 struct bitmap_set;
 
@@ -363,8 +441,7 @@ struct fleece {
   pthread_mutex_t break_lock;   /* serialises breaking snapshots */
   /* Threads of cbw-timeout copies the writers gave up on (cbw.c). */
   pthread_mutex_t orphan_lock;
-  pthread_t *orphans;
-  size_t norphans, caporphans;
+  thread_vector orphans;
 
   /* Live snapshots, oldest first, in an array allocated once.  Creation
    * only appends (admin_lock held, gate closed): it stores the new entry,
@@ -445,6 +522,11 @@ state_nsnaps (uint64_t st)
   return st & 0xffffffff;
 }
 
+/* snapshot-read.c: can s be read at all?  io_lock held. */
+extern int snap_check_readable (struct fleece_snap *s);
+extern int snap_break_locked (struct fleece *fl, struct fleece_snap *s,
+                              const char *reason, uint64_t *wait,
+                              bool *broke);
 extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
 extern bool snap_reads_copy (const struct fleece_snap *s, uint64_t c,
                              uint32_t lo, uint32_t hi);
@@ -467,7 +549,13 @@ extern int bitmap_intent (struct fleece *fl, uint64_t offset, uint64_t count,
 extern int bitmap_apply_dirty (struct fleece *fl, uint32_t first,
                                uint32_t count);
 extern void bitmap_free_all (struct fleece *fl);
-/* The image (meta.c): bitmaps; admin_lock held. */
+/* The image (meta.c): snapshots, with snaps_lock held; bitmaps, with
+ * admin_lock held.
+ */
+extern void snap_image_put (struct fleece *fl, struct wbuf *b);
+extern int snap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n,
+                           uint32_t gen);
+extern struct fleece_snap *snap_by_gen (struct fleece *fl, uint32_t gen);
 extern void bitmap_image_put (struct fleece *fl, struct wbuf *b);
 extern int bitmap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n);
 extern uint32_t bitmap_count_all (struct fleece *fl);
@@ -477,6 +565,6 @@ extern bool copy_needed (void *opaque, const struct copy *cp);
 extern bool snap_keeps_copies (const struct fleece_snap *s);
 extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
-extern int ensure_released_bits (struct fleece_snap *s);
+extern int snap_ensure_released (struct fleece_snap *s);
 
 #endif /* FLEECE_INTERNAL_H */

@@ -143,29 +143,36 @@ held_elsewhere (int fd, const char *what, const char *path, off_t byte)
   return fl.l_type != F_UNLCK;
 }
 
+/* Refuse the image if another holds byte (of permission p): how is what
+ * that means ("locked: it does not let others have").
+ */
+static int
+check_byte (int fd, const char *what, const char *path, int p, off_t byte,
+            const char *how)
+{
+  char why[128];
+  int r = held_elsewhere (fd, what, path, byte);
+
+  if (r <= 0)
+    return r;
+  snprintf (why, sizeof why, "%s \"%s\" permission", how, perm_name[p]);
+  return in_use (what, path, why, byte);
+}
+
 static int
 check (int fd, const char *what, const char *path)
 {
-  char why[128];
-  int p, r;
+  int p;
 
   for (p = 0; p < NPERMS; p++) {
     if ((REFUSED & (1 << p)) &&
-        (r = held_elsewhere (fd, what, path, LOCK_PERM_BASE + p)) != 0) {
-      if (r == -1)
-        return -1;
-      snprintf (why, sizeof why, "locked for writing: it has the image "
-                "open with \"%s\" permission", perm_name[p]);
-      return in_use (what, path, why, LOCK_PERM_BASE + p);
-    }
+        check_byte (fd, what, path, p, LOCK_PERM_BASE + p, "locked for "
+                    "writing: it has the image open with") == -1)
+      return -1;
     if ((HELD & (1 << p)) &&
-        (r = held_elsewhere (fd, what, path, LOCK_SHARED_BASE + p)) != 0) {
-      if (r == -1)
-        return -1;
-      snprintf (why, sizeof why, "locked: it does not let others have "
-                "\"%s\" permission", perm_name[p]);
-      return in_use (what, path, why, LOCK_SHARED_BASE + p);
-    }
+        check_byte (fd, what, path, p, LOCK_SHARED_BASE + p,
+                    "locked: it does not let others have") == -1)
+      return -1;
   }
   return 0;
 }

@@ -28,8 +28,7 @@ rangelock_init (struct rangelock *rl)
 {
   pthread_mutex_init (&rl->lock, NULL);
   pthread_cond_init (&rl->cond, NULL);
-  rl->held = NULL;
-  rl->nheld = rl->cap = 0;
+  rl->held = (range_vector) { 0 };
 }
 
 void
@@ -37,7 +36,7 @@ rangelock_destroy (struct rangelock *rl)
 {
   pthread_mutex_destroy (&rl->lock);
   pthread_cond_destroy (&rl->cond);
-  free (rl->held);
+  range_vector_reset (&rl->held);
 }
 
 static bool
@@ -45,8 +44,8 @@ overlaps (const struct rangelock *rl, uint64_t start, uint64_t end)
 {
   size_t i;
 
-  for (i = 0; i < rl->nheld; i++)
-    if (start < rl->held[i].end && rl->held[i].start < end)
+  for (i = 0; i < rl->held.len; i++)
+    if (start < rl->held.ptr[i].end && rl->held.ptr[i].start < end)
       return true;
   return false;
 }
@@ -58,19 +57,11 @@ rangelock_acquire (struct rangelock *rl, uint64_t start, uint64_t end)
   pthread_mutex_lock (&rl->lock);
   while (overlaps (rl, start, end))
     pthread_cond_wait (&rl->cond, &rl->lock);
-  if (rl->nheld == rl->cap) {
-    size_t cap = rl->cap ? rl->cap * 2 : 16;
-    void *p = realloc (rl->held, cap * sizeof *rl->held);
-    if (p == NULL) {
-      pthread_mutex_unlock (&rl->lock);
-      return fl_error (ENOMEM, "rangelock: realloc: out of memory");
-    }
-    rl->held = p;
-    rl->cap = cap;
+  if (range_vector_append (&rl->held,
+                           (struct range) { start, end }) == -1) {
+    pthread_mutex_unlock (&rl->lock);
+    return fl_error (ENOMEM, "rangelock: realloc: out of memory");
   }
-  rl->held[rl->nheld].start = start;
-  rl->held[rl->nheld].end = end;
-  rl->nheld++;
   pthread_mutex_unlock (&rl->lock);
   return 0;
 }
@@ -81,9 +72,9 @@ rangelock_release (struct rangelock *rl, uint64_t start, uint64_t end)
   size_t i;
 
   pthread_mutex_lock (&rl->lock);
-  for (i = 0; i < rl->nheld; i++) {
-    if (rl->held[i].start == start && rl->held[i].end == end) {
-      rl->held[i] = rl->held[--rl->nheld];
+  for (i = 0; i < rl->held.len; i++) {
+    if (rl->held.ptr[i].start == start && rl->held.ptr[i].end == end) {
+      rl->held.ptr[i] = rl->held.ptr[--rl->held.len];
       break;
     }
   }

@@ -1,4 +1,5 @@
-/* Snapshots: creation, deletion, and reads of the point-in-time image.
+/* Snapshots: creation, deletion, release (trim), breaking, and their
+ * part of a persistent store's image.
  *
  * Creation (invariant 3) closes the write gate, which drains the live
  * writes in flight, bumps the generation, publishes the snapshot, and
@@ -8,33 +9,31 @@
  * allocated once, so that it never moves under a reader and creation can
  * append to it without waiting for the copies in flight.
  *
- * Reads (invariant 1).  Snapshot S (generation g) sees cluster c as:
- *   - zeroes, if a client of S released (trimmed) c;
- *   - the copy covering g, if cgen[c] >= g: c was written after S was
- *     created, so its old data was copied first, or S is broken;
- *   - the live disk, if cgen[c] < g.
- * The last case takes no lock, so that a backup never makes a live write
- * wait (QEMU's fleecing holds a lock there that writers queue on).  It is
- * validated instead, like a seqlock: after reading the live data, a full
- * fence and a reload of cgen[c].  A writer publishes the copy and stores
- * cgen[c] = G before it writes the live disk, so if cgen[c] is still
- * below g after the read, no overwrite of c can have reached the disk
- * before or during the read.  If it moved, the cluster is read again,
- * now from its copy.  A cluster is retried at most once: once copied, it
- * stays copied for S.
+ * What a snapshot holds: the copies it reads (snap_reads_copy) and the
+ * clusters its clients released; which copies a snapshot still needs
+ * decides every copy, count and free (cbw.c, the prunes below).  Reads
+ * and extents are snapshot-read.c's.
+ *
+ * Breaking (invariant 6): a snapshot that lost a copy it needs is marked
+ * broken for good, with a BROKEN record first when the store is
+ * persistent (snap_break_locked); it then fails every read, and its
+ * copies are freed once that is stable (snap_free_broken).
  *
  * Deletion removes the snapshot from the list (new copies stop counting
  * it), waits for its reads in flight (io_lock), then frees every copy that
  * no remaining snapshot needs.  Handles opened before deletion see
  * EINVAL (NBD has no ENOENT), and the server's log says it was deleted.
  *
- * Trim (release) marks whole clusters released for S and frees copies
- * nobody else needs; a later write to c copies nothing for S.  A partial
- * cluster is not released: the client may still read the rest of it.
+ * Trim (release) marks whole clusters released for the snapshot and
+ * frees the copies nobody else needs; a later write to such a cluster
+ * copies nothing for it.  A partial cluster is not released: the client
+ * may still read the rest of it.
  *
  * Persistence (meta.c): creation and deletion write an image of the
  * state before they return; a deletion's freed slots are reused only
  * once that image is stable, a release's once its RELEASE record is.
+ * The snapshots' part of the image is built and loaded here
+ * (snap_image_put, snap_image_get), as bitmap.c does the bitmaps'.
  */
 
 #include <config.h>
@@ -49,100 +48,26 @@
 
 #include "internal.h"
 
-int
-fleece_check_name (const char *what, const char *name)
+bool
+snap_is_released (const struct fleece_snap *s, uint64_t c)
 {
-  size_t i, len = name ? strlen (name) : 0;
+  _Atomic uint64_t *bits = atomic_load (&s->released);
 
-  if (len == 0)
-    return fl_error (EINVAL, "%s name is empty", what);
-  if (len > FLEECE_SNAPSHOT_NAME_MAX)
-    return fl_error (EINVAL, "%s name is %zu bytes long, the limit is %d",
-                     what, len, FLEECE_SNAPSHOT_NAME_MAX);
-  for (i = 0; i < len; i++) {
-    unsigned char ch = name[i];
-    if (ch == '/')
-      return fl_error (EINVAL, "%s name '%s' contains '/'", what, name);
-    if (ch < 0x20 || ch == 0x7f)
-      return fl_error (EINVAL, "%s name contains control character 0x%02x "
-                       "at byte %zu", what, ch, i);
-  }
-  return 0;
+  return bits && (atomic_load_explicit (&bits[c / 64], memory_order_relaxed)
+                  >> (c % 64)) & 1;
 }
 
-/* The code point of the 2- or 3-byte UTF-8 sequence at p (*len = its
- * length), or 0 with *len = 1: every bidirectional control and every
- * non-ASCII space is in the Basic Multilingual Plane.
+/* Does snapshot s read the copy of cluster c that serves generations
+ * (lo, hi]?  Every decision about copies (make one, count its readers,
+ * break on failure, free it) asks this.
  */
-static uint32_t
-utf8_at (const unsigned char *p, size_t avail, size_t *len)
+bool
+snap_reads_copy (const struct fleece_snap *s, uint64_t c, uint32_t lo,
+                 uint32_t hi)
 {
-  if (p[0] >= 0xc2 && p[0] <= 0xdf && avail >= 2 && (p[1] & 0xc0) == 0x80) {
-    *len = 2;
-    return ((p[0] & 0x1fu) << 6) | (p[1] & 0x3fu);
-  }
-  if (p[0] >= 0xe0 && p[0] <= 0xef && avail >= 3 &&
-      (p[1] & 0xc0) == 0x80 && (p[2] & 0xc0) == 0x80) {
-    *len = 3;
-    return ((p[0] & 0x0fu) << 12) | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
-  }
-  *len = 1;
-  return 0;
+  return s->gen > lo && s->gen <= hi && !snap_is_released (s, c);
 }
 
-/* Unicode whitespace that is not ASCII (ASCII whitespace other than the
- * space is a control character, refused anyway).
- */
-static bool
-is_unicode_space (uint32_t cp)
-{
-  return cp == 0x00a0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200b) ||
-    cp == 0x2028 || cp == 0x2029 || cp == 0x202f || cp == 0x205f ||
-    cp == 0x3000 || cp == 0xfeff;
-}
-
-/* The embeddings, overrides and isolates of the Unicode bidirectional
- * algorithm: in a name they make a listing show it differently from
- * what it is ("Trojan Source").
- */
-static bool
-is_bidi_control (uint32_t cp)
-{
-  return (cp >= 0x202a && cp <= 0x202e) || (cp >= 0x2066 && cp <= 0x2069);
-}
-
-/* The rules for a name being given to a new snapshot, bitmap or
- * checkpoint, on top of fleece_check_name's: no "." or "..", not only
- * whitespace, no bidirectional control characters.  Names that a store
- * written by an older version holds are still loaded, found and deleted
- * (fleece_check_name alone).
- */
-int
-fleece_check_new_name (const char *what, const char *name)
-{
-  const unsigned char *p = (const unsigned char *) name;
-  size_t i, n, len;
-  bool blank = true;
-
-  if (fleece_check_name (what, name) == -1)
-    return -1;
-  if (strcmp (name, ".") == 0 || strcmp (name, "..") == 0)
-    return fl_error (EINVAL, "%s name '%s' is refused: '.' and '..' are "
-                     "not names", what, name);
-  len = strlen (name);
-  for (i = 0; i < len; i += n) {
-    uint32_t cp = utf8_at (p + i, len - i, &n);
-    if (is_bidi_control (cp))
-      return fl_error (EINVAL, "%s name contains the bidirectional control "
-                       "character U+%04" PRIX32 " at byte %zu: it would be "
-                       "shown differently from what it is", what, cp, i);
-    if (p[i] != ' ' && !is_unicode_space (cp))
-      blank = false;
-  }
-  if (blank)
-    return fl_error (EINVAL, "%s name is only whitespace", what);
-  return 0;
-}
 
 /* Called with admin_lock or snaps_lock held. */
 static struct fleece_snap *
@@ -308,8 +233,7 @@ copy_needed (void *opaque, const struct copy *cp)
  */
 struct dropped {
   struct fleece *fl;
-  uint32_t *slots;
-  size_t n, cap;
+  slot_vector slots;
   bool now;                     /* store_free_slots, not meta_free_slots */
 };
 
@@ -329,32 +253,23 @@ dropped_add (void *opaque, const struct copy *cp)
 
   if (slot == ZERO_SLOT)
     return;
-  if (d->n == d->cap) {
-    size_t cap = d->cap ? d->cap * 2 : 256;
-    uint32_t *p = realloc (d->slots, cap * sizeof *p);
-    if (p == NULL) {            /* free this one at once */
-      if (d->now)
-        store_free (&d->fl->store, slot);
-      else
-        meta_free_slots (d->fl, &slot, 1);
-      return;
-    }
-    d->slots = p;
-    d->cap = cap;
+  if (slot_vector_append (&d->slots, slot) == -1) {
+    /* Out of memory: free this one at once. */
+    if (d->now)
+      store_free (&d->fl->store, slot);
+    else
+      meta_free_slots (d->fl, &slot, 1);
   }
-  d->slots[d->n++] = slot;
 }
 
 static void
 dropped_free (struct dropped *d)
 {
   if (d->now)
-    store_free_slots (&d->fl->store, d->slots, d->n);
+    store_free_slots (&d->fl->store, d->slots.ptr, d->slots.len);
   else
-    meta_free_slots (d->fl, d->slots, d->n);
-  free (d->slots);
-  d->slots = NULL;
-  d->n = d->cap = 0;
+    meta_free_slots (d->fl, d->slots.ptr, d->slots.len);
+  slot_vector_reset (&d->slots);
 }
 
 /* Free the copies that only broken snapshots read, now that their
@@ -375,13 +290,14 @@ snap_free_broken (struct fleece *fl)
       atomic_store (&fl->snaps[i]->held, 0);
   copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
-  if (drop.n)
-    fl_debug ("freed %zu copies that only broken snapshots read", drop.n);
+  if (drop.slots.len)
+    fl_debug ("freed %zu copies that only broken snapshots read",
+              drop.slots.len);
   dropped_free (&drop);
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
- * is being loaded (meta.c).
+ * is being loaded (meta-load.c).
  */
 void
 copy_free (void *opaque, const struct copy *cp)
@@ -392,7 +308,7 @@ copy_free (void *opaque, const struct copy *cp)
     store_free (&fl->store, cp->slot);
 }
 
-/* Loading a persistent store (meta.c): append snapshot name. */
+/* Loading a persistent store (meta-load.c): append snapshot name. */
 struct fleece_snap *
 snap_restore (struct fleece *fl, const char *name, uint32_t gen,
               int64_t created)
@@ -509,207 +425,8 @@ fleece_snap_name (const struct fleece_snap *s)
   return s->name;
 }
 
-#define LOGGED_DELETED 1u
-#define LOGGED_BROKEN  2u
-
-/* The first failure of each kind is logged; the many reads that follow
- * it (a pull has hundreds in flight) are told to log it as debug only.
- */
-static int
-failed_once (struct fleece_snap *s, unsigned kind)
-{
-  if (atomic_fetch_or (&s->logged, kind) & kind)
-    fl_error_repeat ();
-  return -1;
-}
-
-/* Can s be read at all?  Called with io_lock held. */
-static int
-check_readable (struct fleece_snap *s)
-{
-  /* EINVAL, not ENOENT: NBD has no ENOENT (nbdkit would send EINVAL
-   * anyway), and the engine's errno is what the client sees.
-   */
-  if (atomic_load (&s->deleted)) {
-    fl_error (EINVAL, "snapshot '%s' was deleted (snapshot-delete) while "
-              "this client had it open", s->name);
-    return failed_once (s, LOGGED_DELETED);
-  }
-  if (atomic_load (&s->broken)) {
-    fl_error (EIO, "snapshot '%s' is broken: %s", s->name, s->broken_reason);
-    return failed_once (s, LOGGED_BROKEN);
-  }
-  return 0;
-}
-
-/* Where the data of cluster c is for snapshot s. */
-enum where { W_ZERO, W_COPY, W_LIVE };
-
-static int
-locate (struct fleece_snap *s, uint64_t c, uint32_t *slot, enum where *w)
-{
-  struct fleece *fl = s->fl;
-  struct copy cp;
-
-  if (snap_is_released (s, c)) {
-    *w = W_ZERO;
-    return 0;
-  }
-  if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) < s->gen) {
-    *w = W_LIVE;
-    return 0;
-  }
-  if (copymap_lookup (&fl->copies, c, s->gen, &cp)) {
-    *w = cp.slot == ZERO_SLOT ? W_ZERO : W_COPY;
-    *slot = cp.slot;
-    return 0;
-  }
-  if (snap_is_released (s, c)) {        /* released meanwhile */
-    *w = W_ZERO;
-    return 0;
-  }
-  if (atomic_load (&s->broken))
-    return check_readable (s);
-  return fl_error (EIO, "snapshot '%s': cluster %" PRIu64 " was overwritten "
-                   "but has no copy (internal error)", s->name, c);
-}
-
-/* Has a live read of clusters [a, b] been overtaken by a writer?  The
- * fence orders the loads after the data read (see the comment on top).
- */
-static bool
-live_read_valid (struct fleece_snap *s, uint64_t c)
-{
-  atomic_thread_fence (memory_order_seq_cst);
-  if (fleece_debug.skip_isolation_check)
-    return true;
-  return atomic_load_explicit (&s->fl->cgen[c], memory_order_acquire) <
-    s->gen;
-}
-
-/* Read [offset, offset+len) which lies within cluster c. */
-static int
-read_cluster (struct fleece_snap *s, uint64_t c, char *buf, uint32_t len,
-              uint64_t offset)
-{
-  struct fleece *fl = s->fl;
-  uint64_t within = offset - (c << fl->cluster_bits);
-  int tries;
-
-  for (tries = 0; tries < 2; tries++) {
-    enum where w;
-    uint32_t slot = 0;
-
-    if (locate (s, c, &slot, &w) == -1)
-      return -1;
-    switch (w) {
-    case W_ZERO:
-      memset (buf, 0, len);
-      return 0;
-    case W_COPY:
-      return store_read (&fl->store, slot, within, buf, len);
-    case W_LIVE:
-      if (disk_pread (&fl->disk, buf, len, offset) == -1)
-        return -1;
-      if (live_read_valid (s, c))
-        return 0;
-      break;                    /* copied under us: read the copy */
-    }
-  }
-  return fl_error (EIO, "snapshot '%s': cluster %" PRIu64 " changed twice "
-                   "during a read (internal error)", s->name, c);
-}
-
-/* Read a run of live clusters [a, b] with one pread, then validate each
- * and re-read those a writer overtook.
- */
-static int
-read_live_run (struct fleece_snap *s, char *buf, uint64_t start,
-               uint64_t end, uint64_t a, uint64_t b)
-{
-  struct fleece *fl = s->fl;
-  uint64_t c;
-
-  if (fleece_debug.live_read_delay_us)    /* fault injection for tests */
-    usleep (fleece_debug.live_read_delay_us);
-  if (disk_pread (&fl->disk, buf, end - start, start) == -1)
-    return -1;
-  for (c = a; c <= b; c++) {
-    uint64_t cs = c << fl->cluster_bits, ce = cs + fl->cluster_size;
-    if (cs < start)
-      cs = start;
-    if (ce > end)
-      ce = end;
-    if (!live_read_valid (s, c) &&
-        read_cluster (s, c, buf + (cs - start), ce - cs, cs) == -1)
-      return -1;
-  }
-  return 0;
-}
-
 int
-fleece_snap_pread (struct fleece_snap *s, void *buf, uint32_t count,
-                   uint64_t offset)
-{
-  struct fleece *fl = s->fl;
-  char *p = buf;
-  uint64_t end = offset + count, pos = offset;
-  uint64_t run_start = 0, run_a = 0;
-  bool in_run = false;
-  int r = -1;
-
-  if (end > fl->disk.size || end < offset)
-    return fl_error (EINVAL, "snapshot '%s': read beyond the end", s->name);
-  pthread_rwlock_rdlock (&s->io_lock);
-  if (check_readable (s) == -1)
-    goto out;
-  while (pos < end) {
-    uint64_t c = pos >> fl->cluster_bits;
-    uint64_t ce = (c + 1) << fl->cluster_bits;
-    uint32_t slot = 0;
-    enum where w;
-
-    if (ce > end)
-      ce = end;
-    if (locate (s, c, &slot, &w) == -1)
-      goto out;
-    if (w == W_LIVE) {
-      if (!in_run) {
-        in_run = true;
-        run_start = pos;
-        run_a = c;
-      }
-    }
-    else {
-      if (in_run) {
-        in_run = false;
-        if (read_live_run (s, p + (run_start - offset), run_start, pos,
-                           run_a, c - 1) == -1)
-          goto out;
-      }
-      if (read_cluster (s, c, p + (pos - offset), ce - pos, pos) == -1)
-        goto out;
-    }
-    pos = ce;
-  }
-  if (in_run && read_live_run (s, p + (run_start - offset), run_start, end,
-                               run_a, (end - 1) >> fl->cluster_bits) == -1)
-    goto out;
-  /* If s broke meanwhile, its copies may have been freed and their slots
-   * reused under this read (snap_free_broken breaks it before it frees):
-   * what was read cannot be trusted.
-   */
-  atomic_thread_fence (memory_order_seq_cst);
-  if (atomic_load (&s->broken) && check_readable (s) == -1)
-    goto out;
-  r = 0;
- out:
-  pthread_rwlock_unlock (&s->io_lock);
-  return r;
-}
-
-int
-ensure_released_bits (struct fleece_snap *s)
+snap_ensure_released (struct fleece_snap *s)
 {
   _Atomic uint64_t *bits, *expect = NULL;
 
@@ -738,13 +455,13 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   c0 = (offset + fl->cluster_size - 1) >> fl->cluster_bits;
   c1 = end == fl->disk.size ? fl->nclusters : end >> fl->cluster_bits;
   pthread_rwlock_rdlock (&s->io_lock);
-  if (check_readable (s) == -1)
+  if (snap_check_readable (s) == -1)
     goto out_unlock_io;
   if (c0 >= c1) {
     r = 0;
     goto out_unlock_io;
   }
-  if (ensure_released_bits (s) == -1 || meta_check (fl) == -1)
+  if (snap_ensure_released (s) == -1 || meta_check (fl) == -1)
     goto out_unlock_io;
   bits = atomic_load (&s->released);
   if (rangelock_acquire (&fl->cbw_locks, c0, c1) == -1)
@@ -763,9 +480,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };
-    wb_u32 (&b, s->gen);
-    wb_u32 (&b, c0);
-    wb_u32 (&b, c1 - c0);
+    rec_put_release (&b, s->gen, c0, c1 - c0);
     seq = meta_append (fl, REC_RELEASE, &b, false);
     free (b.p);
   }
@@ -797,208 +512,40 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
   return 0;
 }
 
-/* Extents.  A request is answered in three steps, so that its cost
- * depends on the range asked and on the disk's own allocation, never on
- * how finely copy-before-write has cut the live clusters into runs, and
- * so that no engine lock is held while the disk is asked:
- *
- *   1. under io_lock, in memory: find the span of clusters that are
- *      live for s (cgen[c] < g, not released);
- *   2. no lock: ask the disk for its allocation over that span once
- *      (SEEK_DATA/SEEK_HOLE), at most SNAP_EXT_DISK_MAX extents.  On
- *      tmpfs a seek walks the page cache under the inode lock that
- *      writers need, and SEEK_HOLE in data walks to the next hole,
- *      however far: the number of seeks is what has to be bounded.  When
- *      the budget runs out the answer stops there: nbdkit lets a plugin
- *      cover less than asked, and the client asks again for the rest;
- *   3. a full fence, then under io_lock, each cluster located again: a
- *      cluster still live now was live during the whole of step 2 (a
- *      writer stores cgen[c] before it writes the disk, as for reads), so
- *      the disk's allocation of it is its point-in-time allocation and a
- *      hole there is a hole of s.  A cluster copied meanwhile is reported
- *      from its copy.  Step 3 is what keeps invariant 1, so a hole is
- *      never reported for a cluster from a disk answer older than its
- *      last cgen load.
+/* Mark s broken, once (break_lock held), with a stable BROKEN record
+ * first when the store is persistent (*wait receives its sequence).
+ * Returns -1 if that record cannot be written: then the live write must
+ * not go on.
  */
-#define SNAP_EXT_DISK_MAX 64
-
-struct disk_alloc {
-  uint64_t end;                 /* the disk extents cover up to here */
-  size_t n;
-  bool full;                    /* the budget ran out */
-  struct { uint64_t end; uint32_t type; } e[SNAP_EXT_DISK_MAX];
-};
-
-/* disk_extents callback: record an extent, merged with the last one if
- * it has the same type.  Each call follows at most two seeks, so a full
- * list bounds the seeks of a request.
- */
-static int
-disk_alloc_add (void *opaque, uint64_t offset, uint64_t length,
-                uint32_t type)
-{
-  struct disk_alloc *da = opaque;
-
-  if (da->n > 0 && da->e[da->n - 1].type == type) {
-    da->e[da->n - 1].end = offset + length;
-    da->end = offset + length;
-    return 0;
-  }
-  if (da->n == SNAP_EXT_DISK_MAX) {
-    da->full = true;
-    return -1;                  /* stop here: not an error */
-  }
-  da->e[da->n].end = offset + length;
-  da->e[da->n].type = type;
-  da->n++;
-  da->end = offset + length;
-  return 0;
-}
-
-/* Adjacent extents of one type are passed to the caller as one. */
-struct ext_out {
-  fleece_extent_fn fn;
-  void *opaque;
-  uint64_t start, len;
-  uint32_t type;
-};
-
-static int
-ext_emit (struct ext_out *o, uint64_t offset, uint64_t length, uint32_t type)
-{
-  if (o->len > 0 && o->type == type && o->start + o->len == offset) {
-    o->len += length;
-    return 0;
-  }
-  if (o->len > 0 && o->fn (o->opaque, o->start, o->len, o->type) == -1)
-    return -1;
-  o->start = offset;
-  o->len = length;
-  o->type = type;
-  return 0;
-}
-
-static int
-ext_flush (struct ext_out *o)
-{
-  return o->len > 0 ? o->fn (o->opaque, o->start, o->len, o->type) : 0;
-}
-
-/* Report [offset, end) of a live cluster with the disk's allocation
- * (*i: the first disk extent that may meet it, advanced).
- */
-static int
-ext_live (struct ext_out *o, const struct disk_alloc *da, size_t *i,
-          uint64_t offset, uint64_t end)
-{
-  while (offset < end) {
-    uint64_t e;
-    while (*i < da->n && da->e[*i].end <= offset)
-      ++*i;
-    if (*i == da->n)            /* not asked: data is always safe */
-      return ext_emit (o, offset, end - offset, 0);
-    e = da->e[*i].end < end ? da->e[*i].end : end;
-    if (ext_emit (o, offset, e - offset, da->e[*i].type) == -1)
-      return -1;
-    offset = e;
-  }
-  return 0;
-}
-
 int
-fleece_snap_extents (struct fleece_snap *s, uint32_t count, uint64_t offset,
-                     fleece_extent_fn fn, void *opaque)
+snap_break_locked (struct fleece *fl, struct fleece_snap *s,
+                   const char *reason, uint64_t *wait, bool *broke)
 {
-  struct fleece *fl = s->fl;
-  struct ext_out o = { .fn = fn, .opaque = opaque };
-  struct disk_alloc da = { 0 };
-  uint64_t end = offset + count, pos, c, c1, live_start = 0, live_end = 0;
-  size_t i = 0;
-  int r = -1;
+  uint64_t seq = 0;
 
-  if (end > fl->disk.size || end < offset)
-    return fl_error (EINVAL, "snapshot '%s': extents beyond the end",
-                     s->name);
-  if (count == 0)
+  if (atomic_load (&s->broken)) {
+    if (atomic_load (&s->broken_seq) > *wait)
+      *wait = atomic_load (&s->broken_seq);
     return 0;
-
-  /* 1. The span of live clusters, in memory. */
-  pthread_rwlock_rdlock (&s->io_lock);
-  if (check_readable (s) == -1) {
-    pthread_rwlock_unlock (&s->io_lock);
-    return -1;
   }
-  c1 = (end - 1) >> fl->cluster_bits;
-  for (c = offset >> fl->cluster_bits; c <= c1; c++)
-    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) < s->gen
-        && !snap_is_released (s, c)) {
-      if (live_end == 0)
-        live_start = c << fl->cluster_bits;
-      live_end = (c + 1) << fl->cluster_bits;
-    }
-  pthread_rwlock_unlock (&s->io_lock);
-  if (live_start < offset)
-    live_start = offset;
-  if (live_end > end)
-    live_end = end;
-
-  /* 2. The disk's allocation over that span, no lock held. */
-  if (live_start < live_end && fl->disk.can_seek_data) {
-    if (fleece_debug.live_read_delay_us)  /* fault injection for tests */
-      usleep (fleece_debug.live_read_delay_us);
-    if (disk_extents (&fl->disk, live_end - live_start, live_start,
-                      disk_alloc_add, &da) == -1 && !da.full)
+  snprintf (s->broken_reason, sizeof s->broken_reason, "%s", reason);
+  if (fl->meta.on) {
+    struct wbuf b = { 0 };
+    rec_put_broken (&b, s->gen, s->broken_reason);
+    seq = meta_append (fl, REC_BROKEN, &b, false);
+    free (b.p);
+    if (seq == 0)
       return -1;
-    if (da.full)
-      end = da.end;             /* > live_start >= offset */
-    atomic_thread_fence (memory_order_seq_cst);
+    if (seq > *wait)
+      *wait = seq;
   }
-
-  /* 3. Each cluster located after the disk answered. */
-  pthread_rwlock_rdlock (&s->io_lock);
-  if (check_readable (s) == -1)
-    goto out;
-  for (pos = offset; pos < end; ) {
-    uint64_t ce;
-    uint32_t slot = 0;
-    enum where w;
-
-    c = pos >> fl->cluster_bits;
-    ce = (c + 1) << fl->cluster_bits;
-    if (ce > end)
-      ce = end;
-    if (locate (s, c, &slot, &w) == -1)
-      goto out;
-    /* Tests (FLEECE_BREAK_ISOLATION): believe the disk's answer for a
-     * cluster copied while it was asked, which step 3 exists to avoid.
-     */
-    if (fleece_debug.skip_isolation_check && w == W_COPY &&
-        pos >= live_start && ce <= live_end)
-      w = W_LIVE;
-    switch (w) {
-    case W_ZERO:
-      if (ext_emit (&o, pos, ce - pos,
-                    FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO) == -1)
-        goto out;
-      break;
-    case W_COPY:
-      if (ext_emit (&o, pos, ce - pos, 0) == -1)
-        goto out;
-      break;
-    case W_LIVE:
-      if (ext_live (&o, &da, &i, pos, ce) == -1)
-        goto out;
-      break;
-    }
-    pos = ce;
-  }
-  if (ext_flush (&o) == -1)
-    goto out;
-  r = 0;
- out:
-  pthread_rwlock_unlock (&s->io_lock);
-  return r;
+  atomic_store (&s->broken_seq, seq);
+  atomic_store (&s->broken, true);
+  *broke = true;
+  fl_emit_event (fl, "SNAPSHOT_BROKEN", s->name, s->broken_reason);
+  return 0;
 }
+
 
 static void
 fill_info (struct fleece_snap *s, struct fleece_snap_info *info)
@@ -1051,4 +598,91 @@ fleece_snapshot_info (struct fleece *fl, const char *name,
   if (r == -1)
     fl_error (ENOENT, "snapshot '%s' does not exist", name);
   return r;
+}
+
+/* ---- persistence: the snapshots' part of the image (meta.c) ---- */
+
+#define IMG_BROKEN   1u
+#define IMG_RELEASED 2u         /* its released bits follow */
+
+struct fleece_snap *
+snap_by_gen (struct fleece *fl, uint32_t gen)
+{
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++)
+    if (fl->snaps[i]->gen == gen)
+      return fl->snaps[i];
+  return NULL;
+}
+
+/* Called with snaps_lock held. */
+void
+snap_image_put (struct fleece *fl, struct wbuf *b)
+{
+  uint64_t nwords = (fl->nclusters + 63) / 64;
+  size_t i;
+
+  /* A snapshot being broken appends its BROKEN record before it sets
+   * broken, both under break_lock: if the record fell before the cut, the
+   * flag is set by the time this lock is ours.
+   */
+  pthread_mutex_lock (&fl->break_lock);
+  for (i = 0; i < fl->nsnaps; i++) {
+    struct fleece_snap *s = fl->snaps[i];
+    _Atomic uint64_t *rel = atomic_load (&s->released);
+    bool broken = atomic_load (&s->broken);
+
+    wb_u32 (b, s->gen);
+    wb_u32 (b, (broken ? IMG_BROKEN : 0) | (rel ? IMG_RELEASED : 0));
+    wb_u64 (b, (uint64_t) s->created);
+    wb_str (b, s->name);
+    wb_str (b, broken ? s->broken_reason : "");
+    if (rel)
+      wb_words (b, rel, nwords);
+  }
+  pthread_mutex_unlock (&fl->break_lock);
+}
+
+/* Load n snapshots of the image, oldest first, none newer than gen. */
+int
+snap_image_get (struct fleece *fl, struct rbuf *b, uint32_t n, uint32_t gen)
+{
+  uint64_t nwords = (fl->nclusters + 63) / 64;
+  uint32_t i, last_gen = 0;
+
+  for (i = 0; i < n; i++) {
+    char name[FLEECE_SNAPSHOT_NAME_MAX + 1], reason[REC_REASON_MAX + 1];
+    uint32_t sgen = rb_u32 (b), flags = rb_u32 (b);
+    int64_t created = (int64_t) rb_u64 (b);
+    struct fleece_snap *s;
+
+    rb_str (b, name, FLEECE_SNAPSHOT_NAME_MAX);
+    rb_str (b, reason, REC_REASON_MAX);
+    if (b->bad || sgen <= last_gen || sgen > gen ||
+        (flags & ~(IMG_BROKEN | IMG_RELEASED)))
+      return meta_damaged (fl, "a snapshot in the image is not valid");
+    last_gen = sgen;
+    s = snap_restore (fl, name, sgen, created);
+    if (s == NULL)
+      return -1;
+    if (flags & IMG_RELEASED) {
+      _Atomic uint64_t *bits;
+      if (snap_ensure_released (s) == -1)
+        return -1;
+      bits = atomic_load (&s->released);
+      rb_words (b, bits, nwords);
+      if (fl->nclusters % 64 &&
+          (atomic_load (&bits[nwords - 1]) >> (fl->nclusters % 64)))
+        b->bad = true;
+    }
+    if (flags & IMG_BROKEN) {
+      snprintf (s->broken_reason, sizeof s->broken_reason, "%s",
+                reason[0] ? reason : "broken in an earlier run");
+      atomic_store (&s->broken, true);
+    }
+  }
+  if (b->bad)
+    return meta_damaged (fl, "a snapshot in the image is truncated");
+  return 0;
 }

@@ -15,7 +15,7 @@
  *
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
- * validates and names this disk; meta.c then loads its metadata.
+ * validates and names this disk; meta-load.c then loads its metadata.
  *
  * Formatting destroys what a store holds, so it is done only to a store
  * that holds nothing to keep: an empty or all-zero file (for a block
@@ -114,9 +114,7 @@ store_write_superblock (struct store *s, const struct disk *d, bool clean)
 int
 store_sync (struct store *s)
 {
-  if (fdatasync (s->fd) == -1)
-    return fl_error (errno, "store: fdatasync: %s: %m", s->path);
-  return 0;
+  return fl_fdatasync (s->fd, "store", s->path);
 }
 
 /* The checks every Fleece superblock must pass, in either mode, before
@@ -841,4 +839,60 @@ store_usage (struct store *s, uint64_t *used, uint64_t *total,
   *total = top;
   pthread_mutex_unlock (&s->lock);
   *file_bytes = fstat (s->fd, &st) == 0 ? (uint64_t) st.st_blocks * 512 : 0;
+}
+
+/* Store a run of n clusters (len bytes at buf, copied together by
+ * copy-before-write): an all-zero cluster gets ZERO_SLOT and no slot
+ * (invariant 5), the others slots written with as few pwrites as the
+ * allocator's runs allow.  slots[i] receives cluster i's slot, ZERO_SLOT,
+ * or NO_SLOT if nothing was allocated for it before a failure (then
+ * store_free_run gives back what was).  *copied counts the bytes
+ * written.
+ */
+int
+store_put_run (struct store *s, const char *buf, uint32_t n, uint64_t len,
+               uint32_t *slots, _Atomic uint64_t *copied)
+{
+  uint32_t cs = s->cluster_size, i, j, k, first;
+
+  for (i = 0; i < n; i++) {
+    uint64_t clen = i == n - 1 ? len - (uint64_t) i * cs : cs;
+    slots[i] = fl_is_zero (buf + (uint64_t) i * cs, clen)
+      ? ZERO_SLOT : NO_SLOT;
+  }
+  for (i = 0; i < n; ) {
+    int got;
+    uint64_t blen;
+
+    if (slots[i] == ZERO_SLOT) {
+      i++;
+      continue;
+    }
+    for (j = i; j < n && slots[j] != ZERO_SLOT; j++)
+      ;
+    got = store_alloc (s, j - i, &first);
+    if (got <= 0)
+      return -1;
+    for (k = 0; k < (uint32_t) got; k++)
+      slots[i + k] = first + k;
+    blen = (uint64_t) got * cs;
+    if (blen > len - (uint64_t) i * cs)
+      blen = len - (uint64_t) i * cs;
+    if (store_write (s, first, got, buf + (uint64_t) i * cs, blen) == -1)
+      return -1;
+    atomic_fetch_add_explicit (copied, blen, memory_order_relaxed);
+    i += got;
+  }
+  return 0;
+}
+
+/* Give back the slots store_put_run allocated. */
+void
+store_free_run (struct store *s, const uint32_t *slots, uint32_t n)
+{
+  uint32_t i;
+
+  for (i = 0; i < n; i++)
+    if (slots[i] != ZERO_SLOT && slots[i] != NO_SLOT)
+      store_free (s, slots[i]);
 }
