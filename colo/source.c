@@ -14,7 +14,6 @@
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,22 +24,8 @@
 #include <xxhash.h>
 
 #include "fleece-wire.h"
+#include "messages.h"
 #include "source.h"
-
-static int
-seterr (char *err, size_t n, const char *fmt, ...)
-  __attribute__ ((format (printf, 3, 4)));
-
-static int
-seterr (char *err, size_t n, const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start (ap, fmt);
-  vsnprintf (err, n, fmt, ap);
-  va_end (ap);
-  return -1;
-}
 
 /* ---- exports ---- */
 
