@@ -25,12 +25,6 @@
 #define colo_ctl_execute ctlc_execute
 #define colo_ctl_close ctlc_close
 
-/* The URI of export name on the server that base (an NBD URI) reaches:
- * base with its path replaced, the rest (TLS parameters, socket) kept.
- * Returns a malloc'ed string or NULL.
- */
-extern char *colo_export_uri (const char *base, const char *name);
-
 /* One extent of an epoch: length bytes at offset, all zero or data (with
  * its xxh64, seed 0).  data is valid during the call only.
  */
@@ -56,8 +50,9 @@ extern int colo_read_epoch (const char *base, const char *snapshot,
                             struct colo_epoch_info *info,
                             char *err, size_t errlen);
 
-/* The bits of bitmap/NAME (checked against the geometry), malloc'ed:
- * ceil (clusters / 8) bytes, bit i (LSB first) = cluster i.
+/* The bits of bitmap/NAME (lib/bitmap-export.h's checks, and the
+ * geometry; frozen or not), malloc'ed: ceil (clusters / 8) bytes, bit i
+ * (LSB first) = cluster i.
  */
 extern int colo_read_bitmap (const char *base, const char *name,
                              uint64_t disk_size, uint32_t cluster_size,

@@ -5,7 +5,7 @@
  * thread and read after the join.  The files, in the order of a pull:
  *
  *   main.c         command line, signals, main (messages: lib/messages.c)
- *   uri.c          NBD URIs: the export name, the bitmap URI
+ *   uri.c          NBD URIs: the scheme, the export name
  *   nbd.c          connecting, reconnecting and closing an NBD handle
  *   rw.h, rw-nbd.c, rw-file.c
  *                  the source and the target behind one operations
@@ -76,7 +76,6 @@ extern void uri_free (struct uri *u);
 extern char *pct_decode (const char *s, size_t n);
 extern int uri_parse (const char *s, struct uri *u, char *err,
                       size_t errlen);
-extern char *bitmap_uri (const char *source_uri, const char *name);
 
 /* nbd.c */
 extern struct nbd_handle *nbd_open_uri (const char *uri, const char *name,
