@@ -60,10 +60,11 @@ DEFINE_VECTOR_TYPE (ctlc_event_vector, struct ctlc_event);
 struct ctlc {
   /* Set when the client is made, then constant. */
   int fd;
-  pid_t pid;                    /* the spawned command, or -1 */
   char *name;                   /* the path or the command's name */
   int64_t timeout_ms;           /* -1: none */
-  /* The state of the conversation. */
+  /* The spawned command until it is reaped, then (or else) -1. */
+  pid_t pid;
+  /* The state of the conversation.  One thread at a time uses a client. */
   const char *label;            /* what messages call the command */
   unsigned next_id;
   bool keep_events;             /* subscribed: queue events */
