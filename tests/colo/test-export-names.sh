@@ -7,22 +7,24 @@
 # SOURCE.  Each copy must equal the disk, which is not written after the
 # second checkpoint.
 source "${abs_top_srcdir:-../..}/tests/functions.sh"
-requires qemu-io --version
 requires python3 --version
-epoch () { $VG "${abs_top_builddir:-../..}/tests/colo/colo-epoch" "$@"; }
+requires qemu-io --version
 
-disk=$tmp/disk
-truncate -s 4M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 3M' "$disk" >/dev/null
-base="nbd+unix:///?socket=$tmp/p.sock"
 n1='one 100%?#a'
 n2='two %41?&b'
+base="nbd+unix:///?socket=$tmp/p.sock"
 # The URI of snapshot/NAME, percent-encoded as a URI must be.
 snap () {
   python3 -c 'import sys, urllib.parse as u; print("nbd+unix:///snapshot/%s?socket=%s" % (u.quote(sys.argv[1], safe=""), sys.argv[2]))' \
     "$1" "$tmp/p.sock"
 }
+epoch () { $VG "${abs_top_builddir:-../..}/tests/colo/colo-epoch" "$@"; }
 
+# A disk of data with a zero tail; changed after the first checkpoint
+# through the live export.
+disk=$tmp/disk
+head -c 3M /dev/urandom >"$disk"
+truncate -s 4M "$disk"
 ok "nbdkit starts" start_nbdkit p -- disk="$disk" store="$tmp/store" \
   control="$tmp/p.ctl"
 ok "checkpoint '$n1'" fleecectl -s "$tmp/p.ctl" checkpoint "$n1"
