@@ -1,14 +1,13 @@
 /* The primary's side of an epoch (source.h): the reader of an epoch's
  * clusters.
  *
- * The control client is lib/ctl-client.c's (source.h gives it the names
- * primary.c uses).  The reader takes the bitmap export's header and
- * bits with lib/bitmap-export.c (its rules: docs/bitmap-export.md; an
- * epoch's bitmaps must be frozen), opens exports by name with
- * lib/export.c, and reads the clusters that are set from the snapshot
- * export with libnbd, a run of adjacent clusters at a time; each run is
- * cut where the data turns from zero to non-zero or back, so that zero
- * clusters travel as zero records.
+ * The reader takes the bitmap export's header and bits with
+ * lib/bitmap-export.c (its rules: docs/bitmap-export.md; an epoch's
+ * bitmaps must be frozen), opens exports by name with lib/export.c, and
+ * reads the clusters that are set from the snapshot export with libnbd,
+ * a run of adjacent clusters at a time; each run is cut where the data
+ * turns from zero to non-zero or back, so that zero clusters travel as
+ * zero records.
  */
 
 #include <config.h>
