@@ -367,12 +367,46 @@ ctlc_connect (const char *path, int64_t timeout_ms, char *err,
   return c;
 }
 
+/* Start argv with fd as its stdin and stdout.  The child starts with
+ * SIGPIPE at its default and no signal blocked, whatever the caller set
+ * for itself (fleece-colod ignores SIGPIPE, and its threads may block
+ * signals).  Returns 0, or an errno value.
+ */
+static int
+spawn_child (int fd, char *const argv[], pid_t *pid)
+{
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  sigset_t none, pipe;
+  int e;
+
+  sigemptyset (&none);
+  sigemptyset (&pipe);
+  sigaddset (&pipe, SIGPIPE);
+  e = posix_spawn_file_actions_init (&fa);
+  if (e != 0)
+    return e;
+  e = posix_spawnattr_init (&attr);
+  if (e != 0)
+    goto out_fa;
+  if ((e = posix_spawn_file_actions_adddup2 (&fa, fd, 0)) == 0 &&
+      (e = posix_spawn_file_actions_adddup2 (&fa, fd, 1)) == 0 &&
+      (e = posix_spawnattr_setsigdefault (&attr, &pipe)) == 0 &&
+      (e = posix_spawnattr_setsigmask (&attr, &none)) == 0 &&
+      (e = posix_spawnattr_setflags (&attr, POSIX_SPAWN_SETSIGDEF |
+                                     POSIX_SPAWN_SETSIGMASK)) == 0)
+    e = posix_spawnp (pid, argv[0], &fa, &attr, argv, environ);
+  posix_spawnattr_destroy (&attr);
+ out_fa:
+  posix_spawn_file_actions_destroy (&fa);
+  return e;
+}
+
 struct ctlc *
 ctlc_spawn (const char *name, char *const argv[], int64_t timeout_ms,
             char *err, size_t errlen)
 {
   struct ctlc *c = client_new (name, timeout_ms, err, errlen);
-  posix_spawn_file_actions_t fa;
   int sv[2], e;
 
   if (c == NULL)
@@ -382,15 +416,7 @@ ctlc_spawn (const char *name, char *const argv[], int64_t timeout_ms,
     goto fail;
   }
   c->fd = sv[0];
-  e = posix_spawn_file_actions_init (&fa);
-  if (e == 0) {
-    e = posix_spawn_file_actions_adddup2 (&fa, sv[1], 0);
-    if (e == 0)
-      e = posix_spawn_file_actions_adddup2 (&fa, sv[1], 1);
-    if (e == 0)
-      e = posix_spawnp (&c->pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy (&fa);
-  }
+  e = spawn_child (sv[1], argv, &c->pid);
   if (e != 0)
     c->pid = -1;
   close (sv[1]);

@@ -12,12 +12,15 @@
  * Every wait lasts at most $CTLC_TIMEOUT_MS (default 10000).  A failure
  * prints "ctlc-driver: MESSAGE" (the library's message) and exits 1.
  * After ctlc_close, the driver checks that no child is left to reap:
- * ctlc_close must have reaped the one ctlc_spawn started.
+ * ctlc_close must have reaped the one ctlc_spawn started.  The driver
+ * ignores SIGPIPE, as fleece-colod does, so that a test can check that
+ * the child does not inherit that.
  */
 
 #include <config.h>
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +100,7 @@ main (int argc, char *argv[])
   char err[1024];
   struct ctlc *c;
 
+  signal (SIGPIPE, SIG_IGN);
   if (argc >= 4 && strcmp (argv[1], "socket") == 0) {
     c = ctlc_connect (argv[2], timeout, err, sizeof err);
     if (c == NULL)

@@ -10,6 +10,7 @@
 #    stderr passed through, its status in the message), that never
 #    greets (the timeout), or that does not exit when closed (killed):
 #    each is an error that says so, and the child is always reaped;
+#  - the child does not inherit the caller's ignored SIGPIPE;
 #  - a request piped through fleecectl relay gets the greeting and its
 #    reply, and the relay exits 0 once the server closed.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
@@ -61,6 +62,13 @@ ok_fails "a command that exits without a greeting: its stderr, its status" \
   driver spawn c query-status - sh -c 'echo child-says-why >&2; exit 3'
 cp "$tmp/.out" "$tmp/c.out"
 ok "... and the child's stderr is passed through" grep -q child-says-why "$tmp/c.out"
+# The driver ignores SIGPIPE (as fleece-colod does); the child must not.
+driver spawn c query-status - sh -c 'grep ^SigIgn: /proc/self/status >&2' \
+  >"$tmp/sig.out" 2>&1
+sigign=$(sed -n 's/^SigIgn:[[:space:]]*//p' "$tmp/sig.out")
+diag "the child's ignored signals: ${sigign:-?}"
+ok "the child starts with SIGPIPE not ignored" \
+  test -n "$sigign" -a "$(( 16#${sigign:-0} & 0x1000 ))" -eq 0
 ok_fails "a relay to a socket that does not exist says why, through stderr" \
   "fleecectl: control socket $tmp/none.ctl: connect: No such file" \
   driver spawn relay query-status - fleecectl -s "$tmp/none.ctl" relay
