@@ -1,20 +1,17 @@
 /* fleece-backup: NBD URIs.
  *
- * libnbd parses the URI itself; this parser only checks the scheme, finds
- * the export name (percent-decoded, as libnbd decodes it) and builds the
- * bitmap URI from the source URI by replacing its path, keeping the
- * scheme, the authority (PSK user, host, port) and the query (socket,
- * TLS parameters) byte for byte.
+ * libnbd parses the URI itself; this parser only checks the scheme and
+ * finds the export name (percent-decoded, as libnbd decodes it).  The
+ * bitmap's export is opened by name on the source's connection
+ * parameters (lib/export.c), with no URI rewritten.
  */
 
 #include <config.h>
 
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "cleanup.h"
 #include "backup.h"
 
 static const char *const uri_schemes[] = {
@@ -68,27 +65,6 @@ pct_decode (const char *s, size_t n)
   return r;
 }
 
-/* Escape everything but RFC 3986 unreserved characters. */
-static char *
-pct_encode (const char *s)
-{
-  static const char hex[] = "0123456789ABCDEF";
-  char *r = xmalloc (strlen (s) * 3 + 1), *p = r;
-
-  for (; *s; s++) {
-    unsigned char c = *s;
-    if (isalnum (c) || c == '-' || c == '.' || c == '_' || c == '~')
-      *p++ = c;
-    else {
-      *p++ = '%';
-      *p++ = hex[c >> 4];
-      *p++ = hex[c & 15];
-    }
-  }
-  *p = '\0';
-  return r;
-}
-
 /* Split an NBD URI.  On error returns -1 with a message in err. */
 int
 uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
@@ -127,22 +103,3 @@ uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
     die ("strdup: %m");
   return 0;
 }
-
-/* The URI of export "bitmap/NAME" on the server of source_uri. */
-char *
-bitmap_uri (const char *source_uri, const char *name)
-{
-  CLEANUP_FREE char *enc = NULL;
-  struct uri u;
-  char err[512], *r;
-
-  if (uri_parse (source_uri, &u, err, sizeof err) == -1)
-    return NULL;
-  enc = pct_encode (name);
-  if (asprintf (&r, "%s://%s/bitmap/%s%s", u.scheme, u.authority, enc,
-                u.rest) == -1)
-    die ("asprintf: %m");
-  uri_free (&u);
-  return r;
-}
-
