@@ -78,6 +78,7 @@
 #include <unistd.h>
 
 #include "backup.h"
+#include "repo.h"
 
 const char *const sync_names[] = { "full", "top", "incremental" };
 
@@ -351,7 +352,10 @@ int
 main (int argc, char **argv)
 {
   char *snapshot = NULL;
+  int r = repo_main (argc, argv);       /* a repository command? */
 
+  if (r != -1)
+    return r;
   parse_args (argc, argv, &snapshot);
   progress_start ();
   catch_signals ();

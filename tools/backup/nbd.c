@@ -111,7 +111,8 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
       nbd_set_uri_allow_local_file (h, true) == -1 ||
       nbd_set_opt_mode (h, true) == -1 ||
       (extents &&
-       nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1))
+       (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+        nbd_set_full_info (h, true) == -1)))  /* the disk: cmd-backup.c */
     die ("%s: %s", uri, nbd_get_error ());
   if (nbd_connect_uri (h, uri) == 0) {
     if (!nbd_aio_is_negotiating (h))    /* an oldstyle server */

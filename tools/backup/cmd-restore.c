@@ -1,0 +1,207 @@
+/* fleece-backup verify, restore and serve: reading restore points.
+ *
+ * All three read a point through QEMU (qemu-img check, qemu-nbd), and
+ * hold REPO/readers shared, so that no prune changes the files under
+ * them; none of them takes the writers' lock, so a backup may run
+ * meanwhile (it never changes a complete point).
+ *
+ * verify checks each file with qemu-img check, then reads the point's
+ * whole image and compares each cluster with its checksum list.
+ * restore is a pull (the same machinery as a backup, main.c's note) from
+ * the point, served read-only by qemu-nbd, to a file, a block device or
+ * an NBD URI; each cluster is checked against the list as it is read
+ * (sums.c, check mode), so that a damaged repository stops the restore
+ * at the first bad cluster.  serve replaces itself with qemu-nbd, so
+ * that SIGTERM to its PID stops the export.
+ */
+
+#include <config.h>
+
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cleanup.h"
+#include "repo.h"
+
+#define VERIFY_CHUNK (4u << 20)
+
+static struct point *
+find_complete (struct repo *r, const char *name)
+{
+  struct point *p = repo_find (r, name);
+
+  if (p == NULL)
+    die ("repository %s has no point '%s' ('fleece-backup list %s' lists "
+         "them)", r->dir, name, r->dir);
+  if (!p->complete)
+    die ("point %s of %s is incomplete (its backup did not finish)",
+         name, r->dir);
+  return p;
+}
+
+/* qemu-img check of p's file and of every file it is backed by. */
+static void
+check_chain (struct repo *r, struct point *p)
+{
+  for (; p; p = p->parent ? repo_find (r, p->parent) : NULL) {
+    CLEANUP_FREE char *path = repo_path (r, p->file);
+    const char *argv[] = { "qemu-img", "check", "-q", "-f", "qcow2", path,
+                           NULL };
+    int st = qemu_run (argv, false);
+
+    if (st != 0)
+      die ("verify: point %s: 'qemu-img check %s' failed with status %d "
+           "(2: corrupted, 3: leaked clusters)", p->name, path, st);
+  }
+}
+
+/* Read the point's whole image and compare every cluster. */
+static void
+verify_sums (struct repo *r, struct point *p)
+{
+  CLEANUP_FREE char *path = repo_path (r, p->file);
+  CLEANUP_FREE char *spath = repo_path (r, p->sums);
+  CLEANUP_FREE char *uri = NULL, *msg = NULL, *buf = NULL;
+  struct sums s = { 0 };
+  struct nbd_handle *h;
+  uint64_t off, len, i;
+  bool refused;
+
+  sums_read (spath, p->sums_xxh3, &s);
+  uri = qemu_nbd_start (path, true);
+  h = nbd_open_uri (uri, "verify", false, &msg, &refused);
+  if (h == NULL)
+    die ("%s: %s", uri, msg);
+  if ((uint64_t) nbd_get_size (h) != s.disk_size)
+    die ("verify: point %s is %" PRIi64 " bytes, its checksum list is for "
+         "%" PRIu64, p->name, nbd_get_size (h), s.disk_size);
+  buf = xmalloc (VERIFY_CHUNK);
+  for (off = 0; off < s.disk_size; off += len) {
+    len = s.disk_size - off < VERIFY_CHUNK ? s.disk_size - off
+      : VERIFY_CHUNK;
+    if (nbd_pread (h, buf, len, off, 0) == -1)
+      die ("verify: point %s: read at offset %" PRIu64 ": %s", p->name,
+           off, nbd_get_error ());
+    for (i = 0; i < len; i += s.cluster) {
+      uint64_t n = len - i < s.cluster ? len - i : s.cluster;
+      uint64_t c = (off + i) / s.cluster;
+      if (sums_hash (buf + i, n) != s.v[c])
+        die ("verify: point %s differs from its checksum list at offset "
+             "%" PRIu64 " (cluster %" PRIu64 " of %" PRIu64 " bytes)",
+             p->name, off + i, c, (uint64_t) s.cluster);
+    }
+  }
+  nbd_finish (h, false);
+  qemu_nbd_wait ();
+  free (s.v);
+}
+
+int
+cmd_verify (int argc, char **argv)
+{
+  struct repo r;
+  size_t i;
+
+  if (argc != 2 && argc != 3)
+    usage_error ("verify: expected REPO [POINT]");
+  repo_open (&r, argv[1], REPO_READ);
+  for (i = 0; i < r.n; i++) {
+    struct point *p = &r.points[i];
+
+    if (argc == 3 ? p != find_complete (&r, argv[2]) : !p->complete)
+      continue;
+    check_chain (&r, p);
+    verify_sums (&r, p);
+    printf ("%s: ok\n", p->name);
+  }
+  repo_close (&r);
+  return EXIT_SUCCESS;
+}
+
+int
+cmd_restore (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "progress", no_argument, NULL, 'p' },
+    { "quiet", no_argument, NULL, 'q' },
+    { NULL }
+  };
+  CLEANUP_FREE char *path = NULL, *spath = NULL, *uri = NULL;
+  struct sums s = { 0 };
+  struct point *p;
+  struct repo r;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
+    if (c == 'p')
+      cfg.progress = true;
+    else if (c == 'q')
+      cfg.quiet = true;
+    else
+      usage_error ("restore: bad option");
+  }
+  if (argc - optind != 3)
+    usage_error ("restore: expected REPO POINT TARGET");
+  repo_open (&r, argv[optind], REPO_READ);
+  p = find_complete (&r, argv[optind + 1]);
+  path = repo_path (&r, p->file);
+  spath = repo_path (&r, p->sums);
+  sums_read (spath, p->sums_xxh3, &s);
+  s.check = true;
+  s.what = p->name;
+  uri = qemu_nbd_start (path, true);
+  cfg.source = uri;
+  cfg.target = argv[optind + 2];
+  cfg.sync = SYNC_FULL;
+  progress_start ();
+  catch_signals ();
+  source_open ();
+  sums_on = &s;
+  sums_prepare ();
+  target_open ();
+  pull_setup ();
+  pull_run ();
+  pull_end ();
+  qemu_nbd_wait ();
+  if (!cfg.quiet)
+    fprintf (stderr, "fleece-backup: restored point %s to %s: read=%"
+             PRIu64 " written=%" PRIu64 " zeroed=%" PRIu64
+             " seconds=%.2f checksums=ok\n", p->name, cfg.target, P.read,
+             P.written, P.zeroed, progress_seconds ());
+  sums_on = NULL;
+  free (s.v);
+  repo_close (&r);
+  return EXIT_SUCCESS;
+}
+
+int
+cmd_serve (int argc, char **argv)
+{
+  CLEANUP_FREE char *path = NULL;
+  const char *sock = NULL;
+  struct point *p;
+  struct repo r;
+
+  if (argc == 5 && strcmp (argv[3], "--socket") == 0)
+    sock = argv[4];
+  else if (argc == 4 && strncmp (argv[3], "--socket=", 9) == 0)
+    sock = argv[3] + 9;
+  else
+    usage_error ("serve: expected REPO POINT --socket PATH");
+  repo_open (&r, argv[1], REPO_READ);
+  p = find_complete (&r, argv[2]);
+  path = repo_path (&r, p->file);
+  /* qemu-nbd keeps the readers' lock while it serves. */
+  if (fcntl (r.readers_fd, F_SETFD, 0) == -1)
+    die ("fcntl: %s/readers: %m", r.dir);
+  fflush (NULL);
+  execlp ("qemu-nbd", "qemu-nbd", "--read-only", "--persistent",
+          "--shared=16", "-f", "qcow2", "--socket", sock, path,
+          (char *) NULL);
+  die ("exec: qemu-nbd: %m");
+}
