@@ -1,9 +1,8 @@
-/* The primary's side of an epoch (source.h): a control socket client and
- * the reader of an epoch's clusters.
+/* The primary's side of an epoch (source.h): the reader of an epoch's
+ * clusters.
  *
- * The control client speaks docs/control-protocol.md: it checks the
- * greeting, sends one request at a time and skips event lines while it
- * waits for the reply.  The reader takes the bitmap export's header and
+ * The control client is lib/ctl-client.c's (source.h gives it the names
+ * primary.c uses).  The reader takes the bitmap export's header and
  * bits (docs/bitmap-export.md), checks them, and reads the clusters that
  * are set from the snapshot export with libnbd, a run of adjacent
  * clusters at a time; each run is cut where the data turns from zero to
@@ -15,13 +14,10 @@
 #include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,185 +40,6 @@ seterr (char *err, size_t n, const char *fmt, ...)
   vsnprintf (err, n, fmt, ap);
   va_end (ap);
   return -1;
-}
-
-/* ---- control socket ---- */
-
-struct colo_ctl {
-  int fd;
-  int timeout_ms;
-  char *path;
-  char buf[65536 + 1];
-  size_t len;
-  unsigned next_id;
-};
-
-/* One line (without its newline) into a new json_t, or NULL. */
-static json_t *
-read_reply_line (struct colo_ctl *c, char *err, size_t errlen)
-{
-  for (;;) {
-    char *nl = memchr (c->buf, '\n', c->len);
-    struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-    ssize_t r;
-
-    if (nl) {
-      json_error_t je;
-      json_t *v;
-      size_t linelen = nl - c->buf;
-      *nl = '\0';
-      v = json_loads (c->buf, 0, &je);
-      memmove (c->buf, nl + 1, c->len - linelen - 1);
-      c->len -= linelen + 1;
-      if (v == NULL)
-        seterr (err, errlen, "control socket %s: a reply is not JSON: %s",
-                c->path, je.text);
-      return v;
-    }
-    if (c->len == sizeof c->buf - 1) {
-      seterr (err, errlen, "control socket %s: a reply line is too long",
-              c->path);
-      return NULL;
-    }
-    r = poll (&pfd, 1, c->timeout_ms);
-    if (r == 0) {
-      seterr (err, errlen, "control socket %s: no reply in %d ms", c->path,
-              c->timeout_ms);
-      return NULL;
-    }
-    if (r == -1) {
-      seterr (err, errlen, "control socket %s: poll: %s", c->path,
-              strerror (errno));
-      return NULL;
-    }
-    r = read (c->fd, c->buf + c->len, sizeof c->buf - 1 - c->len);
-    if (r == 0) {
-      seterr (err, errlen, "control socket %s: the server closed the "
-              "connection", c->path);
-      return NULL;
-    }
-    if (r == -1 && errno != EINTR) {
-      seterr (err, errlen, "control socket %s: read: %s", c->path,
-              strerror (errno));
-      return NULL;
-    }
-    if (r > 0)
-      c->len += r;
-  }
-}
-
-struct colo_ctl *
-colo_ctl_open (const char *path, int timeout_ms, char *err, size_t errlen)
-{
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  struct colo_ctl *c;
-  json_t *g;
-
-  if (strlen (path) >= sizeof sun.sun_path) {
-    seterr (err, errlen, "control socket %s: the path is too long", path);
-    return NULL;
-  }
-  c = calloc (1, sizeof *c);
-  if (c == NULL || (c->path = strdup (path)) == NULL) {
-    free (c);
-    seterr (err, errlen, "control socket %s: out of memory", path);
-    return NULL;
-  }
-  c->timeout_ms = timeout_ms;
-  c->next_id = 1;
-  strcpy (sun.sun_path, path);
-  c->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (c->fd == -1 ||
-      connect (c->fd, (struct sockaddr *) &sun, sizeof sun) == -1) {
-    seterr (err, errlen, "control socket %s: connect: %s", path,
-            strerror (errno));
-    goto fail;
-  }
-  g = read_reply_line (c, err, errlen);
-  if (g == NULL)
-    goto fail;
-  if (json_object_get (g, "QMP") == NULL) {
-    const char *desc = NULL;
-    json_unpack (g, "{s:{s:s}}", "error", "desc", &desc);
-    seterr (err, errlen, "control socket %s: %s", path,
-            desc ? desc : "not a Fleece control socket (no greeting)");
-    json_decref (g);
-    goto fail;
-  }
-  json_decref (g);
-  return c;
- fail:
-  colo_ctl_close (c);
-  return NULL;
-}
-
-json_t *
-colo_ctl_execute (struct colo_ctl *c, const char *cmd, json_t *args,
-                  char *err, size_t errlen)
-{
-  json_t *req, *reply, *ret;
-  const char *desc;
-  char *line;
-  size_t len, off = 0;
-
-  req = json_pack ("{s:s,s:o*,s:I}", "execute", cmd, "arguments", args,
-                   "id", (json_int_t) c->next_id++);
-  line = req ? json_dumps (req, JSON_COMPACT) : NULL;
-  json_decref (req);
-  if (line == NULL) {
-    seterr (err, errlen, "%s: out of memory", cmd);
-    return NULL;
-  }
-  len = strlen (line);
-  line[len++] = '\n';           /* over the terminating NUL */
-  while (off < len) {
-    ssize_t r = send (c->fd, line + off, len - off, MSG_NOSIGNAL);
-    if (r == -1 && errno == EINTR)
-      continue;
-    if (r == -1) {
-      seterr (err, errlen, "control socket %s: %s: send: %s", c->path, cmd,
-              strerror (errno));
-      free (line);
-      return NULL;
-    }
-    off += r;
-  }
-  free (line);
-  do {
-    reply = read_reply_line (c, err, errlen);
-    if (reply == NULL)
-      return NULL;
-    if (json_object_get (reply, "event")) {
-      json_decref (reply);
-      reply = NULL;
-    }
-  } while (reply == NULL);
-  if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0) {
-    seterr (err, errlen, "%s: %s", cmd, desc);
-    json_decref (reply);
-    return NULL;
-  }
-  ret = json_object_get (reply, "return");
-  if (ret == NULL) {
-    seterr (err, errlen, "control socket %s: %s: a reply with neither "
-            "\"return\" nor \"error\"", c->path, cmd);
-    json_decref (reply);
-    return NULL;
-  }
-  json_incref (ret);
-  json_decref (reply);
-  return ret;
-}
-
-void
-colo_ctl_close (struct colo_ctl *c)
-{
-  if (c) {
-    if (c->fd >= 0)
-      close (c->fd);
-    free (c->path);
-    free (c);
-  }
 }
 
 /* ---- exports ---- */

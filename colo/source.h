@@ -14,16 +14,16 @@
 
 #include <jansson.h>
 
-/* A connection to the plugin's control socket (docs/control-protocol.md). */
-struct colo_ctl;
-extern struct colo_ctl *colo_ctl_open (const char *path, int timeout_ms,
-                                       char *err, size_t errlen);
-/* Run cmd; args is consumed (may be NULL).  Returns the "return" value
- * (a new reference), or NULL with the server's error in err.
+#include "ctl-client.h"
+
+/* A connection to the plugin's control socket: lib/ctl-client.h's
+ * client, under the names primary.c uses (connection errors start with
+ * "control socket PATH: ", error replies are "CMD: DESC").
  */
-extern json_t *colo_ctl_execute (struct colo_ctl *c, const char *cmd,
-                                 json_t *args, char *err, size_t errlen);
-extern void colo_ctl_close (struct colo_ctl *c);
+#define colo_ctl ctlc
+#define colo_ctl_open ctlc_connect
+#define colo_ctl_execute ctlc_execute
+#define colo_ctl_close ctlc_close
 
 /* The URI of export name on the server that base (an NBD URI) reaches:
  * base with its path replaced, the rest (TLS parameters, socket) kept.
