@@ -79,6 +79,8 @@ extern void uri_free (struct uri *u);
 extern char *pct_decode (const char *s, size_t n);
 extern int uri_parse (const char *s, struct uri *u, char *err,
                       size_t errlen);
+extern char *export_uri (const char *source_uri, const char *kind,
+                         const char *name);
 extern char *bitmap_uri (const char *source_uri, const char *name);
 
 /* nbd.c */

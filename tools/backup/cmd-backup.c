@@ -192,69 +192,46 @@ print_point (const struct point *p, bool json)
              progress_seconds (), p->name, p->parent ? p->parent : "-");
 }
 
-int
-cmd_backup (int argc, char **argv)
+/* A fresh pull state for each point: --control may add several points
+ * in one run (an interrupted checkpoint, then its own).
+ */
+static void
+pull_reset (void)
 {
-  enum { OPT_FULL = 256, OPT_SINCE, OPT_NAME, OPT_PROGRESS, OPT_JSON };
-  static const struct option opts[] = {
-    { "full", no_argument, NULL, OPT_FULL },
-    { "since", required_argument, NULL, OPT_SINCE },
-    { "name", required_argument, NULL, OPT_NAME },
-    { "progress", no_argument, NULL, OPT_PROGRESS },
-    { "json", no_argument, NULL, OPT_JSON },
-    { "quiet", no_argument, NULL, 'q' },
-    { NULL }
-  };
+  memset (&P, 0, sizeof P);
+  memset (&bm, 0, sizeof bm);
+  src = (struct rw) { .name = "source", .fd = -1 };
+  tgt = (struct rw) { .name = "target", .is_target = true, .fd = -1 };
+}
+
+/* Add point name holding checkpoint (snapshot export source), full or
+ * (since != NULL) incremental on top of the newest point.
+ */
+struct point *
+backup_point (struct repo *r, const char *source, const char *checkpoint,
+              const char *since, const char *name, bool json)
+{
   struct point np = { .created = -1 }, *p, *newest, *parent = NULL;
-  const char *name = NULL;
-  bool full = false, json = false;
   struct sums s = { 0 };
-  struct repo r;
-  struct uri u;
-  char err[1024];
-  int c;
 
-  while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
-    switch (c) {
-    case OPT_FULL: full = true; break;
-    case OPT_SINCE: check_name ("--since", optarg); cfg.since = optarg; break;
-    case OPT_NAME: check_name ("--name", optarg); name = optarg; break;
-    case OPT_PROGRESS: cfg.progress = true; break;
-    case OPT_JSON: json = true; break;
-    case 'q': cfg.quiet = true; break;
-    default: usage_error ("backup: bad option");
-    }
-  }
-  if (argc - optind != 2)
-    usage_error ("backup: expected REPO and SOURCE");
-  if (full && cfg.since)
-    usage_error ("backup: --full and --since exclude each other");
-  cfg.source = argv[optind + 1];
-  if (uri_parse (cfg.source, &u, err, sizeof err) == -1)
-    usage_error ("SOURCE: %s", err);
-  if (strncmp (u.export, "snapshot/", 9) != 0 || u.export[9] == '\0')
-    usage_error ("backup: SOURCE must be a snapshot export (snapshot/NAME), "
-                 "not '%s'", u.export);
-  if ((np.checkpoint = strdup (u.export + 9)) == NULL)
-    die ("strdup: %m");
-  uri_free (&u);
-  if ((np.name = strdup (name ? name : np.checkpoint)) == NULL)
-    die ("strdup: %m");
-  cfg.sync = cfg.since ? SYNC_INCREMENTAL : SYNC_FULL;
-
-  repo_open (&r, argv[optind], REPO_WRITE);
-  if (repo_find (&r, np.name))
+  if (repo_find (r, name))
     die ("repository %s already has a point named '%s' (--name)",
-         r.dir, np.name);
-  newest = repo_newest (&r);
+         r->dir, name);
+  if ((np.name = strdup (name)) == NULL ||
+      (np.checkpoint = strdup (checkpoint)) == NULL)
+    die ("strdup: %m");
+  newest = repo_newest (r);
+  pull_reset ();
+  cfg.source = source;
+  cfg.since = since;
+  cfg.sync = since ? SYNC_INCREMENTAL : SYNC_FULL;
   progress_start ();
-  catch_signals ();
   if (cfg.sync == SYNC_INCREMENTAL)
     bitmap_start ();
   source_open ();
   np.disk_size = src.size;
   source_identity (&np.disk, &np.created);
-  check_base (&r, &np, newest);
+  check_base (r, &np, newest);
   if (cfg.sync == SYNC_INCREMENTAL) {
     parent = newest;
     plan_first ();
@@ -264,7 +241,7 @@ cmd_backup (int argc, char **argv)
       die ("strdup: %m");
   }
   if (parent) {
-    CLEANUP_FREE char *ps = repo_path (&r, parent->sums);
+    CLEANUP_FREE char *ps = repo_path (r, parent->sums);
     sums_read (ps, parent->sums_xxh3, &s);
   }
   else
@@ -272,11 +249,73 @@ cmd_backup (int argc, char **argv)
   s.what = np.name;
   sums_on = &s;
   sums_prepare ();
-  p = point_begin (&r, &np, parent);
-  point_pull (&r, p, &s);
+  p = point_begin (r, &np, parent);
+  point_pull (r, p, &s);
   print_point (p, json);
   sums_on = NULL;
   free (s.v);
+  return p;
+}
+
+int
+cmd_backup (int argc, char **argv)
+{
+  enum { OPT_FULL = 256, OPT_SINCE, OPT_NAME, OPT_PROGRESS, OPT_JSON,
+         OPT_CONTROL };
+  static const struct option opts[] = {
+    { "full", no_argument, NULL, OPT_FULL },
+    { "since", required_argument, NULL, OPT_SINCE },
+    { "name", required_argument, NULL, OPT_NAME },
+    { "control", required_argument, NULL, OPT_CONTROL },
+    { "progress", no_argument, NULL, OPT_PROGRESS },
+    { "json", no_argument, NULL, OPT_JSON },
+    { "quiet", no_argument, NULL, 'q' },
+    { NULL }
+  };
+  const char *name = NULL, *since = NULL, *control = NULL;
+  CLEANUP_FREE char *checkpoint = NULL;
+  bool full = false, json = false;
+  struct repo r;
+  struct uri u;
+  char err[1024];
+  int c;
+
+  while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
+    switch (c) {
+    case OPT_FULL: full = true; break;
+    case OPT_SINCE: check_name ("--since", optarg); since = optarg; break;
+    case OPT_NAME: check_name ("--name", optarg); name = optarg; break;
+    case OPT_CONTROL: control = optarg; break;
+    case OPT_PROGRESS: cfg.progress = true; break;
+    case OPT_JSON: json = true; break;
+    case 'q': cfg.quiet = true; break;
+    default: usage_error ("backup: bad option");
+    }
+  }
+  if (argc - optind != 2)
+    usage_error ("backup: expected REPO and SOURCE");
+  if (full && since)
+    usage_error ("backup: --full and --since exclude each other");
+  if (control && since)
+    usage_error ("backup: with --control, fleece-backup chooses the "
+                 "checkpoint to pull since: no --since");
+  if (uri_parse (argv[optind + 1], &u, err, sizeof err) == -1)
+    usage_error ("SOURCE: %s", err);
+  if (!control && (strncmp (u.export, "snapshot/", 9) != 0 ||
+                   u.export[9] == '\0'))
+    usage_error ("backup: SOURCE must be a snapshot export (snapshot/NAME), "
+                 "not '%s' (or use --control)", u.export);
+  if (!control && (checkpoint = strdup (u.export + 9)) == NULL)
+    die ("strdup: %m");
+  uri_free (&u);
+
+  repo_open (&r, argv[optind], REPO_WRITE);
+  catch_signals ();
+  if (control)
+    control_cycle (&r, control, argv[optind + 1], name, full, json);
+  else
+    backup_point (&r, argv[optind + 1], checkpoint, since,
+                  name ? name : checkpoint, json);
   repo_close (&r);
   return EXIT_SUCCESS;
 }

@@ -88,6 +88,14 @@ extern void qemu_run_ok (const char *const argv[]);
 extern char *qemu_nbd_start (const char *file, bool readonly);
 extern void qemu_nbd_wait (void);
 
+/* cmd-backup.c, cmd-control.c */
+extern struct point *backup_point (struct repo *r, const char *source,
+                                   const char *checkpoint, const char *since,
+                                   const char *name, bool json);
+extern void control_cycle (struct repo *r, const char *control,
+                           const char *server_uri, const char *name,
+                           bool full, bool json);
+
 /* cmd-*.c */
 extern int cmd_init (int argc, char **argv);
 extern int cmd_backup (int argc, char **argv);

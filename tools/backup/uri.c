@@ -128,9 +128,11 @@ uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
   return 0;
 }
 
-/* The URI of export "bitmap/NAME" on the server of source_uri. */
+/* The URI of export "KIND/NAME" (bitmap, snapshot) on the server of
+ * source_uri.
+ */
 char *
-bitmap_uri (const char *source_uri, const char *name)
+export_uri (const char *source_uri, const char *kind, const char *name)
 {
   CLEANUP_FREE char *enc = NULL;
   struct uri u;
@@ -139,10 +141,16 @@ bitmap_uri (const char *source_uri, const char *name)
   if (uri_parse (source_uri, &u, err, sizeof err) == -1)
     return NULL;
   enc = pct_encode (name);
-  if (asprintf (&r, "%s://%s/bitmap/%s%s", u.scheme, u.authority, enc,
+  if (asprintf (&r, "%s://%s/%s/%s%s", u.scheme, u.authority, kind, enc,
                 u.rest) == -1)
     die ("asprintf: %m");
   uri_free (&u);
   return r;
+}
+
+char *
+bitmap_uri (const char *source_uri, const char *name)
+{
+  return export_uri (source_uri, "bitmap", name);
 }
 
