@@ -230,7 +230,7 @@ control_plan (struct control *ctl, const struct point *newest, bool full,
 
 void
 control_cycle (struct repo *r, const char *control, const char *server_uri,
-               const char *name, bool full, bool json)
+               const char *name, bool full, bool compress, bool json)
 {
   char stamp[32];
   struct control ctl;
@@ -264,7 +264,8 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
       warn ("finishing checkpoint %s, created by a run that did not "
             "complete: incremental since %s", resume, newest->checkpoint);
       uri = export_uri (server_uri, "snapshot", resume);
-      backup_point (r, uri, resume, newest->checkpoint, resume, json);
+      backup_point (r, uri, resume, newest->checkpoint, resume, compress,
+                    json);
       repo_crash_point ("control-complete");
       if (strcmp (resume, name) == 0) {
         free (resume);
@@ -278,7 +279,8 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
     uri = export_uri (server_uri, "snapshot", name);
     if (why)
       warn ("a full point: %s", why);
-    backup_point (r, uri, name, why ? NULL : newest->checkpoint, name, json);
+    backup_point (r, uri, name, why ? NULL : newest->checkpoint, name,
+                  compress, json);
     repo_crash_point ("control-complete");
     break;
   }

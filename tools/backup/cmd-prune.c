@@ -50,16 +50,19 @@ unlink_point_file (struct repo *r, const char *file)
 static void
 prune_merge (struct repo *r, struct point *drop, struct point *into)
 {
-  CLEANUP_FREE char *dpath = repo_path (r, drop->file);
-  CLEANUP_FREE char *ipath = repo_path (r, into->file);
+  static const char *const repair[] = { "-q", "-r", "leaks", NULL };
+  static const char *const commit[] = { "-q", "-d", NULL };
+  CLEANUP_FREE char *dpath = NULL, *ipath = NULL;
+  struct qimg dq, iq;
 
+  repo_qimg (r, drop, &dq, &dpath);
+  repo_qimg (r, into, &iq, &ipath);
   if (access (dpath, F_OK) == 0) {
-    const char *repair[] = { "qemu-img", "check", "-q", "-r", "leaks",
-                             "-f", "qcow2", dpath, NULL };
-    const char *commit[] = { "qemu-img", "commit", "-q", "-d", "-f",
-                             "qcow2", ipath, NULL };
-    qemu_run_ok (repair);
-    qemu_run_ok (commit);
+    qemu_key_check (&iq, into->name);
+    if (qemu_img ("check", repair, &dq, QUIET_OUT) != 0)
+      die ("qemu-img check -r leaks %s failed", dpath);
+    if (qemu_img ("commit", commit, &iq, QUIET_OUT) != 0)
+      die ("qemu-img commit -d %s (into %s) failed", ipath, dpath);
     repo_crash_point ("prune-committed");
     fsync_path (dpath, false);
     if (rename (dpath, ipath) == -1)
@@ -98,6 +101,7 @@ cmd_prune (int argc, char **argv)
 {
   static const struct option opts[] = {
     { "keep-last", required_argument, NULL, 'k' },
+    { "encrypt-key-file", required_argument, NULL, 'e' },
     { NULL }
   };
   long keep = -1;
@@ -107,6 +111,10 @@ cmd_prune (int argc, char **argv)
   size_t i;
 
   while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
+    if (c == 'e') {
+      repo_key_file = optarg;
+      continue;
+    }
     if (c != 'k')
       usage_error ("prune: bad option");
     keep = strtol (optarg, &end, 10);

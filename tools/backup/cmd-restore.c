@@ -57,19 +57,21 @@ dropping (const struct repo *r, const struct point *p)
 static void
 check_chain (struct repo *r, struct point *p)
 {
+  static const char *const quiet[] = { "-q", NULL };
+
   for (; p; p = p->parent ? repo_find (r, p->parent) : NULL) {
-    CLEANUP_FREE char *path = repo_path (r, p->file);
-    const char *argv[] = { "qemu-img", "check", "-q", "-f", "qcow2", path,
-                           NULL };
+    CLEANUP_FREE char *path = NULL;
+    struct qimg q;
     int st;
 
+    repo_qimg (r, p, &q, &path);
     /* An interrupted prune that renamed the merged file already: the
      * point it drops is gone and its child stands alone (cmd-prune.c).
      */
     if (dropping (r, p) && access (path, F_OK) == -1)
       break;
-    st = qemu_run (argv, false);
-
+    qemu_key_check (&q, p->name);
+    st = qemu_img ("check", quiet, &q, 0);
     if (st != 0)
       die ("verify: point %s: 'qemu-img check %s' failed with status %d "
            "(2: corrupted, 3: leaked clusters)", p->name, path, st);
@@ -80,16 +82,19 @@ check_chain (struct repo *r, struct point *p)
 static void
 verify_sums (struct repo *r, struct point *p)
 {
-  CLEANUP_FREE char *path = repo_path (r, p->file);
+  CLEANUP_FREE char *path = NULL;
   CLEANUP_FREE char *spath = repo_path (r, p->sums);
   CLEANUP_FREE char *uri = NULL, *msg = NULL, *buf = NULL;
   struct sums s = { 0 };
   struct nbd_handle *h;
   uint64_t off, len, i;
+  struct qimg q;
   bool refused;
 
   sums_read (spath, p->sums_xxh3, &s);
-  uri = qemu_nbd_start (path, true);
+  repo_qimg (r, p, &q, &path);
+  qemu_key_check (&q, p->name);
+  uri = qemu_nbd_start (&q, true);
   h = nbd_open_uri (uri, "verify", false, &msg, &refused);
   if (h == NULL)
     die ("%s: %s", uri, msg);
@@ -117,19 +122,52 @@ verify_sums (struct repo *r, struct point *p)
   free (s.v);
 }
 
+static const struct option key_opts[] = {
+  { "encrypt-key-file", required_argument, NULL, 'k' },
+  { "progress", no_argument, NULL, 'p' },
+  { "quiet", no_argument, NULL, 'q' },
+  { "socket", required_argument, NULL, 's' },
+  { NULL }
+};
+
+/* The options of verify, restore and serve (allowed: the letters of the
+ * options the command takes); returns the socket of serve.
+ */
+static const char *
+read_options (int argc, char **argv, const char *allowed)
+{
+  const char *sock = NULL;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "q", key_opts, NULL)) != -1) {
+    if (c == '?' || strchr (allowed, c) == NULL)
+      usage_error ("%s: bad option", argv[0]);
+    switch (c) {
+    case 'k': repo_key_file = optarg; break;
+    case 'p': cfg.progress = true; break;
+    case 'q': cfg.quiet = true; break;
+    case 's': sock = optarg; break;
+    }
+  }
+  return sock;
+}
+
 int
 cmd_verify (int argc, char **argv)
 {
+  const char *only;
   struct repo r;
   size_t i;
 
-  if (argc != 2 && argc != 3)
+  read_options (argc, argv, "k");
+  if (argc - optind != 1 && argc - optind != 2)
     usage_error ("verify: expected REPO [POINT]");
-  repo_open (&r, argv[1], REPO_READ);
+  only = argv[optind + 1];
+  repo_open (&r, argv[optind], REPO_READ);
   for (i = 0; i < r.n; i++) {
     struct point *p = &r.points[i];
 
-    if (argc == 3 ? p != find_complete (&r, argv[2]) : !p->complete)
+    if (only ? p != find_complete (&r, only) : !p->complete)
       continue;
     if (dropping (&r, p)) {
       printf ("%s: not checked: an interrupted prune is dropping it\n",
@@ -147,25 +185,13 @@ cmd_verify (int argc, char **argv)
 int
 cmd_restore (int argc, char **argv)
 {
-  static const struct option opts[] = {
-    { "progress", no_argument, NULL, 'p' },
-    { "quiet", no_argument, NULL, 'q' },
-    { NULL }
-  };
   CLEANUP_FREE char *path = NULL, *spath = NULL, *uri = NULL;
   struct sums s = { 0 };
   struct point *p;
+  struct qimg q;
   struct repo r;
-  int c;
 
-  while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
-    if (c == 'p')
-      cfg.progress = true;
-    else if (c == 'q')
-      cfg.quiet = true;
-    else
-      usage_error ("restore: bad option");
-  }
+  read_options (argc, argv, "kpq");
   if (argc - optind != 3)
     usage_error ("restore: expected REPO POINT TARGET");
   repo_open (&r, argv[optind], REPO_READ);
@@ -173,12 +199,13 @@ cmd_restore (int argc, char **argv)
   if (dropping (&r, p))
     die ("point %s is being dropped by an interrupted prune: 'fleece-backup "
          "prune' finishes it", p->name);
-  path = repo_path (&r, p->file);
   spath = repo_path (&r, p->sums);
   sums_read (spath, p->sums_xxh3, &s);
   s.check = true;
   s.what = p->name;
-  uri = qemu_nbd_start (path, true);
+  repo_qimg (&r, p, &q, &path);
+  qemu_key_check (&q, p->name);
+  uri = qemu_nbd_start (&q, true);
   cfg.source = uri;
   cfg.target = argv[optind + 2];
   cfg.sync = SYNC_FULL;
@@ -207,28 +234,34 @@ int
 cmd_serve (int argc, char **argv)
 {
   CLEANUP_FREE char *path = NULL;
-  const char *sock = NULL;
+  const char *sock;
+  struct args a = { 0 };
   struct point *p;
+  struct qimg q;
   struct repo r;
 
-  if (argc == 5 && strcmp (argv[3], "--socket") == 0)
-    sock = argv[4];
-  else if (argc == 4 && strncmp (argv[3], "--socket=", 9) == 0)
-    sock = argv[3] + 9;
-  else
+  sock = read_options (argc, argv, "ks");
+  if (argc - optind != 2 || sock == NULL)
     usage_error ("serve: expected REPO POINT --socket PATH");
-  repo_open (&r, argv[1], REPO_READ);
-  p = find_complete (&r, argv[2]);
+  repo_open (&r, argv[optind], REPO_READ);
+  p = find_complete (&r, argv[optind + 1]);
   if (dropping (&r, p))
     die ("point %s is being dropped by an interrupted prune: 'fleece-backup "
          "prune' finishes it", p->name);
-  path = repo_path (&r, p->file);
+  repo_qimg (&r, p, &q, &path);
+  qemu_key_check (&q, p->name);
   /* qemu-nbd keeps the readers' lock while it serves. */
   if (fcntl (r.readers_fd, F_SETFD, 0) == -1)
     die ("fcntl: %s/readers: %m", r.dir);
+  args_add (&a, "qemu-nbd");
+  args_add (&a, "--read-only");
+  args_add (&a, "--persistent");
+  args_add (&a, "--shared=16");
+  args_add (&a, "--socket");
+  args_add (&a, sock);
+  qemu_image_args (&a, &q);
+  args_push (&a, NULL);
   fflush (NULL);
-  execlp ("qemu-nbd", "qemu-nbd", "--read-only", "--persistent",
-          "--shared=16", "-f", "qcow2", "--socket", sock, path,
-          (char *) NULL);
+  execvp ("qemu-nbd", a.v.ptr);
   die ("exec: qemu-nbd: %m");
 }

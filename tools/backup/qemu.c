@@ -12,6 +12,13 @@
  * disconnects; qemu_nbd_wait checks that it then exited with status 0,
  * having closed the image.  If the program dies first, an atexit
  * handler stops it (SIGTERM, then waits) and removes the directory.
+ *
+ * A point is named to QEMU as "-f qcow2 FILE", or, when it is encrypted
+ * (--encrypt-key-file: qcow2 LUKS) or written compressed (--compress),
+ * by --image-opts: the key is a secret object read from the key file by
+ * QEMU, given to the point and to each backing file below it (QEMU asks
+ * for the key of each level of a chain), and a compress filter on top
+ * makes every data write a compressed cluster.
  */
 
 #include <config.h>
@@ -28,7 +35,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "cleanup.h"
 #include "repo.h"
+
+#define SECRET_ID "fleecekey"
+
+const char *repo_key_file;
 
 static struct {
   pid_t pid;                    /* qemu-nbd, or 0 */
@@ -48,10 +60,11 @@ command_line (const char *const argv[], char *buf, size_t n)
 }
 
 /* Run a program and wait for it; returns its exit status (or 128 +
- * signal).  quiet: its standard output goes to /dev/null.
+ * signal).  quiet: QUIET_OUT, its standard output goes to /dev/null;
+ * QUIET_ERR, its standard error too.
  */
 int
-qemu_run (const char *const argv[], bool quiet)
+qemu_run (const char *const argv[], int quiet)
 {
   int status;
   pid_t pid;
@@ -61,7 +74,9 @@ qemu_run (const char *const argv[], bool quiet)
   if (pid == -1)
     die ("fork: %m");
   if (pid == 0) {
-    if (quiet && freopen ("/dev/null", "w", stdout) == NULL)
+    if ((quiet & QUIET_OUT) && freopen ("/dev/null", "w", stdout) == NULL)
+      _exit (126);
+    if ((quiet & QUIET_ERR) && freopen ("/dev/null", "w", stderr) == NULL)
       _exit (126);
     execvp (argv[0], (char **) argv);
     fprintf (stderr, "fleece-backup: exec: %s: %m\n", argv[0]);
@@ -79,12 +94,155 @@ void
 qemu_run_ok (const char *const argv[])
 {
   char cmd[1024];
-  int st = qemu_run (argv, true);
+  int st = qemu_run (argv, QUIET_OUT);
 
   if (st != 0) {
     command_line (argv, cmd, sizeof cmd);
     die ("'%s' failed with status %d", cmd, st);
   }
+}
+
+/* s with every ',' doubled, as QEMU's option syntax wants. */
+static char *
+qemu_escape (const char *s)
+{
+  size_t n = strlen (s) + 1, i, j = 0;
+  char *e;
+
+  for (i = 0; s[i]; i++)
+    n += s[i] == ',';
+  e = xmalloc (n);
+  for (i = 0; s[i]; i++) {
+    e[j++] = s[i];
+    if (s[i] == ',')
+      e[j++] = ',';
+  }
+  e[j] = '\0';
+  return e;
+}
+
+/* The secret object holding the key (--object's argument). */
+char *
+qemu_secret (void)
+{
+  CLEANUP_FREE char *f = qemu_escape (repo_key_file);
+  char *o;
+
+  if (asprintf (&o, "secret,id=" SECRET_ID ",file=%s,format=raw", f) == -1)
+    die ("asprintf: %m");
+  return o;
+}
+
+void
+args_add (struct args *a, const char *s)
+{
+  char *d = NULL;
+
+  if (s && (d = strdup (s)) == NULL)
+    die ("strdup: %m");
+  args_push (a, d);
+}
+
+/* Append s (or NULL, the end), which a now owns. */
+void
+args_push (struct args *a, char *s)
+{
+  if (string_vector_append (&a->v, s) == -1)
+    die ("realloc: %m");
+}
+
+void
+args_free (struct args *a)
+{
+  size_t i;
+
+  for (i = 0; i < a->v.len; i++)
+    free (a->v.ptr[i]);
+  string_vector_reset (&a->v);
+}
+
+/* Append to a the arguments that name image q. */
+void
+qemu_image_args (struct args *a, const struct qimg *q)
+{
+  CLEANUP_FREE char *path = NULL;
+  const char *pre = q->compress ? "file." : "";
+  char *o, *o2, backing[8 * 64 + 1] = "";
+  unsigned i;
+
+  if (!q->encrypted && !q->compress) {
+    args_add (a, "-f");
+    args_add (a, "qcow2");
+    args_add (a, q->path);
+    return;
+  }
+  if (q->encrypted) {
+    args_add (a, "--object");
+    args_push (a, qemu_secret ());
+  }
+  if (q->depth > 64)
+    die ("%s: a chain of %u backing files is too deep to give each its "
+         "key; prune the repository", q->path, q->depth);
+  path = qemu_escape (q->path);
+  if (asprintf (&o, "%sdriver=qcow2,%sfile.driver=file,%sfile.filename=%s",
+                q->compress ? "driver=compress,file." : "", pre, pre,
+                path) == -1)
+    die ("asprintf: %m");
+  /* The key for the image and for each backing file below it. */
+  for (i = 0; q->encrypted && i <= q->depth; i++) {
+    if (asprintf (&o2, "%s,%s%sencrypt.key-secret=" SECRET_ID, o, pre,
+                  backing) == -1)
+      die ("asprintf: %m");
+    free (o);
+    o = o2;
+    strcat (backing, "backing.");
+  }
+  args_add (a, "--image-opts");
+  args_push (a, o);
+}
+
+/* Run "qemu-img SUB EXTRA... IMAGE"; returns its exit status. */
+int
+qemu_img (const char *sub, const char *const extra[], const struct qimg *q,
+          int quiet)
+{
+  struct args a = { 0 };
+  int st;
+  size_t i;
+
+  args_add (&a, "qemu-img");
+  args_add (&a, sub);
+  for (i = 0; extra && extra[i]; i++)
+    args_add (&a, extra[i]);
+  qemu_image_args (&a, q);
+  args_push (&a, NULL);
+  st = qemu_run ((const char *const *) a.v.ptr, quiet);
+  args_free (&a);
+  return st;
+}
+
+/* An encrypted point: does the key open it?  (QEMU checks the key only
+ * when it reads.)
+ */
+void
+qemu_key_check (const struct qimg *q, const char *point)
+{
+  struct args a = { 0 };
+  int st;
+
+  if (!q->encrypted)
+    return;
+  args_add (&a, "qemu-io");
+  args_add (&a, "-r");
+  args_add (&a, "-c");
+  args_add (&a, "read 0 512");
+  qemu_image_args (&a, q);
+  args_push (&a, NULL);
+  st = qemu_run ((const char *const *) a.v.ptr, QUIET_OUT | QUIET_ERR);
+  args_free (&a);
+  if (st != 0)
+    die ("point %s: the key in %s does not open it (a wrong "
+         "--encrypt-key-file?)", point, repo_key_file);
 }
 
 static void
@@ -120,12 +278,13 @@ listen_unix (const char *path)
   return fd;
 }
 
-/* Serve file (qcow2) with qemu-nbd; returns the export's NBD URI. */
+/* Serve image q with qemu-nbd; returns the export's NBD URI. */
 char *
-qemu_nbd_start (const char *file, bool readonly)
+qemu_nbd_start (const struct qimg *q, bool readonly)
 {
   static bool registered;
   const char *tmpdir = getenv ("TMPDIR");
+  struct args a = { 0 };
   char *uri, pidbuf[32];
   int fd;
 
@@ -133,6 +292,11 @@ qemu_nbd_start (const char *file, bool readonly)
   if (!registered && atexit (qemu_nbd_cleanup) != 0)
     die ("atexit: failed");
   registered = true;
+  args_add (&a, "qemu-nbd");
+  args_add (&a, "--cache=writeback");
+  args_add (&a, readonly ? "--read-only" : "--discard=unmap");
+  qemu_image_args (&a, q);
+  args_push (&a, NULL);
   snprintf (qn.dir, sizeof qn.dir, "%s/fleece-backup.XXXXXX",
             tmpdir && strlen (tmpdir) < 32 ? tmpdir : "/tmp");
   if (mkdtemp (qn.dir) == NULL)
@@ -149,12 +313,11 @@ qemu_nbd_start (const char *file, bool readonly)
     snprintf (pidbuf, sizeof pidbuf, "%d", (int) getpid ());
     setenv ("LISTEN_PID", pidbuf, 1);
     setenv ("LISTEN_FDS", "1", 1);
-    execlp ("qemu-nbd", "qemu-nbd", "-f", "qcow2", "--cache=writeback",
-            readonly ? "--read-only" : "--discard=unmap", file,
-            (char *) NULL);
+    execvp ("qemu-nbd", a.v.ptr);
     fprintf (stderr, "fleece-backup: exec: qemu-nbd: %m\n");
     _exit (127);
   }
+  args_free (&a);
   close (fd);
   if (asprintf (&uri, "nbd+unix:///?socket=%s", qn.sock) == -1)
     die ("asprintf: %m");

@@ -114,7 +114,7 @@ json_t *
 point_json (const struct point *p)
 {
   json_t *o = json_pack ("{s:s,s:s,s:o,s:o,s:I,s:I,s:o,s:o,s:I,s:I,s:I,"
-                         "s:I,s:I,s:I,s:b,s:o,s:o}",
+                         "s:I,s:I,s:I,s:b,s:b,s:b,s:o,s:o}",
                          "name", p->name, "file", p->file,
                          "parent", jstr (p->parent), "disk", jstr (p->disk),
                          "disk-size", (json_int_t) p->disk_size,
@@ -128,6 +128,8 @@ point_json (const struct point *p)
                          "bytes-written", (json_int_t) p->written,
                          "bytes-zeroed", (json_int_t) p->zeroed,
                          "complete", p->complete,
+                         "compressed", p->compressed,
+                         "encrypted", p->encrypted,
                          "sums", jstr (p->sums),
                          "sums-xxh3", jstr (p->sums_xxh3));
 
@@ -168,6 +170,8 @@ point_from_json (json_t *o, struct point *p, const char *path)
   p->written = jget_int (o, "bytes-written");
   p->zeroed = jget_int (o, "bytes-zeroed");
   p->complete = json_is_true (json_object_get (o, "complete"));
+  p->compressed = json_is_true (json_object_get (o, "compressed"));
+  p->encrypted = json_is_true (json_object_get (o, "encrypted"));
   p->sums = jget_str (o, "sums");
   p->sums_xxh3 = jget_str (o, "sums-xxh3");
   if (p->cluster_size != REPO_CLUSTER)
@@ -370,6 +374,24 @@ repo_newest (struct repo *r)
     if (r->points[i - 1].complete)
       return &r->points[i - 1];
   return NULL;
+}
+
+/* How QEMU opens point p: its path (*path, to free), its depth in its
+ * chain, whether it needs the key.
+ */
+void
+repo_qimg (struct repo *r, const struct point *p, struct qimg *q,
+           char **path)
+{
+  const struct point *b = p;
+
+  *path = repo_path (r, p->file);
+  *q = (struct qimg) { .path = *path, .encrypted = p->encrypted };
+  while (b->parent && (b = repo_find (r, b->parent)) != NULL)
+    q->depth++;
+  if (p->encrypted && repo_key_file == NULL)
+    die ("point %s of %s is encrypted: give its key with "
+         "--encrypt-key-file", p->name, r->dir);
 }
 
 void

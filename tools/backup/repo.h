@@ -18,6 +18,8 @@
 #define REPO_MANIFEST  "manifest.json"
 
 /* One restore point, as the manifest records it. */
+struct qimg;
+
 struct point {
   char *name;
   char *file;                   /* NAME.qcow2, relative to the repository */
@@ -31,6 +33,7 @@ struct point {
   int64_t started, finished;    /* of the backup, seconds since 1970 */
   uint64_t read, written, zeroed;
   bool complete;
+  bool compressed, encrypted;   /* --compress, --encrypt-key-file */
   char *sums;                   /* NAME.sums */
   char *sums_xxh3;              /* xxh3 of the sums file, hex */
 };
@@ -53,6 +56,8 @@ extern void repo_save (struct repo *r);
 extern void repo_close (struct repo *r);
 extern struct point *repo_find (struct repo *r, const char *name);
 extern struct point *repo_newest (struct repo *r);
+extern void repo_qimg (struct repo *r, const struct point *p,
+                       struct qimg *q, char **path);
 extern void repo_remove (struct repo *r, struct point *p);
 extern char *repo_path (const struct repo *r, const char *file);
 extern void fsync_path (const char *path, bool dir);
@@ -83,18 +88,40 @@ extern void sums_write (const char *path, const struct sums *s,
 extern void sums_read (const char *path, const char *hex, struct sums *s);
 
 /* qemu.c: QEMU's programs, the only code that reads or writes qcow2. */
-extern int qemu_run (const char *const argv[], bool quiet);
+DEFINE_VECTOR_TYPE (string_vector, char *);
+struct args {                   /* an argv being built */
+  string_vector v;
+};
+struct qimg {                   /* how QEMU opens a point */
+  const char *path;
+  unsigned depth;               /* backing files below it */
+  bool encrypted;               /* qcow2 LUKS, key: repo_key_file */
+  bool compress;                /* data writes become compressed clusters */
+};
+#define QUIET_OUT 1
+#define QUIET_ERR 2
+extern const char *repo_key_file;       /* --encrypt-key-file, or NULL */
+extern void args_add (struct args *a, const char *s);
+extern void args_push (struct args *a, char *s);
+extern void args_free (struct args *a);
+extern char *qemu_secret (void);
+extern void qemu_image_args (struct args *a, const struct qimg *q);
+extern int qemu_run (const char *const argv[], int quiet);
 extern void qemu_run_ok (const char *const argv[]);
-extern char *qemu_nbd_start (const char *file, bool readonly);
+extern int qemu_img (const char *sub, const char *const extra[],
+                     const struct qimg *q, int quiet);
+extern void qemu_key_check (const struct qimg *q, const char *point);
+extern char *qemu_nbd_start (const struct qimg *q, bool readonly);
 extern void qemu_nbd_wait (void);
 
 /* cmd-backup.c, cmd-control.c */
 extern struct point *backup_point (struct repo *r, const char *source,
                                    const char *checkpoint, const char *since,
-                                   const char *name, bool json);
+                                   const char *name, bool compress,
+                                   bool json);
 extern void control_cycle (struct repo *r, const char *control,
                            const char *server_uri, const char *name,
-                           bool full, bool json);
+                           bool full, bool compress, bool json);
 
 /* cmd-*.c */
 extern int cmd_init (int argc, char **argv);
