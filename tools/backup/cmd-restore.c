@@ -53,6 +53,18 @@ dropping (const struct repo *r, const struct point *p)
   return r->prune_drop && strcmp (r->prune_drop, p->name) == 0;
 }
 
+/* A point to restore or serve. */
+static struct point *
+find_readable (struct repo *r, const char *name)
+{
+  struct point *p = find_complete (r, name);
+
+  if (dropping (r, p))
+    die ("point %s is being dropped by an interrupted prune: 'fleece-backup "
+         "prune' finishes it", p->name);
+  return p;
+}
+
 /* qemu-img check of p's file and of every file it is backed by. */
 static void
 check_chain (struct repo *r, struct point *p)
@@ -195,10 +207,7 @@ cmd_restore (int argc, char **argv)
   if (argc - optind != 3)
     usage_error ("restore: expected REPO POINT TARGET");
   repo_open (&r, argv[optind], REPO_READ);
-  p = find_complete (&r, argv[optind + 1]);
-  if (dropping (&r, p))
-    die ("point %s is being dropped by an interrupted prune: 'fleece-backup "
-         "prune' finishes it", p->name);
+  p = find_readable (&r, argv[optind + 1]);
   spath = repo_path (&r, p->sums);
   sums_read (spath, p->sums_xxh3, &s);
   s.check = true;
@@ -244,10 +253,7 @@ cmd_serve (int argc, char **argv)
   if (argc - optind != 2 || sock == NULL)
     usage_error ("serve: expected REPO POINT --socket PATH");
   repo_open (&r, argv[optind], REPO_READ);
-  p = find_complete (&r, argv[optind + 1]);
-  if (dropping (&r, p))
-    die ("point %s is being dropped by an interrupted prune: 'fleece-backup "
-         "prune' finishes it", p->name);
+  p = find_readable (&r, argv[optind + 1]);
   repo_qimg (&r, p, &q, &path);
   qemu_key_check (&q, p->name);
   /* qemu-nbd keeps the readers' lock while it serves. */

@@ -155,7 +155,9 @@ point_from_json (json_t *o, struct point *p, const char *path)
 {
   p->name = jget_str (o, "name");
   p->file = jget_str (o, "file");
-  if (p->name == NULL || p->file == NULL || strchr (p->file, '/'))
+  p->sums = jget_str (o, "sums");
+  if (p->name == NULL || p->file == NULL || strchr (p->file, '/') ||
+      (p->sums && strchr (p->sums, '/')))
     die ("%s: a point without a name or with a bad file name", path);
   p->parent = jget_str (o, "parent");
   p->disk = jget_str (o, "disk");
@@ -172,7 +174,6 @@ point_from_json (json_t *o, struct point *p, const char *path)
   p->complete = json_is_true (json_object_get (o, "complete"));
   p->compressed = json_is_true (json_object_get (o, "compressed"));
   p->encrypted = json_is_true (json_object_get (o, "encrypted"));
-  p->sums = jget_str (o, "sums");
   p->sums_xxh3 = jget_str (o, "sums-xxh3");
   if (p->cluster_size != REPO_CLUSTER)
     die ("%s: point %s has cluster size %" PRIu32 ", this fleece-backup "
