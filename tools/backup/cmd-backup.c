@@ -191,6 +191,7 @@ point_pull (struct repo *r, struct point *p, struct sums *s)
 
   cfg.target = uri;
   target_open ();
+  qemu_nbd_connected ();
   /* A new qcow2 without a backing file reads as zeroes: a full point
    * writes no zeroes (an incremental one must, over its parent's data).
    */

@@ -110,6 +110,7 @@ verify_sums (struct repo *r, struct point *p)
   h = nbd_open_uri (uri, "verify", false, &msg, &refused);
   if (h == NULL)
     die ("%s: %s", uri, msg);
+  qemu_nbd_connected ();
   if ((uint64_t) nbd_get_size (h) != s.disk_size)
     die ("verify: point %s is %" PRIi64 " bytes, its checksum list is for "
          "%" PRIu64, p->name, nbd_get_size (h), s.disk_size);
@@ -221,6 +222,7 @@ cmd_restore (int argc, char **argv)
   progress_start ();
   catch_signals ();
   source_open ();
+  qemu_nbd_connected ();
   sums_on = &s;
   sums_prepare ();
   target_open ();

@@ -253,11 +253,7 @@ qemu_nbd_cleanup (void)
     waitpid (qn.pid, NULL, 0);
     qn.pid = 0;
   }
-  if (qn.dir[0]) {
-    unlink (qn.sock);
-    rmdir (qn.dir);
-    qn.dir[0] = '\0';
-  }
+  qemu_nbd_connected ();
 }
 
 static int
@@ -322,6 +318,20 @@ qemu_nbd_start (const struct qimg *q, bool readonly)
   if (asprintf (&uri, "nbd+unix:///?socket=%s", qn.sock) == -1)
     die ("asprintf: %m");
   return uri;
+}
+
+/* Once the client is connected, the socket's name is not needed any
+ * more (a repository pull never reconnects): remove it now, so that a
+ * run killed later leaves nothing in $TMPDIR.
+ */
+void
+qemu_nbd_connected (void)
+{
+  if (qn.dir[0]) {
+    unlink (qn.sock);
+    rmdir (qn.dir);
+    qn.dir[0] = '\0';
+  }
 }
 
 /* After the client disconnected: qemu-nbd must exit, with status 0. */

@@ -112,6 +112,7 @@ extern int qemu_img (const char *sub, const char *const extra[],
                      const struct qimg *q, int quiet);
 extern void qemu_key_check (const struct qimg *q, const char *point);
 extern char *qemu_nbd_start (const struct qimg *q, bool readonly);
+extern void qemu_nbd_connected (void);
 extern void qemu_nbd_wait (void);
 
 /* cmd-backup.c, cmd-control.c */
