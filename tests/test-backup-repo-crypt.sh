@@ -116,7 +116,14 @@ ok "serve stops on SIGTERM" kill "$srv"
 ok "serve is gone" pid_gone "$srv"
 ok_fails "prune without the key is refused" "encrypted: give its key" \
    fleece-backup prune "$e" --keep-last 1
-ok "prune with the key" fleece-backup prune "$e" --keep-last 1 \
+FLEECE_BACKUP_CRASH_AT=prune-renamed fleece-backup prune "$e" \
+  --keep-last 1 --encrypt-key-file "$key" >/dev/null 2>&1
+is "$?" 137 "prune killed after the rename"
+ok "restore meanwhile (c2 stands alone, c1 is still in the manifest)" \
+   fleece-backup restore "$e" c2 "$tmp/erest1" --encrypt-key-file "$key" -q
+is "$(sum "$tmp/erest1")" "$(sum "$tmp/ref2")" "it is c2"
+ok "verify meanwhile" fleece-backup verify "$e" --encrypt-key-file "$key"
+ok "the next prune finishes" fleece-backup prune "$e" --keep-last 1 \
    --encrypt-key-file "$key"
 ok "verify after prune" fleece-backup verify "$e" --encrypt-key-file "$key"
 ok "restore after prune" fleece-backup restore "$e" c2 "$tmp/erest2" \

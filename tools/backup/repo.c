@@ -388,8 +388,17 @@ repo_qimg (struct repo *r, const struct point *p, struct qimg *q,
 
   *path = repo_path (r, p->file);
   *q = (struct qimg) { .path = *path, .encrypted = p->encrypted };
-  while (b->parent && (b = repo_find (r, b->parent)) != NULL)
+  while (b->parent && (b = repo_find (r, b->parent)) != NULL) {
+    CLEANUP_FREE char *f = repo_path (r, b->file);
+
+    /* A prune that renamed the merged file and was stopped before it
+     * updated the manifest: the point it drops is no backing file now.
+     */
+    if (r->prune_drop && strcmp (b->name, r->prune_drop) == 0 &&
+        access (f, F_OK) == -1)
+      break;
     q->depth++;
+  }
   if (p->encrypted && repo_key_file == NULL)
     die ("point %s of %s is encrypted: give its key with "
          "--encrypt-key-file", p->name, r->dir);
