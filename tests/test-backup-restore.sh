@@ -5,7 +5,8 @@
 # the offset), restore (to a sparse file and to the live export of a new
 # Fleece server, exact; a damaged point stops the restore at the bad
 # cluster) and serve (a read-only NBD export of a point that nbdinfo and
-# nbdcopy read, stopped by SIGTERM).
+# nbdcopy read, stopped by SIGTERM); a disk of an odd size with 4 KiB
+# granules restores to the byte.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-img --version
 requires qemu-nbd --version
@@ -106,3 +107,27 @@ ok_fails "verify fails on c1, naming it and the offset" \
 ok_fails "a damaged checksum list is refused" "checksum list is damaged" \
    sh -c "printf x | dd of='$tmp/repo.good/c2.sums' bs=1 seek=40 conv=notrunc 2>/dev/null &&
           fleece-backup verify '$tmp/repo.good' c2"
+
+# --- a disk whose size is no multiple of 512 (qcow2 rounds it up) or of
+# the cluster, and granules of 4 KiB (finer than the 64 KiB checksums) ---
+truncate -s $((5 * 1048576 + 3000)) "$tmp/odd"
+qemu-io -f raw -c 'write -P 0x01 0 1M' -c "write -P 0x07 5M 3000" \
+  "$tmp/odd" >/dev/null
+ok "a server of an odd-sized disk starts" start_nbdkit odd -- \
+   disk="$tmp/odd" store="$tmp/oddstore" control="$tmp/odd.ctl" \
+   cluster-size=4K
+ok "init" fleece-backup init "$tmp/oddrepo"
+ok "point o1" fleece-backup backup "$tmp/oddrepo" "$(live_uri odd)" \
+   --control "$tmp/odd.ctl" --name o1 -q
+cp "$tmp/odd" "$tmp/oddref1"
+ok "writes in the last, short cluster and in 4 KiB granules" \
+   qio odd "" "write -P 0x09 $((5 * 1048576 + 1000)) 100" \
+   "write -P 0x0a 8192 4096" "write -z 600k 4k"
+cp "$tmp/odd" "$tmp/oddref2"
+ok "point o2 (incremental)" fleece-backup backup "$tmp/oddrepo" \
+   "$(live_uri odd)" --control "$tmp/odd.ctl" --name o2 -q
+ok "verify" fleece-backup verify "$tmp/oddrepo"
+ok "restore o1" fleece-backup restore "$tmp/oddrepo" o1 "$tmp/oddout1" -q
+ok "restore o2" fleece-backup restore "$tmp/oddrepo" o2 "$tmp/oddout2" -q
+ok "o1 is exact, to the byte (size too)" cmp "$tmp/oddout1" "$tmp/oddref1"
+ok "o2 is exact, to the byte (size too)" cmp "$tmp/oddout2" "$tmp/oddref2"

@@ -53,6 +53,16 @@ dropping (const struct repo *r, const struct point *p)
   return r->prune_drop && strcmp (r->prune_drop, p->name) == 0;
 }
 
+/* qcow2 rounds a disk's size up to a multiple of 512: the image holds
+ * the disk, then zeroes.
+ */
+static bool
+image_fits (int64_t image_size, uint64_t disk_size)
+{
+  return image_size >= 0 && (uint64_t) image_size >= disk_size &&
+    (uint64_t) image_size - disk_size < 512;
+}
+
 /* A point to restore or serve. */
 static struct point *
 find_readable (struct repo *r, const char *name)
@@ -111,7 +121,7 @@ verify_sums (struct repo *r, struct point *p)
   if (h == NULL)
     die ("%s: %s", uri, msg);
   qemu_nbd_connected ();
-  if ((uint64_t) nbd_get_size (h) != s.disk_size)
+  if (!image_fits (nbd_get_size (h), s.disk_size))
     die ("verify: point %s is %" PRIi64 " bytes, its checksum list is for "
          "%" PRIu64, p->name, nbd_get_size (h), s.disk_size);
   buf = xmalloc (VERIFY_CHUNK);
@@ -223,6 +233,10 @@ cmd_restore (int argc, char **argv)
   catch_signals ();
   source_open ();
   qemu_nbd_connected ();
+  if (!image_fits (src.size, s.disk_size))
+    die ("restore: point %s is %" PRIu64 " bytes, its checksum list is for "
+         "%" PRIu64, p->name, src.size, s.disk_size);
+  src.size = s.disk_size;       /* not qcow2's rounding */
   sums_on = &s;
   sums_prepare ();
   target_open ();
