@@ -9,18 +9,13 @@
 # bitmap makes a full point, saying why; prune to 3 keeps those exact;
 # verify passes, and fails on a flipped byte in each kept point.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-img --version
-requires qemu-nbd --version
-requires qemu-io --version
+requires_repo
 requires fio --version
-requires nbdcopy --version
-requires fleece-backup --help
 
 disk=$tmp/disk
 truncate -s 32M "$disk"
 qemu-io -f raw -c 'write -P 0x01 0 8M' "$disk" >/dev/null
-ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
-   control="$tmp/s.ctl" cluster-size=64K
+ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 ok "init" fleece-backup init "$repo"
 

@@ -7,17 +7,12 @@
 # was to be kept restorable and exact, and the next prune (or backup)
 # finishes the job.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-img --version
-requires qemu-nbd --version
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_repo
 
 disk=$tmp/disk
 truncate -s 16M "$disk"
 qemu-io -f raw -c 'write -P 0x01 0 4M' "$disk" >/dev/null
-ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
-   control="$tmp/s.ctl" cluster-size=64K
+ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 ok "init" fleece-backup init "$repo"
 

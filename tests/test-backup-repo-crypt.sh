@@ -8,11 +8,7 @@
 # an encrypted point holds no plaintext, needs its key for verify,
 # restore, serve, prune and the next backup, and a wrong key is refused.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-img --version
-requires qemu-nbd --version
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_repo
 
 disk=$tmp/disk
 truncate -s 16M "$disk"
@@ -22,8 +18,7 @@ for off in 0 4096 8192; do
   printf 'FLEECE-PLAINTEXT-MARKER-%s' "$off" |
     dd of="$disk" bs=1 seek=$((6 * 1048576 + off)) conv=notrunc 2>/dev/null
 done
-ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
-   control="$tmp/s.ctl" cluster-size=64K
+ok "nbdkit starts" start_repo_server s "$disk"
 ok "checkpoint c1" ctl s checkpoint c1
 pull s c1 "$tmp/ref1"
 ok "writes" qio s "" "write -P 0x22 1M 200k" "write -z 2M 64k"

@@ -11,18 +11,13 @@
 # killed (SIGKILL) at each of its steps leaves the repository so that the
 # next backup completes the chain.  The old form still works alongside.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-img --version
-requires qemu-nbd --version
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_repo
 
 disk=$tmp/disk
 truncate -s 32M "$disk"
 qemu-io -f raw -c 'write -P 0x01 0 8M' -c 'write -P 0x05 20M 100k' \
   "$disk" >/dev/null
-ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
-   control="$tmp/s.ctl" cluster-size=64K
+ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 
 # point_is POINT SNAPSHOT: the point's image equals a pull of the

@@ -8,19 +8,14 @@
 # nbdcopy read, stopped by SIGTERM); a disk of an odd size with 4 KiB
 # granules restores to the byte.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-img --version
-requires qemu-nbd --version
-requires qemu-io --version
-requires nbdcopy --version
+requires_repo
 requires nbdinfo --version
-requires fleece-backup --help
 
 disk=$tmp/disk
 truncate -s 32M "$disk"
 qemu-io -f raw -c 'write -P 0x01 0 8M' -c 'write -P 0x05 20M 100k' \
   "$disk" >/dev/null
-ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
-   control="$tmp/s.ctl" cluster-size=64K
+ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 ok "init" fleece-backup init "$repo"
 ok "checkpoint c1" ctl s checkpoint c1
