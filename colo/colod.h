@@ -2,14 +2,18 @@
  * options, the status both roles fill in and the control socket reads,
  * and the requests the control socket passes to the role's loop.
  *
- * The files of fleece-colod, each with its header, depend one way:
+ * The files of fleece-colod, each with its header, depend one way
+ * (tests/colo/test-colo-includes.sh checks that their includes make no
+ * circle):
  *   main.c                     options and dispatch
- *   primary.c, secondary.c     the two roles
+ *   primary.c, plugin.c        the primary, and the plugin it ships from
+ *   secondary.c                the secondary, with secondary-epochs.c
+ *                              and secondary-promote.c
  *   ctl.c conn.c pairing.c     the control socket and its clients, a peer
  *                              connection, the pairing rules
  *   events.c                   events to subscribers, failover states
  *   log.c clock.c colod.c      the log, time, this state
- * and on libcolo (wire.c, tls.c, journal.c, state.c, source.c).
+ * and on libcolo (wire*.c, tls*.c, journal*.c, state.c, source.c).
  * docs/replication.md is the operator's description; fleece-colod(1)
  * the options.
  */

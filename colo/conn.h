@@ -9,7 +9,12 @@
 #include "tls.h"
 #include "wire.h"
 
-/* A connection to the peer: the TLS conn with its encoder and decoder. */
+/* A connection to the peer: the TLS conn with its encoder and decoder.
+ * Set by colod_conn_wrap, then constant; enc and dec are the state of
+ * the one thread that sends and receives on it (not locked).  Any other
+ * thread may only colod_conn_abort it (a shutdown of the socket); its
+ * own thread closes it.
+ */
 struct colod_conn {
   struct colo_conn *conn;
   struct colo_wire_encoder enc;

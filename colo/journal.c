@@ -55,9 +55,13 @@
  * record that fails its checksum cannot be told from a torn write, so
  * its epoch is dropped (and the recovery note says so).
  *
- * Size.  Over 1000 lines because the invariants above are one order of
- * writes and syncs across begin, add, end, apply and recovery, which is
- * best checked in one file; the state file's format is in state.c.
+ * Files: this one holds the journal's life (open and close, the
+ * identity, begin, add, end, abort), the state file's writes and the
+ * disk's; journal-format.c the records, their checksums and the epoch
+ * digest; journal-replay.c reading a committed epoch back (verify,
+ * apply, recovery).  They share struct journal (journal-internal.h) and
+ * keep the one order of writes and syncs described above; the state
+ * file's format is in state.c.
  */
 
 #include <config.h>
@@ -81,62 +85,13 @@
 #include <linux/fs.h>
 
 #include "journal.h"
+#include "journal-internal.h"
 #include "le.h"
 #include "state.h"
 
-/* Journal file. */
-#define REC_SIZE        64
-#define REC_MAGIC       "FLCJ"
-#define REC_VERSION     2     /* 1: data right after its record */
-#define REC_BLOCK       4096  /* an EXTENT record's block; data is aligned */
-#define BEGIN_OFFSET    0
-#define COMMIT_OFFSET   4096
-#define EXTENTS_OFFSET  8192
-
-enum rec_type {
-  REC_BEGIN  = 1,
-  REC_EXTENT = 2,
-  REC_COMMIT = 3,
-};
-
-#define MIN_CLUSTER     512u
-#define MAX_CLUSTER     (64u << 20)
-#define IO_BUF_SIZE     (4u << 20)  /* apply and verify in pieces of this */
-
-/* errno after a read that met the end of the file. */
-#define E_SHORT         (-1)
-
-enum phase {
-  PHASE_IDLE,                   /* no epoch in the journal */
-  PHASE_OPEN,                   /* begun, taking extents */
-  PHASE_REFUSED,                /* begun, refused: only abort */
-  PHASE_COMMITTED,              /* durable, not yet applied */
-};
-
-struct journal {
-  /* Set by journal_open, then constant. */
-  char *state_path, *tmp_path, *journal_path, *disk_path;
-  int dir_fd, jfd, dfd;
-  int jdfd;                     /* the journal with O_DIRECT; -1: none */
-  bool disk_is_blk;
-  char *buf;                    /* IO_BUF_SIZE bytes, REC_BLOCK-aligned */
-  unsigned char *recblock;      /* REC_BLOCK bytes, aligned, zero-padded */
-
-  /* The state file, with committed_epoch raised by a COMMIT record. */
-  struct journal_state st;
-
-  /* The epoch in the journal. */
-  enum phase phase;
-  uint64_t epoch, nonce;
-  uint64_t count;               /* extents appended */
-  uint64_t pos;                 /* journal offset of the next record */
-  struct journal_digest digest;
-  bool broken;
-
-  char note[256];
-  char err[1024];
-};
-
+/* Set by a test (journal_set_test_hook) before it opens a journal,
+ * then only read.
+ */
 static journal_test_hook_fn hook_fn;
 static void *hook_opaque;
 
@@ -147,8 +102,8 @@ journal_set_test_hook (journal_test_hook_fn fn, void *opaque)
   hook_opaque = opaque;
 }
 
-static void
-step (enum journal_step s)
+void
+journal_step_hook (enum journal_step s)
 {
   if (hook_fn)
     hook_fn (hook_opaque, s);
@@ -157,9 +112,7 @@ step (enum journal_step s)
 /* Record an error: "fmt: strerror (errnum)", or only fmt if errnum is 0,
  * or "fmt: unexpected end of file" for E_SHORT.
  */
-static int jerr (struct journal *j, int errnum, const char *fmt, ...)
-  __attribute__ ((format (printf, 3, 4)));
-static int
+int
 jerr (struct journal *j, int errnum, const char *fmt, ...)
 {
   va_list ap;
@@ -184,8 +137,8 @@ set_broken (struct journal *j, int errnum, const char *op, const char *path)
   return jerr (j, errnum, "%s: %s", op, path);
 }
 
-static int
-check_usable (struct journal *j)
+int
+journal_check_usable (struct journal *j)
 {
   if (j->broken)
     return jerr (j, 0, "journal: %s: an earlier sync failed; reopen the "
@@ -193,137 +146,51 @@ check_usable (struct journal *j)
   return 0;
 }
 
-/* ---- extents and digest ---- */
-
-uint64_t
-journal_checksum (const void *data, size_t len)
-{
-  return XXH64 (data, len, 0);
-}
-
-void
-journal_extent_encode (const struct journal_extent *e,
-                       unsigned char out[JOURNAL_EXTENT_ENCODED_SIZE])
-{
-  put_u64 (out, e->offset);
-  put_u32 (out + 8, e->length);
-  put_u32 (out + 12, e->flags);
-  put_u64 (out + 16, e->checksum);
-}
-
-void
-journal_digest_init (struct journal_digest *d)
-{
-  XXH64_reset (&d->state, 0);
-}
-
-void
-journal_digest_add (struct journal_digest *d, const struct journal_extent *e)
-{
-  unsigned char enc[JOURNAL_EXTENT_ENCODED_SIZE];
-
-  journal_extent_encode (e, enc);
-  XXH64_update (&d->state, enc, sizeof enc);
-}
-
-uint64_t
-journal_digest_final (const struct journal_digest *d)
-{
-  return XXH64_digest (&d->state);
-}
-
-uint64_t
-journal_digest (const struct journal_extent *extents, size_t n)
-{
-  struct journal_digest d;
-  size_t i;
-
-  journal_digest_init (&d);
-  for (i = 0; i < n; i++)
-    journal_digest_add (&d, &extents[i]);
-  return journal_digest_final (&d);
-}
-
-/* ---- records ----
- *
- * 64 bytes: magic[4], type u16, version u16, nonce u64, epoch u64, a
- * 32-byte body, checksum u64 (xxh64 of the 56 bytes before it).
- */
-
-struct rec {
-  uint16_t type;
-  uint64_t nonce, epoch;
-  unsigned char body[32];
-};
-
-enum rec_status { REC_OK, REC_ZERO, REC_BAD, REC_OTHER_VERSION };
-
-static uint64_t
-block_up (uint64_t pos)
-{
-  return (pos + REC_BLOCK - 1) & ~(uint64_t) (REC_BLOCK - 1);
-}
-
-static void
-rec_encode (unsigned char out[REC_SIZE], const struct rec *r)
-{
-  uint16_t v;
-
-  memcpy (out, REC_MAGIC, 4);
-  v = htole16 (r->type);
-  memcpy (out + 4, &v, 2);
-  v = htole16 (REC_VERSION);
-  memcpy (out + 6, &v, 2);
-  put_u64 (out + 8, r->nonce);
-  put_u64 (out + 16, r->epoch);
-  memcpy (out + 24, r->body, 32);
-  put_u64 (out + 56, XXH64 (out, 56, 0));
-}
-
-static enum rec_status
-rec_decode (const unsigned char in[REC_SIZE], struct rec *r)
-{
-  static const unsigned char zero[REC_SIZE];
-  uint16_t type, version;
-
-  if (memcmp (in, zero, REC_SIZE) == 0)
-    return REC_ZERO;
-  memcpy (&type, in + 4, 2);
-  memcpy (&version, in + 6, 2);
-  if (memcmp (in, REC_MAGIC, 4) != 0 || XXH64 (in, 56, 0) != get_u64 (in + 56))
-    return REC_BAD;
-  r->type = le16toh (type);
-  r->nonce = get_u64 (in + 8);
-  r->epoch = get_u64 (in + 16);
-  memcpy (r->body, in + 24, 32);
-  return le16toh (version) == REC_VERSION ? REC_OK : REC_OTHER_VERSION;
-}
-
 /* ---- I/O ---- */
 
+/* Read (write false) or write all of iov[0..n-1] at off, retrying
+ * short transfers and EINTR; 0, or -1 with errno (E_SHORT for a read
+ * that met the end of the file).  iov is consumed.
+ */
 static int
-full_pwritev (int fd, struct iovec *iov, int n, uint64_t off)
+full_io (bool write, int fd, struct iovec *iov, int n, uint64_t off)
 {
-  while (n > 0) {
-    ssize_t r = pwritev (fd, iov, n, off);
+  for (;;) {
+    ssize_t r;
 
+    while (n > 0 && iov->iov_len == 0) {
+      iov++;
+      n--;
+    }
+    if (n == 0)
+      return 0;
+    r = write ? pwritev (fd, iov, n, off) : preadv (fd, iov, n, off);
     if (r == -1) {
       if (errno == EINTR)
         continue;
       return -1;
     }
-    off += r;
-    while (n > 0 && (size_t) r >= iov->iov_len) {
-      r -= iov->iov_len;
-      iov++;
-      n--;
+    if (r == 0 && !write) {
+      errno = E_SHORT;
+      return -1;
     }
-    if (n > 0) {
-      iov->iov_base = (char *) iov->iov_base + r;
-      iov->iov_len -= r;
+    off += r;
+    for (; n > 0 && r > 0; iov++, n--) {
+      size_t k = (size_t) r < iov->iov_len ? (size_t) r : iov->iov_len;
+
+      iov->iov_base = (char *) iov->iov_base + k;
+      iov->iov_len -= k;
+      r -= k;
+      if (iov->iov_len > 0)
+        break;
     }
   }
-  return 0;
+}
+
+static int
+full_pwritev (int fd, struct iovec *iov, int n, uint64_t off)
+{
+  return full_io (true, fd, iov, n, off);
 }
 
 static int
@@ -331,30 +198,15 @@ full_pwrite (int fd, const void *p, size_t len, uint64_t off)
 {
   struct iovec iov = { .iov_base = (void *) p, .iov_len = len };
 
-  return full_pwritev (fd, &iov, 1, off);
+  return full_io (true, fd, &iov, 1, off);
 }
 
-/* Read len bytes; 0, or -1 with errno (E_SHORT for a short file). */
-static int
-full_pread (int fd, void *p, size_t len, uint64_t off)
+int
+journal_pread (int fd, void *p, size_t len, uint64_t off)
 {
-  while (len > 0) {
-    ssize_t r = pread (fd, p, len, off);
+  struct iovec iov = { .iov_base = p, .iov_len = len };
 
-    if (r == -1) {
-      if (errno == EINTR)
-        continue;
-      return -1;
-    }
-    if (r == 0) {
-      errno = E_SHORT;
-      return -1;
-    }
-    p = (char *) p + r;
-    len -= r;
-    off += r;
-  }
-  return 0;
+  return full_io (false, fd, &iov, 1, off);
 }
 
 /* ---- the state file (its format: state.c) ---- */
@@ -363,14 +215,14 @@ full_pread (int fd, void *p, size_t len, uint64_t off)
  * failure before the rename leaves the old file; one after it (the
  * directory's sync) leaves either, and is sticky.
  */
-static int
-state_save (struct journal *j, const struct journal_state *st)
+int
+journal_state_save (struct journal *j, const struct journal_state *st)
 {
   unsigned char buf[COLO_STATE_MAX];
   size_t len = colo_state_encode (st, buf);
   int fd;
 
-  step (JOURNAL_STEP_STATE_WRITE);
+  journal_step_hook (JOURNAL_STEP_STATE_WRITE);
   fd = open (j->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd == -1)
     return jerr (j, errno, "open: %s", j->tmp_path);
@@ -378,17 +230,17 @@ state_save (struct journal *j, const struct journal_state *st)
     jerr (j, errno, "write: %s", j->tmp_path);
     goto out_close;
   }
-  step (JOURNAL_STEP_STATE_WRITE);
+  journal_step_hook (JOURNAL_STEP_STATE_WRITE);
   if (fsync (fd) == -1) {
     jerr (j, errno, "fsync: %s", j->tmp_path);
     goto out_close;
   }
   if (close (fd) == -1)
     return jerr (j, errno, "close: %s", j->tmp_path);
-  step (JOURNAL_STEP_STATE_WRITE);
+  journal_step_hook (JOURNAL_STEP_STATE_WRITE);
   if (rename (j->tmp_path, j->state_path) == -1)
     return jerr (j, errno, "rename: %s to %s", j->tmp_path, j->state_path);
-  step (JOURNAL_STEP_STATE_WRITE);
+  journal_step_hook (JOURNAL_STEP_STATE_WRITE);
   if (fsync (j->dir_fd) == -1)
     return set_broken (j, errno, "fsync (directory of)", j->state_path);
   if (&j->st != st)
@@ -428,10 +280,10 @@ state_load (struct journal *j)
 
 /* ---- the disk ---- */
 
-static int
-disk_write (struct journal *j, const void *p, size_t len, uint64_t off)
+int
+journal_disk_write (struct journal *j, const void *p, size_t len, uint64_t off)
 {
-  step (JOURNAL_STEP_DISK_WRITE);
+  journal_step_hook (JOURNAL_STEP_DISK_WRITE);
   if (full_pwrite (j->dfd, p, len, off) == -1)
     return jerr (j, errno, "pwrite: %s", j->disk_path);
   return 0;
@@ -441,10 +293,10 @@ disk_write (struct journal *j, const void *p, size_t len, uint64_t off)
  * ZERO_RANGE or PUNCH_HOLE on a file, and writing zeroes if neither
  * works there (e.g. a range that is not sector-aligned).
  */
-static int
-disk_zero (struct journal *j, uint64_t off, uint64_t len)
+int
+journal_disk_zero (struct journal *j, uint64_t off, uint64_t len)
 {
-  step (JOURNAL_STEP_DISK_WRITE);
+  journal_step_hook (JOURNAL_STEP_DISK_WRITE);
   if (j->disk_is_blk) {
     uint64_t range[2] = { off, len };
 
@@ -474,187 +326,10 @@ disk_zero (struct journal *j, uint64_t off, uint64_t len)
   return 0;
 }
 
-/* ---- reading an epoch back ---- */
-
-/* Is this extent acceptable for this disk?  NULL if so, else why not. */
-static const char *
-extent_problem (const struct journal_state *st, uint64_t offset,
-                uint32_t length, uint32_t flags)
-{
-  if (flags != JOURNAL_EXTENT_DATA && flags != JOURNAL_EXTENT_ZERO)
-    return "flags must be exactly one of DATA and ZERO";
-  if (length == 0)
-    return "empty extent";
-  if (offset >= st->disk_size || length > st->disk_size - offset)
-    return "beyond the end of the disk";
-  if (offset % st->cluster_size != 0)
-    return "offset not aligned to the cluster size";
-  if (length % st->cluster_size != 0 && offset + length != st->disk_size)
-    return "length not a multiple of the cluster size and not ending "
-      "at the end of the disk";
-  return NULL;
-}
-
-/* Read and check extent record `index' of the journal's epoch at *pos;
- * *pos moves past the record (not its data).
- */
-static int
-read_extent_record (struct journal *j, uint64_t *pos, uint64_t index,
-                    struct journal_extent *e)
-{
-  unsigned char raw[REC_SIZE];
-  struct rec r;
-  const char *why;
-
-  if (full_pread (j->jfd, raw, REC_SIZE, *pos) == -1)
-    return jerr (j, errno, "read: %s: extent record %" PRIu64
-                 " of epoch %" PRIu64 " at offset %" PRIu64,
-                 j->journal_path, index, j->epoch, *pos);
-  if (rec_decode (raw, &r) != REC_OK || r.type != REC_EXTENT ||
-      r.nonce != j->nonce || r.epoch != j->epoch ||
-      get_u64 (r.body + 24) != index)
-    return jerr (j, 0, "read: %s: extent record %" PRIu64 " of committed "
-                 "epoch %" PRIu64 " at offset %" PRIu64 " is corrupt",
-                 j->journal_path, index, j->epoch, *pos);
-  e->offset = get_u64 (r.body);
-  e->length = get_u32 (r.body + 8);
-  e->flags = get_u32 (r.body + 12);
-  e->checksum = get_u64 (r.body + 16);
-  why = extent_problem (&j->st, e->offset, e->length, e->flags);
-  if (why == NULL && e->flags == JOURNAL_EXTENT_ZERO && e->checksum != 0)
-    why = "ZERO extent with a checksum";
-  if (why)
-    return jerr (j, 0, "read: %s: extent record %" PRIu64 " of committed "
-                 "epoch %" PRIu64 ": %s", j->journal_path, index, j->epoch,
-                 why);
-  *pos += REC_BLOCK;
-  return 0;
-}
-
-/* After an O_DIRECT call on the journal failed: true if that was the
- * file system refusing the alignment (EINVAL), after which O_DIRECT is
- * not tried again and the page cache serves instead.
- */
-static bool
-direct_refused (struct journal *j)
-{
-  if (errno != EINVAL)
-    return false;
-  close (j->jdfd);
-  j->jdfd = -1;
-  return true;
-}
-
-/* Read n bytes of extent data at journal offset pos into j->buf, with
- * O_DIRECT when aligned (it was written so, and going through the page
- * cache would only copy it once more); 0, or -1 with errno.
- */
-static int
-read_data (struct journal *j, size_t n, uint64_t pos)
-{
-  if (j->jdfd >= 0 && n % REC_BLOCK == 0 && pos % REC_BLOCK == 0) {
-    if (full_pread (j->jdfd, j->buf, n, pos) == 0)
-      return 0;
-    if (!direct_refused (j))
-      return -1;
-  }
-  return full_pread (j->jfd, j->buf, n, pos);
-}
-
-/* Hash the len bytes of data at journal offset pos and compare. */
-static int
-verify_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
-{
-  XXH64_state_t h;
-  uint64_t done;
-
-  XXH64_reset (&h, 0);
-  for (done = 0; done < e->length; ) {
-    size_t n = e->length - done < IO_BUF_SIZE ? e->length - done
-      : IO_BUF_SIZE;
-
-    if (read_data (j, n, pos + done) == -1)
-      return jerr (j, errno, "read: %s: data of the extent at disk offset %"
-                   PRIu64 " of epoch %" PRIu64, j->journal_path, e->offset,
-                   j->epoch);
-    XXH64_update (&h, j->buf, n);
-    done += n;
-  }
-  if (XXH64_digest (&h) != e->checksum)
-    return jerr (j, 0, "read: %s: the data of the extent at disk offset %"
-                 PRIu64 " of committed epoch %" PRIu64 " does not match its "
-                 "checksum: the journal is corrupt", j->journal_path,
-                 e->offset, j->epoch);
-  return 0;
-}
-
-/* Write one DATA extent from the journal to the disk, verified first:
- * whole from the buffer when it fits, else in a hashing pass and a
- * copying pass.
- */
-static int
-apply_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
-{
-  uint64_t done;
-
-  if (e->length <= IO_BUF_SIZE) {
-    if (read_data (j, e->length, pos) == -1)
-      return jerr (j, errno, "read: %s: data of the extent at disk offset %"
-                   PRIu64, j->journal_path, e->offset);
-    if (journal_checksum (j->buf, e->length) != e->checksum)
-      return jerr (j, 0, "read: %s: the data of the extent at disk offset %"
-                   PRIu64 " of committed epoch %" PRIu64 " does not match "
-                   "its checksum: the journal is corrupt", j->journal_path,
-                   e->offset, j->epoch);
-    return disk_write (j, j->buf, e->length, e->offset);
-  }
-  if (verify_data (j, e, pos) == -1)
-    return -1;
-  for (done = 0; done < e->length; ) {
-    size_t n = e->length - done < IO_BUF_SIZE ? e->length - done
-      : IO_BUF_SIZE;
-
-    if (read_data (j, n, pos + done) == -1)
-      return jerr (j, errno, "read: %s", j->journal_path);
-    if (disk_write (j, j->buf, n, e->offset + done) == -1)
-      return -1;
-    done += n;
-  }
-  return 0;
-}
-
-/* Recovery's check of a committed epoch, before the disk is touched:
- * every record, every byte, the count, the digest, the journal's end.
- */
-static int
-verify_epoch (struct journal *j, uint64_t digest, uint64_t end)
-{
-  struct journal_digest d;
-  struct journal_extent e;
-  uint64_t pos = EXTENTS_OFFSET, i;
-
-  journal_digest_init (&d);
-  for (i = 0; i < j->count; i++) {
-    if (read_extent_record (j, &pos, i, &e) == -1)
-      return -1;
-    if (e.flags == JOURNAL_EXTENT_DATA) {
-      if (verify_data (j, &e, pos) == -1)
-        return -1;
-      pos = block_up (pos + e.length);
-    }
-    journal_digest_add (&d, &e);
-  }
-  if (journal_digest_final (&d) != digest || pos != end)
-    return jerr (j, 0, "read: %s: committed epoch %" PRIu64 " does not "
-                 "match its commit record (digest or length): the journal "
-                 "is corrupt", j->journal_path, j->epoch);
-  return 0;
-}
-
 /* ---- the journal's life ---- */
 
-static void
-reset_phase (struct journal *j)
+void
+journal_reset_phase (struct journal *j)
 {
   j->phase = PHASE_IDLE;
   j->epoch = j->nonce = j->count = 0;
@@ -662,124 +337,15 @@ reset_phase (struct journal *j)
 }
 
 /* Empty the journal.  Not synced: see the comment at the top. */
-static int
-truncate_journal (struct journal *j)
+int
+journal_truncate (struct journal *j)
 {
-  step (JOURNAL_STEP_RESET);
+  journal_step_hook (JOURNAL_STEP_RESET);
   if (ftruncate (j->jfd, 0) == -1)
     return jerr (j, errno, "ftruncate: %s", j->journal_path);
   return 0;
 }
 
-/* A committed epoch found by recovery (BEGIN b, COMMIT c): it must
- * agree with the state and verify whole before it may touch the disk.
- */
-static int
-load_committed (struct journal *j, const struct rec *b, const struct rec *c)
-{
-  if (memcmp (b->body, j->st.generation_id, JOURNAL_ID_SIZE) != 0 ||
-      get_u64 (b->body + 16) != j->st.disk_size ||
-      get_u32 (b->body + 24) != j->st.cluster_size)
-    return jerr (j, 0, "read: %s: committed epoch %" PRIu64 " belongs to "
-                 "another generation or geometry than %s",
-                 j->journal_path, b->epoch, j->state_path);
-  j->epoch = b->epoch;
-  j->nonce = b->nonce;
-  j->count = get_u64 (c->body);
-  if (verify_epoch (j, get_u64 (c->body + 8), get_u64 (c->body + 16)) == -1) {
-    reset_phase (j);
-    return -1;
-  }
-  j->pos = get_u64 (c->body + 16);
-  j->phase = PHASE_COMMITTED;
-  j->st.committed_epoch = b->epoch;
-  snprintf (j->note, sizeof j->note, "epoch %" PRIu64 " was committed but "
-            "not applied: applied it again", b->epoch);
-  return 1;
-}
-
-/* Read the BEGIN and COMMIT records.  1 and the phase COMMITTED if an
- * epoch is committed and not applied, 0 if there is none (the journal is
- * then emptied), -1 on error.
- */
-/* Does the journal hold a committed epoch, not yet applied, in another
- * version of the format?  (Its records have the same size and place.)
- */
-static bool
-other_version_committed (struct journal *j, const struct stat *sb,
-                         struct rec *b)
-{
-  unsigned char raw[REC_SIZE];
-  enum rec_status bs, cs;
-  struct rec c;
-
-  if (sb->st_size < COMMIT_OFFSET + REC_SIZE ||
-      full_pread (j->jfd, raw, REC_SIZE, BEGIN_OFFSET) == -1)
-    return false;
-  bs = rec_decode (raw, b);
-  if (full_pread (j->jfd, raw, REC_SIZE, COMMIT_OFFSET) == -1)
-    return false;
-  cs = rec_decode (raw, &c);
-  return (bs == REC_OTHER_VERSION || cs == REC_OTHER_VERSION) &&
-    (bs == REC_OK || bs == REC_OTHER_VERSION) &&
-    (cs == REC_OK || cs == REC_OTHER_VERSION) &&
-    b->type == REC_BEGIN && c.type == REC_COMMIT && c.nonce == b->nonce &&
-    c.epoch == b->epoch && b->epoch > j->st.applied_epoch;
-}
-
-static int
-scan_journal (struct journal *j)
-{
-  unsigned char raw[REC_SIZE];
-  struct rec b, c;
-  struct stat sb;
-  enum rec_status cs;
-
-  if (fstat (j->jfd, &sb) == -1)
-    return jerr (j, errno, "fstat: %s", j->journal_path);
-  if (sb.st_size == 0) {
-    snprintf (j->note, sizeof j->note, "journal empty: nothing to recover");
-    return 0;
-  }
-  if (other_version_committed (j, &sb, &b))
-    /* Written by another fleece-colod: guessing its layout could drop
-     * (or misapply) an epoch that was acknowledged as durable.
-     */
-    return jerr (j, 0, "open: %s: holds committed epoch %" PRIu64 " in "
-                 "another journal format than this fleece-colod's (version "
-                 "%d): start the fleece-colod that wrote it once, to apply "
-                 "it", j->journal_path, b.epoch, REC_VERSION);
-  if (sb.st_size < REC_SIZE ||
-      full_pread (j->jfd, raw, REC_SIZE, BEGIN_OFFSET) == -1 ||
-      rec_decode (raw, &b) != REC_OK || b.type != REC_BEGIN) {
-    snprintf (j->note, sizeof j->note,
-              "dropped an incomplete epoch (no valid begin record)");
-    return truncate_journal (j);
-  }
-  if (b.epoch <= j->st.applied_epoch) {
-    snprintf (j->note, sizeof j->note, "journal held epoch %" PRIu64
-              ", already applied: emptied", b.epoch);
-    return truncate_journal (j);
-  }
-  cs = REC_ZERO;
-  if (sb.st_size >= COMMIT_OFFSET + REC_SIZE) {
-    if (full_pread (j->jfd, raw, REC_SIZE, COMMIT_OFFSET) == -1)
-      return jerr (j, errno, "read: %s", j->journal_path);
-    cs = rec_decode (raw, &c);
-  }
-  if (cs == REC_BAD) {
-    snprintf (j->note, sizeof j->note, "dropped epoch %" PRIu64 ": its "
-              "commit record is torn or corrupt (bad checksum)", b.epoch);
-    return truncate_journal (j);
-  }
-  if (cs != REC_OK || c.type != REC_COMMIT || c.nonce != b.nonce ||
-      c.epoch != b.epoch) {
-    snprintf (j->note, sizeof j->note, "dropped epoch %" PRIu64
-              ": incomplete (not committed)", b.epoch);
-    return truncate_journal (j);
-  }
-  return load_committed (j, &b, &c);
-}
 
 static int
 check_idle (struct journal *j, const char *what)
@@ -799,7 +365,7 @@ check_idle (struct journal *j, const char *what)
 static int
 check_open (struct journal *j, const char *what)
 {
-  if (check_usable (j) == -1)
+  if (journal_check_usable (j) == -1)
     return -1;
   switch (j->phase) {
   case PHASE_OPEN:
@@ -821,62 +387,6 @@ refuse (struct journal *j)
 {
   j->phase = PHASE_REFUSED;
   return -1;
-}
-
-int
-journal_recover (struct journal *j)
-{
-  int r;
-
-  if (check_usable (j) == -1)
-    return -1;
-  if (j->phase == PHASE_OPEN || j->phase == PHASE_REFUSED)
-    return jerr (j, 0, "journal_recover: %s: epoch %" PRIu64 " is open: "
-                 "abort it first", j->journal_path, j->epoch);
-  if (j->phase == PHASE_IDLE) {
-    r = scan_journal (j);
-    if (r <= 0)
-      return r;
-  }
-  return journal_apply (j);
-}
-
-int
-journal_apply (struct journal *j)
-{
-  struct journal_state st;
-  struct journal_extent e;
-  uint64_t pos = EXTENTS_OFFSET, i;
-
-  if (check_usable (j) == -1)
-    return -1;
-  if (j->phase == PHASE_IDLE)
-    return 0;
-  if (j->phase != PHASE_COMMITTED)
-    return jerr (j, 0, "journal_apply: %s: epoch %" PRIu64 " is not "
-                 "committed", j->journal_path, j->epoch);
-  for (i = 0; i < j->count; i++) {
-    if (read_extent_record (j, &pos, i, &e) == -1)
-      return -1;
-    if (e.flags == JOURNAL_EXTENT_ZERO) {
-      if (disk_zero (j, e.offset, e.length) == -1)
-        return -1;
-    }
-    else {
-      if (apply_data (j, &e, pos) == -1)
-        return -1;
-      pos = block_up (pos + e.length);
-    }
-  }
-  step (JOURNAL_STEP_DISK_SYNC);
-  if (fdatasync (j->dfd) == -1)
-    return jerr (j, errno, "fdatasync: %s", j->disk_path);
-  st = j->st;
-  st.committed_epoch = st.applied_epoch = j->epoch;
-  if (state_save (j, &st) == -1)
-    return -1;
-  reset_phase (j);
-  return truncate_journal (j);
 }
 
 /* ---- open and close ---- */
@@ -934,7 +444,7 @@ load_or_init_state (struct journal *j, uint64_t disk_size,
     memset (&st, 0, sizeof st);
     st.disk_size = disk_size;
     st.cluster_size = cluster_size;
-    return state_save (j, &st);
+    return journal_state_save (j, &st);
   }
   if (j->st.disk_size != disk_size || j->st.cluster_size != cluster_size)
     return jerr (j, 0, "open: %s: made for a disk of %" PRIu64 " bytes in "
@@ -1076,7 +586,8 @@ journal_set_identity (struct journal *j,
   struct journal_state st;
   uint32_t i;
 
-  if (check_usable (j) == -1 || check_idle (j, "journal_set_identity") == -1)
+  if (journal_check_usable (j) == -1 ||
+      check_idle (j, "journal_set_identity") == -1)
     return -1;
   if (memcmp (volume_id, zero, JOURNAL_ID_SIZE) == 0)
     return jerr (j, 0, "journal_set_identity: %s: the volume id is zero",
@@ -1098,11 +609,11 @@ journal_set_identity (struct journal *j,
   /* A leftover of an old epoch above the new applied one must never be
    * taken for a committed epoch of this identity: empty it for good.
    */
-  if (truncate_journal (j) == -1)
+  if (journal_truncate (j) == -1)
     return -1;
   if (fsync (j->jfd) == -1)
     return set_broken (j, errno, "fsync", j->journal_path);
-  return state_save (j, &st);
+  return journal_state_save (j, &st);
 }
 
 int
@@ -1111,7 +622,7 @@ journal_new_generation (struct journal *j, const uint8_t id[JOURNAL_ID_SIZE],
 {
   struct journal_state st;
 
-  if (check_usable (j) == -1 ||
+  if (journal_check_usable (j) == -1 ||
       check_idle (j, "journal_new_generation") == -1)
     return -1;
   if (j->st.history_len == 0)
@@ -1132,7 +643,7 @@ journal_new_generation (struct journal *j, const uint8_t id[JOURNAL_ID_SIZE],
   st.history[st.history_len].first_epoch = first_epoch;
   st.history_len++;
   memcpy (st.generation_id, id, JOURNAL_ID_SIZE);
-  return state_save (j, &st);
+  return journal_state_save (j, &st);
 }
 
 /* ---- one epoch ---- */
@@ -1144,7 +655,7 @@ journal_begin (struct journal *j, uint64_t epoch,
   unsigned char block[EXTENTS_OFFSET];
   struct rec r = { .type = REC_BEGIN, .epoch = epoch };
 
-  if (check_usable (j) == -1 || check_idle (j, "journal_begin") == -1)
+  if (journal_check_usable (j) == -1 || check_idle (j, "journal_begin") == -1)
     return -1;
   if (j->st.history_len == 0)
     return jerr (j, 0, "journal_begin: %s: no identity (not paired)",
@@ -1158,14 +669,14 @@ journal_begin (struct journal *j, uint64_t epoch,
                  j->st.committed_epoch);
   if (getrandom (&r.nonce, sizeof r.nonce, 0) != sizeof r.nonce)
     return jerr (j, errno, "getrandom: nonce for %s", j->journal_path);
-  if (truncate_journal (j) == -1)
+  if (journal_truncate (j) == -1)
     return -1;
   memset (block, 0, sizeof block);
   memcpy (r.body, generation, JOURNAL_ID_SIZE);
   put_u64 (r.body + 16, j->st.disk_size);
   put_u32 (r.body + 24, j->st.cluster_size);
-  rec_encode (block + BEGIN_OFFSET, &r);
-  step (JOURNAL_STEP_JOURNAL_WRITE);
+  journal_rec_encode (block + BEGIN_OFFSET, &r);
+  journal_step_hook (JOURNAL_STEP_JOURNAL_WRITE);
   if (full_pwrite (j->jfd, block, sizeof block, 0) == -1)
     return jerr (j, errno, "pwrite: %s", j->journal_path);
   j->phase = PHASE_OPEN;
@@ -1193,7 +704,7 @@ write_direct (struct journal *j, const void *data, uint32_t length,
     return -1;
   if (full_pwritev (j->jdfd, v, 2, j->pos) == 0)
     return 0;
-  direct_refused (j);
+  journal_direct_refused (j);
   return -1;
 }
 
@@ -1209,7 +720,7 @@ add_extent (struct journal *j, uint64_t offset, uint32_t length,
 
   if (check_open (j, "journal_add_extent") == -1)
     return -1;
-  why = extent_problem (&j->st, offset, length, flags);
+  why = journal_extent_problem (&j->st, offset, length, flags);
   if (why == NULL && is_data && data == NULL)
     why = "DATA extent without data";
   if (why == NULL && !is_data && (data != NULL || checksum != 0))
@@ -1228,17 +739,17 @@ add_extent (struct journal *j, uint64_t offset, uint32_t length,
   put_u32 (r.body + 12, flags);
   put_u64 (r.body + 16, checksum);
   put_u64 (r.body + 24, j->count);
-  rec_encode (j->recblock, &r);
+  journal_rec_encode (j->recblock, &r);
   iov[0] = (struct iovec) { .iov_base = j->recblock, .iov_len = REC_BLOCK };
   iov[1] = (struct iovec) { .iov_base = (void *) data, .iov_len = length };
-  step (JOURNAL_STEP_JOURNAL_WRITE);
+  journal_step_hook (JOURNAL_STEP_JOURNAL_WRITE);
   if (write_direct (j, is_data ? data : NULL, length, iov) == -1 &&
       full_pwritev (j->jfd, iov, is_data ? 2 : 1, j->pos) == -1) {
     jerr (j, errno, "pwrite: %s: epoch %" PRIu64 " refused",
           j->journal_path, j->epoch);
     return refuse (j);
   }
-  j->pos = block_up (j->pos + REC_BLOCK + (is_data ? length : 0));
+  j->pos = journal_block_up (j->pos + REC_BLOCK + (is_data ? length : 0));
   j->count++;
   journal_digest_add (&j->digest, &e);
   return 0;
@@ -1284,7 +795,7 @@ journal_end (struct journal *j, uint64_t extent_count, uint64_t digest)
   /* The extents first: a COMMIT record must never be durable before
    * what it commits.  Failing here leaves no COMMIT: only refused.
    */
-  step (JOURNAL_STEP_JOURNAL_SYNC);
+  journal_step_hook (JOURNAL_STEP_JOURNAL_SYNC);
   if (fdatasync (j->jfd) == -1) {
     jerr (j, errno, "fdatasync: %s: epoch %" PRIu64 " refused",
           j->journal_path, j->epoch);
@@ -1293,30 +804,30 @@ journal_end (struct journal *j, uint64_t extent_count, uint64_t digest)
   put_u64 (r.body, j->count);
   put_u64 (r.body + 8, mine);
   put_u64 (r.body + 16, j->pos);
-  rec_encode (raw, &r);
-  step (JOURNAL_STEP_JOURNAL_WRITE);
+  journal_rec_encode (raw, &r);
+  journal_step_hook (JOURNAL_STEP_JOURNAL_WRITE);
   if (full_pwrite (j->jfd, raw, REC_SIZE, COMMIT_OFFSET) == -1)
     return set_broken (j, errno, "pwrite (commit record)", j->journal_path);
-  step (JOURNAL_STEP_JOURNAL_SYNC);
+  journal_step_hook (JOURNAL_STEP_JOURNAL_SYNC);
   if (fdatasync (j->jfd) == -1)
     return set_broken (j, errno, "fdatasync (commit record)",
                        j->journal_path);
   j->phase = PHASE_COMMITTED;
   j->st.committed_epoch = j->epoch;
-  step (JOURNAL_STEP_COMMITTED);
+  journal_step_hook (JOURNAL_STEP_COMMITTED);
   return 0;
 }
 
 int
 journal_abort (struct journal *j)
 {
-  if (check_usable (j) == -1)
+  if (journal_check_usable (j) == -1)
     return -1;
   if (j->phase == PHASE_IDLE)
     return 0;
   if (j->phase == PHASE_COMMITTED)
     return jerr (j, 0, "journal_abort: %s: epoch %" PRIu64 " is committed: "
                  "it can only be applied", j->journal_path, j->epoch);
-  reset_phase (j);
-  return truncate_journal (j);
+  journal_reset_phase (j);
+  return journal_truncate (j);
 }

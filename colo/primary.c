@@ -22,9 +22,9 @@
  * stop for --hb-timeout, shuts the data connection down so that the
  * main thread, wherever it is blocked, fails and reconnects.
  *
- * Size.  Just over 1000 lines: the plugin's checkpoints, the handshake,
- * the epochs and demote share the globals below; the state files are
- * in state.c, the connection in conn.c, the pairing rules in pairing.c.
+ * The plugin (its control socket, geometry and colo-N checkpoints) is
+ * plugin.c, the state files are in state.c, the connection in conn.c,
+ * the pairing rules in pairing.c.
  */
 
 #include <config.h>
@@ -48,11 +48,10 @@
 #include "events.h"
 #include "log.h"
 #include "pairing.h"
+#include "plugin.h"
 #include "primary.h"
 #include "state.h"
 #include "source.h"
-
-#define PREFIX "colo-"
 
 /* The identity (STATE_DIR/primary.json, state.c), and its path for
  * messages.  Main thread only (the heartbeat thread reads p.acked).
@@ -65,11 +64,6 @@ static char id_path[PATH_MAX];
  * handshake and joins before it closes the connections.
  */
 static struct {
-  /* Main thread only. */
-  struct colo_ctl *ctl;
-  uint64_t disk_size;
-  uint32_t cluster_size;
-  uint64_t last_checkpoint;       /* highest colo-N on the plugin */
   /* The connections: opened and closed by the main thread, which uses
    * data; hb and hb_thread are set before the heartbeat thread starts
    * and it alone uses hb until it is joined.  The heartbeat thread only
@@ -182,169 +176,6 @@ init_identity (void)
   return save_identity ();
 }
 
-/* ---- the plugin ---- */
-
-static json_t *
-ctl (const char *cmd, json_t *args, char *err, size_t errlen)
-{
-  json_t *r;
-
-  if (p.ctl == NULL) {
-    p.ctl = colo_ctl_open (colod.opt.fleece_socket, 30000, err, errlen);
-    /* Subscribed, the plugin keeps this connection however long it is
-     * idle (--interval 0 waits for requests): not subscribed, it would
-     * close it after a minute.
-     */
-    r = p.ctl ? colo_ctl_execute (p.ctl, "subscribe-events", NULL, err,
-                                  errlen) : NULL;
-    if (r == NULL) {
-      colo_ctl_close (p.ctl);
-      p.ctl = NULL;
-      json_decref (args);
-      return NULL;
-    }
-    json_decref (r);
-  }
-  r = colo_ctl_execute (p.ctl, cmd, args, err, errlen);
-  if (r == NULL && strstr (err, "control socket")) {
-    colo_ctl_close (p.ctl);     /* reconnect next time */
-    p.ctl = NULL;
-  }
-  return r;
-}
-
-/* N if name is colo-N, else 0 (also for NULL). */
-static uint64_t
-colo_number (const char *name)
-{
-  char *end;
-  unsigned long long v;
-
-  if (name == NULL || strncmp (name, PREFIX, strlen (PREFIX)) != 0)
-    return 0;
-  errno = 0;
-  v = strtoull (name + strlen (PREFIX), &end, 10);
-  return errno || *end || end == name + strlen (PREFIX) ? 0 : v;
-}
-
-/* The colo-N names of query-snapshots or query-bitmaps, as numbers:
- * *out malloc'ed, sorted.
- */
-static int
-list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
-           size_t errlen)
-{
-  json_t *r = ctl (cmd, NULL, err, errlen), *e;
-  size_t i;
-
-  *out = NULL;
-  *n = 0;
-  if (r == NULL)
-    return -1;
-  *out = calloc (json_array_size (r) + 1, sizeof **out);
-  if (*out == NULL) {
-    json_decref (r);
-    snprintf (err, errlen, "%s: out of memory", cmd);
-    return -1;
-  }
-  json_array_foreach (r, i, e) {
-    uint64_t k = colo_number (json_string_value (json_object_get (e,
-                                                                  "name")));
-    size_t j;
-    if (k == 0)
-      continue;
-    for (j = *n; j > 0 && (*out)[j - 1] > k; j--)
-      (*out)[j] = (*out)[j - 1];
-    (*out)[j] = k;
-    (*n)++;
-  }
-  json_decref (r);
-  return 0;
-}
-
-static int
-remove_colo (const char *cmd, uint64_t k)
-{
-  char name[64], err[1024];
-  json_t *r;
-
-  snprintf (name, sizeof name, PREFIX "%" PRIu64, k);
-  r = ctl (cmd, json_pack ("{s:s}", "name", name), err, sizeof err);
-  if (r == NULL) {
-    colod_log ("%s %s: %s", cmd, name, err);
-    return -1;
-  }
-  json_decref (r);
-  return 0;
-}
-
-/* Drop what no epoch will need: snapshots other than keep, bitmaps
- * below below.
- */
-static void
-prune (uint64_t keep_snapshot, uint64_t below)
-{
-  uint64_t *v;
-  size_t n, i;
-  char err[1024];
-
-  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
-    for (i = 0; i < n; i++)
-      if (v[i] != keep_snapshot)
-        remove_colo ("snapshot-delete", v[i]);
-  free (v);
-  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == 0)
-    for (i = 0; i < n; i++)
-      if (v[i] < below)
-        remove_colo ("bitmap-remove", v[i]);
-  free (v);
-}
-
-/* The plugin's geometry and checkpoints.  A plugin that is not up yet
- * is waited for (wait: the daemon), or not (demote).
- */
-static int
-plugin_start (bool wait)
-{
-  char err[1024];
-  json_int_t size, cs;
-  uint64_t *v;
-  size_t n;
-  json_t *r;
-  bool said = false;
-
-  while ((r = ctl ("query-status", NULL, err, sizeof err)) == NULL) {
-    if (!wait || colod.stop || strstr (err, "control socket") == NULL) {
-      colod_log ("%s", err);
-      return -1;
-    }
-    if (!said)
-      colod_log ("%s: waiting for the plugin", err);
-    said = true;
-    colod_sleep_ms (500);
-  }
-  if (json_unpack (r, "{s:I,s:I}", "disk-size", &size, "cluster-size",
-                   &cs) == -1) {
-    colod_log ("control socket %s: query-status lacks disk-size or "
-               "cluster-size", colod.opt.fleece_socket);
-    json_decref (r);
-    return -1;
-  }
-  json_decref (r);
-  p.disk_size = size;
-  p.cluster_size = cs;
-  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == -1) {
-    colod_log ("%s", err);
-    return -1;
-  }
-  p.last_checkpoint = n ? v[n - 1] : 0;
-  free (v);
-  colod_log ("plugin %s: disk of %" PRIu64 " bytes, clusters of %" PRIu32
-             ", last checkpoint %" PRIu64, colod.opt.fleece_socket,
-             p.disk_size, p.cluster_size, p.last_checkpoint);
-  return 0;
-}
-
 /* ---- the handshake ---- */
 
 static void
@@ -355,8 +186,8 @@ fill_hello (struct colo_msg *m, uint32_t channel)
   memcpy (h->volume_id, id.volume_id, 16);
   memcpy (h->generation_id, id.history[id.history_len - 1].id, 16);
   h->last_committed = h->last_applied = id.acked;
-  h->disk_size = p.disk_size;
-  h->cluster_size = p.cluster_size;
+  h->disk_size = plugin.disk_size;
+  h->cluster_size = plugin.cluster_size;
   h->history_count = id.history_len;
   memcpy (h->history, id.history, id.history_len * sizeof *id.history);
 }
@@ -433,8 +264,8 @@ open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
       goto fail;
     if (m->type != COLO_MSG_DIVERGED ||
         (m->diverged.bit_count &&
-         (m->diverged.cluster_size != p.cluster_size ||
-          m->diverged.disk_size != p.disk_size))) {
+         (m->diverged.cluster_size != plugin.cluster_size ||
+          m->diverged.disk_size != plugin.disk_size))) {
       snprintf (err, errlen, "%s: expected DIVERGED for this disk, got %s",
                 colo_conn_peer (c), colo_msg_type_name (m->type));
       colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
@@ -601,69 +432,6 @@ send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
   return -1;
 }
 
-/* The bitmaps colo-base .. colo-(epoch-1), or -1 if colo-base is gone
- * (then only a full copy will do).
- */
-static int
-chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
-       char *err, size_t errlen)
-{
-  uint64_t *v;
-  size_t cnt, i;
-  bool have_base = false;
-
-  *names = NULL;
-  *n = 0;
-  if (list_colo ("query-bitmaps", &v, &cnt, err, errlen) == -1)
-    return -1;
-  *names = calloc (cnt + 1, sizeof **names);
-  for (i = 0; *names && i < cnt; i++) {
-    if (v[i] == base)
-      have_base = true;
-    if (v[i] >= base && v[i] < epoch &&
-        asprintf (&(*names)[(*n)++], PREFIX "%" PRIu64, v[i]) == -1) {
-      (*names)[--(*n)] = NULL;
-      break;
-    }
-  }
-  if (*names == NULL || i < cnt) {
-    /* A bitmap left out of the union would lose its clusters. */
-    free (v);
-    snprintf (err, errlen, "query-bitmaps: out of memory");
-    return -1;
-  }
-  free (v);
-  return have_base ? 0 : 1;
-}
-
-static void
-free_names (char **names, size_t n)
-{
-  size_t i;
-
-  for (i = 0; i < n; i++)
-    free (names[i]);
-  free (names);
-}
-
-/* The snapshot of the last checkpoint if it is still on the plugin and
- * the secondary does not have it: its epoch number, or 0.
- */
-static uint64_t
-unsent_snapshot (void)
-{
-  uint64_t *v, r = 0;
-  size_t n, i;
-  char err[1024];
-
-  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
-    for (i = 0; i < n; i++)
-      if (v[i] == p.last_checkpoint)
-        r = v[i];
-  free (v);
-  return r;
-}
-
 /* One epoch: checkpoint, plan, ship (again if refused), then prune.
  * 0, or -1 with err (the connection is then dropped).
  */
@@ -680,33 +448,33 @@ run_epoch (char *err, size_t errlen)
   json_t *r;
   int attempt, sent = -1;
 
-  if (p.last_checkpoint > p.sec_committed &&
-      (epoch = unsent_snapshot ()) != 0) {
+  if (plugin.last_checkpoint > p.sec_committed &&
+      (epoch = plugin_unsent_snapshot ()) != 0) {
     /* An epoch that failed: send its snapshot again rather than pile up
      * checkpoints (and frozen bitmaps) while the link is bad.
      */
-    snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
+    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
     ck0 = ck1 = 0;
   }
   else {
-    epoch = p.last_checkpoint > p.sec_committed ? p.last_checkpoint
+    epoch = plugin.last_checkpoint > p.sec_committed ? plugin.last_checkpoint
       : p.sec_committed;
     if (epoch < gen_start - 1)
       epoch = gen_start - 1;
     epoch++;
-    snprintf (snap, sizeof snap, PREFIX "%" PRIu64, epoch);
+    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
     ck0 = colod_wall_us ();
-    r = ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
-             errlen);
+    r = plugin_ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
+                    errlen);
     if (r == NULL)
       return -1;
     ck1 = colod_wall_us ();
     json_decref (r);
-    p.last_checkpoint = epoch;
+    plugin.last_checkpoint = epoch;
     /* How long the plugin held writers for this checkpoint (its drain):
      * the writer stall of the epoch, for the event.
      */
-    r = ctl ("query-stats", NULL, err, errlen);
+    r = plugin_ctl ("query-stats", NULL, err, errlen);
     if (r) {
       json_int_t ns;
       if (json_unpack (r, "{s:I}", "last-drain-ns", &ns) == 0)
@@ -714,16 +482,16 @@ run_epoch (char *err, size_t errlen)
       json_decref (r);
     }
   }
-  prune (epoch, 0);
+  plugin_prune (epoch, 0);
   if (!full) {
-    int c = chain (p.base, epoch, &names, &nnames, err, errlen);
+    int c = plugin_chain (p.base, epoch, &names, &nnames, err, errlen);
     if (c == -1) {
-      free_names (names, nnames);
+      plugin_free_names (names, nnames);
       return -1;
     }
     if (c == 1) {
-      colod_log ("bitmap " PREFIX "%" PRIu64 " is not on the plugin: epoch %"
-                 PRIu64 " is a full copy", p.base, epoch);
+      colod_log ("bitmap " PLUGIN_PREFIX "%" PRIu64 " is not on the "
+                 "plugin: epoch %" PRIu64 " is a full copy", p.base, epoch);
       full = true;
     }
   }
@@ -731,10 +499,10 @@ run_epoch (char *err, size_t errlen)
                        (const char *const *) names, nnames,
                        full ? NULL : p.extra, p.extra_bits,
                        colod.opt.max_extent, &plan, err, errlen) == -1) {
-    free_names (names, nnames);
+    plugin_free_names (names, nnames);
     return -1;
   }
-  free_names (names, nnames);
+  plugin_free_names (names, nnames);
   pthread_mutex_lock (&colod.lock);
   colod.st.epoch_in_flight = epoch;
   colod.st.bytes_in_flight = 0;
@@ -769,7 +537,7 @@ run_epoch (char *err, size_t errlen)
   if (save_identity () == -1)
     colod_log ("the acknowledged epoch %" PRIu64 " could not be recorded",
                epoch);
-  prune (0, epoch);
+  plugin_prune (0, epoch);
   pthread_mutex_lock (&colod.lock);
   colod.st.last_committed = colod.st.last_applied = epoch;
   colod.st.committed_at_ms = wall0;
@@ -977,7 +745,7 @@ colod_run_primary (void)
     colod_sleep_ms (colod.stop ? 0 : 500);
   }
   colo_tls_free (tls);
-  colo_ctl_close (p.ctl);
+  ctlc_close (plugin.ctl);
   free (p.extra);
   return rc;
 }
@@ -1008,26 +776,26 @@ colod_demote (void)
   }
   if (plugin_start (false) == -1)
     return COLOD_EXIT_ERROR;
-  nbits = (p.disk_size + p.cluster_size - 1) / p.cluster_size;
+  nbits = (plugin.disk_size + plugin.cluster_size - 1) / plugin.cluster_size;
   bits = calloc (nbits / 8 + 1, 1);
   if (bits == NULL)
     goto out;
-  r = chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err);
+  r = plugin_chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err);
   if (r == -1) {
     colod_log ("%s", err);
     goto out;
   }
   if (r == 1) {
     colod_log ("cannot tell which clusters this side wrote since epoch %"
-               PRIu64 " (bitmap " PREFIX "%" PRIu64 " is not on the "
+               PRIu64 " (bitmap " PLUGIN_PREFIX "%" PRIu64 " is not on the "
                "plugin): restart it as a secondary with --discard-diverged "
                "for a full copy instead", id.acked, id.acked);
     goto out;
   }
   for (i = 0; i < nnames; i++) {
     uint8_t *b;
-    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], p.disk_size,
-                          p.cluster_size, &b, err, sizeof err) == -1) {
+    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], plugin.disk_size,
+                          plugin.cluster_size, &b, err, sizeof err) == -1) {
       colod_log ("%s", err);
       goto out;
     }
@@ -1035,9 +803,9 @@ colod_demote (void)
       bits[k] |= b[k];
     free (b);
   }
-  if (colo_state_write_diverged (colod.opt.state_dir, id.acked, p.disk_size,
-                                 p.cluster_size, bits, nbits, err,
-                                 sizeof err) == -1) {
+  if (colo_state_write_diverged (colod.opt.state_dir, id.acked,
+                                 plugin.disk_size, plugin.cluster_size, bits,
+                                 nbits, err, sizeof err) == -1) {
     colod_log ("%s", err);
     goto out;
   }
@@ -1053,8 +821,8 @@ colod_demote (void)
   }
   rc = 0;
  out:
-  free_names (names, nnames);
+  plugin_free_names (names, nnames);
   free (bits);
-  colo_ctl_close (p.ctl);
+  ctlc_close (plugin.ctl);
   return rc;
 }

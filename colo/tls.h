@@ -26,6 +26,7 @@
 #ifndef FLEECE_COLO_TLS_H
 #define FLEECE_COLO_TLS_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <sys/types.h>
@@ -62,10 +63,11 @@ struct colo_conn;
 /* The message of the last failure in this thread. */
 extern const char *colo_tls_last_error (void);
 
-/* Debug messages (the negotiated cipher, the peer's identity) go to fn,
- * or nowhere if it is NULL (the default).
+/* Debug messages (the negotiated cipher, the peer's identity) go to fn
+ * as a format and its arguments, for the caller's log to format (as a
+ * vprintf would), or nowhere if it is NULL (the default).
  */
-extern void colo_tls_set_log (void (*fn) (const char *msg));
+extern void colo_tls_set_log (void (*fn) (const char *fmt, va_list ap));
 
 /* Split "HOST:PORT", "[IPV6]:PORT" or ":PORT" (for listening: any
  * address, the first getaddrinfo gives, 0.0.0.0 on Linux) into *host

@@ -21,6 +21,7 @@
 #include <xxhash.h>
 
 #include "fleece-colo-wire.h"
+#include "vector.h"
 
 /* What went wrong, for the log and for the peer.  code is what to send
  * in an ERROR frame before disconnecting (enum colo_error_code), or 0
@@ -159,10 +160,11 @@ struct colo_wire_encoder {
   uint64_t sequence;            /* of the last frame encoded; 0: none */
 };
 
-struct colo_wire_buf {
-  uint8_t *data;
-  size_t len, cap;
-};
+/* Frames colo_wire_encode appended: a growable array of bytes
+ * (common/include/vector.h: ptr, len, cap; colo_wire_buf_reset frees
+ * it).  All zeroes is empty.
+ */
+DEFINE_VECTOR_TYPE (colo_wire_buf, uint8_t)
 
 extern void colo_wire_encoder_init (struct colo_wire_encoder *enc);
 
@@ -176,11 +178,8 @@ extern int colo_wire_send (struct colo_wire_encoder *enc,
 
 /* Appends one frame to buf (grown as needed).  0 or -1. */
 extern int colo_wire_encode (struct colo_wire_encoder *enc,
-                             const struct colo_msg *m,
-                             struct colo_wire_buf *buf,
+                             const struct colo_msg *m, colo_wire_buf *buf,
                              struct colo_wire_error *err);
-
-extern void colo_wire_buf_free (struct colo_wire_buf *buf);
 
 /* Sends ERROR (e->code, e->msg) if e->code is not 0: what to do before
  * closing a connection after a failure.  0 or -1.

@@ -30,7 +30,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,9 +40,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "deadline.h"
 #include "monotonic.h"
 #include "vector.h"
 #include "ctl-client.h"
+#include "messages.h"
 
 #define CTLC_MAX_LINE (64 * 1024 * 1024)  /* longest line accepted */
 #define CTLC_REAP_MS  5000                /* a child's time to exit */
@@ -59,10 +60,11 @@ DEFINE_VECTOR_TYPE (ctlc_event_vector, struct ctlc_event);
 struct ctlc {
   /* Set when the client is made, then constant. */
   int fd;
-  pid_t pid;                    /* the spawned command, or -1 */
   char *name;                   /* the path or the command's name */
   int64_t timeout_ms;           /* -1: none */
-  /* The state of the conversation. */
+  /* The spawned command until it is reaped, then (or else) -1. */
+  pid_t pid;
+  /* The state of the conversation.  One thread at a time uses a client. */
   const char *label;            /* what messages call the command */
   unsigned next_id;
   bool keep_events;             /* subscribed: queue events */
@@ -72,42 +74,6 @@ struct ctlc {
   char *buf;                    /* received, not yet returned */
   size_t len, cap;
 };
-
-static int __attribute__ ((format (printf, 3, 4)))
-seterr (char *err, size_t errlen, const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start (ap, fmt);
-  vsnprintf (err, errlen, fmt, ap);
-  va_end (ap);
-  return -1;
-}
-
-static int64_t
-deadline_of (int64_t timeout_ms)
-{
-  return timeout_ms < 0 ? -1 : monotonic_ms () + timeout_ms;
-}
-
-/* Wait until fd has the events, or until deadline (-1: forever).
- * Returns 1 ready, 0 timeout, -1 with errno.
- */
-static int
-wait_fd (int fd, short events, int64_t deadline)
-{
-  struct pollfd pfd = { .fd = fd, .events = events };
-  int64_t left;
-  int r;
-
-  do {
-    left = deadline < 0 ? -1 : deadline - monotonic_ms ();
-    if (deadline >= 0 && left < 0)
-      left = 0;
-    r = poll (&pfd, 1, left > INT32_MAX ? INT32_MAX : (int) left);
-  } while (r == -1 && errno == EINTR);
-  return r;
-}
 
 /* ---- the child of ctlc_spawn ---- */
 
@@ -178,7 +144,7 @@ read_line (struct ctlc *c, int64_t deadline, const char *what, char **line,
       c->buf = p;
       c->cap = c->cap ? c->cap * 2 : 65536;
     }
-    r = wait_fd (c->fd, POLLIN, deadline);
+    r = wait_fd_until (c->fd, POLLIN, deadline);
     if (r == -1)
       return seterr (err, errlen, "control socket %s: %s: poll: %m",
                      c->name, what);
@@ -261,7 +227,7 @@ static json_t *
 read_reply (struct ctlc *c, const char *what, char **text, char *err,
             size_t errlen)
 {
-  int64_t deadline = deadline_of (c->timeout_ms);
+  int64_t deadline = deadline_after (c->timeout_ms);
   char *line;
   json_t *v;
 

@@ -73,3 +73,14 @@ usage_error (const char *fmt, ...)
   fprintf (stderr, "Try '%s --help' for more information.\n", program);
   exit (2);
 }
+
+int
+seterr (char *err, size_t errlen, const char *fmt, ...)
+{
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (err, errlen, fmt, ap);
+  va_end (ap);
+  return -1;
+}

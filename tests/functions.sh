@@ -59,6 +59,15 @@ plan ()
   echo "1..$1"
 }
 
+# _not_ok DESC: test $_tap_n failed; the tail of its output ($tmp/.out)
+# goes to the log.
+_not_ok ()
+{
+  echo "not ok $_tap_n - $1"
+  sed 's/^/# /' "$tmp/.out" | tail -20
+  _tap_failed=$((_tap_failed + 1))
+}
+
 ok ()
 {
   local desc=$1; shift
@@ -66,9 +75,7 @@ ok ()
   if "$@" >"$tmp/.out" 2>&1; then
     echo "ok $_tap_n - $desc"
   else
-    echo "not ok $_tap_n - $desc"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc"
   fi
 }
 
@@ -79,15 +86,11 @@ ok_fails ()
   local desc=$1 pattern=$2; shift 2
   _tap_n=$((_tap_n + 1))
   if "$@" >"$tmp/.out" 2>&1; then
-    echo "not ok $_tap_n - $desc (command succeeded)"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc (command succeeded)"
   elif grep -Eq -- "$pattern" "$tmp/.out"; then
     echo "ok $_tap_n - $desc"
   else
-    echo "not ok $_tap_n - $desc (no message matching /$pattern/)"
-    sed 's/^/# /' "$tmp/.out" | tail -20
-    _tap_failed=$((_tap_failed + 1))
+    _not_ok "$desc (no message matching /$pattern/)"
   fi
 }
 
@@ -110,7 +113,65 @@ diag ()
   printf '%s\n' "$*" | sed 's/^/# /'
 }
 
+# ---- set-up ----
+
+# make_disk PATH SIZE [PATTERN [LENGTH]]: a raw disk image of SIZE (as
+# truncate takes it: 8M) whose first LENGTH bytes (all of it if not
+# given) hold the byte PATTERN, written with qemu-io.
+make_disk ()
+{
+  truncate -s "$2" "$1" || return 1
+  [ $# -lt 3 ] ||
+    qemu-io -f raw -c "write -P $3 0 ${4:-$2}" "$1" >/dev/null
+}
+
+# persistent_setup: the persistence tests' set-up: $disk (8 MiB of
+# 0x21), $store, and the functions start [PLUGIN ARGS] (nbdkit p on them
+# with persistent=true and control socket $tmp/p.ctl) and crash (nbdkit
+# p killed with -9, as a power cut would).
+persistent_setup ()
+{
+  disk=$tmp/disk
+  store=$tmp/store
+  make_disk "$disk" 8M 0x21 || return 1
+  start () {
+    start_nbdkit p -- disk="$disk" store="$store" control="$tmp/p.ctl" \
+                 persistent=true "$@"
+  }
+  crash () { crash_nbdkit p; }
+}
+
+# watch_events CTL FILE SECONDS: fleecectl subscribes to the events of
+# control socket CTL for at most SECONDS, in the background, writing
+# them to FILE as JSON; its PID is $events_pid, killed at exit.
+watch_events ()
+{
+  fleecectl -s "$1" --json events --timeout "$3" >"$2" 2>&1 &
+  events_pid=$!
+  cleanup_fn "kill $events_pid 2>/dev/null"
+}
+
 # ---- servers ----
+
+# _started WHAT SOCK PIDFILE LOG: a server WHAT was just started in the
+# background, its PID in PIDFILE: register its kill by PID, then wait up
+# to 30 s for it to create SOCK.  1, with its log, if it exits first.
+_started ()
+{
+  local what=$1 sock=$2 pidfile=$3 log=$4 i
+  cleanup_fn "kill_by_pidfile '$pidfile'"
+  for (( i = 0; i < 300; i++ )); do
+    [ -S "$sock" ] && return 0
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      echo "# $what exited during start:"
+      sed 's/^/#   /' "$log"
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "# $what did not create $sock in 30 s"
+  return 1
+}
 
 # start_nbdkit NAME [nbdkit args...] -- PLUGIN-ARGS...
 # Starts nbdkit with the fleece plugin in the foreground, in the
@@ -121,7 +182,7 @@ start_nbdkit ()
 {
   local name=$1; shift
   local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
-  local args=() i
+  local args=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     args+=("$1"); shift
   done
@@ -132,20 +193,7 @@ start_nbdkit ()
     $VG nbdkit -f -U "$sock" "${args[@]}" "$FLEECE_PLUGIN" "$@" \
     >"$log" 2>&1 &
   echo $! >"$pidfile"
-  cleanup_fn "kill_by_pidfile '$pidfile'"
-  for (( i = 0; i < 300; i++ )); do
-    if [ -S "$sock" ]; then
-      return 0
-    fi
-    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      echo "# nbdkit $name exited during start:"
-      sed 's/^/#   /' "$log"
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "# nbdkit $name did not create $sock in 30 s"
-  return 1
+  _started "nbdkit $name" "$sock" "$pidfile" "$log"
 }
 
 # pid_gone PID [SECONDS]: true once process PID is gone, polling for at
@@ -386,7 +434,7 @@ start_proxy ()
 {
   local name=$1 up=$2; shift 2
   local sock="$tmp/$name.sock" pidfile="$tmp/$name.pid" log="$tmp/$name.log"
-  local opts=() params=() i
+  local opts=() params=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     case $1 in
       -*) opts+=("$1") ;;
@@ -399,18 +447,7 @@ start_proxy ()
   nbdkit -f -U "$sock" "${opts[@]}" nbd socket="$tmp/$up.sock" \
     dynamic-export=true "${params[@]}" "$@" >"$log" 2>&1 &
   echo $! >"$pidfile"
-  cleanup_fn "kill_by_pidfile '$pidfile'"
-  for (( i = 0; i < 300; i++ )); do
-    [ -S "$sock" ] && return 0
-    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      echo "# proxy $name exited during start:"
-      sed 's/^/#   /' "$log"
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "# proxy $name did not create $sock in 30 s"
-  return 1
+  _started "proxy $name" "$sock" "$pidfile" "$log"
 }
 
 # stats_read_bytes FILE: bytes read according to the last "read:" line of

@@ -10,8 +10,7 @@ requires nbdcopy --version
 requires fleece-backup --help
 
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x11 0 16M' "$disk" >/dev/null
+make_disk "$disk" 16M 0x11
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
    control="$tmp/s.ctl" cluster-size=64K
 ok "checkpoint c1" ctl s checkpoint c1

@@ -13,8 +13,7 @@ requires fleece-backup --help
 
 G=65536
 disk=$tmp/disk
-truncate -s 32M "$disk"
-qemu-io -f raw -c 'write -P 0x11 0 32M' "$disk" >/dev/null
+make_disk "$disk" 32M 0x11
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
    control="$tmp/s.ctl" cluster-size=64K
 

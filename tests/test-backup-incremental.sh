@@ -14,8 +14,7 @@ make_pki
 
 G=65536                                 # granule = cluster size
 disk=$tmp/disk
-truncate -s 64M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 32M' "$disk" >/dev/null
+make_disk "$disk" 64M 0x01 32M
 ok "nbdkit starts (--tls=require, peer verified)" \
    start_nbdkit s --tls=require --tls-certificates="$tmp/pki" --tls-verify-peer \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" \
@@ -35,6 +34,24 @@ writer ()
     --rate=256k --randseed="$1" --output="$tmp/fio-$1.out" \
     >/dev/null 2>&1 &
   writer=$!
+}
+
+# counted_pull N SINCE SNAP ERR: an incremental pull of SNAP
+# --since=SINCE through counting proxy pN (nbdkit's stats filter, in
+# $tmp/pN.stats) while fio writer N+1 writes; fleece-backup's messages in
+# ERR.
+counted_pull ()
+{
+  local w=$(( $1 + 1 ))
+  ok "counting proxy p$1 starts" start_proxy "p$1" s \
+     --filter=stats statsfile="$tmp/p$1.stats" statsappend=true \
+     -- tls=require tls-certificates="$tmp/pki"
+  writer "$w"
+  ok "incremental pull of $3 --since=$2 while fio writes" \
+     backup "$4" --sync=incremental --since="$2" \
+     "nbd+unix:///snapshot/$3?socket=$tmp/p$1.sock" "$tmp/backup.img"
+  ok "fio writer $w succeeded" wait "$writer"
+  diag "$(cat "$4")"
 }
 
 # --- night 1: full ---
@@ -59,15 +76,7 @@ ok "bitmap c1 is frozen by c2" test "$(jget "$(ctl s --json bitmap list)" \
    '[b["frozen-by"] for b in d if b["name"] == "c1"][0]')" = c2
 ok "changed granules: some, far from all ($n1 of 1024)" \
    test "$n1" -gt 4 -a "$n1" -lt 200
-ok "counting proxy starts" start_proxy p1 s \
-   --filter=stats statsfile="$tmp/p1.stats" statsappend=true \
-   -- tls=require tls-certificates="$tmp/pki"
-writer 2
-ok "incremental pull of c2 --since=c1 while fio writes" \
-   backup "$tmp/inc1.err" --sync=incremental --since=c1 \
-   "nbd+unix:///snapshot/c2?socket=$tmp/p1.sock" "$tmp/backup.img"
-ok "fio writer 2 succeeded" wait "$writer"
-diag "$(cat "$tmp/inc1.err")"
+counted_pull 1 c1 c2 "$tmp/inc1.err"
 is "$(sum "$tmp/backup.img")" "$(sum "$tmp/ref2")" "full + inc(c2) equals c2"
 is "$(summary "$tmp/inc1.err" sync)" incremental "summary says incremental"
 is "$(summary "$tmp/inc1.err" granules)" "$n1" "it moved the $n1 granules of c1"
@@ -92,15 +101,7 @@ ok "checkpoint c3" ctl s checkpoint c3
 cp "$disk" "$tmp/ref3"
 n2=$(bitmap_count s c2)
 diag "bitmap c2 (c2..c3) has $n2 granules set"
-ok "counting proxy 2 starts" start_proxy p2 s \
-   --filter=stats statsfile="$tmp/p2.stats" statsappend=true \
-   -- tls=require tls-certificates="$tmp/pki"
-writer 3
-ok "incremental pull of c3 --since=c2 while fio writes" \
-   backup "$tmp/inc2.err" --sync=incremental --since=c2 \
-   "nbd+unix:///snapshot/c3?socket=$tmp/p2.sock" "$tmp/backup.img"
-ok "fio writer 3 succeeded" wait "$writer"
-diag "$(cat "$tmp/inc2.err")"
+counted_pull 2 c2 c3 "$tmp/inc2.err"
 is "$(sum "$tmp/backup.img")" "$(sum "$tmp/ref3")" \
    "full + inc(c2) + inc(c3) equals c3"
 is "$(summary "$tmp/inc2.err" granules)" "$n2" "it moved the $n2 granules of c2"

@@ -13,8 +13,7 @@ requires fleece-backup --help
 make_pki
 
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 16M' "$disk" >/dev/null
+make_disk "$disk" 16M 0x01
 ok "nbdkit starts (TLS, tls-exports-only)" \
    start_nbdkit s --tls=require --tls-certificates="$tmp/pki" \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" \

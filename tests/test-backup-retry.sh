@@ -12,8 +12,7 @@ requires fleece-backup --help
 make_pki
 
 disk=$tmp/disk
-truncate -s 32M "$disk"
-qemu-io -f raw -c 'write -P 0x11 0 32M' "$disk" >/dev/null
+make_disk "$disk" 32M 0x11
 ok "nbdkit starts (--tls=require)" \
    start_nbdkit s --tls=require --tls-certificates="$tmp/pki" --tls-verify-peer \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" cluster-size=64K

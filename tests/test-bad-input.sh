@@ -7,8 +7,7 @@ requires socat -V
 requires unshare --version
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x5a 0 8M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x5a
 orig=$(sum "$disk")
 
 # --- start-up errors: nbdkit refuses to start and says why ---

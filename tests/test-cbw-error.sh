@@ -14,8 +14,7 @@ requires qemu-io --version
 requires nbdcopy --version
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x21
 mkdir "$tmp/small"
 mount -t tmpfs -o size=512k tmpfs "$tmp/small"
 cleanup_fn "umount '$tmp/small'"
@@ -24,9 +23,7 @@ cleanup_fn "umount '$tmp/small'"
 ok "nbdkit starts (break-snapshot)" start_nbdkit b -- disk="$disk" \
    store="$tmp/small/store" control="$tmp/b.ctl"
 ok "snapshot create s" ctl b snapshot create s
-fleecectl -s "$tmp/b.ctl" --json events --timeout 20 >"$tmp/events" 2>&1 &
-events_pid=$!
-cleanup_fn "kill $events_pid 2>/dev/null"
+watch_events "$tmp/b.ctl" "$tmp/events" 20
 sleep 0.5
 ok "live write succeeds although the store is full" \
    qio b "" "write -P 0x99 0 4M"

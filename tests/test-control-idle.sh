@@ -14,8 +14,7 @@ requires python3 --version
 requires qemu-io --version
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c "write -P 0x21 0 8M" "$disk" >/dev/null
+make_disk "$disk" 8M 0x21
 
 # idle.py SOCKET N SECONDS READY [REQUEST]: N connections that send
 # nothing (or one REQUEST line each), held for SECONDS; then, for each,
@@ -81,9 +80,7 @@ ok "nbdkit starts, idle timeout 2 s" start_nbdkit s \
   -D fleece.ctl_idle_timeout_ms=2000 -- disk="$disk" store="$tmp/store" \
   control="$tmp/s.ctl" store-max=1M store-warn=50
 
-fleecectl -s "$tmp/s.ctl" --json events --timeout 60 >"$tmp/events" 2>&1 &
-events_pid=$!
-cleanup_fn "kill $events_pid 2>/dev/null"
+watch_events "$tmp/s.ctl" "$tmp/events" 60
 
 # 31 idle connections and the subscriber: every place is taken.
 ok "31 idle connections" idle i1 31 20

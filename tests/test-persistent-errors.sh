@@ -10,8 +10,7 @@ requires qemu-io --version
 requires nbdcopy --version
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x21
 
 # start NAME STORE [nbdkit args] -- [plugin args]
 start ()

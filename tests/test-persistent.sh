@@ -9,13 +9,7 @@ requires qemu-io --version
 requires nbdcopy --version
 requires python3 --version
 
-disk=$tmp/disk
-store=$tmp/store
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
-
-start () { start_nbdkit p -- disk="$disk" store="$store" control="$tmp/p.ctl" persistent=true "$@"; }
-crash () { crash_nbdkit p; }
+persistent_setup
 state () { jget "$(ctl p --json bitmap list)" "[('inconsistent' if b['inconsistent'] else 'frozen' if b['frozen'] else 'recording' if b['enabled'] else 'disabled') for b in d if b['name'] == '$1'][0]"; }
 bits () { bitmap_bits "nbd+unix:///bitmap/$1?socket=$tmp/p.sock" | tr '\n' ' '; }
 broken () { jget "$(ctl p --json snapshot list)" "[s['broken'] for s in d if s['name'] == '$1'][0]"; }

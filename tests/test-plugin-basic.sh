@@ -17,8 +17,7 @@ is "$(grep '^fleece_exports=' <<<"$dump")" \
    "--dump-plugin lists the three kinds of export"
 
 disk=$tmp/disk
-truncate -s 10M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 4M' "$disk" >/dev/null
+make_disk "$disk" 10M 0x01 4M
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store"
 ok "default control socket is STORE.sock" test -S "$tmp/store.sock"
 is "$(stat -c %a "$tmp/store.sock")" 600 "control socket mode is 0600"

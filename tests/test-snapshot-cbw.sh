@@ -11,8 +11,7 @@ requires nbdinfo --version
 requires qemu-img --version
 
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x11 0 8M' "$disk" >/dev/null   # 8M..16M: hole
+make_disk "$disk" 16M 0x11 8M   # 8M..16M: hole
 ok "nbdkit starts" start_nbdkit s -- disk="$disk" store="$tmp/store" \
    control="$tmp/s.ctl" cluster-size=64K
 

@@ -17,13 +17,7 @@ requires qemu-img --version
 requires nbdcopy --version
 requires python3 --version
 
-disk=$tmp/disk
-store=$tmp/store
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
-
-start () { start_nbdkit p -- disk="$disk" store="$store" control="$tmp/p.ctl" persistent=true "$@"; }
-crash () { crash_nbdkit p; }
+persistent_setup
 snapinfo () { jget "$(ctl p --json snapshot list)" "[s['$2'] for s in d if s['name'] == '$1'][0]"; }
 # refused DESC PATTERN [plugin args]: nbdkit refuses to start on $store,
 # with a message naming it and matching PATTERN, and leaves it unchanged.
@@ -74,8 +68,7 @@ cp "$store" "$tmp/store.good"
 # it leaves nothing to load.  (Another disk and store, so that a's disk
 # is only ever written through a's store.)
 disk=$tmp/disk2 store=$tmp/store2
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x22 0 8M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x22
 ok "start on another new store" start
 ok "snapshot create s" ctl p snapshot create s
 ok "writes that copy for s" qio p "" "write -P 0x61 0 1M"

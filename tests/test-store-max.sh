@@ -9,8 +9,7 @@ requires qemu-io --version
 requires nbdcopy --version
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 8M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x21
 
 # --- bad parameters ---
 nbd () { nbdkit_once -f -U "$tmp/x.sock" "$FLEECE_PLUGIN" "$@"; }
@@ -29,9 +28,7 @@ ok "nbdkit starts with store-max=1M store-warn=50" start_nbdkit b -- \
    store-warn=50
 is "$(jget "$(ctl b --json status)" 'd["store-max"]')" 1048576 "status shows store-max"
 is "$(jget "$(ctl b --json stats)" 'd["store-max-bytes"]')" 1048576 "stats show store-max"
-fleecectl -s "$tmp/b.ctl" --json events --timeout 30 >"$tmp/events" 2>&1 &
-events_pid=$!
-cleanup_fn "kill $events_pid 2>/dev/null"
+watch_events "$tmp/b.ctl" "$tmp/events" 30
 sleep 0.5
 ok "snapshot create s" ctl b snapshot create s
 ok "write 7 clusters: below the mark" qio b "" "write -P 0x31 0 448k"
@@ -90,9 +87,7 @@ ok "nbdkit b stops cleanly" stop_nbdkit b
 ok "nbdkit starts with store-max=128K store-warn=50" start_nbdkit w -- \
    disk="$disk" store="$tmp/store-w" control="$tmp/w.ctl" store-max=128K \
    store-warn=50
-fleecectl -s "$tmp/w.ctl" --json events --timeout 30 >"$tmp/events-w" 2>&1 &
-events_pid=$!
-cleanup_fn "kill $events_pid 2>/dev/null"
+watch_events "$tmp/w.ctl" "$tmp/events-w" 30
 sleep 0.5
 ok "snapshot create s" ctl w snapshot create s
 ok "a 256 KiB write (break-snapshot)" qio w "" "write -P 0x71 0 256k"

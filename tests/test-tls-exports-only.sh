@@ -9,8 +9,7 @@ requires nbdinfo --version
 make_pki
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x61 0 4M' "$disk" >/dev/null
+make_disk "$disk" 8M 0x61 4M
 ok "nbdkit starts with --tls=on and tls-exports-only=true" \
    start_nbdkit s --tls=on --tls-certificates="$tmp/pki" \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" tls-exports-only=true

@@ -332,14 +332,28 @@ str_member (json_t *obj, const char *key)
 
 /* ---- Commands ---- */
 
+/* Run a query.  With --json its value is printed here and NULL
+ * returned: nothing is left to do.  Otherwise the value is returned for
+ * the human output.
+ */
+static json_t *
+query (struct conn *c, const char *cmd)
+{
+  json_t *ret = execute (c, cmd, NULL);
+
+  if (!json_output)
+    return ret;
+  print_json (ret);
+  json_decref (ret);
+  return NULL;
+}
+
 static void
 do_status (struct conn *c)
 {
-  json_t *ret = execute (c, "query-status", NULL);
+  json_t *ret = query (c, "query-status");
 
-  if (json_output)
-    print_json (ret);
-  else
+  if (ret)
     print_members (ret);
   json_decref (ret);
 }
@@ -347,18 +361,15 @@ do_status (struct conn *c)
 static void
 do_stats (struct conn *c)
 {
-  json_t *ret = execute (c, "query-stats", NULL);
+  json_t *ret = query (c, "query-stats");
   struct table t = { .ncols = 3, .head = { "SNAPSHOT", "HELD", "RELEASED" },
                      .right = { false, true, true } };
   char b1[32], b2[32];
   json_t *snaps, *s;
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   print_members (ret);
   snaps = json_object_get (ret, "snapshot-clusters");
   if (json_array_size (snaps) > 0) {
@@ -370,6 +381,23 @@ do_stats (struct conn *c)
     table_print (&t);
   }
   json_decref (ret);
+}
+
+/* After a table: why each element of list whose member state is true
+ * is so, from its member "STATE-reason".
+ */
+static void
+print_reasons (json_t *list, const char *what, const char *state)
+{
+  char reason[64];
+  json_t *e;
+  size_t i;
+
+  snprintf (reason, sizeof reason, "%s-reason", state);
+  json_array_foreach (list, i, e)
+    if (json_is_true (json_object_get (e, state)))
+      printf ("%s '%s' is %s: %s\n", what, str_member (e, "name"), state,
+              str_member (e, reason));
 }
 
 static const char *
@@ -388,7 +416,7 @@ created_time (json_t *snap, char *buf, size_t size)
 static void
 snapshot_list (struct conn *c)
 {
-  json_t *ret = execute (c, "query-snapshots", NULL), *s;
+  json_t *ret = query (c, "query-snapshots"), *s;
   struct table t = { .ncols = 6,
                      .head = { "NAME", "GEN", "CREATED", "STATE", "HELD",
                                "RELEASED" },
@@ -396,11 +424,8 @@ snapshot_list (struct conn *c)
   char b1[32], b2[32], b3[32], b4[32];
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   json_array_foreach (ret, i, s)
     table_add (&t, str_member (s, "name"),
                int_member (s, "generation", b1, sizeof b1),
@@ -409,10 +434,7 @@ snapshot_list (struct conn *c)
                int_member (s, "clusters-held", b3, sizeof b3),
                int_member (s, "clusters-released", b4, sizeof b4));
   table_print (&t);
-  json_array_foreach (ret, i, s)
-    if (json_is_true (json_object_get (s, "broken")))
-      printf ("snapshot '%s' is broken: %s\n", str_member (s, "name"),
-              str_member (s, "broken-reason"));
+  print_reasons (ret, "snapshot", "broken");
   json_decref (ret);
 }
 
@@ -572,7 +594,7 @@ run_snapshot (struct conn *c, int argc, char **argv)
 static void
 bitmap_list (struct conn *c)
 {
-  json_t *ret = execute (c, "query-bitmaps", NULL), *b;
+  json_t *ret = query (c, "query-bitmaps"), *b;
   struct table t = { .ncols = 6,
                      .head = { "NAME", "STATE", "DIRTY", "OF", "GRANULE",
                                "FROZEN-BY" },
@@ -580,11 +602,8 @@ bitmap_list (struct conn *c)
   char b1[32], b2[32], b3[32];
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   json_array_foreach (ret, i, b) {
     const char *state =
       json_is_true (json_object_get (b, "inconsistent")) ? "inconsistent"
@@ -599,10 +618,7 @@ bitmap_list (struct conn *c)
                by && *by ? by : "-");
   }
   table_print (&t);
-  json_array_foreach (ret, i, b)
-    if (json_is_true (json_object_get (b, "inconsistent")))
-      printf ("bitmap '%s' is inconsistent: %s\n", str_member (b, "name"),
-              str_member (b, "inconsistent-reason"));
+  print_reasons (ret, "bitmap", "inconsistent");
   json_decref (ret);
 }
 

@@ -1,4 +1,5 @@
-/* colo-epoch: a test driver for colo/source.c (not installed).
+/* colo-epoch: a test driver for colo/source.c and the plugin's control
+ * client, lib/ctl-client.c (not installed).
  *
  *   colo-epoch ctl SOCKET COMMAND [JSON-ARGS]
  *       run one control command, print its "return" value as JSON
@@ -22,6 +23,7 @@
 
 #include <xxhash.h>
 
+#include "ctl-client.h"
 #include "source.h"
 
 struct target {

@@ -134,15 +134,24 @@ client_dn=$(certtool -i --infile "$tmp/pki/client-cert.pem" |
               sed -n 's/^[[:space:]]*Subject: //p' | head -1)
 diag "client certificate: $client_dn"
 
+# pair MODE CREDENTIALS...: the secondary b, then the primary a (epochs
+# on request), both with the options CREDENTIALS; they connect.
+pair ()
+{
+  local mode=$1; shift
+  ok "the secondary starts ($mode)" start_colod b secondary "${sec[@]}" "$@"
+  ok "the primary starts ($mode, epochs on request)" \
+    start_colod a primary "${prim[@]}" "$@" --interval 0
+  ok "$mode: the primary is connected" \
+    wait_for 30 status_is a connection connected
+  ok "$mode: the secondary is connected" \
+    wait_for 30 status_is b connection connected
+}
+
 # ---- 1. pairing over X.509 TLS; the first epoch is a full copy ----
 
 ok "nbdkit with the fleece plugin starts on host a" start_plugin a
-ok "the secondary starts (X.509)" \
-  start_colod b secondary "${sec[@]}" --tls-certificates "$tmp/pki"
-ok "the primary starts (X.509, epochs on request)" \
-  start_colod a primary "${prim[@]}" --tls-certificates "$tmp/pki" --interval 0
-ok "the primary is connected" wait_for 30 status_is a connection connected
-ok "the secondary is connected" wait_for 30 status_is b connection connected
+pair X.509 --tls-certificates "$tmp/pki"
 live=$(live_sum a)
 # The first epoch after pairing goes at once, even with --interval 0.
 ok "epoch 1 is committed without a checkpoint request" \
@@ -339,11 +348,7 @@ refused_primary "client certificate from another CA" \
 
 # PSK: the secondary restarts with a key file; the right key pairs.
 ok "the secondary stops cleanly (SIGTERM)" stop_colod b
-ok "the secondary restarts with --tls-psk" \
-  start_colod b secondary "${sec[@]}" --tls-psk "$tmp/pki/keys.psk"
-ok "a primary with the same key starts" \
-  start_colod a primary "${prim[@]}" --tls-psk "$tmp/pki/keys.psk" --interval 0
-ok "PSK: connected" wait_for 30 status_is b connection connected
+pair PSK --tls-psk "$tmp/pki/keys.psk"
 is "$(status b peer-identity)" psk:alice "secondary status: peer-identity psk:alice"
 out=$(colod a checkpoint)
 n=$(epoch_of "$out")

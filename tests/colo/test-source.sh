@@ -12,8 +12,7 @@ requires nbdcopy --version
 epoch () { $VG "${abs_top_builddir:-../..}/tests/colo/colo-epoch" "$@"; }
 
 disk=$tmp/disk
-truncate -s 8M "$disk"
-qemu-io -f raw -c 'write -P 0x21 0 7M' "$disk" >/dev/null   # last MiB: zero
+make_disk "$disk" 8M 0x21 7M   # last MiB: zero
 base="nbd+unix:///?socket=$tmp/p.sock"
 
 ok "nbdkit starts" start_nbdkit p -- disk="$disk" store="$tmp/store" control="$tmp/p.ctl"

@@ -24,6 +24,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,7 @@
 
 #include <gnutls/gnutls.h>
 
+#include "monotonic.h"
 #include "tap.h"
 #include "tls.h"
 
@@ -44,15 +46,6 @@
 static char tmp[] = "/tmp/fleece-test-tls.XXXXXX";
 static char pki[256], other[256], distrust[256], badname[256],
   noclient[256], purpose[256], keys[256], wrong_keys[256], bob_keys[256];
-
-static int64_t
-now_ms (void)
-{
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* A small deterministic generator for data and chunk sizes. */
 static uint64_t
@@ -239,7 +232,7 @@ client_connect (struct client *c, const struct colo_tls_config *cfg,
                 const struct server *s, const char *host)
 {
   char addr[128];
-  int64_t t0 = now_ms ();
+  int64_t t0 = monotonic_ms ();
 
   memset (c, 0, sizeof *c);
   server_address (s, host ? host : "127.0.0.1", addr, sizeof addr);
@@ -247,7 +240,7 @@ client_connect (struct client *c, const struct colo_tls_config *cfg,
   if (c->tls == NULL)
     bail_out ("client credentials: %s", colo_tls_last_error ());
   c->conn = colo_connect (c->tls, addr);
-  c->ms = now_ms () - t0;
+  c->ms = monotonic_ms () - t0;
   if (c->conn == NULL) {
     c->saved_errno = errno;
     snprintf (c->error, sizeof c->error, "%s", colo_tls_last_error ());
@@ -659,9 +652,9 @@ test_timeouts (void)
   c.handshake_timeout_ms = 300;
   tls = colo_tls_new (&c);
   assert (tls);
-  t0 = now_ms ();
+  t0 = monotonic_ms ();
   conn = colo_connect (tls, addr);
-  t0 = now_ms () - t0;
+  t0 = monotonic_ms () - t0;
   ok (conn == NULL && errno == ETIMEDOUT &&
       contains (colo_tls_last_error (), "no answer within 300 ms") &&
       t0 >= 250 && t0 < 2000,
@@ -693,9 +686,9 @@ test_timeouts (void)
   if (client_connect (&cl, &x509_client, s, NULL)) {
     ssize_t r;
     colo_conn_set_timeout (cl.conn, 200);
-    t0 = now_ms ();
+    t0 = monotonic_ms ();
     r = colo_recv_some (cl.conn, buf, sizeof buf);
-    t0 = now_ms () - t0;
+    t0 = monotonic_ms () - t0;
     ok (r == -1 && errno == ETIMEDOUT &&
         contains (colo_tls_last_error (), "nothing for 200 ms") &&
         t0 >= 150 && t0 < 2000,
@@ -760,15 +753,15 @@ test_split_accept_and_deadline (void)
   sin.sin_port = htons (atoi (strrchr (colo_listener_address (l), ':') + 1));
   fd = socket (AF_INET, SOCK_STREAM, 0);
   assert (fd >= 0 && connect (fd, (struct sockaddr *) &sin, sizeof sin) == 0);
-  t0 = now_ms ();
+  t0 = monotonic_ms ();
   do
     conn = colo_accept_socket (l);
-  while (conn == NULL && errno == EAGAIN && now_ms () - t0 < 2000);
+  while (conn == NULL && errno == EAGAIN && monotonic_ms () - t0 < 2000);
   ok (conn != NULL, "colo_accept_socket takes a silent peer at once");
   if (conn) {
-    t0 = now_ms ();
+    t0 = monotonic_ms ();
     r = colo_accept_handshake (conn);
-    t0 = now_ms () - t0;
+    t0 = monotonic_ms () - t0;
     ok (r == -1 && errno == ETIMEDOUT &&
         contains (colo_tls_last_error (), "no TLS client hello within "
                   "300 ms") && t0 >= 250 && t0 < 2000,
@@ -790,9 +783,9 @@ test_split_accept_and_deadline (void)
     assert (pthread_create (&th, NULL, trickle_main, &t) == 0);
     colo_conn_set_timeout (cl.conn, 200);
     colo_conn_set_deadline (cl.conn, 300);
-    t0 = now_ms ();
+    t0 = monotonic_ms ();
     r = colo_recv_all (cl.conn, buf, sizeof buf);
-    t0 = now_ms () - t0;
+    t0 = monotonic_ms () - t0;
     ok (r == -1 && errno == ETIMEDOUT &&
         contains (colo_tls_last_error (), "not done within the 300 ms "
                   "allowed") && t0 >= 250 && t0 < 1500,
@@ -827,10 +820,43 @@ test_ipv6 (void)
   colo_tls_free (tls);
 }
 
+/* The transport's debug messages, as colo_tls_set_log passes them:
+ * formatted here, one a line (the server's and the client's threads
+ * both log).
+ */
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static char logged[8192];
+
+static void
+collect (const char *fmt, va_list ap)
+{
+  size_t n;
+
+  pthread_mutex_lock (&log_lock);
+  n = strlen (logged);
+  if (n + 2 < sizeof logged) {
+    vsnprintf (logged + n, sizeof logged - n - 1, fmt, ap);
+    strcat (logged, "\n");
+  }
+  pthread_mutex_unlock (&log_lock);
+}
+
+static void
+test_debug_log (void)
+{
+  colo_tls_set_log (collect);
+  test_x509_ok ();
+  colo_tls_set_log (NULL);
+  ok (contains (logged, "listening on 127.0.0.1:"),
+      "debug log: the listener's address, formatted");
+  ok (contains (logged, "TLS with 127.0.0.1:"),
+      "debug log: the negotiated session and the peer");
+}
+
 int
 main (void)
 {
-  int64_t t0 = now_ms ();
+  int64_t t0 = monotonic_ms ();
 
   make_credentials ();
   x509_server.certificates = pki;
@@ -838,7 +864,7 @@ main (void)
 
   test_addresses ();
   test_config_errors ();
-  test_x509_ok ();
+  test_debug_log ();            /* test_x509_ok, logging */
   test_x509_refused ();
   test_x509_names ();
   test_no_client_certificate ();
@@ -849,6 +875,6 @@ main (void)
   test_ipv6 ();
 
   remove_credentials ();
-  diag ("total %lld ms", (long long) (now_ms () - t0));
+  diag ("total %lld ms", (long long) (monotonic_ms () - t0));
   return done ();
 }

@@ -315,7 +315,7 @@ struct stream {
   size_t n;
   struct colo_msg *msgs;
   uint8_t **data;
-  struct colo_wire_buf buf;
+  colo_wire_buf buf;
 };
 
 static void
@@ -349,7 +349,7 @@ stream_free (struct stream *s)
     free (s->data[i]);
   free (s->data);
   free (s->msgs);
-  colo_wire_buf_free (&s->buf);
+  colo_wire_buf_reset (&s->buf);
 }
 
 /* Decodes the stream in random pieces, through feed or buffer/commit,
@@ -372,12 +372,12 @@ decode_stream (const struct stream *s, bool zero_copy)
       assert (r == 0 && used > 0);
       if (n > used)
         n = used;
-      memcpy (b, s->buf.data + pos, n);
+      memcpy (b, s->buf.ptr + pos, n);
       r = colo_wire_decoder_commit (dec, n, &err);
       used = n;
     }
     else
-      r = colo_wire_decoder_feed (dec, s->buf.data + pos, n, &used, &err);
+      r = colo_wire_decoder_feed (dec, s->buf.ptr + pos, n, &used, &err);
     pos += used;
     if (r == -1) {
       diag ("message %zu: %s", got, err.msg);
@@ -409,7 +409,7 @@ test_round_trip_each_type (void)
   for (type = 1; type <= COLO_MSG_TYPE_MAX; type++) {
     struct colo_wire_encoder enc;
     struct colo_wire_decoder *dec = colo_wire_decoder_new ();
-    struct colo_wire_buf buf = { 0 };
+    colo_wire_buf buf = { 0 };
     struct colo_wire_error err = { 0 };
     struct colo_msg m;
     uint8_t *data;
@@ -419,17 +419,17 @@ test_round_trip_each_type (void)
     colo_wire_encoder_init (&enc);
     rnd_msg (type, &m, &data);
     if (colo_wire_encode (&enc, &m, &buf, &err) == 0)
-      r = colo_wire_decoder_feed (dec, buf.data, buf.len, &used, &err);
+      r = colo_wire_decoder_feed (dec, buf.ptr, buf.len, &used, &err);
     ok (r == 1 && used == buf.len &&
         msg_equal (colo_wire_decoder_msg (dec), &m) &&
         colo_wire_decoder_frame (dec)->sequence == 1 &&
         colo_wire_decoder_frame (dec)->length == buf.len - HDR &&
-        memcmp (colo_wire_decoder_frame (dec)->header, buf.data, HDR) == 0 &&
+        memcmp (colo_wire_decoder_frame (dec)->header, buf.ptr, HDR) == 0 &&
         colo_wire_decoder_eof (dec, &err) == 0,
         "round trip of %s (%zu bytes)%s%s", colo_msg_type_name (type),
         buf.len, r == -1 ? ": " : "", r == -1 ? err.msg : "");
     free (data);
-    colo_wire_buf_free (&buf);
+    colo_wire_buf_reset (&buf);
     colo_wire_decoder_free (dec);
   }
 }
@@ -545,7 +545,7 @@ test_socketpair_truncated (void)
 {
   struct colo_wire_decoder *dec = colo_wire_decoder_new ();
   struct colo_wire_encoder enc;
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_wire_error err;
   const struct colo_msg *m;
   struct peer rd;
@@ -561,7 +561,7 @@ test_socketpair_truncated (void)
   if (socketpair (AF_UNIX, SOCK_STREAM, 0, sv) == -1)
     bail_out ("socketpair: %m");
   rd = (struct peer) { .fd = sv[1] };
-  assert (write (sv[0], buf.data, buf.len - 5) == (ssize_t) buf.len - 5);
+  assert (write (sv[0], buf.ptr, buf.len - 5) == (ssize_t) buf.len - 5);
   close (sv[0]);
   r = colo_wire_recv (dec, read_pieces, &rd, &m, &err);
   ok (r == 1 && m->type == COLO_MSG_HEARTBEAT, "first frame received");
@@ -571,7 +571,7 @@ test_socketpair_truncated (void)
               "24 payload bytes of EPOCH_END frame 2"),
       "truncated payload over a socketpair: %s", err.msg);
   close (sv[1]);
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
   colo_wire_decoder_free (dec);
 }
 
@@ -580,7 +580,7 @@ test_max_extent (void)
 {
   struct colo_wire_decoder *dec = colo_wire_decoder_new ();
   struct colo_wire_encoder enc;
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_wire_error err = { 0 };
   struct colo_msg m = { .type = COLO_MSG_EXTENT };
   uint8_t *data = malloc (COLO_WIRE_MAX_EXTENT);
@@ -599,7 +599,7 @@ test_max_extent (void)
   if (colo_wire_encode (&enc, &m, &buf, &err) == -1)
     bail_out ("encoding the largest extent: %s", err.msg);
   while (r == 0 && pos < buf.len) {
-    r = colo_wire_decoder_feed (dec, buf.data + pos,
+    r = colo_wire_decoder_feed (dec, buf.ptr + pos,
                                 1 + rnd_below (1 << 20), &used, &err);
     pos += used;
   }
@@ -613,7 +613,7 @@ test_max_extent (void)
       strstr (err.msg, "EXTENT: length 67108865 is not from 1 to 67108864"),
       "one byte more is refused by the encoder: %s", err.msg);
   free (data);
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
   colo_wire_decoder_free (dec);
 }
 
@@ -621,7 +621,7 @@ test_max_extent (void)
 
 /* What colo_wire_send wrote, in how many calls. */
 struct sink {
-  struct colo_wire_buf buf;
+  colo_wire_buf buf;
   unsigned writes;
 };
 
@@ -630,12 +630,9 @@ write_sink (void *opaque, const void *p, size_t len)
 {
   struct sink *s = opaque;
 
-  if (s->buf.len + len > s->buf.cap) {
-    s->buf.cap = s->buf.len + len;
-    s->buf.data = realloc (s->buf.data, s->buf.cap);
-    assert (s->buf.data);
-  }
-  memcpy (s->buf.data + s->buf.len, p, len);
+  if (colo_wire_buf_reserve (&s->buf, len) == -1)
+    abort ();
+  memcpy (s->buf.ptr + s->buf.len, p, len);
   s->buf.len += len;
   s->writes++;
   return 0;
@@ -667,12 +664,12 @@ diverged_round_trip (const struct colo_msg *m, bool pieces)
     goto out;
   }
   if (sink.buf.len != s.buf.len ||
-      memcmp (sink.buf.data, s.buf.data, s.buf.len) != 0 ||
+      memcmp (sink.buf.ptr, s.buf.ptr, s.buf.len) != 0 ||
       sink.writes != (m->diverged.bit_count ? 2 : 1)) {
     diag ("colo_wire_send wrote other bytes, or in %u calls", sink.writes);
     goto out;
   }
-  if (colo_wire_decoder_feed (dec, s.buf.data, s.buf.len, &used,
+  if (colo_wire_decoder_feed (dec, s.buf.ptr, s.buf.len, &used,
                               &err) != 1 || used != s.buf.len) {
     diag ("decoding: %s", err.msg);
     goto out;
@@ -688,8 +685,8 @@ diverged_round_trip (const struct colo_msg *m, bool pieces)
   good = !pieces ||
     (decode_stream (&s, false) == 1 && decode_stream (&s, true) == 1);
  out:
-  colo_wire_buf_free (&s.buf);
-  colo_wire_buf_free (&sink.buf);
+  colo_wire_buf_reset (&s.buf);
+  colo_wire_buf_reset (&sink.buf);
   colo_wire_decoder_free (dec);
   return good;
 }
@@ -700,7 +697,7 @@ test_diverged_round_trip (void)
   struct colo_msg m = { .type = COLO_MSG_DIVERGED };
   struct colo_wire_error err = { .msg = "" };
   struct colo_wire_encoder enc;
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   uint8_t bits[13], *big;
   unsigned i, good;
 
@@ -755,7 +752,7 @@ test_diverged_round_trip (void)
               "holds"),
       "one byte more of disk is refused by the encoder: %s", err.msg);
   free (big);
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
 }
 
 /* ---- Frames built by hand ---- */
@@ -1205,7 +1202,38 @@ test_diverged_errors (void)
 {
   static uint8_t f[HDR + 64], p[64];
   const uint64_t disk = 11 * 4096 - 100; /* 11 clusters, the last partial */
-  size_t n;
+  /* A DIVERGED payload and the error it must get. */
+  const struct {
+    uint64_t disk_size;
+    uint32_t cluster_size;
+    uint64_t bit_count;
+    size_t bytes;
+    const char *desc, *msg;
+  } bad[] = {
+    { disk, 1000, 11, 2, "DIVERGED cluster size 1000",
+      "DIVERGED: cluster size 1000 is not a power of two from 512 to "
+      "67108864" },
+    { disk, 0, 0, 0, "DIVERGED cluster size 0",
+      "DIVERGED: cluster size 0 is not a power of two" },
+    { disk, 256, 0, 0, "DIVERGED cluster size 256",
+      "DIVERGED: cluster size 256 is not a power of two" },
+    { disk, 4096, 10, 2, "DIVERGED one bit short",
+      "DIVERGED: 10 bits for a disk of 11 clusters" },
+    { 11 * 4096, 4096, 12, 2, "DIVERGED one bit too many",
+      "DIVERGED: 12 bits for a disk of 11 clusters" },
+    { 0, 4096, 1, 1, "DIVERGED bits for an empty disk",
+      "DIVERGED: 1 bits for a disk of 0 clusters" },
+    { ((1ull << 29) + 1) * 4096, 4096, (1ull << 29) + 1, 0,
+      "DIVERGED bitmap larger than a frame",
+      "DIVERGED: 536870913 bits, more than one frame holds" },
+    { disk, 4096, 11, 1, "DIVERGED bitmap one byte short",
+      "DIVERGED: 11 bits in 1 bytes" },
+    { disk, 4096, 11, 3, "DIVERGED bitmap one byte long",
+      "DIVERGED: 11 bits in 3 bytes" },
+    { disk, 4096, 0, 2, "DIVERGED bitmap with bit_count 0",
+      "DIVERGED: 0 bits in 2 bytes" },
+  };
+  size_t n, i;
 
   n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
                     diverged_payload (p, disk, 4096, 11, 2));
@@ -1214,51 +1242,13 @@ test_diverged_errors (void)
                     diverged_payload (p, 1ull << 40, 65536, 0, 0));
   expect_valid ("a DIVERGED with nothing diverged", f, n, COLO_MSG_DIVERGED);
 
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 1000, 11, 2));
-  expect_error ("DIVERGED cluster size 1000", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 1000 is not a power of two from "
-                "512 to 67108864");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 0, 0, 0));
-  expect_error ("DIVERGED cluster size 0", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 0 is not a power of two");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 256, 0, 0));
-  expect_error ("DIVERGED cluster size 256", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: cluster size 256 is not a power of two");
-
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 10, 2));
-  expect_error ("DIVERGED one bit short", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 10 bits for a disk of 11 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, 11 * 4096, 4096, 12, 2));
-  expect_error ("DIVERGED one bit too many", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 12 bits for a disk of 11 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, 0, 4096, 1, 1));
-  expect_error ("DIVERGED bits for an empty disk", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 1 bits for a disk of 0 clusters");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, ((1ull << 29) + 1) * 4096, 4096,
-                                      (1ull << 29) + 1, 0));
-  expect_error ("DIVERGED bitmap larger than a frame", f, n,
-                COLO_ERROR_PROTOCOL,
-                "DIVERGED: 536870913 bits, more than one frame holds");
-
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 11, 1));
-  expect_error ("DIVERGED bitmap one byte short", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 11 bits in 1 bytes");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 11, 3));
-  expect_error ("DIVERGED bitmap one byte long", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: 11 bits in 3 bytes");
-  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
-                    diverged_payload (p, disk, 4096, 0, 2));
-  expect_error ("DIVERGED bitmap with bit_count 0", f, n,
-                COLO_ERROR_PROTOCOL, "DIVERGED: 0 bits in 2 bytes");
+  for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    n = simple_frame (f, COLO_MSG_DIVERGED, 1, p,
+                      diverged_payload (p, bad[i].disk_size,
+                                        bad[i].cluster_size,
+                                        bad[i].bit_count, bad[i].bytes));
+    expect_error (bad[i].desc, f, n, COLO_ERROR_PROTOCOL, bad[i].msg);
+  }
 
   n = diverged_payload (p, disk, 4096, 11, 2);
   put32 (p + 20, 1);
@@ -1283,7 +1273,7 @@ static void
 test_encoder_checks (void)
 {
   struct colo_wire_encoder enc;
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_wire_error err;
   struct colo_msg m = { .type = COLO_MSG_ERROR };
   int r;
@@ -1337,7 +1327,7 @@ test_encoder_checks (void)
   r = colo_wire_encode (&enc, &m, &buf, &err);
   ok (r == -1 && strstr (err.msg, "DIVERGED: cluster size 3000 is not"),
       "encoder refuses a DIVERGED cluster size 3000: %s", err.msg);
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
 }
 
 /* The header layout of docs/replication.md, byte by byte. */
@@ -1345,7 +1335,7 @@ static void
 test_layout (void)
 {
   struct colo_wire_encoder enc = { .sequence = 0x0102030405060707 };
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_msg m = { .type = COLO_MSG_EPOCH_DURABLE };
   uint8_t want[HDR + 8], p[8];
 
@@ -1353,16 +1343,16 @@ test_layout (void)
   put64 (p, m.epoch_durable.epoch);
   frame (want, 1, COLO_MSG_EPOCH_DURABLE, 8, 0x0102030405060708, p, 8);
   colo_wire_encode (&enc, &m, &buf, NULL);
-  ok (buf.len == sizeof want && memcmp (buf.data, want, sizeof want) == 0,
+  ok (buf.len == sizeof want && memcmp (buf.ptr, want, sizeof want) == 0,
       "EPOCH_DURABLE encodes to the documented bytes");
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
 }
 
 static void
 test_layout_diverged (void)
 {
   struct colo_wire_encoder enc = { .sequence = 0 };
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_msg m = { .type = COLO_MSG_DIVERGED };
   uint8_t want[HDR + 34], p[34];
   size_t n;
@@ -1374,9 +1364,9 @@ test_layout_diverged (void)
     .base_epoch = 7, .disk_size = 11 * 4096 - 100, .cluster_size = 4096,
     .bit_count = 11, .bits = p + 32 };
   colo_wire_encode (&enc, &m, &buf, NULL);
-  ok (buf.len == sizeof want && memcmp (buf.data, want, sizeof want) == 0,
+  ok (buf.len == sizeof want && memcmp (buf.ptr, want, sizeof want) == 0,
       "DIVERGED encodes to the documented bytes");
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
 }
 
 static void
@@ -1417,10 +1407,10 @@ test_extent_verify_and_digest (void)
 static int
 write_buf (void *opaque, const void *buf, size_t len)
 {
-  struct colo_wire_buf *b = opaque;
+  colo_wire_buf *b = opaque;
 
   assert (b->len + len <= b->cap);
-  memcpy (b->data + b->len, buf, len);
+  memcpy (b->ptr + b->len, buf, len);
   b->len += len;
   return 0;
 }
@@ -1433,13 +1423,13 @@ test_send_error (void)
                                .msg = "version\t2\n" }, err;
   struct colo_wire_encoder enc;
   uint8_t space[4096];
-  struct colo_wire_buf b = { .data = space, .cap = sizeof space };
+  colo_wire_buf b = { .ptr = space, .cap = sizeof space };
   const struct colo_msg *m;
   int r;
 
   colo_wire_encoder_init (&enc);
   colo_wire_send_error (&enc, &e, write_buf, &b);
-  r = colo_wire_decoder_feed (dec, b.data, b.len, NULL, &err);
+  r = colo_wire_decoder_feed (dec, b.ptr, b.len, NULL, &err);
   m = colo_wire_decoder_msg (dec);
   ok (r == 1 && m->type == COLO_MSG_ERROR &&
       m->error.code == COLO_ERROR_VERSION &&
@@ -1475,7 +1465,7 @@ static int
 write_corpus (const char *dir)
 {
   struct colo_wire_encoder enc;
-  struct colo_wire_buf buf = { 0 };
+  colo_wire_buf buf = { 0 };
   struct colo_msg m;
   uint8_t *data, f[HDR + 64], p[64] = { 0 };
   unsigned type, i;
@@ -1511,7 +1501,7 @@ write_corpus (const char *dir)
         free (data);
       } while (buf.len < 300 && rnd_below (2));
       snprintf (name, sizeof name, "%s-%u", colo_msg_type_name (type), i);
-      write_file (dir, name, buf.data, buf.len);
+      write_file (dir, name, buf.ptr, buf.len);
     }
   /* A whole conversation. */
   colo_wire_encoder_init (&enc);
@@ -1529,7 +1519,7 @@ write_corpus (const char *dir)
     colo_wire_encode (&enc, &m, &buf, NULL);
     free (data);
   }
-  write_file (dir, "mixed", buf.data, buf.len);
+  write_file (dir, "mixed", buf.ptr, buf.len);
   /* Broken ones. */
   n = simple_frame (f, COLO_MSG_HEARTBEAT, 2, p, 16);
   write_file (dir, "broken-sequence", f, n);
@@ -1541,7 +1531,7 @@ write_corpus (const char *dir)
   n = string_payload (p, 4, 40, "cut");
   n = simple_frame (f, COLO_MSG_HELLO_REPLY, 1, p, n);
   write_file (dir, "broken-string", f, n);
-  colo_wire_buf_free (&buf);
+  colo_wire_buf_reset (&buf);
   return 0;
 }
 

@@ -39,7 +39,7 @@ struct outcome {
   struct colo_wire_error err;
 };
 
-static struct colo_wire_buf buf;
+static colo_wire_buf buf;
 
 static void
 fail (const char *what)
@@ -66,8 +66,8 @@ check_frame (struct colo_wire_decoder *dec, struct outcome *o)
   if (colo_wire_encode (&enc, m, &buf, &err) == -1)
     fail (err.msg);
   if (buf.len != COLO_WIRE_HEADER_SIZE + f->length ||
-      memcmp (buf.data, f->header, COLO_WIRE_HEADER_SIZE) != 0 ||
-      memcmp (buf.data + COLO_WIRE_HEADER_SIZE, f->payload, f->length) != 0)
+      memcmp (buf.ptr, f->header, COLO_WIRE_HEADER_SIZE) != 0 ||
+      memcmp (buf.ptr + COLO_WIRE_HEADER_SIZE, f->payload, f->length) != 0)
     fail ("an accepted frame does not re-encode to the same bytes");
   if (m->type == COLO_MSG_EXTENT) {
     struct colo_wire_digest d;
@@ -78,7 +78,7 @@ check_frame (struct colo_wire_decoder *dec, struct outcome *o)
     colo_wire_digest_final (&d);
   }
   o->frames++;
-  o->hash = XXH64 (buf.data, buf.len, o->hash);
+  o->hash = XXH64 (buf.ptr, buf.len, o->hash);
 }
 
 static uint64_t rng;
