@@ -85,7 +85,8 @@ export_open (const char *uri, const char *name, const char *handle_name,
       nbd_set_uri_allow_local_file (h, true) == -1 ||
       nbd_set_opt_mode (h, true) == -1 ||
       ((flags & EXPORT_EXTENTS) &&
-       nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)) {
+       nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1) ||
+      ((flags & EXPORT_FULL_INFO) && nbd_set_full_info (h, true) == -1)) {
     seterr (err, errlen, "%s", nbd_get_error ());
     nbd_close (h);
     return NULL;

@@ -17,6 +17,7 @@
 #include <libnbd.h>
 
 #define EXPORT_EXTENTS 1u       /* ask for base:allocation */
+#define EXPORT_FULL_INFO 2u     /* ask for the description (and more) */
 
 /* Connect to export name (NULL: the URI's own) of the server uri
  * reaches.  handle_name, if not NULL, names the handle in libnbd's debug

@@ -76,6 +76,8 @@ extern void uri_free (struct uri *u);
 extern char *pct_decode (const char *s, size_t n);
 extern int uri_parse (const char *s, struct uri *u, char *err,
                       size_t errlen);
+extern char *export_uri (const char *source_uri, const char *kind,
+                         const char *name);
 
 /* nbd.c */
 extern struct nbd_handle *nbd_open_uri (const char *uri, const char *name,

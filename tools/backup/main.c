@@ -77,6 +77,7 @@
 #include <unistd.h>
 
 #include "backup.h"
+#include "repo.h"
 
 const char *const sync_names[] = { "full", "top", "incremental" };
 
@@ -128,6 +129,9 @@ usage (void)
           "\n"
           "Usage:\n"
           "  fleece-backup [OPTIONS] SOURCE TARGET\n"
+          "  fleece-backup init|backup|list|verify|restore|prune|serve "
+          "REPO ...\n"
+          "      (restore points: see fleece-backup(1), REPOSITORY)\n"
           "\n"
           "SOURCE is an NBD URI of a snapshot export, for example\n"
           "  'nbd+unix:///snapshot/nightly?socket=/run/fleece.sock'\n"
@@ -306,9 +310,12 @@ int
 main (int argc, char **argv)
 {
   char *snapshot = NULL;
+  int r;
 
   /* A message clears the progress bar first; die disconnects (loop.c). */
   messages_init ("fleece-backup", progress_clear, disconnect_all);
+  if ((r = repo_main (argc, argv)) != -1)       /* a repository command */
+    return r;
   parse_args (argc, argv, &snapshot);
   progress_start ();
   catch_signals ();

@@ -84,7 +84,9 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
   *refused = false;
   if (!uri_tls_files_exist (uri, msg))
     return NULL;
-  h = export_open (uri, NULL, name, extents ? EXPORT_EXTENTS : 0, refused,
+  /* The source's description names the disk (cmd-backup.c). */
+  h = export_open (uri, NULL, name,
+                   extents ? EXPORT_EXTENTS | EXPORT_FULL_INFO : 0, refused,
                    why, sizeof why);
   if (h == NULL && (*msg = strdup (why)) == NULL)
     die ("strdup: %m");

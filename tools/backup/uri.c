@@ -3,15 +3,19 @@
  * libnbd parses the URI itself; this parser only checks the scheme and
  * finds the export name (percent-decoded, as libnbd decodes it).  The
  * bitmap's export is opened by name on the source's connection
- * parameters (lib/export.c), with no URI rewritten.
+ * parameters (lib/export.c), with no URI rewritten.  export_uri makes
+ * the URI of snapshot/NAME for backup --control, whose pull is opened
+ * by URI like any source (struct rw has no export name of its own).
  */
 
 #include <config.h>
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cleanup.h"
 #include "backup.h"
 
 static const char *const uri_schemes[] = {
@@ -103,3 +107,34 @@ uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
     die ("strdup: %m");
   return 0;
 }
+
+/* The URI of export "KIND/NAME" (bitmap, snapshot) on the server of
+ * source_uri.
+ */
+char *
+export_uri (const char *source_uri, const char *kind, const char *name)
+{
+  CLEANUP_FREE char *enc = NULL;
+  struct uri u;
+  char err[512], *r, *e;
+  size_t i;
+
+  if (uri_parse (source_uri, &u, err, sizeof err) == -1)
+    return NULL;
+  /* Percent-encode what is not unreserved (RFC 3986). */
+  enc = e = xmalloc (3 * strlen (name) + 1);
+  for (i = 0; name[i]; i++) {
+    unsigned char c = name[i];
+    if (isalnum (c) || strchr ("-._~", c))
+      *e++ = c;
+    else
+      e += sprintf (e, "%%%02X", c);
+  }
+  *e = '\0';
+  if (asprintf (&r, "%s://%s/%s/%s%s", u.scheme, u.authority, kind, enc,
+                u.rest) == -1)
+    die ("asprintf: %m");
+  uri_free (&u);
+  return r;
+}
+
