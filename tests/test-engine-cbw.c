@@ -19,6 +19,14 @@
  * copies, store_clusters_used and each snapshot's clusters_held are all
  * known exactly after every operation.
  *
+ * The random runs are repeated with subcluster=true (sub-cluster copies,
+ * writes of a few blocks or less, the last block short); there the data
+ * is checked against the model after every operation, and the copy
+ * statistics, which count blocks, by directed cases: a 4 KiB write
+ * copies 4 KiB, the rest of a cluster is copied once, zero blocks are
+ * not stored, a partial copy of an older generation is finished, and the
+ * engine's heap per copied and per partly copied cluster (mallinfo2).
+ *
  * Then directed cases: one copy for N snapshots, zero detection,
  * coalescing of adjacent clusters, the store shrinking when snapshots go,
  * extents of a sparse disk, handles of deleted snapshots, names, and bad

@@ -14,6 +14,10 @@
  * snapshot.  A read "raced" if a write to one of its clusters started
  * while it ran.  Any mismatch or read error fails.
  *
+ * A third round runs with subcluster=true (sub-cluster copies): half the
+ * writes then cover a few blocks or less, unaligned, so that clusters
+ * are copied block by block, across generations, under the readers.
+ *
  * (b) Atomic creation (invariant 3).  Writer threads each own 512-byte
  * sectors interleaved inside the same clusters and rewrite them with a
  * pattern encoding (sector, counter), publishing per sector the counter
@@ -23,7 +27,7 @@
  * be whole (not torn) with a counter in [lo, hi], and must read the same
  * again later while the writers go on.  The longest writer stall at
  * creation (max_drain_ns) is printed, not asserted: timing belongs to
- * bench/.
+ * bench/.  It runs again with subcluster=true.
  *
  * Environment:
  *   FLEECE_STRESS_SECONDS   length of each isolation round (default 2;

@@ -7,6 +7,12 @@ source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 
+help=$(nbdkit_once "$FLEECE_PLUGIN" --help 2>&1)
+ok "--help lists subcluster" grep -q '^subcluster=true|false' <<<"$help"
+dump=$(nbdkit_once "$FLEECE_PLUGIN" --dump-plugin 2>&1)
+ok "--dump-plugin gives the default" \
+   grep -qx 'fleece_subcluster_default=true' <<<"$dump"
+
 disk=$tmp/disk
 make_disk "$disk" 8M 0x5a
 
