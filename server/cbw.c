@@ -442,6 +442,15 @@ all_copied (struct fleece *fl, const struct partial_view *v, uint32_t b0,
   return true;
 }
 
+/* Drop c's entry and give its slot back: nobody reads it any more. */
+static void
+part_drop_entry (struct fleece *fl, uint64_t c, const struct partial_view *v)
+{
+  partial_remove (&fl->partials, c);
+  if (v->slot != NO_SLOT)
+    store_free (&fl->store, v->slot);
+}
+
 /* Every block of v copied: make it a copy (the blocks recorded as zero,
  * never written, are written now, unless the whole cluster was zero),
  * then publish cgen[c], then drop the entry.
@@ -575,9 +584,7 @@ part_failed (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
 {
   if (store_failed (fl, ctx, c, 1, v->hi) == -1)
     return -1;
-  partial_remove (&fl->partials, c);
-  if (v->slot != NO_SLOT)
-    store_free (&fl->store, v->slot);
+  part_drop_entry (fl, c, v);
   return 0;
 }
 
@@ -606,9 +613,7 @@ part_finish_old (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
 {
   if (needs_copy (fl, ctx, c, v->lo, v->hi))
     return part_copy (fl, ctx, c, v, 0, cluster_blocks (fl, c) - 1);
-  partial_remove (&fl->partials, c);
-  if (v->slot != NO_SLOT)
-    store_free (&fl->store, v->slot);
+  part_drop_entry (fl, c, v);
   return 0;
 }
 
@@ -630,6 +635,11 @@ copy_part (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t gen,
   lo = atomic_load_explicit (&fl->cgen[c], memory_order_acquire);
   if (lo >= gen)
     return 0;
+  if (have && !needs_copy (fl, ctx, c, v->lo, gen)) {
+    /* Its snapshots released c, or were deleted or broke, since. */
+    part_drop_entry (fl, c, v);
+    have = false;
+  }
   if (!have) {
     if (!needs_copy (fl, ctx, c, lo, gen)) {
       publish (fl, ctx, c, gen);
@@ -688,6 +698,21 @@ part_drop (void *opaque, const struct partial_view *v)
 
   if (v->slot != NO_SLOT)
     store_free (&fl->store, v->slot);
+}
+
+/* A snapshot's client released cluster c (snapshot.c, range lock and
+ * snaps_lock held): drop c's entry if no snapshot needs it any more, as
+ * a release drops the copies, so that a pull with --discard-source keeps
+ * the store small.
+ */
+void
+cbw_release_partial (struct fleece *fl, uint64_t c)
+{
+  struct partial_view v;
+
+  if (fl->block_size && partial_find (&fl->partials, c, &v) &&
+      !part_keep (fl, &v))
+    part_drop_entry (fl, c, &v);
 }
 
 void

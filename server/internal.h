@@ -593,6 +593,7 @@ extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
 extern void cbw_reap (struct fleece *fl, bool all);
 extern void cbw_prune_partials (struct fleece *fl);
+extern void cbw_release_partial (struct fleece *fl, uint64_t c);
 extern void snap_free_all (struct fleece *fl);
 extern struct fleece_snap *snap_prepare (struct fleece *fl, const char *name);
 extern void snap_discard (struct fleece_snap *s);

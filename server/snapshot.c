@@ -479,6 +479,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
       atomic_fetch_sub (&s->held, 1);
     if (!fl->meta.on)
       copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
+    cbw_release_partial (fl, c);
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };

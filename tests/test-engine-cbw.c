@@ -1272,12 +1272,6 @@ test_bad_config (void)
 
 /* ---- Sub-cluster copies (subcluster=true) ---- */
 
-static void
-stats (struct fleece *fl, struct fleece_stats *st)
-{
-  fleece_get_stats (fl, st);
-}
-
 /* A write of one block copies one block; the rest of the cluster is
  * copied by the writes that reach it, each block once; the last one
  * makes the cluster an ordinary copy.  The snapshot reads the disk as it
@@ -1304,9 +1298,9 @@ test_subcluster_copies (void)
   memset (w, 0xa5, cs);
   if (fleece_snapshot_create (fl, "s") == -1)
     bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
-  stats (fl, &s0);
+  fleece_get_stats (fl, &s0);
   fleece_live_pwrite (fl, w, bs, 2 * cs + 3 * bs, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == bs && s1.partial_clusters == 1 &&
       s1.copies == 0 && s1.store_clusters_used == 1,
       "a 4 KiB write copies 4 KiB (%" PRIu64 " bytes), the cluster is partly "
@@ -1315,14 +1309,14 @@ test_subcluster_copies (void)
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* Unaligned, overlapping the copied block: only blocks 2 and 4. */
   fleece_live_pwrite (fl, w, 2 * bs + 2, 2 * cs + 2 * bs + 100, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == 3 * bs,
       "an unaligned write over blocks 2-4 copies blocks 2 and 4 only "
       "(%" PRIu64 " bytes in all)", s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 2 * cs - 7, cs + 14, "subcluster");
   for (b = 0; b < cs / bs; b++) {
     fleece_live_pwrite (fl, w, 512, 2 * cs + b * bs + 1000, 0);
-    stats (fl, &s1);
+    fleece_get_stats (fl, &s1);
     if (b < cs / bs - 1 && s1.copies != 0)
       each = false;
   }
@@ -1334,34 +1328,51 @@ test_subcluster_copies (void)
       s1.partial_clusters, s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* Zero detection per block. */
-  stats (fl, &s0);
+  fleece_get_stats (fl, &s0);
   for (b = 0; b < cs / bs; b += 2)
     fleece_live_pwrite (fl, w, 2 * bs, 8 * cs + b * bs, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.bytes_copied == s0.bytes_copied &&
       s1.cbw_zero_clusters == s0.cbw_zero_clusters + 1 &&
       s1.store_clusters_used == s0.store_clusters_used,
       "an all-zero cluster copied block by block takes no store space");
   for (b = 0; b < cs / bs; b++)
     fleece_live_pwrite (fl, w, bs, 9 * cs + b * bs, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == cs / 2 &&
       s1.copies == s0.copies + 2 && s1.partial_clusters == 0,
       "a half-zero cluster: only its data blocks are copied (%" PRIu64
       " bytes)", s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* A whole-cluster write still copies whole clusters, in one run. */
-  stats (fl, &s0);
+  fleece_get_stats (fl, &s0);
   fleece_live_pwrite (fl, w, cs, 12 * cs, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.copies == s0.copies + 1 && s1.partial_clusters == 0,
       "an aligned whole-cluster write makes a whole copy at once");
+  /* A partly copied cluster that the snapshot's client releases is
+   * dropped with its slot, as a copy is.
+   */
+  fleece_get_stats (fl, &s0);
+  fleece_live_pwrite (fl, w, 100, 13 * cs + 5000, 0);
+  {
+    struct fleece_snap *h = fleece_snap_get (fl, "s");
+    ok (h && fleece_snap_trim (h, cs, 13 * cs) == 0,
+        "the snapshot releases the partly copied cluster");
+    fleece_snap_put (h);
+  }
+  fleece_get_stats (fl, &s1);
+  ok (s1.partial_clusters == 0 &&
+      s1.store_clusters_used == s0.store_clusters_used,
+      "its entry and slot are gone (%" PRIu64 " partly copied, %" PRIu64
+      " slots used, %" PRIu64 " before)", s1.partial_clusters,
+      s1.store_clusters_used, s0.store_clusters_used);
   /* A partly copied cluster whose snapshot goes is dropped with its slot. */
   fleece_live_pwrite (fl, w, 100, 14 * cs + 5000, 0);
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.partial_clusters == 1, "one cluster partly copied again");
   fleece_snapshot_delete (fl, "s");
-  stats (fl, &s1);
+  fleece_get_stats (fl, &s1);
   ok (s1.partial_clusters == 0 && s1.copies == 0 &&
       s1.store_clusters_used == 0,
       "deleting the snapshot frees the partly copied cluster's slot");
@@ -1395,7 +1406,7 @@ test_subcluster_generations (void)
   fleece_live_pwrite (fl, w, bs, cs + bs, 0);
   snap_read_equals (fl, "g1", data, 0, size, "generations");
   snap_read_equals (fl, "g2", mid, 0, size, "generations");
-  stats (fl, &st);
+  fleece_get_stats (fl, &st);
   ok (st.copies == 1 && st.partial_clusters == 1,
       "the first generation's partial copy was finished (%" PRIu64
       " copies), the second's is partial (%" PRIu64 ")", st.copies,
@@ -1403,7 +1414,7 @@ test_subcluster_generations (void)
   fleece_snapshot_delete (fl, "g1");
   snap_read_equals (fl, "g2", mid, 0, size, "generations");
   fleece_snapshot_delete (fl, "g2");
-  stats (fl, &st);
+  fleece_get_stats (fl, &st);
   ok (st.copies == 0 && st.partial_clusters == 0 &&
       st.store_clusters_used == 0, "everything freed");
   fleece_close (fl);
