@@ -229,8 +229,9 @@ partial_remove (struct partials *pt, uint32_t cluster)
   }
 }
 
-/* Remove the entries for which keep returns false, passing each to drop
- * first.  The caller excludes copiers (snaps_lock held for writing).
+/* Remove the entries for which keep returns false, then pass each to
+ * drop, with no lock held (drop frees slots, which punches the store).
+ * The caller excludes copiers (snaps_lock held for writing).
  */
 void
 partial_prune (struct partials *pt,
@@ -238,6 +239,7 @@ partial_prune (struct partials *pt,
                void (*drop) (void *, const struct partial_view *),
                void *opaque)
 {
+  struct partial *gone = NULL, *p;
   int i;
   uint32_t b;
 
@@ -245,7 +247,7 @@ partial_prune (struct partials *pt,
     struct partial_shard *sh = &pt->shard[i];
     pthread_mutex_lock (&sh->lock);
     for (b = 0; b < sh->nbuckets; b++) {
-      struct partial **pp = &sh->bucket[b], *p;
+      struct partial **pp = &sh->bucket[b];
       while ((p = *pp) != NULL) {
         if (keep (opaque, &p->v)) {
           pp = &p->next;
@@ -254,11 +256,16 @@ partial_prune (struct partials *pt,
         *pp = p->next;
         sh->n--;
         atomic_fetch_sub_explicit (&pt->n, 1, memory_order_relaxed);
-        drop (opaque, &p->v);
-        free (p);
+        p->next = gone;
+        gone = p;
       }
     }
     pthread_mutex_unlock (&sh->lock);
+  }
+  while ((p = gone) != NULL) {
+    gone = p->next;
+    drop (opaque, &p->v);
+    free (p);
   }
 }
 
