@@ -275,8 +275,8 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
       warn ("finishing checkpoint %s, created by a run that did not "
             "complete: incremental since %s", resume, newest->checkpoint);
       export = snapshot_export (resume);
-      backup_point (r, server_uri, export, resume, newest->checkpoint, resume, compress,
-                    json);
+      backup_point (r, server_uri, export, resume, newest->checkpoint,
+                    resume, compress, json);
       repo_crash_point ("control-complete");
       if (strcmp (resume, name) == 0) {
         free (resume);
@@ -290,8 +290,8 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
     export = snapshot_export (name);
     if (why)
       warn ("a full point: %s", why);
-    backup_point (r, server_uri, export, name, why ? NULL : newest->checkpoint, name,
-                  compress, json);
+    backup_point (r, server_uri, export, name,
+                  why ? NULL : newest->checkpoint, name, compress, json);
     repo_crash_point ("control-complete");
     break;
   }
