@@ -38,18 +38,27 @@
 
 #define CONTROL_MAX_LINE    4096
 
+/* Threads: the main thread (colod_control_start and _stop), the control
+ * thread (accepts, starts a client thread per connection) and the
+ * detached client threads.  Lock: colod.lock (colod.h), the daemon's one
+ * lock, which also guards colod.st and the subscribers (events.c).
+ */
 static struct {
-  /* Set by colod_control_start before the control thread starts, then
-   * constant until colod_control_stop (main thread) has joined it.
+  /* Written by the main thread in colod_control_start before the
+   * control thread starts (pthread_create orders the writes), then only
+   * read until colod_control_stop (main thread) has joined it; client
+   * threads never touch them.
    */
-  int fd;
+  int fd;                         /* the control thread accepts on it */
   char *path;
   pthread_t thread;
+  int wake[2];                    /* the main thread writes [1] to stop
+                                     the control thread, which polls [0] */
+  /* Main thread only. */
   bool running;
-  int wake[2];                    /* the main thread writes, the control
-                                     thread polls */
-  /* Under colod.lock: how many client threads are alive
-   * (colod_control_stop waits for them).
+  /* Under colod.lock: how many client threads are alive.  The control
+   * thread raises it before starting one, each client thread lowers it
+   * as it ends, and colod_control_stop (main thread) waits for 0.
    */
   unsigned nclients;
 } ctl = { .fd = -1 };
@@ -272,7 +281,14 @@ client_thread (void *arg)
                      "desc", err);
       if (reply && id)
         json_object_set (reply, "id", id);
+      /* A subscriber's socket is also written by whichever thread
+       * raises an event (events.c, under colod.lock): the reply takes
+       * the lock too, so that a line is never cut by another's bytes.
+       * colod_send_line does not block.
+       */
+      pthread_mutex_lock (&colod.lock);
       colod_send_line (fd, reply);
+      pthread_mutex_unlock (&colod.lock);
       json_decref (reply);
       json_decref (req);
       if (subscribe && !colod_events_subscribe (fd)) {

@@ -22,7 +22,14 @@
 
 #define EVENTS_MAX_SUBSCRIBERS 16
 
-/* Under colod.lock: the subscribed clients' sockets (0: a free slot). */
+/* Under colod.lock: the subscribed clients' sockets (0: a free slot).
+ * Written by the control socket's client threads (each adds and removes
+ * only its own socket, ctl.c); read by any thread that raises an event
+ * (the role's loops and the heartbeat) and by the main thread stopping
+ * (colod_events_shutdown_all).
+ * A client thread removes its socket before closing it, so a socket in
+ * the table is always open and never another connection's reused fd.
+ */
 static int subscribers[EVENTS_MAX_SUBSCRIBERS];
 
 void

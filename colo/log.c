@@ -58,3 +58,11 @@ colod_hex (const uint8_t *id, size_t n, char *out)
     sprintf (out + 2 * i, "%02x", id[i]);
   out[2 * n] = '\0';
 }
+
+/* The transport's debug messages (colo_tls_set_log): with -v only. */
+void
+colod_vdebug (const char *fmt, va_list ap)
+{
+  if (colod.opt.verbose)
+    vlog (fmt, ap);
+}

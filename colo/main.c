@@ -19,6 +19,7 @@
 
 #include "colod.h"
 #include "ctl.h"
+#include "log.h"
 #include "notify.h"
 #include "messages.h"
 #include "primary.h"
@@ -291,6 +292,7 @@ main (int argc, char *argv[])
   optind = 2;
   if (parse_options (argc, argv, &json, &no_wait, &force) == -1)
     return COLOD_EXIT_USAGE;
+  colo_tls_set_log (colod_vdebug);      /* before any connection */
   if (colod.opt.control == NULL) {
     snprintf (ctlpath, sizeof ctlpath, "%s/control.sock",
               colod.opt.state_dir);

@@ -48,6 +48,7 @@
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
 
+#include "deadline.h"
 #include "monotonic.h"
 #include "tls.h"
 #include "tls-internal.h"
@@ -92,7 +93,7 @@ tls_pull_timeout (gnutls_transport_ptr_t ptr, unsigned ms)
   int64_t deadline =
     ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : monotonic_ms () + ms;
 
-  return tls_wait_fd (conn->fd, POLLIN, deadline);
+  return wait_fd_until (conn->fd, POLLIN, deadline);
 }
 
 /* ---- Why a handshake failed ---- */
@@ -348,7 +349,7 @@ check_client_hello (struct colo_conn *conn, int64_t deadline)
   int w;
 
   for (;;) {
-    w = tls_wait_fd (conn->fd, POLLIN, deadline);
+    w = wait_fd_until (conn->fd, POLLIN, deadline);
     if (w == 0)
       return tls_fail_step (conn, ETIMEDOUT, "no TLS client hello within %d ms",
                             conn->tls->handshake_timeout_ms);
@@ -542,7 +543,7 @@ tls_handshake (struct colo_conn *conn, int64_t deadline)
         return tls_handshake_failed (conn, err);
       continue;
     }
-    w = tls_wait_fd (conn->fd, gnutls_record_get_direction (conn->session) ?
+    w = wait_fd_until (conn->fd, gnutls_record_get_direction (conn->session) ?
                      POLLOUT : POLLIN, deadline);
     if (w == 0)
       return tls_fail_step (conn, ETIMEDOUT, "no answer within %d ms", ms);

@@ -99,11 +99,6 @@ extern int tls_error (int err, const char *fmt, ...)
 /* A debug message to colo_tls_set_log's function, if any. */
 extern void tls_debug (const char *fmt, ...)
   __attribute__ ((format (printf, 1, 2)));
-/* Wait until fd is ready for events or the deadline (monotonic ms, -1:
- * none) passes: 1 ready (or in error: the next call says which), 0 timed
- * out, -1 error.
- */
-extern int tls_wait_fd (int fd, short events, int64_t deadline);
 /* Move bytes before the deadline, or while no more than timeout_ms pass
  * without one moving; during the handshake (handshaking) a failure is
  * recorded as the handshake's.  tls_conn_recv: 1 to len bytes, 0 at EOF,

@@ -50,6 +50,7 @@
 #include <gnutls/crypto.h>
 #include <gnutls/x509.h>
 
+#include "deadline.h"
 #include "monotonic.h"
 #include "tls.h"
 #include "tls-internal.h"
@@ -98,42 +99,6 @@ tls_debug (const char *fmt, ...)
     va_end (ap);
   }
   errno = saved;
-}
-
-/* ---- Time and waiting ---- */
-
-/* The deadline timeout_ms from now; -1 (none) for a negative timeout. */
-static int64_t
-deadline_after (int timeout_ms)
-{
-  return timeout_ms < 0 ? -1 : monotonic_ms () + timeout_ms;
-}
-
-/* Wait until fd is ready for events or the deadline passes: 1 ready
- * (or in error: the next call says which), 0 timed out, -1 error.
- */
-int
-tls_wait_fd (int fd, short events, int64_t deadline)
-{
-  struct pollfd pfd = { .fd = fd, .events = events };
-  int r, ms;
-
-  for (;;) {
-    if (deadline < 0)
-      ms = -1;
-    else {
-      int64_t left = deadline - monotonic_ms ();
-      ms = left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int) left;
-    }
-    r = poll (&pfd, 1, ms);
-    if (r == -1 && errno == EINTR)
-      continue;
-    if (r == -1)
-      return -1;
-    if (r == 0 && ms != 0)
-      continue;                 /* woke early: check the time again */
-    return r;
-  }
 }
 
 /* ---- Addresses ---- */
@@ -250,7 +215,7 @@ linger_close (int fd)
   char buf[4096];
 
   shutdown (fd, SHUT_WR);
-  while (tls_wait_fd (fd, POLLIN, deadline) == 1) {
+  while (wait_fd_until (fd, POLLIN, deadline) == 1) {
     ssize_t r = recv (fd, buf, sizeof buf, 0);
     if (r == 0 || (r == -1 && errno != EINTR && errno != EAGAIN))
       break;
@@ -427,7 +392,7 @@ colo_accept (struct colo_listener *l, int timeout_ms)
   struct colo_conn *conn;
   int r;
 
-  r = tls_wait_fd (l->fd, POLLIN, deadline_after (timeout_ms));
+  r = wait_fd_until (l->fd, POLLIN, deadline_after (timeout_ms));
   if (r == 0) {
     tls_error (ETIMEDOUT, "accept on %s: no peer within %d ms", l->address,
                timeout_ms);
@@ -466,7 +431,7 @@ connect_one (const struct addrinfo *ai, int timeout_ms, char *why,
   if (errno != EINPROGRESS)
     err = errno;
   else {
-    int r = tls_wait_fd (fd, POLLOUT, deadline_after (timeout_ms));
+    int r = wait_fd_until (fd, POLLOUT, deadline_after (timeout_ms));
     if (r == 0)
       err = ETIMEDOUT;
     else if (r == -1 ||
@@ -631,7 +596,7 @@ tls_conn_recv (struct colo_conn *conn, void *buf, size_t len, int64_t deadline,
       return io_failed (conn, handshaking, "receive from", gerr, errno);
     if (r == RETRY)
       continue;
-    w = tls_wait_fd (conn->fd, POLLIN, deadline);
+    w = wait_fd_until (conn->fd, POLLIN, deadline);
     if (w == 0)
       return io_timed_out (conn, handshaking, "receive from", timeout_ms);
     if (w == -1)
@@ -693,7 +658,7 @@ tls_conn_send_all (struct colo_conn *conn, const void *buf, size_t len,
                         r == 0 ? EPIPE : errno);
     if (r == RETRY)
       continue;
-    w = tls_wait_fd (conn->fd, POLLOUT, d);
+    w = wait_fd_until (conn->fd, POLLOUT, d);
     if (w == 0)
       return io_timed_out (conn, handshaking, "send to", timeout_ms);
     if (w == -1)

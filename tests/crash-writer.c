@@ -74,6 +74,7 @@
 #include <libnbd.h>
 #include <xxhash.h>
 
+#include "le.h"
 #include "monotonic.h"
 
 #define DEPTH 8                 /* writes in flight */
@@ -133,26 +134,17 @@ block_make (uint8_t *buf, uint32_t bs, uint64_t seq, uint64_t block)
   memcpy (buf + 24, &v, 8);
 }
 
-static uint64_t
-get_le64 (const uint8_t *p)
-{
-  uint64_t v;
-
-  memcpy (&v, p, 8);
-  return le64toh (v);
-}
-
 /* Does buf hold a well-formed block (magic, checksum)?  Sets *seq and
  * *block from its header whatever the answer.
  */
 static bool
 block_parse (uint8_t *buf, uint32_t bs, uint64_t *seq, uint64_t *block)
 {
-  uint64_t sum = get_le64 (buf + 24), zero = 0, v = htole64 (sum);
+  uint64_t sum = get_u64 (buf + 24), zero = 0, v = htole64 (sum);
   bool ok;
 
-  *seq = get_le64 (buf + 8);
-  *block = get_le64 (buf + 16);
+  *seq = get_u64 (buf + 8);
+  *block = get_u64 (buf + 16);
   if (memcmp (buf, write_magic, 8) != 0 && memcmp (buf, init_magic, 8) != 0)
     return false;
   memcpy (buf + 24, &zero, 8);

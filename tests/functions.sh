@@ -115,14 +115,18 @@ diag ()
 
 # ---- set-up ----
 
-# make_disk PATH SIZE [PATTERN [LENGTH]]: a raw disk image of SIZE (as
-# truncate takes it: 8M) whose first LENGTH bytes (all of it if not
-# given) hold the byte PATTERN, written with qemu-io.
+# make_disk PATH SIZE [PATTERN [LENGTH [CMD...]]]: a raw disk image of
+# SIZE (as truncate takes it: 8M) whose first LENGTH bytes (all of it if
+# not given) hold the byte PATTERN, then the qemu-io commands CMD... (such
+# as 'write -P 0x05 20M 100k'), all in one qemu-io.
 make_disk ()
 {
-  truncate -s "$2" "$1" || return 1
-  [ $# -lt 3 ] ||
-    qemu-io -f raw -c "write -P $3 0 ${4:-$2}" "$1" >/dev/null
+  local path=$1 size=$2 c cmds=()
+  truncate -s "$size" "$path" || return 1
+  [ $# -ge 3 ] || return 0
+  cmds=(-c "write -P $3 0 ${4:-$size}")
+  for c in "${@:5}"; do cmds+=(-c "$c"); done
+  qemu-io -f raw "${cmds[@]}" "$path" >/dev/null
 }
 
 # persistent_setup: the persistence tests' set-up: $disk (8 MiB of
@@ -530,15 +534,22 @@ install_tree ()
 
 # ---- repositories of restore points (test-backup-repo*.sh, ...) ----
 
+# requires_pull: what a fleece-backup pull test runs (qemu-io writes the
+# disk, nbdcopy makes the reference copies).
+requires_pull ()
+{
+  requires qemu-io --version
+  requires nbdcopy --version
+  requires fleece-backup --help
+}
+
 # requires_repo: what every repository test runs (QEMU writes the
 # points; nbdcopy pulls the references).
 requires_repo ()
 {
   requires qemu-img --version
   requires qemu-nbd --version
-  requires qemu-io --version
-  requires nbdcopy --version
-  requires fleece-backup --help
+  requires_pull
 }
 
 # start_repo_server NAME DISK: the Fleece server of DISK, 64 KiB

@@ -5,9 +5,7 @@
 # small, wrong option combinations; --fallback-full turns an unusable
 # bitmap into a full pull; NBD targets and --verify work.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_pull
 
 disk=$tmp/disk
 make_disk "$disk" 16M 0x11

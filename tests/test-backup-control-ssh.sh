@@ -63,8 +63,7 @@ ok "sshd listens on 127.0.0.1:$port" wait_for 10 \
 
 # --- the server, TLS only for its snapshots ---
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 4M' "$disk" >/dev/null
+make_disk "$disk" 16M 0x01 4M
 ok "nbdkit starts (--tls=require)" \
    start_nbdkit s --tls=require --tls-certificates="$tmp/pki" \
    -- disk="$disk" store="$tmp/store" control="$tmp/s.ctl" cluster-size=64K

@@ -13,8 +13,7 @@ requires_repo
 requires fio --version
 
 disk=$tmp/disk
-truncate -s 32M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 8M' "$disk" >/dev/null
+make_disk "$disk" 32M 0x01 8M
 ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 ok "init" fleece-backup init "$repo"

@@ -10,8 +10,7 @@ source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires_repo
 
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 4M' "$disk" >/dev/null
+make_disk "$disk" 16M 0x01 4M
 ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 ok "init" fleece-backup init "$repo"

@@ -11,8 +11,7 @@ source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires_repo
 
 disk=$tmp/disk
-truncate -s 16M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 4M' "$disk" >/dev/null
+make_disk "$disk" 16M 0x01 4M
 # A recognisable plaintext, to look for in the encrypted files.
 for off in 0 4096 8192; do
   printf 'FLEECE-PLAINTEXT-MARKER-%s' "$off" |

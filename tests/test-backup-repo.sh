@@ -14,9 +14,7 @@ source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires_repo
 
 disk=$tmp/disk
-truncate -s 32M "$disk"
-qemu-io -f raw -c 'write -P 0x01 0 8M' -c 'write -P 0x05 20M 100k' \
-  "$disk" >/dev/null
+make_disk "$disk" 32M 0x01 8M 'write -P 0x05 20M 100k'
 ok "nbdkit starts" start_repo_server s "$disk"
 repo=$tmp/repo
 

@@ -6,9 +6,7 @@
 # (nbdkit nbd plugin + rate filter) in front of the real server, killed by
 # PID in the middle of the pull; the retry goes to the server directly.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_pull
 make_pki
 
 disk=$tmp/disk

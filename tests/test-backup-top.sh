@@ -5,9 +5,7 @@
 # copy equals the snapshot and stays sparse, even after the live disk
 # filled one of the snapshot's holes.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
-requires qemu-io --version
-requires nbdcopy --version
-requires fleece-backup --help
+requires_pull
 make_pki
 
 disk=$tmp/disk

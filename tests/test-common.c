@@ -2,8 +2,9 @@
  * plain array (its model), its refusal of a size that cannot fit,
  * CLEANUP_FREE (its leaks would fail under make check-valgrind), the
  * scoped lock (held inside its block, released when the block is left,
- * also through a return), the monotonic clock, and waiting for a file
- * descriptor until a deadline.
+ * also through a return), the monotonic clock, waiting for a file
+ * descriptor until a deadline, and little-endian fields at an odd
+ * address.
  *
  * TAP output (tap.h); the plan is printed at the end.
  */
@@ -24,6 +25,7 @@
 
 #include "cleanup.h"
 #include "deadline.h"
+#include "le.h"
 #include "monotonic.h"
 #include "vector.h"
 #include "tap.h"
@@ -168,6 +170,24 @@ test_deadline (void)
   close (fd[1]);
 }
 
+static void
+test_le (void)
+{
+  unsigned char b[13] = { 0 };
+  static const unsigned char want[12] = {
+    0x04, 0x03, 0x02, 0x01,
+    0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11,
+  };
+
+  put_u32 (b + 1, 0x01020304);
+  put_u64 (b + 5, 0x1122334455667788);
+  ok (memcmp (b + 1, want, sizeof want) == 0 && b[0] == 0,
+      "put_u32, put_u64 at an odd address: least significant byte first");
+  ok (get_u32 (b + 1) == 0x01020304 &&
+      get_u64 (b + 5) == 0x1122334455667788,
+      "get_u32, get_u64 read them back");
+}
+
 int
 main (void)
 {
@@ -177,5 +197,6 @@ main (void)
   test_cleanup_free ();
   test_monotonic ();
   test_deadline ();
+  test_le ();
   return done ();
 }

@@ -70,3 +70,24 @@ ok "bitmap-export.md does not say bitmaps never survive nbdkit" \
    sh -c "! grep -q 'In this version snapshots and' '$src/docs/bitmap-export.md'"
 ok "bitmap-export.md says persistent=true keeps them" \
    grep -q 'With `persistent=true` they survive' "$src/docs/bitmap-export.md"
+
+# --- HACKING's "Where is X?" table names files that exist ---
+# The rows are the section's indented lines after the dashes; the file
+# is each row's last word.  A table that lost its rows fails too.
+cat >"$tmp/where.py" <<'EOF2'
+import os, re, sys
+src, doc = sys.argv[1], open(sys.argv[2], encoding="utf-8").read()
+m = re.search(r"^Where is X\?\n-+\n(.*?)\n\S[^\n]*\n-+\n", doc, re.S | re.M)
+if m is None:
+    print("docs/HACKING has no 'Where is X?' section")
+    sys.exit(1)
+rows = m.group(1).split("\n  ---", 1)[-1].split("\n")[1:]
+files = [r.split()[-1] for r in rows if r.startswith("  ") and r.strip()]
+missing = [f for f in files if not os.path.isfile(os.path.join(src, f))]
+print("%d files named" % len(files))
+if len(files) < 10 or missing:
+    print("missing:", missing)
+    sys.exit(1)
+EOF2
+ok "every file HACKING's 'Where is X?' names exists" \
+   python3 "$tmp/where.py" "$src" "$src/docs/HACKING"

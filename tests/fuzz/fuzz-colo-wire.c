@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "le.h"
 #include "wire.h"
 
 int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size);
@@ -148,13 +149,6 @@ same (const struct outcome *a, const struct outcome *b)
      (a->err.code == b->err.code && strcmp (a->err.msg, b->err.msg) == 0));
 }
 
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  v = htole64 (v);
-  memcpy (p, &v, sizeof v);
-}
-
 /* Walks the frames of the stream, rewriting their checksums (of the
  * payload bytes there are) and, if asked, their sequence numbers.
  */
@@ -171,10 +165,10 @@ fix_frames (uint8_t *p, size_t len, bool sequence)
     length = le32toh (length);
     avail = len - pos - hdr;
     if (sequence)
-      put64 (p + pos + 16, seq++);
-    put64 (p + pos + 24,
+      put_u64 (p + pos + 16, seq++);
+    put_u64 (p + pos + 24,
            XXH64 (p + pos + hdr, length < avail ? length : avail, 0));
-    put64 (p + pos + 32, XXH64 (p + pos, 32, 0));
+    put_u64 (p + pos + 32, XXH64 (p + pos, 32, 0));
     if (length >= avail)
       break;
     pos += hdr + length;

@@ -100,6 +100,7 @@
 
 #include "fleece.h"
 #include "fleece-wire.h"
+#include "le.h"
 
 #define CLUSTER     4096u
 #define NCLUSTERS   259u                    /* 259 % 64 == 3: a tail word */
@@ -163,36 +164,6 @@ static size_t nexpect;
 
 static uint8_t *disk_copy;      /* the live disk, which never changes */
 
-static uint32_t
-get32 (const uint8_t *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return le32toh (v);
-}
-
-static uint64_t
-get64 (const uint8_t *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return le64toh (v);
-}
-
-static void
-put32 (uint8_t *p, uint32_t v)
-{
-  v = htole32 (v);
-  memcpy (p, &v, 4);
-}
-
-static void
-put64 (uint8_t *p, uint64_t v)
-{
-  v = htole64 (v);
-  memcpy (p, &v, 8);
-}
-
 /* xxh64 of header bytes 0-23 then the payload: the record checksum. */
 static uint64_t
 rec_sum (const uint8_t *hdr, const uint8_t *payload, size_t len)
@@ -220,10 +191,10 @@ rec_at (const uint8_t *p, size_t avail)
 
   if (avail < HDR || memcmp (p, "FLMR", 4) != 0)
     return 0;
-  len = get32 (p + 8);
+  len = get_u32 (p + 8);
   if (len > avail - HDR || HDR + ((len + 7) & ~7ul) > avail)
     return 0;
-  if (rec_sum (p, p + HDR, len) != get64 (p + 24))
+  if (rec_sum (p, p + HDR, len) != get_u64 (p + 24))
     return 0;
   return HDR + ((len + 7) & ~7ul);
 }
@@ -266,20 +237,20 @@ parse_base (struct base *b)
 
     while (b->half[h].nrecs < MAX_RECS &&
            (n = rec_at (half + pos, HALF_SIZE - pos)) != 0) {
-      uint64_t s = get64 (half + pos + 16);
+      uint64_t s = get_u64 (half + pos + 16);
       if (pos > 0 && s != prev + 1)
         break;
-      if (pos == 0 && get32 (half + 8) == 32 &&
-          get32 (half + 4) == REC_STATE) {
+      if (pos == 0 && get_u32 (half + 8) == 32 &&
+          get_u32 (half + 4) == REC_STATE) {
         const uint8_t *st = half + HDR;
         seq[h] = s;
-        b->half[h].img_slot = get32 (st);
-        b->half[h].img_nslots = get32 (st + 4);
-        b->half[h].img_len = get64 (st + 8);
+        b->half[h].img_slot = get_u32 (st);
+        b->half[h].img_nslots = get_u32 (st + 4);
+        b->half[h].img_len = get_u64 (st + 8);
         b->half[h].img = DATA_OFF + (uint64_t) b->half[h].img_slot * CLUSTER
           + b->half[h].img_len <= b->size &&
           XXH64 (b->p + DATA_OFF + (uint64_t) b->half[h].img_slot * CLUSTER,
-                 b->half[h].img_len, 0) == get64 (st + 16);
+                 b->half[h].img_len, 0) == get_u64 (st + 16);
       }
       b->half[h].rec[b->half[h].nrecs].off = pos;
       b->half[h].rec[b->half[h].nrecs].len = n;
@@ -712,7 +683,7 @@ edit_record (struct model *m, struct in *in, int kind, unsigned p)
     q[5] = type >> 8;
     q[6] = (t >> 3) & 1;        /* must understand */
     memcpy (q + HDR, src, n);
-    put32 (q + 8, n);
+    put_u32 (q + 8, n);
     r->fresh = true;
     return;
   }
@@ -733,7 +704,7 @@ edit_record (struct model *m, struct in *in, int kind, unsigned p)
     r->len = HDR + ((n + 7) & ~7ul);
     memcpy (r->own, hdr, HDR);
     memcpy (r->own + HDR, src, n);
-    put32 (r->own + 8, n);
+    put_u32 (r->own + 8, n);
     r->fresh = true;
     return;
   }
@@ -877,16 +848,17 @@ place_image (struct model *m, struct half *hf, size_t *size)
   memcpy (work + DATA_OFF + (size_t) hf->img_slot * CLUSTER, hf->img_p,
           hf->img_len);
   if (hf->nrecs == 0 || hf->rec[0].len < HDR + 32 ||
-      get32 (hf->rec[0].p + 4) != REC_STATE || get32 (hf->rec[0].p + 8) != 32)
+      get_u32 (hf->rec[0].p + 4) != REC_STATE ||
+      get_u32 (hf->rec[0].p + 8) != 32)
     return;
   st = rec_own (&hf->rec[0], hf->rec[0].len) + HDR;
   if (hf->img_resized) {
-    put32 (st, hf->img_slot);
-    put32 (st + 4, nslots);
-    put64 (st + 8, hf->img_len);
+    put_u32 (st, hf->img_slot);
+    put_u32 (st + 4, nslots);
+    put_u64 (st + 8, hf->img_len);
   }
   if (!(m->flags & F_NO_IMG_FIX))
-    put64 (st + 16, XXH64 (hf->img_p, hf->img_len, 0));
+    put_u64 (st + 16, XXH64 (hf->img_p, hf->img_len, 0));
   hf->rec[0].fresh = true;      /* its checksum */
   hf->changed = true;
 }
@@ -910,15 +882,15 @@ place_records (struct model *m, struct half *hf, int bh)
     n = r->len < HALF_SIZE - pos ? r->len : HALF_SIZE - pos;
     memcpy (q, r->p, n);
     if (n >= HDR && r->fresh && i > 0)
-      put64 (q + 16, prev + 1);
+      put_u64 (q + 16, prev + 1);
     if (n >= HDR &&
         (r->fresh || (r->patched && !(m->flags & F_NO_REC_FIX)))) {
-      len = get32 (q + 8);
+      len = get_u32 (q + 8);
       if (len <= HALF_SIZE - pos - HDR)
-        put64 (q + 24, rec_sum (q, q + HDR, len));
+        put_u64 (q + 24, rec_sum (q, q + HDR, len));
     }
     if (n >= HDR)
-      prev = get64 (q + 16);
+      prev = get_u64 (q + 16);
     pos += n;
   }
   n = hf->tail_len < HALF_SIZE - pos ? hf->tail_len : HALF_SIZE - pos;
@@ -946,7 +918,7 @@ build (struct model *m)
     memcpy (work + off, m->raw[i].bytes, n);
   }
   if (!(m->flags & F_NO_SB_FIX))
-    put64 (work + SB_SUM_OFF, XXH64 (work, SB_SUM_OFF, 0));
+    put_u64 (work + SB_SUM_OFF, XXH64 (work, SB_SUM_OFF, 0));
   if ((m->flags & F_DAMAGE_DATA) && m->ndmg && size > DATA_OFF) {
     uint64_t off = DATA_OFF + m->dmg_off % (size - DATA_OFF);
     size_t n = m->ndmg < size - off ? m->ndmg : size - off;

@@ -5,7 +5,8 @@
  * thread and read after the join.  The files, in the order of a pull:
  *
  *   main.c         command line, signals, main (messages: lib/messages.c)
- *   uri.c          NBD URIs: the scheme, the export name
+ *   uri.c          URI arguments checked before connecting: the scheme,
+ *                  the export name (libnbd connects)
  *   nbd.c          connecting, reconnecting and closing an NBD handle
  *   rw.h, rw-nbd.c, rw-file.c
  *                  the source and the target behind one operations
@@ -55,6 +56,10 @@ struct config {
   unsigned requests;
   uint32_t request_size;
   const char *source, *target;
+  /* The export opened on SOURCE's server instead of SOURCE's own, by
+   * name (backup --control: snapshot/NAME); NULL: SOURCE's own.
+   */
+  const char *source_export;
 };
 extern struct config cfg;
 
@@ -65,28 +70,17 @@ extern void *xmalloc (size_t n);
 extern void *xcalloc (size_t n, size_t size);
 extern void sleep_ms (unsigned ms);
 
-/* uri.c */
-struct uri {
-  char *scheme;                 /* "nbd", "nbds+unix", ... */
-  char *authority;              /* [user@]host[:port], may be empty */
-  char *rest;                   /* "?query#fragment", may be empty */
-  char *export;                 /* the path without '/', decoded */
-};
-extern void uri_free (struct uri *u);
+/* uri.c: checking a URI argument before connecting. */
 extern char *pct_decode (const char *s, size_t n);
-extern int uri_parse (const char *s, struct uri *u, char *err,
-                      size_t errlen);
-extern char *export_uri (const char *source_uri, const char *kind,
-                         const char *name);
+extern char *uri_export (const char *s, char *err, size_t errlen);
 
 /* nbd.c */
-extern struct nbd_handle *nbd_open_uri (const char *uri, const char *name,
-                                        bool extents, char **msg,
-                                        bool *refused);
+extern struct nbd_handle *nbd_open_uri (const char *uri, const char *export,
+                                        const char *name, bool extents,
+                                        char **msg, bool *refused);
 extern void nbd_finish (struct nbd_handle *h, bool disconnected);
 extern bool nbd_lost (struct nbd_handle *h);
-extern void nbd_reconnect (struct nbd_handle **hp, const char *uri,
-                           const char *name, bool extents, char **lost);
+extern void nbd_reconnect (struct rw *rw, bool extents);
 extern void limit_request_size (struct nbd_handle *h);
 
 /* bitmap.c: the dirty bitmap, loaded by incremental_prepare. */

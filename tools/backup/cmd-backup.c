@@ -87,11 +87,11 @@ check_base (struct repo *r, struct point *p, const struct point *newest)
   if (newest && newest->disk_size != p->disk_size)
     die ("%s is a disk of %" PRIu64 " bytes; repository %s holds points of "
          "a disk of %" PRIu64 " bytes (point %s): another disk's "
-         "repository", cfg.source, p->disk_size, r->dir,
+         "repository", source_name (), p->disk_size, r->dir,
          newest->disk_size, newest->name);
   if (newest && newest->disk && p->disk && strcmp (newest->disk, p->disk))
     die ("%s is a snapshot of disk %s; repository %s holds points of disk "
-         "%s (point %s): another disk's repository", cfg.source, p->disk,
+         "%s (point %s): another disk's repository", source_name (), p->disk,
          r->dir, newest->disk, newest->name);
   if (cfg.sync != SYNC_INCREMENTAL)
     return;
@@ -244,11 +244,13 @@ pull_reset (void)
   tgt = (struct rw) { .name = "target", .is_target = true, .fd = -1 };
 }
 
-/* Add point name holding checkpoint (snapshot export source), full or
- * (since != NULL) incremental on top of the newest point.
+/* Add point name holding checkpoint (snapshot export source, or export
+ * on source's server), full or (since != NULL) incremental on top of the
+ * newest point.
  */
 struct point *
-backup_point (struct repo *r, const char *source, const char *checkpoint,
+backup_point (struct repo *r, const char *source, const char *export,
+              const char *checkpoint,
               const char *since, const char *name, bool compress, bool json)
 {
   struct point np = { .created = -1 }, *p, *newest, *parent = NULL;
@@ -263,6 +265,7 @@ backup_point (struct repo *r, const char *source, const char *checkpoint,
   newest = repo_newest (r);
   pull_reset ();
   cfg.source = source;
+  cfg.source_export = export;
   cfg.since = since;
   cfg.sync = since ? SYNC_INCREMENTAL : SYNC_FULL;
   progress_start ();
@@ -335,8 +338,8 @@ cmd_backup (int argc, char **argv)
   const char *name = NULL, *since = NULL, *control = NULL;
   CLEANUP_FREE char *checkpoint = NULL;
   bool full = false, json = false, compress = false;
+  CLEANUP_FREE char *export = NULL;
   struct repo r;
-  struct uri u;
   char err[1024];
   int c;
 
@@ -368,15 +371,14 @@ cmd_backup (int argc, char **argv)
   if (control && since)
     usage_error ("backup: with --control, fleece-backup chooses the "
                  "checkpoint to pull since: no --since");
-  if (uri_parse (argv[optind + 1], &u, err, sizeof err) == -1)
+  if ((export = uri_export (argv[optind + 1], err, sizeof err)) == NULL)
     usage_error ("SOURCE: %s", err);
-  if (!control && (strncmp (u.export, "snapshot/", 9) != 0 ||
-                   u.export[9] == '\0'))
+  if (!control && (strncmp (export, "snapshot/", 9) != 0 ||
+                   export[9] == '\0'))
     usage_error ("backup: SOURCE must be a snapshot export (snapshot/NAME), "
-                 "not '%s' (or use --control)", u.export);
-  if (!control && (checkpoint = strdup (u.export + 9)) == NULL)
+                 "not '%s' (or use --control)", export);
+  if (!control && (checkpoint = strdup (export + 9)) == NULL)
     die ("strdup: %m");
-  uri_free (&u);
 
   repo_open (&r, argv[optind], REPO_WRITE);
   catch_signals ();
@@ -384,7 +386,7 @@ cmd_backup (int argc, char **argv)
     control_cycle (&r, control, argv[optind + 1], name, full, compress,
                    json);
   else
-    backup_point (&r, argv[optind + 1], checkpoint, since,
+    backup_point (&r, argv[optind + 1], NULL, checkpoint, since,
                   name ? name : checkpoint, compress, json);
   repo_close (&r);
   return EXIT_SUCCESS;

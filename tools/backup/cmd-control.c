@@ -228,6 +228,17 @@ control_plan (struct control *ctl, const struct point *newest, bool full,
   return why;
 }
 
+/* The export of snapshot name, opened by name on the server's URI. */
+static char *
+snapshot_export (const char *name)
+{
+  char *r;
+
+  if (asprintf (&r, "snapshot/%s", name) == -1)
+    die ("asprintf: %m");
+  return r;
+}
+
 void
 control_cycle (struct repo *r, const char *control, const char *server_uri,
                const char *name, bool full, bool compress, bool json)
@@ -256,16 +267,16 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
          r->dir, name);
   for (;;) {
     struct point *newest = repo_newest (r);
-    CLEANUP_FREE char *uri = NULL;
+    CLEANUP_FREE char *export = NULL;
 
     control_tidy (&ctl, newest);
     why = control_plan (&ctl, newest, full, &resume);
     if (resume) {
       warn ("finishing checkpoint %s, created by a run that did not "
             "complete: incremental since %s", resume, newest->checkpoint);
-      uri = export_uri (server_uri, "snapshot", resume);
-      backup_point (r, uri, resume, newest->checkpoint, resume, compress,
-                    json);
+      export = snapshot_export (resume);
+      backup_point (r, server_uri, export, resume, newest->checkpoint,
+                    resume, compress, json);
       repo_crash_point ("control-complete");
       if (strcmp (resume, name) == 0) {
         free (resume);
@@ -276,11 +287,11 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
     }
     control_named (&ctl, "checkpoint-create", name);
     repo_crash_point ("control-checkpointed");
-    uri = export_uri (server_uri, "snapshot", name);
+    export = snapshot_export (name);
     if (why)
       warn ("a full point: %s", why);
-    backup_point (r, uri, name, why ? NULL : newest->checkpoint, name,
-                  compress, json);
+    backup_point (r, server_uri, export, name,
+                  why ? NULL : newest->checkpoint, name, compress, json);
     repo_crash_point ("control-complete");
     break;
   }

@@ -117,7 +117,7 @@ verify_sums (struct repo *r, struct point *p)
   repo_qimg (r, p, &q, &path);
   qemu_key_check (&q, p->name);
   uri = qemu_nbd_start (&q, true);
-  h = nbd_open_uri (uri, "verify", false, &msg, &refused);
+  h = nbd_open_uri (uri, NULL, "verify", false, &msg, &refused);
   if (h == NULL)
     die ("%s: %s", uri, msg);
   qemu_nbd_connected ();

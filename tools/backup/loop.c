@@ -44,7 +44,7 @@ describe_failure (const struct job *j, char *msg, size_t n)
   int len;
 
   len = snprintf (msg, n, "%s of %s failed", w,
-                  j->err_target ? cfg.target : cfg.source);
+                  j->err_target ? cfg.target : source_name ());
   if (j->kind != JOB_FLUSH)
     len += snprintf (msg + len, n - len, " at offset %" PRIu64
                      " length %" PRIu64, j->offset, j->length);
@@ -54,12 +54,12 @@ describe_failure (const struct job *j, char *msg, size_t n)
    * reason is.
    */
   if (!j->err_target && j->err == EIO && lost == NULL &&
-      (size_t) len < n && strstr (cfg.source, "snapshot/"))
+      (size_t) len < n && strstr (source_name (), "snapshot/"))
     snprintf (msg + len, n - len, "; if the snapshot is broken, "
               "'fleecectl snapshot list' on its server says why");
   /* ... and a deleted one with EINVAL (NBD has no ENOENT). */
   else if (!j->err_target && j->err == EINVAL && lost == NULL &&
-           (size_t) len < n && strstr (cfg.source, "snapshot/"))
+           (size_t) len < n && strstr (source_name (), "snapshot/"))
     snprintf (msg + len, n - len, "; the snapshot may have been deleted "
               "meanwhile: its server's log says so");
 }
@@ -241,7 +241,7 @@ replace_if_lost (struct rw *rw)
   if (!rw_lost (rw))
     return false;
   if (!cfg.retry)
-    die ("connection to %s lost: %s", rw->uri,
+    die ("connection to %s lost: %s", rw->what,
          rw->lost ? rw->lost : "closed by the server");
   rw->ops->reconnect (rw);
   return true;

@@ -76,6 +76,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cleanup.h"
 #include "backup.h"
 #include "repo.h"
 
@@ -195,13 +196,15 @@ parse_size (const char *opt, const char *s, uint64_t min, uint64_t max)
                "by K, M, G or T)", opt, s);
 }
 
-static void
-check_uri_arg (const char *what, const char *s, struct uri *u)
+/* The export name of URI argument s, or a usage error. */
+static char *
+check_uri_arg (const char *what, const char *s)
 {
-  char err[1024];
+  char err[1024], *export = uri_export (s, err, sizeof err);
 
-  if (uri_parse (s, u, err, sizeof err) == -1)
+  if (export == NULL)
     usage_error ("%s: %s", what, err);
+  return export;
 }
 
 static void
@@ -226,7 +229,7 @@ parse_args (int argc, char **argv, char **snapshot)
     { "version", no_argument, NULL, 'V' },
     { NULL }
   };
-  struct uri u;
+  CLEANUP_FREE char *export = NULL;
   int c, i;
 
   argv[0] = (char *) "fleece-backup";   /* for getopt's messages */
@@ -291,19 +294,16 @@ parse_args (int argc, char **argv, char **snapshot)
   if (cfg.fallback_full && cfg.sync != SYNC_INCREMENTAL)
     usage_error ("--fallback-full is only for --sync=incremental");
 
-  check_uri_arg ("SOURCE", cfg.source, &u);
-  if (strncmp (u.export, "snapshot/", 9) == 0 && u.export[9]) {
-    if ((*snapshot = strdup (u.export + 9)) == NULL)
+  export = check_uri_arg ("SOURCE", cfg.source);
+  if (strncmp (export, "snapshot/", 9) == 0 && export[9]) {
+    if ((*snapshot = strdup (export + 9)) == NULL)
       die ("strdup: %m");
   }
   else if (cfg.sync == SYNC_INCREMENTAL)
     usage_error ("--sync=incremental pulls a snapshot export "
-                 "(snapshot/NAME), not '%s'", u.export);
-  uri_free (&u);
-  if (strstr (cfg.target, "://")) {
-    check_uri_arg ("TARGET", cfg.target, &u);
-    uri_free (&u);
-  }
+                 "(snapshot/NAME), not '%s'", export);
+  if (strstr (cfg.target, "://"))
+    free (check_uri_arg ("TARGET", cfg.target));
 }
 
 int

@@ -69,14 +69,15 @@ uri_tls_files_exist (const char *uri, char **msg)
   return true;
 }
 
-/* Connect to uri (lib/export.c).  On failure returns NULL and the
+/* Connect to export (NULL: the URI's own) of the server uri reaches
+ * (lib/export.c).  On failure returns NULL and the
  * reason in *msg (to free); *refused tells a server that refused the
  * export (it does not have it, or not for us) from a connection that
  * failed.
  */
 struct nbd_handle *
-nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
-              bool *refused)
+nbd_open_uri (const char *uri, const char *export, const char *name,
+              bool extents, char **msg, bool *refused)
 {
   struct nbd_handle *h;
   char why[1024];
@@ -85,7 +86,7 @@ nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
   if (!uri_tls_files_exist (uri, msg))
     return NULL;
   /* The source's description names the disk (cmd-backup.c). */
-  h = export_open (uri, NULL, name,
+  h = export_open (uri, export, name,
                    extents ? EXPORT_EXTENTS | EXPORT_FULL_INFO : 0, refused,
                    why, sizeof why);
   if (h == NULL && (*msg = strdup (why)) == NULL)
@@ -126,7 +127,7 @@ limit_request_size (struct nbd_handle *h)
     cfg.request_size = max;
 }
 
-/* Replace a handle by a new connection to the same URI, trying
+/* Replace rw's handle by a new connection to the same export, trying
  * MAX_RETRIES times.  A dead handle has already failed every command
  * that was on it; a live one (a server going away answers everything
  * with ESHUTDOWN) is drained first, because nbd_close drops commands
@@ -134,34 +135,35 @@ limit_request_size (struct nbd_handle *h)
  * retried as usual.
  */
 void
-nbd_reconnect (struct nbd_handle **hp, const char *uri, const char *name,
-           bool extents, char **lost)
+nbd_reconnect (struct rw *rw, bool extents)
 {
   int64_t deadline = monotonic_us () + 5000000;
   bool refused;
   char *msg;
   unsigned i;
 
-  warn ("connection to %s lost (%s): reconnecting", uri,
-        *lost ? *lost : nbd_lost (*hp) ? "closed" : "server shutting down");
-  while (!nbd_lost (*hp) && nbd_aio_in_flight (*hp) > 0 &&
+  warn ("connection to %s lost (%s): reconnecting", rw->what,
+        rw->lost ? rw->lost : nbd_lost (rw->nbd) ? "closed"
+        : "server shutting down");
+  while (!nbd_lost (rw->nbd) && nbd_aio_in_flight (rw->nbd) > 0 &&
          monotonic_us () < deadline)
     poll_handles (100);
-  if (nbd_aio_in_flight (*hp) > 0)
+  if (nbd_aio_in_flight (rw->nbd) > 0)
     die ("%s: requests still in flight on a connection that must be "
-         "replaced", uri);
-  nbd_close (*hp);
-  *hp = NULL;
+         "replaced", rw->what);
+  nbd_close (rw->nbd);
+  rw->nbd = NULL;
   for (i = 0; ; i++) {
     sleep_ms (RETRY_DELAY_MS << i);
-    *hp = nbd_open_uri (uri, name, extents, &msg, &refused);
-    if (*hp)
+    rw->nbd = nbd_open_uri (rw->uri, rw->export, rw->name, extents, &msg,
+                            &refused);
+    if (rw->nbd)
       break;
     if (i + 1 >= MAX_RETRIES)
-      die ("cannot reconnect to %s: %s", uri, msg);
-    warn ("reconnecting to %s failed: %s", uri, msg);
+      die ("cannot reconnect to %s: %s", rw->what, msg);
+    warn ("reconnecting to %s failed: %s", rw->what, msg);
     free (msg);
   }
-  free (*lost);
-  *lost = NULL;
+  free (rw->lost);
+  rw->lost = NULL;
 }

@@ -165,7 +165,7 @@ plan_status (struct job *j)
   }
   if (pos == j->offset)
     die ("block status of %s at offset %" PRIu64 ": the server described "
-         "nothing", cfg.source, j->offset);
+         "nothing", source_name (), j->offset);
   P.pos = pos;
   P.status_out = false;
 }

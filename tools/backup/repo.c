@@ -31,6 +31,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,53 +90,45 @@ xstrdup_or_null (const char *s)
   return p;
 }
 
-void
-point_free (struct point *p)
-{
-  free (p->name);
-  free (p->file);
-  free (p->parent);
-  free (p->disk);
-  free (p->checkpoint);
-  free (p->since);
-  free (p->sums);
-  free (p->sums_xxh3);
-}
-
 /* ---- The manifest ---- */
+
+/* A point's members in the manifest, in their order there: each field
+ * is named once, for writing, reading and freeing alike.
+ */
+enum field_kind { F_STR, F_U64, F_U32, F_I64, F_BOOL };
+static const struct field {
+  const char *key;
+  enum field_kind kind;
+  size_t offset;
+} point_fields[] = {
+#define F(key, kind, member) { key, kind, offsetof (struct point, member) }
+  F ("name", F_STR, name),
+  F ("file", F_STR, file),
+  F ("parent", F_STR, parent),
+  F ("disk", F_STR, disk),
+  F ("disk-size", F_U64, disk_size),
+  F ("cluster-size", F_U32, cluster_size),
+  F ("checkpoint", F_STR, checkpoint),
+  F ("since", F_STR, since),
+  F ("snapshot-created", F_I64, created),
+  F ("started", F_I64, started),
+  F ("finished", F_I64, finished),
+  F ("bytes-read", F_U64, read),
+  F ("bytes-written", F_U64, written),
+  F ("bytes-zeroed", F_U64, zeroed),
+  F ("complete", F_BOOL, complete),
+  F ("compressed", F_BOOL, compressed),
+  F ("encrypted", F_BOOL, encrypted),
+  F ("sums", F_STR, sums),
+  F ("sums-xxh3", F_STR, sums_xxh3),
+#undef F
+};
+#define NR_POINT_FIELDS (sizeof point_fields / sizeof point_fields[0])
 
 static json_t *
 jstr (const char *s)
 {
   return s ? json_string (s) : json_null ();
-}
-
-json_t *
-point_json (const struct point *p)
-{
-  json_t *o = json_pack ("{s:s,s:s,s:o,s:o,s:I,s:I,s:o,s:o,s:I,s:I,s:I,"
-                         "s:I,s:I,s:I,s:b,s:b,s:b,s:o,s:o}",
-                         "name", p->name, "file", p->file,
-                         "parent", jstr (p->parent), "disk", jstr (p->disk),
-                         "disk-size", (json_int_t) p->disk_size,
-                         "cluster-size", (json_int_t) p->cluster_size,
-                         "checkpoint", jstr (p->checkpoint),
-                         "since", jstr (p->since),
-                         "snapshot-created", (json_int_t) p->created,
-                         "started", (json_int_t) p->started,
-                         "finished", (json_int_t) p->finished,
-                         "bytes-read", (json_int_t) p->read,
-                         "bytes-written", (json_int_t) p->written,
-                         "bytes-zeroed", (json_int_t) p->zeroed,
-                         "complete", p->complete,
-                         "compressed", p->compressed,
-                         "encrypted", p->encrypted,
-                         "sums", jstr (p->sums),
-                         "sums-xxh3", jstr (p->sums_xxh3));
-
-  if (o == NULL)
-    die ("json_pack: point %s: out of memory", p->name);
-  return o;
 }
 
 static char *
@@ -150,31 +143,64 @@ jget_int (json_t *o, const char *key)
   return json_integer_value (json_object_get (o, key));
 }
 
+void
+point_free (struct point *p)
+{
+  size_t i;
+
+  for (i = 0; i < NR_POINT_FIELDS; i++)
+    if (point_fields[i].kind == F_STR)
+      free (*(char **) ((char *) p + point_fields[i].offset));
+}
+
+json_t *
+point_json (const struct point *p)
+{
+  json_t *o = json_object (), *v = NULL;
+  size_t i;
+
+  for (i = 0; o && i < NR_POINT_FIELDS; i++) {
+    const void *f = (const char *) p + point_fields[i].offset;
+
+    switch (point_fields[i].kind) {
+    case F_STR: v = jstr (*(char *const *) f); break;
+    case F_U64: v = json_integer ((json_int_t) *(const uint64_t *) f); break;
+    case F_U32: v = json_integer (*(const uint32_t *) f); break;
+    case F_I64: v = json_integer (*(const int64_t *) f); break;
+    case F_BOOL: v = json_boolean (*(const bool *) f); break;
+    }
+    if (json_object_set_new (o, point_fields[i].key, v) == -1) {
+      json_decref (o);
+      o = NULL;
+    }
+  }
+  if (o == NULL)
+    die ("json: point %s: out of memory or not UTF-8", p->name);
+  return o;
+}
+
 static void
 point_from_json (json_t *o, struct point *p, const char *path)
 {
-  p->name = jget_str (o, "name");
-  p->file = jget_str (o, "file");
-  p->sums = jget_str (o, "sums");
+  size_t i;
+
+  for (i = 0; i < NR_POINT_FIELDS; i++) {
+    const char *key = point_fields[i].key;
+    void *f = (char *) p + point_fields[i].offset;
+
+    switch (point_fields[i].kind) {
+    case F_STR: *(char **) f = jget_str (o, key); break;
+    case F_U64: *(uint64_t *) f = jget_int (o, key); break;
+    case F_U32: *(uint32_t *) f = jget_int (o, key); break;
+    case F_I64: *(int64_t *) f = jget_int (o, key); break;
+    case F_BOOL:
+      *(bool *) f = json_is_true (json_object_get (o, key));
+      break;
+    }
+  }
   if (p->name == NULL || p->file == NULL || strchr (p->file, '/') ||
       (p->sums && strchr (p->sums, '/')))
     die ("%s: a point without a name or with a bad file name", path);
-  p->parent = jget_str (o, "parent");
-  p->disk = jget_str (o, "disk");
-  p->disk_size = jget_int (o, "disk-size");
-  p->cluster_size = jget_int (o, "cluster-size");
-  p->checkpoint = jget_str (o, "checkpoint");
-  p->since = jget_str (o, "since");
-  p->created = jget_int (o, "snapshot-created");
-  p->started = jget_int (o, "started");
-  p->finished = jget_int (o, "finished");
-  p->read = jget_int (o, "bytes-read");
-  p->written = jget_int (o, "bytes-written");
-  p->zeroed = jget_int (o, "bytes-zeroed");
-  p->complete = json_is_true (json_object_get (o, "complete"));
-  p->compressed = json_is_true (json_object_get (o, "compressed"));
-  p->encrypted = json_is_true (json_object_get (o, "encrypted"));
-  p->sums_xxh3 = jget_str (o, "sums-xxh3");
   if (p->cluster_size != REPO_CLUSTER)
     die ("%s: point %s has cluster size %" PRIu32 ", this fleece-backup "
          "uses %u", path, p->name, p->cluster_size, REPO_CLUSTER);

@@ -115,8 +115,11 @@ extern char *qemu_nbd_start (const struct qimg *q, bool readonly);
 extern void qemu_nbd_connected (void);
 extern void qemu_nbd_wait (void);
 
-/* cmd-backup.c, cmd-control.c */
+/* cmd-backup.c, cmd-control.c; export: the snapshot export to pull
+ * from source's server by name instead of source's own (NULL).
+ */
 extern struct point *backup_point (struct repo *r, const char *source,
+                                   const char *export,
                                    const char *checkpoint, const char *since,
                                    const char *name, bool compress,
                                    bool json);

@@ -74,7 +74,7 @@ issued (struct rw *rw, int64_t cookie, struct job *j)
   if (cookie != -1)
     return;
   if (!nbd_lost (rw->nbd))
-    die ("%s: %s", rw->uri, nbd_get_error ());
+    die ("%s: %s", rw->what, nbd_get_error ());
   job_completed (j, ENOTCONN, rw->is_target);
 }
 
@@ -131,7 +131,7 @@ nbd_rw_block_status (struct rw *rw, struct job *j)
 static void
 nbd_rw_reconnect (struct rw *rw)
 {
-  nbd_reconnect (&rw->nbd, rw->uri, rw->name, !rw->is_target, &rw->lost);
+  nbd_reconnect (rw, !rw->is_target);
   rw->reset = false;
 }
 
@@ -154,7 +154,9 @@ const struct rw_ops nbd_ops = {
   .close = nbd_rw_close,
 };
 
-/* Connect to rw->uri; extents: ask for base:allocation (the source). */
+/* Connect to rw->uri (export rw->export when not NULL); extents: ask
+ * for base:allocation (the source).
+ */
 void
 nbd_rw_open (struct rw *rw, bool extents)
 {
@@ -162,7 +164,8 @@ nbd_rw_open (struct rw *rw, bool extents)
   char *msg;
 
   rw->ops = &nbd_ops;
-  rw->nbd = nbd_open_uri (rw->uri, rw->name, extents, &msg, &refused);
+  rw->nbd = nbd_open_uri (rw->uri, rw->export, rw->name, extents, &msg,
+                          &refused);
   if (rw->nbd == NULL)
-    die ("%s: %s", rw->uri, msg);
+    die ("%s: %s", rw->what, msg);
 }

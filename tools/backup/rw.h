@@ -52,6 +52,10 @@ struct rw {
   /* Set when opened, then constant. */
   const struct rw_ops *ops;
   const char *uri;              /* as given: cfg.source or cfg.target */
+  const char *export;           /* opened by name instead of the URI's
+                                   own (cfg.source_export), or NULL */
+  const char *what;             /* in messages: the URI, or the export
+                                   on it (source_name) */
   const char *name;             /* "source" or "target" (libnbd's name) */
   bool is_target;
   /* Checked when opened and after every reconnection. */
@@ -84,6 +88,7 @@ extern void file_rw_open (struct rw *rw);
 extern void source_open (void);
 extern void source_check (bool again);
 extern void source_release (void);
+extern const char *source_name (void);
 
 /* target.c */
 extern void target_open (void);

@@ -11,6 +11,7 @@
 
 #include <inttypes.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backup.h"
@@ -26,24 +27,43 @@ source_check (bool again)
   int64_t size = nbd_get_size (src.nbd);
 
   if (size == -1)
-    die ("%s: %s", cfg.source, nbd_get_error ());
+    die ("%s: %s", source_name (), nbd_get_error ());
   if (again && (uint64_t) size != src.size)
     die ("%s: the export is now %" PRIi64 " bytes, it was %" PRIu64,
-         cfg.source, size, src.size);
+         source_name (), size, src.size);
   src.size = size;
   src.can_extents =
     nbd_can_meta_context (src.nbd, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
   if (cfg.discard_source && nbd_can_trim (src.nbd) != 1)
     die ("source cannot trim: %s does not support trim, which "
-         "--discard-source needs", cfg.source);
+         "--discard-source needs", source_name ());
   if (!again)
     limit_request_size (src.nbd);
+}
+
+/* The source in messages: SOURCE, or the export opened on its server
+ * (set by source_open; reachable until the next source_open).
+ */
+static char *source_what;
+
+const char *
+source_name (void)
+{
+  return source_what ? source_what : cfg.source;
 }
 
 void
 source_open (void)
 {
+  free (source_what);
+  source_what = NULL;
+  if (cfg.source_export &&
+      asprintf (&source_what, "%s on %s", cfg.source_export,
+                cfg.source) == -1)
+    die ("asprintf: %m");
   src.uri = cfg.source;
+  src.export = cfg.source_export;
+  src.what = source_name ();
   nbd_rw_open (&src, true);
   source_check (false);
 }

@@ -38,7 +38,7 @@ target_check (bool again)
 void
 target_open (void)
 {
-  tgt.uri = cfg.target;
+  tgt.uri = tgt.what = cfg.target;
   if (strstr (cfg.target, "://") == NULL) {
     file_rw_open (&tgt);
     return;

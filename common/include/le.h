@@ -1,9 +1,10 @@
-/* Little-endian fields of colo's on-disk formats (journal.c, state.c),
- * at any alignment.
+/* Fleece: little-endian fields at any alignment (header only): colo's
+ * on-disk formats (journal, state files) and the tests that read the
+ * store's bytes themselves (crash-writer.c, fuzz-store.c).
  */
 
-#ifndef COLO_LE_H
-#define COLO_LE_H
+#ifndef FLEECE_COMMON_LE_H
+#define FLEECE_COMMON_LE_H
 
 #include <endian.h>
 #include <stdint.h>
@@ -18,4 +19,4 @@ static inline uint32_t get_u32 (const unsigned char *p)
 static inline uint64_t get_u64 (const unsigned char *p)
 { uint64_t v; memcpy (&v, p, 8); return le64toh (v); }
 
-#endif /* COLO_LE_H */
+#endif /* FLEECE_COMMON_LE_H */
