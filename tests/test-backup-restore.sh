@@ -2,7 +2,8 @@
 # Reading a repository: fleece-backup verify (qemu-img check of every
 # file, the checksum list of every point against its content: a flipped
 # byte in any point's file fails it with exit 1, naming the point and
-# the offset), restore (to a sparse file and to the live export of a new
+# the offset), restore (to a sparse file, to a block device holding other bytes,
+# and to the live export of a new
 # Fleece server, exact; a damaged point stops the restore at the bad
 # cluster) and serve (a read-only NBD export of a point that nbdinfo and
 # nbdcopy read, stopped by SIGTERM); a disk of an odd size with 4 KiB
@@ -10,6 +11,7 @@
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires_repo
 requires nbdinfo --version
+requires losetup --version
 
 disk=$tmp/disk
 make_disk "$disk" 32M 0x01 8M 'write -P 0x05 20M 100k'
@@ -44,6 +46,20 @@ qemu-io -f raw -c 'write -P 0xee 0 32M' "$(live_uri n)" >/dev/null
 ok "restore c2 to its live export (NBD URI)" \
    fleece-backup restore "$repo" c2 "$(live_uri n)" -q
 is "$(sum "$tmp/new")" "$(sum "$tmp/ref2")" "the new server's disk is c2"
+
+# A block device target (a loop device), filled with other bytes first:
+# the restore must write the point's zeroes too, not leave them to a
+# sparse file's holes.
+truncate -s 32M "$tmp/lo.backing"
+qemu-io -f raw -c 'write -P 0xdd 0 32M' "$tmp/lo.backing" >/dev/null
+if lodev=$(losetup -f --show "$tmp/lo.backing"); then
+  cleanup_fn "losetup -d '$lodev'"
+  ok "restore c2 to a block device ($lodev)" \
+     fleece-backup restore "$repo" c2 "$lodev" -q
+  is "$(sum "$lodev")" "$(sum "$tmp/ref2")" "the block device is c2"
+else
+  echo "Bail out! losetup could not attach a loop device"; exit 1
+fi
 
 # --- serve ---
 fleece-backup serve "$repo" c2 --socket "$tmp/srv.sock" 2>"$tmp/srv.log" &
