@@ -101,25 +101,23 @@ ctl_group_close (struct ctl *ctl)
  * when there is none (or the deadline has just passed).
  */
 static struct ctl_group *
-held_group (struct ctl *ctl, const char *cmd, const char *id)
+held_group (struct ctl *ctl, const char *id)
 {
   struct ctl_group *g = &ctl->group;
 
   ctl_group_tick (ctl);
   if (g->held && strcmp (g->id, id) == 0) {
     if (g->owner != ctl->current) {
-      fl_error (EPERM, "%s: group '%s' was prepared by another connection",
-                cmd, id);
+      fl_error (EPERM, "group '%s' was prepared by another connection", id);
       return NULL;
     }
     return g;
   }
   if (strcmp (g->ended_id, id) == 0)
-    fl_error (ETIMEDOUT, "%s: group '%s' is no longer prepared: %s; "
-              "nothing of it was created", cmd, id, g->ended_why);
+    fl_error (ETIMEDOUT, "group '%s' is no longer prepared: %s; nothing of "
+              "it was created", id, g->ended_why);
   else
-    fl_error (ENOENT, "%s: group '%s' is not prepared on this server",
-              cmd, id);
+    fl_error (ENOENT, "group '%s' is not prepared on this server", id);
   return NULL;
 }
 
@@ -155,14 +153,14 @@ ctl_group_prepare (struct ctl *ctl, json_t *args)
   if (fleece_check_name ("group", id) == -1)
     return NULL;
   if (ms < 1 || ms > GROUP_DEADLINE_MS_MAX) {
-    fl_error (EINVAL, "group-prepare: group '%s': deadline-ms %"
+    fl_error (EINVAL, "group '%s': deadline-ms %"
               JSON_INTEGER_FORMAT " is not between 1 and %d", id, ms,
               GROUP_DEADLINE_MS_MAX);
     return NULL;
   }
   ctl_group_tick (ctl);
   if (g->held) {
-    fl_error (EBUSY, "group-prepare: group '%s': this server is already "
+    fl_error (EBUSY, "group '%s': this server is already "
               "prepared for group '%s'", id, g->id);
     return NULL;
   }
@@ -187,7 +185,7 @@ json_t *
 ctl_group_commit (struct ctl *ctl, json_t *args)
 {
   const char *id = json_string_value (json_object_get (args, "group"));
-  struct ctl_group *g = held_group (ctl, "group-commit", id);
+  struct ctl_group *g = held_group (ctl, id);
   struct fleece_snap_info info;
   uint64_t held;
   int r;
@@ -216,7 +214,7 @@ json_t *
 ctl_group_abort (struct ctl *ctl, json_t *args)
 {
   const char *id = json_string_value (json_object_get (args, "group"));
-  struct ctl_group *g = held_group (ctl, "group-abort", id);
+  struct ctl_group *g = held_group (ctl, id);
   uint64_t held;
 
   if (g == NULL)
