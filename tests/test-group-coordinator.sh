@@ -12,13 +12,9 @@
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-io --version
 
-for d in a b; do
-  make_disk "$tmp/disk.$d" 4M 0x11
-  ok "nbdkit $d starts" start_nbdkit "$d" -- disk="$tmp/disk.$d" \
-     store="$tmp/store.$d" control="$tmp/$d.ctl" cluster-size=64K
-  watch_events "$tmp/$d.ctl" "$tmp/events.$d" 60
-done
-group=(-s "$tmp/a.ctl" -s "$tmp/b.ctl")
+ok "nbdkit a and b start" start_disks a b
+watch_events "$tmp/a.ctl" "$tmp/events.a" 60
+watch_events "$tmp/b.ctl" "$tmp/events.b" 60
 ok "checkpoint c0 on both" fleecectl "${group[@]}" checkpoint c0
 
 # coordinator ACTION NAME: start a coordinator of checkpoint NAME with a

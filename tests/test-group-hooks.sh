@@ -10,12 +10,7 @@
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-io --version
 
-for d in a b; do
-  make_disk "$tmp/disk.$d" 4M 0x11
-  ok "nbdkit $d starts" start_nbdkit "$d" -- disk="$tmp/disk.$d" \
-     store="$tmp/store.$d" control="$tmp/$d.ctl" cluster-size=64K
-done
-group=(-s "$tmp/a.ctl" -s "$tmp/b.ctl")
+ok "nbdkit a and b start" start_disks a b
 export tmp
 
 # none NAME: no server has snapshot NAME.

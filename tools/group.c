@@ -2,9 +2,11 @@
  * create NAME` (or `checkpoint NAME`), the coordinator of the two-phase
  * protocol of docs/control-protocol.md ("Consistency groups").
  *
- * Order: the pre-hook; connect to every server; group-prepare on each in
- * turn (each drains and holds its writes); once all hold, group-commit on
- * each; the post-hook.  Anything that fails before the first commit
+ * Order: the pre-hook; connect to every server; group-prepare to all of
+ * them at once (each drains and holds its writes), then wait for every
+ * reply; once all hold, group-commit to all at once; the post-hook.
+ * Sending to all before reading any reply keeps each server's hold to
+ * about one round trip of the slowest, whatever the number of servers.  Anything that fails before the first commit
  * (the pre-hook, a connection, a prepare) aborts the servers already
  * prepared, so nothing is created.  The post-hook runs whatever
  * happened, once the servers are released, told the outcome in
@@ -95,17 +97,71 @@ struct member {
   const char *path;
   struct ctlc *ctl;
   bool prepared;
-  json_t *reply;                /* the commit's return value */
+  bool sent;                    /* the request of this round is sent */
+  json_t *reply;                /* this round's return value */
 };
 
-/* group-prepare on every member in turn; -1 at the first failure. */
+/* Send cmd (with args, not consumed) to every member that wants it,
+ * then read every reply: the servers work at once, so that each holds
+ * its writes for the slowest round trip rather than for the sum of all.
+ * Each return value lands in m[i].reply; returns how many failed.
+ */
+static size_t
+round_all (struct member *m, size_t n, const char *cmd, json_t *args,
+           bool prepared_only, const char *name)
+{
+  json_t *req = json_pack ("{s:s,s:O}", "execute", cmd, "arguments", args);
+  char *line = req ? json_dumps (req, JSON_COMPACT) : NULL;
+  char err[1024];
+  size_t i, failed = 0;
+  const char *desc;
+  json_t *reply;
+
+  json_decref (req);
+  if (line == NULL)
+    die ("group '%s': %s: out of memory", name, cmd);
+  for (i = 0; i < n; i++) {
+    m[i].sent = false;
+    if (prepared_only && !m[i].prepared)
+      continue;
+    ctlc_set_label (m[i].ctl, cmd);
+    if (ctlc_send_line (m[i].ctl, line, err, sizeof err) == -1) {
+      warn ("group '%s': %s: %s", name, m[i].path, err);
+      failed++;
+      continue;
+    }
+    m[i].sent = true;
+  }
+  free (line);
+  for (i = 0; i < n; i++) {
+    if (!m[i].sent)
+      continue;
+    reply = ctlc_reply (m[i].ctl, NULL, err, sizeof err);
+    if (reply == NULL)
+      warn ("group '%s': %s: %s", name, m[i].path, err);
+    else if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
+      warn ("group '%s': %s: %s: %s", name, m[i].path, cmd, desc);
+    else if ((m[i].reply = json_object_get (reply, "return")) != NULL)
+      json_incref (m[i].reply);
+    else
+      warn ("group '%s': %s: %s: a reply with neither \"return\" nor "
+            "\"error\"", name, m[i].path, cmd);
+    failed += m[i].reply == NULL;
+    json_decref (reply);
+  }
+  return failed;
+}
+
+/* Connect to every member, then group-prepare on all; -1 if any
+ * failed (m[i].prepared says which hold their writes).
+ */
 static int
 prepare_all (const struct group_opts *o, struct member *m, const char *id,
              const char *name, bool checkpoint)
 {
   char err[1024];
-  json_t *ret;
-  size_t i;
+  json_t *args;
+  size_t i, failed;
 
   for (i = 0; i < o->nsockets; i++) {
     m[i].ctl = ctlc_connect (m[i].path, (int64_t) o->timeout * 1000, err,
@@ -115,56 +171,32 @@ prepare_all (const struct group_opts *o, struct member *m, const char *id,
       return -1;
     }
   }
+  args = json_pack ("{s:s,s:s,s:b,s:i}", "group", id, "name", name,
+                    "checkpoint", checkpoint, "deadline-ms", o->deadline_ms);
+  if (args == NULL)
+    die ("group '%s': the name is not valid UTF-8", name);
+  failed = round_all (m, o->nsockets, "group-prepare", args, false, name);
+  json_decref (args);
   for (i = 0; i < o->nsockets; i++) {
-    ret = ctlc_execute (m[i].ctl, "group-prepare",
-                        json_pack ("{s:s,s:s,s:b,s:i}", "group", id,
-                                   "name", name, "checkpoint", checkpoint,
-                                   "deadline-ms", o->deadline_ms),
-                        err, sizeof err);
-    if (ret == NULL) {
-      warn ("group '%s': %s: %s", name, m[i].path, err);
-      return -1;
-    }
-    json_decref (ret);
-    m[i].prepared = true;
+    m[i].prepared = m[i].reply != NULL;
+    json_decref (m[i].reply);
+    m[i].reply = NULL;
   }
-  return 0;
+  return failed ? -1 : 0;
 }
 
-static void
-abort_all (struct member *m, size_t n, const char *id)
-{
-  char err[1024];
-  json_t *ret;
-  size_t i;
-
-  for (i = 0; i < n; i++) {
-    if (!m[i].prepared)
-      continue;
-    ret = ctlc_execute (m[i].ctl, "group-abort",
-                        json_pack ("{s:s}", "group", id), err, sizeof err);
-    if (ret == NULL)
-      warn ("group abort: %s: %s", m[i].path, err);
-    json_decref (ret);
-  }
-}
-
-/* group-commit on every member; the number that failed. */
+/* cmd {"group": id} to every member (or every prepared one). */
 static size_t
-commit_all (struct member *m, size_t n, const char *id, const char *name)
+round_id (struct member *m, size_t n, const char *cmd, const char *id,
+          bool prepared_only, const char *name)
 {
-  char err[1024];
-  size_t i, failed = 0;
+  json_t *args = json_pack ("{s:s}", "group", id);
+  size_t failed;
 
-  for (i = 0; i < n; i++) {
-    m[i].reply = ctlc_execute (m[i].ctl, "group-commit",
-                               json_pack ("{s:s}", "group", id),
-                               err, sizeof err);
-    if (m[i].reply == NULL) {
-      warn ("group '%s': %s: %s", name, m[i].path, err);
-      failed++;
-    }
-  }
+  if (args == NULL)
+    die ("group '%s': %s: out of memory", name, cmd);
+  failed = round_all (m, n, cmd, args, prepared_only, name);
+  json_decref (args);
   return failed;
 }
 
@@ -235,12 +267,12 @@ group_run (const struct group_opts *o, const char *name, bool checkpoint)
                                o->hook_timeout) == -1)
     warn ("group '%s': the pre-hook failed: nothing was created", name);
   else if (prepare_all (o, m, id, name, checkpoint) == -1) {
-    abort_all (m, o->nsockets, id);
+    round_id (m, o->nsockets, "group-abort", id, true, name);
     warn ("group '%s': aborted: nothing was created", name);
   }
   else {
     debug_stop ();
-    failed = commit_all (m, o->nsockets, id, name);
+    failed = round_id (m, o->nsockets, "group-commit", id, false, name);
     created = failed < o->nsockets;
     if (failed && created)
       warn ("group '%s': created on %zu of %zu servers only", name,
