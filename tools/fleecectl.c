@@ -816,7 +816,7 @@ main (int argc, char **argv)
   const char *path = getenv ("FLEECE_SOCKET");
   struct conn c = { .ctl = NULL };
   int opt, timeout = 30, status;
-
+  /* Every -s, for a group: at most one per argument. */
   const char **sockets = calloc (argc, sizeof *sockets);
 
   if (sockets == NULL)
