@@ -208,7 +208,8 @@ def cmd_rate(latlog, t0_us, t1_us):
 # ---- report ----
 
 # Rows of a (scenario, metric) appear in this order of servers.
-SERVERS = ["null", "file", "qemu-nbd", "qsd", "qsd-fleece", "fleece"]
+SERVERS = ["null", "file", "qemu-nbd", "qsd", "qsd-fleece", "fleece",
+           "fleece-whole"]
 
 
 def load_raw(path):

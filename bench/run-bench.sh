@@ -22,6 +22,9 @@
 #               writable as "live", and snapshot-access over it exported
 #               as "snap".  The point in time is the daemon's start.
 #   fleece      nbdkit with the Fleece plugin: export "" and snapshot/NAME
+#               (sub-cluster copies, the default)
+#   fleece-whole  the same with subcluster=false: whole 64 KiB clusters
+#               copied (in the snapshot scenarios with writes)
 #
 # Scenarios (each measured --runs times, servers interleaved per run, the
 # median reported):
@@ -214,10 +217,11 @@ start_server ()
   case $name in
     null) nbdkit -U "$sock" -P "$pf" null "size=$size_bytes" ;;
     file) nbdkit -U "$sock" -P "$pf" file "file=$disk" ;;
-    fleece)
+    fleece|fleece-whole)
       rm -f "$tmp/fleece.store" "$ctl"
       nbdkit -U "$sock" -P "$pf" "$plugin" "disk=$disk" \
-             "store=$tmp/fleece.store" "control=$ctl" ;;
+             "store=$tmp/fleece.store" "control=$ctl" \
+             "subcluster=$([ "$name" = fleece ] && echo true || echo false)" ;;
     qemu-nbd)
       qemu-nbd --fork --pid-file="$pf" -k "$sock" -f raw -t -e 16 \
                --cache=writeback --aio=threads "$disk" ;;
@@ -234,7 +238,7 @@ start_server ()
     *) die "unknown server $name" ;;
   esac
   wait_ready "$pf" "$sock"
-  [ "$name" != fleece ] || wait_ready "$pf" "$ctl"
+  [ "${name%-whole}" != fleece ] || wait_ready "$pf" "$ctl"
   started+=("$pf")
 }
 
@@ -260,7 +264,8 @@ snap_uri ()
 {
   case $1 in
     qsd-fleece) echo "nbd+unix:///snap?socket=$(sock_of "$1")" ;;
-    fleece) echo "nbd+unix:///snapshot/$2?socket=$(sock_of "$1")" ;;
+    fleece|fleece-whole)
+      echo "nbd+unix:///snapshot/$2?socket=$(sock_of "$1")" ;;
     *) live_uri "$1" ;;
   esac
 }
@@ -268,7 +273,7 @@ snap_uri ()
 # Take the snapshot the scenario measures (QEMU fleecing took it at start).
 snapshot ()
 {
-  [ "$1" = fleece ] || return 0
+  [ "${1%-whole}" = fleece ] || return 0
   "$fleecectl" -s "$ctl" snapshot create "$2" >/dev/null
 }
 
@@ -352,8 +357,8 @@ first_write_pass ()
   esac
   record snap-firstwrite "$server" "$name" \
          "$([ "$name" = stride-4k ] && echo IOPS || echo MiB/s)" "$run" "$v"
-  if [ "$server" = fleece ]; then
-    log "  fleece stats: $("$fleecectl" -s "$ctl" -j stats |
+  if [ "${server%-whole}" = fleece ]; then
+    log "  $server stats: $("$fleecectl" -s "$ctl" -j stats |
         python3 -c 'import json,sys; j=json.load(sys.stdin);
 print("cbw-clusters=%d bytes-copied=%d" % (j["cbw-clusters"], j["bytes-copied"]))')"
   fi
@@ -363,7 +368,7 @@ scen_snap_write ()
 {
   local run server wl
   for (( run = 1; run <= runs; run++ )); do
-    for server in qsd-fleece fleece; do
+    for server in qsd-fleece fleece fleece-whole; do
       for wl in seqwrite-1m randwrite-64k stride-4k; do
         start_server "$server"
         snapshot "$server" s1
@@ -438,7 +443,7 @@ scen_snap_pull_busy ()
     # file: nbdcopy reads the disk itself while fio writes, with no
     # snapshot and no copy at all: what the pull alone leaves the writer
     # on this machine.
-    for server in file qsd-fleece fleece; do
+    for server in file qsd-fleece fleece fleece-whole; do
       start_server "$server"
       snapshot "$server" s1
       busy_pull "$server" "$run"

@@ -63,6 +63,10 @@ struct fleece_config {
   uint32_t cbw_timeout_ms;      /* break the snapshot when the store takes
                                  * longer to take a copy; 0: wait */
   enum fleece_locking locking;  /* 0: FLEECE_LOCKING_ON */
+  bool whole_clusters;          /* subcluster=false: copy-before-write
+                                 * copies whole clusters; otherwise only
+                                 * the blocks a write covers (not yet
+                                 * with persistent) */
 };
 
 /* Flags for live writes, the same bits as nbdkit's. */
@@ -94,6 +98,10 @@ extern void fleece_close (struct fleece *fl);
 extern bool fleece_persistent (const struct fleece *fl);
 extern uint64_t fleece_disk_size (const struct fleece *fl);
 extern uint32_t fleece_cluster_size (const struct fleece *fl);
+/* Copy-before-write's granularity: the block size of sub-cluster copies,
+ * or 0 when it copies whole clusters.
+ */
+extern uint32_t fleece_copy_block_size (const struct fleece *fl);
 extern const char *fleece_disk_path (const struct fleece *fl);
 extern const char *fleece_store_path (const struct fleece *fl);
 /* "on" (the disk and the store are locked), "off" (locking=off), or
@@ -253,6 +261,7 @@ struct fleece_stats {
   uint64_t store_file_bytes;    /* space the store file occupies on disk */
   uint64_t store_max_bytes;     /* store-max, 0 if none */
   uint64_t copies;              /* copy records, shared by snapshots */
+  uint64_t partial_clusters;    /* clusters partly copied (subcluster) */
   uint64_t cbw_wait_ns;         /* time writers spent copying */
   uint64_t max_drain_ns;        /* longest writer stall at creation */
   uint64_t last_drain_ns;

@@ -65,6 +65,7 @@ static unsigned store_warn;     /* percent of store_max, 0: off */
 static int persistent;
 static uint32_t cbw_timeout_ms; /* 0: none */
 static enum fleece_locking locking = FLEECE_LOCKING_ON;
+static int subcluster = -1;     /* -1: not given (true, unless persistent) */
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -190,6 +191,15 @@ plug_config (const char *key, const char *value)
     persistent = r;
     return 0;
   }
+  if (strcmp (key, "subcluster") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1) {
+      nbdkit_error ("subcluster=%s: expected true or false", value);
+      return -1;
+    }
+    subcluster = r;
+    return 0;
+  }
   if (strcmp (key, "cbw-timeout") == 0) {
     char *end;
     double secs;
@@ -229,6 +239,12 @@ plug_config_complete (void)
                   "nbdkit fleece disk=DISK store=STORE");
     return -1;
   }
+  if (subcluster == 1 && persistent) {
+    nbdkit_error ("subcluster=true: not with persistent=true: a persistent "
+                  "store records whole-cluster copies only; use "
+                  "subcluster=false or leave it out");
+    return -1;
+  }
   if (control_path == NULL) {
     if (asprintf (&control_path, "%s.sock", store_path) == -1) {
       nbdkit_error ("asprintf: %m");
@@ -241,8 +257,11 @@ plug_config_complete (void)
 #define plug_config_help \
   "disk=<FILENAME>      (required) The live disk: a file or block device.\n" \
   "store=<FILENAME>     (required) The copy-before-write store file.\n" \
-  "cluster-size=<SIZE>  Copy granularity, a power of two from 4K to 4M\n" \
-  "                     (default 64K).\n" \
+  "cluster-size=<SIZE>  Granularity of bitmaps and of the store, a power\n" \
+  "                     of two from 4K to 4M (default 64K).\n" \
+  "subcluster=true|false  Copy-before-write copies only the 4K blocks a\n" \
+  "                     write covers (default true; false: whole\n" \
+  "                     clusters; persistent=true: whole clusters).\n" \
   "control=<SOCKET>     Control socket (default STORE.sock).\n" \
   "store-max=<SIZE>     Cap on the store's copied data (default none).\n" \
   "store-warn=<PERCENT> STORE_HIGH_WATER event at this fill of store-max.\n" \
@@ -267,6 +286,8 @@ plug_dump_plugin (void)
   printf ("fleece_cluster_size_default=%u\n", FLEECE_CLUSTER_SIZE_DEFAULT);
   printf ("fleece_cluster_size_min=%u\n", FLEECE_CLUSTER_SIZE_MIN);
   printf ("fleece_cluster_size_max=%u\n", FLEECE_CLUSTER_SIZE_MAX);
+  printf ("fleece_subcluster_default=true\n");
+  printf ("fleece_subcluster_block_size=%u\n", FLEECE_CLUSTER_SIZE_MIN);
   printf ("fleece_snapshots_max=%d\n", FLEECE_SNAPSHOTS_MAX);
   printf ("fleece_exports=\"\" " SNAP_PREFIX "NAME " BITMAP_PREFIX "NAME\n");
   printf ("fleece_control_protocol=qmp-json\n");
@@ -285,6 +306,7 @@ plug_get_ready (void)
     .persistent = persistent,
     .cbw_timeout_ms = cbw_timeout_ms,
     .locking = locking,
+    .whole_clusters = subcluster == 0,
   };
   const struct ctl_info info = {
     .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE

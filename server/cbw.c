@@ -382,13 +382,360 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
   return r;
 }
 
-/* Under the range lock: copy what needs copying in clusters [c0, c1]. */
+/* Sub-cluster copies (subcluster=true, partial.c).  A cluster that a
+ * write covers only in part gets an entry in fl->partials and only the
+ * blocks written are copied, into one slot allocated for the cluster at
+ * its first block with data; a later write copies the blocks it covers
+ * that are not copied yet.  Each copied block is published (its bit set
+ * under the shard lock) before the write that follows overwrites it,
+ * as cgen is for a whole cluster.  When the last block is copied the
+ * entry becomes an ordinary copy and cgen[c] is published.  An entry of
+ * an older generation is finished first (its missing blocks, which
+ * nobody has written since, are copied for it), so that a cluster has
+ * at most one entry.  Not with a persistent store (engine.c).
+ */
+
+/* The bytes of cluster c on the disk: [*cs, *ce). */
+static void
+cluster_bounds (struct fleece *fl, uint64_t c, uint64_t *cs, uint64_t *ce)
+{
+  *cs = c << fl->cluster_bits;
+  *ce = *cs + fl->cluster_size;
+  if (*ce > fl->disk.size)
+    *ce = fl->disk.size;
+}
+
+static uint32_t
+cluster_blocks (struct fleece *fl, uint64_t c)
+{
+  uint64_t cs, ce;
+
+  cluster_bounds (fl, c, &cs, &ce);
+  return (ce - cs + fl->block_size - 1) >> fl->block_bits;
+}
+
+/* Blocks [*b0, *b1] of cluster c are those [offset, end) covers. */
+static void
+covered_blocks (struct fleece *fl, uint64_t c, uint64_t offset, uint64_t end,
+                uint32_t *b0, uint32_t *b1)
+{
+  uint64_t cs, ce;
+
+  cluster_bounds (fl, c, &cs, &ce);
+  if (offset < cs)
+    offset = cs;
+  if (end > ce)
+    end = ce;
+  *b0 = (offset - cs) >> fl->block_bits;
+  *b1 = (end - 1 - cs) >> fl->block_bits;
+}
+
+static bool
+all_copied (struct fleece *fl, const struct partial_view *v, uint32_t b0,
+            uint32_t b1)
+{
+  uint32_t b;
+
+  for (b = b0; b <= b1; b++)
+    if (!partial_copied (&fl->partials, v, b))
+      return false;
+  return true;
+}
+
+/* Drop c's entry and give its slot back: nobody reads it any more. */
+static void
+part_drop_entry (struct fleece *fl, uint64_t c, const struct partial_view *v)
+{
+  partial_remove (&fl->partials, c);
+  if (v->slot != NO_SLOT)
+    store_free (&fl->store, v->slot);
+}
+
+/* Every block of v copied: make it a copy (the blocks recorded as zero,
+ * never written, are written now, unless the whole cluster was zero),
+ * then publish cgen[c], then drop the entry.
+ */
+static int
+part_complete (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+               struct partial_view *v)
+{
+  struct copy cp = { .cluster = c, .lo = v->lo, .hi = v->hi,
+                     .slot = v->slot == NO_SLOT ? ZERO_SLOT : v->slot };
+  uint32_t b, n = cluster_blocks (fl, c);
+  uint64_t cs, ce;
+  char *zero = NULL;
+
+  cluster_bounds (fl, c, &cs, &ce);
+  for (b = 0; cp.slot != ZERO_SLOT && b < n; b++) {
+    uint64_t at = (uint64_t) b << fl->block_bits;
+    uint64_t len = at + fl->block_size > ce - cs ? ce - cs - at
+      : fl->block_size;
+    if (!partial_zero (&fl->partials, v, b))
+      continue;
+    if (zero == NULL && (zero = calloc (1, fl->block_size)) == NULL)
+      return fl_error (ENOMEM, "copy-before-write: out of memory");
+    if (store_write_part (&fl->store, cp.slot, at, zero, len) == -1) {
+      free (zero);
+      return -1;
+    }
+  }
+  free (zero);
+  if (copymap_insert (&fl->copies, &cp) == -1)
+    return -1;
+  count_holders (fl, c, cp.lo, cp.hi);
+  atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1, memory_order_relaxed);
+  if (cp.slot == ZERO_SLOT)
+    atomic_fetch_add_explicit (&fl->st_cbw_zero, 1, memory_order_relaxed);
+  publish (fl, ctx, c, v->hi);
+  partial_remove (&fl->partials, c);
+  return 0;
+}
+
+/* Copy blocks [a, a+n) of cluster c, read into buf, for v. */
+static int
+part_put (struct fleece *fl, uint64_t c, struct partial_view *v,
+          const char *buf, uint32_t a, uint32_t n, uint64_t len)
+{
+  uint32_t b;
+  bool zero = fl_is_zero (buf, len), fresh = false;
+
+  if (!zero && v->slot == NO_SLOT) {
+    /* Published with the first block's bit, below. */
+    if (store_alloc (&fl->store, 1, &v->slot) <= 0) {
+      v->slot = NO_SLOT;
+      return -1;
+    }
+    fresh = true;
+  }
+  if (!zero) {
+    if (store_write_part (&fl->store, v->slot,
+                          (uint64_t) a << fl->block_bits, buf, len) == -1) {
+      if (fresh) {
+        store_free (&fl->store, v->slot);
+        v->slot = NO_SLOT;
+      }
+      return -1;
+    }
+    atomic_fetch_add_explicit (&fl->st_bytes_copied, len,
+                               memory_order_relaxed);
+  }
+  partial_set (&fl->partials, c, a, n, zero, v->slot);
+  for (b = a; b < a + n; b++) {
+    v->bits[b / 64] |= UINT64_C (1) << (b % 64);
+    if (zero)
+      v->bits[fl->partials.words + b / 64] |= UINT64_C (1) << (b % 64);
+  }
+  return 0;
+}
+
+/* Copy the blocks of [b0, b1] that v lacks, a run of missing blocks
+ * with one pread; an all-zero block is recorded, not stored.
+ */
+static int
+part_copy_blocks (struct fleece *fl, uint64_t c, struct partial_view *v,
+                  uint32_t b0, uint32_t b1)
+{
+  uint64_t cs, ce;
+  uint32_t a, e, b;
+  char *buf;
+  int r = 0;
+
+  cluster_bounds (fl, c, &cs, &ce);
+  buf = malloc (fl->cluster_size);
+  if (buf == NULL)
+    return fl_error (ENOMEM, "copy-before-write: out of memory");
+  for (a = b0; a <= b1 && r == 0; a = e) {
+    uint64_t start, len;
+
+    if (partial_copied (&fl->partials, v, a)) {
+      e = a + 1;
+      continue;
+    }
+    for (e = a; e <= b1 && !partial_copied (&fl->partials, v, e); e++)
+      ;
+    start = cs + ((uint64_t) a << fl->block_bits);
+    len = ((uint64_t) (e - a) << fl->block_bits);
+    if (start + len > ce)
+      len = ce - start;
+    if (disk_pread (&fl->disk, buf, len, start) == -1) {
+      free (buf);
+      return -2;                /* the live disk failed: fail the write */
+    }
+    /* Zero detection per block: a zero block inside data is not
+     * stored either.
+     */
+    for (b = a; b < e && r == 0; b++) {
+      uint64_t off = (uint64_t) (b - a) << fl->block_bits;
+      uint64_t blen = len - off < fl->block_size ? len - off
+        : fl->block_size;
+      r = part_put (fl, c, v, buf + off, b, 1, blen);
+    }
+  }
+  free (buf);
+  return r;
+}
+
+/* The store failed while copying blocks of c for v: the error policy,
+ * as store_failed; with break-snapshot the entry goes, and its slot.
+ */
+static int
+part_failed (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+             struct partial_view *v)
+{
+  if (store_failed (fl, ctx, c, 1, v->hi) == -1)
+    return -1;
+  part_drop_entry (fl, c, v);
+  return 0;
+}
+
+/* Copy blocks [b0, b1] of c for v, and complete v if that was the last
+ * of them.
+ */
+static int
+part_copy (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+           struct partial_view *v, uint32_t b0, uint32_t b1)
+{
+  int r = part_copy_blocks (fl, c, v, b0, b1);
+
+  if (r == -2)
+    return -1;
+  if (r == 0 && all_copied (fl, v, 0, cluster_blocks (fl, c) - 1))
+    r = part_complete (fl, ctx, c, v);
+  return r == -1 ? part_failed (fl, ctx, c, v) : 0;
+}
+
+/* An entry of an older generation than gen: finish it for the snapshots
+ * it serves, or drop it if none needs it any more.
+ */
+static int
+part_finish_old (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+                 struct partial_view *v)
+{
+  if (needs_copy (fl, ctx, c, v->lo, v->hi))
+    return part_copy (fl, ctx, c, v, 0, cluster_blocks (fl, c) - 1);
+  part_drop_entry (fl, c, v);
+  return 0;
+}
+
+/* Under the range lock: the blocks of cluster c that [offset, end)
+ * covers, copied for generation gen.  have: v holds c's entry.
+ */
+static int
+copy_part (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t gen,
+           uint64_t offset, uint64_t end, bool have, struct partial_view *v)
+{
+  uint32_t lo, b0, b1;
+
+  assert (!fl->meta.on);
+  if (have && v->hi != gen) {
+    if (part_finish_old (fl, ctx, c, v) == -1)
+      return -1;
+    have = false;
+  }
+  lo = atomic_load_explicit (&fl->cgen[c], memory_order_acquire);
+  if (lo >= gen)
+    return 0;
+  if (have && !needs_copy (fl, ctx, c, v->lo, gen)) {
+    /* Its snapshots released c, or were deleted or broke, since. */
+    part_drop_entry (fl, c, v);
+    have = false;
+  }
+  if (!have) {
+    if (!needs_copy (fl, ctx, c, lo, gen)) {
+      publish (fl, ctx, c, gen);
+      return 0;
+    }
+    if (partial_add (&fl->partials, c, lo, gen) == -1)
+      return store_failed (fl, ctx, c, 1, gen);
+    memset (v, 0, sizeof *v);
+    v->cluster = c;
+    v->lo = lo;
+    v->hi = gen;
+    v->slot = NO_SLOT;
+  }
+  covered_blocks (fl, c, offset, end, &b0, &b1);
+  return part_copy (fl, ctx, c, v, b0, b1);
+}
+
+/* Does cluster c go the sub-cluster way: [offset, end) covers it only
+ * in part, or it has an entry already (in *v, *have)?
+ */
+static bool
+goes_part (struct fleece *fl, uint64_t c, uint64_t offset, uint64_t end,
+           bool *have, struct partial_view *v)
+{
+  uint64_t cs, ce;
+
+  if (fl->block_size == 0)
+    return false;
+  *have = partial_find (&fl->partials, c, v);
+  cluster_bounds (fl, c, &cs, &ce);
+  return *have || offset > cs || end < ce;
+}
+
+/* Snapshot deletion and broken snapshots: drop the entries no snapshot
+ * needs any more, and their slots.  Takes snaps_lock for writing, which
+ * excludes every copier (they hold it for reading), so no entry changes
+ * under the prune.
+ */
+static bool
+part_keep (void *opaque, const struct partial_view *v)
+{
+  struct fleece *fl = opaque;
+  size_t i;
+
+  for (i = 0; i < fl->nsnaps; i++)
+    if (snap_reads_copy (fl->snaps[i], v->cluster, v->lo, v->hi) &&
+        !atomic_load (&fl->snaps[i]->broken))
+      return true;
+  return false;
+}
+
+static void
+part_drop (void *opaque, const struct partial_view *v)
+{
+  struct fleece *fl = opaque;
+
+  if (v->slot != NO_SLOT)
+    store_free (&fl->store, v->slot);
+}
+
+/* A snapshot's client released cluster c (snapshot.c, range lock and
+ * snaps_lock held): drop c's entry if no snapshot needs it any more, as
+ * a release drops the copies, so that a pull with --discard-source keeps
+ * the store small.
+ */
+void
+cbw_release_partial (struct fleece *fl, uint64_t c)
+{
+  struct partial_view v;
+
+  if (fl->block_size && partial_find (&fl->partials, c, &v) &&
+      !part_keep (fl, &v))
+    part_drop_entry (fl, c, &v);
+}
+
+void
+cbw_prune_partials (struct fleece *fl)
+{
+  if (atomic_load (&fl->partials.n) == 0)
+    return;
+  pthread_rwlock_wrlock (&fl->snaps_lock);
+  partial_prune (&fl->partials, part_keep, part_drop, fl);
+  pthread_rwlock_unlock (&fl->snaps_lock);
+}
+
+/* Under the range lock: copy what needs copying in clusters [c0, c1]
+ * for a write of [offset, end).
+ */
 static int
 copy_clusters (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c0,
-               uint64_t c1, uint32_t gen)
+               uint64_t c1, uint32_t gen, uint64_t offset, uint64_t end)
 {
   uint64_t c = c0, run = 0, a = 0;
   uint32_t max_run = MAX_RUN_BYTES / fl->cluster_size;
+  struct partial_view v;
+  bool have;
 
   if (max_run == 0)
     max_run = 1;
@@ -401,6 +748,14 @@ copy_clusters (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c0,
        * than a newer writer already served leaves the cluster alone (it
        * will come back with the new generation, engine.c).
        */
+      if (lo < gen && goes_part (fl, c, offset, end, &have, &v)) {
+        if (run > 0 && copy_run (fl, ctx, a, run, gen) == -1)
+          return -1;
+        run = 0;
+        if (copy_part (fl, ctx, c, gen, offset, end, have, &v) == -1)
+          return -1;
+        continue;
+      }
       if (lo < gen) {
         need = needs_copy (fl, ctx, c, lo, gen);
         if (!need)
@@ -451,8 +806,27 @@ report_high_water (struct fleece *fl)
   fl_emit_event (fl, "STORE_HIGH_WATER", NULL, why);
 }
 
+/* Sub-cluster copies: are the blocks of cluster c that [offset, end)
+ * covers copied in generation gen?  A leaf lock, only for clusters
+ * partly copied (none: one atomic load).
+ */
+static bool
+part_done (struct fleece *fl, uint64_t c, uint64_t offset, uint64_t end,
+           uint32_t gen)
+{
+  struct partial_view v;
+  uint32_t b0, b1;
+
+  if (fl->block_size == 0 || !partial_find (&fl->partials, c, &v) ||
+      v.hi != gen)
+    return false;
+  covered_blocks (fl, c, offset, end, &b0, &b1);
+  return all_copied (fl, &v, b0, b1);
+}
+
 /* True if no cluster of [offset, offset+count) needs a copy in generation
- * gen: the lock-free test of the write path, one acquire load per cluster.
+ * gen: the lock-free test of the write path, one acquire load per cluster
+ * (and for a cluster partly copied, a look at its blocks).
  */
 bool
 cbw_done (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
@@ -462,7 +836,8 @@ cbw_done (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
   uint64_t c;
 
   for (c = c0; c <= c1; c++)
-    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) != gen)
+    if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) != gen &&
+        !part_done (fl, c, offset, offset + count, gen))
       return false;
   return true;
 }
@@ -495,7 +870,7 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
     return -1;
   }
   pthread_rwlock_rdlock (&fl->snaps_lock);
-  r = copy_clusters (fl, &ctx, c0, c1, gen);
+  r = copy_clusters (fl, &ctx, c0, c1, gen, offset, offset + count);
   pthread_rwlock_unlock (&fl->snaps_lock);
   /* Persistent: the copies' records (and the BROKEN records) are stable
    * before any cluster is declared safe to overwrite.  Still under the

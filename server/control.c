@@ -154,7 +154,7 @@ cmd_query_status (struct ctl *ctl, json_t *args)
 
   fleece_get_stats (ctl->fl, &st);
   return checked (json_pack ("{s:s,s:s,s:o,s:I,s:I,s:o,s:s,s:b,s:I,s:I,"
-                             "s:I,s:I,s:s}",
+                             "s:I,s:I,s:s,s:b,s:I}",
                              "status", "running",
                              "version", PACKAGE_VERSION,
                              "disk", ctl_str (fleece_disk_path (ctl->fl)),
@@ -168,7 +168,13 @@ cmd_query_status (struct ctl *ctl, json_t *args)
                              "generation", (json_int_t) st.generation,
                              "uptime", (json_int_t) uptime,
                              "store-max", (json_int_t) st.store_max_bytes,
-                             "locking", fleece_locking_state (ctl->fl)),
+                             "locking", fleece_locking_state (ctl->fl),
+                             "subcluster",
+                             fleece_copy_block_size (ctl->fl) != 0,
+                             "copy-block-size", (json_int_t)
+                             (fleece_copy_block_size (ctl->fl)
+                              ? fleece_copy_block_size (ctl->fl)
+                              : st.cluster_size)),
                   "query-status");
 }
 
@@ -195,6 +201,7 @@ static const struct {
   STAT (store_file_bytes, "store-file-bytes"),
   STAT (store_max_bytes, "store-max-bytes"),
   STAT (copies, "copies"),
+  STAT (partial_clusters, "partial-clusters"),
   STAT (cbw_wait_ns, "cbw-wait-ns"),
   STAT (max_drain_ns, "max-drain-ns"),
   STAT (last_drain_ns, "last-drain-ns"),

@@ -56,6 +56,10 @@ disk_open (struct disk *d, const char *path, enum fleece_locking locking)
     d->is_block = true;
     if (fl_block_size (d->fd, "disk", path, &d->size) == -1)
       goto out_close_fd;
+    if (ioctl (d->fd, BLKSSZGET, &d->logical_block) == -1) {
+      fl_error (errno, "disk: ioctl BLKSSZGET: %s: %m", path);
+      goto out_close_fd;
+    }
     ident.dev = st.st_rdev;
     ident.ino = 0;
   }

@@ -29,6 +29,25 @@ check_cluster_size (uint32_t cs)
   return 0;
 }
 
+/* Sub-cluster copies (cbw.c): blocks of 4 KiB, or of the disk's logical
+ * block size if larger, when they are smaller than a cluster.  Not with a
+ * persistent store: its records and image hold whole copies only
+ * (docs/store-format.md), so a partial copy could not survive a crash.
+ */
+static void
+set_copy_block (struct fleece *fl, const struct fleece_config *cfg)
+{
+  uint32_t bs = FLEECE_CLUSTER_SIZE_MIN;
+
+  if (fl->disk.logical_block > 0 && (uint32_t) fl->disk.logical_block > bs)
+    bs = fl->disk.logical_block;
+  if (cfg->whole_clusters || cfg->persistent || bs >= fl->cluster_size ||
+      (bs & (bs - 1)) != 0)
+    return;
+  fl->block_size = bs;
+  fl->block_bits = __builtin_ctz (bs);
+}
+
 struct fleece *
 fleece_open (const struct fleece_config *cfg)
 {
@@ -76,9 +95,12 @@ fleece_open (const struct fleece_config *cfg)
               fl->nclusters);
     goto out_store;
   }
+  set_copy_block (fl, cfg);
   gate_init (&fl->gate);
   rangelock_init (&fl->cbw_locks);
   copymap_init (&fl->copies);
+  partial_init (&fl->partials, fl->block_size
+                ? cs >> fl->block_bits : 1);
   pthread_mutex_init (&fl->admin_lock, NULL);
   pthread_mutex_init (&fl->break_lock, NULL);
   pthread_mutex_init (&fl->orphan_lock, NULL);
@@ -142,6 +164,7 @@ fleece_close (struct fleece *fl)
   bitmap_free_all (fl);
   free (fl->snaps);
   copymap_destroy (&fl->copies);
+  partial_destroy (&fl->partials);
   rangelock_destroy (&fl->cbw_locks);
   gate_destroy (&fl->gate);
   pthread_mutex_destroy (&fl->admin_lock);
@@ -158,6 +181,8 @@ bool fleece_persistent (const struct fleece *fl) { return fl->meta.on; }
 uint64_t fleece_disk_size (const struct fleece *fl) { return fl->disk.size; }
 uint32_t fleece_cluster_size (const struct fleece *fl)
 { return fl->cluster_size; }
+uint32_t fleece_copy_block_size (const struct fleece *fl)
+{ return fl->block_size; }
 const char *fleece_disk_path (const struct fleece *fl)
 { return fl->disk.path; }
 const char *fleece_store_path (const struct fleece *fl)
@@ -315,6 +340,7 @@ fleece_get_stats (struct fleece *fl, struct fleece_stats *st)
   st->max_drain_ns = atomic_load (&fl->st_max_drain_ns);
   st->last_drain_ns = atomic_load (&fl->st_last_drain_ns);
   st->copies = copymap_count (&fl->copies);
+  st->partial_clusters = atomic_load (&fl->partials.n);
   store_usage (&fl->store, &st->store_clusters_used,
                &st->store_clusters_total, &st->store_file_bytes);
   st->store_bytes_used = st->store_clusters_used * fl->cluster_size;

@@ -58,6 +58,7 @@ struct disk {
   bool can_punch;               /* regular file on a fs with holes */
   bool can_seek_data;
   bool locked;                  /* lock.c's locks are held on fd */
+  int logical_block;            /* a block device's, else 0 */
   uint8_t id[16];
 };
 
@@ -139,6 +140,8 @@ extern void store_free (struct store *s, uint32_t slot);
 extern void store_free_slots (struct store *s, uint32_t *slots, size_t n);
 extern int store_write (struct store *s, uint32_t slot, uint32_t nslots,
                         const void *buf, size_t len);
+extern int store_write_part (struct store *s, uint32_t slot,
+                             uint64_t within, const void *buf, size_t len);
 extern int store_read (struct store *s, uint32_t slot, uint64_t within,
                        void *buf, size_t len);
 extern int store_put_run (struct store *s, const char *buf, uint32_t n,
@@ -244,6 +247,52 @@ extern bool copymap_overlap (struct copymap *m, uint32_t cluster,
 extern int copymap_foreach (struct copymap *m,
                             int (*fn) (void *, const struct copy *),
                             void *opaque);
+
+/* ---- partial.c: clusters partly copied (subcluster=true) ---- */
+#define PARTIAL_SHARDS 64
+#define PARTIAL_WORDS_MAX 16    /* 1024 blocks: 4 MiB clusters of 4 KiB */
+
+/* A copy of some blocks of cluster, made in generation hi (lo: the
+ * cluster's cgen before); bits: PARTIAL_WORDS_MAX... in use, words of
+ * "copied" then words of "zero".
+ */
+struct partial_view {
+  uint32_t cluster, lo, hi;
+  uint32_t slot;                /* NO_SLOT until a block with data */
+  uint64_t bits[2 * PARTIAL_WORDS_MAX];
+};
+
+struct partials {
+  /* Set by partial_init, then constant. */
+  uint32_t blocks;              /* per cluster */
+  uint32_t words;               /* per bitmap */
+  _Atomic uint64_t n;           /* entries */
+  struct partial_shard {
+    pthread_mutex_t lock;       /* guards the chains and the entries */
+    struct partial **bucket;
+    uint32_t nbuckets;          /* power of two, or 0 */
+    uint32_t n;
+  } shard[PARTIAL_SHARDS];
+};
+
+extern void partial_init (struct partials *pt, uint32_t blocks);
+extern void partial_destroy (struct partials *pt);
+extern bool partial_find (struct partials *pt, uint32_t cluster,
+                          struct partial_view *out);
+extern int partial_add (struct partials *pt, uint32_t cluster, uint32_t lo,
+                        uint32_t hi);
+extern void partial_set (struct partials *pt, uint32_t cluster,
+                         uint32_t first, uint32_t n, bool zero,
+                         uint32_t slot);
+extern void partial_remove (struct partials *pt, uint32_t cluster);
+extern void partial_prune (struct partials *pt,
+                           bool (*keep) (void *, const struct partial_view *),
+                           void (*drop) (void *, const struct partial_view *),
+                           void *opaque);
+extern bool partial_copied (const struct partials *pt,
+                            const struct partial_view *v, uint32_t b);
+extern bool partial_zero (const struct partials *pt,
+                          const struct partial_view *v, uint32_t b);
 
 /* ---- record.c: the metadata's encodings (docs/store-format.md) ---- */
 
@@ -437,6 +486,12 @@ struct fleece {
   struct gate gate;
   struct rangelock cbw_locks;
   struct copymap copies;
+  /* subcluster=true: copies of single blocks (partial.c).  Set at open,
+   * then constant: block_size is 0 when copies are whole clusters.
+   */
+  uint32_t block_size;
+  unsigned block_bits;
+  struct partials partials;
 
   /* Serialises snapshot creation and deletion. */
   pthread_mutex_t admin_lock;
@@ -544,6 +599,8 @@ extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,
 extern int cbw_range (struct fleece *fl, uint64_t offset, uint64_t count,
                       uint32_t gen);
 extern void cbw_reap (struct fleece *fl, bool all);
+extern void cbw_prune_partials (struct fleece *fl);
+extern void cbw_release_partial (struct fleece *fl, uint64_t c);
 extern void snap_free_all (struct fleece *fl);
 extern struct fleece_snap *snap_prepare (struct fleece *fl, const char *name);
 extern void snap_discard (struct fleece_snap *s);

@@ -17,6 +17,11 @@
  * stays copied for S.  Adjacent live clusters are read with one pread
  * and validated one by one.
  *
+ * With subcluster=true a cluster may be partly copied (partial.c): S
+ * reads its copied blocks from the copy and the others live, validated
+ * the same way with the blocks' bits, which a writer sets before it
+ * overwrites a block; it is retried at most once per block.
+ *
  * Reads and extents walk a request's clusters the same way (walk:
  * locate each, in order); extents are answered in three steps, below
  * (fleece_snap_extents).  A reader holds S's io_lock for reading, so
@@ -65,21 +70,38 @@ snap_check_readable (struct fleece_snap *s)
   return 0;
 }
 
-/* Where the data of cluster c is for snapshot s. */
-enum where { W_ZERO, W_COPY, W_LIVE };
+/* Where the data of cluster c is for snapshot s: W_PART, some blocks
+ * copied (subcluster, partial.c), the others live.
+ */
+enum where { W_ZERO, W_COPY, W_LIVE, W_PART };
 
-static int
-locate (struct fleece_snap *s, uint64_t c, uint32_t *slot, enum where *w)
+/* Does a partly copied cluster's entry serve s?  Into *v if so. */
+static bool
+part_serves (struct fleece_snap *s, uint64_t c, struct partial_view *v)
 {
   struct fleece *fl = s->fl;
+
+  return fl->block_size && partial_find (&fl->partials, c, v) &&
+    v->lo < s->gen && s->gen <= v->hi;
+}
+
+static int
+locate (struct fleece_snap *s, uint64_t c, uint32_t *slot, enum where *w,
+        struct partial_view *v)
+{
+  struct fleece *fl = s->fl;
+  struct partial_view pv;
   struct copy cp;
 
   if (snap_is_released (s, c)) {
     *w = W_ZERO;
     return 0;
   }
+  /* cgen first: a copy completed from an entry is published in cgen
+   * before the entry goes, so one of the two is seen.
+   */
   if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) < s->gen) {
-    *w = W_LIVE;
+    *w = part_serves (s, c, v ? v : &pv) ? W_PART : W_LIVE;
     return 0;
   }
   if (copymap_lookup (&fl->copies, c, s->gen, &cp)) {
@@ -103,11 +125,78 @@ locate (struct fleece_snap *s, uint64_t c, uint32_t *slot, enum where *w)
 static bool
 live_read_valid (struct fleece_snap *s, uint64_t c)
 {
+  struct partial_view v;
+
   atomic_thread_fence (memory_order_seq_cst);
   if (fleece_debug.skip_isolation_check)
     return true;
   return atomic_load_explicit (&s->fl->cgen[c], memory_order_acquire) <
-    s->gen;
+    s->gen && !part_serves (s, c, &v);
+}
+
+/* The live read of blocks [b, k) of a partly copied cluster: still
+ * valid?  As live_read_valid, with the blocks' bits.
+ */
+static bool
+live_read_valid_part (struct fleece_snap *s, uint64_t c, uint32_t b,
+                      uint32_t k, struct partial_view *now)
+{
+  struct fleece *fl = s->fl;
+
+  atomic_thread_fence (memory_order_seq_cst);
+  if (fleece_debug.skip_isolation_check)
+    return true;
+  if (atomic_load_explicit (&fl->cgen[c], memory_order_acquire) >= s->gen ||
+      !part_serves (s, c, now))
+    return false;
+  for (; b < k; b++)
+    if (partial_copied (&fl->partials, now, b))
+      return false;
+  return true;
+}
+
+/* A cluster partly copied for s: each block from the copy (or zeroes)
+ * if it is copied, else from the live disk, validated as a live cluster
+ * is: after the read, no block read live may have been copied since
+ * (a writer sets a block's bit before it overwrites the block).  If one
+ * was, or the cluster was completed meanwhile, *again is set.
+ */
+static int
+read_part (struct fleece_snap *s, uint64_t c, const struct partial_view *v,
+           char *buf, uint64_t offset, uint64_t end, bool *again)
+{
+  struct fleece *fl = s->fl;
+  uint64_t cs = c << fl->cluster_bits, pos, e;
+  struct partial_view now;
+
+  for (pos = offset; pos < end; pos = e) {
+    uint32_t b = (pos - cs) >> fl->block_bits, k;
+    bool copied = partial_copied (&fl->partials, v, b);
+    bool zero = partial_zero (&fl->partials, v, b);
+    char *p = buf + (pos - offset);
+
+    for (e = pos, k = b;
+         e < end && partial_copied (&fl->partials, v, k) == copied &&
+           partial_zero (&fl->partials, v, k) == zero; k++)
+      e = cs + ((uint64_t) (k + 1) << fl->block_bits);
+    if (e > end)
+      e = end;
+    if (zero)
+      memset (p, 0, e - pos);
+    else if (copied) {
+      if (store_read (&fl->store, v->slot, pos - cs, p, e - pos) == -1)
+        return -1;
+    }
+    else {
+      if (disk_pread (&fl->disk, p, e - pos, pos) == -1)
+        return -1;
+      if (!live_read_valid_part (s, c, b, k, &now)) {
+        *again = true;
+        return 0;
+      }
+    }
+  }
+  return 0;
 }
 
 /* Read [offset, offset+len) which lies within cluster c. */
@@ -117,15 +206,25 @@ read_cluster (struct fleece_snap *s, uint64_t c, char *buf, uint32_t len,
 {
   struct fleece *fl = s->fl;
   uint64_t within = offset - (c << fl->cluster_bits);
+  struct partial_view v;
+  bool again;
   int tries;
 
-  for (tries = 0; tries < 2; tries++) {
+  /* A cluster copied block by block may be overtaken once per block. */
+  for (tries = 0; tries < 2 + (int) fl->partials.blocks; tries++) {
     enum where w;
     uint32_t slot = 0;
 
-    if (locate (s, c, &slot, &w) == -1)
+    if (locate (s, c, &slot, &w, &v) == -1)
       return -1;
     switch (w) {
+    case W_PART:
+      again = false;
+      if (read_part (s, c, &v, buf, offset, offset + len, &again) == -1)
+        return -1;
+      if (!again)
+        return 0;
+      break;
     case W_ZERO:
       memset (buf, 0, len);
       return 0;
@@ -192,7 +291,7 @@ walk (struct fleece_snap *s, uint64_t offset, uint64_t end, walk_fn fn,
     ce = (c + 1) << fl->cluster_bits;
     if (ce > end)
       ce = end;
-    if (locate (s, c, &slot, &w) == -1 ||
+    if (locate (s, c, &slot, &w, NULL) == -1 ||
         fn (opaque, c, pos, ce, w, slot) == -1)
       return -1;
   }
@@ -404,6 +503,7 @@ ext_one (void *opaque, uint64_t c, uint64_t pos, uint64_t ce, enum where w,
     return ext_emit (&ew->o, pos, ce - pos,
                      FLEECE_EXTENT_HOLE | FLEECE_EXTENT_ZERO);
   case W_COPY:
+  case W_PART:                  /* data: safe, never a false hole */
     return ext_emit (&ew->o, pos, ce - pos, 0);
   case W_LIVE:
     return ext_live (&ew->o, &ew->da, &ew->i, pos, ce);

@@ -294,6 +294,7 @@ snap_free_broken (struct fleece *fl)
     fl_debug ("freed %zu copies that only broken snapshots read",
               drop.slots.len);
   dropped_free (&drop);
+  cbw_prune_partials (fl);
 }
 
 /* Free a copy's slot at once: its release record is stable, or the store
@@ -389,6 +390,7 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
   pthread_rwlock_rdlock (&fl->snaps_lock);
   copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
+  cbw_prune_partials (fl);
   /* Persistent: the freed slots are reused only once the image without
    * the snapshot is stable (meta_free_slots).
    */
@@ -477,6 +479,7 @@ fleece_snap_trim (struct fleece_snap *s, uint32_t count, uint64_t offset)
       atomic_fetch_sub (&s->held, 1);
     if (!fl->meta.on)
       copymap_prune (&fl->copies, c, dropped_keep, dropped_add, &drop);
+    cbw_release_partial (fl, c);
   }
   if (fl->meta.on) {
     struct wbuf b = { 0 };

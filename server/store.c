@@ -797,13 +797,10 @@ free_run (struct store *s, uint32_t first, uint32_t n, bool meta)
   pthread_mutex_unlock (&s->lock);
 }
 
-int
-store_write (struct store *s, uint32_t slot, uint32_t nslots,
-             const void *buf, size_t len)
+/* The store's data writes, with their fault injection. */
+static int
+write_at (struct store *s, uint64_t offset, const void *buf, size_t len)
 {
-  uint64_t offset = s->data_offset + (uint64_t) slot * s->cluster_size;
-
-  assert (len <= (uint64_t) nslots * s->cluster_size);
   if (fleece_debug.store_write_delay_ms)    /* a slow store, for tests */
     usleep (fleece_debug.store_write_delay_ms * 1000);
   if (fleece_debug.fail_store_write)
@@ -811,6 +808,27 @@ store_write (struct store *s, uint32_t slot, uint32_t nslots,
                      ": injected error (fleece.fail_store_write)",
                      s->path, offset);
   return fl_pwrite_all (s->fd, "store", s->path, buf, len, offset, false);
+}
+
+int
+store_write (struct store *s, uint32_t slot, uint32_t nslots,
+             const void *buf, size_t len)
+{
+  assert (len <= (uint64_t) nslots * s->cluster_size);
+  return write_at (s, s->data_offset + (uint64_t) slot * s->cluster_size,
+                   buf, len);
+}
+
+/* Write len bytes at within in slot: some blocks of a cluster copied
+ * alone (cbw.c, subcluster).
+ */
+int
+store_write_part (struct store *s, uint32_t slot, uint64_t within,
+                  const void *buf, size_t len)
+{
+  assert (within + len <= s->cluster_size);
+  return write_at (s, s->data_offset + (uint64_t) slot * s->cluster_size +
+                   within, buf, len);
 }
 
 int

@@ -169,6 +169,8 @@ test_status (void)
       int_member_is (ret, "cluster-size", 65536) &&
       str_member_is (ret, "on-cbw-error", "break-snapshot") &&
       json_is_false (json_object_get (ret, "persistent")) &&
+      json_is_true (json_object_get (ret, "subcluster")) &&
+      int_member_is (ret, "copy-block-size", 4096) &&
       int_member_is (ret, "snapshots", 0) &&
       int_member_is (ret, "generation", 0) &&
       json_is_integer (json_object_get (ret, "uptime")),
@@ -183,7 +185,7 @@ test_stats (const char *snapshot)
     "disk-size", "cluster-size", "generation", "snapshots", "bytes-written",
     "cbw-clusters", "cbw-zero-clusters", "bytes-copied", "cbw-errors",
     "store-clusters-used", "store-clusters-total", "store-bytes-used",
-    "store-file-bytes", "copies", "cbw-wait-ns", "max-drain-ns",
+    "store-file-bytes", "copies", "partial-clusters", "cbw-wait-ns", "max-drain-ns",
     "last-drain-ns", NULL
   };
   json_t *ret = expect_ok ("{\"execute\":\"query-stats\"}", "query-stats");

@@ -19,6 +19,14 @@
  * copies, store_clusters_used and each snapshot's clusters_held are all
  * known exactly after every operation.
  *
+ * The random runs are repeated with subcluster=true (sub-cluster copies,
+ * writes of a few blocks or less, the last block short); there the data
+ * is checked against the model after every operation, and the copy
+ * statistics, which count blocks, by directed cases: a 4 KiB write
+ * copies 4 KiB, the rest of a cluster is copied once, zero blocks are
+ * not stored, a partial copy of an older generation is finished, and the
+ * engine's heap per copied and per partly copied cluster (mallinfo2).
+ *
  * Then directed cases: one copy for N snapshots, zero detection,
  * coalescing of adjacent clusters, the store shrinking when snapshots go,
  * extents of a sparse disk, handles of deleted snapshots, names, and bad
@@ -43,6 +51,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <malloc.h>
 
 #include "fleece.h"
 #include "test-engine.h"
@@ -76,6 +85,8 @@ struct model {
   /* Expected cumulative statistics. */
   uint64_t cbw_clusters, cbw_zero, bytes_copied, bytes_written;
   uint32_t last_gen;            /* of the newest snapshot */
+  bool sub;                     /* subcluster=true: statistics not modelled,
+                                 * the data is */
   /* Scratch. */
   uint8_t *buf, *wbuf;
   /* What the run is doing, for failure messages. */
@@ -192,6 +203,8 @@ check_stats (struct model *m)
   model_copies (m, &copies, &used);
   if (st.snapshots != m->nsnaps)
     fail (m, "stats: %u snapshots, model %u", st.snapshots, m->nsnaps);
+  if (m->sub)
+    goto snapshots;             /* copies are counted per block */
   if (st.cbw_clusters != m->cbw_clusters)
     fail (m, "stats: cbw_clusters %" PRIu64 ", model %" PRIu64,
           st.cbw_clusters, m->cbw_clusters);
@@ -215,6 +228,7 @@ check_stats (struct model *m)
   if (st.cbw_errors != 0)
     fail (m, "stats: cbw_errors %" PRIu64, st.cbw_errors);
 
+ snapshots:
   for (i = 0; i < m->nsnaps; i++) {
     const struct msnap *s = &m->snaps[i];
     struct fleece_snap_info info;
@@ -228,7 +242,7 @@ check_stats (struct model *m)
       fail (m, "fleece_snapshot_info: %s: %s", s->name, fleece_last_error ());
       continue;
     }
-    if (info.clusters_held != held)
+    if (info.clusters_held != held && !m->sub)
       fail (m, "snapshot %s: clusters_held %" PRIu64 ", model %" PRIu64,
             s->name, info.clusters_held, held);
     if (info.clusters_released != released)
@@ -269,6 +283,8 @@ rand_range (struct model *m, uint64_t maxlen, uint64_t *off, uint64_t *len)
     l = (1 + rng_below (&rng, maxlen / m->cs + 1)) * m->cs;
   else
     l = 1 + rng_below (&rng, maxlen);
+  if (m->sub && rng_one_in (&rng, 2))   /* a few blocks, or less */
+    l = 1 + rng_below (&rng, 3 * 4 * KiB);
   if (rng_one_in (&rng, 8)) {           /* the tail of the disk */
     l = 1 + rng_below (&rng, m->cs + m->cs / 2);
     if (l > m->size)
@@ -589,7 +605,7 @@ static void
 random_run (uint64_t size, uint32_t cs, unsigned nops)
 {
   const char *disk = test_path ("disk"), *store = test_path ("store");
-  struct model m = { .size = size, .cs = cs };
+  struct model m = { .size = size, .cs = cs, .sub = test_subcluster };
   unsigned counts[9] = { 0 }, maxsnaps = 0;
   static const char *names[9] = {
     "pwrite", "pwrite-large", "zero", "trim", "create", "delete",
@@ -641,8 +657,9 @@ random_run (uint64_t size, uint32_t cs, unsigned nops)
     check_all (&m);
   }
   ok (!m.failed, "random run, disk %" PRIu64 " bytes, %" PRIu32 " byte "
-      "clusters: live disk, snapshots and statistics match the model after "
-      "each of %u operations", size, cs, m.op);
+      "clusters%s: live disk, snapshots and statistics match the model "
+      "after each of %u operations", size, cs,
+      m.sub ? ", subcluster (data only)" : "", m.op);
   diag ("  pwrite %u, large %u, zero %u, trim %u, create %u, delete %u, "
         "snap-trim %u, second handle %u, extents %u; up to %u snapshots",
         counts[0], counts[1], counts[2], counts[3], counts[4], counts[5],
@@ -658,9 +675,12 @@ random_run (uint64_t size, uint32_t cs, unsigned nops)
   {
     struct fleece_stats st;
     fleece_get_stats (m.fl, &st);
-    ok (st.copies == 0 && st.store_clusters_used == 0 && !m.failed,
-        "after deleting every snapshot: %" PRIu64 " copies, %" PRIu64
-        " store clusters used", st.copies, st.store_clusters_used);
+    ok (st.copies == 0 && st.store_clusters_used == 0 &&
+        st.partial_clusters == 0 && !m.failed,
+        "after deleting every snapshot%s: %" PRIu64 " copies, %" PRIu64
+        " partly copied, %" PRIu64 " store clusters used",
+        m.sub ? " (subcluster)" : "", st.copies, st.partial_clusters,
+        st.store_clusters_used);
   }
   fleece_close (m.fl);
   free (m.live);
@@ -1250,6 +1270,215 @@ test_bad_config (void)
   free (back);
 }
 
+/* ---- Sub-cluster copies (subcluster=true) ---- */
+
+/* A write of one block copies one block; the rest of the cluster is
+ * copied by the writes that reach it, each block once; the last one
+ * makes the cluster an ordinary copy.  The snapshot reads the disk as it
+ * was throughout.
+ */
+static void
+test_subcluster_copies (void)
+{
+  const char *disk = test_path ("sdisk"), *store = test_path ("sstore");
+  const uint32_t cs = 64 * KiB, bs = 4 * KiB;
+  const uint64_t size = 16 * cs;
+  uint8_t *data = make_disk (disk, size), *w = malloc (cs);
+  struct fleece *fl;
+  struct fleece_stats s0, s1;
+  uint32_t b;
+  bool each = true;
+
+  memset (data + 8 * cs, 0, cs);        /* cluster 8: all zero */
+  memset (data + 9 * cs, 0, cs / 2);    /* cluster 9: half zero */
+  test_write_disk (disk, data, size);
+  fl = test_open (disk, store, cs);
+  ok (fleece_copy_block_size (fl) == bs, "subcluster: blocks of %" PRIu32
+      " bytes", fleece_copy_block_size (fl));
+  memset (w, 0xa5, cs);
+  if (fleece_snapshot_create (fl, "s") == -1)
+    bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
+  fleece_get_stats (fl, &s0);
+  fleece_live_pwrite (fl, w, bs, 2 * cs + 3 * bs, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.bytes_copied - s0.bytes_copied == bs && s1.partial_clusters == 1 &&
+      s1.copies == 0 && s1.store_clusters_used == 1,
+      "a 4 KiB write copies 4 KiB (%" PRIu64 " bytes), the cluster is partly "
+      "copied (%" PRIu64 ")", s1.bytes_copied - s0.bytes_copied,
+      s1.partial_clusters);
+  snap_read_equals (fl, "s", data, 0, size, "subcluster");
+  /* Unaligned, overlapping the copied block: only blocks 2 and 4. */
+  fleece_live_pwrite (fl, w, 2 * bs + 2, 2 * cs + 2 * bs + 100, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.bytes_copied - s0.bytes_copied == 3 * bs,
+      "an unaligned write over blocks 2-4 copies blocks 2 and 4 only "
+      "(%" PRIu64 " bytes in all)", s1.bytes_copied - s0.bytes_copied);
+  snap_read_equals (fl, "s", data, 2 * cs - 7, cs + 14, "subcluster");
+  for (b = 0; b < cs / bs; b++) {
+    fleece_live_pwrite (fl, w, 512, 2 * cs + b * bs + 1000, 0);
+    fleece_get_stats (fl, &s1);
+    if (b < cs / bs - 1 && s1.copies != 0)
+      each = false;
+  }
+  ok (each && s1.copies == 1 && s1.partial_clusters == 0 &&
+      s1.bytes_copied - s0.bytes_copied == cs && s1.cbw_clusters ==
+      s0.cbw_clusters + 1 && s1.store_clusters_used == 1,
+      "the last block makes one whole copy: %" PRIu64 " copies, %" PRIu64
+      " partly copied, %" PRIu64 " bytes copied", s1.copies,
+      s1.partial_clusters, s1.bytes_copied - s0.bytes_copied);
+  snap_read_equals (fl, "s", data, 0, size, "subcluster");
+  /* Zero detection per block. */
+  fleece_get_stats (fl, &s0);
+  for (b = 0; b < cs / bs; b += 2)
+    fleece_live_pwrite (fl, w, 2 * bs, 8 * cs + b * bs, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.bytes_copied == s0.bytes_copied &&
+      s1.cbw_zero_clusters == s0.cbw_zero_clusters + 1 &&
+      s1.store_clusters_used == s0.store_clusters_used,
+      "an all-zero cluster copied block by block takes no store space");
+  for (b = 0; b < cs / bs; b++)
+    fleece_live_pwrite (fl, w, bs, 9 * cs + b * bs, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.bytes_copied - s0.bytes_copied == cs / 2 &&
+      s1.copies == s0.copies + 2 && s1.partial_clusters == 0,
+      "a half-zero cluster: only its data blocks are copied (%" PRIu64
+      " bytes)", s1.bytes_copied - s0.bytes_copied);
+  snap_read_equals (fl, "s", data, 0, size, "subcluster");
+  /* A whole-cluster write still copies whole clusters, in one run. */
+  fleece_get_stats (fl, &s0);
+  fleece_live_pwrite (fl, w, cs, 12 * cs, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.copies == s0.copies + 1 && s1.partial_clusters == 0,
+      "an aligned whole-cluster write makes a whole copy at once");
+  /* A partly copied cluster that the snapshot's client releases is
+   * dropped with its slot, as a copy is.
+   */
+  fleece_get_stats (fl, &s0);
+  fleece_live_pwrite (fl, w, 100, 13 * cs + 5000, 0);
+  {
+    struct fleece_snap *h = fleece_snap_get (fl, "s");
+    ok (h && fleece_snap_trim (h, cs, 13 * cs) == 0,
+        "the snapshot releases the partly copied cluster");
+    fleece_snap_put (h);
+  }
+  fleece_get_stats (fl, &s1);
+  ok (s1.partial_clusters == 0 &&
+      s1.store_clusters_used == s0.store_clusters_used,
+      "its entry and slot are gone (%" PRIu64 " partly copied, %" PRIu64
+      " slots used, %" PRIu64 " before)", s1.partial_clusters,
+      s1.store_clusters_used, s0.store_clusters_used);
+  /* A partly copied cluster whose snapshot goes is dropped with its slot. */
+  fleece_live_pwrite (fl, w, 100, 14 * cs + 5000, 0);
+  fleece_get_stats (fl, &s1);
+  ok (s1.partial_clusters == 1, "one cluster partly copied again");
+  fleece_snapshot_delete (fl, "s");
+  fleece_get_stats (fl, &s1);
+  ok (s1.partial_clusters == 0 && s1.copies == 0 &&
+      s1.store_clusters_used == 0,
+      "deleting the snapshot frees the partly copied cluster's slot");
+  fleece_close (fl);
+  free (data);
+  free (w);
+}
+
+/* A cluster partly copied in one generation, written again in the next:
+ * each snapshot reads the cluster as it was at its creation.
+ */
+static void
+test_subcluster_generations (void)
+{
+  const char *disk = test_path ("gdisk"), *store = test_path ("gstore");
+  const uint32_t cs = 64 * KiB, bs = 4 * KiB;
+  const uint64_t size = 4 * cs;
+  uint8_t *data = make_disk (disk, size), *mid = malloc (size);
+  uint8_t w[4096];
+  struct fleece *fl = test_open (disk, store, cs);
+  struct fleece_stats st;
+
+  fleece_snapshot_create (fl, "g1");
+  memset (w, 0x11, bs);
+  fleece_live_pwrite (fl, w, bs, cs + bs, 0);
+  memcpy (mid, data, size);
+  memcpy (mid + cs + bs, w, bs);
+  fleece_snapshot_create (fl, "g2");
+  memset (w, 0x22, bs);
+  fleece_live_pwrite (fl, w, bs, cs + 5 * bs, 0);
+  fleece_live_pwrite (fl, w, bs, cs + bs, 0);
+  snap_read_equals (fl, "g1", data, 0, size, "generations");
+  snap_read_equals (fl, "g2", mid, 0, size, "generations");
+  fleece_get_stats (fl, &st);
+  ok (st.copies == 1 && st.partial_clusters == 1,
+      "the first generation's partial copy was finished (%" PRIu64
+      " copies), the second's is partial (%" PRIu64 ")", st.copies,
+      st.partial_clusters);
+  fleece_snapshot_delete (fl, "g1");
+  snap_read_equals (fl, "g2", mid, 0, size, "generations");
+  fleece_snapshot_delete (fl, "g2");
+  fleece_get_stats (fl, &st);
+  ok (st.copies == 0 && st.partial_clusters == 0 &&
+      st.store_clusters_used == 0, "everything freed");
+  fleece_close (fl);
+  free (data);
+  free (mid);
+}
+
+/* The engine's memory per copied cluster, measured with mallinfo2:
+ * whole copies (the copy map) and partly copied clusters (partial.c).
+ * docs/design.md quotes these figures.
+ */
+static size_t
+heap_used (void)
+{
+  return mallinfo2 ().uordblks;
+}
+
+/* n clusters of 64 KiB on a fresh sparse disk, each written once by
+ * write (in a snapshot's generation): the heap the engine holds for
+ * them afterwards, per cluster.
+ */
+static double
+heap_per_cluster (uint32_t n, uint32_t len)
+{
+  const char *disk = test_path ("mdisk"), *store = test_path ("mstore");
+  const uint32_t cs = 64 * KiB;
+  struct fleece *fl;
+  size_t h0, h1;
+  uint32_t i;
+
+  test_write_disk (disk, NULL, (uint64_t) n * cs);
+  fl = test_open (disk, store, cs);
+  fleece_snapshot_create (fl, "m");
+  h0 = heap_used ();
+  for (i = 0; i < n; i++)
+    if (fleece_live_zero (fl, len, (uint64_t) i * cs, 0) == -1)
+      bail_out ("fleece_live_zero: %s", fleece_last_error ());
+  h1 = heap_used ();
+  fleece_close (fl);
+  return h1 >= h0 ? (double) (h1 - h0) / n : 0;
+}
+
+static void
+test_subcluster_memory (void)
+{
+  const uint32_t n = 3000;
+  double part, full;
+
+  if (test_under_valgrind ()) {
+    /* Its malloc is valgrind's, which mallinfo2 does not see. */
+    diag ("under valgrind: the engine's memory is not measured");
+    return;
+  }
+  part = heap_per_cluster (n, 512);
+  full = heap_per_cluster (n, 64 * KiB);
+
+  diag ("engine memory, %u clusters of 64 KiB: %.1f bytes per partly "
+        "copied cluster, %.1f per copied cluster", n, part, full);
+  ok (part > 0 && part <= 96, "a partly copied cluster costs at most 96 "
+      "bytes (%.1f)", part);
+  ok (full > 0 && full <= 32, "a copied cluster costs at most 32 bytes "
+      "(%.1f)", full);
+}
+
 int
 main (int argc, char *argv[])
 {
@@ -1261,6 +1490,14 @@ main (int argc, char *argv[])
 
   random_run (1 * MiB + 12 * KiB, 16 * KiB, nops);
   random_run (384 * KiB + 512, 4 * KiB, nops * 2 / 3);
+  /* subcluster=true: 16 blocks a cluster, the last block short. */
+  test_subcluster = true;
+  random_run (1 * MiB + 12 * KiB + 512, 64 * KiB, nops);
+  random_run (1 * MiB + 12 * KiB, 16 * KiB, nops / 2);
+  test_subcluster_copies ();
+  test_subcluster_generations ();
+  test_subcluster_memory ();
+  test_subcluster = false;
   test_one_copy ();
   test_zero_detection ();
   test_coalescing ();

@@ -14,6 +14,10 @@
  * snapshot.  A read "raced" if a write to one of its clusters started
  * while it ran.  Any mismatch or read error fails.
  *
+ * A third round runs with subcluster=true (sub-cluster copies): half the
+ * writes then cover a few blocks or less, unaligned, so that clusters
+ * are copied block by block, across generations, under the readers.
+ *
  * (b) Atomic creation (invariant 3).  Writer threads each own 512-byte
  * sectors interleaved inside the same clusters and rewrite them with a
  * pattern encoding (sector, counter), publishing per sector the counter
@@ -23,7 +27,7 @@
  * be whole (not torn) with a counter in [lo, hi], and must read the same
  * again later while the writers go on.  The longest writer stall at
  * creation (max_drain_ns) is printed, not asserted: timing belongs to
- * bench/.
+ * bench/.  It runs again with subcluster=true.
  *
  * Environment:
  *   FLEECE_STRESS_SECONDS   length of each isolation round (default 2;
@@ -58,6 +62,7 @@
 #include "test-engine.h"
 
 #define KiB 1024u
+#define MODE (test_subcluster ? ", subcluster" : "")
 #define MiB (1024u * 1024u)
 
 static uint64_t seed;
@@ -136,6 +141,13 @@ hot_range (struct iso *t, struct rng *r, uint64_t *off, uint64_t *len)
   uint64_t h = t->hot[rng_below (r, t->nhot)] * t->cs;
   uint64_t o = h + rng_below (r, 2 * t->cs);
   uint64_t l = 1 + rng_below (r, 2 * t->cs);
+
+  /* Sub-cluster copies: half the writes are of a few blocks or less,
+   * unaligned, so that clusters are copied block by block under the
+   * readers.
+   */
+  if (test_subcluster && rng_one_in (r, 2))
+    l = 1 + rng_below (r, 9 * KiB);
 
   o = o >= t->cs / 2 ? o - t->cs / 2 : 0;
   if (o >= t->size)
@@ -446,13 +458,13 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
         (unsigned long long) t.churn_creates,
         (unsigned long long) t.churn_deletes);
   ok (t.mismatches == 0 && t.errors == 0,
-      "isolation, %" PRIu32 " byte clusters: %llu mismatches, %llu errors "
-      "in %llu snapshot reads racing live writes",
-      cs, (unsigned long long) t.mismatches, (unsigned long long) t.errors,
+      "isolation, %" PRIu32 " byte clusters%s: %llu mismatches, %llu "
+      "errors in %llu snapshot reads racing live writes",
+      cs, MODE, (unsigned long long) t.mismatches, (unsigned long long) t.errors,
       (unsigned long long) t.reads);
   ok (t.reads > min_reads && t.raced > 0 && t.writes > min_writes,
-      "isolation, %" PRIu32 " byte clusters: enough work was done "
-      "(%llu reads, %llu raced, %llu writes)", cs,
+      "isolation, %" PRIu32 " byte clusters%s: enough work was done "
+      "(%llu reads, %llu raced, %llu writes)", cs, MODE,
       (unsigned long long) t.reads, (unsigned long long) t.raced,
       (unsigned long long) t.writes);
 
@@ -460,10 +472,12 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
   if (fleece_snapshot_delete (t.fl, t.snap_name) == -1)
     bail_out ("fleece_snapshot_delete: %s", fleece_last_error ());
   fleece_get_stats (t.fl, &st);
-  ok (st.snapshots == 0 && st.copies == 0 && st.store_clusters_used == 0,
-      "isolation, %" PRIu32 " byte clusters: everything freed at the end "
-      "(%u snapshots, %" PRIu64 " copies, %" PRIu64 " store clusters)",
-      cs, st.snapshots, st.copies, st.store_clusters_used);
+  ok (st.snapshots == 0 && st.copies == 0 && st.store_clusters_used == 0 &&
+      st.partial_clusters == 0,
+      "isolation, %" PRIu32 " byte clusters%s: everything freed at the end "
+      "(%u snapshots, %" PRIu64 " copies, %" PRIu64 " partly copied, %"
+      PRIu64 " store clusters)", cs, MODE, st.snapshots, st.copies,
+      st.partial_clusters, st.store_clusters_used);
   fleece_close (t.fl);
   pthread_mutex_destroy (&t.lock);
   pthread_cond_destroy (&t.cond);
@@ -656,13 +670,13 @@ atomic_creation (uint32_t cs, unsigned nclusters, unsigned rounds)
         (unsigned long long) a.writes, st.max_drain_ns / 1e3,
         st.last_drain_ns / 1e3);
   ok (bad == 0 && read_fail == 0 && a.errors == 0,
-      "atomic creation, %" PRIu32 " byte clusters: every sector of %u "
+      "atomic creation, %" PRIu32 " byte clusters%s: every sector of %u "
       "snapshots whole and between the writes completed before and "
       "started after creation (%u bad, %u failed reads, %llu write errors)",
-      cs, rounds, bad, read_fail, (unsigned long long) a.errors);
-  ok (changed == 0, "atomic creation, %" PRIu32 " byte clusters: "
+      cs, MODE, rounds, bad, read_fail, (unsigned long long) a.errors);
+  ok (changed == 0, "atomic creation, %" PRIu32 " byte clusters%s: "
       "snapshots read the same later, as the writers go on (%u changed)",
-      cs, changed);
+      cs, MODE, changed);
   ok (a.writes > rounds, "atomic creation: the writers were busy "
       "(%llu writes)", (unsigned long long) a.writes);
 
@@ -670,8 +684,9 @@ atomic_creation (uint32_t cs, unsigned nclusters, unsigned rounds)
     if (tk[i].name[0])
       fleece_snapshot_delete (a.fl, tk[i].name);
   fleece_get_stats (a.fl, &st);
-  ok (st.copies == 0 && st.store_clusters_used == 0,
-      "atomic creation: everything freed at the end");
+  ok (st.copies == 0 && st.store_clusters_used == 0 &&
+      st.partial_clusters == 0,
+      "atomic creation%s: everything freed at the end", MODE);
   fleece_close (a.fl);
   free (lo);
   free (hi);
@@ -702,5 +717,14 @@ main (int argc, char *argv[])
   isolation_round (8 * MiB, 4 * KiB, 32, seconds);
   atomic_creation (64 * KiB, 2, 50);
   atomic_creation (4 * KiB, 8, 50);
+  /* subcluster=true: clusters copied block by block.  A persistent
+   * store (test-engine-persistent.sh) copies whole clusters whatever
+   * subcluster says, so there the rounds above are the whole test.
+   */
+  if (getenv ("FLEECE_TEST_PERSISTENT") == NULL) {
+    test_subcluster = true;
+    isolation_round (8 * MiB, 64 * KiB, 8, seconds);
+    atomic_creation (64 * KiB, 2, 50);
+  }
   return done ();
 }

@@ -219,6 +219,12 @@ test_write_disk (const char *path, const void *buf, uint64_t size)
     bail_out ("close: %s: %m", path);
 }
 
+/* Set by a test before test_open: sub-cluster copies (subcluster=true).
+ * Off by default, so that the tests that count copies exactly count
+ * whole clusters.
+ */
+static bool test_subcluster;
+
 static inline struct fleece *
 test_open (const char *disk, const char *store, uint32_t cluster_size)
 {
@@ -230,6 +236,7 @@ test_open (const char *disk, const char *store, uint32_t cluster_size)
     .store = store,
     .cluster_size = cluster_size,
     .persistent = getenv ("FLEECE_TEST_PERSISTENT") != NULL,
+    .whole_clusters = !test_subcluster,
   };
   struct fleece *fl;
 
