@@ -186,6 +186,19 @@ extern int fleece_bitmap_merge (struct fleece *fl, const char *target,
  */
 extern int fleece_checkpoint_create (struct fleece *fl, const char *name);
 
+/* Group hold (consistency groups over several servers, group-prepare in
+ * docs/control-protocol.md): drain the live writes in flight and hold
+ * new ones until fleece_release_writes.  Snapshots and checkpoints
+ * created meanwhile are taken with the writes still held.  The drain
+ * gives up at deadline_ns (monotonic ns, 0: none): -1 with
+ * fleece_last_error () and nothing held.  *drain_ns is how long the
+ * drain took.  Release returns how long the writers were held, in ns
+ * (0 when nothing was held).
+ */
+extern int fleece_hold_writes (struct fleece *fl, uint64_t deadline_ns,
+                               uint64_t *drain_ns);
+extern uint64_t fleece_release_writes (struct fleece *fl);
+
 struct fleece_bitmap_info {
   char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
   char frozen_by[FLEECE_SNAPSHOT_NAME_MAX + 1]; /* "" unless frozen */

@@ -17,6 +17,26 @@
 struct ctl_event;
 struct ctl_client;
 
+/* The group this server is prepared for (group.c): at most one at a
+ * time.  Owned by the service thread (or the caller of ctl_handle_line).
+ */
+struct ctl_group {
+  bool held;                    /* between prepare and its end */
+  struct ctl_client *owner;     /* the coordinator; NULL outside the
+                                   service */
+  char id[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  char name[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  bool checkpoint;              /* commit makes a checkpoint */
+  int deadline_ms;
+  uint64_t deadline_ns;         /* monotonic */
+  uint64_t drain_ns;
+  /* The last group released without a commit, and why: what a late
+   * commit is told.
+   */
+  char ended_id[FLEECE_SNAPSHOT_NAME_MAX + 1];
+  char ended_why[160];
+};
+
 struct ctl {
   /* Set by ctl_open, then constant. */
   struct fleece *fl;
@@ -38,6 +58,7 @@ struct ctl {
   struct ctl_client *current;   /* whose request runs; NULL outside the
                                    service (tests, fuzzer) */
   uint64_t accept_paused_until;
+  struct ctl_group group;
 
   /* Protected by ev_lock. */
   pthread_mutex_t ev_lock;
@@ -59,5 +80,20 @@ extern char *ctl_make_reply (json_t *ret, const char *class,
 /* ---- control-socket.c ---- */
 /* subscribe-events: the client whose request runs stays however idle. */
 extern void ctl_subscribe_current (struct ctl *ctl);
+/* Queue an event whose data is {key: subject, "reason": reason}. */
+extern void ctl_queue_event (struct ctl *ctl, const char *event,
+                             const char *key, const char *subject,
+                             const char *reason);
+
+/* ---- group.c: group-prepare, group-commit, group-abort ---- */
+extern json_t *ctl_group_prepare (struct ctl *ctl, json_t *args);
+extern json_t *ctl_group_commit (struct ctl *ctl, json_t *args);
+extern json_t *ctl_group_abort (struct ctl *ctl, json_t *args);
+/* Release a hold past its deadline; ms until the deadline, or -1. */
+extern int ctl_group_tick (struct ctl *ctl);
+/* Client c is closing: release the hold it prepared. */
+extern void ctl_group_client_gone (struct ctl *ctl, struct ctl_client *c);
+/* The service stops: release any hold, quietly. */
+extern void ctl_group_close (struct ctl *ctl);
 
 #endif /* FLEECE_CONTROL_INTERNAL_H */

@@ -14,7 +14,9 @@
  *     buffer would grow beyond CTL_OUT_MAX is dropped.
  *   - Commands run on the service thread.  The slowest is snapshot
  *     creation, which waits for the live writes in flight: other clients
- *     wait that long, never longer.
+ *     wait that long, never longer.  A group hold (group.c) outlives its
+ *     command: the loop's poll is bounded by its deadline, and reaping
+ *     the client that prepared it releases it.
  *
  * Events.  The engine calls ctl_event with its locks held, from an I/O
  * thread.  It copies the event into one allocation, appends it to a
@@ -60,6 +62,7 @@
 struct ctl_event {
   struct ctl_event *next;
   struct timespec ts;
+  const char *key;              /* "snapshot" or "group": a literal */
   const char *event, *snapshot, *reason;
   char strings[];
 };
@@ -460,6 +463,7 @@ reap_clients (struct ctl *ctl)
     if (c->eof && c->inlen == 0 && pending (c) == 0)
       c->dead = true;
     if (c->dead) {
+      ctl_group_client_gone (ctl, c);
       client_free (c);
       ctl->clients[i] = ctl->clients[--ctl->nclients];
     }
@@ -478,14 +482,13 @@ wake (struct ctl *ctl)
     fl_debug ("control: write to the self-pipe: %m");
 }
 
-/* The engine's event listener: called with engine locks held, so it
- * only copies and queues.
+/* Queue an event: called by the engine's listener with engine locks
+ * held, so it only copies and queues.
  */
-static void
-ctl_event (void *opaque, const char *event, const char *snapshot,
-           const char *reason)
+void
+ctl_queue_event (struct ctl *ctl, const char *event, const char *key,
+                 const char *snapshot, const char *reason)
 {
-  struct ctl *ctl = opaque;
   size_t le, ls, lr;
   struct ctl_event *ev;
 
@@ -498,6 +501,7 @@ ctl_event (void *opaque, const char *event, const char *snapshot,
   if (ev == NULL)
     return;
   ev->next = NULL;
+  ev->key = key;
   clock_gettime (CLOCK_REALTIME, &ev->ts);
   ev->event = memcpy (ev->strings, event, le);
   ev->snapshot = memcpy (ev->strings + le, snapshot, ls);
@@ -518,6 +522,13 @@ ctl_event (void *opaque, const char *event, const char *snapshot,
     wake (ctl);
 }
 
+static void
+ctl_event (void *opaque, const char *event, const char *snapshot,
+           const char *reason)
+{
+  ctl_queue_event (opaque, event, "snapshot", snapshot, reason);
+}
+
 static char *
 event_line (const struct ctl_event *ev)
 {
@@ -525,7 +536,7 @@ event_line (const struct ctl_event *ev)
 
   /* Events about the store as a whole name no snapshot. */
   if (data && ev->snapshot[0] &&
-      json_object_set_new (data, "snapshot", ctl_str (ev->snapshot)) == -1) {
+      json_object_set_new (data, ev->key, ctl_str (ev->snapshot)) == -1) {
     json_decref (data);
     data = NULL;
   }
@@ -632,11 +643,13 @@ service (void *arg)
   int timeout;
 
   for (;;) {
-    int idle = expire_clients (ctl);
+    int idle = expire_clients (ctl), group = ctl_group_tick (ctl);
 
     n = setup_poll (ctl, pfd, &timeout);
     if (idle >= 0 && (timeout < 0 || idle < timeout))
       timeout = idle;
+    if (group >= 0 && (timeout < 0 || group < timeout))
+      timeout = group;
     if (poll (pfd, n, timeout) == -1) {
       if (errno == EINTR || errno == ENOMEM || errno == EAGAIN)
         continue;
@@ -865,6 +878,7 @@ ctl_close (struct ctl *ctl)
     wake (ctl);
     pthread_join (ctl->thread, NULL);
   }
+  ctl_group_close (ctl);
   for (i = 0; i < ctl->nclients; i++)
     client_free (ctl->clients[i]);
   for (ev = ctl->ev_head; ev; ev = next) {

@@ -501,6 +501,18 @@ static const struct ctl_param bitmap_merge_params[] = {
   { NULL }
 };
 
+static const struct ctl_param group_prepare_params[] = {
+  { "group", CTL_STRING, false },
+  { "name", CTL_STRING, false },
+  { "checkpoint", CTL_BOOL, true },
+  { "deadline-ms", CTL_INT, true },
+  { NULL }
+};
+static const struct ctl_param group_params[] = {
+  { "group", CTL_STRING, false },
+  { NULL }
+};
+
 static const struct ctl_command commands[] = {
   { "qmp_capabilities", cmd_qmp_capabilities, no_params,
     "End capabilities negotiation (accepted, not required)" },
@@ -535,6 +547,12 @@ static const struct ctl_command commands[] = {
   { "checkpoint-create", cmd_checkpoint_create, name_param,
     "Atomically create snapshot NAME, freeze the previous checkpoint's "
     "bitmap and start bitmap NAME" },
+  { "group-prepare", ctl_group_prepare, group_prepare_params,
+    "Hold the live writes for group GROUP, which will create NAME" },
+  { "group-commit", ctl_group_commit, group_params,
+    "Create the snapshot or checkpoint of group GROUP, then release" },
+  { "group-abort", ctl_group_abort, group_params,
+    "Release group GROUP, creating nothing" },
   { NULL }
 };
 

@@ -16,10 +16,16 @@
  * flight finish; new ones wait on the condition variable), flips the
  * generation and opens it again: writers stall for the length of the
  * longest write in flight plus the flip.
+ *
+ * Closures nest (depth): a group hold (hold.c) keeps the gate closed
+ * between group-prepare and group-commit, and the snapshot or checkpoint
+ * the commit creates closes and opens it inside that hold without
+ * opening it for writers.  Only the outermost open lets writers in.
  */
 
 #include <config.h>
 
+#include <assert.h>
 #include <sched.h>
 #include <time.h>
 
@@ -34,6 +40,7 @@ gate_init (struct gate *g)
   int i;
 
   atomic_init (&g->closing, 0);
+  g->depth = 0;
   for (i = 0; i < GATE_SLOTS; i++)
     atomic_init (&g->slot[i].n, 0);
   pthread_mutex_init (&g->lock, NULL);
@@ -71,16 +78,35 @@ gate_leave (struct gate *g, int slot)
   atomic_fetch_sub (&g->slot[slot].n, 1);
 }
 
-/* Only one closer at a time: the caller holds fl->admin_lock. */
-void
-gate_close (struct gate *g)
+static void
+gate_release (struct gate *g)
+{
+  pthread_mutex_lock (&g->lock);
+  atomic_store (&g->closing, 0);
+  pthread_cond_broadcast (&g->cond);
+  pthread_mutex_unlock (&g->lock);
+}
+
+/* Close and drain, giving up at deadline (monotonic ns; 0: never): then
+ * the gate is open again and -1 is returned.  Only one closer at a time:
+ * the caller holds fl->admin_lock.
+ */
+int
+gate_close_until (struct gate *g, uint64_t deadline)
 {
   unsigned spins = 0;
   int i;
 
+  if (g->depth++ > 0)
+    return 0;                   /* already closed and drained */
   atomic_store (&g->closing, 1);
   for (i = 0; i < GATE_SLOTS; i++) {
     while (atomic_load (&g->slot[i].n) != 0) {
+      if (deadline && (uint64_t) monotonic_ns () >= deadline) {
+        g->depth--;
+        gate_release (g);
+        return -1;
+      }
       if (++spins < 2000)
         sched_yield ();
       else {
@@ -89,13 +115,19 @@ gate_close (struct gate *g)
       }
     }
   }
+  return 0;
+}
+
+void
+gate_close (struct gate *g)
+{
+  gate_close_until (g, 0);
 }
 
 void
 gate_open (struct gate *g)
 {
-  pthread_mutex_lock (&g->lock);
-  atomic_store (&g->closing, 0);
-  pthread_cond_broadcast (&g->cond);
-  pthread_mutex_unlock (&g->lock);
+  assert (g->depth > 0);
+  if (--g->depth == 0)
+    gate_release (g);
 }

@@ -167,6 +167,7 @@ extern int store_meta_pread (struct store *s, void *buf, size_t len,
 #define GATE_SLOTS 32
 struct gate {
   atomic_int closing;
+  int depth;                    /* nested closures; admin_lock */
   struct {
     atomic_long n;
     char pad[64 - sizeof (atomic_long)];
@@ -179,6 +180,7 @@ extern void gate_init (struct gate *g);
 extern void gate_destroy (struct gate *g);
 extern int gate_enter (struct gate *g);
 extern void gate_leave (struct gate *g, int slot);
+extern int gate_close_until (struct gate *g, uint64_t deadline);
 extern void gate_close (struct gate *g);
 extern void gate_open (struct gate *g);
 
@@ -493,6 +495,11 @@ struct fleece {
 
   /* Serialises snapshot creation and deletion. */
   pthread_mutex_t admin_lock;
+  /* A group hold (hold.c): the gate is kept closed from hold_t0 until
+   * fleece_release_writes.  Protected by admin_lock.
+   */
+  bool held;
+  uint64_t hold_t0;
   pthread_mutex_t break_lock;   /* serialises breaking snapshots */
   /* Threads of cbw-timeout copies the writers gave up on (cbw.c). */
   pthread_mutex_t orphan_lock;

@@ -200,6 +200,21 @@ start_nbdkit ()
   _started "nbdkit $name" "$sock" "$pidfile" "$log"
 }
 
+# start_disks NAME...: for each NAME, a 4 MiB disk of 0x11 ($tmp/disk.NAME)
+# served by nbdkit NAME (start_nbdkit, control socket $tmp/NAME.ctl); then
+# group holds "-s CTL" for each, the servers of a fleecectl group.
+start_disks ()
+{
+  local d
+  group=()
+  for d in "$@"; do
+    make_disk "$tmp/disk.$d" 4M 0x11 &&
+      start_nbdkit "$d" -- disk="$tmp/disk.$d" store="$tmp/store.$d" \
+                   control="$tmp/$d.ctl" cluster-size=64K || return 1
+    group+=(-s "$tmp/$d.ctl")
+  done
+}
+
 # pid_gone PID [SECONDS]: true once process PID is gone, polling for at
 # most SECONDS (default 5).  Works for a daemon that is not a child of
 # this shell, where "wait" cannot (bash reaps its own children as they

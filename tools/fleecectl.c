@@ -39,6 +39,7 @@
 #include "vector.h"
 #include "ctl-client.h"
 #include "messages.h"
+#include "group.h"
 
 struct conn {
   const char *path;
@@ -48,6 +49,18 @@ struct conn {
 };
 
 static bool json_output;
+
+/* Several -s, or a hook: snapshot create and checkpoint make a
+ * consistency group (group.c).
+ */
+static struct group_opts group = { .hook_timeout = 30,
+                                   .deadline_ms = 1000 };
+
+static bool
+grouped (void)
+{
+  return group.nsockets > 1 || group.pre_hook || group.post_hook;
+}
 
 static void __attribute__ ((noreturn))
 usage (void)
@@ -71,7 +84,14 @@ usage (void)
           "  fleecectl [OPTIONS] relay\n"
           "\n"
           "Options (before the command):\n"
-          "  -s, --socket PATH     control socket (default: $FLEECE_SOCKET)\n"
+          "  -s, --socket PATH     control socket (default: $FLEECE_SOCKET);\n"
+          "                        several: snapshot create and checkpoint\n"
+          "                        make one group over all of them\n"
+          "  --pre-hook CMD        run CMD (/bin/sh -c) before the group\n"
+          "  --post-hook CMD       run CMD after the group, whatever happened\n"
+          "  --hook-timeout SECONDS  kill a hook after this long (default 30)\n"
+          "  --deadline MS         servers hold writes at most this long\n"
+          "                        (default 1000)\n"
           "  -j, --json            print the reply's return value as JSON\n"
           "  -t, --timeout SECONDS wait at most this long for a reply "
           "(default 30)\n"
@@ -579,6 +599,8 @@ run_snapshot (struct conn *c, int argc, char **argv)
     c->label = strcmp (sub, "create") == 0 ? "snapshot create"
       : "snapshot delete";
     want_args (c->label, argc, argv, 3, "NAME");
+    if (grouped ())
+      return group_run (&group, argv[2], false);
     conn_greeting (c);
     snapshot_change (c, strcmp (sub, "create") == 0 ? "snapshot-create"
                      : "snapshot-delete", argv[2]);
@@ -701,6 +723,8 @@ run_checkpoint (struct conn *c, int argc, char **argv)
 
   c->label = "checkpoint";
   want_args ("checkpoint", argc, argv, 2, "NAME");
+  if (grouped ())
+    return group_run (&group, argv[1], true);
   conn_greeting (c);
   snprintf (done, sizeof done, "checkpoint '%s' created: snapshot/%s, "
             "bitmap '%s' recording", argv[1], argv[1], argv[1]);
@@ -767,6 +791,11 @@ check_command (int argc, char **argv)
       !(argc == 1 || (argc == 3 && (strcmp (argv[1], "--timeout") == 0 ||
                                      strcmp (argv[1], "-t") == 0))))
     usage_error ("events: expected nothing or '--timeout SECONDS'");
+  if (grouped () && strcmp (argv[0], "checkpoint") != 0 &&
+      !(strcmp (argv[0], "snapshot") == 0 && argc > 1 &&
+        strcmp (argv[1], "create") == 0))
+    usage_error ("several -s, --pre-hook and --post-hook are only for "
+                 "'snapshot create' and 'checkpoint'");
 }
 
 int
@@ -778,18 +807,40 @@ main (int argc, char **argv)
     { "timeout", required_argument, NULL, 't' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
+    { "pre-hook", required_argument, NULL, 'P' },
+    { "post-hook", required_argument, NULL, 'Q' },
+    { "hook-timeout", required_argument, NULL, 'H' },
+    { "deadline", required_argument, NULL, 'D' },
     { NULL }
   };
   const char *path = getenv ("FLEECE_SOCKET");
   struct conn c = { .ctl = NULL };
   int opt, timeout = 30, status;
+  /* Every -s, for a group: at most one per argument. */
+  const char **sockets = calloc (argc, sizeof *sockets);
 
+  if (sockets == NULL)
+    die ("out of memory");
   argv[0] = (char *) "fleecectl";       /* for getopt's messages */
   messages_init ("fleecectl", NULL, NULL);
   while ((opt = getopt_long (argc, argv, "+s:jt:hV", long_options,
                              NULL)) != -1) {
     switch (opt) {
-    case 's': path = optarg; break;
+    case 's': path = sockets[group.nsockets++] = optarg; break;
+    case 'P': group.pre_hook = optarg; break;
+    case 'Q': group.post_hook = optarg; break;
+    case 'H':
+      group.hook_timeout = parse_seconds ("--hook-timeout", optarg);
+      break;
+    case 'D': {
+      char *end;
+      long v = strtol (optarg, &end, 10);
+      if (end == optarg || *end || v < 1 || v > 60000)
+        usage_error ("--deadline: '%s' is not a number of milliseconds "
+                     "between 1 and 60000", optarg);
+      group.deadline_ms = v;
+      break;
+    }
     case 'j': json_output = true; break;
     case 't': timeout = parse_seconds ("--timeout", optarg); break;
     case 'h': usage ();
@@ -808,7 +859,13 @@ main (int argc, char **argv)
     usage_error ("no control socket: use -s SOCKET or set FLEECE_SOCKET");
   c.path = path;
   c.timeout = timeout;
+  if (group.nsockets == 0)
+    sockets[group.nsockets++] = path;
+  group.sockets = sockets;
+  group.timeout = timeout;
+  group.json = json_output;
   status = run (&c, argc - optind, argv + optind);
   ctlc_close (c.ctl);
+  free (sockets);
   return status;
 }
