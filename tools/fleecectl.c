@@ -85,6 +85,7 @@ usage (void)
           "Usage:\n"
           "  fleecectl [OPTIONS] status\n"
           "  fleecectl [OPTIONS] stats\n"
+          "  fleecectl [OPTIONS] metrics\n"
           "  fleecectl [OPTIONS] snapshot create NAME\n"
           "  fleecectl [OPTIONS] snapshot delete NAME\n"
           "  fleecectl [OPTIONS] snapshot list\n"
@@ -536,6 +537,19 @@ do_status (struct conn *c)
   json_decref (ret);
 }
 
+/* metrics: the Prometheus text as it is (with --json, the reply). */
+static void
+do_metrics (struct conn *c)
+{
+  json_t *ret = execute (c, "metrics", NULL);
+
+  if (json_output)
+    print_json (ret);
+  else
+    fputs (json_string_value (json_object_get (ret, "text")) ?: "", stdout);
+  json_decref (ret);
+}
+
 static void
 do_stats (struct conn *c)
 {
@@ -905,6 +919,8 @@ run (struct conn *c, int argc, char **argv)
   conn_greeting (c);
   if (strcmp (cmd, "status") == 0)
     do_status (c);
+  else if (strcmp (cmd, "metrics") == 0)
+    do_metrics (c);
   else
     do_stats (c);
   return EXIT_SUCCESS;
@@ -915,7 +931,7 @@ static void
 check_command (int argc, char **argv)
 {
   static const char *const known[] = {
-    "status", "stats", "snapshot", "bitmap", "checkpoint", "raw", "events",
+    "status", "stats", "metrics", "snapshot", "bitmap", "checkpoint", "raw", "events",
     NULL
   };
   int i;
