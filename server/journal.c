@@ -19,6 +19,8 @@
 #include <sys/uio.h>
 #include <syslog.h>
 
+/* CODE_FILE= and CODE_LINE= would name this file, not the caller. */
+#define SD_JOURNAL_SUPPRESS_LOCATION
 #include <systemd/sd-journal.h>
 
 #include "internal.h"
