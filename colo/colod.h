@@ -107,6 +107,9 @@ struct colod_status {
   int64_t rtt_us;
 };
 
+/* "none", "require", "active", "completed" (colod.c). */
+extern const char *colod_failover_name (enum colod_failover f);
+
 struct colod {
   /* Set by main before the role starts, then constant. */
   struct colod_options opt;

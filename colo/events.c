@@ -156,18 +156,6 @@ colod_events_shutdown_all (void)
       shutdown (subscribers[i], SHUT_RDWR);
 }
 
-const char *
-colod_failover_name (enum colod_failover f)
-{
-  switch (f) {
-  case FAILOVER_NONE: return "none";
-  case FAILOVER_REQUIRE: return "require";
-  case FAILOVER_ACTIVE: return "active";
-  case FAILOVER_COMPLETED: return "completed";
-  }
-  return "unknown";
-}
-
 void
 colod_set_failover (enum colod_failover f, const char *why)
 {

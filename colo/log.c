@@ -9,7 +9,9 @@
  * FLEECE_KEY per member of its data.  Without --log: stderr when it is a
  * terminal, the journal when it is the journal's stream (JOURNAL_STREAM,
  * as a systemd unit has it), else syslog.  A record the journal does
- * not take goes to stderr rather than nowhere.
+ * not take goes to stderr rather than nowhere; with syslog, errors go to
+ * stderr as well, so that whoever started the daemon sees why it
+ * stopped (syslog may have no reader: no /dev/log).
  *
  * Priorities: errors (LOG_ERR), anomalies (LOG_WARNING: a lost peer, a
  * refused or resent epoch, a failover state change), service changes
@@ -93,6 +95,8 @@ emit (int priority, const char *line, const char *const *fields, size_t n)
   switch (log_to) {
   case COLOD_LOG_SYSLOG:
     syslog (priority, "%s: %s", colod.opt.role ? colod.opt.role : "-", line);
+    if (priority <= LOG_ERR)
+      to_stderr (line);         /* whoever started it sees why it failed */
     return;
   case COLOD_LOG_JOURNAL:
     snprintf (role, sizeof role, "FLEECE_ROLE=%s",

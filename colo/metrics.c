@@ -17,7 +17,6 @@
 
 #include "clock.h"
 #include "colod.h"
-#include "events.h"
 #include "log.h"
 #include "metrics.h"
 

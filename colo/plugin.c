@@ -114,7 +114,7 @@ remove_colo (const char *cmd, uint64_t k)
   snprintf (name, sizeof name, PLUGIN_PREFIX "%" PRIu64, k);
   r = plugin_ctl (cmd, json_pack ("{s:s}", "name", name), err, sizeof err);
   if (r == NULL) {
-    colod_log ("%s %s: %s", cmd, name, err);
+    colod_warn ("%s %s: %s", cmd, name, err);
     return -1;
   }
   json_decref (r);

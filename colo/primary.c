@@ -142,7 +142,7 @@ init_identity (void)
     return -1;
   if (r == 1) {
     if (id.demoted) {
-      colod_log ("%s: this state directory was demoted (fleece-colod "
+      colod_err ("%s: this state directory was demoted (fleece-colod "
                  "demote): it belongs to a secondary now", id_path);
       return -1;
     }
@@ -769,11 +769,11 @@ colod_demote (void)
   int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
-    colod_log ("%s: no primary state to demote", id_path);
+    colod_err ("%s: no primary state to demote", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (id.demoted) {
-    colod_log ("%s: already demoted", id_path);
+    colod_err ("%s: already demoted", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (plugin_start (false) == -1)

@@ -138,12 +138,12 @@ promote (const char *why)
   }
   secondary_publish_journal ();
   if (secondary_write_promoted (gen) == -1)
-    colod_log ("a restart of this daemon will not know it was promoted: "
+    colod_warn ("a restart of this daemon will not know it was promoted: "
                "start it with the same --state only as a primary");
   secondary_unlock_disk ();               /* for the server that takes over */
   if (colod.opt.promote_store &&
       prepare_store (epoch, err, sizeof err) == -1)
-    colod_log ("%s: a later failback will need a full copy", err);
+    colod_warn ("%s: a later failback will need a full copy", err);
   pthread_mutex_unlock (&sec.jlock);
   colod_hex (gen, 16, hex);
   colod_notice ("promoted at epoch %" PRIu64 ": generation %s; the disk %s is "

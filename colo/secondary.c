@@ -154,7 +154,7 @@ lock_disk (char *err, size_t errlen)
     return -1;
   }
   if (!locked)
-    colod_log ("disk %s: not locked: its file system has no OFD locks",
+    colod_warn ("disk %s: not locked: its file system has no OFD locks",
                colod.opt.disk);
   sec.lock_fd = fd;
   return 0;
@@ -659,7 +659,7 @@ recv_hello (struct colod_conn *c, int64_t accepted_ms)
 
   colo_conn_set_deadline (c->conn, left > 0 ? left : 1);
   if (colod_recv (c, &m, err, sizeof err) != 1) {
-    colod_log ("connection from %s closed before its HELLO: %s",
+    colod_warn ("connection from %s closed before its HELLO: %s",
                colo_conn_peer (c->conn), err);
     return NULL;
   }
@@ -817,7 +817,7 @@ adopt_demoted (void)
   h.history_count = ps.history_len;
   base = ps.acked;
   if (read_diverged (&base, &size, &cs, &bits, &nbits) != 1) {
-    colod_log ("%s: demoted, but its diverged clusters are missing or "
+    colod_err ("%s: demoted, but its diverged clusters are missing or "
                "damaged: pair with --discard-diverged for a full copy",
                colod.opt.state_dir);
     return colod.opt.discard_diverged ? 0 : -1;
@@ -875,14 +875,14 @@ colod_run_secondary (void)
   if (r == 0 && sec.j && read_promoted ()) {
     sec.promoted = true;
     colod.st.failover = FAILOVER_COMPLETED;
-    colod_log ("this side was promoted (generation of %s): primaries "
+    colod_err ("this side was promoted (generation of %s): primaries "
                "are refused%s", colod.opt.state_dir,
                colod.opt.discard_diverged ? ", except with "
                "--discard-diverged" : "");
   }
   if (!sec.promoted && colod.opt.promote_store &&
       access (colod.opt.promote_store, F_OK) == 0) {
-    colod_log ("--promote-store %s: already exists; promotion makes a new "
+    colod_err ("--promote-store %s: already exists; promotion makes a new "
                "store there (remove the old one)", colod.opt.promote_store);
     return COLOD_EXIT_ERROR;
   }
