@@ -357,6 +357,25 @@ def targets(data):
               med(data, "incremental", "full-pull", "fleece"))
     out.append(("incremental pull of 1% vs full pull <= 0.03",
                 r, None if r is None else r <= 0.03))
+    r = ratio(med(data, "repo", "convert-8", "qemu-img"),
+              med(data, "repo", "restore-8", "fleece"))
+    out.append(("restore of a point with 7 incrementals, speed vs qemu-img "
+                "convert of the chain >= 0.9", r, None if r is None
+                else r >= 0.9))
+    r = ratio(med(data, "repo", "incr-point", "fleece"),
+              med(data, "repo", "full-point", "fleece"))
+    out.append(("incremental point of 1% vs full point (time) <= 0.05",
+                r, None if r is None else r <= 0.05))
+    v = med(data, "repo", "incr-file-pct", "fleece")
+    out.append(("  its file, % of the disk <= 1.5", v,
+                None if v is None else v <= 1.5))
+    r = ratio(med(data, "repo", "compressed-bytes", "fleece"),
+              med(data, "repo", "compressed-bytes", "qemu-img"))
+    out.append(("compressed full point vs qemu-img convert -c, size <= 1.05",
+                r, None if r is None else r <= 1.05))
+    r = ratio(med(data, "repo", "compressed-full", "fleece"),
+              med(data, "repo", "compressed-full", "qemu-img"))
+    out.append(("  same, time <= 1.05", r, None if r is None else r <= 1.05))
     return out
 
 

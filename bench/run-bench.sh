@@ -40,6 +40,11 @@
 #                      the gap in completions; a control run with
 #                      "fleecectl status" in the same windows
 #   incremental        fleece-backup full pull vs incremental pull of 1 %
+#   repo               restore points: a full point and 7 incremental ones
+#                      of 1 % each (fleece-backup backup --control), the
+#                      restore of the newest vs qemu-img convert of the
+#                      same chain, a compressed full point vs qemu-img
+#                      convert -c of the same image (time and size)
 #
 # The table goes to stdout and the CSV to --csv; progress to stderr.
 
@@ -565,6 +570,82 @@ scen_incremental ()
   done
 }
 
+# ---- restore points (fleece-backup's repository) ----
+
+# Timed repository command of fleece-backup; prints seconds.
+timed_repo ()
+{
+  local t0 t1
+  t0=$EPOCHREALTIME
+  "$backup" "$@" >/dev/null 2>&1 || die "fleece-backup $1 failed"
+  t1=$EPOCHREALTIME
+  elapsed "$t0" "$t1"
+}
+
+timed_cmd ()
+{
+  local t0 t1
+  t0=$EPOCHREALTIME
+  "$@" >/dev/null || die "$1 failed"
+  t1=$EPOCHREALTIME
+  elapsed "$t0" "$t1"
+}
+
+# A full point, then 7 incremental ones of 1 % each through --control;
+# the restore of the newest against qemu-img convert of the same chain;
+# a compressed full point against qemu-img convert -c of the same image.
+repo_run ()
+{
+  local run=$1 repo=$tmp/repo zrepo=$tmp/zrepo n s nclusters bytes
+  rm -rf "$repo" "$zrepo" "$tmp/restored" "$tmp/converted" "$tmp/c.qcow2"
+  "$backup" init "$repo"
+  s=$(timed_repo backup "$repo" "$(live_uri fleece)" --control "$ctl" \
+        --name p1 -q)
+  record repo fleece full-point s "$run" "$s"
+  nclusters=$(( size_bytes / cluster / 100 ))
+  for n in 2 3 4 5 6 7 8; do
+    fio_run "$tmp/fio.json" "$(live_uri fleece)" randwrite 64k 16 \
+            --io_size="$(( nclusters * cluster ))" --randseed="$n"
+    s=$(timed_repo backup "$repo" "$(live_uri fleece)" --control "$ctl" \
+          --name "p$n" -q)
+    if [ "$n" = 2 ]; then
+      record repo fleece incr-point s "$run" "$s"
+      bytes=$(stat -c %s "$repo/p2.qcow2")
+      record repo fleece incr-file-pct % "$run" \
+        "$(awk -v a="$bytes" -v b="$size_bytes" 'BEGIN { printf "%.3f", 100 * a / b }')"
+    fi
+  done
+  s=$(timed_repo restore "$repo" p8 "$tmp/restored" -q)
+  record repo fleece restore-8 s "$run" "$s"
+  cmp -s "$tmp/restored" "$disk" ||
+    log "WARNING: the restored point differs from the disk (run $run)"
+  # Durable, as a restore is (it ends with fsync): convert, then sync.
+  s=$(timed_cmd sh -c 'qemu-img convert -f qcow2 -O raw "$1" "$2" &&
+                       sync "$2"' sh "$repo/p8.qcow2" "$tmp/converted")
+  record repo qemu-img convert-8 s "$run" "$s"
+  "$backup" init "$zrepo"
+  s=$(timed_repo backup "$zrepo" "$(live_uri fleece)" --control "$ctl" \
+        --name z1 --compress -q)
+  record repo fleece compressed-full s "$run" "$s"
+  record repo fleece compressed-bytes B "$run" "$(stat -c %s "$zrepo/z1.qcow2")"
+  s=$(timed_cmd sh -c 'qemu-img convert -c -f raw -O qcow2 \
+        -o compression_type=zstd "$1" "$2" && sync "$2"' sh \
+        "$tmp/restored" "$tmp/c.qcow2")
+  record repo qemu-img compressed-full s "$run" "$s"
+  record repo qemu-img compressed-bytes B "$run" "$(stat -c %s "$tmp/c.qcow2")"
+  rm -rf "$repo" "$zrepo" "$tmp/restored" "$tmp/converted" "$tmp/c.qcow2"
+}
+
+scen_repo ()
+{
+  local run
+  for (( run = 1; run <= runs; run++ )); do
+    start_server fleece
+    repo_run "$run"
+    stop_server fleece
+  done
+}
+
 # ---- main ----
 
 machine ()
@@ -596,6 +677,7 @@ wanted snap-read-idle && scen_snap_read_idle
 wanted snap-pull-busy && scen_snap_pull_busy
 wanted snap-create-stall && scen_snap_create_stall
 wanted incremental && scen_incremental
+wanted repo && scen_repo
 
 echo
 python3 "$report" report "$raw" "$csv"

@@ -4,14 +4,14 @@
  * --control says otherwise, speaking the plugin's QMP-shaped JSON lines
  * (docs/control-protocol.md): a greeting, then {"execute":CMD} requests
  * with the commands query-status, checkpoint (primary), promote
- * (secondary), metrics (Prometheus text, metrics.c) and subscribe-events.  Only the daemon's user and root may
- * connect (SO_PEERCRED, as the plugin's socket).  A client has a thread
- * of its own (there are few, and a checkpoint or a promotion waits in
- * it for the role's loop); at most CONTROL_MAX_LINE bytes a request.
+ * (secondary), metrics (Prometheus text, metrics.c) and
+ * subscribe-events.  Only the daemon's user and root may connect
+ * (SO_PEERCRED, as the plugin's socket).  A client has a thread of its
+ * own (there are few, and a checkpoint or a promotion waits in it for
+ * the role's loop); at most CONTROL_MAX_LINE bytes a request.
  *
  * The other subcommands (status, checkpoint, promote, metrics, events)
- * are the clients: colo_ctl (source.c) for the requests, a plain line
- * reader for events.
+ * are the clients, lib/ctl-client.c's.
  */
 
 #include <config.h>
@@ -36,7 +36,7 @@
 #include "events.h"
 #include "log.h"
 #include "metrics.h"
-#include "source.h"
+#include "ctl-client.h"
 
 #define CONTROL_MAX_LINE    4096
 
@@ -443,25 +443,34 @@ colod_control_stop (void)
   free (ctl.path);
 }
 
-/* ---- client subcommands ---- */
+/* ---- client subcommands (lib/ctl-client.c) ---- */
+
+/* A client of this daemon's control socket, or NULL (said why). */
+static struct ctlc *
+client_open (void)
+{
+  char err[1024];
+  struct ctlc *c = ctlc_connect (colod.opt.control, 10000, err, sizeof err);
+
+  if (c == NULL)
+    fprintf (stderr, "fleece-colod: %s (is the daemon running with "
+             "--state %s?)\n", err, colod.opt.state_dir);
+  return c;
+}
 
 int
 colod_ctl_client (const char *cmd, json_t *args, bool human)
 {
-  char path[PATH_MAX], err[1024];
-  struct colo_ctl *c;
+  char err[1024];
+  struct ctlc *c = client_open ();
   json_t *r;
 
-  snprintf (path, sizeof path, "%s", colod.opt.control);
-  c = colo_ctl_open (path, 10000, err, sizeof err);
   if (c == NULL) {
-    fprintf (stderr, "fleece-colod: %s (is the daemon running with "
-             "--state %s?)\n", err, colod.opt.state_dir);
     json_decref (args);
     return COLOD_EXIT_ERROR;
   }
-  r = colo_ctl_execute (c, cmd, args, err, sizeof err);
-  colo_ctl_close (c);
+  r = ctlc_execute (c, cmd, args, err, sizeof err);
+  ctlc_close (c);
   if (r == NULL) {
     fprintf (stderr, "fleece-colod: %s\n", err);
     return COLOD_EXIT_ERROR;
@@ -490,32 +499,33 @@ colod_ctl_client (const char *cmd, json_t *args, bool human)
   return 0;
 }
 
-/* events: subscribe and print every event line until the daemon goes. */
+/* events: subscribe and print every event line, as it came, until the
+ * daemon goes (which is the normal end: exit 0).
+ */
 int
 colod_ctl_events (void)
 {
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  const char *req = "{\"execute\":\"subscribe-events\"}\n";
-  char buf[65536];
-  int fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ssize_t r;
+  char err[1024], *line;
+  struct ctlc *c = client_open ();
+  json_t *ev;
+  int r = -1;
 
-  snprintf (sun.sun_path, sizeof sun.sun_path, "%s", colod.opt.control);
-  if (fd == -1 || connect (fd, (struct sockaddr *) &sun, sizeof sun) == -1 ||
-      write (fd, req, strlen (req)) != (ssize_t) strlen (req)) {
-    fprintf (stderr, "fleece-colod: control socket %s: %s\n",
-             colod.opt.control, strerror (errno));
+  if (c == NULL)
+    return COLOD_EXIT_ERROR;
+  setvbuf (stdout, NULL, _IOLBF, 0);
+  if (ctlc_subscribe (c, err, sizeof err) == 0) {
+    while ((r = ctlc_next_event (c, -1, &ev, &line, err, sizeof err)) == 1) {
+      printf ("%s\n", line);
+      json_decref (ev);
+      free (line);
+    }
+    if (ctlc_closed (c))
+      r = 0;
+  }
+  ctlc_close (c);
+  if (r == -1) {
+    fprintf (stderr, "fleece-colod: %s\n", err);
     return COLOD_EXIT_ERROR;
   }
-  setvbuf (stdout, NULL, _IOLBF, 0);
-  while ((r = read (fd, buf, sizeof buf)) > 0) {
-    char *p = buf, *nl;
-    while ((nl = memchr (p, '\n', buf + r - p)) != NULL) {
-      if (strncmp (p, "{\"event\"", 8) == 0)
-        fwrite (p, 1, nl + 1 - p, stdout);
-      p = nl + 1;
-    }
-  }
-  close (fd);
   return 0;
 }

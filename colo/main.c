@@ -10,7 +10,6 @@
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +22,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
+#include "messages.h"
 #include "primary.h"
 #include "secondary.h"
 
@@ -54,20 +54,6 @@ usage (FILE *f)
 "  --metrics-listen [ADDR:]PORT.\n"
 "  fleece-colod --help | --version\n"
 "See fleece-colod(1).\n");
-}
-
-/* A usage error: say what is wrong and where to read more, exit 2. */
-static int __attribute__ ((format (printf, 1, 2)))
-usage_error (const char *fmt, ...)
-{
-  va_list ap;
-
-  fprintf (stderr, "fleece-colod: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "\nTry 'fleece-colod --help' for more information.\n");
-  return COLOD_EXIT_USAGE;
 }
 
 static int
@@ -331,8 +317,9 @@ main (int argc, char *argv[])
   int r;
 
   argv[0] = (char *) "fleece-colod";    /* for getopt's messages */
+  messages_init ("fleece-colod", NULL, NULL);
   if (argc < 2)
-    return usage_error ("no subcommand given");
+    usage_error ("no subcommand given");
   if (argv[1][0] == '-') {
     if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0) {
       usage (stdout);
@@ -342,11 +329,11 @@ main (int argc, char *argv[])
       printf ("fleece-colod %s\n", PACKAGE_VERSION);
       return 0;
     }
-    return usage_error ("expected a subcommand before '%s'", argv[1]);
+    usage_error ("expected a subcommand before '%s'", argv[1]);
   }
   colod.opt.role = argv[1];
   if (!known_role (colod.opt.role))
-    return usage_error ("unknown subcommand '%s'", colod.opt.role);
+    usage_error ("unknown subcommand '%s'", colod.opt.role);
   optind = 2;
   if (parse_options (argc, argv, &json, &no_wait, &force) == -1)
     return COLOD_EXIT_USAGE;

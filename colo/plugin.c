@@ -32,24 +32,24 @@ plugin_ctl (const char *cmd, json_t *args, char *err, size_t errlen)
   json_t *r;
 
   if (plugin.ctl == NULL) {
-    plugin.ctl = colo_ctl_open (colod.opt.fleece_socket, 30000, err, errlen);
+    plugin.ctl = ctlc_connect (colod.opt.fleece_socket, 30000, err, errlen);
     /* Subscribed, the plugin keeps this connection however long it is
      * idle (--interval 0 waits for requests): not subscribed, it would
      * close it after a minute.
      */
-    r = plugin.ctl ? colo_ctl_execute (plugin.ctl, "subscribe-events", NULL,
-                                       err, errlen) : NULL;
+    r = plugin.ctl ? ctlc_execute (plugin.ctl, "subscribe-events", NULL,
+                                   err, errlen) : NULL;
     if (r == NULL) {
-      colo_ctl_close (plugin.ctl);
+      ctlc_close (plugin.ctl);
       plugin.ctl = NULL;
       json_decref (args);
       return NULL;
     }
     json_decref (r);
   }
-  r = colo_ctl_execute (plugin.ctl, cmd, args, err, errlen);
+  r = ctlc_execute (plugin.ctl, cmd, args, err, errlen);
   if (r == NULL && strstr (err, "control socket")) {
-    colo_ctl_close (plugin.ctl);  /* reconnect next time */
+    ctlc_close (plugin.ctl);    /* reconnect next time */
     plugin.ctl = NULL;
   }
   return r;

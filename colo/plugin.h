@@ -9,6 +9,8 @@
 
 #include <jansson.h>
 
+#include "ctl-client.h"
+
 /* Checkpoints, snapshots and bitmaps of the plugin named PREFIX N
  * belong to fleece-colod, N the epoch.
  */
@@ -16,7 +18,7 @@
 
 /* Main thread only. */
 struct primary_plugin {
-  struct colo_ctl *ctl;           /* NULL: not connected */
+  struct ctlc *ctl;               /* NULL: not connected */
   uint64_t disk_size;             /* set by plugin_start */
   uint32_t cluster_size;
   uint64_t last_checkpoint;       /* highest colo-N on the plugin */

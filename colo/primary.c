@@ -747,7 +747,7 @@ colod_run_primary (void)
     colod_sleep_ms (colod.stop ? 0 : 500);
   }
   colo_tls_free (tls);
-  colo_ctl_close (plugin.ctl);
+  ctlc_close (plugin.ctl);
   free (p.extra);
   return rc;
 }
@@ -825,6 +825,6 @@ colod_demote (void)
  out:
   plugin_free_names (names, nnames);
   free (bits);
-  colo_ctl_close (plugin.ctl);
+  ctlc_close (plugin.ctl);
   return rc;
 }

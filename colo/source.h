@@ -1,8 +1,9 @@
-/* The primary's side of an epoch: drive the plugin through its control
- * socket, and read what changed from its exports.
+/* The primary's side of an epoch: read what changed from the plugin's
+ * exports.  (Its control socket is driven through lib/ctl-client.h, by
+ * plugin.c.)
  *
  * Errors: every function that can fail returns -1 (or NULL) and writes a
- * message naming the socket, the export or the command into err.
+ * message naming the export or the bitmap into err.
  */
 
 #ifndef COLO_SOURCE_H
@@ -11,25 +12,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#include <jansson.h>
-
-/* A connection to the plugin's control socket (docs/control-protocol.md). */
-struct colo_ctl;
-extern struct colo_ctl *colo_ctl_open (const char *path, int timeout_ms,
-                                       char *err, size_t errlen);
-/* Run cmd; args is consumed (may be NULL).  Returns the "return" value
- * (a new reference), or NULL with the server's error in err.
- */
-extern json_t *colo_ctl_execute (struct colo_ctl *c, const char *cmd,
-                                 json_t *args, char *err, size_t errlen);
-extern void colo_ctl_close (struct colo_ctl *c);
-
-/* The URI of export name on the server that base (an NBD URI) reaches:
- * base with its path replaced, the rest (TLS parameters, socket) kept.
- * Returns a malloc'ed string or NULL.
- */
-extern char *colo_export_uri (const char *base, const char *name);
 
 /* One extent of an epoch: length bytes at offset, all zero or data (with
  * its xxh64, seed 0).  data is valid during the call only.
@@ -56,8 +38,9 @@ extern int colo_read_epoch (const char *base, const char *snapshot,
                             struct colo_epoch_info *info,
                             char *err, size_t errlen);
 
-/* The bits of bitmap/NAME (checked against the geometry), malloc'ed:
- * ceil (clusters / 8) bytes, bit i (LSB first) = cluster i.
+/* The bits of bitmap/NAME (lib/bitmap-export.h's checks, and the
+ * geometry; frozen or not), malloc'ed: ceil (clusters / 8) bytes, bit i
+ * (LSB first) = cluster i.
  */
 extern int colo_read_bitmap (const char *base, const char *name,
                              uint64_t disk_size, uint32_t cluster_size,

@@ -527,3 +527,24 @@ install_tree ()
   timeout -k 5 300 env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
     make -C "$abs_top_builddir" install DESTDIR="$1"
 }
+
+# ---- repositories of restore points (test-backup-repo*.sh, ...) ----
+
+# requires_repo: what every repository test runs (QEMU writes the
+# points; nbdcopy pulls the references).
+requires_repo ()
+{
+  requires qemu-img --version
+  requires qemu-nbd --version
+  requires qemu-io --version
+  requires nbdcopy --version
+  requires fleece-backup --help
+}
+
+# start_repo_server NAME DISK: the Fleece server of DISK, 64 KiB
+# clusters, control socket $tmp/NAME.ctl.
+start_repo_server ()
+{
+  start_nbdkit "$1" -- disk="$2" store="$tmp/$1.store" \
+    control="$tmp/$1.ctl" cluster-size=64K
+}

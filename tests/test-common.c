@@ -2,7 +2,8 @@
  * plain array (its model), its refusal of a size that cannot fit,
  * CLEANUP_FREE (its leaks would fail under make check-valgrind), the
  * scoped lock (held inside its block, released when the block is left,
- * also through a return), and the monotonic clock.
+ * also through a return), the monotonic clock, and waiting for a file
+ * descriptor until a deadline.
  *
  * TAP output (tap.h); the plan is printed at the end.
  */
@@ -19,8 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cleanup.h"
+#include "deadline.h"
 #include "monotonic.h"
 #include "vector.h"
 #include "tap.h"
@@ -137,6 +140,34 @@ test_monotonic (void)
       "monotonic_ms advances with it (%" PRId64 " ms)", bms - ams);
 }
 
+/* A pipe: nothing to read times out at the deadline (not before), a
+ * byte written is ready at once, no deadline waits for it.
+ */
+static void
+test_deadline (void)
+{
+  int fd[2], r;
+  int64_t t0, t;
+
+  ok (deadline_after (-1) == -1, "a negative timeout is no deadline");
+  if (!ok (pipe (fd) == 0, "pipe"))
+    return;
+  t0 = monotonic_ms ();
+  r = wait_fd_until (fd[0], POLLIN, deadline_after (50));
+  t = monotonic_ms () - t0;
+  ok (r == 0 && t >= 50 && t < 5000,
+      "nothing to read: a timeout, at the deadline (%" PRId64 " ms)", t);
+  ok (wait_fd_until (fd[0], POLLIN, monotonic_ms () - 10) == 0,
+      "a deadline already past: a timeout at once");
+  ok (write (fd[1], "x", 1) == 1 &&
+      wait_fd_until (fd[0], POLLIN, deadline_after (5000)) == 1,
+      "a byte to read: ready");
+  ok (wait_fd_until (fd[0], POLLIN, -1) == 1,
+      "and ready without a deadline");
+  close (fd[0]);
+  close (fd[1]);
+}
+
 int
 main (void)
 {
@@ -145,5 +176,6 @@ main (void)
   test_scoped_lock ();
   test_cleanup_free ();
   test_monotonic ();
+  test_deadline ();
   return done ();
 }

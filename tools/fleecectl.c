@@ -2,11 +2,14 @@
  * (docs/control-protocol.md, fleecectl(1)).
  *
  * One connection per run: read the greeting, send one request, print its
- * reply.  The server may interleave event lines with replies at any time,
- * so every read skips lines that carry "event" until the reply comes;
- * "events" does the opposite and prints only those.  Every wait is
- * bounded by --timeout (the events command's own --timeout bounds how
- * long it listens), so a wedged server never hangs a script.
+ * reply.  The connection, its greeting, replies and events are
+ * lib/ctl-client.c's (this file holds the command line and the output):
+ * every read skips event lines until the reply comes; "events" does the
+ * opposite and prints only those.  Every wait is bounded by --timeout
+ * (the events command's own --timeout bounds how long it listens), so a
+ * wedged server never hangs a script.  "relay" does not parse at all: it
+ * copies stdin and stdout to and from the socket, so that a client on
+ * another host reaches the socket through ssh.
  *
  * Output is for people unless --json is given, in which case the reply's
  * "return" value is printed as compact JSON on one line, for scripts.
@@ -19,7 +22,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <poll.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -28,53 +31,23 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 
 #include <jansson.h>
 
 #include "cleanup.h"
 #include "monotonic.h"
 #include "vector.h"
-
-#define MAX_REPLY (64 * 1024 * 1024)  /* longest line accepted */
+#include "ctl-client.h"
+#include "messages.h"
 
 struct conn {
-  int fd;
   const char *path;
   const char *label;            /* the command, for error messages */
-  int timeout;                  /* seconds; -1: none */
-  char *buf;                    /* received, not yet returned */
-  size_t len, cap;
+  int timeout;                  /* seconds */
+  struct ctlc *ctl;             /* NULL until conn_greeting */
 };
 
 static bool json_output;
-
-static void __attribute__ ((noreturn, format (printf, 1, 2)))
-die (const char *fmt, ...)
-{
-  va_list ap;
-
-  fprintf (stderr, "fleecectl: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "\n");
-  exit (EXIT_FAILURE);
-}
-
-static void __attribute__ ((noreturn, format (printf, 1, 2)))
-usage_error (const char *fmt, ...)
-{
-  va_list ap;
-
-  fprintf (stderr, "fleecectl: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "\nTry 'fleecectl --help' for more information.\n");
-  exit (2);
-}
 
 static void __attribute__ ((noreturn))
 usage (void)
@@ -96,6 +69,7 @@ usage (void)
           "  fleecectl [OPTIONS] bitmap list\n"
           "  fleecectl [OPTIONS] raw JSON-LINE\n"
           "  fleecectl [OPTIONS] events [--timeout SECONDS]\n"
+          "  fleecectl [OPTIONS] relay\n"
           "\n"
           "Options (before the command):\n"
           "  -s, --socket PATH     control socket (default: $FLEECE_SOCKET)\n"
@@ -121,198 +95,32 @@ parse_seconds (const char *opt, const char *s)
   return v;
 }
 
-/* ---- The connection ---- */
+/* ---- The connection (lib/ctl-client.c) ---- */
 
-/* Connect to c->path.  Called by conn_greeting, once the command line
- * has been checked: a usage error exits 2 whether or not the server is
- * there.
+/* Connect and read the greeting.  Called once the command line has been
+ * checked: a usage error exits 2 whether or not the server is there.
  */
-static void
-conn_open (struct conn *c)
-{
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  const char *path = c->path;
-
-  if (strlen (path) >= sizeof sun.sun_path)
-    die ("connect: %s: the path is longer than %zu bytes", path,
-         sizeof sun.sun_path - 1);
-  strcpy (sun.sun_path, path);
-  c->fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (c->fd == -1)
-    die ("socket: %m");
-  if (connect (c->fd, (struct sockaddr *) &sun, sizeof sun) == -1)
-    die ("connect: %s: %m", path);
-}
-
-static void
-conn_close (struct conn *c)
-{
-  if (c->fd >= 0)
-    close (c->fd);
-  free (c->buf);
-}
-
-/* Wait for input until deadline (-1: forever).  Returns false on
- * timeout.
- */
-static bool
-conn_wait (struct conn *c, int64_t deadline)
-{
-  struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-  int64_t left;
-  int r;
-
-  do {
-    left = deadline < 0 ? -1 : deadline - monotonic_ms ();
-    if (deadline >= 0 && left < 0)
-      left = 0;
-    r = poll (&pfd, 1, left > INT32_MAX ? INT32_MAX : (int) left);
-  } while (r == -1 && errno == EINTR);
-  if (r == -1)
-    die ("%s: poll: %m", c->label);
-  return r > 0;
-}
-
-/* Read one line (without its newline) into *line, malloc'd.  Returns 1,
- * 0 when the server closed the connection, -1 on timeout.
- */
-static int
-conn_read_line (struct conn *c, int64_t deadline, char **line)
-{
-  char *nl;
-  ssize_t n;
-
-  while ((nl = c->len ? memchr (c->buf, '\n', c->len) : NULL) == NULL) {
-    if (c->len == c->cap) {
-      if (c->cap >= MAX_REPLY)
-        die ("%s: %s sent a line longer than %d bytes", c->label, c->path,
-             MAX_REPLY);
-      c->cap = c->cap ? c->cap * 2 : 65536;
-      c->buf = realloc (c->buf, c->cap);
-      if (c->buf == NULL)
-        die ("%s: out of memory", c->label);
-    }
-    if (!conn_wait (c, deadline))
-      return -1;
-    n = recv (c->fd, c->buf + c->len, c->cap - c->len, 0);
-    if (n == -1 && errno != EINTR && errno != EAGAIN)
-      die ("%s: read from %s: %m", c->label, c->path);
-    if (n == 0)
-      return 0;
-    if (n > 0)
-      c->len += n;
-  }
-  *line = strndup (c->buf, nl - c->buf);
-  if (*line == NULL)
-    die ("%s: out of memory", c->label);
-  c->len -= nl - c->buf + 1;
-  memmove (c->buf, nl + 1, c->len);
-  return 1;
-}
-
-static int64_t
-deadline_of (int timeout)
-{
-  return timeout < 0 ? -1 : monotonic_ms () + (int64_t) timeout * 1000;
-}
-
-/* The next line that is not an event, parsed, with its text in *text if
- * text is not NULL.
- */
-static json_t *
-conn_reply (struct conn *c, char **text)
-{
-  int64_t deadline = deadline_of (c->timeout);
-  json_error_t jerr;
-  json_t *v;
-  char *line;
-  int r;
-
-  for (;;) {
-    r = conn_read_line (c, deadline, &line);
-    if (r == -1)
-      die ("%s: no reply from %s within %d seconds", c->label, c->path,
-           c->timeout);
-    if (r == 0)
-      die ("%s: %s closed the connection", c->label, c->path);
-    v = json_loads (line, 0, &jerr);
-    if (v == NULL || !json_is_object (v))
-      die ("%s: malformed reply from %s: %s", c->label, c->path,
-           v ? "not a JSON object" : jerr.text);
-    if (json_object_get (v, "event") == NULL)
-      break;
-    json_decref (v);
-    free (line);
-  }
-  if (text)
-    *text = line;
-  else
-    free (line);
-  return v;
-}
-
-static void
-conn_send (struct conn *c, const char *line)
-{
-  size_t len = strlen (line), off = 0;
-  ssize_t n;
-
-  while (off <= len) {
-    /* The line, then its newline. */
-    n = off < len ? send (c->fd, line + off, len - off, MSG_NOSIGNAL)
-      : send (c->fd, "\n", 1, MSG_NOSIGNAL);
-    if (n == -1 && errno == EINTR)
-      continue;
-    if (n == -1)
-      die ("%s: write to %s: %m", c->label, c->path);
-    off += n;
-  }
-}
-
-/* Read the greeting; a server that refuses us says why instead. */
 static void
 conn_greeting (struct conn *c)
 {
-  json_t *g;
-  const char *desc;
+  char err[1024];
 
-  conn_open (c);
-  g = conn_reply (c, NULL);
-
-  if (json_unpack (g, "{s:{s:s}}", "error", "desc", &desc) == 0)
-    die ("%s: %s", c->path, desc);
-  if (json_object_get (g, "QMP") == NULL)
-    die ("%s: %s is not a Fleece control socket (unexpected greeting)",
-         c->label, c->path);
-  json_decref (g);
+  c->ctl = ctlc_connect (c->path, (int64_t) c->timeout * 1000, err,
+                         sizeof err);
+  if (c->ctl == NULL)
+    die ("%s", err);
+  ctlc_set_label (c->ctl, c->label);
 }
 
 /* Run cmd and return its "return" value; exit on an error reply. */
 static json_t *
 execute (struct conn *c, const char *cmd, json_t *args)
 {
-  static int next_id = 1;
-  CLEANUP_FREE char *line = NULL;
-  json_t *req, *reply, *ret;
-  const char *desc;
-  int id = next_id++;
+  char err[1024];
+  json_t *ret = ctlc_execute (c->ctl, cmd, args, err, sizeof err);
 
-  req = json_pack ("{s:s,s:o*,s:i}", "execute", cmd, "arguments", args,
-                   "id", id);
-  line = req ? json_dumps (req, JSON_COMPACT) : NULL;
-  if (line == NULL)
-    die ("%s: out of memory", c->label);
-  json_decref (req);
-  conn_send (c, line);
-  reply = conn_reply (c, NULL);
-  if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
-    die ("%s: %s", c->label, desc);
-  ret = json_object_get (reply, "return");
   if (ret == NULL)
-    die ("%s: malformed reply from %s: neither \"return\" nor \"error\"",
-         c->label, c->path);
-  json_incref (ret);
-  json_decref (reply);
+    die ("%s", err);
   return ret;
 }
 
@@ -525,14 +333,28 @@ str_member (json_t *obj, const char *key)
 
 /* ---- Commands ---- */
 
+/* Run a query.  With --json its value is printed here and NULL
+ * returned: nothing is left to do.  Otherwise the value is returned for
+ * the human output.
+ */
+static json_t *
+query (struct conn *c, const char *cmd)
+{
+  json_t *ret = execute (c, cmd, NULL);
+
+  if (!json_output)
+    return ret;
+  print_json (ret);
+  json_decref (ret);
+  return NULL;
+}
+
 static void
 do_status (struct conn *c)
 {
-  json_t *ret = execute (c, "query-status", NULL);
+  json_t *ret = query (c, "query-status");
 
-  if (json_output)
-    print_json (ret);
-  else
+  if (ret)
     print_members (ret);
   json_decref (ret);
 }
@@ -541,11 +363,9 @@ do_status (struct conn *c)
 static void
 do_metrics (struct conn *c)
 {
-  json_t *ret = execute (c, "metrics", NULL);
+  json_t *ret = query (c, "metrics");
 
-  if (json_output)
-    print_json (ret);
-  else
+  if (ret)
     fputs (json_string_value (json_object_get (ret, "text")) ?: "", stdout);
   json_decref (ret);
 }
@@ -553,18 +373,15 @@ do_metrics (struct conn *c)
 static void
 do_stats (struct conn *c)
 {
-  json_t *ret = execute (c, "query-stats", NULL);
+  json_t *ret = query (c, "query-stats");
   struct table t = { .ncols = 3, .head = { "SNAPSHOT", "HELD", "RELEASED" },
                      .right = { false, true, true } };
   char b1[32], b2[32];
   json_t *snaps, *s;
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   print_members (ret);
   snaps = json_object_get (ret, "snapshot-clusters");
   if (json_array_size (snaps) > 0) {
@@ -576,6 +393,23 @@ do_stats (struct conn *c)
     table_print (&t);
   }
   json_decref (ret);
+}
+
+/* After a table: why each element of list whose member state is true
+ * is so, from its member "STATE-reason".
+ */
+static void
+print_reasons (json_t *list, const char *what, const char *state)
+{
+  char reason[64];
+  json_t *e;
+  size_t i;
+
+  snprintf (reason, sizeof reason, "%s-reason", state);
+  json_array_foreach (list, i, e)
+    if (json_is_true (json_object_get (e, state)))
+      printf ("%s '%s' is %s: %s\n", what, str_member (e, "name"), state,
+              str_member (e, reason));
 }
 
 static const char *
@@ -594,7 +428,7 @@ created_time (json_t *snap, char *buf, size_t size)
 static void
 snapshot_list (struct conn *c)
 {
-  json_t *ret = execute (c, "query-snapshots", NULL), *s;
+  json_t *ret = query (c, "query-snapshots"), *s;
   struct table t = { .ncols = 6,
                      .head = { "NAME", "GEN", "CREATED", "STATE", "HELD",
                                "RELEASED" },
@@ -602,11 +436,8 @@ snapshot_list (struct conn *c)
   char b1[32], b2[32], b3[32], b4[32];
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   json_array_foreach (ret, i, s)
     table_add (&t, str_member (s, "name"),
                int_member (s, "generation", b1, sizeof b1),
@@ -615,10 +446,7 @@ snapshot_list (struct conn *c)
                int_member (s, "clusters-held", b3, sizeof b3),
                int_member (s, "clusters-released", b4, sizeof b4));
   table_print (&t);
-  json_array_foreach (ret, i, s)
-    if (json_is_true (json_object_get (s, "broken")))
-      printf ("snapshot '%s' is broken: %s\n", str_member (s, "name"),
-              str_member (s, "broken-reason"));
+  print_reasons (ret, "snapshot", "broken");
   json_decref (ret);
 }
 
@@ -647,11 +475,13 @@ static int
 do_raw (struct conn *c, const char *line)
 {
   CLEANUP_FREE char *text = NULL;
+  char err[1024];
   json_t *reply;
   int status;
 
-  conn_send (c, line);
-  reply = conn_reply (c, &text);
+  if (ctlc_send_line (c->ctl, line, err, sizeof err) == -1 ||
+      (reply = ctlc_reply (c->ctl, &text, err, sizeof err)) == NULL)
+    die ("%s", err);
   printf ("%s\n", text);
   status = json_object_get (reply, "return") ? EXIT_SUCCESS : EXIT_FAILURE;
   json_decref (reply);
@@ -690,41 +520,49 @@ print_event (json_t *ev)
 
 /* Subscribe (so that the server keeps the connection however long no
  * event comes), then print events as they come, including any that come
- * before the reply.
+ * before the reply, until duration seconds (-1: forever) have passed.
  */
 static int
 do_events (struct conn *c, int duration)
 {
-  int64_t deadline = deadline_of (duration);
-  bool subscribed = false;
-  const char *desc;
+  int64_t deadline = duration < 0 ? -1
+    : monotonic_ms () + (int64_t) duration * 1000;
+  char err[1024];
   json_t *ev;
   char *line;
   int r;
 
-  conn_send (c, "{\"execute\":\"subscribe-events\"}");
-  for (;;) {
-    r = conn_read_line (c, deadline, &line);
-    if (r == -1)
-      return EXIT_SUCCESS;
-    if (r == 0)
-      die ("events: %s closed the connection", c->path);
-    ev = json_loads (line, 0, NULL);
-    if (!subscribed && ev && json_object_get (ev, "event") == NULL) {
-      if (json_unpack (ev, "{s:{s:s}}", "error", "desc", &desc) == 0)
-        die ("events: subscribe-events: %s", desc);
-      subscribed = true;
-    }
-    else if (json_object_get (ev, "event")) {
-      if (json_output)
-        printf ("%s\n", line);
-      else
-        print_event (ev);
-      fflush (stdout);
-    }
+  ctlc_set_label (c->ctl, NULL);        /* errors name subscribe-events */
+  if (ctlc_subscribe (c->ctl, err, sizeof err) == -1)
+    die ("%s", err);
+  while ((r = ctlc_next_event (c->ctl, deadline, &ev, &line, err,
+                               sizeof err)) == 1) {
+    if (json_output)
+      printf ("%s\n", line);
+    else
+      print_event (ev);
+    fflush (stdout);
     json_decref (ev);
     free (line);
   }
+  if (r == -1)
+    die ("%s", err);
+  return EXIT_SUCCESS;
+}
+
+/* Copy stdin to the socket and the socket to stdout (for ssh; see
+ * fleecectl(1)).  The greeting and every line pass untouched.
+ */
+static int
+do_relay (struct conn *c)
+{
+  char err[1024];
+
+  signal (SIGPIPE, SIG_IGN);    /* a reader gone is the end, not a kill */
+  if (ctlc_relay (c->path, STDIN_FILENO, STDOUT_FILENO, err,
+                  sizeof err) == -1)
+    die ("%s", err);
+  return EXIT_SUCCESS;
 }
 
 /* ---- Command line ---- */
@@ -768,7 +606,7 @@ run_snapshot (struct conn *c, int argc, char **argv)
 static void
 bitmap_list (struct conn *c)
 {
-  json_t *ret = execute (c, "query-bitmaps", NULL), *b;
+  json_t *ret = query (c, "query-bitmaps"), *b;
   struct table t = { .ncols = 6,
                      .head = { "NAME", "STATE", "DIRTY", "OF", "GRANULE",
                                "FROZEN-BY" },
@@ -776,11 +614,8 @@ bitmap_list (struct conn *c)
   char b1[32], b2[32], b3[32];
   size_t i;
 
-  if (json_output) {
-    print_json (ret);
-    json_decref (ret);
+  if (ret == NULL)
     return;
-  }
   json_array_foreach (ret, i, b) {
     const char *state =
       json_is_true (json_object_get (b, "inconsistent")) ? "inconsistent"
@@ -795,10 +630,7 @@ bitmap_list (struct conn *c)
                by && *by ? by : "-");
   }
   table_print (&t);
-  json_array_foreach (ret, i, b)
-    if (json_is_true (json_object_get (b, "inconsistent")))
-      printf ("bitmap '%s' is inconsistent: %s\n", str_member (b, "name"),
-              str_member (b, "inconsistent-reason"));
+  print_reasons (ret, "bitmap", "inconsistent");
   json_decref (ret);
 }
 
@@ -909,6 +741,10 @@ run (struct conn *c, int argc, char **argv)
     conn_greeting (c);
     return do_raw (c, argv[1]);
   }
+  if (strcmp (cmd, "relay") == 0) {
+    want_args ("relay", argc, argv, 1, "");
+    return do_relay (c);
+  }
   if (strcmp (cmd, "events") == 0) {
     int duration = argc == 3 ? parse_seconds ("events --timeout", argv[2])
       : -1;
@@ -931,8 +767,8 @@ static void
 check_command (int argc, char **argv)
 {
   static const char *const known[] = {
-    "status", "stats", "metrics", "snapshot", "bitmap", "checkpoint", "raw", "events",
-    NULL
+    "status", "stats", "metrics", "snapshot", "bitmap", "checkpoint", "raw",
+    "events", "relay", NULL
   };
   int i;
 
@@ -959,10 +795,11 @@ main (int argc, char **argv)
     { NULL }
   };
   const char *path = getenv ("FLEECE_SOCKET");
-  struct conn c = { .fd = -1 };
+  struct conn c = { .ctl = NULL };
   int opt, timeout = 30, status;
 
   argv[0] = (char *) "fleecectl";       /* for getopt's messages */
+  messages_init ("fleecectl", NULL, NULL);
   while ((opt = getopt_long (argc, argv, "+s:jt:hV", long_options,
                              NULL)) != -1) {
     switch (opt) {
@@ -986,6 +823,6 @@ main (int argc, char **argv)
   c.path = path;
   c.timeout = timeout;
   status = run (&c, argc - optind, argv + optind);
-  conn_close (&c);
+  ctlc_close (c.ctl);
   return status;
 }

@@ -1,4 +1,5 @@
-/* colo-epoch: a test driver for colo/source.c (not installed).
+/* colo-epoch: a test driver for colo/source.c and the plugin's control
+ * client, lib/ctl-client.c (not installed).
  *
  *   colo-epoch ctl SOCKET COMMAND [JSON-ARGS]
  *       run one control command, print its "return" value as JSON
@@ -22,6 +23,7 @@
 
 #include <xxhash.h>
 
+#include "ctl-client.h"
 #include "source.h"
 
 struct target {
@@ -66,7 +68,7 @@ main (int argc, char *argv[])
   char err[1024];
 
   if (argc >= 4 && strcmp (argv[1], "ctl") == 0) {
-    struct colo_ctl *c = colo_ctl_open (argv[2], 10000, err, sizeof err);
+    struct ctlc *c = ctlc_connect (argv[2], 10000, err, sizeof err);
     json_t *args = NULL, *ret;
     char *s;
     if (c == NULL) {
@@ -78,12 +80,12 @@ main (int argc, char *argv[])
       args = json_loads (argv[4], 0, &je);
       if (args == NULL) {
         fprintf (stderr, "colo-epoch: arguments: %s\n", je.text);
-        colo_ctl_close (c);
+        ctlc_close (c);
         return 1;
       }
     }
-    ret = colo_ctl_execute (c, argv[3], args, err, sizeof err);
-    colo_ctl_close (c);
+    ret = ctlc_execute (c, argv[3], args, err, sizeof err);
+    ctlc_close (c);
     if (ret == NULL) {
       fprintf (stderr, "colo-epoch: %s\n", err);
       return 1;

@@ -4,8 +4,8 @@
  * the bitmap loader's own state (bitmap.c), which is written by its
  * thread and read after the join.  The files, in the order of a pull:
  *
- *   main.c         command line, messages, signals, main
- *   uri.c          NBD URIs: the export name, the bitmap URI
+ *   main.c         command line, signals, main (messages: lib/messages.c)
+ *   uri.c          NBD URIs: the scheme, the export name
  *   nbd.c          connecting, reconnecting and closing an NBD handle
  *   rw.h, rw-nbd.c, rw-file.c
  *                  the source and the target behind one operations
@@ -28,6 +28,7 @@
 #include <libnbd.h>
 
 #include "vector.h"
+#include "messages.h"
 #include "rw.h"
 
 #define MAX_RETRIES      5
@@ -57,13 +58,9 @@ struct config {
 };
 extern struct config cfg;
 
-/* main.c: messages.  die disconnects (loop.c) before it exits. */
-extern void warn (const char *fmt, ...)
-  __attribute__ ((format (printf, 1, 2)));
-extern void die (const char *fmt, ...)
-  __attribute__ ((noreturn, format (printf, 1, 2)));
-extern void usage_error (const char *fmt, ...)
-  __attribute__ ((noreturn, format (printf, 1, 2)));
+/* main.c: memory and sleep.  The messages (warn, die, usage_error) are
+ * lib/messages.h's; main sets die to disconnect (loop.c) before it exits.
+ */
 extern void *xmalloc (size_t n);
 extern void *xcalloc (size_t n, size_t size);
 extern void sleep_ms (unsigned ms);
@@ -79,7 +76,8 @@ extern void uri_free (struct uri *u);
 extern char *pct_decode (const char *s, size_t n);
 extern int uri_parse (const char *s, struct uri *u, char *err,
                       size_t errlen);
-extern char *bitmap_uri (const char *source_uri, const char *name);
+extern char *export_uri (const char *source_uri, const char *kind,
+                         const char *name);
 
 /* nbd.c */
 extern struct nbd_handle *nbd_open_uri (const char *uri, const char *name,

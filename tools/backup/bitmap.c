@@ -2,13 +2,14 @@
  * (docs/bitmap-export.md).
  *
  * The bitmap comes from export bitmap/CHECKPOINT of the source's server
- * (the URI is SOURCE's with its path replaced, uri.c).  Its header is
- * checked against the pull before any bit is used: magic, version,
- * checksum, header size, granularity, name, bit count, size of the
- * export, not inconsistent, frozen, frozen by the checkpoint of the
- * snapshot being pulled, and the source's size; then the bits are
- * counted against the header's dirty count.  Any failure is a message
- * that --fallback-full turns into a full pull.
+ * (SOURCE's URI with that export name, lib/export.c).  Its header is
+ * checked against the pull before any bit is used, by the one reader's
+ * rules (lib/bitmap-export.c): magic, version, checksum, header size,
+ * granularity, name, bit count, size of the export, not inconsistent,
+ * frozen, frozen by the checkpoint of the snapshot being pulled, and the
+ * source's size; then the bits are counted against the header's dirty
+ * count.  Any failure is a message that --fallback-full turns into a
+ * full pull.
  *
  * Undocumented, for tests only: FLEECE_BACKUP_BITMAP_URI replaces the
  * bitmap URI derived from SOURCE, so that a test can serve a crafted
@@ -26,10 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <xxhash.h>
-
 #include "fleece-wire.h"
-#include "cleanup.h"
+#include "bitmap-export.h"
+#include "export.h"
 #include "backup.h"
 
 struct dirty_bitmap bm;
@@ -55,74 +55,6 @@ bit_find (uint64_t i, bool set)
       i++;
   }
   return bm.nbits;
-}
-
-static bool
-field_is (const char *field, const char *s)
-{
-  return memchr (field, '\0', FLEECE_BITMAP_NAME_SIZE) &&
-    strcmp (field, s) == 0;
-}
-
-/* Check a bitmap header against the pull: the bitmap 'name' must
- * describe exactly the changes up to 'snapshot' of a disk of disk_size
- * bytes.  Returns -1 with the reason in err.
- */
-static int
-bitmap_check_header (const struct fleece_bitmap_header *h,
-                     const char *name, const char *snapshot,
-                     uint64_t disk_size, uint64_t export_size,
-                     char *err, size_t n)
-{
-  uint32_t gran = le32toh (h->granularity), flags = le32toh (h->flags);
-  uint64_t size = le64toh (h->disk_size), bits = le64toh (h->bit_count);
-  const char *by = h->frozen_by;
-
-  if (memcmp (h->magic, FLEECE_BITMAP_MAGIC, 8) != 0)
-    snprintf (err, n, "bitmap '%s' has a bad header: no FLEECEBM magic",
-              name);
-  else if (le32toh (h->version) != FLEECE_BITMAP_VERSION)
-    snprintf (err, n, "bitmap '%s' has version %" PRIu32 ", this "
-              "fleece-backup reads version %d", name,
-              le32toh (h->version), FLEECE_BITMAP_VERSION);
-  else if (XXH64 (h, offsetof (struct fleece_bitmap_header, checksum), 0)
-           != le64toh (h->checksum))
-    snprintf (err, n, "bitmap '%s' has a bad header: wrong checksum",
-              name);
-  else if (le32toh (h->header_size) != FLEECE_BITMAP_HEADER_SIZE)
-    snprintf (err, n, "bitmap '%s' has a bad header: header size "
-              "%" PRIu32, name, le32toh (h->header_size));
-  else if (gran == 0 || (gran & (gran - 1)) != 0)
-    snprintf (err, n, "bitmap '%s' has a bad header: granularity "
-              "%" PRIu32 " is not a power of two", name, gran);
-  else if (!field_is (h->name, name))
-    snprintf (err, n, "bitmap '%s' has a bad header: it is not named "
-              "'%s'", name, name);
-  else if (bits != size / gran + (size % gran != 0))
-    snprintf (err, n, "bitmap '%s' has a bad header: %" PRIu64 " bits "
-              "for %" PRIu64 " bytes at granularity %" PRIu32,
-              name, bits, size, gran);
-  else if (export_size < FLEECE_BITMAP_HEADER_SIZE + (bits + 7) / 8)
-    snprintf (err, n, "bitmap '%s' is truncated: the export has "
-              "%" PRIu64 " bytes, its bits need %" PRIu64, name,
-              export_size, FLEECE_BITMAP_HEADER_SIZE + (bits + 7) / 8);
-  else if (flags & FLEECE_BM_INCONSISTENT)
-    snprintf (err, n, "bitmap '%s' is marked inconsistent: do a full "
-              "pull", name);
-  else if (!(flags & FLEECE_BM_FROZEN))
-    snprintf (err, n, "bitmap '%s' is not frozen: it is still recording "
-              "writes; create a checkpoint and pull its snapshot", name);
-  else if (!field_is (by, snapshot))
-    snprintf (err, n, "bitmap '%s' was frozen by checkpoint '%.*s', not "
-              "by '%s': it does not describe the changes up to "
-              "snapshot/%s", name, (int) strnlen (by, 128), by,
-              snapshot, snapshot);
-  else if (size != disk_size)
-    snprintf (err, n, "bitmap '%s' is for a disk of %" PRIu64 " bytes, "
-              "the source is %" PRIu64 " bytes", name, size, disk_size);
-  else
-    return 0;
-  return -1;
 }
 
 /* Loading the bitmap runs on a thread of its own, started before the
@@ -156,20 +88,21 @@ bitmap_thread (void *arg)
   const char *override = getenv ("FLEECE_BACKUP_BITMAP_URI");
   const char *name = cfg.since;
   uint64_t want = FLEECE_BITMAP_HEADER_SIZE;
-  CLEANUP_FREE char *uri = NULL, *msg = NULL;
+  char expname[16 + FLEECE_BITMAP_NAME_SIZE], why[1024];
   int64_t max;
   bool refused;
 
-  uri = override ? strdup (override) : bitmap_uri (cfg.source, name);
-  if (uri == NULL) {
-    snprintf (bl.err, sizeof bl.err, "strdup: %m");
-    return NULL;
-  }
-  bl.h = nbd_open_uri (uri, "bitmap", false, &msg, &refused);
+  /* Export bitmap/NAME of the source's server (lib/export.c), or the
+   * test's URI as it is.
+   */
+  snprintf (expname, sizeof expname, "bitmap/%s", name);
+  bl.h = export_open (override ? override : cfg.source,
+                      override ? NULL : expname, "bitmap", 0, &refused,
+                      why, sizeof why);
   if (bl.h == NULL) {
     snprintf (bl.err, sizeof bl.err, refused
               ? "bitmap '%s' does not exist on the server: %s"
-              : "bitmap '%s' cannot be opened: %s", name, msg);
+              : "bitmap '%s' cannot be opened: %s", name, why);
     return NULL;
   }
   bl.size = nbd_get_size (bl.h);
@@ -210,35 +143,20 @@ bitmap_start (void)
   }
 }
 
-/* The bits: those the thread read, then the rest; then count them. */
+/* The bits: those the thread read, then the rest, checked and counted
+ * by lib/bitmap-export.c.
+ */
 static int
 bitmap_read_bits (const char *name, char *err, size_t n)
 {
-  uint64_t nbytes = (bm.nbits + 7) / 8, off, count = 0, dirty;
-  size_t len;
+  uint64_t nbytes = bitmap_export_bytes (&bl.hdr.h), have, count;
 
   bm.bits = xcalloc (1, nbytes + 1);
-  off = bl.have < nbytes ? bl.have : nbytes;
-  memcpy (bm.bits, bl.prefix, off);
-  for (; off < nbytes; off += len) {
-    len = nbytes - off < cfg.request_size ? nbytes - off : cfg.request_size;
-    if (nbd_pread (bl.h, bm.bits + off, len,
-                   FLEECE_BITMAP_HEADER_SIZE + off, 0) == -1) {
-      snprintf (err, n, "bitmap '%s': %s", name, nbd_get_error ());
-      return -1;
-    }
-  }
-  if (bm.nbits & 7)             /* bits past the end do not count */
-    bm.bits[nbytes - 1] &= (1u << (bm.nbits & 7)) - 1;
-  for (off = 0; off < nbytes; off++)
-    count += __builtin_popcount (bm.bits[off]);
-  dirty = le64toh (bl.hdr.h.dirty_count);
-  if (count != dirty) {
-    snprintf (err, n, "bitmap '%s' is damaged: its header counts "
-              "%" PRIu64 " dirty granules, its bits %" PRIu64,
-              name, dirty, count);
+  have = bl.have < nbytes ? bl.have : nbytes;
+  memcpy (bm.bits, bl.prefix, have);
+  if (bitmap_export_read_bits (bl.h, &bl.hdr.h, name, bm.bits, have,
+                               cfg.request_size, &count, err, n) == -1)
     return -1;
-  }
   bm.dirty = count;
   bm.dirty_bytes = count * bm.granularity;
   if (count && bit_test (bm.nbits - 1) &&
@@ -254,6 +172,11 @@ bitmap_read_bits (const char *name, char *err, size_t n)
 static int
 bitmap_load (const char *snapshot, char *err, size_t n)
 {
+  /* Exactly the changes up to the snapshot being pulled. */
+  struct bitmap_want want = {
+    .name = cfg.since, .disk_size = src.size, .frozen = true,
+    .frozen_by = snapshot,
+  };
   int e, r = -1;
 
   e = pthread_join (bl.thread, NULL);
@@ -265,8 +188,8 @@ bitmap_load (const char *snapshot, char *err, size_t n)
     snprintf (err, n, "%s", bl.err);
     goto out;
   }
-  if (bitmap_check_header (&bl.hdr.h, cfg.since, snapshot, src.size,
-                           bl.size, err, n) == -1)
+  if (bitmap_export_check_header (&bl.hdr.h, bl.size, &want, err,
+                                  n) == -1)
     goto out;
   bm.granularity = le32toh (bl.hdr.h.granularity);
   bm.nbits = le64toh (bl.hdr.h.bit_count);

@@ -27,6 +27,7 @@
 
 #include "monotonic.h"
 #include "backup.h"
+#include "repo.h"
 
 /* ---- Finishing jobs ---- */
 
@@ -111,6 +112,8 @@ job_finish (struct job *j)
   case JOB_COPY:
     if (j->step == 0) {         /* now write what was read */
       P.read += j->length;
+      if (sums_on)
+        sums_data (j->offset, j->length, j->buf);
       j->step = 1;
       j->attempts = 0;
       job_start (j);

@@ -59,7 +59,7 @@
  * bitmap (bad checksum, not frozen...) with nbdkit file.
  *
  * The files, each with its own design note, are listed in backup.h; this
- * one holds the command line, the messages and main.
+ * one holds the command line and main; its messages are lib/messages.c's.
  */
 
 #include <config.h>
@@ -68,7 +68,6 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -78,6 +77,7 @@
 #include <unistd.h>
 
 #include "backup.h"
+#include "repo.h"
 
 const char *const sync_names[] = { "full", "top", "incremental" };
 
@@ -87,51 +87,7 @@ struct config cfg = {
   .request_size = 1u << 20,
 };
 
-/* ---- Messages ---- */
-
-static void
-vwarn (const char *fmt, va_list ap)
-{
-  progress_clear ();
-  fprintf (stderr, "fleece-backup: ");
-  vfprintf (stderr, fmt, ap);
-  fprintf (stderr, "\n");
-}
-
-void
-warn (const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start (ap, fmt);
-  vwarn (fmt, ap);
-  va_end (ap);
-}
-
-void
-die (const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start (ap, fmt);
-  vwarn (fmt, ap);
-  va_end (ap);
-  disconnect_all ();
-  exit (EXIT_FAILURE);
-}
-
-void
-usage_error (const char *fmt, ...)
-{
-  va_list ap;
-
-  fprintf (stderr, "fleece-backup: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "\nTry 'fleece-backup --help' for more information.\n");
-  exit (2);
-}
+/* ---- Memory ---- */
 
 void *
 xmalloc (size_t n)
@@ -173,6 +129,9 @@ usage (void)
           "\n"
           "Usage:\n"
           "  fleece-backup [OPTIONS] SOURCE TARGET\n"
+          "  fleece-backup init|backup|list|verify|restore|prune|serve "
+          "REPO ...\n"
+          "      (restore points: see fleece-backup(1), REPOSITORY)\n"
           "\n"
           "SOURCE is an NBD URI of a snapshot export, for example\n"
           "  'nbd+unix:///snapshot/nightly?socket=/run/fleece.sock'\n"
@@ -351,7 +310,12 @@ int
 main (int argc, char **argv)
 {
   char *snapshot = NULL;
+  int r;
 
+  /* A message clears the progress bar first; die disconnects (loop.c). */
+  messages_init ("fleece-backup", progress_clear, disconnect_all);
+  if ((r = repo_main (argc, argv)) != -1)       /* a repository command */
+    return r;
   parse_args (argc, argv, &snapshot);
   progress_start ();
   catch_signals ();

@@ -1,8 +1,10 @@
 /* fleece-backup: connecting to an NBD server, and leaving it.
  *
- * Every connection is made in option mode, so that a server that refuses
- * the export is told from one that cannot be reached, and gets a hint
- * when it may serve the export only over TLS.  A connection is replaced
+ * Every connection is made by lib/export.c, in option mode, so that a
+ * server that refuses the export is told from one that cannot be
+ * reached, and gets a hint when it may serve the export only over TLS;
+ * the files a URI names for TLS are looked for first.  A connection is
+ * replaced
  * (--on-error=retry) only once no command is in flight on it, because
  * nbd_close drops commands without calling their completion callbacks.
  * Closing waits for the server to close its end, so that whatever
@@ -19,6 +21,7 @@
 
 #include "cleanup.h"
 #include "monotonic.h"
+#include "export.h"
 #include "backup.h"
 
 /* The files a URI's TLS query parameters name must exist: libnbd only
@@ -66,85 +69,28 @@ uri_tls_files_exist (const char *uri, char **msg)
   return true;
 }
 
-/* A plaintext connection was refused an export: does the server offer
- * TLS?  Then the export may be served only over TLS (nbdkit-fleece-
- * plugin's tls-exports-only=true).  A probe connection lets libnbd try
- * STARTTLS: 1 yes, 0 no, -1 unknown.
- */
-static int
-server_offers_tls (const char *uri)
-{
-  struct nbd_handle *h = nbd_create ();
-  int r = -1;
-
-  if (h == NULL)
-    return -1;
-  if (nbd_set_opt_mode (h, true) == 0 &&
-      nbd_set_tls (h, LIBNBD_TLS_ALLOW) == 0 &&
-      nbd_set_uri_allow_local_file (h, true) == 0 &&
-      nbd_connect_uri (h, uri) == 0)
-    r = nbd_get_tls_negotiated (h);
-  if (r != -1)
-    nbd_opt_abort (h);
-  nbd_close (h);
-  return r;
-}
-
-/* Connect to uri.  On failure returns NULL and the reason in *msg (to
- * free); *refused tells a server that refused the export (it does not
- * have it, or not for us) from a connection that failed.  Option mode
- * makes the two steps separate.
+/* Connect to uri (lib/export.c).  On failure returns NULL and the
+ * reason in *msg (to free); *refused tells a server that refused the
+ * export (it does not have it, or not for us) from a connection that
+ * failed.
  */
 struct nbd_handle *
 nbd_open_uri (const char *uri, const char *name, bool extents, char **msg,
               bool *refused)
 {
   struct nbd_handle *h;
+  char why[1024];
 
   *refused = false;
   if (!uri_tls_files_exist (uri, msg))
     return NULL;
-  h = nbd_create ();
-  if (h == NULL)
-    die ("nbd_create: %s", nbd_get_error ());
-  if (nbd_set_handle_name (h, name) == -1 ||
-      nbd_set_uri_allow_local_file (h, true) == -1 ||
-      nbd_set_opt_mode (h, true) == -1 ||
-      (extents &&
-       nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1))
-    die ("%s: %s", uri, nbd_get_error ());
-  if (nbd_connect_uri (h, uri) == 0) {
-    if (!nbd_aio_is_negotiating (h))    /* an oldstyle server */
-      return h;
-    if (nbd_opt_go (h) == 0)
-      return h;
-    *refused = true;
-  }
-  if ((*msg = strdup (nbd_get_error ())) == NULL)
+  /* The source's description names the disk (cmd-backup.c). */
+  h = export_open (uri, NULL, name,
+                   extents ? EXPORT_EXTENTS | EXPORT_FULL_INFO : 0, refused,
+                   why, sizeof why);
+  if (h == NULL && (*msg = strdup (why)) == NULL)
     die ("strdup: %m");
-  nbd_close (h);
-  /* A server that only serves its snapshots over TLS refuses them to a
-   * plain connection without saying why: say what to try, but only to
-   * a server that offers TLS.
-   */
-  if (*refused && (strncmp (uri, "nbd://", 6) == 0 ||
-                   strncmp (uri, "nbd+unix://", 11) == 0)) {
-    int tls = server_offers_tls (uri);
-    char *m;
-    if (asprintf (&m, "%s (%s)", *msg,
-                  tls == 0 ? "the server does not serve this export, "
-                  "and it offers no TLS"
-                  : tls == 1 ? "the server offers TLS and may serve this "
-                  "export only over TLS: use nbds:// or nbds+unix:// with "
-                  "tls-certificates= or tls-psk-file="
-                  : "if the server requires TLS, use nbds:// or "
-                  "nbds+unix:// with tls-certificates= or "
-                  "tls-psk-file=") == -1)
-      die ("asprintf: %m");
-    free (*msg);
-    *msg = m;
-  }
-  return NULL;
+  return h;
 }
 
 /* Say goodbye and wait for the server to close the connection (so that

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "backup.h"
+#include "repo.h"
 
 /* A range of the source is finished: it is on the target (or known zero
  * there) but not yet flushed.
@@ -25,6 +26,8 @@ void
 range_done (uint64_t offset, uint64_t length, bool zero)
 {
   P.covered += length;
+  if (sums_on && zero)
+    sums_zero (offset, length);
   rvec_add (&P.unflushed, offset, length, zero ? LIBNBD_STATE_ZERO : 0,
             true);
 }
@@ -148,6 +151,8 @@ plan_status (struct job *j)
   uint64_t pos = j->offset, end = j->offset + j->length, skip, len;
   size_t i;
 
+  if (sums_on)                  /* whole clusters only: sums.c */
+    sums_align (j);
   for (i = 0; i < j->ext.v.len && pos < end; i++) {
     struct extent *e = &j->ext.v.ptr[i];
 

@@ -3,7 +3,8 @@
  * The source is a snapshot export (NBD); the target is an NBD export or a
  * local file or block device.  The loop, the planner and the batches only
  * see a struct rw and call its operations, so that another kind of end
- * (a repository target) is one more table, not more branches.
+ * is one more table, not more branches (a repository point is written
+ * through an NBD end: qemu-nbd serving the new qcow2 file, repo.h).
  *
  * Every operation is started on behalf of a job whose 'pending' count the
  * caller has already raised; it ends with job_completed (j, err,

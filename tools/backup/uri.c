@@ -1,10 +1,11 @@
 /* fleece-backup: NBD URIs.
  *
- * libnbd parses the URI itself; this parser only checks the scheme, finds
- * the export name (percent-decoded, as libnbd decodes it) and builds the
- * bitmap URI from the source URI by replacing its path, keeping the
- * scheme, the authority (PSK user, host, port) and the query (socket,
- * TLS parameters) byte for byte.
+ * libnbd parses the URI itself; this parser only checks the scheme and
+ * finds the export name (percent-decoded, as libnbd decodes it).  The
+ * bitmap's export is opened by name on the source's connection
+ * parameters (lib/export.c), with no URI rewritten.  export_uri makes
+ * the URI of snapshot/NAME for backup --control, whose pull is opened
+ * by URI like any source (struct rw has no export name of its own).
  */
 
 #include <config.h>
@@ -68,27 +69,6 @@ pct_decode (const char *s, size_t n)
   return r;
 }
 
-/* Escape everything but RFC 3986 unreserved characters. */
-static char *
-pct_encode (const char *s)
-{
-  static const char hex[] = "0123456789ABCDEF";
-  char *r = xmalloc (strlen (s) * 3 + 1), *p = r;
-
-  for (; *s; s++) {
-    unsigned char c = *s;
-    if (isalnum (c) || c == '-' || c == '.' || c == '_' || c == '~')
-      *p++ = c;
-    else {
-      *p++ = '%';
-      *p++ = hex[c >> 4];
-      *p++ = hex[c & 15];
-    }
-  }
-  *p = '\0';
-  return r;
-}
-
 /* Split an NBD URI.  On error returns -1 with a message in err. */
 int
 uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
@@ -128,18 +108,30 @@ uri_parse (const char *s, struct uri *u, char *err, size_t errlen)
   return 0;
 }
 
-/* The URI of export "bitmap/NAME" on the server of source_uri. */
+/* The URI of export "KIND/NAME" (bitmap, snapshot) on the server of
+ * source_uri.
+ */
 char *
-bitmap_uri (const char *source_uri, const char *name)
+export_uri (const char *source_uri, const char *kind, const char *name)
 {
   CLEANUP_FREE char *enc = NULL;
   struct uri u;
-  char err[512], *r;
+  char err[512], *r, *e;
+  size_t i;
 
   if (uri_parse (source_uri, &u, err, sizeof err) == -1)
     return NULL;
-  enc = pct_encode (name);
-  if (asprintf (&r, "%s://%s/bitmap/%s%s", u.scheme, u.authority, enc,
+  /* Percent-encode what is not unreserved (RFC 3986). */
+  enc = e = xmalloc (3 * strlen (name) + 1);
+  for (i = 0; name[i]; i++) {
+    unsigned char c = name[i];
+    if (isalnum (c) || strchr ("-._~", c))
+      *e++ = c;
+    else
+      e += sprintf (e, "%%%02X", c);
+  }
+  *e = '\0';
+  if (asprintf (&r, "%s://%s/%s/%s%s", u.scheme, u.authority, kind, enc,
                 u.rest) == -1)
     die ("asprintf: %m");
   uri_free (&u);
