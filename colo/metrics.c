@@ -76,9 +76,8 @@ status_metrics (struct prom *p)
   snprintf (labels, sizeof labels, "role=\"%s\",version=\"%s\"",
             st->role, PACKAGE_VERSION);
   prom_u64 (p, "fleece_colod_info", labels, 1);
-  prom_metric (p, "fleece_colod_last_committed_epoch", "gauge",
-               "The last epoch durable on the secondary.");
-  prom_u64 (p, "fleece_colod_last_committed_epoch", NULL, st->last_committed);
+  prom_one (p, "fleece_colod_last_committed_epoch", "gauge",
+            "The last epoch durable on the secondary.", st->last_committed);
   prom_metric (p, "fleece_colod_rpo_lag_seconds", "gauge",
                "Age of the last committed epoch's checkpoint (primary) or "
                "arrival (secondary): the data a failover now would lose; "
@@ -86,13 +85,11 @@ status_metrics (struct prom *p)
   if (st->committed_at_ms)
     prom_double (p, "fleece_colod_rpo_lag_seconds", NULL,
                  (colod_wall_ms () - (int64_t) st->committed_at_ms) / 1e3);
-  prom_metric (p, "fleece_colod_resync_remaining_bytes", "gauge",
-               "Bytes a resync (full or catch-up epoch) has still to send.");
-  prom_u64 (p, "fleece_colod_resync_remaining_bytes", NULL,
+  prom_one (p, "fleece_colod_resync_remaining_bytes", "gauge",
+            "Bytes a resync (full or catch-up epoch) has still to send.",
             st->resync_remaining);
-  prom_metric (p, "fleece_colod_peer_connected", "gauge",
-               "1 while paired with the peer, else 0.");
-  prom_u64 (p, "fleece_colod_peer_connected", NULL,
+  prom_one (p, "fleece_colod_peer_connected", "gauge",
+            "1 while paired with the peer, else 0.",
             strcmp (st->connection, "connected") == 0);
   prom_metric (p, "fleece_colod_failover_state", "gauge",
                "1 for the current failover state, 0 for the others.");
@@ -102,13 +99,11 @@ status_metrics (struct prom *p)
     prom_u64 (p, "fleece_colod_failover_state", labels,
               st->failover == states[i]);
   }
-  prom_metric (p, "fleece_colod_epochs_refused_total", "counter",
-               "Epochs the secondary refused (each is sent again).");
-  prom_u64 (p, "fleece_colod_epochs_refused_total", NULL,
+  prom_one (p, "fleece_colod_epochs_refused_total", "counter",
+            "Epochs the secondary refused (each is sent again).",
             st->epochs_refused);
-  prom_metric (p, "fleece_colod_reconnects_total", "counter",
-               "Times the connection to the peer was lost.");
-  prom_u64 (p, "fleece_colod_reconnects_total", NULL, st->reconnects);
+  prom_one (p, "fleece_colod_reconnects_total", "counter",
+            "Times the connection to the peer was lost.", st->reconnects);
 }
 
 char *

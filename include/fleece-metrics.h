@@ -30,6 +30,9 @@ struct prom {
  */
 extern void prom_metric (struct prom *p, const char *name, const char *type,
                          const char *help);
+/* A metric of one sample without labels: prom_metric and prom_u64. */
+extern void prom_one (struct prom *p, const char *name, const char *type,
+                      const char *help, uint64_t v);
 /* A sample; labels is NULL or the inside of the braces (key="value",...). */
 extern void prom_u64 (struct prom *p, const char *name, const char *labels,
                       uint64_t v);

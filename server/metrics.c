@@ -75,6 +75,14 @@ prom_u64 (struct prom *p, const char *name, const char *labels, uint64_t v)
 }
 
 void
+prom_one (struct prom *p, const char *name, const char *type,
+          const char *help, uint64_t v)
+{
+  prom_metric (p, name, type, help);
+  prom_u64 (p, name, NULL, v);
+}
+
+void
 prom_double (struct prom *p, const char *name, const char *labels, double v)
 {
   prom_printf (p, "%s%s%s%s %.9g\n", name, labels ? "{" : "",
@@ -166,19 +174,17 @@ engine_counters (struct prom *p, struct fleece *fl,
   uint64_t counts[FL_COPY_HIST_N + 1];
   size_t i;
 
-  prom_metric (p, "fleece_written_bytes_total", "counter",
-               "Bytes written, zeroed or trimmed on the live disk.");
-  prom_u64 (p, "fleece_written_bytes_total", NULL, st->bytes_written);
-  prom_metric (p, "fleece_copies_total", "counter",
-               "Clusters whose old data copy-before-write preserved.");
-  prom_u64 (p, "fleece_copies_total", NULL, st->cbw_clusters);
-  prom_metric (p, "fleece_copied_bytes_total", "counter",
-               "Bytes of old data written to the store.");
-  prom_u64 (p, "fleece_copied_bytes_total", NULL, st->bytes_copied);
-  prom_metric (p, "fleece_copy_errors_total", "counter",
-               "Copy-before-write failures (a snapshot broken or a write "
-               "failed).");
-  prom_u64 (p, "fleece_copy_errors_total", NULL, st->cbw_errors);
+  prom_one (p, "fleece_written_bytes_total", "counter",
+            "Bytes written, zeroed or trimmed on the live disk.",
+            st->bytes_written);
+  prom_one (p, "fleece_copies_total", "counter",
+            "Clusters whose old data copy-before-write preserved.",
+            st->cbw_clusters);
+  prom_one (p, "fleece_copied_bytes_total", "counter",
+            "Bytes of old data written to the store.", st->bytes_copied);
+  prom_one (p, "fleece_copy_errors_total", "counter",
+            "Copy-before-write failures (a snapshot broken or a write "
+            "failed).", st->cbw_errors);
   for (i = 0; i < FL_COPY_HIST_N; i++)
     bounds[i] = copy_bounds_ns[i] / 1e9;
   for (i = 0; i <= FL_COPY_HIST_N; i++)
@@ -201,24 +207,22 @@ fleece_metrics (struct fleece *fl)
   fleece_list_snapshots (fl, count_snap, &snaps);
   fleece_list_bitmaps (fl, count_bitmap, &bitmaps);
   engine_counters (&p, fl, &st);
-  prom_metric (&p, "fleece_disk_size_bytes", "gauge",
-               "Size of the live disk.");
-  prom_u64 (&p, "fleece_disk_size_bytes", NULL, st.disk_size);
-  prom_metric (&p, "fleece_store_used_bytes", "gauge",
-               "Copied data the store holds for the snapshots.");
-  prom_u64 (&p, "fleece_store_used_bytes", NULL, st.store_bytes_used);
-  prom_metric (&p, "fleece_store_max_bytes", "gauge",
-               "The store's cap (store-max); 0 when it has none.");
-  prom_u64 (&p, "fleece_store_max_bytes", NULL, st.store_max_bytes);
-  prom_metric (&p, "fleece_store_file_bytes", "gauge",
-               "Space the store file occupies on its file system.");
-  prom_u64 (&p, "fleece_store_file_bytes", NULL, st.store_file_bytes);
+  prom_one (&p, "fleece_disk_size_bytes", "gauge", "Size of the live disk.",
+            st.disk_size);
+  prom_one (&p, "fleece_store_used_bytes", "gauge",
+            "Copied data the store holds for the snapshots.",
+            st.store_bytes_used);
+  prom_one (&p, "fleece_store_max_bytes", "gauge",
+            "The store's cap (store-max); 0 when it has none.",
+            st.store_max_bytes);
+  prom_one (&p, "fleece_store_file_bytes", "gauge",
+            "Space the store file occupies on its file system.",
+            st.store_file_bytes);
   prom_metric (&p, "fleece_snapshots", "gauge",
                "Snapshots, by state (a broken one fails every read).");
   prom_u64 (&p, "fleece_snapshots", "state=\"ok\"", snaps.ok);
   prom_u64 (&p, "fleece_snapshots", "state=\"broken\"", snaps.broken);
-  prom_metric (&p, "fleece_bitmaps", "gauge", "Dirty bitmaps.");
-  prom_u64 (&p, "fleece_bitmaps", NULL, bitmaps);
+  prom_one (&p, "fleece_bitmaps", "gauge", "Dirty bitmaps.", bitmaps);
   prom_metric (&p, "fleece_last_drain_seconds", "gauge",
                "How long the last snapshot or checkpoint creation held "
                "the writers.");

@@ -29,14 +29,7 @@ ok "the event is in nbdkit's log" wait_for 5 grep -q \
 ok "nbdkit stops cleanly" stop_nbdkit e
 
 # --- the journal ---
-mount -t tmpfs tmpfs /run/systemd
-cleanup_fn "umount /run/systemd"
-mkdir /run/systemd/journal
-python3 "${abs_top_srcdir:-..}/tests/journal-listen.py" \
-  /run/systemd/journal/socket "$tmp/journal" &
-echo $! >"$tmp/listen.pid"
-cleanup_fn "kill_by_pidfile '$tmp/listen.pid'"
-ok "the stand-in journal listens" wait_for 5 test -S /run/systemd/journal/socket
+ok "a stand-in journald listens" start_journal
 
 # nbdkit's stderr is a file whose device and inode JOURNAL_STREAM names,
 # as systemd names the stream it connects.
