@@ -8,6 +8,8 @@
 # sendmsg come as a memfd (SCM_RIGHTS), read the same way.
 #
 #   journal-listen.py SOCKET OUT
+#   journal-listen.py --raw SOCKET OUT   each datagram as it is, one a
+#                                        line (a stand-in for /dev/log)
 
 import array
 import json
@@ -35,7 +37,8 @@ def decode(b):
 
 
 def main():
-    path, out = sys.argv[1], sys.argv[2]
+    raw = sys.argv[1] == '--raw'
+    path, out = sys.argv[1 + raw], sys.argv[2 + raw]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(path)
     with open(out, 'a', encoding='utf-8') as f:
@@ -48,7 +51,10 @@ def main():
             for fd in fds:
                 data = os.pread(fd, 1 << 24, 0)
                 os.close(fd)
-            f.write(json.dumps(decode(data)) + '\n')
+            if raw:
+                f.write(data.decode('utf-8', 'replace').rstrip('\n') + '\n')
+            else:
+                f.write(json.dumps(decode(data)) + '\n')
             f.flush()
 
 

@@ -12,6 +12,9 @@
 #    mount namespace (the test re-executes itself under unshare -m);
 #  - without --log, stderr that is the journal's stream (JOURNAL_STREAM)
 #    makes the journal the default;
+#  - --log syslog: syslog(3) records on /dev/log (a stand-in socket on a
+#    tmpfs over /dev, with /dev/null and the random devices bound back),
+#    with facility daemon and the priority, errors also on stderr;
 #  - fleece-colod metrics and --metrics-listen: Prometheus text that a
 #    strict parser (tests/prom-check.py) accepts, with the epochs made.
 if [ -z "${FLEECE_IN_NS:-}" ]; then
@@ -101,3 +104,31 @@ ok "without --log, c logs to the journal" wait_for 10 python3 -c 'import json,sy
 sys.exit(not any(json.loads(l).get("MESSAGE", "").startswith("listening on") and json.loads(l).get("PRIORITY") == "5" for l in open(sys.argv[1])))' "$tmp/journal"
 ok "c stops cleanly" stop_colod c
 ok "the plugin on a stops cleanly" stop_nbdkit a
+
+# --- syslog ---
+mkdir "$tmp/hostdev"
+mount --bind /dev "$tmp/hostdev"
+mount -t tmpfs tmpfs /dev
+cleanup_fn "umount -R /dev; umount '$tmp/hostdev'"
+for d in null zero random urandom; do
+  : >"/dev/$d" && mount --bind "$tmp/hostdev/$d" "/dev/$d"
+done
+python3 "${abs_top_srcdir:-../..}/tests/journal-listen.py" --raw /dev/log \
+  "$tmp/syslog" &
+echo $! >"$tmp/syslog.pid"
+cleanup_fn "kill_by_pidfile '$tmp/syslog.pid'"
+ok "a stand-in /dev/log listens" wait_for 5 test -S /dev/log
+start_colod d secondary --listen "127.0.0.1:$(free_port)" --disk "$tmp/b/disk" \
+  --insecure --log syslog
+ok "d's notice is in syslog: facility daemon, priority notice (<29>)" \
+  wait_for 10 grep -Eq '^<29>.*fleece-colod\[[0-9]+\]: secondary: listening on 127.0.0.1' "$tmp/syslog"
+ok "... and not on its stderr" eval '! grep -q "listening on" "$tmp/d/colod.log"'
+ok "d stops cleanly" stop_colod d
+ok_fails "an error is on stderr too: a second daemon on d's state" \
+  "another fleece-colod is running|control socket" eval '
+  start_colod d secondary --listen 127.0.0.1:1 --disk "$tmp/b/disk" --insecure --log syslog &&
+  "$COLOD" secondary --state "$tmp/d/state" --listen 127.0.0.1:1 \
+    --disk "$tmp/b/disk" --insecure --log syslog'
+ok "... and in syslog at priority err (<27>)" \
+  grep -Eq '^<27>.*another fleece-colod is running' "$tmp/syslog"
+ok "d stops cleanly" stop_colod d
