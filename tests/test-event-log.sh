@@ -34,12 +34,13 @@ ok "a stand-in journald listens" start_journal
 # nbdkit's stderr is a file whose device and inode JOURNAL_STREAM names,
 # as systemd names the stream it connects.
 : >"$tmp/j.log"
-export JOURNAL_STREAM=$(stat -c '%d:%i' "$tmp/j.log")
+stream=$(stat -c '%d:%i' "$tmp/j.log")
 rm -f "$tmp/j.sock"
-$VG nbdkit -f -U "$tmp/j.sock" -D fleece.fail_store_write=1 "$FLEECE_PLUGIN" \
+env JOURNAL_STREAM="$stream" \
+  ${FLEECE_ASAN_PRELOAD:+LD_PRELOAD="$FLEECE_ASAN_PRELOAD"} \
+  $VG nbdkit -f -U "$tmp/j.sock" -D fleece.fail_store_write=1 "$FLEECE_PLUGIN" \
   disk="$tmp/disk" store="$tmp/store2" control="$tmp/j.ctl" >>"$tmp/j.log" 2>&1 &
 echo $! >"$tmp/j.pid"
-unset JOURNAL_STREAM
 ok "nbdkit starts (journal)" _started "nbdkit j" "$tmp/j.sock" "$tmp/j.pid" "$tmp/j.log"
 ok "a snapshot breaks with no subscriber" break_snapshot j
 ok "a journal record came" wait_for 5 grep -q SNAPSHOT_BROKEN "$tmp/journal"

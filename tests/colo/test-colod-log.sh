@@ -95,13 +95,17 @@ ok "b stops cleanly" stop_colod b
 # --- the default under systemd: stderr is the journal's stream ---
 : >"$tmp/c.log"
 mkdir -p "$tmp/c"
-JOURNAL_STREAM=$(stat -c '%d:%i' "$tmp/c.log") $VG "$COLOD" secondary \
-  --state "$tmp/c/state" --listen "127.0.0.1:$(free_port)" --disk "$tmp/b/disk" \
+# env: a plain command, which this shell's child execs (a child that
+# kept its shell would run the EXIT trap when stopped).
+stream=$(stat -c '%d:%i' "$tmp/c.log")
+pc=$(free_port)
+env JOURNAL_STREAM="$stream" $VG "$COLOD" secondary \
+  --state "$tmp/c/state" --listen "127.0.0.1:$pc" --disk "$tmp/b/disk" \
   --insecure >>"$tmp/c.log" 2>&1 &
 echo $! >"$tmp/c/colod.pid"
 cleanup_fn "kill_by_pidfile '$tmp/c/colod.pid'"
 ok "without --log, c logs to the journal" wait_for 10 python3 -c 'import json,sys
-sys.exit(not any(json.loads(l).get("MESSAGE", "").startswith("listening on") and json.loads(l).get("PRIORITY") == "5" for l in open(sys.argv[1])))' "$tmp/journal"
+sys.exit(not any(json.loads(l).get("MESSAGE", "").startswith("listening on 127.0.0.1:" + sys.argv[2]) and json.loads(l).get("PRIORITY") == "5" for l in open(sys.argv[1])))' "$tmp/journal" "$pc"
 ok "c stops cleanly" stop_colod c
 ok "the plugin on a stops cleanly" stop_nbdkit a
 
