@@ -71,6 +71,12 @@ show_notified () { sed "s/^/# $1 notify: /" "$tmp/$1.notify.log" | tail -8; }
 # in the background with a clean environment, the unit's, NOTIFY_SOCKET
 # and the VARs (WATCHDOG_USEC), and as its main PID ($$ of the exec'd
 # shell: WATCHDOG_PID); PID in $tmp/NAME.pid, log $tmp/NAME.log.
+# In an --enable-sanitizers build nbdkit needs the ASan runtime first
+# (tests/functions.sh); a clean environment must keep that, as
+# start_nbdkit does.
+san_env=()
+[ -n "${FLEECE_ASAN_PRELOAD:-}" ] && san_env=(LD_PRELOAD="$FLEECE_ASAN_PRELOAD")
+
 start_unit ()
 {
   local name=$1 host=$2 u=$3; shift 3
@@ -131,7 +137,7 @@ for i in "${!unit_argv[@]}"; do
 done
 diag "nbdkit: ${unit_argv[*]}"
 sa_env=()
-for e in "${unit_env[@]}"; do sa_env+=(-E "$e"); done
+for e in "${unit_env[@]}" "${san_env[@]}"; do sa_env+=(-E "$e"); done
 # shellcheck disable=SC2086
 timeout -k 5 "$life" env -i PATH="$PATH" systemd-socket-activate \
   -l "$listen" "${sa_env[@]}" $VG "${unit_argv[@]}" >"$tmp/nbdkit.log" 2>&1 &
