@@ -89,7 +89,7 @@ start_pair () {
   wait_until 30 test -S "$tmp/a.sock"
   port=$(free_port)
   "$colod" secondary --listen "127.0.0.1:$port" --disk "$tmp/b/disk" \
-    --state "$tmp/b/state" --tls-certificates "$tmp/pki" \
+    --state "$tmp/b/state" --tls-certificates "$tmp/pki" --log stderr \
     >"$tmp/b/colod.log" 2>&1 &
   pids+=($!); bpid=$!
   wait_until 30 test -S "$tmp/b/state/control.sock"
@@ -100,7 +100,7 @@ start_pair () {
   fi
   "$colod" primary --fleece "$tmp/a.ctl" --nbd "nbd+unix:///?socket=$tmp/a.sock" \
     --peer "localhost:$port" --state "$tmp/a/state" \
-    --tls-certificates "$tmp/pki" --interval "$interval" \
+    --tls-certificates "$tmp/pki" --interval "$interval" --log stderr \
     >"$tmp/a/colod.log" 2>&1 &
   pids+=($!); ppid_=$!
   wait_until 30 test -S "$tmp/a/state/control.sock"

@@ -10,3 +10,15 @@ struct colod colod = {
   .lock = PTHREAD_MUTEX_INITIALIZER,
   .cond = PTHREAD_COND_INITIALIZER,
 };
+
+const char *
+colod_failover_name (enum colod_failover f)
+{
+  switch (f) {
+  case FAILOVER_NONE: return "none";
+  case FAILOVER_REQUIRE: return "require";
+  case FAILOVER_ACTIVE: return "active";
+  case FAILOVER_COMPLETED: return "completed";
+  }
+  return "unknown";
+}

@@ -13,6 +13,7 @@
  *                              connection, the pairing rules
  *   events.c                   events to subscribers, failover states
  *   notify.c                   what it tells systemd (sd_notify)
+ *   metrics.c                  its Prometheus metrics
  *   log.c clock.c colod.c      the log, time, this state
  * and on libcolo (wire*.c, tls*.c, journal*.c, state.c, source.c).
  * docs/replication.md is the operator's description; fleece-colod(1)
@@ -41,6 +42,7 @@
  * at once; more are closed as they come.
  */
 #define COLOD_MAX_PENDING             64
+#define COLOD_DEFAULT_LOG_SUMMARY_S   60
 
 /* Exit statuses. */
 #define COLOD_EXIT_ERROR       1      /* could not start, I/O errors */
@@ -67,6 +69,9 @@ struct colod_options {
   int hb_interval_ms, hb_timeout_ms;
   struct colo_tls_config tls;
   bool verbose;
+  const char *log;                /* --log, NULL: the default (log.c) */
+  int log_summary_s;              /* --log-summary-interval */
+  const char *metrics_listen;     /* --metrics-listen, NULL: none */
   /* fault injection and test hooks */
   uint64_t debug_corrupt_epoch;   /* primary: damage this epoch once */
   int debug_extent_delay_ms;      /* secondary: sleep before each extent */
@@ -101,6 +106,9 @@ struct colod_status {
   int64_t last_heartbeat_ms;      /* monotonic; 0: none yet */
   int64_t rtt_us;
 };
+
+/* "none", "require", "active", "completed" (colod.c). */
+extern const char *colod_failover_name (enum colod_failover f);
 
 struct colod {
   /* Set by main before the role starts, then constant. */

@@ -4,13 +4,14 @@
  * --control says otherwise, speaking the plugin's QMP-shaped JSON lines
  * (docs/control-protocol.md): a greeting, then {"execute":CMD} requests
  * with the commands query-status, checkpoint (primary), promote
- * (secondary) and subscribe-events.  Only the daemon's user and root may
- * connect (SO_PEERCRED, as the plugin's socket).  A client has a thread
- * of its own (there are few, and a checkpoint or a promotion waits in
- * it for the role's loop); at most CONTROL_MAX_LINE bytes a request.
+ * (secondary), metrics (Prometheus text, metrics.c) and
+ * subscribe-events.  Only the daemon's user and root may connect
+ * (SO_PEERCRED, as the plugin's socket).  A client has a thread of its
+ * own (there are few, and a checkpoint or a promotion waits in it for
+ * the role's loop); at most CONTROL_MAX_LINE bytes a request.
  *
- * The other subcommands (status, checkpoint, promote, events) are the
- * clients, lib/ctl-client.c's.
+ * The other subcommands (status, checkpoint, promote, metrics, events)
+ * are the clients, lib/ctl-client.c's.
  */
 
 #include <config.h>
@@ -34,6 +35,7 @@
 #include "ctl.h"
 #include "events.h"
 #include "log.h"
+#include "metrics.h"
 #include "ctl-client.h"
 
 #define CONTROL_MAX_LINE    4096
@@ -216,6 +218,12 @@ handle_request (json_t *req, bool *subscribe, char *err, size_t errlen)
     return cmd_checkpoint (args, err, errlen);
   else if (strcmp (cmd, "promote") == 0)
     return cmd_promote (args, err, errlen);
+  else if (strcmp (cmd, "metrics") == 0) {
+    char *text = colod_metrics_render (NULL);
+    r = text ? json_pack ("{s:s,s:s}", "content-type",
+                          "text/plain; version=0.0.4", "text", text) : NULL;
+    free (text);
+  }
   else if (strcmp (cmd, "subscribe-events") == 0) {
     *subscribe = true;
     r = json_object ();
@@ -224,7 +232,8 @@ handle_request (json_t *req, bool *subscribe, char *err, size_t errlen)
     r = json_object ();
   else {
     snprintf (err, errlen, "unknown command '%.64s': the commands are "
-              "query-status, checkpoint, promote, subscribe-events", cmd);
+              "query-status, checkpoint, promote, metrics, subscribe-events",
+              cmd);
     return NULL;
   }
   if (r == NULL)
@@ -332,7 +341,7 @@ peer_allowed (int fd)
               "this control socket", (unsigned) cred.uid);
   else
     return true;
-  colod_log ("control socket: refusing a client: %s", msg);
+  colod_warn ("control socket: refusing a client: %s", msg);
   e = json_pack ("{s:{s:s,s:s}}", "error", "class", "GenericError",
                  "desc", msg);
   colod_send_line (fd, e);
@@ -381,7 +390,7 @@ colod_control_start (const char *path)
   struct stat sb;
 
   if (strlen (path) >= sizeof sun.sun_path) {
-    colod_log ("control socket %s: the path is too long", path);
+    colod_err ("control socket %s: the path is too long", path);
     return -1;
   }
   strcpy (sun.sun_path, path);
@@ -389,14 +398,14 @@ colod_control_start (const char *path)
   if (lstat (path, &sb) == 0) {
     int probe;
     if (!S_ISSOCK (sb.st_mode)) {
-      colod_log ("control socket %s: exists and is not a socket", path);
+      colod_err ("control socket %s: exists and is not a socket", path);
       return -1;
     }
     probe = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (probe >= 0 &&
         connect (probe, (struct sockaddr *) &sun, sizeof sun) == 0) {
       close (probe);
-      colod_log ("control socket %s: another fleece-colod is running "
+      colod_err ("control socket %s: another fleece-colod is running "
                  "with this state directory", path);
       return -1;
     }
@@ -409,12 +418,12 @@ colod_control_start (const char *path)
       bind (ctl.fd, (struct sockaddr *) &sun, sizeof sun) == -1 ||
       chmod (path, 0600) == -1 || listen (ctl.fd, 16) == -1 ||
       pipe2 (ctl.wake, O_CLOEXEC) == -1) {
-    colod_log ("control socket %s: %s", path, strerror (errno));
+    colod_err ("control socket %s: %s", path, strerror (errno));
     return -1;
   }
   ctl.path = strdup (path);
   if (pthread_create (&ctl.thread, NULL, control_thread, NULL) != 0) {
-    colod_log ("control socket %s: pthread_create failed", path);
+    colod_err ("control socket %s: pthread_create failed", path);
     return -1;
   }
   ctl.running = true;
@@ -429,7 +438,7 @@ colod_control_stop (void)
   if (ctl.running) {
     char c = 0;
     if (write (ctl.wake[1], &c, 1) != 1)
-      colod_log ("control socket: cannot wake its thread");
+      colod_err ("control socket: cannot wake its thread");
     pthread_join (ctl.thread, NULL);
     ctl.running = false;
   }
@@ -482,7 +491,10 @@ colod_ctl_client (const char *cmd, json_t *args, bool human)
     fprintf (stderr, "fleece-colod: %s\n", err);
     return COLOD_EXIT_ERROR;
   }
-  if (human && json_is_object (r)) {
+  if (strcmp (cmd, "metrics") == 0 && json_is_string (json_object_get (r,
+                                                                   "text")))
+    fputs (json_string_value (json_object_get (r, "text")), stdout);
+  else if (human && json_is_object (r)) {
     const char *k;
     json_t *v;
     json_object_foreach (r, k, v) {

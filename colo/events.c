@@ -1,6 +1,10 @@
 /* fleece-colod: events (QMP-shaped, docs/control-protocol.md), sent
- * to the control socket's subscribers and logged, and the failover
- * states of QEMU colo.c, whose every change is an event.
+ * to the control socket's subscribers and logged whether or not anyone
+ * subscribed, and the failover states of QEMU colo.c, whose every change
+ * is an event.  Each event has a log priority (event_priority): the
+ * anomalies are warnings, logged at once; EPOCH_DURABLE, the steady
+ * state, goes to the log's once-a-minute summary and to the metrics
+ * instead (a line per epoch only with -v).
  *
  * The subscribers are the control clients' sockets (ctl.c adds and
  * removes them); the table is guarded by colod.lock, so an event goes
@@ -19,6 +23,7 @@
 #include "colod.h"
 #include "events.h"
 #include "log.h"
+#include "metrics.h"
 
 #define EVENTS_MAX_SUBSCRIBERS 16
 
@@ -53,6 +58,49 @@ colod_send_line (int fd, json_t *v)
   free (s);
 }
 
+static int
+event_priority (const char *name)
+{
+  static const struct {
+    const char *name;
+    int priority;
+  } table[] = {
+    { "EPOCH_DURABLE", LOG_DEBUG },     /* summarised */
+    { "PEER_CONNECTED", LOG_NOTICE },
+    { "PEER_LOST", LOG_WARNING },
+    { "EPOCH_REFUSED", LOG_WARNING },
+    { "FAILOVER_STATE", LOG_WARNING },
+    { "SPLIT_BRAIN", LOG_CRIT },
+  };
+  size_t i;
+
+  for (i = 0; i < sizeof table / sizeof table[0]; i++)
+    if (strcmp (name, table[i].name) == 0)
+      return table[i].priority;
+  return LOG_NOTICE;
+}
+
+/* A durable epoch, as the role just published it in colod.st: its
+ * summary line and its metrics.  The lag is the RPO lag at that moment
+ * (since the epoch's checkpoint on the primary, its arrival on the
+ * secondary).
+ */
+static void
+epoch_done (void)
+{
+  uint64_t epoch, bytes, ms;
+  int64_t lag;
+
+  pthread_mutex_lock (&colod.lock);
+  epoch = colod.st.last_epoch;
+  bytes = colod.st.last_epoch_bytes;
+  ms = colod.st.last_epoch_ms;
+  lag = colod_wall_ms () - (int64_t) colod.st.committed_at_ms;
+  pthread_mutex_unlock (&colod.lock);
+  colod_metrics_epoch (bytes, ms);
+  colod_log_epoch (epoch, bytes, ms, lag);
+}
+
 void
 colod_event (const char *name, json_t *data)
 {
@@ -61,14 +109,13 @@ colod_event (const char *name, json_t *data)
                           "data", data ? data : json_object (),
                           "timestamp", "seconds", (json_int_t) (now / 1000),
                           "microseconds", (json_int_t) (now % 1000 * 1000));
-  char *s;
   size_t i;
 
   if (ev == NULL)
     return;
-  s = json_dumps (json_object_get (ev, "data"), JSON_COMPACT);
-  colod_log ("event %s %s", name, s ? s : "");
-  free (s);
+  if (strcmp (name, "EPOCH_DURABLE") == 0)
+    epoch_done ();
+  colod_log_event (event_priority (name), name, json_object_get (ev, "data"));
   pthread_mutex_lock (&colod.lock);
   for (i = 0; i < EVENTS_MAX_SUBSCRIBERS; i++)
     if (subscribers[i] > 0)
@@ -114,18 +161,6 @@ colod_events_shutdown_all (void)
   for (i = 0; i < EVENTS_MAX_SUBSCRIBERS; i++)
     if (subscribers[i] > 0)
       shutdown (subscribers[i], SHUT_RDWR);
-}
-
-const char *
-colod_failover_name (enum colod_failover f)
-{
-  switch (f) {
-  case FAILOVER_NONE: return "none";
-  case FAILOVER_REQUIRE: return "require";
-  case FAILOVER_ACTIVE: return "active";
-  case FAILOVER_COMPLETED: return "completed";
-  }
-  return "unknown";
 }
 
 void

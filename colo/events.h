@@ -25,7 +25,6 @@ extern void colod_events_shutdown_all (void);
  */
 extern void colod_send_line (int fd, json_t *v);
 
-extern const char *colod_failover_name (enum colod_failover f);
 /* Move to failover state f (under colod.lock, waking its waiters) and
  * raise FAILOVER_STATE if it changed.
  */

@@ -20,6 +20,7 @@
 #include "colod.h"
 #include "ctl.h"
 #include "log.h"
+#include "metrics.h"
 #include "notify.h"
 #include "messages.h"
 #include "primary.h"
@@ -36,18 +37,21 @@ usage (FILE *f)
 "                [--hb-interval MS] [--hb-timeout MS] [--auto-failover]\n"
 "                [--on-promote CMD] [--promote-store PATH]\n"
 "                [--discard-diverged] [--handshake-timeout MS]\n"
-"                [--control PATH] [-v]\n"
+"                [--control PATH] [LOG] [-v]\n"
 "  fleece-colod primary --fleece SOCKET --nbd URI --peer ADDR:PORT\n"
 "                --state DIR TLS [--interval MS] [--hb-interval MS]\n"
 "                [--hb-timeout MS] [--handshake-timeout MS]\n"
-"                [--max-extent BYTES] [--control PATH] [-v]\n"
+"                [--max-extent BYTES] [--control PATH] [LOG] [-v]\n"
 "  fleece-colod demote --fleece SOCKET --nbd URI --state DIR\n"
 "  fleece-colod status --state DIR [--json]\n"
 "  fleece-colod checkpoint --state DIR [--no-wait]\n"
 "  fleece-colod promote --state DIR [--force]\n"
 "  fleece-colod events --state DIR\n"
+"  fleece-colod metrics --state DIR\n"
 "TLS is one of: --tls-certificates DIR | --tls-psk FILE [--tls-username U]\n"
 "  | --insecure; with --tls-no-verify-hostname, --tls-priority STRING.\n"
+"LOG: --log stderr|syslog|journal, --log-summary-interval SECONDS,\n"
+"  --metrics-listen [ADDR:]PORT.\n"
 "  fleece-colod --help | --version\n"
 "See fleece-colod(1).\n");
 }
@@ -75,7 +79,7 @@ enum {
   OPT_ON_PROMOTE, OPT_PROMOTE_STORE, OPT_DISCARD, OPT_CONTROL, OPT_MAX_EXTENT,
   OPT_TLS_CERTS, OPT_TLS_PSK, OPT_TLS_USER, OPT_INSECURE, OPT_NO_VERIFY,
   OPT_PRIORITY, OPT_JSON, OPT_NO_WAIT, OPT_FORCE, OPT_DEBUG,
-  OPT_HANDSHAKE_TIMEOUT,
+  OPT_HANDSHAKE_TIMEOUT, OPT_LOG, OPT_LOG_SUMMARY, OPT_METRICS_LISTEN,
 };
 
 static const struct option long_options[] = {
@@ -105,6 +109,9 @@ static const struct option long_options[] = {
   { "no-wait", no_argument, NULL, OPT_NO_WAIT },
   { "force", no_argument, NULL, OPT_FORCE },
   { "debug", required_argument, NULL, OPT_DEBUG },
+  { "log", required_argument, NULL, OPT_LOG },
+  { "log-summary-interval", required_argument, NULL, OPT_LOG_SUMMARY },
+  { "metrics-listen", required_argument, NULL, OPT_METRICS_LISTEN },
   { "verbose", no_argument, NULL, 'v' },
   { "help", no_argument, NULL, 'h' },
   { "version", no_argument, NULL, 'V' },
@@ -141,6 +148,7 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
   o->hb_timeout_ms = COLOD_DEFAULT_HB_TIMEOUT_MS;
   o->tls.handshake_timeout_ms = COLOD_DEFAULT_HANDSHAKE_TIMEOUT_MS;
   o->max_extent = COLOD_DEFAULT_MAX_EXTENT;
+  o->log_summary_s = COLOD_DEFAULT_LOG_SUMMARY_S;
   while ((c = getopt_long (argc, argv, "vhV", long_options, NULL)) != -1) {
     switch (c) {
     case OPT_LISTEN: o->listen = optarg; break;
@@ -195,6 +203,27 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
       if (parse_debug (optarg) == -1)
         return -1;
       break;
+    case OPT_LOG:
+      if (strcmp (optarg, "stderr") && strcmp (optarg, "syslog") &&
+          strcmp (optarg, "journal")) {
+        fprintf (stderr, "fleece-colod: --log: '%s' is not stderr, syslog "
+                 "or journal\n", optarg);
+        return -1;
+      }
+      o->log = optarg;
+      break;
+    case OPT_LOG_SUMMARY: {
+      char *end;
+      long v = strtol (optarg, &end, 10);
+      if (*end || end == optarg || v < 1 || v > 86400) {
+        fprintf (stderr, "fleece-colod: --log-summary-interval: '%s' is "
+                 "not a number of seconds from 1 to 86400\n", optarg);
+        return -1;
+      }
+      o->log_summary_s = v;
+      break;
+    }
+    case OPT_METRICS_LISTEN: o->metrics_listen = optarg; break;
     case 'v': o->verbose = true; break;
     case 'h': usage (stdout); exit (0);
     case 'V': printf ("fleece-colod %s\n", PACKAGE_VERSION); exit (0);
@@ -242,7 +271,7 @@ known_role (const char *role)
 {
   static const char *const roles[] = {
     "secondary", "primary", "demote", "status", "checkpoint", "promote",
-    "events", NULL
+    "events", "metrics", NULL
   };
   size_t i;
 
@@ -258,6 +287,22 @@ require (const char *what, const char *value)
   if (value == NULL) {
     fprintf (stderr, "fleece-colod %s: %s is required\n", colod.opt.role,
              what);
+    return -1;
+  }
+  return 0;
+}
+
+/* What a role runs beside it: systemd notification, the metrics
+ * endpoint.
+ */
+static int
+start_services (void)
+{
+  if (colod_notify_start () == -1)
+    return -1;
+  if (colod.opt.metrics_listen &&
+      colod_metrics_start (colod.opt.metrics_listen) == -1) {
+    colod_notify_stop ();
     return -1;
   }
   return 0;
@@ -308,6 +353,8 @@ main (int argc, char *argv[])
                              ? json_pack ("{s:b}", "force", 1) : NULL, false);
   if (strcmp (colod.opt.role, "events") == 0)
     return colod_ctl_events ();
+  if (strcmp (colod.opt.role, "metrics") == 0)
+    return colod_ctl_client ("metrics", NULL, false);
 
   sigaction (SIGTERM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
@@ -315,6 +362,13 @@ main (int argc, char *argv[])
   colod.st.role = colod.opt.role;
   colod.st.connection = "disconnected";
   colod.st.rtt_us = -1;
+  /* The daemons' default depends on where they run (log.c); demote is
+   * a command, whose messages its caller reads.
+   */
+  if (colod_log_open (colod.opt.log ? colod.opt.log
+                      : strcmp (colod.opt.role, "demote") == 0 ? "stderr"
+                      : NULL) == -1)
+    abort ();                   /* parse_options checked it */
   if (strcmp (colod.opt.role, "demote") == 0) {
     if (require ("--fleece SOCKET", colod.opt.fleece_socket) == -1 ||
         require ("--nbd URI", colod.opt.nbd_uri) == -1)
@@ -327,7 +381,7 @@ main (int argc, char *argv[])
         require ("--peer ADDR:PORT", colod.opt.peer) == -1)
       return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_CLIENT;
-    if (colod_notify_start () == -1)
+    if (start_services () == -1)
       return COLOD_EXIT_ERROR;
     r = colod_run_primary ();
   }
@@ -336,7 +390,7 @@ main (int argc, char *argv[])
         require ("--disk PATH", colod.opt.disk) == -1)
       return COLOD_EXIT_USAGE;
     colod.opt.tls.role = COLO_TLS_SERVER;
-    if (colod_notify_start () == -1)
+    if (start_services () == -1)
       return COLOD_EXIT_ERROR;
     r = colod_run_secondary ();
   }
@@ -344,6 +398,8 @@ main (int argc, char *argv[])
     abort ();                   /* known_role */
   colod_notify_stop ();
   colod_control_stop ();
+  colod_metrics_stop ();
+  colod_log_flush ();
   return r;
 }
 

@@ -60,7 +60,7 @@ notify_send (const char *msg)
 
   if (r < 0 && !logged) {
     logged = true;
-    colod_log ("sd_notify: %s: %s: %s", getenv ("NOTIFY_SOCKET"), msg,
+    colod_warn ("sd_notify: %s: %s: %s", getenv ("NOTIFY_SOCKET"), msg,
                strerror (-r));
   }
 }
@@ -141,7 +141,7 @@ colod_notify_start (void)
     return 0;
   r = sd_watchdog_enabled (0, &notify_watchdog_usec);
   if (r < 0) {
-    colod_log ("sd_watchdog_enabled: WATCHDOG_USEC: %s", strerror (-r));
+    colod_warn ("sd_watchdog_enabled: WATCHDOG_USEC: %s", strerror (-r));
     notify_watchdog_usec = 0;
   }
   else if (r == 0)
@@ -150,7 +150,7 @@ colod_notify_start (void)
                getenv ("NOTIFY_SOCKET"), notify_watchdog_usec);
   r = pthread_create (&notify_thread, NULL, notify_loop, NULL);
   if (r != 0) {
-    colod_log ("pthread_create: the systemd notify thread: %s",
+    colod_err ("pthread_create: the systemd notify thread: %s",
                strerror (r));
     return -1;
   }

@@ -114,7 +114,7 @@ remove_colo (const char *cmd, uint64_t k)
   snprintf (name, sizeof name, PLUGIN_PREFIX "%" PRIu64, k);
   r = plugin_ctl (cmd, json_pack ("{s:s}", "name", name), err, sizeof err);
   if (r == NULL) {
-    colod_log ("%s %s: %s", cmd, name, err);
+    colod_warn ("%s %s: %s", cmd, name, err);
     return -1;
   }
   json_decref (r);
@@ -158,7 +158,7 @@ plugin_start (bool wait)
 
   while ((r = plugin_ctl ("query-status", NULL, err, sizeof err)) == NULL) {
     if (!wait || colod.stop || strstr (err, "control socket") == NULL) {
-      colod_log ("%s", err);
+      colod_err ("%s", err);
       return -1;
     }
     if (!said)
@@ -168,7 +168,7 @@ plugin_start (bool wait)
   }
   if (json_unpack (r, "{s:I,s:I}", "disk-size", &size, "cluster-size",
                    &cs) == -1) {
-    colod_log ("control socket %s: query-status lacks disk-size or "
+    colod_err ("control socket %s: query-status lacks disk-size or "
                "cluster-size", colod.opt.fleece_socket);
     json_decref (r);
     return -1;
@@ -177,7 +177,7 @@ plugin_start (bool wait)
   plugin.disk_size = size;
   plugin.cluster_size = cs;
   if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   plugin.last_checkpoint = n ? v[n - 1] : 0;

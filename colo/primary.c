@@ -110,7 +110,7 @@ save_identity (void)
 
   if (colo_state_save_primary (colod.opt.state_dir, &id, err,
                                sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   return 0;
@@ -127,7 +127,7 @@ load_identity (void)
                    sizeof id_path);
   r = colo_state_load_primary (colod.opt.state_dir, &id, err, sizeof err);
   if (r == -1)
-    colod_log ("%s", err);
+    colod_err ("%s", err);
   return r;
 }
 
@@ -142,7 +142,7 @@ init_identity (void)
     return -1;
   if (r == 1) {
     if (id.demoted) {
-      colod_log ("%s: this state directory was demoted (fleece-colod "
+      colod_err ("%s: this state directory was demoted (fleece-colod "
                  "demote): it belongs to a secondary now", id_path);
       return -1;
     }
@@ -150,7 +150,7 @@ init_identity (void)
   }
   r = colo_state_read (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   if (r == 1 && js.history_len > 0) {
@@ -165,7 +165,7 @@ init_identity (void)
   else {
     if (getrandom (id.volume_id, 16, 0) != 16 ||
         getrandom (id.history[0].id, 16, 0) != 16) {
-      colod_log ("getrandom: %s", strerror (errno));
+      colod_err ("getrandom: %s", strerror (errno));
       return -1;
     }
     id.history[0].start_epoch = 1;
@@ -326,7 +326,7 @@ hb_thread (void *arg)
   if (colod.stop)               /* not a failure: no failover for this */
     colod_send_error (p.hb, COLO_ERROR_SHUTDOWN, "the primary is stopping");
   else if (!atomic_exchange (&p.lost, true)) {
-    colod_log ("peer lost: %s", err);
+    colod_warn ("peer lost: %s", err);
     colod_conn_abort (p.data);
   }
   return NULL;
@@ -415,7 +415,7 @@ send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
   if (r->type == COLO_MSG_EPOCH_DURABLE && r->epoch_durable.epoch == epoch)
     return 1;
   if (r->type == COLO_MSG_EPOCH_REFUSED && r->epoch_refused.epoch == epoch) {
-    colod_log ("epoch %" PRIu64 " refused by the secondary (reason %" PRIu32
+    colod_warn ("epoch %" PRIu64 " refused by the secondary (reason %" PRIu32
                "): %s; sending it again", epoch, r->epoch_refused.reason,
                r->epoch_refused.message);
     pthread_mutex_lock (&colod.lock);
@@ -454,6 +454,8 @@ run_epoch (char *err, size_t errlen)
      * checkpoints (and frozen bitmaps) while the link is bad.
      */
     snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
+    colod_warn ("epoch %" PRIu64 ": sending its snapshot again (the last "
+                "attempt did not become durable)", epoch);
     ck0 = ck1 = 0;
   }
   else {
@@ -535,7 +537,7 @@ run_epoch (char *err, size_t errlen)
   p.extra = NULL;
   p.extra_bits = 0;
   if (save_identity () == -1)
-    colod_log ("the acknowledged epoch %" PRIu64 " could not be recorded",
+    colod_err ("the acknowledged epoch %" PRIu64 " could not be recorded",
                epoch);
   plugin_prune (0, epoch);
   pthread_mutex_lock (&colod.lock);
@@ -609,12 +611,12 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
     colod_conn_close (p.data);
     p.data = NULL;
     if (fatal) {
-      colod_log ("%s", err);
+      colod_err ("%s", err);
       set_refused (err);
       return -1;
     }
     if (strcmp (err, lasterr) != 0)       /* say it once, not every try */
-      colod_log ("cannot pair with %s: %s (trying again)", colod.opt.peer,
+      colod_warn ("cannot pair with %s: %s (trying again)", colod.opt.peer,
                  err);
     snprintf (lasterr, errlen, "%s", err);
     pthread_mutex_lock (&colod.lock);
@@ -690,7 +692,7 @@ colod_run_primary (void)
   int rc = 0;
 
   if (mkdir (colod.opt.state_dir, 0700) == -1 && errno != EEXIST) {
-    colod_log ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
+    colod_err ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
     return COLOD_EXIT_ERROR;
   }
   if (init_identity () == -1)
@@ -701,10 +703,10 @@ colod_run_primary (void)
     return COLOD_EXIT_ERROR;
   tls = colo_tls_new (&colod.opt.tls);
   if (tls == NULL) {
-    colod_log ("%s", colo_tls_last_error ());
+    colod_err ("%s", colo_tls_last_error ());
     return COLOD_EXIT_ERROR;
   }
-  colod_log ("primary: peer %s, epochs every %d ms",
+  colod_notice ("primary: peer %s, epochs every %d ms",
              colod.opt.peer, colod.opt.interval_ms);
   while (!colod.stop) {
     int c = connect_peer (tls, lasterr, sizeof lasterr);
@@ -733,7 +735,7 @@ colod_run_primary (void)
         break;
       next = monotonic_ms () + colod.opt.interval_ms;
       if (run_epoch (err, sizeof err) == -1) {
-        colod_log ("%s", err);
+        colod_err ("%s", err);
         serve_checkpoints (ticket, err);
         if (!atomic_load (&p.lost))
           colod_send_error (p.data, COLO_ERROR_INTERNAL, err);
@@ -767,11 +769,11 @@ colod_demote (void)
   int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
-    colod_log ("%s: no primary state to demote", id_path);
+    colod_err ("%s: no primary state to demote", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (id.demoted) {
-    colod_log ("%s: already demoted", id_path);
+    colod_err ("%s: already demoted", id_path);
     return COLOD_EXIT_ERROR;
   }
   if (plugin_start (false) == -1)
@@ -782,11 +784,11 @@ colod_demote (void)
     goto out;
   r = plugin_chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err);
   if (r == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     goto out;
   }
   if (r == 1) {
-    colod_log ("cannot tell which clusters this side wrote since epoch %"
+    colod_err ("cannot tell which clusters this side wrote since epoch %"
                PRIu64 " (bitmap " PLUGIN_PREFIX "%" PRIu64 " is not on the "
                "plugin): restart it as a secondary with --discard-diverged "
                "for a full copy instead", id.acked, id.acked);
@@ -796,7 +798,7 @@ colod_demote (void)
     uint8_t *b;
     if (colo_read_bitmap (colod.opt.nbd_uri, names[i], plugin.disk_size,
                           plugin.cluster_size, &b, err, sizeof err) == -1) {
-      colod_log ("%s", err);
+      colod_err ("%s", err);
       goto out;
     }
     for (k = 0; k < (nbits + 7) / 8; k++)
@@ -806,7 +808,7 @@ colod_demote (void)
   if (colo_state_write_diverged (colod.opt.state_dir, id.acked,
                                  plugin.disk_size, plugin.cluster_size, bits,
                                  nbits, err, sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     goto out;
   }
   id.demoted = true;

@@ -245,7 +245,7 @@ end_epoch (struct colod_conn *c, struct epoch_rx *e,
       journal_abort (sec.j);
     sec.epoch_open = false;
     pthread_mutex_unlock (&sec.jlock);
-    colod_log ("epoch %" PRIu64 " refused: %s", e->epoch, e->why);
+    colod_warn ("epoch %" PRIu64 " refused: %s", e->epoch, e->why);
     a.type = COLO_MSG_EPOCH_REFUSED;
     a.epoch_refused.epoch = e->epoch;
     a.epoch_refused.reason = e->refuse;
@@ -271,7 +271,7 @@ end_epoch (struct colod_conn *c, struct epoch_rx *e,
   }
   if (journal_apply (sec.j) == -1) {
     /* The epoch is durable in the journal; the next start redoes it. */
-    colod_log ("%s: stopping; a restart applies epoch %" PRIu64 " again",
+    colod_err ("%s: stopping; a restart applies epoch %" PRIu64 " again",
                journal_error (sec.j), e->epoch);
     pthread_mutex_unlock (&sec.jlock);
     sec.failed = true;
@@ -305,7 +305,7 @@ secondary_receive_epochs (struct colod_conn *c)
   char err[1024] = "";
 
   if (writer_start (err, sizeof err) == -1) {
-    colod_log ("data connection ended: %s", err);
+    colod_warn ("data connection ended: %s", err);
     return;
   }
   for (;;) {
@@ -375,13 +375,13 @@ secondary_receive_epochs (struct colod_conn *c)
   writer_stop ();
   pthread_mutex_lock (&sec.jlock);
   if (sec.epoch_open) {
-    colod_log ("epoch %" PRIu64 " dropped: the connection ended before its "
+    colod_warn ("epoch %" PRIu64 " dropped: the connection ended before its "
                "end", e.epoch);
     journal_abort (sec.j);
     sec.epoch_open = false;
   }
   pthread_mutex_unlock (&sec.jlock);
   if (!colod.stop)
-    colod_log ("data connection ended: %s", err);
+    colod_warn ("data connection ended: %s", err);
 }
 

@@ -72,7 +72,7 @@ run_on_promote (uint64_t epoch, const char *gen)
   snprintf (ep, sizeof ep, "%" PRIu64, epoch);
   pid = fork ();
   if (pid == -1) {
-    colod_log ("--on-promote: fork: %s", strerror (errno));
+    colod_err ("--on-promote: fork: %s", strerror (errno));
     return -1;
   }
   if (pid == 0) {
@@ -88,7 +88,7 @@ run_on_promote (uint64_t epoch, const char *gen)
   while (waitpid (pid, &status, 0) == -1 && errno == EINTR)
     ;
   if (!WIFEXITED (status) || WEXITSTATUS (status) != 0) {
-    colod_log ("--on-promote '%s' failed (%s %d)", colod.opt.on_promote,
+    colod_err ("--on-promote '%s' failed (%s %d)", colod.opt.on_promote,
                WIFEXITED (status) ? "exit status" : "signal",
                WIFEXITED (status) ? WEXITSTATUS (status) : WTERMSIG (status));
     return -1;
@@ -138,15 +138,15 @@ promote (const char *why)
   }
   secondary_publish_journal ();
   if (secondary_write_promoted (gen) == -1)
-    colod_log ("a restart of this daemon will not know it was promoted: "
+    colod_warn ("a restart of this daemon will not know it was promoted: "
                "start it with the same --state only as a primary");
   secondary_unlock_disk ();               /* for the server that takes over */
   if (colod.opt.promote_store &&
       prepare_store (epoch, err, sizeof err) == -1)
-    colod_log ("%s: a later failback will need a full copy", err);
+    colod_warn ("%s: a later failback will need a full copy", err);
   pthread_mutex_unlock (&sec.jlock);
   colod_hex (gen, 16, hex);
-  colod_log ("promoted at epoch %" PRIu64 ": generation %s; the disk %s is "
+  colod_notice ("promoted at epoch %" PRIu64 ": generation %s; the disk %s is "
              "ready to serve", epoch, hex, colod.opt.disk);
   if (colod.opt.on_promote)
     run_on_promote (epoch, hex);
@@ -158,7 +158,7 @@ promote (const char *why)
   return;
  fail:
   pthread_mutex_unlock (&sec.jlock);
-  colod_log ("promotion failed: %s", err);
+  colod_err ("promotion failed: %s", err);
   pthread_mutex_lock (&colod.lock);
   sec.promoted = false;
   colod.promote_requested = false;

@@ -154,7 +154,7 @@ lock_disk (char *err, size_t errlen)
     return -1;
   }
   if (!locked)
-    colod_log ("disk %s: not locked: its file system has no OFD locks",
+    colod_warn ("disk %s: not locked: its file system has no OFD locks",
                colod.opt.disk);
   sec.lock_fd = fd;
   return 0;
@@ -199,7 +199,7 @@ secondary_write_promoted (const uint8_t gen[16])
 
   if (colo_state_write_promoted (colod.opt.state_dir, gen, err,
                                  sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   return 0;
@@ -402,7 +402,7 @@ heartbeats (struct colod_conn *c)
       const struct colo_msg *last = colo_wire_decoder_msg (c->dec);
       if (last && last->type == COLO_MSG_ERROR &&
           last->error.code == COLO_ERROR_SHUTDOWN) {
-        colod_log ("the primary stopped cleanly: no failover for that");
+        colod_notice ("the primary stopped cleanly: no failover for that");
         pthread_mutex_lock (&colod.lock);
         sec.primary_stopped = true;
         pthread_mutex_unlock (&colod.lock);
@@ -535,7 +535,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
   fill_hello (&m, COLO_CHANNEL_DATA);
   pthread_mutex_unlock (&sec.jlock);
   if (r == -1) {
-    colod_log ("pairing with %s: %s", colo_conn_peer (c->conn), err);
+    colod_warn ("pairing with %s: %s", colo_conn_peer (c->conn), err);
     colod_send_error (c, COLO_ERROR_INTERNAL, err);
     goto out;
   }
@@ -543,7 +543,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
       send_reply (c, v.status, v.reason, err, sizeof err) == -1)
     goto out;
   if (v.status != COLO_HELLO_ACCEPT) {
-    colod_log ("refused the primary %s: %s", colo_conn_peer (c->conn),
+    colod_warn ("refused the primary %s: %s", colo_conn_peer (c->conn),
                v.reason);
     pthread_mutex_lock (&colod.lock);
     snprintf (colod.st.refusal, sizeof colod.st.refusal, "%s", v.reason);
@@ -659,7 +659,7 @@ recv_hello (struct colod_conn *c, int64_t accepted_ms)
 
   colo_conn_set_deadline (c->conn, left > 0 ? left : 1);
   if (colod_recv (c, &m, err, sizeof err) != 1) {
-    colod_log ("connection from %s closed before its HELLO: %s",
+    colod_warn ("connection from %s closed before its HELLO: %s",
                colo_conn_peer (c->conn), err);
     return NULL;
   }
@@ -668,13 +668,13 @@ recv_hello (struct colod_conn *c, int64_t accepted_ms)
     snprintf (err, sizeof err, "%s: expected a primary's HELLO, got %s",
               colo_conn_peer (c->conn), m->type == COLO_MSG_HELLO
               ? "a secondary's HELLO" : colo_msg_type_name (m->type));
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     colod_send_error (c, COLO_ERROR_UNEXPECTED, err);
     return NULL;
   }
   ph = malloc (sizeof *ph);
   if (ph == NULL) {
-    colod_log ("malloc: HELLO of %s: %s", colo_conn_peer (c->conn),
+    colod_err ("malloc: HELLO of %s: %s", colo_conn_peer (c->conn),
                strerror (errno));
     return NULL;
   }
@@ -694,7 +694,7 @@ conn_thread (void *arg)
   struct colo_msg_hello *ph;
 
   if (colo_accept_handshake (conn) == -1) {
-    colod_log ("%s", colo_tls_last_error ());
+    colod_err ("%s", colo_tls_last_error ());
     conn_thread_end (conn);     /* before the socket goes */
     colo_discard (conn);
     return NULL;
@@ -738,7 +738,7 @@ accept_peers (struct colo_listener *l)
 
     if (conn == NULL) {
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        colod_log ("%s", colo_tls_last_error ());
+        colod_err ("%s", colo_tls_last_error ());
         colod_sleep_ms (100);   /* e.g. EMFILE: the peer still waits */
       }
       return;
@@ -746,7 +746,7 @@ accept_peers (struct colo_listener *l)
     pthread_mutex_lock (&colod.lock);
     if (sec.npending == COLOD_MAX_PENDING) {
       pthread_mutex_unlock (&colod.lock);
-      colod_log ("connection from %s closed at once: %d connections are "
+      colod_warn ("connection from %s closed at once: %d connections are "
                  "already in their TLS handshake or HELLO, the most allowed",
                  colo_conn_peer (conn), COLOD_MAX_PENDING);
       colo_discard (conn);
@@ -760,7 +760,7 @@ accept_peers (struct colo_listener *l)
     r = pthread_create (&t, &attr, conn_thread, conn);
     pthread_attr_destroy (&attr);
     if (r != 0) {
-      colod_log ("pthread_create: connection from %s: %s",
+      colod_err ("pthread_create: connection from %s: %s",
                  colo_conn_peer (conn), strerror (r));
       conn_thread_end (conn);
       colo_discard (conn);
@@ -809,7 +809,7 @@ adopt_demoted (void)
                                    sizeof err);
 
   if (r == -1)
-    colod_log ("%s", err);
+    colod_err ("%s", err);
   if (r <= 0 || !ps.demoted)
     return r;                   /* nothing, or a primary.json error */
   memcpy (h.volume_id, ps.volume_id, 16);
@@ -817,7 +817,7 @@ adopt_demoted (void)
   h.history_count = ps.history_len;
   base = ps.acked;
   if (read_diverged (&base, &size, &cs, &bits, &nbits) != 1) {
-    colod_log ("%s: demoted, but its diverged clusters are missing or "
+    colod_err ("%s: demoted, but its diverged clusters are missing or "
                "damaged: pair with --discard-diverged for a full copy",
                colod.opt.state_dir);
     return colod.opt.discard_diverged ? 0 : -1;
@@ -825,17 +825,17 @@ adopt_demoted (void)
   free (bits);
   if ((sec.j == NULL && open_journal (size, cs, true, err, sizeof err) == -1)
       || lock_disk (err, sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   if (adopt (&h, base, err, sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return -1;
   }
   colo_state_clear_promoted (colod.opt.state_dir);
   colo_state_path (colod.opt.state_dir, "primary.json", path, sizeof path);
   if (unlink (path) == -1) {
-    colod_log ("unlink: %s: %s", path, strerror (errno));
+    colod_err ("unlink: %s: %s", path, strerror (errno));
     return -1;
   }
   colod_log ("the demoted primary's identity, at epoch %" PRIu64, base);
@@ -853,12 +853,12 @@ colod_run_secondary (void)
   int r;
 
   if (mkdir (colod.opt.state_dir, 0700) == -1 && errno != EEXIST) {
-    colod_log ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
+    colod_err ("mkdir: %s: %s", colod.opt.state_dir, strerror (errno));
     return COLOD_EXIT_ERROR;
   }
   r = colo_state_read (colod.opt.state_dir, &js, err, sizeof err);
   if (r == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return COLOD_EXIT_ERROR;
   }
   if (r == 1 &&
@@ -866,7 +866,7 @@ colod_run_secondary (void)
                     !colo_state_promoted_in (colod.opt.state_dir,
                                              js.generation_id),
                     err, sizeof err) == -1) {
-    colod_log ("%s", err);
+    colod_err ("%s", err);
     return COLOD_EXIT_ERROR;
   }
   r = adopt_demoted ();
@@ -875,14 +875,14 @@ colod_run_secondary (void)
   if (r == 0 && sec.j && read_promoted ()) {
     sec.promoted = true;
     colod.st.failover = FAILOVER_COMPLETED;
-    colod_log ("this side was promoted (generation of %s): primaries "
+    colod_err ("this side was promoted (generation of %s): primaries "
                "are refused%s", colod.opt.state_dir,
                colod.opt.discard_diverged ? ", except with "
                "--discard-diverged" : "");
   }
   if (!sec.promoted && colod.opt.promote_store &&
       access (colod.opt.promote_store, F_OK) == 0) {
-    colod_log ("--promote-store %s: already exists; promotion makes a new "
+    colod_err ("--promote-store %s: already exists; promotion makes a new "
                "store there (remove the old one)", colod.opt.promote_store);
     return COLOD_EXIT_ERROR;
   }
@@ -890,16 +890,16 @@ colod_run_secondary (void)
     return COLOD_EXIT_ERROR;
   tls = colo_tls_new (&colod.opt.tls);
   if (tls == NULL) {
-    colod_log ("%s", colo_tls_last_error ());
+    colod_err ("%s", colo_tls_last_error ());
     return COLOD_EXIT_ERROR;
   }
   l = colo_listen (tls, colod.opt.listen);
   if (l == NULL) {
-    colod_log ("%s", colo_tls_last_error ());
+    colod_err ("%s", colo_tls_last_error ());
     colo_tls_free (tls);
     return COLOD_EXIT_ERROR;
   }
-  colod_log ("listening on %s, disk %s", colo_listener_address (l),
+  colod_notice ("listening on %s, disk %s", colo_listener_address (l),
              colod.opt.disk);
   pthread_mutex_lock (&colod.lock);
   colod.st.connection = "listening";
@@ -911,7 +911,7 @@ colod_run_secondary (void)
    * on this loop can delay the judgment.
    */
   if (pthread_create (&monitor, NULL, secondary_monitor_thread, NULL) != 0) {
-    colod_log ("pthread_create: cannot start the heartbeat monitor");
+    colod_err ("pthread_create: cannot start the heartbeat monitor");
     colo_listener_close (l);
     colo_tls_free (tls);
     return COLOD_EXIT_ERROR;

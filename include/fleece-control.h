@@ -29,6 +29,12 @@ struct ctl;
 struct ctl_info {
   const char *on_cbw_error;     /* "break-snapshot" | "fail-write" */
   int persistent;
+  /* Called by the service thread for every event, subscribers or not,
+   * so that the program logs it (NULL: not logged).  snapshot is "" for
+   * an event about the store as a whole.
+   */
+  void (*log_event) (const char *event, const char *snapshot,
+                     const char *reason);
 };
 
 /* Create the socket at path (mode 0600) and listen.  A stale socket left

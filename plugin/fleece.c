@@ -17,7 +17,8 @@
  * survive fork, and the process that serves would miss them.  Every
  * thread starts in .after_fork, which nbdkit calls in the process that
  * serves, in every mode (-f, background, --run, socket activation): the
- * engine's (fleece_start), then the control service's.  The control socket
+ * engine's (fleece_start), the control service's, then the metrics
+ * endpoint's (metrics-listen=, whose socket listens from .get_ready on).  The control socket
  * listens from .get_ready on, so that it is up as soon as nbdkit is,
  * before any NBD client connects.  .cleanup works whether or not
  * .after_fork ran.  Errors are reported once, here, with the engine's
@@ -36,8 +37,11 @@
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
+#include <syslog.h>
+
 #include "fleece.h"
 #include "fleece-control.h"
+#include "fleece-metrics.h"
 
 #define SNAP_PREFIX "snapshot/"
 #define BITMAP_PREFIX "bitmap/"
@@ -57,6 +61,7 @@ NBDKIT_DLL_PUBLIC int fleece_debug_ctl_idle_timeout_ms = 0;
 static char *disk_path;
 static char *store_path;
 static char *control_path;
+static char *metrics_listen;    /* metrics-listen=, NULL: no endpoint */
 static uint32_t cluster_size;
 static enum fleece_cbw_error on_cbw_error = FLEECE_CBW_BREAK_SNAPSHOT;
 static int tls_exports_only;    /* snapshot and bitmap exports need TLS */
@@ -70,6 +75,7 @@ static int subcluster = -1;     /* -1: not given (true, unless persistent) */
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
 static struct ctl *ctl;
+static struct metrics_http *metrics;
 
 struct handle {
   struct fleece_snap *snap;     /* a snapshot export, or */
@@ -108,12 +114,62 @@ warn_to_nbdkit (const char *msg)
   nbdkit_error ("%s", msg);
 }
 
+/* Every event is logged, so that an alert is not lost when no client of
+ * the control socket listens.  Under systemd (stderr is the journal) as
+ * a journal record with its priority and fields FLEECE_EVENT,
+ * FLEECE_SNAPSHOT and FLEECE_REASON; else through nbdkit_error, because
+ * nbdkit has no level between error and debug, and debug is off without
+ * -v.  Called from the control service's thread.
+ */
+static int
+journal_event (int pri, const char *msg, const char *event,
+               const char *snapshot, const char *reason)
+{
+  char *f[3] = { NULL, NULL, NULL };
+  int r = -1;
+
+  if (asprintf (&f[0], "FLEECE_EVENT=%s", event) != -1 &&
+      asprintf (&f[1], "FLEECE_SNAPSHOT=%s", snapshot) != -1 &&
+      asprintf (&f[2], "FLEECE_REASON=%s", reason) != -1)
+    r = fleece_journal_send (pri, msg, (const char *const *) f, 3);
+  free (f[0]);
+  free (f[1]);
+  free (f[2]);
+  return r;
+}
+
+static void
+log_event (const char *event, const char *snapshot, const char *reason)
+{
+  int pri = strcmp (event, "SNAPSHOT_BROKEN") == 0 ? LOG_ERR
+    : strcmp (event, "STORE_HIGH_WATER") == 0 ? LOG_WARNING : LOG_NOTICE;
+  char *msg;
+
+  if (asprintf (&msg, "event %s%s%s%s: %s", event,
+                *snapshot ? ": snapshot '" : "", snapshot,
+                *snapshot ? "'" : "", reason) == -1) {
+    nbdkit_error ("event %s: %s", event, reason);
+    return;
+  }
+  if (!fleece_stderr_is_journal () ||
+      journal_event (pri, msg, event, snapshot, reason) == -1)
+    nbdkit_error ("%s", msg);
+  free (msg);
+}
+
+static char *
+render_metrics (void *opaque)
+{
+  return fleece_metrics (opaque);
+}
+
 static void
 plug_unload (void)
 {
   free (disk_path);
   free (store_path);
   free (control_path);
+  free (metrics_listen);
 }
 
 static int
@@ -213,6 +269,18 @@ plug_config (const char *key, const char *value)
     cbw_timeout_ms = secs * 1000 + 0.5;
     return 0;
   }
+  if (strcmp (key, "metrics-listen") == 0) {
+    if (metrics_listen) {
+      nbdkit_error ("%s: parameter given twice", key);
+      return -1;
+    }
+    metrics_listen = strdup (value);
+    if (metrics_listen == NULL) {
+      nbdkit_error ("strdup: %m");
+      return -1;
+    }
+    return 0;
+  }
   if (strcmp (key, "locking") == 0) {
     int r;
     if (strcmp (value, "auto") == 0) {
@@ -275,6 +343,8 @@ plug_config_complete (void)
   "persistent=true|false  Snapshots and bitmaps survive restarts and\n" \
   "                     crashes (default false: they last as long as\n" \
   "                     nbdkit).\n" \
+  "metrics-listen=[ADDR:]PORT  Serve Prometheus metrics over HTTP at\n" \
+  "                     /metrics (ADDR default 127.0.0.1).\n" \
   "locking=on|auto|off  Lock the disk and the store against a second\n" \
   "                     writer, as QEMU does (default on; auto: where the\n" \
   "                     file system can; off: never, at your risk)."
@@ -312,6 +382,7 @@ plug_get_ready (void)
     .on_cbw_error = on_cbw_error == FLEECE_CBW_FAIL_WRITE
       ? "fail-write" : "break-snapshot",
     .persistent = persistent,
+    .log_event = log_event,
   };
 
   fleece_debug.verbose = fleece_debug_verbose;
@@ -342,19 +413,35 @@ plug_get_ready (void)
                   : strcmp (fleece_locking_state (fl), "store only") == 0
                   ? "only the store is locked" : "neither is locked");
   ctl = ctl_open (fl, control_path, &info);
-  if (ctl == NULL) {
-    engine_error ();
-    fleece_close (fl);
-    fl = NULL;
-    return -1;
+  if (ctl == NULL)
+    goto out_close_engine;
+  if (metrics_listen) {
+    metrics = metrics_http_open (metrics_listen, render_metrics, fl);
+    if (metrics == NULL)
+      goto out_close_ctl;
+    nbdkit_debug ("metrics: http://%s/metrics",
+                  metrics_http_address (metrics));
   }
   return 0;
+
+ out_close_ctl:
+  engine_error ();
+  ctl_close (ctl);
+  ctl = NULL;
+  goto out_free_engine;
+ out_close_engine:
+  engine_error ();
+ out_free_engine:
+  fleece_close (fl);
+  fl = NULL;
+  return -1;
 }
 
 static int
 plug_after_fork (void)
 {
-  if (fleece_start (fl) == -1 || ctl_start (ctl) == -1)
+  if (fleece_start (fl) == -1 || ctl_start (ctl) == -1 ||
+      (metrics && metrics_http_start (metrics) == -1))
     return engine_error ();
   return 0;
 }
@@ -362,6 +449,8 @@ plug_after_fork (void)
 static void
 plug_cleanup (void)
 {
+  metrics_http_close (metrics);
+  metrics = NULL;
   ctl_close (ctl);
   ctl = NULL;
   fleece_close (fl);

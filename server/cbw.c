@@ -886,8 +886,7 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
     free (ctx.publish);
   }
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);
-  atomic_fetch_add_explicit (&fl->st_cbw_wait_ns, monotonic_ns () - t0,
-                             memory_order_relaxed);
+  fl_observe_copy (fl, monotonic_ns () - t0);
   report_high_water (fl);
   /* The snapshots broken here will never be read again: their copies go
    * now (persistent: their BROKEN records are stable by now), so that a

@@ -47,6 +47,7 @@ struct ctl {
   int wake_rd, wake_wr;         /* self-pipe */
   char *on_cbw_error;
   bool persistent;
+  void (*log_event) (const char *, const char *, const char *);
   uint64_t opened_ns;
   char *greeting;
 

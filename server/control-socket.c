@@ -22,8 +22,9 @@
  * thread.  It copies the event into one allocation, appends it to a
  * queue bounded by CTL_MAX_EVENTS (beyond that events are dropped and
  * counted, never waited for) and writes a byte to the self-pipe; the
- * service thread formats the event and sends it to every client.  Events
- * are not kept for clients that connect later.
+ * service thread formats the event, has the program log it (struct
+ * ctl_info's log_event) and sends it to every client.  Events are not
+ * kept for clients that connect later: the log keeps them.
  *
  * Lifetime.  ctl_open runs before nbdkit forks: it creates the socket,
  * the self-pipe and registers the listener, but starts no thread (threads
@@ -579,6 +580,8 @@ service_wake (struct ctl *ctl)
   for (; ev; ev = next) {
     char *line = event_line (ev);
     next = ev->next;
+    if (ctl->log_event)
+      ctl->log_event (ev->event, ev->snapshot, ev->reason);
     for (i = 0; line && i < ctl->nclients; i++)
       client_send (ctl->clients[i], line);
     free (line);
@@ -803,6 +806,7 @@ ctl_open (struct fleece *fl, const char *path, const struct ctl_info *info)
   ctl->opened_ns = monotonic_ns ();
   ctl->ev_tail = &ctl->ev_head;
   ctl->persistent = info && info->persistent;
+  ctl->log_event = info ? info->log_event : NULL;
   ctl->path = strdup (path);
   ctl->greeting = make_greeting ();
   if (info && info->on_cbw_error)

@@ -25,6 +25,7 @@
 
 #include "cleanup.h"
 #include "control-internal.h"
+#include "fleece-metrics.h"
 
 /* ---- JSON helpers ---- */
 
@@ -315,6 +316,19 @@ cmd_query_stats (struct ctl *ctl, json_t *args)
   return checked (v, "query-stats");
 }
 
+/* The Prometheus text (metrics.c), for fleecectl metrics. */
+static json_t *
+cmd_metrics (struct ctl *ctl, json_t *args)
+{
+  char *text = fleece_metrics (ctl->fl);
+  json_t *v = text ? json_pack ("{s:s,s:s}", "content-type",
+                                "text/plain; version=0.0.4", "text", text)
+    : NULL;
+
+  free (text);
+  return checked (v, "metrics");
+}
+
 static json_t *
 cmd_query_snapshots (struct ctl *ctl, json_t *args)
 {
@@ -524,6 +538,8 @@ static const struct ctl_command commands[] = {
     "Show the server, disk and store configuration" },
   { "query-stats", cmd_query_stats, no_params,
     "Show the engine's counters" },
+  { "metrics", cmd_metrics, no_params,
+    "The engine's metrics in Prometheus's text format" },
   { "snapshot-create", cmd_snapshot_create, name_param,
     "Create snapshot NAME of the live disk" },
   { "snapshot-delete", cmd_snapshot_delete, name_param,

@@ -17,6 +17,9 @@
 #define ZERO_SLOT UINT32_MAX    /* a copy of an all-zero cluster */
 #define NO_SLOT (UINT32_MAX - 1) /* none allocated (store_put_run) */
 
+/* Buckets of the copy latency histogram (metrics.c), +Inf aside. */
+#define FL_COPY_HIST_N 16
+
 /* Growable arrays (common/include/vector.h). */
 DEFINE_VECTOR_TYPE (slot_vector, uint32_t);
 DEFINE_VECTOR_TYPE (thread_vector, pthread_t);
@@ -531,6 +534,8 @@ struct fleece {
   _Atomic uint64_t st_bytes_written, st_cbw_clusters, st_cbw_zero,
     st_bytes_copied, st_cbw_errors, st_cbw_wait_ns;
   _Atomic uint64_t st_max_drain_ns, st_last_drain_ns;
+  /* Copy latency histogram (metrics.c): observations per bucket. */
+  _Atomic uint64_t st_copy_hist[FL_COPY_HIST_N + 1];
 
   /* Event listener. */
   pthread_mutex_t event_lock;
@@ -592,6 +597,8 @@ extern int snap_break_locked (struct fleece *fl, struct fleece_snap *s,
 extern bool snap_is_released (const struct fleece_snap *s, uint64_t c);
 extern bool snap_reads_copy (const struct fleece_snap *s, uint64_t c,
                              uint32_t lo, uint32_t hi);
+/* One copy-before-write took ns: its histogram and cbw-wait-ns. */
+extern void fl_observe_copy (struct fleece *fl, uint64_t ns);
 extern void fl_emit_event (struct fleece *fl, const char *event,
                            const char *snapshot, const char *reason);
 extern bool cbw_done (struct fleece *fl, uint64_t offset, uint64_t count,

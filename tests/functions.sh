@@ -155,6 +155,22 @@ watch_events ()
   cleanup_fn "kill $events_pid 2>/dev/null"
 }
 
+# start_journal: a stand-in for journald (tests/journal-listen.py) on
+# /run/systemd/journal/socket, in a tmpfs over /run/systemd: only in a
+# test that runs in its own mount namespace (unshare -m).  Each record
+# sd_journal_send sends is a JSON line in $tmp/journal.
+start_journal ()
+{
+  mount -t tmpfs tmpfs /run/systemd || return 1
+  cleanup_fn "umount /run/systemd"
+  mkdir /run/systemd/journal || return 1
+  python3 "${abs_top_srcdir:-..}/tests/journal-listen.py" \
+    /run/systemd/journal/socket "$tmp/journal" &
+  echo $! >"$tmp/journal.pid"
+  cleanup_fn "kill_by_pidfile '$tmp/journal.pid'"
+  wait_for 5 test -S /run/systemd/journal/socket
+}
+
 # ---- servers ----
 
 # _started WHAT SOCK PIDFILE LOG: a server WHAT was just started in the

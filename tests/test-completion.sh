@@ -38,6 +38,7 @@ for c in fleecectl fleece-backup fleece-colod; do
 done
 
 is "$(words fleecectl s)" "snapshot stats status" "fleecectl: commands"
+is "$(words fleecectl m)" "metrics" "fleecectl: metrics"
 is "$(words fleecectl -s x bitmap e)" "enable" "fleecectl: bitmap subcommands"
 is "$(words fleecectl --j)" "--json" "fleecectl: options"
 
@@ -69,6 +70,9 @@ is "$(words fleece-backup --on-error = r)" "report retry" \
 is "$(words fleece-backup --disc)" "--discard-source" \
    "fleece-backup: options from its --help"
 is "$(words fleece-colod p)" "primary promote" "fleece-colod: subcommands"
+is "$(words fleece-colod m)" "metrics" "fleece-colod: metrics"
+is "$(words fleece-colod primary --log '')" "journal stderr syslog" \
+   "fleece-colod: --log values"
 is "$(words fleece-colod primary --tls-c)" "--tls-certificates" \
    "fleece-colod: options from its --help"
 mkdir "$tmp/pki-dir"

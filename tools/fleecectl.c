@@ -71,6 +71,7 @@ usage (void)
           "Usage:\n"
           "  fleecectl [OPTIONS] status\n"
           "  fleecectl [OPTIONS] stats\n"
+          "  fleecectl [OPTIONS] metrics\n"
           "  fleecectl [OPTIONS] snapshot create NAME\n"
           "  fleecectl [OPTIONS] snapshot delete NAME\n"
           "  fleecectl [OPTIONS] snapshot list\n"
@@ -375,6 +376,17 @@ do_status (struct conn *c)
 
   if (ret)
     print_members (ret);
+  json_decref (ret);
+}
+
+/* metrics: the Prometheus text as it is (with --json, the reply). */
+static void
+do_metrics (struct conn *c)
+{
+  json_t *ret = query (c, "metrics");
+
+  if (ret)
+    fputs (json_string_value (json_object_get (ret, "text")) ?: "", stdout);
   json_decref (ret);
 }
 
@@ -767,6 +779,8 @@ run (struct conn *c, int argc, char **argv)
   conn_greeting (c);
   if (strcmp (cmd, "status") == 0)
     do_status (c);
+  else if (strcmp (cmd, "metrics") == 0)
+    do_metrics (c);
   else
     do_stats (c);
   return EXIT_SUCCESS;
@@ -777,8 +791,8 @@ static void
 check_command (int argc, char **argv)
 {
   static const char *const known[] = {
-    "status", "stats", "snapshot", "bitmap", "checkpoint", "raw", "events",
-    "relay", NULL
+    "status", "stats", "metrics", "snapshot", "bitmap", "checkpoint", "raw",
+    "events", "relay", NULL
   };
   int i;
 

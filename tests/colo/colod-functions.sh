@@ -28,7 +28,8 @@ status_is () { [ "$(status "$1" "$2")" = "$3" ]; }
 status_ge () { local v; v=$(status "$1" "$2") && [ "$v" != None ] && [ "$v" -ge "$3" ]; }
 
 # start_colod NAME ROLE ARGS...: start a daemon for host NAME in the
-# background (log $tmp/NAME/colod.log, PID $tmp/NAME/colod.pid) and wait
+# background (log $tmp/NAME/colod.log: --log stderr, PID
+# $tmp/NAME/colod.pid) and wait
 # for its control socket.
 start_colod ()
 {
@@ -36,7 +37,7 @@ start_colod ()
   mkdir -p "$tmp/$n"
   rm -f "$tmp/$n/state/control.sock"
   # shellcheck disable=SC2086
-  $VG "$COLOD" "$role" --state "$tmp/$n/state" "$@" \
+  $VG "$COLOD" "$role" --state "$tmp/$n/state" --log stderr "$@" \
     >>"$tmp/$n/colod.log" 2>&1 &
   echo $! >"$tmp/$n/colod.pid"
   cleanup_fn "kill_by_pidfile '$tmp/$n/colod.pid'"

@@ -68,8 +68,10 @@ epoch_of () { jget "$1" "d['epoch']"; }
 
 port=$(free_port)
 peer=127.0.0.1:$port
-prim=(--fleece "$tmp/a.ctl" --nbd "$(live_uri a)" --peer "$peer")
-sec=(--listen "$peer" --disk "$tmp/b/disk")
+# -v: a log line per epoch (without it, a summary a minute), which the
+# checks below read.
+prim=(--fleece "$tmp/a.ctl" --nbd "$(live_uri a)" --peer "$peer" -v)
+sec=(--listen "$peer" --disk "$tmp/b/disk" -v)
 mkdir -p "$tmp/a" "$tmp/b"
 
 # ---- command lines that are refused ----
