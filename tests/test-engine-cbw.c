@@ -34,6 +34,12 @@
  *
  * Environment: FLEECE_TEST_SEED repeats a run, FLEECE_TEST_OPS sets the
  * number of random operations per run.
+ *
+ * Size.  Over 1000 lines on purpose: the random model run and the
+ * directed cases check one engine through one harness (the model, its
+ * statistics, the helpers that read every snapshot back); split in
+ * files, each would carry a copy of that harness or a header of it
+ * that no other test uses.
  */
 
 #include <config.h>

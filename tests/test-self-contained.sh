@@ -2,7 +2,8 @@
 # The source tree stands on its own: no file names a path of one machine
 # or a document that is not in the tree, every invariant the code cites
 # by number is one of docs/design.md, and every relative link of the
-# Markdown documents and every docs/ file a man page cites exists.
+# Markdown documents and every docs/ file a man page cites exists; a C
+# file over 1000 lines says at its top why.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 s=$abs_top_srcdir
 
@@ -23,6 +24,16 @@ ok "the tree has sources" test -s "$sources"
 hits=$(cd "$s" && xargs grep -nE '/work/|/root/|DESIGN\.md|STYLE\.md' \
          <"$sources" | grep -v '^./tests/test-self-contained.sh:')
 is "$hits" "" "no file names /work/, /root/, DESIGN.md or STYLE.md"
+
+# No C file over 1000 lines without the reason at its top (docs/HACKING:
+# a paragraph "Size." in the file's opening comment).
+long=$(cd "$s" && grep '\.c$' "$sources" | while read -r f; do
+         n=$(wc -l <"$f")
+         if [ "$n" -gt 1000 ] && ! sed -n '1,/^ \*\//p' "$f" | grep -q '^ \* Size\. '; then
+           echo "$f ($n lines)"
+         fi
+       done)
+is "$long" "" "every C file over 1000 lines says at its top why (Size.)"
 
 design=$s/docs/design.md
 ok "docs/design.md exists" test -s "$design"

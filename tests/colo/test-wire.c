@@ -13,6 +13,11 @@
  * "test-wire --write-corpus DIR" writes the fuzzer's seed corpus
  * (tests/fuzz/colo-wire-corpus) instead.  TEST_WIRE_SEED=N repeats a
  * run (the seed is printed).
+ *
+ * Size.  Over 1000 lines on purpose: most of it is the hand-built bad
+ * frames, one case each, written independently of the encoder so that
+ * an encoder bug cannot hide a decoder bug; they share the frame
+ * builders and the model of this file.
  */
 
 #undef NDEBUG

@@ -79,6 +79,10 @@
  * Built and run by "make fuzz" (tests/Makefile.am) with clang
  * -fsanitize=fuzzer,address,undefined.  The store lives in /dev/shm when
  * it exists: the engine fdatasyncs.
+ *
+ * Size.  Over 1000 lines on purpose: a libFuzzer target is one program
+ * with one entry point; the base stores, the edits and the checks of
+ * what a load must leave are one input grammar and live together.
  */
 
 #include <config.h>
