@@ -12,6 +12,16 @@ mkdir -p "$tmp/b" "$tmp/q"
 truncate -s 1M "$tmp/b/disk" "$tmp/q/disk"
 port=$(free_port)
 
+# handshake PORT: a TLS client (the test CA's client certificate, CN
+# alice) completes a handshake with the daemon on PORT, then leaves.
+handshake ()
+{
+  timeout -k 5 20 gnutls-cli -p "$1" 127.0.0.1 \
+    --x509cafile "$tmp/pki/ca-cert.pem" \
+    --x509certfile "$tmp/pki/client-cert.pem" \
+    --x509keyfile "$tmp/pki/client-key.pem" </dev/null >"$tmp/cli.log" 2>&1
+}
+
 ok "a secondary with -v starts" start_colod b secondary -v \
   --listen "127.0.0.1:$port" --disk "$tmp/b/disk" \
   --tls-certificates "$tmp/pki"
@@ -19,10 +29,7 @@ ok "a secondary with -v starts" start_colod b secondary -v \
 ok "-v logs the transport's listening socket" \
   wait_for 30 grep -Eq "listening on 127\.0\.0\.1:$port\$" "$tmp/b/colod.log"
 ok "a TLS client completes a handshake" \
-  eval 'timeout -k 5 20 gnutls-cli -p "$port" 127.0.0.1 \
-    --x509cafile "$tmp/pki/ca-cert.pem" \
-    --x509certfile "$tmp/pki/client-cert.pem" \
-    --x509keyfile "$tmp/pki/client-key.pem" </dev/null >"$tmp/cli.log" 2>&1'
+  handshake "$port"
 ok "-v logs the handshake and the peer's identity" \
   wait_for 30 grep -Eq "TLS with 127\.0\.0\.1:[0-9]+: \(TLS1\.3\).*peer CN=alice" "$tmp/b/colod.log"
 pid=$(cat "$tmp/b/colod.pid")
@@ -37,10 +44,7 @@ ok "... and listens (its own log line, not the transport's)" \
   wait_for 30 grep -q "listening on 127\.0\.0\.1:$port, disk" \
   "$tmp/q/colod.log"
 ok "a TLS client completes a handshake with it" \
-  eval 'timeout -k 5 20 gnutls-cli -p "$port" 127.0.0.1 \
-    --x509cafile "$tmp/pki/ca-cert.pem" \
-    --x509certfile "$tmp/pki/client-cert.pem" \
-    --x509keyfile "$tmp/pki/client-key.pem" </dev/null >"$tmp/cli.log" 2>&1'
+  handshake "$port"
 ok "... which the daemon logs when it has closed" \
   wait_for 30 grep -q "closed before its HELLO" "$tmp/q/colod.log"
 ok "without -v the transport logs nothing" \
