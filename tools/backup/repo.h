@@ -1,6 +1,6 @@
 /* fleece-backup: the repository of restore points (repo.c, sums.c,
- * qemu.c, cmd-*.c; fleece-backup(1) "REPOSITORY", docs/design.md
- * "Restore points").
+ * qemu.c, cmd-*.c; cmd-group.c for groups of disks; fleece-backup(1)
+ * "REPOSITORY", docs/design.md "Restore points").
  *
  * What these files share.  A command runs in one thread; the pull it
  * may run (backup, restore) calls the sums_* hooks from the loop.
