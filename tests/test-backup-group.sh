@@ -159,17 +159,51 @@ ok "night 6: a incremental on g5, b full (its server lost its bitmaps)" \
             grep -q 'sync=full.* point=g6 parent=-' '$tmp/g6.err'"
 ok "g6 exact, a prefix of the writes" exact_restore "$repo" g6
 ok "g5 is still incomplete" listed g5 incomplete
+# A run killed (SIGKILL) at each step of a group backup: the group point
+# stays incomplete, and the next run finishes it (from the snapshots
+# still on the servers) or removes it (nothing of it was made).
+crashed ()
+{
+  local n=$1 step=$2 st=0 d args=()
+  for d in $DISKS; do
+    args+=("$d=$(live_uri "$d")" --control "$tmp/$d.ctl")
+  done
+  FLEECE_BACKUP_CRASH_AT=$step fleece-backup backup "$repo" "${args[@]}" \
+    --name "$n" --post-hook "$tmp/refs.sh" 2>"$tmp/$n.err" || st=$?
+  [ "$st" = 137 ] || { echo "not killed at $step: status $st"; return 1; }
+  listed "$n" incomplete
+}
+ok "night 7 killed once it is in the manifest" crashed g7 group-journaled
+ok "night 8 killed once the checkpoints exist" crashed g8 group-checkpointed
+ok "night 9 killed after disk a's point" crashed g9 group-disk-pulled
+ok "night 10 succeeds" gbackup "$repo" g10 --post-hook "$tmp/refs.sh"
+ok "... removing g7, of which nothing was made" \
+   bash -c "grep -q 'removing group point g7' '$tmp/g10.err' && ! fleece-backup list '$repo' | grep -q '^g7 '"
+ok "... finishing g8 on both disks, and g9 on disk b" bash -c \
+   "grep -q 'finishing checkpoint g8' '$tmp/g10.err' && grep -q 'finishing checkpoint g9' '$tmp/g10.err'"
+ok "g8 and g9 are complete" bash -c "fleece-backup list '$repo' | grep -q '^g8 *complete' &&
+   fleece-backup list '$repo' | grep -q '^g9 *complete'"
+for n in g8 g9 g10; do
+  ok "$n exact, a prefix of the writes" exact_restore "$repo" "$n"
+done
+ok_fails "a failed pre-hook fails the backup" "pre-hook 'false' failed.*nothing was created" \
+   gbackup "$repo" g11 --pre-hook false
+ok "... and creates nothing, on the servers or in the repository" bash -c \
+   "! fleece-backup list '$repo' | grep -q '^g11 ' &&
+    ! fleecectl -s '$tmp/a.ctl' snapshot list | grep -q '^g11 ' &&
+    ! fleecectl -s '$tmp/b.ctl' bitmap list | grep -q '^g11 '"
+
 ok "verify passes" bash -c "fleece-backup verify '$repo' >'$tmp/verify.out'"
 ok "verify skips g5" grep -q "g5: not checked: incomplete" "$tmp/verify.out"
 
 # Prune keeps whole group points.
-ok "prune --keep-last 2" fleece-backup prune "$repo" --keep-last 2
+ok "prune --keep-last 5" fleece-backup prune "$repo" --keep-last 5
 is "$(fleece-backup list "$repo" --json | jget "$(cat)" '" ".join(g["name"] + ":" + str(g["complete"]) for g in d)')" \
-   "g4:True g5:False g6:True" "the newest two group points are kept (and g5 between them, incomplete)"
+   "g4:True g5:False g6:True g8:True g9:True g10:True" "the newest five group points are kept (and g5 between them, incomplete)"
 is "$(fleece-backup list "$repo/disks/a" --json | jget "$(cat)" '" ".join(p["name"] for p in d)')" \
-   "g4 g5 g6" "disk a keeps its points from g4"
+   "g4 g5 g6 g8 g9 g10" "disk a keeps its points from g4"
 is "$(fleece-backup list "$repo/disks/b" --json | jget "$(cat)" '" ".join(p["name"] for p in d)')" \
-   "g4 g6" "disk b keeps its points from g4"
+   "g4 g6 g8 g9 g10" "disk b keeps its points from g4"
 ok "g4 still exact" exact_restore "$repo" g4
 ok "g6 still exact" exact_restore "$repo" g6
 ok "verify passes after the prune" fleece-backup verify "$repo"

@@ -323,6 +323,10 @@ cmd_serve (int argc, char **argv)
   if (argc - optind != 2 || sock == NULL)
     usage_error ("serve: expected REPO POINT --socket PATH");
   repo_open (&r, argv[optind], REPO_READ);
+  if (r.ndisks)
+    die ("%s is a group repository: serve one disk's point, 'fleece-backup "
+         "serve %s/disks/DISK %s --socket PATH'", r.dir, r.dir,
+         argv[optind + 1]);
   p = find_readable (&r, argv[optind + 1]);
   repo_qimg (&r, p, &q, &path);
   qemu_key_check (&q, p->name);
