@@ -53,7 +53,10 @@ enum group_outcome {
 /* Create snapshot (or checkpoint) name on every server of o at one
  * instant, or on none.  0 when it was created on every server and both
  * hooks succeeded; else -1 with the message in err.  *outcome says
- * which servers have it whatever the result.
+ * which servers have it whatever the result.  The hooks are told the
+ * group through the process's environment, which this sets:
+ * FLEECE_GROUP (the group id), FLEECE_GROUP_NAME and, for the post-hook,
+ * FLEECE_GROUP_RESULT (created, partial or aborted).
  */
 extern int group_run (struct group_opts *o, const char *name,
                       bool checkpoint, enum group_outcome *outcome,
