@@ -157,6 +157,7 @@ group_disks (struct repo *r, char **names, size_t n)
 
     if (mkdir (top, 0755) == -1 && errno != EEXIST)
       die ("mkdir: %s: %m", top);
+    free (r->disks);            /* repo_open's empty list */
     r->disks = xcalloc (n + 1, sizeof *r->disks);
     for (i = 0; i < n; i++) {
       CLEANUP_FREE char *dir = disk_dir (r, names[i]);
