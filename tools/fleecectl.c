@@ -51,15 +51,84 @@ struct conn {
 static bool json_output;
 
 /* Several -s, or a hook: snapshot create and checkpoint make a
- * consistency group (group.c).
+ * consistency group (lib/group.c, the coordinator fleece-backup shares).
  */
-static struct group_opts group = { .hook_timeout = 30,
+static struct group_opts group = { .id_prefix = "fleecectl",
+                                   .hook_timeout = 30,
                                    .deadline_ms = 1000 };
 
 static bool
 grouped (void)
 {
-  return group.nsockets > 1 || group.pre_hook || group.post_hook;
+  return group.n > 1 || group.pre_hook || group.post_hook;
+}
+
+/* FLEECECTL_GROUP_STOP=prepared (for the tests): once every server is
+ * prepared, say so and stop (SIGSTOP), so that a test can kill the
+ * coordinator, as one that died between the phases, or continue it
+ * later, as one that stalled.
+ */
+static void
+group_debug_stop (void)
+{
+  const char *stop = getenv ("FLEECECTL_GROUP_STOP");
+
+  if (stop == NULL || strcmp (stop, "prepared") != 0)
+    return;
+  fprintf (stderr, "fleecectl: FLEECECTL_GROUP_STOP=prepared: every "
+           "server is prepared, stopping here\n");
+  raise (SIGSTOP);
+}
+
+/* The group's commit replies: a line per server, or one JSON array. */
+static void
+group_print (const char *name, bool checkpoint)
+{
+  json_t *all = json_array ();
+  char *s;
+  size_t i;
+
+  for (i = 0; i < group.n; i++) {
+    json_t *r = group.members[i].reply;
+    if (r == NULL)
+      continue;
+    if (json_output) {
+      json_object_set_new (r, "socket", json_string (group.members[i].path));
+      json_array_append (all, r);
+      continue;
+    }
+    printf ("%s '%s' created on %s: generation %" JSON_INTEGER_FORMAT
+            ", writers held %.3f ms\n", checkpoint ? "checkpoint"
+            : "snapshot", name, group.members[i].path,
+            json_integer_value (json_object_get (r, "generation")),
+            json_integer_value (json_object_get (r, "hold-ns")) / 1e6);
+  }
+  if (json_output) {
+    s = json_dumps (all, JSON_COMPACT);
+    printf ("%s\n", s ? s : "[]");
+    free (s);
+  }
+  json_decref (all);
+}
+
+/* Snapshot (or checkpoint) name on every -s at one instant, or on none:
+ * the exit status.
+ */
+static int
+run_group (const char *name, bool checkpoint)
+{
+  enum group_outcome outcome;
+  char err[4096];
+  int r = group_run (&group, name, checkpoint, &outcome, err, sizeof err);
+  size_t i;
+
+  if (outcome != GROUP_ABORTED)
+    group_print (name, checkpoint);
+  if (r == -1)
+    warn ("%s", err);
+  for (i = 0; i < group.n; i++)
+    json_decref (group.members[i].reply);
+  return r == -1 ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
 static void __attribute__ ((noreturn))
@@ -612,7 +681,7 @@ run_snapshot (struct conn *c, int argc, char **argv)
       : "snapshot delete";
     want_args (c->label, argc, argv, 3, "NAME");
     if (grouped ())
-      return group_run (&group, argv[2], false);
+      return run_group (argv[2], false);
     conn_greeting (c);
     snapshot_change (c, strcmp (sub, "create") == 0 ? "snapshot-create"
                      : "snapshot-delete", argv[2]);
@@ -736,7 +805,7 @@ run_checkpoint (struct conn *c, int argc, char **argv)
   c->label = "checkpoint";
   want_args ("checkpoint", argc, argv, 2, "NAME");
   if (grouped ())
-    return group_run (&group, argv[1], true);
+    return run_group (argv[1], true);
   conn_greeting (c);
   snprintf (done, sizeof done, "checkpoint '%s' created: snapshot/%s, "
             "bitmap '%s' recording", argv[1], argv[1], argv[1]);
@@ -831,16 +900,16 @@ main (int argc, char **argv)
   struct conn c = { .ctl = NULL };
   int opt, timeout = 30, status;
   /* Every -s, for a group: at most one per argument. */
-  const char **sockets = calloc (argc, sizeof *sockets);
+  struct group_member *members = calloc (argc, sizeof *members);
 
-  if (sockets == NULL)
+  if (members == NULL)
     die ("out of memory");
   argv[0] = (char *) "fleecectl";       /* for getopt's messages */
   messages_init ("fleecectl", NULL, NULL);
   while ((opt = getopt_long (argc, argv, "+s:jt:hV", long_options,
                              NULL)) != -1) {
     switch (opt) {
-    case 's': path = sockets[group.nsockets++] = optarg; break;
+    case 's': path = members[group.n++].path = optarg; break;
     case 'P': group.pre_hook = optarg; break;
     case 'Q': group.post_hook = optarg; break;
     case 'H':
@@ -873,13 +942,13 @@ main (int argc, char **argv)
     usage_error ("no control socket: use -s SOCKET or set FLEECE_SOCKET");
   c.path = path;
   c.timeout = timeout;
-  if (group.nsockets == 0)
-    sockets[group.nsockets++] = path;
-  group.sockets = sockets;
+  if (group.n == 0)
+    members[group.n++].path = path;
+  group.members = members;
   group.timeout = timeout;
-  group.json = json_output;
+  group.on_prepared = group_debug_stop;
   status = run (&c, argc - optind, argv + optind);
   ctlc_close (c.ctl);
-  free (sockets);
+  free (members);
   return status;
 }

@@ -235,7 +235,7 @@ print_point (const struct point *p, bool json)
 /* A fresh pull state for each point: --control may add several points
  * in one run (an interrupted checkpoint, then its own).
  */
-static void
+void
 pull_reset (void)
 {
   memset (&P, 0, sizeof P);
@@ -318,11 +318,25 @@ backup_point (struct repo *r, const char *source, const char *export,
   return p;
 }
 
+/* --hook-timeout SECONDS, --deadline MS. */
+static int
+parse_int (const char *opt, const char *s, long min, long max)
+{
+  char *end;
+  long v = strtol (s, &end, 10);
+
+  if (end == s || *end || v < min || v > max)
+    usage_error ("%s: '%s' is not a number from %ld to %ld", opt, s, min,
+                 max);
+  return v;
+}
+
 int
 cmd_backup (int argc, char **argv)
 {
   enum { OPT_FULL = 256, OPT_SINCE, OPT_NAME, OPT_PROGRESS, OPT_JSON,
-         OPT_CONTROL, OPT_COMPRESS, OPT_KEY };
+         OPT_CONTROL, OPT_COMPRESS, OPT_KEY, OPT_PRE, OPT_POST,
+         OPT_HOOK_TIMEOUT, OPT_DEADLINE };
   static const struct option opts[] = {
     { "full", no_argument, NULL, OPT_FULL },
     { "since", required_argument, NULL, OPT_SINCE },
@@ -333,61 +347,90 @@ cmd_backup (int argc, char **argv)
     { "progress", no_argument, NULL, OPT_PROGRESS },
     { "json", no_argument, NULL, OPT_JSON },
     { "quiet", no_argument, NULL, 'q' },
+    { "pre-hook", required_argument, NULL, OPT_PRE },
+    { "post-hook", required_argument, NULL, OPT_POST },
+    { "hook-timeout", required_argument, NULL, OPT_HOOK_TIMEOUT },
+    { "deadline", required_argument, NULL, OPT_DEADLINE },
     { NULL }
   };
-  const char *name = NULL, *since = NULL, *control = NULL;
+  struct backup_opts o = { .hook_timeout = 30, .deadline_ms = 1000 };
+  const char *since = NULL;
+  string_vector controls = { 0 };
   CLEANUP_FREE char *checkpoint = NULL;
-  bool full = false, json = false, compress = false;
   CLEANUP_FREE char *export = NULL;
+  const char *eq, *scheme;
+  bool grouped;
   struct repo r;
   char err[1024];
   int c;
 
   while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
     switch (c) {
-    case OPT_FULL: full = true; break;
+    case OPT_FULL: o.full = true; break;
     case OPT_SINCE: check_name ("--since", optarg); since = optarg; break;
-    case OPT_NAME: check_name ("--name", optarg); name = optarg; break;
-    case OPT_CONTROL: control = optarg; break;
-    case OPT_COMPRESS: compress = true; break;
+    case OPT_NAME: check_name ("--name", optarg); o.name = optarg; break;
+    case OPT_CONTROL:
+      if (string_vector_append (&controls, optarg) == -1)
+        die ("realloc: %m");
+      break;
+    case OPT_COMPRESS: o.compress = true; break;
     case OPT_KEY: repo_key_file = optarg; break;
     case OPT_PROGRESS: cfg.progress = true; break;
-    case OPT_JSON: json = true; break;
+    case OPT_JSON: o.json = true; break;
     case 'q': cfg.quiet = true; break;
+    case OPT_PRE: o.pre_hook = optarg; break;
+    case OPT_POST: o.post_hook = optarg; break;
+    case OPT_HOOK_TIMEOUT:
+      o.hook_timeout = parse_int ("--hook-timeout", optarg, 1, 86400);
+      break;
+    case OPT_DEADLINE:
+      o.deadline_ms = parse_int ("--deadline", optarg, 1, 60000);
+      break;
     default: usage_error ("backup: bad option");
     }
   }
-  if (argc - optind != 2)
-    usage_error ("backup: expected REPO and SOURCE");
-  if (full && since)
+  if (argc - optind < 2)
+    usage_error ("backup: expected REPO and SOURCE (or several SOURCEs, "
+                 "each with its --control, for a group of disks)");
+  /* NAME=URI names a disk of a group. */
+  eq = strchr (argv[optind + 1], '=');
+  scheme = strstr (argv[optind + 1], "://");
+  grouped = argc - optind > 2 || controls.len > 1 || o.pre_hook ||
+    o.post_hook || (eq && scheme && eq < scheme);
+  if (o.full && since)
     usage_error ("backup: --full and --since exclude each other");
   /* QEMU writes the compressed clusters of an encrypted qcow2 image in
    * the clear (QEMU 7.2, seen in test-backup-repo-crypt.sh's first
    * version): never both.
    */
-  if (compress && repo_key_file)
+  if (o.compress && repo_key_file)
     usage_error ("backup: --compress and --encrypt-key-file exclude each "
                  "other: QEMU does not encrypt qcow2 compressed clusters");
-  if (control && since)
+  if (controls.len && since)
     usage_error ("backup: with --control, fleece-backup chooses the "
                  "checkpoint to pull since: no --since");
-  if ((export = uri_export (argv[optind + 1], err, sizeof err)) == NULL)
-    usage_error ("SOURCE: %s", err);
-  if (!control && (strncmp (export, "snapshot/", 9) != 0 ||
-                   export[9] == '\0'))
-    usage_error ("backup: SOURCE must be a snapshot export (snapshot/NAME), "
-                 "not '%s' (or use --control)", export);
-  if (!control && (checkpoint = strdup (export + 9)) == NULL)
-    die ("strdup: %m");
-
+  if (!grouped) {
+    if ((export = uri_export (argv[optind + 1], err, sizeof err)) == NULL)
+      usage_error ("SOURCE: %s", err);
+    if (!controls.len && (strncmp (export, "snapshot/", 9) != 0 ||
+                          export[9] == '\0'))
+      usage_error ("backup: SOURCE must be a snapshot export "
+                   "(snapshot/NAME), not '%s' (or use --control)", export);
+    if (!controls.len && (checkpoint = strdup (export + 9)) == NULL)
+      die ("strdup: %m");
+  }
   repo_open (&r, argv[optind], REPO_WRITE);
   catch_signals ();
-  if (control)
-    control_cycle (&r, control, argv[optind + 1], name, full, compress,
-                   json);
+  if (grouped || r.ndisks)
+    group_backup (&r, argv + optind + 1, argc - optind - 1,
+                  (const char *const *) controls.ptr, controls.len, &o);
+  else if (controls.len)
+    control_cycle (&r, controls.ptr[0], argv[optind + 1], o.name, false,
+                   o.full, o.compress, o.json);
   else
     backup_point (&r, argv[optind + 1], NULL, checkpoint, since,
-                  name ? name : checkpoint, compress, json);
+                  o.name ? o.name : checkpoint, o.compress, o.json);
   repo_close (&r);
+  free (controls.ptr);
   return EXIT_SUCCESS;
 }

@@ -114,16 +114,24 @@ control_ssh (const char *spec, char *err, size_t n)
   return ctlc_spawn (spec, argv, CONTROL_TIMEOUT_MS, err, n);
 }
 
+/* A control socket's path, or ssh://...: the connection, or NULL with
+ * the reason in err.
+ */
+struct ctlc *
+control_connect (const char *spec, char *err, size_t errlen)
+{
+  if (strncmp (spec, "ssh://", 6) == 0)
+    return control_ssh (spec, err, errlen);
+  return ctlc_connect (spec, CONTROL_TIMEOUT_MS, err, errlen);
+}
+
 static void
 control_open (struct control *ctl, const char *spec)
 {
   char err[1024];
 
   ctl->where = spec;
-  if (strncmp (spec, "ssh://", 6) == 0)
-    ctl->c = control_ssh (spec, err, sizeof err);
-  else
-    ctl->c = ctlc_connect (spec, CONTROL_TIMEOUT_MS, err, sizeof err);
+  ctl->c = control_connect (spec, err, sizeof err);
   if (ctl->c == NULL)
     die ("--control: %s", err);
 }
@@ -239,9 +247,14 @@ snapshot_export (const char *name)
   return r;
 }
 
+/* made: checkpoint name is on the server already, created at one
+ * instant with the other disks of a group (cmd-group.c), so that step 3
+ * only pulls it.
+ */
 void
 control_cycle (struct repo *r, const char *control, const char *server_uri,
-               const char *name, bool full, bool compress, bool json)
+               const char *name, bool made, bool full, bool compress,
+               bool json)
 {
   char stamp[32];
   struct control ctl;
@@ -285,8 +298,10 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
       free (resume);
       continue;
     }
-    control_named (&ctl, "checkpoint-create", name);
-    repo_crash_point ("control-checkpointed");
+    if (!made) {
+      control_named (&ctl, "checkpoint-create", name);
+      repo_crash_point ("control-checkpointed");
+    }
     export = snapshot_export (name);
     if (why)
       warn ("a full point: %s", why);

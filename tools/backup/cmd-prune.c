@@ -96,6 +96,35 @@ repo_prune_finish (struct repo *r)
   repo_save (r);
 }
 
+/* Drop the oldest points of r until keep remain, one journaled step
+ * at a time.
+ */
+void
+prune_keep (struct repo *r, size_t keep)
+{
+  size_t i;
+
+  while (r->n > keep) {
+    struct point *p0 = &r->points[0], *child = NULL;
+
+    if (p0->parent)
+      die ("%s: the oldest point %s has a parent (%s): the manifest is "
+           "inconsistent", r->dir, p0->name, p0->parent);
+    for (i = 1; i < r->n; i++)
+      if (r->points[i].parent && strcmp (r->points[i].parent, p0->name) == 0)
+        child = &r->points[i];
+    if ((r->prune_drop = strdup (p0->name)) == NULL ||
+        (child && (r->prune_into = strdup (child->name)) == NULL))
+      die ("strdup: %m");
+    repo_save (r);
+    repo_crash_point ("prune-journaled");
+    printf ("dropping point %s%s%s%s%s\n", r->member_of ? r->member_of : "",
+            r->member_of ? "/" : "", p0->name,
+            child ? ": merged into " : "", child ? child->name : "");
+    repo_prune_finish (r);
+  }
+}
+
 int
 cmd_prune (int argc, char **argv)
 {
@@ -108,7 +137,6 @@ cmd_prune (int argc, char **argv)
   struct repo r;
   char *end;
   int c;
-  size_t i;
 
   while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
     if (c == 'e') {
@@ -125,24 +153,10 @@ cmd_prune (int argc, char **argv)
   if (argc - optind != 1 || keep < 0)
     usage_error ("prune: expected REPO --keep-last N");
   repo_open (&r, argv[optind], REPO_PRUNE);
-  while (r.n > (size_t) keep) {
-    struct point *p0 = &r.points[0], *child = NULL;
-
-    if (p0->parent)
-      die ("%s: the oldest point %s has a parent (%s): the manifest is "
-           "inconsistent", r.dir, p0->name, p0->parent);
-    for (i = 1; i < r.n; i++)
-      if (r.points[i].parent && strcmp (r.points[i].parent, p0->name) == 0)
-        child = &r.points[i];
-    if ((r.prune_drop = strdup (p0->name)) == NULL ||
-        (child && (r.prune_into = strdup (child->name)) == NULL))
-      die ("strdup: %m");
-    repo_save (&r);
-    repo_crash_point ("prune-journaled");
-    printf ("dropping point %s%s%s\n", p0->name,
-            child ? ": merged into " : "", child ? child->name : "");
-    repo_prune_finish (&r);
-  }
+  if (r.ndisks)
+    group_prune (&r, keep);
+  else
+    prune_keep (&r, keep);
   repo_close (&r);
   return EXIT_SUCCESS;
 }

@@ -55,7 +55,7 @@ cmd_init (int argc, char **argv)
 {
   if (argc != 2 || argv[1][0] == '-')
     usage_error ("init: expected REPO");
-  repo_init (argv[1]);
+  repo_init (argv[1], NULL);
   return EXIT_SUCCESS;
 }
 
@@ -92,6 +92,11 @@ cmd_list (int argc, char **argv)
   if (argc != 2 && !json)
     usage_error ("list: expected REPO [--json]");
   repo_open (&r, argv[1], REPO_READ);
+  if (r.ndisks) {
+    group_list (&r, json);
+    repo_close (&r);
+    return EXIT_SUCCESS;
+  }
   if (json && (a = json_array ()) == NULL)
     die ("json_array: out of memory");
   if (!json)

@@ -135,9 +135,11 @@ verify_sums (struct repo *r, struct point *p)
       uint64_t n = len - i < s.cluster ? len - i : s.cluster;
       uint64_t c = (off + i) / s.cluster;
       if (sums_hash (buf + i, n) != s.v[c])
-        die ("verify: point %s differs from its checksum list at offset "
-             "%" PRIu64 " (cluster %" PRIu64 " of %" PRIu64 " bytes)",
-             p->name, off + i, c, (uint64_t) s.cluster);
+        die ("verify: point %s%s%s differs from its checksum list at "
+             "offset %" PRIu64 " (cluster %" PRIu64 " of %" PRIu64
+             " bytes)", p->name, r->member_of ? " of disk " : "",
+             r->member_of ? r->member_of : "", off + i, c,
+             (uint64_t) s.cluster);
     }
   }
   nbd_finish (h, false);
@@ -175,6 +177,16 @@ read_options (int argc, char **argv, const char *allowed)
   return sock;
 }
 
+/* qemu-img check of point p's chain, then its checksum list against
+ * its content; dies on the first fault.
+ */
+void
+verify_point (struct repo *r, struct point *p)
+{
+  check_chain (r, p);
+  verify_sums (r, p);
+}
+
 int
 cmd_verify (int argc, char **argv)
 {
@@ -187,6 +199,8 @@ cmd_verify (int argc, char **argv)
     usage_error ("verify: expected REPO [POINT]");
   only = argv[optind + 1];
   repo_open (&r, argv[optind], REPO_READ);
+  if (r.ndisks)
+    return group_verify (&r, only);
   for (i = 0; i < r.n; i++) {
     struct point *p = &r.points[i];
 
@@ -197,40 +211,37 @@ cmd_verify (int argc, char **argv)
               p->name);
       continue;
     }
-    check_chain (&r, p);
-    verify_sums (&r, p);
+    verify_point (&r, p);
     printf ("%s: ok\n", p->name);
   }
   repo_close (&r);
   return EXIT_SUCCESS;
 }
 
-int
-cmd_restore (int argc, char **argv)
+/* Restore point name of r to target (a file, a block device or an NBD
+ * URI), checking each cluster against the point's checksum list.
+ */
+void
+restore_point (struct repo *r, const char *name, const char *target)
 {
   CLEANUP_FREE char *path = NULL, *spath = NULL, *uri = NULL;
   struct sums s = { 0 };
   struct point *p;
   struct qimg q;
-  struct repo r;
 
-  read_options (argc, argv, "kpq");
-  if (argc - optind != 3)
-    usage_error ("restore: expected REPO POINT TARGET");
-  repo_open (&r, argv[optind], REPO_READ);
-  p = find_readable (&r, argv[optind + 1]);
-  spath = repo_path (&r, p->sums);
+  p = find_readable (r, name);
+  spath = repo_path (r, p->sums);
   sums_read (spath, p->sums_xxh3, &s);
   s.check = true;
   s.what = p->name;
-  repo_qimg (&r, p, &q, &path);
+  repo_qimg (r, p, &q, &path);
   qemu_key_check (&q, p->name);
   uri = qemu_nbd_start (&q, true);
+  pull_reset ();
   cfg.source = uri;
-  cfg.target = argv[optind + 2];
+  cfg.target = target;
   cfg.sync = SYNC_FULL;
   progress_start ();
-  catch_signals ();
   source_open ();
   qemu_nbd_connected ();
   if (!image_fits (src.size, s.disk_size))
@@ -251,6 +262,49 @@ cmd_restore (int argc, char **argv)
              P.written, P.zeroed, progress_seconds ());
   sums_on = NULL;
   free (s.v);
+}
+
+int
+cmd_restore (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "encrypt-key-file", required_argument, NULL, 'k' },
+    { "progress", no_argument, NULL, 'p' },
+    { "quiet", no_argument, NULL, 'q' },
+    { "target", required_argument, NULL, 't' },
+    { NULL }
+  };
+  string_vector targets = { 0 };
+  struct repo r;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "q", opts, NULL)) != -1) {
+    switch (c) {
+    case 'k': repo_key_file = optarg; break;
+    case 'p': cfg.progress = true; break;
+    case 'q': cfg.quiet = true; break;
+    case 't':
+      if (string_vector_append (&targets, optarg) == -1)
+        die ("realloc: %m");
+      break;
+    default: usage_error ("restore: bad option");
+    }
+  }
+  if (targets.len ? argc - optind != 2 : argc - optind != 3)
+    usage_error ("restore: expected REPO POINT TARGET, or REPO GROUP "
+                 "--target DISK=TARGET...");
+  repo_open (&r, argv[optind], REPO_READ);
+  catch_signals ();
+  if (r.ndisks)
+    group_restore (&r, argv[optind + 1],
+                   targets.len ? NULL : argv[optind + 2],
+                   (const char *const *) targets.ptr, targets.len);
+  else if (targets.len)
+    usage_error ("restore: --target is for a group repository; %s holds "
+                 "one disk: REPO POINT TARGET", r.dir);
+  else
+    restore_point (&r, argv[optind + 1], argv[optind + 2]);
+  free (targets.ptr);
   repo_close (&r);
   return EXIT_SUCCESS;
 }
@@ -269,6 +323,10 @@ cmd_serve (int argc, char **argv)
   if (argc - optind != 2 || sock == NULL)
     usage_error ("serve: expected REPO POINT --socket PATH");
   repo_open (&r, argv[optind], REPO_READ);
+  if (r.ndisks)
+    die ("%s is a group repository: serve one disk's point, 'fleece-backup "
+         "serve %s/disks/DISK %s --socket PATH'", r.dir, r.dir,
+         argv[optind + 1]);
   p = find_readable (&r, argv[optind + 1]);
   repo_qimg (&r, p, &q, &path);
   qemu_key_check (&q, p->name);

@@ -45,7 +45,12 @@
 #include "repo.h"
 
 #define MANIFEST_FORMAT "fleece-backup-repository"
-#define MANIFEST_VERSION 1
+/* Version 2 added the group fields ("disks", "groups", "member-of");
+ * version 1 manifests load as repositories of one disk.
+ */
+#define MANIFEST_VERSION 2
+
+bool repo_group_writer;
 
 void
 repo_crash_point (const char *where)
@@ -206,6 +211,107 @@ point_from_json (json_t *o, struct point *p, const char *path)
          "uses %u", path, p->name, p->cluster_size, REPO_CLUSTER);
 }
 
+void
+gpoint_free (struct gpoint *g)
+{
+  size_t i;
+
+  for (i = 0; i < g->n; i++) {
+    free (g->d[i].disk);
+    free (g->d[i].id);
+  }
+  free (g->d);
+  free (g->name);
+}
+
+json_t *
+gpoint_json (const struct gpoint *g)
+{
+  json_t *o, *a = json_array ();
+  size_t i;
+
+  for (i = 0; a && i < g->n; i++)
+    if (json_array_append_new (a, json_pack ("{s:s,s:o,s:I}", "disk",
+                                             g->d[i].disk, "disk-id",
+                                             jstr (g->d[i].id), "disk-size",
+                                             (json_int_t) g->d[i].size))
+        == -1) {
+      json_decref (a);
+      a = NULL;
+    }
+  o = a ? json_pack ("{s:s,s:b,s:I,s:I,s:o}", "name", g->name,
+                     "complete", g->complete, "started",
+                     (json_int_t) g->started, "finished",
+                     (json_int_t) g->finished, "disks", a) : NULL;
+  if (o == NULL)
+    die ("json: group point %s: out of memory or not UTF-8", g->name);
+  return o;
+}
+
+static void
+gpoint_from_json (json_t *o, struct gpoint *g, const char *path)
+{
+  json_t *a = json_object_get (o, "disks"), *v;
+  size_t i;
+
+  g->name = jget_str (o, "name");
+  g->complete = json_is_true (json_object_get (o, "complete"));
+  g->started = jget_int (o, "started");
+  g->finished = jget_int (o, "finished");
+  if (g->name == NULL || !json_is_array (a))
+    die ("%s: a group point without a name or a \"disks\" array", path);
+  g->n = json_array_size (a);
+  g->d = xcalloc (g->n + 1, sizeof *g->d);
+  json_array_foreach (a, i, v) {
+    g->d[i].disk = jget_str (v, "disk");
+    g->d[i].id = jget_str (v, "disk-id");
+    g->d[i].size = jget_int (v, "disk-size");
+    if (g->d[i].disk == NULL)
+      die ("%s: group point %s: a disk without a name", path, g->name);
+  }
+}
+
+/* The group fields of version 2 (absent in version 1: one disk). */
+static void
+manifest_load_groups (struct repo *r, json_t *m, const char *path)
+{
+  json_t *disks = json_object_get (m, "disks");
+  json_t *groups = json_object_get (m, "groups");
+  size_t i;
+
+  r->member_of = jget_str (m, "member-of");
+  if (disks && !json_is_array (disks))
+    die ("%s: \"disks\" is not an array", path);
+  if (groups && !json_is_array (groups))
+    die ("%s: \"groups\" is not an array", path);
+  r->ndisks = json_array_size (disks);
+  r->disks = xcalloc (r->ndisks + 1, sizeof *r->disks);
+  for (i = 0; i < r->ndisks; i++) {
+    const char *d = json_string_value (json_array_get (disks, i));
+    if (d == NULL || *d == '\0' || *d == '.' || strchr (d, '/'))
+      die ("%s: disk %zu has no name or a bad one", path, i);
+    r->disks[i] = xstrdup_or_null (d);
+  }
+  r->ngroups = json_array_size (groups);
+  r->groups = xcalloc (r->ngroups + 1, sizeof *r->groups);
+  for (i = 0; i < r->ngroups; i++)
+    gpoint_from_json (json_array_get (groups, i), &r->groups[i], path);
+  if (r->ndisks && r->n)
+    die ("%s: a group repository with points of its own: the manifest is "
+         "inconsistent", path);
+}
+
+struct gpoint *
+repo_find_group (struct repo *r, const char *name)
+{
+  size_t i;
+
+  for (i = 0; i < r->ngroups; i++)
+    if (strcmp (r->groups[i].name, name) == 0)
+      return &r->groups[i];
+  return NULL;
+}
+
 static void
 manifest_load (struct repo *r)
 {
@@ -222,8 +328,9 @@ manifest_load (struct repo *r)
          r->dir);
   fmt = json_string_value (json_object_get (m, "format"));
   if (fmt == NULL || strcmp (fmt, MANIFEST_FORMAT) != 0 ||
-      jget_int (m, "version") != MANIFEST_VERSION)
-    die ("%s: not a version %d fleece-backup manifest", path,
+      jget_int (m, "version") < 1 ||
+      jget_int (m, "version") > MANIFEST_VERSION)
+    die ("%s: not a fleece-backup manifest of version 1 to %d", path,
          MANIFEST_VERSION);
   pts = json_object_get (m, "points");
   if (!json_is_array (pts))
@@ -235,6 +342,7 @@ manifest_load (struct repo *r)
   pr = json_object_get (m, "prune");
   r->prune_drop = jget_str (pr, "drop");
   r->prune_into = jget_str (pr, "into");
+  manifest_load_groups (r, m, path);
   json_decref (m);
 }
 
@@ -260,6 +368,20 @@ repo_save (struct repo *r)
                  "version", MANIFEST_VERSION, "points", pts, "prune", pr);
   if (m == NULL)
     die ("json_pack: manifest: out of memory");
+  if (r->member_of &&
+      json_object_set_new (m, "member-of", json_string (r->member_of)) == -1)
+    die ("json_object_set: manifest: out of memory");
+  if (r->ndisks) {
+    json_t *d = json_array (), *g = json_array ();
+    for (i = 0; d && i < r->ndisks; i++)
+      json_array_append_new (d, json_string (r->disks[i]));
+    for (i = 0; g && i < r->ngroups; i++)
+      json_array_append_new (g, gpoint_json (&r->groups[i]));
+    if (d == NULL || g == NULL ||
+        json_object_set_new (m, "disks", d) == -1 ||
+        json_object_set_new (m, "groups", g) == -1)
+      die ("json_object_set: manifest: out of memory");
+  }
   fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd == -1)
     die ("open: %s: %m", tmp);
@@ -291,10 +413,13 @@ lock_file (struct repo *r, const char *name, int op, const char *who)
   return fd;
 }
 
+/* A new repository; member_of: its disk's name, for a disk of a group
+ * repository.
+ */
 void
-repo_init (const char *dir)
+repo_init (const char *dir, const char *member_of)
 {
-  struct repo r = { .dir = (char *) dir };
+  struct repo r = { .dir = (char *) dir, .member_of = (char *) member_of };
   CLEANUP_FREE char *path = repo_path (&r, REPO_MANIFEST);
 
   if (mkdir (dir, 0755) == -1 && errno != EEXIST)
@@ -357,6 +482,11 @@ repo_open (struct repo *r, const char *dir, enum repo_mode m)
   manifest_load (r);
   if (m == REPO_READ)
     return;
+  /* Its points must stay those of its group points (cmd-group.c). */
+  if (r->member_of && !repo_group_writer)
+    die ("%s is disk '%s' of a group repository: it is backed up and "
+         "pruned with its group (fleece-backup backup or prune of the "
+         "directory above disks/), never alone", r->dir, r->member_of);
   repo_drop_incomplete (r);
   if (r->prune_drop)
     repo_prune_finish (r);
@@ -372,6 +502,13 @@ repo_close (struct repo *r)
   free (r->points);
   free (r->prune_drop);
   free (r->prune_into);
+  for (i = 0; i < r->ndisks; i++)
+    free (r->disks[i]);
+  free (r->disks);
+  for (i = 0; i < r->ngroups; i++)
+    gpoint_free (&r->groups[i]);
+  free (r->groups);
+  free (r->member_of);
   if (r->lock_fd >= 0)
     close (r->lock_fd);
   if (r->readers_fd >= 0)

@@ -1,6 +1,6 @@
 /* fleece-backup: the repository of restore points (repo.c, sums.c,
- * qemu.c, cmd-*.c; fleece-backup(1) "REPOSITORY", docs/design.md
- * "Restore points").
+ * qemu.c, cmd-*.c; cmd-group.c for groups of disks; fleece-backup(1)
+ * "REPOSITORY", docs/design.md "Restore points").
  *
  * What these files share.  A command runs in one thread; the pull it
  * may run (backup, restore) calls the sums_* hooks from the loop.
@@ -38,6 +38,23 @@ struct point {
   char *sums_xxh3;              /* xxh3 of the sums file, hex */
 };
 
+/* A group repository (cmd-group.c): its disks are repositories of
+ * their own, REPO/disks/NAME, and a group point is one point of the same
+ * name in each, taken at one instant.
+ */
+struct gdisk {                  /* one disk of a group point */
+  char *disk;                   /* the disk's name in the repository */
+  char *id;                     /* the server's disk identity, or NULL */
+  uint64_t size;
+};
+struct gpoint {
+  char *name;                   /* the point's name in every disk */
+  bool complete;                /* every disk's point is complete */
+  int64_t started, finished;
+  struct gdisk *d;
+  size_t n;
+};
+
 struct repo {
   char *dir;
   int lock_fd;                  /* REPO/lock: writers, exclusive */
@@ -46,11 +63,20 @@ struct repo {
   size_t n;
   /* The prune journal: a step written before it is done. */
   char *prune_drop, *prune_into;
+  /* Version 2: a group repository's disks and group points (oldest
+   * first), or, in a disk's repository, its name in its group.
+   */
+  char **disks;
+  size_t ndisks;
+  struct gpoint *groups;
+  size_t ngroups;
+  char *member_of;
 };
 
 /* repo.c */
 enum repo_mode { REPO_READ, REPO_WRITE, REPO_PRUNE };
-extern void repo_init (const char *dir);
+extern bool repo_group_writer;  /* cmd-group.c writes a disk's repository */
+extern void repo_init (const char *dir, const char *member_of);
 extern void repo_open (struct repo *r, const char *dir, enum repo_mode m);
 extern void repo_save (struct repo *r);
 extern void repo_close (struct repo *r);
@@ -66,6 +92,9 @@ struct json_t;
 extern struct json_t *point_json (const struct point *p);
 extern void repo_crash_point (const char *where);
 extern void repo_prune_finish (struct repo *r);
+extern struct gpoint *repo_find_group (struct repo *r, const char *name);
+extern void gpoint_free (struct gpoint *g);
+extern struct json_t *gpoint_json (const struct gpoint *g);
 
 /* sums.c: xxh3 of each cluster of a point's whole image. */
 struct sums {
@@ -125,7 +154,34 @@ extern struct point *backup_point (struct repo *r, const char *source,
                                    bool json);
 extern void control_cycle (struct repo *r, const char *control,
                            const char *server_uri, const char *name,
-                           bool full, bool compress, bool json);
+                           bool made, bool full, bool compress, bool json);
+extern struct ctlc *control_connect (const char *spec, char *err,
+                                     size_t errlen);
+
+/* cmd-restore.c, cmd-prune.c: one point, one disk */
+extern void verify_point (struct repo *r, struct point *p);
+extern void restore_point (struct repo *r, const char *name,
+                           const char *target);
+extern void prune_keep (struct repo *r, size_t keep);
+extern void pull_reset (void);
+
+/* cmd-group.c: the same commands on a group repository */
+struct backup_opts {
+  const char *name;             /* --name, or NULL: a timestamp */
+  bool full, compress, json;
+  const char *pre_hook, *post_hook;
+  int hook_timeout;             /* seconds */
+  int deadline_ms;
+};
+extern void group_backup (struct repo *r, char **sources, size_t n,
+                          const char *const *controls, size_t ncontrols,
+                          const struct backup_opts *o);
+extern void group_list (struct repo *r, bool json);
+extern int group_verify (struct repo *r, const char *only);
+extern void group_restore (struct repo *r, const char *name,
+                           const char *dir, const char *const *targets,
+                           size_t ntargets);
+extern void group_prune (struct repo *r, size_t keep);
 
 /* cmd-*.c */
 extern int cmd_init (int argc, char **argv);

@@ -1,0 +1,65 @@
+/* libfleececlient: the coordinator of a consistency group (group.c):
+ * one snapshot or checkpoint of several servers at one instant, or of
+ * none, with quiesce hooks.  Used by fleecectl (-s S1 -s S2 ...
+ * checkpoint NAME) and fleece-backup (backup REPO with several disks).
+ *
+ * Errors follow ctl-client.h's convention: group_run never prints; it
+ * returns -1 with one message in err (every server's failure, joined by
+ * "; ", then what became of the group) and tells in *outcome what was
+ * created, so that a caller can report what exists even on failure.
+ */
+
+#ifndef FLEECE_LIB_GROUP_H
+#define FLEECE_LIB_GROUP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <jansson.h>
+
+#include "ctl-client.h"
+
+struct group_member {
+  const char *path;             /* the control socket, or its name in
+                                 * messages when ctl is given */
+  struct ctlc *ctl;             /* connected by the caller (kept open),
+                                 * or NULL: group_run connects to path
+                                 * and closes the connection */
+  json_t *reply;                /* out: group-commit's return value, a
+                                 * reference the caller drops, or NULL */
+};
+
+struct group_opts {
+  struct group_member *members;
+  size_t n;
+  const char *id_prefix;        /* the group id is PREFIX-PID-NS */
+  const char *pre_hook;         /* NULL: none */
+  const char *post_hook;
+  int hook_timeout;             /* seconds */
+  int deadline_ms;              /* group-prepare's deadline-ms */
+  int timeout;                  /* seconds to wait for a reply */
+  /* Called once every server holds its writes, before the commit (the
+   * tests stop the coordinator there); NULL: nothing.
+   */
+  void (*on_prepared) (void);
+};
+
+enum group_outcome {
+  GROUP_ABORTED,                /* created on no server */
+  GROUP_PARTIAL,                /* a commit failed after others succeeded */
+  GROUP_CREATED,                /* created on every server */
+};
+
+/* Create snapshot (or checkpoint) name on every server of o at one
+ * instant, or on none.  0 when it was created on every server and both
+ * hooks succeeded; else -1 with the message in err.  *outcome says
+ * which servers have it whatever the result.  The hooks are told the
+ * group through the process's environment, which this sets:
+ * FLEECE_GROUP (the group id), FLEECE_GROUP_NAME and, for the post-hook,
+ * FLEECE_GROUP_RESULT (created, partial or aborted).
+ */
+extern int group_run (struct group_opts *o, const char *name,
+                      bool checkpoint, enum group_outcome *outcome,
+                      char *err, size_t errlen);
+
+#endif /* FLEECE_LIB_GROUP_H */
