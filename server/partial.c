@@ -202,12 +202,67 @@ partial_set (struct partials *pt, uint32_t cluster, uint32_t first,
   assert (p != NULL);
   if (slot != NO_SLOT)
     p->v.slot = slot;
+  p->v.seq = PARTIAL_UNRECORDED;
   for (b = first; b < first + n; b++) {
     p->v.bits[b / 64] |= UINT64_C (1) << (b % 64);
     if (zero)
       p->v.bits[pt->words + b / 64] |= UINT64_C (1) << (b % 64);
   }
   pthread_mutex_unlock (&sh->lock);
+}
+
+void
+partial_recorded (struct partials *pt, uint32_t cluster, uint64_t seq)
+{
+  struct partial_shard *sh = PARTIAL_SHARD (pt, cluster);
+  struct partial *p;
+
+  pthread_mutex_lock (&sh->lock);
+  p = find_locked (sh, cluster, NULL);
+  if (p)
+    p->v.seq = seq;
+  pthread_mutex_unlock (&sh->lock);
+}
+
+/* Loading (meta-load.c), single-threaded: v's bits replace those of
+ * cluster's entry, which is added if there is none.
+ */
+int
+partial_load (struct partials *pt, const struct partial_view *v)
+{
+  struct partial_shard *sh = PARTIAL_SHARD (pt, v->cluster);
+  struct partial *p;
+
+  p = find_locked (sh, v->cluster, NULL);
+  if (p == NULL) {
+    if (partial_add (pt, v->cluster, v->lo, v->hi) == -1)
+      return -1;
+    p = find_locked (sh, v->cluster, NULL);
+  }
+  memcpy (&p->v.lo, &v->lo, offsetof (struct partial_view, bits) -
+          offsetof (struct partial_view, lo) +
+          2 * pt->words * sizeof (uint64_t));
+  return 0;
+}
+
+int
+partial_foreach (struct partials *pt,
+                 int (*fn) (void *, const struct partial_view *),
+                 void *opaque)
+{
+  struct partial *p;
+  uint32_t b;
+  int i, r = 0;
+
+  for (i = 0; i < PARTIAL_SHARDS && r == 0; i++) {
+    struct partial_shard *sh = &pt->shard[i];
+    pthread_mutex_lock (&sh->lock);
+    for (b = 0; b < sh->nbuckets && r == 0; b++)
+      for (p = sh->bucket[b]; p && r == 0; p = p->next)
+        r = fn (opaque, &p->v);
+    pthread_mutex_unlock (&sh->lock);
+  }
+  return r;
 }
 
 void
