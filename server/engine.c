@@ -99,7 +99,7 @@ fleece_open (const struct fleece_config *cfg)
   rangelock_init (&fl->cbw_locks);
   copymap_init (&fl->copies);
   partial_init (&fl->partials, fl->block_size
-                ? cs >> fl->block_bits : 1);
+                ? cs >> fl->block_bits : 1, cfg->persistent);
   pthread_mutex_init (&fl->admin_lock, NULL);
   pthread_mutex_init (&fl->break_lock, NULL);
   pthread_mutex_init (&fl->orphan_lock, NULL);

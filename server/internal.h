@@ -265,18 +265,23 @@ extern int copymap_foreach (struct copymap *m,
 struct partial_view {
   uint32_t cluster, lo, hi;
   uint32_t slot;                /* NO_SLOT until a block with data */
+  /* In an entry, only the words in use, then with a persistent store the
+   * seq word (partial.c): other stores do not pay for it.
+   */
+  uint64_t bits[2 * PARTIAL_WORDS_MAX + 1];
   /* Persistent stores: the PARTIAL record that holds these bits, or
-   * PARTIAL_UNRECORDED while some are in no record yet.  A writer skips
-   * the copy of a block only once this record is stable (cbw_done).
+   * PARTIAL_UNRECORDED while some are in no record yet, or PARTIAL_DONE.
+   * A writer skips the copy of a block only once this record is stable
+   * (cbw_done).  0 otherwise.
    */
   uint64_t seq;
-  uint64_t bits[2 * PARTIAL_WORDS_MAX];
 };
 
 struct partials {
   /* Set by partial_init, then constant. */
   uint32_t blocks;              /* per cluster */
   uint32_t words;               /* per bitmap */
+  bool has_seq;                 /* persistent: entries keep their seq */
   _Atomic uint64_t n;           /* entries */
   struct partial_shard {
     pthread_mutex_t lock;       /* guards the chains and the entries */
@@ -286,7 +291,8 @@ struct partials {
   } shard[PARTIAL_SHARDS];
 };
 
-extern void partial_init (struct partials *pt, uint32_t blocks);
+extern void partial_init (struct partials *pt, uint32_t blocks,
+                          bool has_seq);
 extern void partial_destroy (struct partials *pt);
 extern bool partial_find (struct partials *pt, uint32_t cluster,
                           struct partial_view *out);
