@@ -195,8 +195,10 @@ partial_damaged (struct fleece *fl, uint64_t at, const char *fmt, ...)
   return meta_damaged (fl, what);
 }
 
-/* Check an entry against the store: its blocks within its cluster, a
- * slot for the blocks with data, and that slot inside the store file.
+/* Check an entry: its blocks within its cluster, a slot for the blocks
+ * with data.  Returns 1 if that slot is not inside the store file (up
+ * to its last block with data): the blocks were synced before the
+ * record, so the store was truncated since, as for a lost copy.
  */
 static int
 check_partial (struct fleece *fl, const struct partial_view *v,
@@ -243,12 +245,30 @@ check_partial (struct fleece *fl, const struct partial_view *v,
   if (end > cbytes)
     end = cbytes;
   end += fl->store.data_offset + (uint64_t) v->slot * fl->cluster_size;
-  if (end > fl->meta.load_size)
-    return partial_damaged (fl, at, "has its blocks in slot %" PRIu32
-                            ", up to byte %" PRIu64 " of the store, past "
-                            "its end (%" PRIu64 " bytes)", v->slot, end,
-                            fl->meta.load_size);
+  if (end > fl->meta.load_size) {
+    fl_debug ("store: %s: the partly copied cluster at offset %" PRIu64
+              " has its blocks in slot %" PRIu32 ", up to byte %" PRIu64
+              ", past the end of the store (%" PRIu64 " bytes)",
+              fl->store.path, at, v->slot, end, fl->meta.load_size);
+    return 1;
+  }
   return 0;
+}
+
+/* A partly copied cluster whose blocks the store lost: its snapshots
+ * break once every record is applied (break_lost), as for a copy.
+ */
+static int
+lose_partial (struct fleece *fl, const struct copy *cp)
+{
+  struct partial_view old;
+
+  if (partial_find (&fl->partials, cp->cluster, &old)) {
+    partial_remove (&fl->partials, cp->cluster);
+    if (old.slot != NO_SLOT)
+      store_free (&fl->store, old.slot);
+  }
+  return lose_copy (fl, cp);
 }
 
 /* A partly copied cluster, from a PARTIAL record or the image: it
@@ -262,6 +282,7 @@ load_partial (struct fleece *fl, struct rbuf *b, uint64_t at)
   struct partial_view v, old;
   struct copy have, cp;
   uint32_t words, i;
+  int lost;
 
   if (!rec_get_partial (b, &v, &words))
     return partial_damaged (fl, at, "is truncated, or claims more than %d "
@@ -271,12 +292,15 @@ load_partial (struct fleece *fl, struct rbuf *b, uint64_t at)
                      "(sub-cluster copies; the first at offset %" PRIu64
                      "), which subcluster=false cannot serve: start with "
                      "subcluster=true", fl->store.path, at);
-  if (check_partial (fl, &v, words, at) == -1)
+  lost = check_partial (fl, &v, words, at);
+  if (lost == -1)
     return -1;
   cp = (struct copy) { .cluster = v.cluster, .lo = v.lo, .hi = v.hi,
                        .slot = v.slot };
   if (!copy_needed (fl, &cp))
     return 0;                   /* its slot may be in use since */
+  if (lost)
+    return lose_partial (fl, &cp);
   if (copymap_overlap (&fl->copies, v.cluster, v.lo, v.hi, &have)) {
     if (have.lo == v.lo && have.hi == v.hi)
       return 0;                 /* completed: repeated after an image */
