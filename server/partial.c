@@ -18,9 +18,10 @@
  * block rounded up to 64-bit words (40 bytes with 64 KiB clusters and
  * 4 KiB blocks), plus one bucket pointer; with a persistent store one
  * more word, the sequence number of the entry's newest PARTIAL record
- * (cbw.c).  docs/design.md gives the measured figures.  An entry of an older generation is finished (its
- * missing blocks copied) by the next write to its cluster, or dropped
- * once no snapshot needs it (snapshot deletion).
+ * (cbw.c).  docs/design.md gives the measured figures.  An entry of an
+ * older generation is finished (its missing blocks copied) by the next
+ * write to its cluster, or dropped once no snapshot needs it (snapshot
+ * deletion).
  *
  * Locking.  Entries change only under the cluster's range lock (cbw.c,
  * or snapshot deletion with snaps_lock held for writing, which excludes

@@ -48,24 +48,13 @@ disk=$tmp/disk store=$tmp/store log=$tmp/writes.log
 truncate -s 32M "$disk"
 ok "initial content" "$cw" init "$disk" $BS
 
-# Wait until the control socket answers (a stale one is left by kill -9).
-ctl_ready ()
-{
-  local i
-  for (( i = 0; i < 100; i++ )); do
-    ctl s -t 5 status >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "control socket $tmp/s.ctl does not answer"
-  return 1
-}
 # subcluster=true (the default, said here so that a Fleece that cannot
 # fails): the 4 KiB writes copy single blocks into 64 KiB clusters, so the
 # crashes cut PARTIAL records and the restarts replay them.
 server ()
 {
   start_nbdkit s -- disk="$disk" store="$store" control="$tmp/s.ctl" \
-    persistent="$persistent" subcluster=true && ctl_ready
+    persistent="$persistent" subcluster=true && ctl_ready s
 }
 if ! ok "nbdkit starts with persistent=$persistent" server; then
   echo "Bail out! nbdkit does not start with persistent=$persistent"

@@ -32,15 +32,8 @@ ok "initial content" "$cw" init "$disk" 4096
 
 server ()
 {
-  local i
   start_nbdkit s -- disk="$disk" store="$store" control="$tmp/s.ctl" \
-    cluster-size=64K persistent=true subcluster=true || return 1
-  for (( i = 0; i < 100; i++ )); do
-    ctl s -t 5 status >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "control socket $tmp/s.ctl does not answer"
-  return 1
+    cluster-size=64K persistent=true subcluster=true && ctl_ready s
 }
 msleep () { sleep "$(( $1 / 1000 )).$(printf %03d $(( $1 % 1000 )))"; }
 

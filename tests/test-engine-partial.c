@@ -57,7 +57,8 @@
 #define DISK_SIZE (15 * (uint64_t) CS + CS / 2)
 #define META_OFF  4096u
 #define HALF      (2u << 20)
-#define DATA_OFF  ((uint64_t) (4u << 20) + CS) /* superblock and log, rounded up */
+/* The superblock and the log, rounded up to a cluster. */
+#define DATA_OFF  ((uint64_t) (4u << 20) + CS)
 #define REC_PARTIAL 0x0023
 
 static const char *disk, *store;
@@ -74,23 +75,6 @@ on_warn (const char *msg)
   snprintf (warned + n, sizeof warned - n, "%s\n", msg);
 }
 
-static uint8_t *
-read_all (const char *path, size_t *size)
-{
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  struct stat st;
-  uint8_t *p;
-
-  if (fd == -1 || fstat (fd, &st) == -1)
-    bail_out ("open: %s: %m", path);
-  p = malloc (st.st_size ? st.st_size : 1);
-  if (p == NULL || pread (fd, p, st.st_size, 0) != st.st_size)
-    bail_out ("pread: %s: %m", path);
-  close (fd);
-  *size = st.st_size;
-  return p;
-}
-
 static struct fleece *
 open_store (bool whole)
 {
@@ -98,15 +82,9 @@ open_store (bool whole)
     .disk = disk, .store = store, .cluster_size = CS, .persistent = true,
     .whole_clusters = whole,
   };
-  struct fleece *fl;
 
   warned[0] = '\0';
-  fl = fleece_open (&cfg);
-  if (fl && fleece_start (fl) == -1) {
-    fleece_close (fl);
-    return NULL;
-  }
-  return fl;
+  return test_try_open (&cfg);
 }
 
 static uint32_t
@@ -158,7 +136,8 @@ rehash (uint8_t *p)
 static size_t
 active_half (const uint8_t *p)
 {
-  uint64_t s0 = get64 (p + META_OFF + 16), s1 = get64 (p + META_OFF + HALF + 16);
+  uint64_t s0 = get64 (p + META_OFF + 16);
+  uint64_t s1 = get64 (p + META_OFF + HALF + 16);
 
   if (memcmp (p + META_OFF + HALF, "FLMR", 4) != 0)
     return META_OFF;
@@ -202,9 +181,9 @@ make_images (void)
   if (fleece_live_pwrite (fl, buf, BS, BS, 0) == -1 ||
       fleece_live_pwrite (fl, buf, BS, 15 * (uint64_t) CS + 3 * BS, 0) == -1)
     bail_out ("live write: %s", fleece_last_error ());
-  crash = read_all (store, &crash_size);        /* as a kill -9 leaves it */
+  crash = test_read_file (store, &crash_size);  /* as kill -9 leaves it */
   fleece_close (fl);
-  clean = read_all (store, &clean_size);
+  clean = test_read_file (store, &clean_size);
 }
 
 struct outcome {

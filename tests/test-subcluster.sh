@@ -72,6 +72,18 @@ ok "nbdkit starts (subcluster=false)" start_nbdkit b -- disk="$disk" \
 check_growth b False 65536
 stop_nbdkit b
 
+# ten_writes NAME FILL LEN: ten writes of LEN bytes, at 12 KiB into each
+# of ten clusters; grew BEFORE AFTER FIELD: how much a stat grew.
+ten_writes ()
+{
+  local i
+  for i in $(seq 0 9); do
+    qio "$1" "" "write -P $(($2 + i)) $((i * 128 + 12))k $3" >/dev/null ||
+      return 1
+  done
+}
+grew () { echo $(( $(jget "$2" "d['$3']") - $(jget "$1" "d['$3']") )); }
+
 # persistent=true: the same, and the partly copied clusters survive a
 # restart (their PARTIAL records, docs/store-format.md): the snapshot
 # still pulls as the disk was, the copied blocks are not copied again,
@@ -84,17 +96,15 @@ ok "snapshot create (persistent)" ctl p snapshot create s
 is "$(jget "$(ctl p --json status)" 'd["subcluster"]')" True \
    "persistent=true: query-status says subcluster=True"
 before=$(ctl p --json stats)
-for i in $(seq 0 9); do
-  qio p "" "write -P $((0x40 + i)) $((i * 128 + 12))k 4k" >/dev/null
-done
+ok "ten 4 KiB writes" ten_writes p $((0x40)) 4k
 after=$(ctl p --json stats)
-is "$(( $(jget "$after" 'd["bytes-copied"]') - $(jget "$before" 'd["bytes-copied"]') ))" \
-   40960 "persistent: ten 4 KiB writes copy 40 KiB, not 640 KiB"
-is "$(( $(jget "$after" 'd["store-clusters-used"]') - $(jget "$before" 'd["store-clusters-used"]') ))" \
-   10 "persistent: one slot per partly copied cluster"
-grew=$(( $(jget "$after" 'd["store-file-bytes"]') - $(jget "$before" 'd["store-file-bytes"]') ))
-ok "persistent: the store file grew by about 40 KiB ($grew bytes), not 640 KiB" \
-   test "$grew" -le $((10 * 4096 + 8192))
+is "$(grew "$before" "$after" bytes-copied)" 40960 \
+   "persistent: ten 4 KiB writes copy 40 KiB, not 640 KiB"
+is "$(grew "$before" "$after" store-clusters-used)" 10 \
+   "persistent: one slot per partly copied cluster"
+g=$(grew "$before" "$after" store-file-bytes)
+ok "persistent: the store file grew by about 40 KiB ($g bytes), not 640 KiB" \
+   test "$g" -le $((10 * 4096 + 8192))
 stop_nbdkit p
 ok "nbdkit restarts on the persistent store" start_nbdkit p -- \
    disk="$disk" store="$tmp/store-p" control="$tmp/p.ctl" \
@@ -106,12 +116,9 @@ ok "pull the snapshot after the restart" pull p s "$tmp/out-p"
 is "$(sum "$tmp/out-p")" "$(sum "$tmp/ref-p")" \
    "persistent: the snapshot equals the disk as it was, after a restart"
 before=$(ctl p --json stats)
-for i in $(seq 0 9); do
-  qio p "" "write -P $((0x50 + i)) $((i * 128 + 12))k 8k" >/dev/null
-done
+ok "ten 8 KiB writes over the copied blocks" ten_writes p $((0x50)) 8k
 after=$(ctl p --json stats)
-is "$(( $(jget "$after" 'd["bytes-copied"]') - $(jget "$before" 'd["bytes-copied"]') ))" \
-   40960 "after the restart: ten 8 KiB writes over a copied block copy only the ten blocks not copied yet"
+is "$(grew "$before" "$after" bytes-copied)" 40960 "after the restart: ten 8 KiB writes over a copied block copy only the ten blocks not copied yet"
 ok "a whole cluster written after the restart" qio p "" "write -P 0x71 0 64k"
 after=$(ctl p --json stats)
 is "$(jget "$after" 'd["copies"]') $(jget "$after" 'd["partial-clusters"]')" \
