@@ -482,18 +482,17 @@ part_drop_entry (struct fleece *fl, uint64_t c, const struct partial_view *v)
 }
 
 /* Persistent stores: append the record of a copy or of a partly copied
- * cluster (data: it points at data in the store, synced first); the
- * range's clusters are published once the newest is stable (cbw_range).
+ * cluster (data: it points at data in the store, synced first), and free
+ * rec; the range's clusters are published once the newest is stable
+ * (cbw_range).
  */
 static int
 part_record (struct fleece *fl, struct cbw_ctx *ctx, uint16_t type,
-             const struct wbuf *rec, bool data)
+             struct wbuf *rec, bool data)
 {
-  uint64_t seq;
+  uint64_t seq = meta_append (fl, type, rec, data);
 
-  if (!fl->meta.on)
-    return 0;
-  seq = meta_append (fl, type, rec, data);
+  wb_free (rec);
   if (seq == 0)
     return -1;
   if (seq > ctx->wait)
@@ -511,7 +510,6 @@ part_record_partial (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
 
   rec_put_partial (&rec, v, fl->partials.words);
   r = part_record (fl, ctx, REC_PARTIAL, &rec, v->slot != NO_SLOT);
-  free (rec.p);
   if (r == 0) {
     v->seq = ctx->wait;
     partial_recorded (&fl->partials, c, v->seq);
@@ -552,18 +550,14 @@ part_complete (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
     return -1;
   if (fl->meta.on) {
     struct wbuf rec = { 0 };
-    int r;
     rec_copies_begin (&rec);
     rec_put_copy (&rec, &cp);
     rec_copies_end (&rec, 1);
-    r = part_record (fl, ctx, REC_COPY, &rec, cp.slot != ZERO_SLOT);
-    free (rec.p);
-    if (r == -1) {
-      /* The live write fails: c stays partial in memory, its copy in the
-       * map unrecorded; the log's error is sticky (meta.c).
-       */
+    /* Failed: the live write fails, c stays partial in memory and its
+     * copy unrecorded; the log's error is sticky (meta.c).
+     */
+    if (part_record (fl, ctx, REC_COPY, &rec, cp.slot != ZERO_SLOT) == -1)
       return -2;
-    }
   }
   count_holders (fl, c, cp.lo, cp.hi);
   atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1, memory_order_relaxed);
