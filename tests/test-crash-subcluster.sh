@@ -9,10 +9,11 @@
 # the others from the disk.  Snapshots s2 and s3 are created at the
 # fourth and eighth restarts, so that clusters partly copied for one are
 # finished and copied again in part for the next; the seventh iteration
-# stops nbdkit cleanly
-# instead (the image then holds the partial table).  The test also checks
-# that the restarts found partly copied clusters and completed copies, so
-# that it cannot pass on whole-cluster copies alone.
+# stops nbdkit cleanly instead (the image then holds the partial table).
+# Cluster 0 is copied in part before the first crash and completed after
+# it.  The test also checks that the restarts found partly copied
+# clusters and completed copies, so that it cannot pass on whole-cluster
+# copies alone.
 #
 # FLEECE_CRASH_SEED (default 1919) seeds the choices;
 # FLEECE_CRASH_SUBCLUSTER_ITERATIONS (default 10, 4 under valgrind).
@@ -41,6 +42,9 @@ ok "nbdkit starts (persistent, subcluster)" server
 declare -A want=()
 ok "snapshot s1 created" ctl s snapshot create s1
 want[s1]=$(sum "$disk")
+# Cluster 0 partly copied now, completed after the first restart (below),
+# whatever the random writes do: the restarts must find that copy.
+ok "a 4 KiB write copies one block of cluster 0" qio s "" "write -P 0x77 0 4k"
 
 # check_snaps WHEN: every snapshot pulls as it was created.
 check_snaps ()
@@ -82,6 +86,9 @@ for (( it = 1; it <= iters; it++ )); do
   diag "iteration $it: after the restart $p clusters partly copied, $c copies"
   n_partial=$((n_partial + p)) n_copies=$((n_copies + c))
   check_snaps "iteration $it"
+  [ "$it" -eq 1 ] &&
+    ok "the rest of cluster 0 written after a restart" \
+       qio s "" "write -P 0x78 4k 60k"
   if [ "$it" -eq 4 ] || [ "$it" -eq 8 ]; then
     x=s$(( it / 4 + 1 ))
     ok "snapshot $x created" ctl s snapshot create "$x"
