@@ -19,6 +19,13 @@
 /* Superblock flags. */
 #define FLEECE_SB_PERSISTENT      (1u << 0)
 #define FLEECE_SB_CLEAN           (1u << 1)
+/* The metadata may hold partly copied clusters (PARTIAL records, the
+ * image's partial table): a Fleece that does not know them refuses the
+ * store as it refuses every unknown flag (docs/store-format.md).
+ */
+#define FLEECE_SB_PARTIAL         (1u << 2)
+#define FLEECE_SB_KNOWN           (FLEECE_SB_PERSISTENT | FLEECE_SB_CLEAN | \
+                                   FLEECE_SB_PARTIAL)
 
 struct fleece_superblock {
   char magic[8];                /* FLEECE_STORE_MAGIC, no NUL */

@@ -70,7 +70,7 @@ static unsigned store_warn;     /* percent of store_max, 0: off */
 static int persistent;
 static uint32_t cbw_timeout_ms; /* 0: none */
 static enum fleece_locking locking = FLEECE_LOCKING_ON;
-static int subcluster = -1;     /* -1: not given (true, unless persistent) */
+static int subcluster = -1;     /* -1: not given (true) */
 
 /* Set by .get_ready, then constant until .cleanup. */
 static struct fleece *fl;
@@ -307,12 +307,6 @@ plug_config_complete (void)
                   "nbdkit fleece disk=DISK store=STORE");
     return -1;
   }
-  if (subcluster == 1 && persistent) {
-    nbdkit_error ("subcluster=true: not with persistent=true: a persistent "
-                  "store records whole-cluster copies only; use "
-                  "subcluster=false or leave it out");
-    return -1;
-  }
   if (control_path == NULL) {
     if (asprintf (&control_path, "%s.sock", store_path) == -1) {
       nbdkit_error ("asprintf: %m");
@@ -329,7 +323,7 @@ plug_config_complete (void)
   "                     of two from 4K to 4M (default 64K).\n" \
   "subcluster=true|false  Copy-before-write copies only the 4K blocks a\n" \
   "                     write covers (default true; false: whole\n" \
-  "                     clusters; persistent=true: whole clusters).\n" \
+  "                     clusters).\n" \
   "control=<SOCKET>     Control socket (default STORE.sock).\n" \
   "store-max=<SIZE>     Cap on the store's copied data (default none).\n" \
   "store-warn=<PERCENT> STORE_HIGH_WATER event at this fill of store-max.\n" \

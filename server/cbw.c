@@ -58,18 +58,26 @@
 struct cbw_ctx {
   uint64_t c0;
   uint64_t wait;                /* highest record sequence to wait for */
-  uint8_t *publish;             /* persistent only: cgen[c0 + i] = gen */
+  uint32_t gen;                 /* the generation copied for */
+  uint8_t *publish;             /* persistent only: PUB_* for c0 + i */
   bool broke;                   /* broke a snapshot: free its copies */
 };
 
+#define PUB_CGEN   1            /* cgen[c] = gen */
+#define PUB_UNPART 2            /* ... then remove c's completed entry */
+
 /* cgen[c] = gen: the cluster's old data is safe.  With a persistent
- * store only once its record is stable (cbw_range).
+ * store only once its record is stable (cbw_range), when gen is the
+ * generation the writer copies for: a writer compares cgen with that
+ * one, so an older generation (an entry of an older generation finished
+ * first, cbw.c's part_finish_old) is published at once, as without a
+ * persistent store, and a later copy of the cluster starts from it.
  */
 static void
 publish (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t gen)
 {
-  if (ctx->publish)
-    ctx->publish[c - ctx->c0] = 1;
+  if (ctx->publish && gen == ctx->gen)
+    ctx->publish[c - ctx->c0] |= PUB_CGEN;
   else
     atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
 }
@@ -392,7 +400,16 @@ copy_run (struct fleece *fl, struct cbw_ctx *ctx, uint64_t a, uint32_t n,
  * entry becomes an ordinary copy and cgen[c] is published.  An entry of
  * an older generation is finished first (its missing blocks, which
  * nobody has written since, are copied for it), so that a cluster has
- * at most one entry.  Not with a persistent store (engine.c).
+ * at most one entry.
+ *
+ * Persistent stores.  The blocks copied by one write are described by
+ * one PARTIAL record holding the entry's whole state (its slot and both
+ * bitmaps), appended after the data is written, and the record of the
+ * completed copy is an ordinary COPY.  Like cgen for whole copies, a
+ * copied block counts for the lock-free test (part_done) only once the
+ * entry's newest record is stable; until then writers take the range
+ * lock, which the copier holds until its records are stable.  A slot an
+ * entry gave up is freed only once an image without it is stable.
  */
 
 /* The bytes of cluster c on the disk: [*cs, *ce). */
@@ -442,13 +459,62 @@ all_copied (struct fleece *fl, const struct partial_view *v, uint32_t b0,
   return true;
 }
 
+/* An entry's slot, which nobody reads any more: with a persistent store
+ * only once an image without the entry is stable, so that no record
+ * after the one that still names the slot can reuse it (meta.c).
+ */
+static void
+part_free_slot (struct fleece *fl, const struct partial_view *v)
+{
+  uint32_t slot = v->slot;
+
+  /* A completed entry's slot is its copy's (part_complete). */
+  if (slot != NO_SLOT && v->seq != PARTIAL_DONE)
+    meta_free_slots (fl, &slot, 1);
+}
+
 /* Drop c's entry and give its slot back: nobody reads it any more. */
 static void
 part_drop_entry (struct fleece *fl, uint64_t c, const struct partial_view *v)
 {
   partial_remove (&fl->partials, c);
-  if (v->slot != NO_SLOT)
-    store_free (&fl->store, v->slot);
+  part_free_slot (fl, v);
+}
+
+/* Persistent stores: append the record of a copy or of a partly copied
+ * cluster (data: it points at data in the store, synced first), and free
+ * rec; the range's clusters are published once the newest is stable
+ * (cbw_range).
+ */
+static int
+part_record (struct fleece *fl, struct cbw_ctx *ctx, uint16_t type,
+             struct wbuf *rec, bool data)
+{
+  uint64_t seq = meta_append (fl, type, rec, data);
+
+  wb_free (rec);
+  if (seq == 0)
+    return -1;
+  if (seq > ctx->wait)
+    ctx->wait = seq;
+  return 0;
+}
+
+/* The PARTIAL record of v, whose bits are in none yet. */
+static int
+part_record_partial (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
+                     struct partial_view *v)
+{
+  struct wbuf rec = { 0 };
+  int r;
+
+  rec_put_partial (&rec, v, fl->partials.words);
+  r = part_record (fl, ctx, REC_PARTIAL, &rec, v->slot != NO_SLOT);
+  if (r == 0) {
+    v->seq = ctx->wait;
+    partial_recorded (&fl->partials, c, v->seq);
+  }
+  return r;
 }
 
 /* Every block of v copied: make it a copy (the blocks recorded as zero,
@@ -482,12 +548,31 @@ part_complete (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
   free (zero);
   if (copymap_insert (&fl->copies, &cp) == -1)
     return -1;
+  if (fl->meta.on) {
+    struct wbuf rec = { 0 };
+    rec_copies_begin (&rec);
+    rec_put_copy (&rec, &cp);
+    rec_copies_end (&rec, 1);
+    /* Failed: the live write fails, c stays partial in memory and its
+     * copy unrecorded; the log's error is sticky (meta.c).
+     */
+    if (part_record (fl, ctx, REC_COPY, &rec, cp.slot != ZERO_SLOT) == -1)
+      return -2;
+  }
   count_holders (fl, c, cp.lo, cp.hi);
   atomic_fetch_add_explicit (&fl->st_cbw_clusters, 1, memory_order_relaxed);
   if (cp.slot == ZERO_SLOT)
     atomic_fetch_add_explicit (&fl->st_cbw_zero, 1, memory_order_relaxed);
   publish (fl, ctx, c, v->hi);
-  partial_remove (&fl->partials, c);
+  if (ctx->publish && v->hi == ctx->gen) {
+    /* Readers find cgen first, then the entry: it stays, marked done
+     * (its slot is the copy's), until cgen is published (cbw_range).
+     */
+    partial_recorded (&fl->partials, c, PARTIAL_DONE);
+    ctx->publish[c - ctx->c0] |= PUB_UNPART;
+  }
+  else
+    partial_remove (&fl->partials, c);
   return 0;
 }
 
@@ -520,6 +605,7 @@ part_put (struct fleece *fl, uint64_t c, struct partial_view *v,
                                memory_order_relaxed);
   }
   partial_set (&fl->partials, c, a, n, zero, v->slot);
+  v->seq = PARTIAL_UNRECORDED;
   for (b = a; b < a + n; b++) {
     v->bits[b / 64] |= UINT64_C (1) << (b % 64);
     if (zero)
@@ -601,6 +687,11 @@ part_copy (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
     return -1;
   if (r == 0 && all_copied (fl, v, 0, cluster_blocks (fl, c) - 1))
     r = part_complete (fl, ctx, c, v);
+  else if (r == 0 && fl->meta.on && v->seq == PARTIAL_UNRECORDED &&
+           part_record_partial (fl, ctx, c, v) == -1)
+    return -1;                  /* nothing more can be recorded */
+  if (r == -2)
+    return -1;
   return r == -1 ? part_failed (fl, ctx, c, v) : 0;
 }
 
@@ -626,7 +717,6 @@ copy_part (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t gen,
 {
   uint32_t lo, b0, b1;
 
-  assert (!fl->meta.on);
   if (have && v->hi != gen) {
     if (part_finish_old (fl, ctx, c, v) == -1)
       return -1;
@@ -694,10 +784,7 @@ part_keep (void *opaque, const struct partial_view *v)
 static void
 part_drop (void *opaque, const struct partial_view *v)
 {
-  struct fleece *fl = opaque;
-
-  if (v->slot != NO_SLOT)
-    store_free (&fl->store, v->slot);
+  part_free_slot (opaque, v);
 }
 
 /* A snapshot's client released cluster c (snapshot.c, range lock and
@@ -820,6 +907,13 @@ part_done (struct fleece *fl, uint64_t c, uint64_t offset, uint64_t end,
   if (fl->block_size == 0 || !partial_find (&fl->partials, c, &v) ||
       v.hi != gen)
     return false;
+  /* Persistent: the copied blocks may be overwritten only once their
+   * record is stable (the copier waits for it under the range lock).
+   */
+  if (fl->meta.on &&
+      v.seq > atomic_load_explicit (&fl->meta.durable_pub,
+                                    memory_order_acquire))
+    return false;
   covered_blocks (fl, c, offset, end, &b0, &b1);
   return all_copied (fl, &v, b0, b1);
 }
@@ -854,7 +948,7 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
   uint64_t c0 = offset >> fl->cluster_bits;
   uint64_t c1 = (offset + count - 1) >> fl->cluster_bits;
   uint64_t t0 = monotonic_ns (), c;
-  struct cbw_ctx ctx = { .c0 = c0 };
+  struct cbw_ctx ctx = { .c0 = c0, .gen = gen };
   int r;
 
   if (fl->meta.on) {
@@ -880,9 +974,12 @@ cbw_range (struct fleece *fl, uint64_t offset, uint64_t count, uint32_t gen)
     if (meta_wait (fl, ctx.wait) == -1)
       r = -1;
     else
-      for (c = c0; c <= c1; c++)
-        if (ctx.publish[c - c0])
+      for (c = c0; c <= c1; c++) {
+        if (ctx.publish[c - c0] & PUB_CGEN)
           atomic_store_explicit (&fl->cgen[c], gen, memory_order_release);
+        if (ctx.publish[c - c0] & PUB_UNPART)
+          partial_remove (&fl->partials, c);
+      }
     free (ctx.publish);
   }
   rangelock_release (&fl->cbw_locks, c0, c1 + 1);

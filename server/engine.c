@@ -30,9 +30,8 @@ check_cluster_size (uint32_t cs)
 }
 
 /* Sub-cluster copies (cbw.c): blocks of 4 KiB, or of the disk's logical
- * block size if larger, when they are smaller than a cluster.  Not with a
- * persistent store: its records and image hold whole copies only
- * (docs/store-format.md), so a partial copy could not survive a crash.
+ * block size if larger, when they are smaller than a cluster.  A
+ * persistent store records them (PARTIAL records, docs/store-format.md).
  */
 static void
 set_copy_block (struct fleece *fl, const struct fleece_config *cfg)
@@ -41,7 +40,7 @@ set_copy_block (struct fleece *fl, const struct fleece_config *cfg)
 
   if (fl->disk.logical_block > 0 && (uint32_t) fl->disk.logical_block > bs)
     bs = fl->disk.logical_block;
-  if (cfg->whole_clusters || cfg->persistent || bs >= fl->cluster_size ||
+  if (cfg->whole_clusters || bs >= fl->cluster_size ||
       (bs & (bs - 1)) != 0)
     return;
   fl->block_size = bs;
@@ -100,7 +99,7 @@ fleece_open (const struct fleece_config *cfg)
   rangelock_init (&fl->cbw_locks);
   copymap_init (&fl->copies);
   partial_init (&fl->partials, fl->block_size
-                ? cs >> fl->block_bits : 1);
+                ? cs >> fl->block_bits : 1, cfg->persistent);
   pthread_mutex_init (&fl->admin_lock, NULL);
   pthread_mutex_init (&fl->break_lock, NULL);
   pthread_mutex_init (&fl->orphan_lock, NULL);

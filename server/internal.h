@@ -96,6 +96,7 @@ struct store {
   bool locked;                  /* lock.c's locks are held on fd */
   uint64_t created;             /* when the store was formatted */
   uint64_t sb_sequence;         /* of the last superblock written */
+  uint32_t features;            /* FLEECE_SB_PARTIAL, once set kept */
 
   uint32_t max_slots;           /* store-max in slots, 0: unlimited */
   uint32_t warn_slots;          /* high-water mark in slots, 0: off */
@@ -254,6 +255,8 @@ extern int copymap_foreach (struct copymap *m,
 /* ---- partial.c: clusters partly copied (subcluster=true) ---- */
 #define PARTIAL_SHARDS 64
 #define PARTIAL_WORDS_MAX 16    /* 1024 blocks: 4 MiB clusters of 4 KiB */
+#define PARTIAL_UNRECORDED UINT64_MAX
+#define PARTIAL_DONE (UINT64_MAX - 1) /* completed: the copy owns the slot */
 
 /* A copy of some blocks of cluster, made in generation hi (lo: the
  * cluster's cgen before); bits: PARTIAL_WORDS_MAX... in use, words of
@@ -262,13 +265,23 @@ extern int copymap_foreach (struct copymap *m,
 struct partial_view {
   uint32_t cluster, lo, hi;
   uint32_t slot;                /* NO_SLOT until a block with data */
-  uint64_t bits[2 * PARTIAL_WORDS_MAX];
+  /* In an entry, only the words in use, then with a persistent store the
+   * seq word (partial.c): other stores do not pay for it.
+   */
+  uint64_t bits[2 * PARTIAL_WORDS_MAX + 1];
+  /* Persistent stores: the PARTIAL record that holds these bits, or
+   * PARTIAL_UNRECORDED while some are in no record yet, or PARTIAL_DONE.
+   * A writer skips the copy of a block only once this record is stable
+   * (cbw_done).  0 otherwise.
+   */
+  uint64_t seq;
 };
 
 struct partials {
   /* Set by partial_init, then constant. */
   uint32_t blocks;              /* per cluster */
   uint32_t words;               /* per bitmap */
+  bool has_seq;                 /* persistent: entries keep their seq */
   _Atomic uint64_t n;           /* entries */
   struct partial_shard {
     pthread_mutex_t lock;       /* guards the chains and the entries */
@@ -278,7 +291,8 @@ struct partials {
   } shard[PARTIAL_SHARDS];
 };
 
-extern void partial_init (struct partials *pt, uint32_t blocks);
+extern void partial_init (struct partials *pt, uint32_t blocks,
+                          bool has_seq);
 extern void partial_destroy (struct partials *pt);
 extern bool partial_find (struct partials *pt, uint32_t cluster,
                           struct partial_view *out);
@@ -288,6 +302,15 @@ extern void partial_set (struct partials *pt, uint32_t cluster,
                          uint32_t first, uint32_t n, bool zero,
                          uint32_t slot);
 extern void partial_remove (struct partials *pt, uint32_t cluster);
+/* Persistent stores: the bits of cluster's entry are in record seq. */
+extern void partial_recorded (struct partials *pt, uint32_t cluster,
+                              uint64_t seq);
+/* Loading: cluster's entry becomes v (added if it has none). */
+extern int partial_load (struct partials *pt, const struct partial_view *v);
+/* Call fn for each entry, each shard locked in turn (the image). */
+extern int partial_foreach (struct partials *pt,
+                            int (*fn) (void *, const struct partial_view *),
+                            void *opaque);
 extern void partial_prune (struct partials *pt,
                            bool (*keep) (void *, const struct partial_view *),
                            void (*drop) (void *, const struct partial_view *),
@@ -333,6 +356,7 @@ extern size_t rb_left (const struct rbuf *b);
 #define REC_COPY     0x0020
 #define REC_RELEASE  0x0021
 #define REC_DIRTY    0x0022
+#define REC_PARTIAL  0x0023
 
 #define REC_HDR_SIZE   32
 #define REC_REASON_MAX 255      /* bytes of a BROKEN record's reason */
@@ -371,6 +395,10 @@ extern bool rec_get_broken (struct rbuf *b, uint32_t *gen, char *reason);
 extern void rec_put_dirty (struct wbuf *b, uint32_t first, uint32_t count);
 extern bool rec_get_dirty (struct rbuf *b, uint32_t *first,
                            uint32_t *count);
+extern void rec_put_partial (struct wbuf *b, const struct partial_view *v,
+                             uint32_t words);
+extern bool rec_get_partial (struct rbuf *b, struct partial_view *v,
+                             uint32_t *words);
 
 /* The image's header; the snapshots and bitmaps that follow it are
  * snapshot.c's and bitmap.c's, then comes the copy table.
@@ -378,10 +406,11 @@ extern bool rec_get_dirty (struct rbuf *b, uint32_t *first,
 struct rec_image {
   uint32_t cluster_size;
   uint64_t disk_size;
-  uint32_t gen, nsnaps, nbitmaps;
+  uint32_t gen, nsnaps, nbitmaps, npartials;
   uint64_t ncopies;
 };
 extern void rec_put_image (struct wbuf *b, const struct rec_image *im);
+extern void rec_image_partials (struct wbuf *b, uint32_t n);
 extern void rec_image_copies (struct wbuf *b, size_t start);
 extern bool rec_get_image (struct rbuf *b, struct rec_image *im);
 extern bool rec_image_table_ok (const struct rbuf *b, uint64_t ncopies);
@@ -411,6 +440,7 @@ struct meta {
                                  * zeroed when the half becomes active */
   /* Loading only. */
   uint64_t load_size;           /* bytes the store file (device) holds */
+  uint64_t load_at;             /* store offset of the record applied */
   copy_vector lost;             /* copies whose slot is not wholly in it */
   slot_vector deferred;         /* slots to free once the image is stable */
   bool logging;                 /* meta_start wrote the first image;

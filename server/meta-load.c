@@ -24,6 +24,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,10 +119,31 @@ break_lost (struct fleece *fl)
   }
 }
 
+/* A copy completed from a partly copied cluster: its entry goes, and
+ * its slot, claimed by the entry, is the copy's (true: claimed already).
+ */
+static bool
+copy_completes_partial (struct fleece *fl, const struct copy *cp)
+{
+  struct partial_view pv;
+
+  if (fl->block_size == 0 ||
+      !partial_find (&fl->partials, cp->cluster, &pv) ||
+      pv.lo != cp->lo || pv.hi != cp->hi)
+    return false;
+  partial_remove (&fl->partials, cp->cluster);
+  if (pv.slot != NO_SLOT && pv.slot == cp->slot)
+    return true;
+  if (pv.slot != NO_SLOT)
+    store_free (&fl->store, pv.slot);
+  return false;
+}
+
 static int
 load_copy (struct fleece *fl, const struct copy *cp)
 {
   struct copy have;
+  bool claimed;
 
   if (cp->cluster >= fl->nclusters || cp->lo >= cp->hi ||
       cp->hi >= GEN_LIMIT ||
@@ -139,13 +161,171 @@ load_copy (struct fleece *fl, const struct copy *cp)
       return 0;                 /* repeated after an image: the same copy */
     return meta_damaged (fl, "two copies of a cluster overlap");
   }
-  if (cp->slot != ZERO_SLOT && store_claim (&fl->store, cp->slot, false) == -1)
+  claimed = copy_completes_partial (fl, cp);
+  if (cp->slot != ZERO_SLOT && !claimed &&
+      store_claim (&fl->store, cp->slot, false) == -1)
     return -1;
   if (copymap_insert (&fl->copies, cp) == -1)
     return -1;
   if (cp->hi > atomic_load (&fl->cgen[cp->cluster]))
     atomic_store (&fl->cgen[cp->cluster], cp->hi);
   return 0;
+}
+
+/* A damaged partly copied cluster (a PARTIAL record at offset at of the
+ * store, or an entry of the image's partial table there): refused, with
+ * where and what.
+ */
+static int
+partial_damaged (struct fleece *fl, uint64_t at, const char *fmt, ...)
+  __attribute__ ((format (printf, 3, 4)));
+
+static int
+partial_damaged (struct fleece *fl, uint64_t at, const char *fmt, ...)
+{
+  char what[400];
+  int n;
+  va_list ap;
+
+  n = snprintf (what, sizeof what, "the partly copied cluster at offset %"
+                PRIu64 " ", at);
+  va_start (ap, fmt);
+  vsnprintf (what + n, sizeof what - n, fmt, ap);
+  va_end (ap);
+  return meta_damaged (fl, what);
+}
+
+/* Check an entry: its blocks within its cluster, a slot for the blocks
+ * with data.  Returns 1 if that slot is not inside the store file (up
+ * to its last block with data): the blocks were synced before the
+ * record, so the store was truncated since, as for a lost copy.
+ */
+static int
+check_partial (struct fleece *fl, const struct partial_view *v,
+               uint32_t words, uint64_t at)
+{
+  const uint32_t bs = fl->block_size, W = fl->partials.words;
+  uint64_t cbytes, end;
+  uint32_t b, nb, last = 0;
+  bool data = false;
+
+  if (words != W)
+    return partial_damaged (fl, at, "has bitmaps of %" PRIu32 " words, "
+                            "this store's clusters need %" PRIu32, words, W);
+  if (v->cluster >= fl->nclusters || v->lo >= v->hi || v->hi >= GEN_LIMIT)
+    return partial_damaged (fl, at, "names cluster %" PRIu32 " of %" PRIu64
+                            ", generations (%" PRIu32 ", %" PRIu32 "]: out "
+                            "of range", v->cluster, fl->nclusters, v->lo,
+                            v->hi);
+  cbytes = fl->disk.size - (uint64_t) v->cluster * fl->cluster_size;
+  if (cbytes > fl->cluster_size)
+    cbytes = fl->cluster_size;
+  nb = (cbytes + bs - 1) / bs;
+  for (b = 0; b < W * 64; b++) {
+    bool copied = v->bits[b / 64] >> (b % 64) & 1;
+    bool zero = v->bits[W + b / 64] >> (b % 64) & 1;
+    if ((copied || zero) && b >= nb)
+      return partial_damaged (fl, at, "claims block %" PRIu32 " of cluster "
+                              "%" PRIu32 ", which has %" PRIu32 " blocks",
+                              b, v->cluster, nb);
+    if (zero && !copied)
+      return partial_damaged (fl, at, "says block %" PRIu32 " is zero but "
+                              "not copied", b);
+    if (copied && !zero) {
+      data = true;
+      last = b + 1;
+    }
+  }
+  if (v->slot == ZERO_SLOT || (data && v->slot == NO_SLOT))
+    return partial_damaged (fl, at, "has blocks with data but no slot "
+                            "(slot %" PRIu32 ")", v->slot);
+  if (v->slot == NO_SLOT)
+    return 0;
+  end = (uint64_t) last * bs;
+  if (end > cbytes)
+    end = cbytes;
+  end += fl->store.data_offset + (uint64_t) v->slot * fl->cluster_size;
+  if (end > fl->meta.load_size) {
+    fl_debug ("store: %s: the partly copied cluster at offset %" PRIu64
+              " has its blocks in slot %" PRIu32 ", up to byte %" PRIu64
+              ", past the end of the store (%" PRIu64 " bytes)",
+              fl->store.path, at, v->slot, end, fl->meta.load_size);
+    return 1;
+  }
+  return 0;
+}
+
+/* A partly copied cluster whose blocks the store lost: its snapshots
+ * break once every record is applied (break_lost), as for a copy.
+ */
+static int
+lose_partial (struct fleece *fl, const struct copy *cp)
+{
+  struct partial_view old;
+
+  if (partial_find (&fl->partials, cp->cluster, &old)) {
+    partial_remove (&fl->partials, cp->cluster);
+    if (old.slot != NO_SLOT)
+      store_free (&fl->store, old.slot);
+  }
+  return lose_copy (fl, cp);
+}
+
+/* A partly copied cluster, from a PARTIAL record or the image: it
+ * replaces what an earlier one said of the cluster (the record holds the
+ * entry's whole state; a different range means that the earlier entry
+ * was given up), unless its copy was completed since.
+ */
+static int
+load_partial (struct fleece *fl, struct rbuf *b, uint64_t at)
+{
+  struct partial_view v, old;
+  struct copy have, cp;
+  uint32_t words, i;
+  int lost;
+
+  if (!rec_get_partial (b, &v, &words))
+    return partial_damaged (fl, at, "is truncated, or claims more than %d "
+                            "words per bitmap", PARTIAL_WORDS_MAX);
+  if (fl->block_size == 0)
+    return fl_error (EINVAL, "store: %s: holds clusters copied in part "
+                     "(sub-cluster copies; the first at offset %" PRIu64
+                     "), which subcluster=false cannot serve: start with "
+                     "subcluster=true", fl->store.path, at);
+  lost = check_partial (fl, &v, words, at);
+  if (lost == -1)
+    return -1;
+  cp = (struct copy) { .cluster = v.cluster, .lo = v.lo, .hi = v.hi,
+                       .slot = v.slot };
+  if (!copy_needed (fl, &cp))
+    return 0;                   /* its slot may be in use since */
+  if (lost)
+    return lose_partial (fl, &cp);
+  if (copymap_overlap (&fl->copies, v.cluster, v.lo, v.hi, &have)) {
+    if (have.lo == v.lo && have.hi == v.hi)
+      return 0;                 /* completed: repeated after an image */
+    return partial_damaged (fl, at, "overlaps a copy of cluster %" PRIu32,
+                            v.cluster);
+  }
+  if (partial_find (&fl->partials, v.cluster, &old)) {
+    if (old.lo == v.lo && old.hi == v.hi) {
+      if (old.slot != NO_SLOT && v.slot != NO_SLOT && old.slot != v.slot)
+        return partial_damaged (fl, at, "names slot %" PRIu32 ", an "
+                                "earlier record slot %" PRIu32, v.slot,
+                                old.slot);
+      for (i = 0; i < 2 * words; i++)
+        v.bits[i] |= old.bits[i];
+      if (old.slot != NO_SLOT) {
+        v.slot = old.slot;      /* claimed already */
+        return partial_load (&fl->partials, &v);
+      }
+    }
+    else if (old.slot != NO_SLOT)
+      store_free (&fl->store, old.slot);
+  }
+  if (v.slot != NO_SLOT && store_claim (&fl->store, v.slot, false) == -1)
+    return -1;
+  return partial_load (&fl->partials, &v);
 }
 
 static int
@@ -167,6 +347,12 @@ load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
   if (snap_image_get (fl, &b, im.nsnaps, *gen) == -1 ||
       bitmap_image_get (fl, &b, im.nbitmaps) == -1)
     return -1;
+  for (i = 0; i < im.npartials; i++) {
+    uint64_t at = fl->store.data_offset +
+      (uint64_t) fl->meta.img_slot * fl->cluster_size + b.pos;
+    if (load_partial (fl, &b, at) == -1)
+      return -1;
+  }
   if (!rec_image_table_ok (&b, im.ncopies))
     return meta_damaged (fl, "the image's copy table has the wrong size");
   for (i = 0; i < im.ncopies; i++) {
@@ -235,6 +421,14 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
        */
       copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
     }
+    return 0;
+  }
+  case REC_PARTIAL: {
+    if (load_partial (fl, b, fl->meta.load_at) == -1)
+      return -1;
+    if (rb_left (b) != 0)
+      return partial_damaged (fl, fl->meta.load_at, "(a PARTIAL record) "
+                              "has %zu bytes too many", rb_left (b));
     return 0;
   }
   case REC_DIRTY: {
@@ -358,6 +552,26 @@ judge_end (struct fleece *fl, const char *half, int h, size_t pos,
   return newest;
 }
 
+/* Partly copied clusters no unbroken snapshot reads any more go, as
+ * copies do; their slots are given back.
+ */
+static bool
+partial_needed (void *opaque, const struct partial_view *v)
+{
+  struct copy cp = { .cluster = v->cluster, .lo = v->lo, .hi = v->hi };
+
+  return copy_needed (opaque, &cp);
+}
+
+static void
+partial_unclaim (void *opaque, const struct partial_view *v)
+{
+  struct fleece *fl = opaque;
+
+  if (v->slot != NO_SLOT)
+    store_free (&fl->store, v->slot);
+}
+
 /* Count, for each snapshot, the copies it reads. */
 static int
 count_held (void *opaque, const struct copy *cp)
@@ -466,6 +680,8 @@ meta_load (struct fleece *fl)
     size_t n = rec_decode (half + pos, META_HALF_SIZE - pos, &r);
     if (n == 0 || r.seq != prev + 1)
       break;
+    m->load_at = FLEECE_STORE_HEADER_SIZE + (uint64_t) h * META_HALF_SIZE +
+      pos;
     if (apply_record (fl, &r, &gen) == -1)
       goto out;
     prev = r.seq;
@@ -497,6 +713,7 @@ meta_load (struct fleece *fl)
    * broken before the crash) go; the rest are counted.
    */
   copymap_prune (&fl->copies, UINT32_MAX, copy_needed, copy_free, fl);
+  partial_prune (&fl->partials, partial_needed, partial_unclaim, fl);
   copymap_foreach (&fl->copies, count_held, fl);
   for (i = 0; i < fl->nsnaps; i++) {
     _Atomic uint64_t *bits = atomic_load (&fl->snaps[i]->released);

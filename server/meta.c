@@ -263,6 +263,23 @@ put_copy (void *opaque, const struct copy *cp)
   return b->failed ? -1 : 0;
 }
 
+struct put_partials {
+  struct wbuf *b;
+  uint32_t words, n;
+};
+
+static int
+put_partial (void *opaque, const struct partial_view *v)
+{
+  struct put_partials *pp = opaque;
+
+  if (v->seq == PARTIAL_DONE)
+    return 0;                   /* its copy is in the copy map */
+  rec_put_partial (pp->b, v, pp->words);
+  pp->n++;
+  return pp->b->failed ? -1 : 0;
+}
+
 /* Build the image; admin_lock held. */
 static int
 build_image (struct fleece *fl, struct wbuf *b)
@@ -271,6 +288,7 @@ build_image (struct fleece *fl, struct wbuf *b)
     .cluster_size = fl->cluster_size,
     .disk_size = fl->disk.size,
   };
+  struct put_partials pp = { .b = b, .words = fl->partials.words };
   size_t copies_at;
 
   pthread_rwlock_rdlock (&fl->snaps_lock);
@@ -280,6 +298,12 @@ build_image (struct fleece *fl, struct wbuf *b)
   rec_put_image (b, &im);
   snap_image_put (fl, b);
   bitmap_image_put (fl, b);
+  /* Partly copied clusters before the copies: an entry completed while
+   * the image is built may be in both, and loading drops the entry when
+   * its copy follows (meta-load.c).
+   */
+  partial_foreach (&fl->partials, put_partial, &pp);
+  rec_image_partials (b, pp.n);
   copies_at = b->len;
   copymap_foreach (&fl->copies, put_copy, b);
   pthread_rwlock_unlock (&fl->snaps_lock);
@@ -516,6 +540,16 @@ meta_start (struct fleece *fl, bool existing, bool was_clean)
   pthread_mutex_unlock (&fl->admin_lock);
   if (r == -1)
     return -1;
+  /* Sub-cluster copies: the store may now hold PARTIAL records, which a
+   * Fleece that does not know them must refuse (FLEECE_SB_PARTIAL), not
+   * load as damage or without them.  Said before the first one.
+   */
+  if (fl->block_size && !(fl->store.features & FLEECE_SB_PARTIAL)) {
+    fl->store.features |= FLEECE_SB_PARTIAL;
+    if (existing &&
+        store_write_superblock (&fl->store, &fl->disk, was_clean) == -1)
+      return -1;
+  }
   if (!existing) {
     if (store_write_superblock (&fl->store, &fl->disk, true) == -1)
       return -1;

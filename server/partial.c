@@ -14,12 +14,14 @@
  * removed, in that order, so that a reader always finds one of the two.
  *
  * Only clusters partly copied have an entry, so memory is bounded by
- * them, not by the disk: an entry is PARTIAL_HDR bytes plus two bits per
- * block rounded up to 64-bit words (48 bytes with 64 KiB clusters and
- * 4 KiB blocks), plus one bucket pointer; docs/design.md gives the
- * measured figure.  An entry of an older generation is finished (its
- * missing blocks copied) by the next write to its cluster, or dropped
- * once no snapshot needs it (snapshot deletion).
+ * them, not by the disk: an entry is a 24-byte header plus two bits per
+ * block rounded up to 64-bit words (40 bytes with 64 KiB clusters and
+ * 4 KiB blocks), plus one bucket pointer; with a persistent store one
+ * more word, the sequence number of the entry's newest PARTIAL record
+ * (cbw.c).  docs/design.md gives the measured figures.  An entry of an
+ * older generation is finished (its missing blocks copied) by the next
+ * write to its cluster, or dropped once no snapshot needs it (snapshot
+ * deletion).
  *
  * Locking.  Entries change only under the cluster's range lock (cbw.c,
  * or snapshot deletion with snaps_lock held for writing, which excludes
@@ -45,14 +47,53 @@ struct partial {
 
 #define PARTIAL_SHARD(pt, c) (&(pt)->shard[(c) % PARTIAL_SHARDS])
 
+/* The words of an entry: the two bitmaps, then the seq word of a
+ * persistent store (partial_view.seq).
+ */
+static size_t
+entry_words (const struct partials *pt)
+{
+  return 2 * pt->words + pt->has_seq;
+}
+
+static uint64_t *
+seq_word (const struct partials *pt, struct partial *p)
+{
+  return pt->has_seq ? &p->v.bits[2 * pt->words] : NULL;
+}
+
+static void
+set_seq (const struct partials *pt, struct partial *p, uint64_t seq)
+{
+  uint64_t *w = seq_word (pt, p);
+
+  if (w)
+    *w = seq;
+}
+
+/* Copy entry p out whole into out (shard lock held). */
+static void
+view_out (const struct partials *pt, struct partial *p,
+          struct partial_view *out)
+{
+  uint64_t *w = seq_word (pt, p);
+
+  memcpy (out, &p->v, offsetof (struct partial_view, bits) +
+          2 * pt->words * sizeof (uint64_t));
+  memset (out->bits + 2 * pt->words, 0,
+          (2 * PARTIAL_WORDS_MAX + 1 - 2 * pt->words) * sizeof (uint64_t));
+  out->seq = w ? *w : 0;
+}
+
 void
-partial_init (struct partials *pt, uint32_t blocks)
+partial_init (struct partials *pt, uint32_t blocks, bool has_seq)
 {
   int i;
 
   memset (pt, 0, sizeof *pt);
   pt->blocks = blocks;
   pt->words = (blocks + 63) / 64;
+  pt->has_seq = has_seq;
   assert (pt->words <= PARTIAL_WORDS_MAX);
   for (i = 0; i < PARTIAL_SHARDS; i++)
     pthread_mutex_init (&pt->shard[i].lock, NULL);
@@ -116,13 +157,8 @@ partial_find (struct partials *pt, uint32_t cluster, struct partial_view *out)
     return false;
   pthread_mutex_lock (&sh->lock);
   p = find_locked (sh, cluster, NULL);
-  if (p) {
-    /* Only the words in use: an entry is allocated to its size. */
-    memcpy (out, &p->v, offsetof (struct partial_view, bits) +
-            2 * pt->words * sizeof (uint64_t));
-    memset (out->bits + 2 * pt->words, 0,
-            (2 * PARTIAL_WORDS_MAX - 2 * pt->words) * sizeof (uint64_t));
-  }
+  if (p)
+    view_out (pt, p, out);      /* an entry is allocated to its size */
   pthread_mutex_unlock (&sh->lock);
   return p != NULL;
 }
@@ -155,7 +191,7 @@ partial_add (struct partials *pt, uint32_t cluster, uint32_t lo, uint32_t hi)
 {
   struct partial_shard *sh = PARTIAL_SHARD (pt, cluster);
   size_t size = offsetof (struct partial, v.bits) +
-    2 * pt->words * sizeof (uint64_t);
+    entry_words (pt) * sizeof (uint64_t);
   struct partial *p = calloc (1, size);
   uint32_t i;
 
@@ -202,12 +238,71 @@ partial_set (struct partials *pt, uint32_t cluster, uint32_t first,
   assert (p != NULL);
   if (slot != NO_SLOT)
     p->v.slot = slot;
+  set_seq (pt, p, PARTIAL_UNRECORDED);
   for (b = first; b < first + n; b++) {
     p->v.bits[b / 64] |= UINT64_C (1) << (b % 64);
     if (zero)
       p->v.bits[pt->words + b / 64] |= UINT64_C (1) << (b % 64);
   }
   pthread_mutex_unlock (&sh->lock);
+}
+
+void
+partial_recorded (struct partials *pt, uint32_t cluster, uint64_t seq)
+{
+  struct partial_shard *sh = PARTIAL_SHARD (pt, cluster);
+  struct partial *p;
+
+  pthread_mutex_lock (&sh->lock);
+  p = find_locked (sh, cluster, NULL);
+  if (p)
+    set_seq (pt, p, seq);
+  pthread_mutex_unlock (&sh->lock);
+}
+
+/* Loading (meta-load.c), single-threaded: v's bits replace those of
+ * cluster's entry, which is added if there is none.
+ */
+int
+partial_load (struct partials *pt, const struct partial_view *v)
+{
+  struct partial_shard *sh = PARTIAL_SHARD (pt, v->cluster);
+  struct partial *p;
+
+  p = find_locked (sh, v->cluster, NULL);
+  if (p == NULL) {
+    if (partial_add (pt, v->cluster, v->lo, v->hi) == -1)
+      return -1;
+    p = find_locked (sh, v->cluster, NULL);
+  }
+  memcpy (&p->v.lo, &v->lo, offsetof (struct partial_view, bits) -
+          offsetof (struct partial_view, lo) +
+          2 * pt->words * sizeof (uint64_t));
+  set_seq (pt, p, v->seq);
+  return 0;
+}
+
+int
+partial_foreach (struct partials *pt,
+                 int (*fn) (void *, const struct partial_view *),
+                 void *opaque)
+{
+  struct partial_view v;
+  struct partial *p;
+  uint32_t b;
+  int i, r = 0;
+
+  for (i = 0; i < PARTIAL_SHARDS && r == 0; i++) {
+    struct partial_shard *sh = &pt->shard[i];
+    pthread_mutex_lock (&sh->lock);
+    for (b = 0; b < sh->nbuckets && r == 0; b++)
+      for (p = sh->bucket[b]; p && r == 0; p = p->next) {
+        view_out (pt, p, &v);
+        r = fn (opaque, &v);
+      }
+    pthread_mutex_unlock (&sh->lock);
+  }
+  return r;
 }
 
 void
@@ -263,8 +358,10 @@ partial_prune (struct partials *pt,
     pthread_mutex_unlock (&sh->lock);
   }
   while ((p = gone) != NULL) {
+    struct partial_view v;
     gone = p->next;
-    drop (opaque, &p->v);
+    view_out (pt, p, &v);
+    drop (opaque, &v);
     free (p);
   }
 }

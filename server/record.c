@@ -380,6 +380,51 @@ rec_get_dirty (struct rbuf *b, uint32_t *first, uint32_t *count)
   return !b->bad;
 }
 
+/* One partly copied cluster, in a PARTIAL record and in the image's
+ * partial table: cluster, lo, hi, slot, the number of 64-bit words per
+ * bitmap, zero, then the words of "copied", then those of "zero".
+ */
+void
+rec_put_partial (struct wbuf *b, const struct partial_view *v,
+                 uint32_t words)
+{
+  uint32_t i;
+
+  wb_u32 (b, v->cluster);
+  wb_u32 (b, v->lo);
+  wb_u32 (b, v->hi);
+  wb_u32 (b, v->slot);
+  wb_u32 (b, words);
+  wb_u32 (b, 0);
+  for (i = 0; i < 2 * words; i++)
+    wb_u64 (b, v->bits[i]);
+}
+
+/* False if b does not hold a whole entry (*words says how many words
+ * per bitmap it claims; more than PARTIAL_WORDS_MAX is not valid).
+ */
+bool
+rec_get_partial (struct rbuf *b, struct partial_view *v, uint32_t *words)
+{
+  uint32_t i;
+
+  memset (v, 0, sizeof *v);
+  v->cluster = rb_u32 (b);
+  v->lo = rb_u32 (b);
+  v->hi = rb_u32 (b);
+  v->slot = rb_u32 (b);
+  *words = rb_u32 (b);
+  rb_u32 (b);
+  if (b->bad || *words == 0 || *words > PARTIAL_WORDS_MAX ||
+      rb_left (b) < (size_t) *words * 16) {
+    b->bad = true;
+    return false;
+  }
+  for (i = 0; i < 2 * *words; i++)
+    v->bits[i] = rb_u64 (b);
+  return !b->bad;
+}
+
 /* ---- the image ---- */
 
 /* The header; its copy count is written by rec_image_copies once the
@@ -395,11 +440,25 @@ rec_put_image (struct wbuf *b, const struct rec_image *im)
   wb_u32 (b, im->gen);
   wb_u32 (b, im->nsnaps);
   wb_u32 (b, im->nbitmaps);
-  wb_u32 (b, 0);
+  wb_u32 (b, 0);                /* partials: rec_image_partials */
   wb_u64 (b, 0);                /* copies: rec_image_copies */
 }
 
+#define IMAGE_NPARTIALS_AT 36
 #define IMAGE_NCOPIES_AT 40
+
+/* The image's partial table holds n entries: write n into the header.
+ * Stores without partly copied clusters keep the zero that earlier
+ * versions wrote there (a reserved field), so their images are the same.
+ */
+void
+rec_image_partials (struct wbuf *b, uint32_t n)
+{
+  uint32_t le = htole32 (n);
+
+  if (!b->failed)
+    memcpy (b->p + IMAGE_NPARTIALS_AT, &le, 4);
+}
 
 /* The image's copy table runs from start (its length before the table)
  * to its end: write its count into the header.
@@ -429,7 +488,7 @@ rec_get_image (struct rbuf *b, struct rec_image *im)
   im->gen = rb_u32 (b);
   im->nsnaps = rb_u32 (b);
   im->nbitmaps = rb_u32 (b);
-  rb_u32 (b);
+  im->npartials = rb_u32 (b);
   im->ncopies = rb_u64 (b);
   return true;
 }

@@ -108,7 +108,8 @@ store_write_superblock (struct store *s, const struct disk *d, bool clean)
     return fl_error (EIO, "store: writing superblock: %s: injected error "
                      "(fleece.fail_meta_write)", s->path);
   return write_superblock (s, d, (clean ? FLEECE_SB_CLEAN : 0) |
-                           (s->persistent ? FLEECE_SB_PERSISTENT : 0));
+                           (s->persistent ? FLEECE_SB_PERSISTENT : 0) |
+                           s->features);
 }
 
 int
@@ -136,7 +137,7 @@ check_superblock_intact (struct store *s, const struct fleece_superblock *sb)
                      "Fleece reads version %d: refusing to load or format "
                      "it", s->path, le32toh (sb->version),
                      FLEECE_STORE_VERSION);
-  if (flags & ~(uint32_t) (FLEECE_SB_PERSISTENT | FLEECE_SB_CLEAN))
+  if (flags & ~(uint32_t) FLEECE_SB_KNOWN)
     return fl_error (EINVAL, "store: %s: unknown superblock flags 0x%"
                      PRIx32 ": refusing to load or format it", s->path,
                      flags);
@@ -177,6 +178,7 @@ check_superblock (struct store *s, const struct fleece_superblock *sb,
                      "refusing it; remove the store to start afresh",
                      s->path, d->path);
   *cluster_size = cs;
+  s->features = le32toh (sb->flags) & FLEECE_SB_PARTIAL;
   s->sb_sequence = le64toh (sb->sequence);
   s->created = le64toh (sb->created);
   return 0;

@@ -297,6 +297,20 @@ wait_for ()
   return 1
 }
 
+# ctl_ready NAME: wait until nbdkit NAME's control socket ($tmp/NAME.ctl)
+# answers: after kill -9 a stale socket is left, which start_nbdkit's
+# wait for the NBD socket does not tell from a live one.
+ctl_ready ()
+{
+  local i
+  for (( i = 0; i < 100; i++ )); do
+    ctl "$1" -t 5 status >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "control socket $tmp/$1.ctl does not answer"
+  return 1
+}
+
 # crash_nbdkit NAME: kill -9 nbdkit NAME by PID, as a power cut would
 # stop it (minus the page cache), and wait until it is gone.
 crash_nbdkit ()

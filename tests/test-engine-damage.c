@@ -70,32 +70,8 @@ open_store (void)
     .disk = disk, .store = store, .cluster_size = CS, .persistent = true,
   };
 
-  struct fleece *fl;
-
   warned[0] = '\0';
-  fl = fleece_open (&cfg);
-  if (fl && fleece_start (fl) == -1) {
-    fleece_close (fl);
-    return NULL;
-  }
-  return fl;
-}
-
-static uint8_t *
-read_all (const char *path, size_t *size)
-{
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  struct stat st;
-  uint8_t *p;
-
-  if (fd == -1 || fstat (fd, &st) == -1)
-    bail_out ("open: %s: %m", path);
-  p = malloc (st.st_size ? st.st_size : 1);
-  if (p == NULL || pread (fd, p, st.st_size, 0) != st.st_size)
-    bail_out ("pread: %s: %m", path);
-  close (fd);
-  *size = st.st_size;
-  return p;
+  return test_try_open (&cfg);
 }
 
 /* The active half's last record: walk both halves from their STATE while
@@ -160,9 +136,9 @@ make_base (void)
   memset (buf, 0x42, WRITTEN * CS);
   if (fleece_live_pwrite (fl, buf, WRITTEN * CS, 0, 0) == -1)
     bail_out ("live write: %s", fleece_last_error ());
-  base = read_all (store, &base_size);  /* as a kill -9 leaves it */
+  base = test_read_file (store, &base_size);  /* as a kill -9 leaves it */
   fleece_close (fl);
-  after = read_all (disk, &n);
+  after = test_read_file (disk, &n);
   assert (n == DISK_SIZE);
   find_last_record ();
   diag ("the COPY record: %zu bytes at file offset %zu, sequence %" PRIu64,

@@ -717,14 +717,11 @@ main (int argc, char *argv[])
   isolation_round (8 * MiB, 4 * KiB, 32, seconds);
   atomic_creation (64 * KiB, 2, 50);
   atomic_creation (4 * KiB, 8, 50);
-  /* subcluster=true: clusters copied block by block.  A persistent
-   * store (test-engine-persistent.sh) copies whole clusters whatever
-   * subcluster says, so there the rounds above are the whole test.
+  /* subcluster=true: clusters copied block by block, also on a
+   * persistent store (test-engine-persistent.sh: PARTIAL records).
    */
-  if (getenv ("FLEECE_TEST_PERSISTENT") == NULL) {
-    test_subcluster = true;
-    isolation_round (8 * MiB, 64 * KiB, 8, seconds);
-    atomic_creation (64 * KiB, 2, 50);
-  }
+  test_subcluster = true;
+  isolation_round (8 * MiB, 64 * KiB, 8, seconds);
+  atomic_creation (64 * KiB, 2, 50);
   return done ();
 }

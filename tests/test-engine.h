@@ -219,6 +219,37 @@ test_write_disk (const char *path, const void *buf, uint64_t size)
     bail_out ("close: %s: %m", path);
 }
 
+/* fleece_open and fleece_start, or NULL (fleece_last_error says why). */
+static inline struct fleece *
+test_try_open (const struct fleece_config *cfg)
+{
+  struct fleece *fl = fleece_open (cfg);
+
+  if (fl && fleece_start (fl) == -1) {
+    fleece_close (fl);
+    return NULL;
+  }
+  return fl;
+}
+
+/* The whole content of a file (*size bytes), malloc'd. */
+static inline uint8_t *
+test_read_file (const char *path, size_t *size)
+{
+  int fd = open (path, O_RDONLY | O_CLOEXEC);
+  struct stat st;
+  uint8_t *p;
+
+  if (fd == -1 || fstat (fd, &st) == -1)
+    bail_out ("open: %s: %m", path);
+  p = malloc (st.st_size ? st.st_size : 1);
+  if (p == NULL || pread (fd, p, st.st_size, 0) != st.st_size)
+    bail_out ("pread: %s: %m", path);
+  close (fd);
+  *size = st.st_size;
+  return p;
+}
+
 /* Set by a test before test_open: sub-cluster copies (subcluster=true).
  * Off by default, so that the tests that count copies exactly count
  * whole clusters.

@@ -72,7 +72,66 @@ ok "nbdkit starts (subcluster=false)" start_nbdkit b -- disk="$disk" \
 check_growth b False 65536
 stop_nbdkit b
 
-ok_fails "subcluster=true is refused with persistent=true" \
-   "subcluster=true: not with persistent=true" \
+# ten_writes NAME FILL LEN: ten writes of LEN bytes, at 12 KiB into each
+# of ten clusters; grew BEFORE AFTER FIELD: how much a stat grew.
+ten_writes ()
+{
+  local i
+  for i in $(seq 0 9); do
+    qio "$1" "" "write -P $(($2 + i)) $((i * 128 + 12))k $3" >/dev/null ||
+      return 1
+  done
+}
+grew () { echo $(( $(jget "$2" "d['$3']") - $(jget "$1" "d['$3']") )); }
+
+# persistent=true: the same, and the partly copied clusters survive a
+# restart (their PARTIAL records, docs/store-format.md): the snapshot
+# still pulls as the disk was, the copied blocks are not copied again,
+# and the rest of a cluster is copied block by block.
+ok "nbdkit starts (persistent, default subcluster)" start_nbdkit p -- \
+   disk="$disk" store="$tmp/store-p" control="$tmp/p.ctl" \
+   cluster-size=64K persistent=true
+cp "$disk" "$tmp/ref-p"
+ok "snapshot create (persistent)" ctl p snapshot create s
+is "$(jget "$(ctl p --json status)" 'd["subcluster"]')" True \
+   "persistent=true: query-status says subcluster=True"
+before=$(ctl p --json stats)
+ok "ten 4 KiB writes" ten_writes p $((0x40)) 4k
+after=$(ctl p --json stats)
+is "$(grew "$before" "$after" bytes-copied)" 40960 \
+   "persistent: ten 4 KiB writes copy 40 KiB, not 640 KiB"
+is "$(grew "$before" "$after" store-clusters-used)" 10 \
+   "persistent: one slot per partly copied cluster"
+g=$(grew "$before" "$after" store-file-bytes)
+ok "persistent: the store file grew by about 40 KiB ($g bytes), not 640 KiB" \
+   test "$g" -le $((10 * 4096 + 8192))
+stop_nbdkit p
+ok "nbdkit restarts on the persistent store" start_nbdkit p -- \
+   disk="$disk" store="$tmp/store-p" control="$tmp/p.ctl" \
+   cluster-size=64K persistent=true
+st=$(ctl p --json stats)
+is "$(jget "$st" 'd["partial-clusters"]') $(jget "$st" 'd["copies"]')" \
+   "10 0" "after the restart: ten clusters still partly copied, no copy"
+ok "pull the snapshot after the restart" pull p s "$tmp/out-p"
+is "$(sum "$tmp/out-p")" "$(sum "$tmp/ref-p")" \
+   "persistent: the snapshot equals the disk as it was, after a restart"
+before=$(ctl p --json stats)
+ok "ten 8 KiB writes over the copied blocks" ten_writes p $((0x50)) 8k
+after=$(ctl p --json stats)
+is "$(grew "$before" "$after" bytes-copied)" 40960 "after the restart: ten 8 KiB writes over a copied block copy only the ten blocks not copied yet"
+ok "a whole cluster written after the restart" qio p "" "write -P 0x71 0 64k"
+after=$(ctl p --json stats)
+is "$(jget "$after" 'd["copies"]') $(jget "$after" 'd["partial-clusters"]')" \
+   "1 9" "the restored cluster completes into one whole copy"
+stop_nbdkit p
+ok "nbdkit restarts again" start_nbdkit p -- disk="$disk" \
+   store="$tmp/store-p" control="$tmp/p.ctl" cluster-size=64K \
+   persistent=true
+ok "pull the snapshot after the second restart" pull p s "$tmp/out-p2"
+is "$(sum "$tmp/out-p2")" "$(sum "$tmp/ref-p")" \
+   "persistent: the snapshot still equals the disk as it was"
+stop_nbdkit p
+
+ok "subcluster=true is accepted with persistent=true" \
    nbdkit -f -U "$tmp/c.sock" "$FLEECE_PLUGIN" disk="$disk" \
    store="$tmp/store-c" persistent=true subcluster=true --run true

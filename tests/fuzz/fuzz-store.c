@@ -7,8 +7,11 @@
  * Random bytes would never get past the superblock and record checksums,
  * so the inputs are edits of real stores.  LLVMFuzzerInitialize makes a
  * persistent store through the engine (checkpoints, snapshots, copies with
- * data and of zero clusters, a trim, a disabled bitmap, a broken snapshot)
- * and keeps four images of its file, the bases:
+ * data and of zero clusters, a trim, a disabled bitmap, a broken snapshot,
+ * and with 8 KiB clusters of two 4 KiB blocks, clusters copied in part:
+ * PARTIAL records, with data and zero blocks, the image's partial table,
+ * partial copies completed and started after a reopen) and keeps four
+ * images of its file, the bases:
  *
  *   0  open, after live writes: unclean, records after the image
  *   1  the same store after fleece_close: clean
@@ -33,7 +36,8 @@
  *                            bytes
  *     2  record insert       half p & 1, position (end, or u8 if p & 16),
  *                            type u8 (% 8 picks STATE, BROKEN, COPY,
- *                            RELEASE, three others or a u16), length u8,
+ *                            RELEASE, PARTIAL, two others or a u16),
+ *                            length u8,
  *                            payload
  *     3  record replace      half p & 1, record u8, length u8, payload
  *     4  record cut          half p & 1, record u8; p & 2: remove it, or
@@ -106,13 +110,15 @@
 #include "fleece-wire.h"
 #include "le.h"
 
-#define CLUSTER     4096u
+#define CLUSTER     8192u                   /* two blocks: partial copies */
+#define BLOCK       4096u
 #define NCLUSTERS   259u                    /* 259 % 64 == 3: a tail word */
 #define DISK_SIZE   ((NCLUSTERS - 1) * CLUSTER + 1000)  /* a short last
                                                          * cluster */
 #define META_OFF    FLEECE_STORE_HEADER_SIZE
 #define HALF_SIZE   (FLEECE_STORE_META_SIZE / 2)
-#define DATA_OFF    (META_OFF + FLEECE_STORE_META_SIZE) /* for 4 KiB */
+#define DATA_OFF    ((META_OFF + FLEECE_STORE_META_SIZE + CLUSTER - 1) / \
+                     CLUSTER * CLUSTER)
 #define HDR         32
 #define SB_SUM_OFF  104
 #define NBASES      4
@@ -123,6 +129,7 @@
 #define REC_BROKEN  0x0013
 #define REC_COPY    0x0020
 #define REC_RELEASE 0x0021
+#define REC_PARTIAL 0x0023
 
 #define F_NO_SB_FIX   (1u << 2)
 #define F_NO_REC_FIX  (1u << 3)
@@ -299,6 +306,25 @@ write_cluster (struct fleece *fl, uint32_t c, int fill)
     die ("live write");
 }
 
+/* Write block b of cluster c alone (a partial copy); 0 < fill: that
+ * byte, else the content it has (a copy, and no change).
+ */
+static int
+write_block (struct fleece *fl, uint32_t c, uint32_t b, int fill)
+{
+  uint8_t buf[BLOCK];
+  uint64_t off = (uint64_t) c * CLUSTER + (uint64_t) b * BLOCK;
+  size_t n = off + BLOCK > DISK_SIZE ? DISK_SIZE - off : BLOCK;
+
+  if (fill > 0) {
+    memset (buf, fill, sizeof buf);
+    buf[0] = c;
+  }
+  else
+    memcpy (buf, disk_copy + off, n);
+  return fleece_live_pwrite (fl, buf, n, off, 0);
+}
+
 /* Write a cluster with the content it has: a copy, and no change. */
 static int
 rewrite_cluster (struct fleece *fl, uint32_t c)
@@ -446,6 +472,17 @@ make_bases (void)
   fleece_debug.fail_store_write = 1;
   write_cluster (fl, 20, 0x55);
   fleece_debug.fail_store_write = 0;
+  /* Clusters copied in part for sb: one block with data (50-53, the
+   * last, short, cluster), one all-zero block (210), one of a cluster
+   * with older copies (5).
+   */
+  for (c = 50; c < 54; c++)
+    if (write_block (fl, c, 0, 0x66) == -1)
+      die ("block write");
+  if (write_block (fl, 210, 1, 0x66) == -1 ||
+      write_block (fl, 5, 1, 0x66) == -1 ||
+      write_block (fl, NCLUSTERS - 1, 0, 0x66) == -1)
+    die ("block write");
   /* Records after the last image. */
   for (c = 30; c < 35; c++)
     write_cluster (fl, c, 0x55);
@@ -477,6 +514,15 @@ make_bases (void)
       die ("rewrite");
   if (rewrite_cluster (fl, 207) == -1)
     die ("rewrite");
+  /* Partial copies completed (50, 210), continued in a new cluster (60),
+   * and a partial copy of an older generation finished by a newer one
+   * (51, after the checkpoint).
+   */
+  if (write_block (fl, 50, 1, 0) == -1 || write_block (fl, 210, 0, 0) == -1 ||
+      write_block (fl, 60, 0, 0) == -1 ||
+      fleece_checkpoint_create (fl, "cp3") == -1 ||
+      write_block (fl, 51, 1, 0) == -1)
+    die ("block rewrite");
   trim (fl, "cp1", 200, 3);    /* zero copies: reads the same */
   keep_base (2);
   fleece_close (fl);
@@ -661,7 +707,8 @@ edit_record (struct model *m, struct in *in, int kind, unsigned p)
     return;
   case 2: {                     /* insert */
     static const uint16_t types[7] = {
-      REC_STATE, REC_BROKEN, REC_COPY, REC_RELEASE, 0x0010, 0x00ff, 0x0035,
+      REC_STATE, REC_BROKEN, REC_COPY, REC_RELEASE, REC_PARTIAL, 0x00ff,
+      0x0035,
     };
     size_t at = (p & 16) ? take (in, 1) % (hf->nrecs + 1) : hf->nrecs;
     uint32_t t = take (in, 1);
@@ -1093,6 +1140,8 @@ use_store (struct fleece *fl)
   (void) rewrite_cluster (fl, 25);
   (void) rewrite_cluster (fl, 220);
   (void) rewrite_cluster (fl, NCLUSTERS - 1);
+  (void) write_block (fl, 52, 1, 0);
+  (void) write_block (fl, 70, 0, 0);
   if (snaps.n > 0) {
     struct fleece_snap *s = fleece_snap_get (fl, snaps.name[snaps.n - 1]);
     if (s) {
