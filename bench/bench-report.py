@@ -12,6 +12,9 @@
 #                                          with fio's I/O log, the gap in
 #                                          completions around each creation
 #   bench-report.py rate LATLOG T0 T1      requests/s completed in [T0, T1]
+#   bench-report.py pull LATLOG T0 T1 SERIES LABEL
+#                                          the same, with p50/p99 latency,
+#                                          and the run over time to SERIES
 #   bench-report.py report RAW CSV         aggregate, print, write the CSV
 #
 # Only the standard library: python3 is already in scripts/install-deps.
@@ -192,6 +195,51 @@ def cmd_stall(latlog, windows_path, drains_path, iolog=None):
               unc))
 
 
+def cmd_pull(latlog, t0_us, t1_us, series, label):
+    """The writer during a pull: requests/s completed in [T0, T1] (wall
+    clock, us), and the p50 and p99 latency (us) of those requests, from
+    a fio per-request log (--log_avg_msec=0 --log_unix_epoch=1).  Appends
+    the whole run, in BUCKET_MS buckets, to SERIES: LABEL (comma
+    separated fields), the bucket's start in ms from T0, the pull's end
+    in ms from T0, requests/s, p50 and p99 latency (us) in the bucket.
+    Prints "IOPS P50 P99"."""
+    a, b = int(t0_us) / 1e3, int(t1_us) / 1e3
+    inside = []
+    buckets = {}
+    with open(latlog) as f:
+        for line in f:
+            fields = line.split(",", 2)
+            end_ms, lat_us = int(fields[0]), int(fields[1]) / 1e3
+            if a <= end_ms <= b:
+                inside.append(lat_us)
+            buckets.setdefault(int((end_ms - a) // BUCKET_MS), []).append(
+                lat_us)
+    with open(series, "a") as f:
+        for k in sorted(buckets):
+            v = buckets[k]
+            f.write("%s,%d,%.0f,%.0f,%.1f,%.1f\n" % (
+                label, k * BUCKET_MS, b - a, len(v) * 1000.0 / BUCKET_MS,
+                pct(v, 50), pct(v, 99)))
+    print("%.0f %.1f %.1f" % (len(inside) / ((b - a) / 1e3),
+                              pct(inside, 50), pct(inside, 99)))
+
+
+BUCKET_MS = 20
+
+
+def cmd_prefault(nbytes):
+    """Touch NBYTES of new anonymous memory, then free it: the pages the
+    next allocations get are then ones the host has just provided
+    (bench/PERF-NOTES.md, "Memory equalised before each run")."""
+    import mmap
+    n = int(nbytes)
+    chunk = b"\1" * (1 << 20)
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for off in range(0, n - len(chunk) + 1, len(chunk)):
+        m[off:off + len(chunk)] = chunk
+    m.close()
+
+
 def cmd_rate(latlog, t0_us, t1_us):
     """Requests per second completed in [t0, t1] (wall clock, us) in a fio
     per-request log written with --log_unix_epoch=1."""
@@ -208,7 +256,7 @@ def cmd_rate(latlog, t0_us, t1_us):
 # ---- report ----
 
 # Rows of a (scenario, metric) appear in this order of servers.
-SERVERS = ["null", "file", "qemu-nbd", "qsd", "qsd-fleece", "fleece",
+SERVERS = ["null", "nobackup", "file", "qemu-nbd", "qsd", "qsd-fleece", "fleece",
            "fleece-whole"]
 
 
@@ -303,7 +351,53 @@ def ratio(a, b):
     return a / b
 
 
-def targets(data):
+# The snapshot pull under writes: (scenario, file system).
+PULL_SCENARIOS = [("snap-pull-busy", "ext4"),
+                  ("snap-pull-busy-tmpfs", "tmpfs")]
+
+# Targets of issue 19 on it, each a ratio per run (same run index, the
+# servers interleaved): (name, metric, numerator server or None for
+# Fleece, denominator server, threshold, test).
+PULL_TARGETS = [
+    ("IOPS / floor's >= 0.6", "randwrite-4k", None, "file", 0.6,
+     lambda r: r >= 0.6),
+    ("IOPS / QEMU fleecing's >= 3", "randwrite-4k", None, "qsd-fleece", 3,
+     lambda r: r >= 3),
+    ("p99 / floor's <= 2", "lat-p99", None, "file", 2,
+     lambda r: r <= 2),
+]
+PULL_INFO = ("IOPS / writer alone's", "randwrite-4k", None, "nobackup",
+             None, None)
+
+
+def load_runs(path):
+    """RAW as {(scenario, metric, server): {run: value}}."""
+    out = {}
+    with open(path) as f:
+        for row in csv.reader(f):
+            if not row or row[0] == "scenario":
+                continue
+            scen, server, metric, _unit, run, value = row
+            if value in ("", "nan"):
+                continue
+            out.setdefault((scen, metric, server), {})[run] = float(value)
+    return out
+
+
+def run_ratios(runs, scen, server, t):
+    """Per-run ratios of SERVER (the numerator) against target T."""
+    num = runs.get((scen, t[1], t[2] or server), {})
+    den = runs.get((scen, t[1], t[3]), {})
+    return [(r, num[r] / den[r]) for r in sorted(num, key=int)
+            if r in den and den[r]]
+
+
+def median_ratio(runs, scen, server, t):
+    v = [x for _, x in run_ratios(runs, scen, server, t)]
+    return statistics.median(v) if v else None
+
+
+def targets(data, runs):
     """(description, measured text, met?) per target of docs/design.md."""
     out = []
     live = [("seqwrite-1m", "MiB/s"), ("seqwrite-64k", "MiB/s"),
@@ -322,21 +416,16 @@ def targets(data):
               med(data, "snap-read-idle", "nbdcopy", "file"))
     out.append(("snapshot export full read vs nbdkit file read >= 0.9",
                 r, None if r is None else r >= 0.9))
-    f = med(data, "snap-pull-busy", "randwrite-4k", "fleece")
-    q = med(data, "snap-pull-busy", "randwrite-4k", "qsd-fleece")
-    r = ratio(f, q)
-    out.append(("live 4K random writes during a snapshot pull vs QEMU "
-                "fleecing >= 3", r, None if r is None else r >= 3))
-    r = ratio(f, med(data, "live-nosnap", "randwrite-4k", "fleece"))
-    out.append(("  same, vs Fleece's own no-snapshot rate >= 0.5",
-                r, None if r is None else r >= 0.5))
-    r3 = ratio(med(data, "snap-pull-busy", "randwrite-4k", "file"),
-               med(data, "live-nosnap", "randwrite-4k", "file"))
-    out.append(("  (nbdkit file, the same pull of the disk with no snapshot, "
-                "vs its own rate: the pull's own cost, info)", r3, None))
-    r2 = ratio(q, med(data, "live-nosnap", "randwrite-4k", "qsd"))
-    out.append(("  (QEMU fleecing, vs its own no-snapshot rate: info)",
-                r2, None))
+    for scen, fs in PULL_SCENARIOS:
+        for server in ("fleece", "fleece-whole"):
+            for t in PULL_TARGETS:
+                r = median_ratio(runs, scen, server, t)
+                out.append(("writes during a pull (%s), %s: %s" % (
+                    fs, server, t[0]), r,
+                    None if r is None else t[5](r)))
+        r = median_ratio(runs, scen, "file", PULL_INFO)
+        out.append(("  (%s, the floor's IOPS vs the writer alone: the "
+                    "pull's own cost, info)" % fs, r, None))
     p99 = med(data, "snap-create-stall", "lat-around-p99", "fleece")
     out.append(("writer stall at snapshot creation, per-request p99 < 1 ms "
                 "(us)", p99, None if p99 is None else p99 < 1000))
@@ -380,14 +469,59 @@ def targets(data):
     return out
 
 
+def spread(values):
+    if not values:
+        return "n/a"
+    return "%s [%s-%s]" % (fmt(statistics.median(values)), fmt(min(values)),
+                           fmt(max(values)))
+
+
+def print_pull(runs, ratios_path):
+    """The writer during a pull, per server: medians and [min-max] of the
+    runs; each target's ratio run by run (also to RATIOS_PATH, for the
+    strip plot)."""
+    rows = []
+    for scen, fs in PULL_SCENARIOS:
+        if not any(k[0] == scen for k in runs):
+            continue
+        print("Writes during a full pull (%s): median [min-max] of the runs"
+              % fs)
+        print("  %-13s %-26s %-26s %-26s %s" % (
+            "server", "IOPS", "p50 us", "p99 us", "pull MiB/s"))
+        for server in ("nobackup", "file", "qsd-fleece", "fleece-whole",
+                       "fleece"):
+            v = [list(runs.get((scen, m, server), {}).values()) for m in
+                 ("randwrite-4k", "lat-p50", "lat-p99", "nbdcopy")]
+            print("  %-13s %-26s %-26s %-26s %s" % (
+                server, spread(v[0]), spread(v[1]), spread(v[2]),
+                spread(v[3])))
+        print("  per-run ratios:")
+        for server in ("fleece", "fleece-whole"):
+            for t in PULL_TARGETS:
+                rr = run_ratios(runs, scen, server, t)
+                print("    %-13s %-30s %s  (runs: %s)" % (
+                    server, t[0], spread([x for _, x in rr]),
+                    " ".join(fmt(x) for _, x in rr)))
+                rows += [(fs, server, t[0], t[4], r, x) for r, x in rr]
+        print()
+    with open(ratios_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fs", "server", "target", "threshold", "run", "ratio"])
+        for r in rows:
+            w.writerow(r[:5] + ("%.4g" % r[5],))
+
+
 def cmd_report(raw, csv_path):
     data, order = load_raw(raw)
+    runs = load_runs(raw)
     rows = build_rows(data, order)
     print_table(rows)
     write_csv(rows, csv_path)
     print()
+    print_pull(runs, csv_path[:-len(".csv")] + "-ratios.csv"
+               if csv_path.endswith(".csv") else csv_path + "-ratios")
     print("Targets (docs/design.md, medians of one run):")
-    for desc, value, ok in targets(data):
+    for desc, value, ok in targets(data, runs):
         verdict = {True: "MET", False: "MISSED", None: ""}[ok]
         if value is None:
             verdict = "NOT MEASURED"
@@ -396,7 +530,7 @@ def cmd_report(raw, csv_path):
     # measured value (a ratio, or microseconds for the stall) as median.
     with open(csv_path, "a", newline="") as f:
         w = csv.writer(f)
-        for desc, value, ok in targets(data):
+        for desc, value, ok in targets(data, runs):
             verdict = "not measured" if value is None else \
                 {True: "met", False: "missed", None: "info"}[ok]
             w.writerow(["target", "fleece", desc.strip(),
@@ -408,6 +542,10 @@ def cmd_report(raw, csv_path):
 def main(argv):
     if len(argv) >= 3 and argv[1] == "fio":
         cmd_fio(argv[2], argv[3:])
+    elif len(argv) == 7 and argv[1] == "pull":
+        cmd_pull(*argv[2:])
+    elif len(argv) == 3 and argv[1] == "prefault":
+        cmd_prefault(argv[2])
     elif len(argv) == 5 and argv[1] == "rate":
         cmd_rate(argv[2], argv[3], argv[4])
     elif len(argv) in (5, 6) and argv[1] == "stall":
