@@ -16,6 +16,11 @@
 #                                          the same, with p50/p99 latency,
 #                                          and the run over time to SERIES
 #   bench-report.py report RAW CSV         aggregate, print, write the CSV
+#   bench-report.py scale RAW CSV          the same for scale-bench.sh, with
+#                                          a linear fit of each figure
+#   bench-report.py prefault BYTES         touch BYTES of memory, free it
+#   bench-report.py plots DIR [svg|png]    render the plots in DIR
+#   bench-report.py section DIR            write DIR/results-section.md
 #
 # Only the standard library: python3 is already in scripts/install-deps.
 # Every figure printed comes from RAW; a target whose inputs are missing is
@@ -539,11 +544,444 @@ def cmd_report(raw, csv_path):
                         verdict])
 
 
+# ---- scale-bench.sh ----
+
+def fit(points):
+    """Least squares y = a + b x over (x, y): (a, b, r2)."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    a = my - b * mx
+    syy = sum((y - my) ** 2 for _, y in points)
+    r2 = 1.0 if syy == 0 else 1 - sum((y - a - b * x) ** 2
+                                      for x, y in points) / syy
+    return a, b, r2
+
+
+def param_num(param, key):
+    """The number after KEY= in PARAM ("disk=4.0T;cluster=4K"), in units
+    (iec suffixes allowed), or None."""
+    for part in param.split(";"):
+        k, _, v = part.partition("=")
+        if k == key:
+            mult = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+            if v and v[-1] in mult:
+                return float(v[:-1]) * mult[v[-1]]
+            return float(v)
+    return None
+
+
+# How each figure grows: (figure, x key, what the slope is per, scale,
+# unit of the slope).
+SCALE_FITS = [
+    ("start-s", "disk", "TiB of disk", 2 ** 40, "s"),
+    ("rss-nosnap-anon", "disk", "TiB of disk", 2 ** 40, "B"),
+    ("rss-copies-anon", "copies", "copied cluster", 1, "B"),
+    ("store-bytes", "copies", "copied cluster", 1, "B"),
+    ("create-s", "copies", "million copies", 1e6, "s"),
+    ("restart-s", "copies", "million copies", 1e6, "s"),
+    ("restart-rss-anon", "copies", "copied cluster", 1, "B"),
+    ("incr-s", "changed", "million changed clusters", 1e6, "s"),
+    ("incr-bytes", "changed", "changed cluster", 1, "B"),
+]
+
+
+def cmd_scale(raw, csv_path):
+    groups, order = {}, []
+    with open(raw) as f:
+        for row in csv.DictReader(f):
+            key = (row["figure"], row["param"], row["unit"])
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(float(row["value"]))
+    print("%-18s %-34s %s" % ("figure", "param", "median [min-max] (runs)"))
+    for key in order:
+        v = groups[key]
+        print("%-18s %-34s %s %s (%d)" % (key[0], key[1], spread(v), key[2],
+                                          len(v)))
+    print()
+    print("How each grows (least squares over the medians; r2 near 1 = "
+          "linear):")
+    fits = []
+    for fig, xkey, per, scale, unit in SCALE_FITS:
+        by = {}
+        for (f, param, _), v in groups.items():
+            if f != fig:
+                continue
+            x = param_num(param, xkey)
+            if x is None or "snapshots=0" in param:
+                continue
+            sub = ";".join(p for p in param.split(";")
+                           if not p.startswith(xkey + "="))
+            by.setdefault(sub, []).append((x, statistics.median(v)))
+        for sub, pts in sorted(by.items()):
+            r = fit(sorted(pts))
+            if not r:
+                continue
+            a, b, r2 = r
+            desc = fig + (" (" + sub + ")" if sub else "")
+            print("  %-40s %s %s + %s %s per %s  (r2 %.3f, %d points)" % (
+                desc, fmt(a), unit, fmt(b * scale), unit, per, r2,
+                len(pts)))
+            fits.append((desc, a, b * scale, unit, per, r2, len(pts)))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["figure", "param", "unit", "runs", "median", "min",
+                    "max", "values"])
+        for key in order:
+            v = groups[key]
+            w.writerow([key[0], key[1], key[2], len(v),
+                        "%.6g" % statistics.median(v), "%.6g" % min(v),
+                        "%.6g" % max(v), " ".join("%.6g" % x for x in v)])
+        for desc, a, b, unit, per, r2, n in fits:
+            w.writerow(["fit", desc, unit, n, "%.6g" % a, "%.6g" % b,
+                        "%.4f" % r2, "per " + per])
+
+
+# ---- plots (gnuplot) and the results section ----
+
+PULL_SERVERS = ["nobackup", "file", "qsd-fleece", "fleece-whole", "fleece"]
+PULL_TITLES = {"nobackup": "writer alone (no backup)",
+               "file": "floor (nbdkit file, pull of the disk)",
+               "qsd-fleece": "QEMU fleecing",
+               "fleece-whole": "Fleece, whole 64 KiB copies",
+               "fleece": "Fleece, sub-cluster copies"}
+
+
+def read_csv(path):
+    try:
+        with open(path) as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def median_run(runs, scen, server):
+    """The run whose writer IOPS during the pull is the median one (the
+    lower middle for an even count), or None."""
+    v = runs.get((scen, "randwrite-4k", server), {})
+    if not v:
+        return None
+    order = sorted(v, key=lambda r: (v[r], int(r)))
+    return order[(len(order) - 1) // 2]
+
+
+def gnuplot(script, out):
+    import subprocess
+    p = subprocess.run(["gnuplot"], input=script, text=True,
+                       capture_output=True)
+    if p.returncode != 0:
+        sys.stderr.write("bench-report.py: gnuplot for %s failed:\n%s" % (
+            out, p.stderr))
+        sys.exit(1)
+    sys.stderr.write("bench-report.py: wrote %s\n" % out)
+
+
+# "svg" (the default: text, for RESULTS.md) or "png" (pngcairo).
+FORMAT = ["svg"]
+
+
+def term(height):
+    if FORMAT[0] == "png":
+        return "set terminal pngcairo size 900,%d font 'sans,9'\n" % height
+    return "set terminal svg size 900,%d dynamic font 'sans,11'\n" % height
+
+
+def image(d, name):
+    import os
+    return os.path.join(d, "%s.%s" % (name, FORMAT[0]))
+
+
+def plot_pull_latency(d, runs, series, scen, fs):
+    import os
+    plots_p99, plots_iops = [], []
+    for server in PULL_SERVERS:
+        r = median_run(runs, scen, server)
+        rows = [x for x in series if x["scenario"] == scen and
+                x["server"] == server and x["run"] == r]
+        if not rows:
+            continue
+        dat = os.path.join(d, "plot-data", "lat-%s-%s.dat" % (fs, server))
+        with open(dat, "w") as f:
+            for x in rows:
+                f.write("%.3f %s %s %s\n" % (int(x["t_ms"]) / 1e3,
+                                             x["p99_us"], x["p50_us"],
+                                             x["iops"]))
+        pull = int(rows[0]["pull_ms"]) / 1e3
+        t = "%s, run %s, %s %.2f s" % (
+            PULL_TITLES[server], r,
+            "window" if server == "nobackup" else "pull", pull)
+        plots_p99.append("'%s' using 1:2 with lines lw 1.5 title '%s'" % (
+            dat, t))
+        plots_iops.append("'%s' using 1:($4/1000) with lines lw 1.5 "
+                          "notitle" % dat)
+    if not plots_p99:
+        return None
+    # The axis covers the longest pull (the writer alone's window is
+    # longer and would squeeze the pulls to the left).
+    xmax = max([int(x["pull_ms"]) / 1e3 for x in series
+                if x["scenario"] == scen and x["server"] != "nobackup"],
+               default=2.0) + 0.3
+    out = image(d, "pull-latency-" + fs)
+    gnuplot(term(700) + """set output '%s'
+set multiplot layout 2,1 title 'Writes (fio 4 KiB random, iodepth 32) during a full pull, %s; median run of each server'
+set grid
+set logscale y
+set ylabel 'p99 latency per 20 ms (us)'
+set key top right font ',9'
+set xrange [-0.4:%.2f]
+plot %s
+unset logscale y
+set ylabel 'writes completed (k IOPS)'
+set xlabel 'seconds since the pull started (0 = nbdcopy starts)'
+plot %s
+unset multiplot
+""" % (out, fs, xmax, ", ".join(plots_p99), ", ".join(plots_iops)), out)
+    return os.path.basename(out)
+
+
+def plot_ratios(d, ratios):
+    import os
+    cats = []
+    for x in ratios:
+        c = (x["fs"], x["server"], x["target"], float(x["threshold"]))
+        if c not in cats:
+            cats.append(c)
+    if not cats:
+        return None
+    pts = os.path.join(d, "plot-data", "ratios.dat")
+    thr = os.path.join(d, "plot-data", "ratios-thresholds.dat")
+    with open(pts, "w") as f:
+        for x in ratios:
+            i = cats.index((x["fs"], x["server"], x["target"],
+                            float(x["threshold"])))
+            # A small spread across x per run, so equal values stay apart.
+            f.write("%.3f %s\n" % (i + 0.08 * (int(x["run"]) % 5 - 2),
+                                   x["ratio"]))
+    with open(thr, "w") as f:
+        for i, c in enumerate(cats):
+            f.write("%.2f %g 0.8 0\n" % (i - 0.4, c[3]))
+    tics = ", ".join("'%s %s: %s' %d" % (c[0], "sub" if c[1] == "fleece"
+                                         else "whole", c[2].replace("'", ""),
+                                         i)
+                     for i, c in enumerate(cats))
+    out = image(d, "pull-ratios")
+    gnuplot(term(600) + """set output '%s'
+set title 'Fleece against each target, one point per run (line: the target; IOPS above it, p99 below it is met)'
+set grid ytics
+set logscale y
+set ylabel 'ratio'
+set xrange [-0.6:%.1f]
+set xtics (%s) rotate by 35 right font ',9'
+set bmargin 12
+set lmargin 16
+plot '%s' using 1:2 with points pt 7 ps 0.8 lc rgb 'blue' title 'a run', \
+     '%s' using 1:2:3:4 with vectors nohead lw 2 lc rgb 'red' title 'target'
+""" % (out, len(cats) - 0.4 + 0.2, tics, pts, thr), out)
+    return os.path.basename(out)
+
+
+def plot_store(d, store):
+    import os
+    lines = []
+    keys = []
+    for x in store:
+        k = (x["mode"], x["run"])
+        if k not in keys:
+            keys.append(k)
+    for mode, run in keys:
+        dat = os.path.join(d, "plot-data", "store-%s-%s.dat" % (mode, run))
+        with open(dat, "w") as f:
+            for x in store:
+                if (x["mode"], x["run"]) == (mode, run):
+                    f.write("%.3f %.3f\n" % (int(x["t_ms"]) / 1e3,
+                                             int(x["store_bytes"]) / 2 ** 20))
+        lines.append("'%s' using 1:2 with lines lw 1.5 lc %d title '%s, "
+                     "run %s'" % (dat, 1 if mode == "keep" else 2,
+                                  "without --discard-source" if mode == "keep"
+                                  else "with --discard-source", run))
+    if not lines:
+        return None
+    out = image(d, "store-discard")
+    gnuplot(term(450) + """set output '%s'
+set title 'Store in use while fleece-backup pulls the snapshot under 4 KiB random writes (8000 IOPS)'
+set grid
+set xlabel 'seconds since the pull started'
+set ylabel 'store bytes in use (MiB)'
+set key top left
+plot %s
+""" % (out, ", ".join(lines)), out)
+    return os.path.basename(out)
+
+
+def plot_scale(d, scale):
+    import os
+    pts = {"rss-copies-anon": [], "restart-s": [], "create-s": []}
+    for x in scale:
+        if x["figure"] in pts and "snapshots=0;" not in x["param"]:
+            n = param_num(x["param"], "copies")
+            if n is not None:
+                pts[x["figure"]].append((n, float(x["median"]),
+                                         float(x["min"]), float(x["max"])))
+    if not pts["rss-copies-anon"]:
+        return None
+    files = {}
+    for k, v in pts.items():
+        files[k] = os.path.join(d, "plot-data", "scale-%s.dat" % k)
+        with open(files[k], "w") as f:
+            for n, m, lo, hi in sorted(v):
+                f.write("%g %g %g %g\n" % (n, m, lo, hi))
+    out = image(d, "scale-copies")
+    gnuplot(term(450) + """set output '%s'
+set multiplot layout 1,2 title 'Cost against copied clusters (4 KiB clusters, 4 TiB sparse disk)'
+set grid
+set xlabel 'copied clusters'
+set ylabel 'nbdkit anonymous RSS, 10 snapshots (MiB)'
+plot '%s' using 1:($2/1048576) with linespoints pt 7 notitle
+set ylabel 'seconds'
+set key top left
+plot '%s' using 1:2:3:4 with yerrorlines pt 7 title 'restart (persistent store)', \
+     '%s' using 1:2 with linespoints pt 5 title 'snapshot creation'
+unset multiplot
+""" % (out, files["rss-copies-anon"], files["restart-s"],
+       files["create-s"]), out)
+    return os.path.basename(out)
+
+
+def cmd_plots(d):
+    import os
+    os.makedirs(os.path.join(d, "plot-data"), exist_ok=True)
+    raw = os.path.join(d, "results-raw.csv")
+    runs = load_runs(raw) if os.path.exists(raw) else {}
+    series = read_csv(os.path.join(d, "pull-series.csv"))
+    made = []
+    for scen, fs in PULL_SCENARIOS:
+        made.append(plot_pull_latency(d, runs, series, scen, fs))
+    made.append(plot_ratios(d, read_csv(os.path.join(d,
+                                                     "results-ratios.csv"))))
+    made.append(plot_store(d, read_csv(os.path.join(d, "store-series.csv"))))
+    made.append(plot_scale(d, read_csv(os.path.join(d,
+                                                    "scale-results.csv"))))
+    return [m for m in made if m]
+
+
+def cmd_section(d):
+    """DIR/results-section.md: the issue-19 figures of this run as
+    Markdown, with the plots, for RESULTS.md."""
+    import os
+    raw = os.path.join(d, "results-raw.csv")
+    runs = load_runs(raw) if os.path.exists(raw) else {}
+    out = []
+    w = out.append
+    w("<!-- written by bench-report.py section: paste into RESULTS.md -->")
+    w("## Writes during a full pull (issue 19)")
+    w("")
+    w("fio 4 KiB random writes, iodepth 32, per-request latency; nbdcopy "
+      "pulls the whole snapshot 0.3 s after fio has started writing. "
+      "Figures are of the writes completed during the pull: median "
+      "[min–max] of the runs, servers interleaved, memory equalised "
+      "before each server (PERF-NOTES.md).")
+    for scen, fs in PULL_SCENARIOS:
+        if not any(k[0] == scen for k in runs):
+            continue
+        w("")
+        w("### %s" % fs)
+        w("")
+        w("| server | IOPS | p50 µs | p99 µs | pull MiB/s |")
+        w("|---|---|---|---|---|")
+        for server in PULL_SERVERS:
+            v = [list(runs.get((scen, m, server), {}).values()) for m in
+                 ("randwrite-4k", "lat-p50", "lat-p99", "nbdcopy")]
+            w("| %s | %s |" % (PULL_TITLES[server], " | ".join(
+                spread(x) for x in v)))
+        w("")
+        w("| target (ratio per run) | server | median [min–max] | runs | "
+          "verdict |")
+        w("|---|---|---|---|---|")
+        for server in ("fleece", "fleece-whole"):
+            for t in PULL_TARGETS:
+                rr = [x for _, x in run_ratios(runs, scen, server, t)]
+                verdict = "not measured" if not rr else (
+                    "met" if t[5](statistics.median(rr)) else "missed")
+                w("| %s | %s | %s | %s | %s |" % (
+                    t[0], server, spread(rr),
+                    " ".join(fmt(x) for x in rr), verdict))
+        if os.path.exists(os.path.join(d, "pull-latency-%s.svg" % fs)):
+            w("")
+            w("![write latency during the pull, %s](pull-latency-%s.svg)"
+              % (fs, fs))
+    if os.path.exists(os.path.join(d, "pull-ratios.svg")):
+        w("")
+        w("![per-run ratio against each target](pull-ratios.svg)")
+    disc = {k: v for k, v in runs.items() if k[0] == "store-discard"}
+    if disc:
+        w("")
+        w("## The store during a pull, with and without --discard-source")
+        w("")
+        w("| | store peak MiB | store at the end MiB | pull s |")
+        w("|---|---|---|---|")
+        for server in ("fleece-keep", "fleece-discard"):
+            w("| %s | %s |" % (
+                "with --discard-source" if server == "fleece-discard"
+                else "without", " | ".join(
+                    spread(list(disc.get(("store-discard", m, server),
+                                         {}).values()))
+                    for m in ("store-peak", "store-end", "pull"))))
+        w("")
+        w("![store size during a pull](store-discard.svg)")
+    scale = read_csv(os.path.join(d, "scale-results.csv"))
+    if scale:
+        w("")
+        w("## How the costs grow (4 TiB sparse disk, scale-bench.sh)")
+        w("")
+        w("| figure | param | median [min–max] | unit | runs |")
+        w("|---|---|---|---|---|")
+        for x in scale:
+            if x["figure"] != "fit":
+                w("| %s | %s | %s [%s–%s] | %s | %s |" % (
+                    x["figure"], x["param"], fmt(float(x["median"])),
+                    fmt(float(x["min"])), fmt(float(x["max"])), x["unit"],
+                    x["runs"]))
+        w("")
+        w("| figure | fit: a + b per unit | r² | points |")
+        w("|---|---|---|---|")
+        for x in scale:
+            if x["figure"] == "fit":
+                w("| %s | %s %s + %s %s %s | %s | %s |" % (
+                    x["param"], fmt(float(x["median"])), x["unit"],
+                    fmt(float(x["min"])), x["unit"], x["values"],
+                    x["max"], x["runs"]))
+        if os.path.exists(os.path.join(d, "scale-copies.svg")):
+            w("")
+            w("![cost against copied clusters](scale-copies.svg)")
+    path = os.path.join(d, "results-section.md")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    sys.stderr.write("bench-report.py: wrote %s\n" % path)
+
+
 def main(argv):
     if len(argv) >= 3 and argv[1] == "fio":
         cmd_fio(argv[2], argv[3:])
     elif len(argv) == 7 and argv[1] == "pull":
         cmd_pull(*argv[2:])
+    elif len(argv) == 4 and argv[1] == "scale":
+        cmd_scale(argv[2], argv[3])
+    elif len(argv) in (3, 4) and argv[1] == "plots":
+        FORMAT[0] = argv[3] if len(argv) == 4 else "svg"
+        if FORMAT[0] not in ("svg", "png"):
+            sys.stderr.write("bench-report.py: plots: svg or png\n")
+            return 1
+        cmd_plots(argv[2])
+    elif len(argv) == 3 and argv[1] == "section":
+        cmd_section(argv[2])
     elif len(argv) == 3 and argv[1] == "prefault":
         cmd_prefault(argv[2])
     elif len(argv) == 5 and argv[1] == "rate":
