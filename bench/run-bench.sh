@@ -6,7 +6,7 @@
 #       --plugin=.../nbdkit-fleece-plugin.so --fleecectl=.../fleecectl
 #       --fleece-backup=.../fleece-backup [--csv=results.csv]
 #       [--only=SCENARIO,...] [--keep] [--outdir=DIR]
-#       [--equalise=warm|cold|none] [--tmpfs=/dev/shm]
+#       [--equalise=warm|drop|cold|none] [--tmpfs=/dev/shm]
 #
 # "make bench" runs it with the built plugin and tools.  Everything lives
 # in one temporary directory: a disk of --size bytes of random (non-zero)
@@ -68,13 +68,14 @@
 #
 # --equalise: what is done before each run of snap-pull-busy, -tmpfs and
 # store-discard so that every server starts from the same memory state
-# (bench/PERF-NOTES.md, "Memory equalised before each run"): "warm" (the
-# default) syncs, drops the page cache, reads the disk back into it, and
-# touches then frees twice the disk's size of memory just before the
-# server starts; "cold" does the same but instead of touching memory
-# waits 6 s, so that the freed memory has been handed back to the host;
-# "none" does nothing.  Dropping the page cache needs root; without it
-# that step is skipped (and said so).
+# (bench/PERF-NOTES.md, "Memory equalised before each run").  Every mode
+# but "none" first removes the previous run's store and QEMU target and
+# syncs.  "warm" (the default) then touches and frees twice the disk's
+# size of memory just before the server starts, so that the new store's
+# pages are ones the host has just provided; "drop" also drops the page
+# cache first (needs root, else skipped with a warning) and reads the
+# disk back into it; "cold" waits 6 s instead, so that the freed memory
+# has been handed back to the host; "none" does nothing.
 #
 # The table goes to stdout and the CSV to --csv; progress to stderr.  The
 # time series (pull-series.csv, store-series.csv) go to --outdir (default:
@@ -153,8 +154,8 @@ csv=$(realpath -m "$csv")
 outdir=$(realpath -m "${outdir:-$(dirname "$csv")}")
 mkdir -p "$outdir"
 case $equalise in
-  warm|cold|none) ;;
-  *) die "--equalise=$equalise: not warm, cold or none" ;;
+  warm|drop|cold|none) ;;
+  *) die "--equalise=$equalise: not warm, drop, cold or none" ;;
 esac
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fleece-bench.XXXXXX")
@@ -468,17 +469,19 @@ equalise ()
   [ "$mode" != none ] || return 0
   rm -f "$sdir/fleece.store" "$sdir/qsd-fleece-target.img"
   sync
-  if [ -w /proc/sys/vm/drop_caches ]; then
-    echo 3 >/proc/sys/vm/drop_caches
-  elif [ "$drop_warned" = no ]; then
-    log "WARNING: /proc/sys/vm/drop_caches not writable (not root):" \
-        "the page cache is not dropped between runs"
-    drop_warned=yes
+  if [ "$mode" = drop ]; then
+    if [ -w /proc/sys/vm/drop_caches ]; then
+      echo 3 >/proc/sys/vm/drop_caches
+    elif [ "$drop_warned" = no ]; then
+      log "WARNING: /proc/sys/vm/drop_caches not writable (not root):" \
+          "the page cache is not dropped between runs"
+      drop_warned=yes
+    fi
+    # Every server finds the disk in the page cache, as the first did.
+    cat "$disk" >/dev/null
   fi
-  # Every server finds the disk in the page cache, as the first one did.
-  cat "$disk" >/dev/null
   case $mode in
-    warm)
+    warm|drop)
       # Twice the disk (what the largest store and QEMU's target can
       # take), at most half of the memory available.
       avail=$(awk '/^MemAvailable:/ { printf "%d\n", $2 * 1024 }' /proc/meminfo)
@@ -595,7 +598,7 @@ scen_snap_pull_busy_tmpfs ()
 scen_aa_equalise ()
 {
   local run mode
-  local -a modes=(none warm cold)
+  local -a modes=(none warm drop cold)
   for (( run = 1; run <= runs; run++ )); do
     for mode in "${modes[@]}"; do
       equalise "$mode"
