@@ -6,7 +6,7 @@
 #       --plugin=.../nbdkit-fleece-plugin.so --fleecectl=.../fleecectl
 #       --fleece-backup=.../fleece-backup [--csv=results.csv]
 #       [--only=SCENARIO,...] [--keep] [--outdir=DIR]
-#       [--equalise=warm|drop|cold|none] [--tmpfs=/dev/shm]
+#       [--equalise=cold|warm|drop|none] [--tmpfs=/dev/shm]
 #
 # "make bench" runs it with the built plugin and tools.  Everything lives
 # in one temporary directory: a disk of --size bytes of random (non-zero)
@@ -70,12 +70,14 @@
 # store-discard so that every server starts from the same memory state
 # (bench/PERF-NOTES.md, "Memory equalised before each run").  Every mode
 # but "none" first removes the previous run's store and QEMU target and
-# syncs.  "warm" (the default) then touches and frees twice the disk's
-# size of memory just before the server starts, so that the new store's
-# pages are ones the host has just provided; "drop" also drops the page
-# cache first (needs root, else skipped with a warning) and reads the
-# disk back into it; "cold" waits 6 s instead, so that the freed memory
-# has been handed back to the host; "none" does nothing.
+# syncs.  "cold" (the default) then waits 6 s, so that the memory they
+# held has been handed back to the host and every server starts from the
+# same state; "warm" instead touches and frees twice the disk's size of
+# memory just before the server starts, so that the new store's pages are
+# ones the host has just provided; "drop" also drops the page cache
+# before that (needs root, else skipped with a warning) and reads the disk
+# back into it; "none" does nothing.  The A/A runs that chose "cold" are
+# in PERF-NOTES.md.
 #
 # The table goes to stdout and the CSV to --csv; progress to stderr.  The
 # time series (pull-series.csv, store-series.csv) go to --outdir (default:
@@ -97,7 +99,7 @@ csv=results.csv
 only=
 keep=no
 outdir=
-equalise=warm
+equalise=cold
 tmpfs=/dev/shm
 
 usage ()
