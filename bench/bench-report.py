@@ -220,8 +220,10 @@ def cmd_pull(latlog, t0_us, t1_us, series, label):
             buckets.setdefault(int((end_ms - a) // BUCKET_MS), []).append(
                 lat_us)
     with open(series, "a") as f:
-        for k in sorted(buckets):
-            v = buckets[k]
+        # A bucket with no completion is a stall: 0 requests/s, latency
+        # nan (a gap in the plot's line).
+        for k in range(min(buckets, default=0), max(buckets, default=-1) + 1):
+            v = buckets.get(k, [])
             f.write("%s,%d,%.0f,%.0f,%.1f,%.1f\n" % (
                 label, k * BUCKET_MS, b - a, len(v) * 1000.0 / BUCKET_MS,
                 pct(v, 50), pct(v, 99)))
