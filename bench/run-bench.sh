@@ -88,6 +88,7 @@ set -euo pipefail
 prog=${0##*/}
 here=$(cd "$(dirname "$0")" && pwd)
 report="$here/bench-report.py"
+. "$here/bench-functions.sh"
 
 size=1G
 runs=3
@@ -106,17 +107,6 @@ usage ()
 {
   sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
   exit "${1:-0}"
-}
-
-die ()
-{
-  echo "$prog: error: $*" >&2
-  exit 1
-}
-
-log ()
-{
-  printf '[%4ds] %s\n' "$SECONDS" "$*" >&2
 }
 
 for arg in "$@"; do
@@ -210,18 +200,6 @@ mibps ()
 }
 
 # ---- servers ----
-
-stop_pid ()
-{
-  local pid=$1 i
-  kill "$pid" 2>/dev/null || return 0
-  for (( i = 0; i < 100; i++ )); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  echo "$prog: PID $pid did not exit on SIGTERM, sending SIGKILL" >&2
-  kill -KILL "$pid" 2>/dev/null || :
-}
 
 # Wait for the server's pidfile and socket.
 wait_ready ()

@@ -45,6 +45,7 @@ set -euo pipefail
 prog=${0##*/}
 here=$(cd "$(dirname "$0")" && pwd)
 report="$here/bench-report.py"
+. "$here/bench-functions.sh"
 plugin=
 fleecectl=
 backup=
@@ -52,17 +53,6 @@ disk_size=4T
 copies=10000,100000,1000000
 runs=3
 csv=scale-results.csv
-
-die ()
-{
-  echo "$prog: error: $*" >&2
-  exit 1
-}
-
-log ()
-{
-  printf '[%4ds] %s\n' "$SECONDS" "$*" >&2
-}
 
 for arg in "$@"; do
   case $arg in
@@ -132,15 +122,7 @@ start ()
   die "the control socket of nbdkit on $disk did not answer within 60 s"
 }
 
-stop ()
-{
-  local pid
-  [ -s "$pf" ] || return 0
-  pid=$(<"$pf")
-  kill "$pid" 2>/dev/null || :
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done
-  rm -f "$pf"
-}
+stop () { stop_pidfile "$pf"; }
 
 # rss FIELD: VmRSS or RssAnon of the running nbdkit, in bytes.
 rss ()
