@@ -803,12 +803,16 @@ def plot_store(d, store):
         with open(dat, "w") as f:
             for x in store:
                 if (x["mode"], x["run"]) == (mode, run):
-                    f.write("%.3f %.3f\n" % (int(x["t_ms"]) / 1e3,
-                                             int(x["store_bytes"]) / 2 ** 20))
-        lines.append("'%s' using 1:2 with lines lw 1.5 lc %d title '%s, "
-                     "run %s'" % (dat, 1 if mode == "keep" else 2,
-                                  "without --discard-source" if mode == "keep"
-                                  else "with --discard-source", run))
+                    f.write("%.3f %.3f %.3f\n" % (
+                        int(x["t_ms"]) / 1e3, int(x["store_bytes"]) / 2 ** 20,
+                        int(x["alloc_bytes"]) / 2 ** 20))
+        title = "%s, run %s" % ("without --discard-source" if mode == "keep"
+                                else "with --discard-source", run)
+        lc = 1 if mode == "keep" else 2
+        lines.append("'%s' using 1:2 with lines lw 1.5 lc %d title '%s: in "
+                     "use'" % (dat, lc, title))
+        lines.append("'%s' using 1:3 with lines lw 1 dt 2 lc %d title '%s: "
+                     "file blocks'" % (dat, lc, title))
     if not lines:
         return None
     out = image(d, "store-discard")
@@ -816,7 +820,7 @@ def plot_store(d, store):
 set title 'Store in use while fleece-backup pulls the snapshot under 4 KiB random writes (8000 IOPS)'
 set grid
 set xlabel 'seconds since the pull started'
-set ylabel 'store bytes in use (MiB)'
+set ylabel 'store (MiB)'
 set key top left
 plot %s
 """ % (out, ", ".join(lines)), out)
@@ -927,15 +931,17 @@ def cmd_section(d):
         w("")
         w("## The store during a pull, with and without --discard-source")
         w("")
-        w("| | store peak MiB | store at the end MiB | pull s |")
-        w("|---|---|---|---|")
+        w("| | store in use, peak MiB | in use at the end MiB | "
+          "file blocks, peak MiB | pull s |")
+        w("|---|---|---|---|---|")
         for server in ("fleece-keep", "fleece-discard"):
             w("| %s | %s |" % (
                 "with --discard-source" if server == "fleece-discard"
                 else "without", " | ".join(
                     spread(list(disc.get(("store-discard", m, server),
                                          {}).values()))
-                    for m in ("store-peak", "store-end", "pull"))))
+                    for m in ("store-peak", "store-end", "file-peak",
+                              "pull"))))
         w("")
         w("![store size during a pull](store-discard.svg)")
     scale = read_csv(os.path.join(d, "scale-results.csv"))

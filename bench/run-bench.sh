@@ -596,12 +596,13 @@ scen_aa_equalise ()
 # discard_run RUN MODE: a fresh server and snapshot, fio 4 KiB random
 # writes at 8000 IOPS on the live export, and fleece-backup pulling the
 # snapshot to a file at a quarter of the disk per second, with
-# --discard-source if MODE is "discard"; the store's bytes in use sampled
-# every 0.1 s into store-series.csv (MODE, RUN, ms since the pull
-# started, bytes).
+# --discard-source if MODE is "discard"; the store's bytes in use (the
+# engine's store-bytes-used: slots, 64 KiB each even for a cluster partly
+# copied) and the blocks its file holds, sampled every 0.1 s into
+# store-series.csv (MODE, RUN, ms since the pull started, both in bytes).
 discard_run ()
 {
-  local run=$1 mode=$2 fio_pid smp_pid t0 t1 peak last
+  local run=$1 mode=$2 fio_pid smp_pid t0 t1 peak last fpeak
   local -a opt=()
   [ "$mode" = keep ] || opt=(--discard-source)
   equalise
@@ -616,7 +617,8 @@ discard_run ()
   (
     while :; do
       echo "${EPOCHREALTIME/./} $("$fleecectl" -s "$ctl" -j stats |
-        grep -o '"store-bytes-used":[0-9]*' | cut -d: -f2)"
+        grep -o '"store-bytes-used":[0-9]*' | cut -d: -f2)" \
+           "$(( $(stat -c %b "$sdir/fleece.store") * 512 ))"
       sleep 0.1
     done
   ) >"$tmp/store.samples" &
@@ -632,17 +634,20 @@ discard_run ()
   kill -INT "$fio_pid"
   wait "$fio_pid" || :
   stop_server fleece
-  read -r peak last < <(awk -v t0="${t0/./}" -v m="$mode" -v r="$run" \
+  read -r peak last fpeak < <(awk -v t0="${t0/./}" -v m="$mode" -v r="$run" \
       -v out="$outdir/store-series.csv" '
-    NF == 2 && $2 != "" {
-      printf "%s,%s,%.0f,%s\n", m, r, ($1 - t0) / 1000 - 500, $2 >>out
+    NF == 3 {
+      printf "%s,%s,%.0f,%s,%s\n", m, r, ($1 - t0) / 1000 - 500, $2, $3 >>out
       if ($2 > peak) peak = $2
+      if ($3 > fpeak) fpeak = $3
       last = $2
     }
-    END { printf "%.1f %.1f\n", peak / 1048576, last / 1048576 }' \
+    END { printf "%.1f %.1f %.1f\n", peak / 1048576, last / 1048576,
+                 fpeak / 1048576 }' \
       "$tmp/store.samples")
   record store-discard "fleece-$mode" store-peak MiB "$run" "$peak"
   record store-discard "fleece-$mode" store-end MiB "$run" "$last"
+  record store-discard "fleece-$mode" file-peak MiB "$run" "$fpeak"
   record store-discard "fleece-$mode" pull s "$run" "$(elapsed "$t0" "$t1")"
 }
 
@@ -880,7 +885,7 @@ rm -f "$tmp/chunk"
 echo "scenario,server,metric,unit,run,value" >"$raw"
 echo "scenario,server,run,t_ms,pull_ms,iops,p50_us,p99_us" \
   >"$outdir/pull-series.csv"
-echo "mode,run,t_ms,store_bytes" >"$outdir/store-series.csv"
+echo "mode,run,t_ms,store_bytes,alloc_bytes" >"$outdir/store-series.csv"
 
 if wanted live-nosnap; then scen_live_nosnap; fi
 if wanted snap-write; then scen_snap_write; fi
