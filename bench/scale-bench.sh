@@ -34,7 +34,10 @@
 #   incr-s, incr-bytes  an incremental pull (fleece-backup
 #                  --sync=incremental) of N changed clusters since the last
 #                  checkpoint onto a sparse file: time, and the bytes
-#                  written to the target (its allocation growing)
+#                  written to the target (its allocation growing); 1 % of the disk
+#                  changed (41 GiB for 4 TiB) is more than this run
+#                  writes: the fit's value there is given, as
+#                  "extrapolated"
 #
 # Everything lives in one temporary directory (the disks are sparse); the
 # servers listen on Unix sockets there and are stopped by PID.  The table
