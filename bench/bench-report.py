@@ -821,7 +821,7 @@ def plot_store(d, store):
                 if (x["mode"], x["run"]) == (mode, run):
                     f.write("%.3f %.3f %.3f\n" % (
                         int(x["t_ms"]) / 1e3, int(x["store_bytes"]) / 2 ** 20,
-                        int(x["alloc_bytes"]) / 2 ** 20))
+                        int(x.get("alloc_bytes") or 0) / 2 ** 20))
         title = "%s, run %s" % ("without --discard-source" if mode == "keep"
                                 else "with --discard-source", run)
         lc = 1 if mode == "keep" else 2
