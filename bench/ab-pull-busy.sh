@@ -21,18 +21,13 @@ set -euo pipefail
 prog=${0##*/}
 here=$(cd "$(dirname "$0")" && pwd)
 report="$here/bench-report.py"
+. "$here/bench-functions.sh"
 runs=3
 cold=0
 nosnap=no
 dir=
 fleecectl=
 specs=()
-
-die ()
-{
-  echo "$prog: error: $*" >&2
-  exit 1
-}
 
 for arg in "$@"; do
   case $arg in
@@ -81,15 +76,7 @@ start ()
   die "nbdkit did not start"
 }
 
-stop ()
-{
-  local pid
-  [ -s "$pf" ] || return 0
-  pid=$(<"$pf")
-  kill "$pid" 2>/dev/null || :
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-  rm -f "$pf"
-}
+stop () { stop_pidfile "$pf"; }
 
 fio4k ()
 {
@@ -98,7 +85,8 @@ fio4k ()
       --output-format=json --output="$dir/fio.json" "$@" >/dev/null
 }
 
-# As run-bench.sh's busy_pull.
+# As run-bench.sh's busy_pull was before issue 19 (a fixed 5 s fio run,
+# the pull 0.3 s after fio's start).
 busy ()
 {
   local fio_pid t0 t1 iops whole

@@ -14,7 +14,8 @@
 # server is what the server measured, from its group-prepare to its
 # release (group-commit's hold-ns): the time its writers could not
 # write.  Reported: p50, p99 and max of the holds of every server in
-# every group, and p50/p99 of fleecectl's wall time per group.
+# every group, and p50/p99 of fleecectl's wall time per group; then the
+# same per disk (each server's holds over the groups).
 #
 # Everything lives in one temporary directory, the servers on Unix
 # sockets there, stopped by PID.  The table goes to stdout, the CSV to
@@ -90,8 +91,8 @@ one_count ()
     t1=$(date +%s%N)
     echo $(( t1 - t0 )) >>"$tmp/wall.$n"
     python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1])): print(r["hold-ns"])' "$tmp/out" \
-      >>"$tmp/hold.$n"
+for i, r in enumerate(json.load(open(sys.argv[1]))): print(i, r["hold-ns"])' \
+      "$tmp/out" >>"$tmp/hold.$n"
     for (( d = 0; d < n; d++ )); do
       "$fleecectl" -s "$tmp/c$d.sock" snapshot delete "g$g" >/dev/null
     done
@@ -118,14 +119,27 @@ def pct(v, p):
     v = sorted(v)
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 rows = []
+per = {}
 print("%-6s %8s %10s %10s %10s %12s %12s" % ("disks", "holds", "p50 ms",
       "p99 ms", "max ms", "wall p50 ms", "wall p99 ms"))
 for n in counts:
-    h = [int(x) / 1e6 for x in open("%s/hold.%s" % (tmp, n))]
+    pairs = [x.split() for x in open("%s/hold.%s" % (tmp, n))]
+    h = [int(ns) / 1e6 for _, ns in pairs]
+    per[n] = {}
+    for d, ns in pairs:
+        per[n].setdefault(int(d), []).append(int(ns) / 1e6)
     w = [int(x) / 1e6 for x in open("%s/wall.%s" % (tmp, n))]
     r = (n, len(h), pct(h, 50), pct(h, 99), max(h), pct(w, 50), pct(w, 99))
     rows.append(r)
     print("%-6s %8d %10.3f %10.3f %10.3f %12.1f %12.1f" % r)
+print()
+print("Per disk (the hold of each server over the groups):")
+print("%-6s %-5s %8s %10s %10s %10s" % ("disks", "disk", "holds", "p50 ms",
+      "p99 ms", "max ms"))
+for n in counts:
+    for d, h in sorted(per[n].items()):
+        print("%-6s %-5d %8d %10.3f %10.3f %10.3f" % (n, d, len(h),
+              pct(h, 50), pct(h, 99), max(h)))
 if csv:
     with open(csv, "w") as f:
         f.write("disks,holds,hold_p50_ms,hold_p99_ms,hold_max_ms,"

@@ -5,7 +5,8 @@
 #   bench/run-bench.sh [--size=1G] [--runs=3] [--runtime=5]
 #       --plugin=.../nbdkit-fleece-plugin.so --fleecectl=.../fleecectl
 #       --fleece-backup=.../fleece-backup [--csv=results.csv]
-#       [--only=SCENARIO,...] [--keep]
+#       [--only=SCENARIO,...] [--keep] [--outdir=DIR]
+#       [--equalise=cold|warm|drop|none] [--tmpfs=/dev/shm]
 #
 # "make bench" runs it with the built plugin and tools.  Everything lives
 # in one temporary directory: a disk of --size bytes of random (non-zero)
@@ -14,7 +15,10 @@
 #
 # Servers (names as in the table):
 #   null        nbdkit null: the protocol ceiling (no data at all)
-#   file        nbdkit file on the disk: the baseline
+#   file        nbdkit file on the disk: the baseline (in snap-pull-busy:
+#               the floor, nbdcopy pulling the disk itself)
+#   nobackup    nbdkit file on the disk, in snap-pull-busy: the writer
+#               alone, no pull and no copy
 #   qemu-nbd    qemu-nbd on the disk
 #   qsd         qemu-storage-daemon exporting the disk's file node
 #   qsd-fleece  QEMU fleecing: qemu-storage-daemon with a copy-before-write
@@ -35,9 +39,22 @@
 #   snap-read-idle     nbdcopy of the whole snapshot to null:, no writer
 #                      (for "file": nbdcopy of the disk itself)
 #   snap-pull-busy     the snapshot pulled once by nbdcopy while fio
-#                      writes 4 KiB at random on the live export; the
-#                      writes' rate counts those completed during the pull
-#                      (for "file": the disk itself, no snapshot at all)
+#                      writes 4 KiB at random (iodepth 32) on the live
+#                      export, each request's latency logged; the writes'
+#                      rate and p50/p99 latency count those completed
+#                      during the pull (for "file": the disk itself, no
+#                      snapshot at all; for "nobackup": a 2 s window with
+#                      no pull); the writer over time to pull-series.csv
+#   snap-pull-busy-tmpfs  the same with the disk, the stores and QEMU's
+#                      target on tmpfs (--tmpfs, default /dev/shm)
+#   store-discard      the store's size over time while fleece-backup
+#                      pulls the snapshot (at a quarter of the disk per
+#                      second) under 4 KiB random writes at 8000 IOPS,
+#                      with and without --discard-source
+#                      (store-series.csv)
+#   aa-equalise        (only when named in --only) Fleece's
+#                      snap-pull-busy run --runs times with each
+#                      --equalise mode, interleaved: the spread of each
 #   snap-create-stall  fio 4 KiB random writes (per-request latency log)
 #                      while snapshots are created; engine drain times;
 #                      the gap in completions; a control run with
@@ -49,13 +66,29 @@
 #                      same chain, a compressed full point vs qemu-img
 #                      convert -c of the same image (time and size)
 #
-# The table goes to stdout and the CSV to --csv; progress to stderr.
+# --equalise: what is done before each run of snap-pull-busy, -tmpfs and
+# store-discard so that every server starts from the same memory state
+# (bench/PERF-NOTES.md, "Memory equalised before each run").  Every mode
+# but "none" first removes the previous run's store and QEMU target and
+# syncs.  "cold" (the default) then waits 6 s, so that the memory they
+# held has been handed back to the host and every server starts from the
+# same state; "warm" instead touches and frees twice the disk's size of
+# memory just before the server starts, so that the new store's pages are
+# ones the host has just provided; "drop" also drops the page cache
+# before that (needs root, else skipped with a warning) and reads the disk
+# back into it; "none" does nothing.  The A/A runs that chose "cold" are
+# in PERF-NOTES.md.
+#
+# The table goes to stdout and the CSV to --csv; progress to stderr.  The
+# time series (pull-series.csv, store-series.csv) go to --outdir (default:
+# the directory of --csv).
 
 set -euo pipefail
 
 prog=${0##*/}
 here=$(cd "$(dirname "$0")" && pwd)
 report="$here/bench-report.py"
+. "$here/bench-functions.sh"
 
 size=1G
 runs=3
@@ -66,22 +99,14 @@ backup=
 csv=results.csv
 only=
 keep=no
+outdir=
+equalise=cold
+tmpfs=/dev/shm
 
 usage ()
 {
   sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
   exit "${1:-0}"
-}
-
-die ()
-{
-  echo "$prog: error: $*" >&2
-  exit 1
-}
-
-log ()
-{
-  printf '[%4ds] %s\n' "$SECONDS" "$*" >&2
 }
 
 for arg in "$@"; do
@@ -95,6 +120,9 @@ for arg in "$@"; do
     --csv=*) csv=${arg#*=} ;;
     --only=*) only=${arg#*=} ;;
     --keep) keep=yes ;;
+    --outdir=*) outdir=${arg#*=} ;;
+    --equalise=*) equalise=${arg#*=} ;;
+    --tmpfs=*) tmpfs=${arg#*=} ;;
     -h|--help) usage 0 ;;
     *) echo "$prog: unknown argument: $arg" >&2; usage 1 ;;
   esac
@@ -115,9 +143,17 @@ cluster=65536
 (( size_bytes % cluster == 0 && size_bytes >= 64 * cluster )) ||
   die "--size must be a multiple of 64K and at least 4M"
 csv=$(realpath -m "$csv")
+outdir=$(realpath -m "${outdir:-$(dirname "$csv")}")
+mkdir -p "$outdir"
+case $equalise in
+  warm|drop|cold|none) ;;
+  *) die "--equalise=$equalise: not warm, drop, cold or none" ;;
+esac
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/fleece-bench.XXXXXX")
 disk=$tmp/disk.img
+sdir=$tmp                       # where the stores and QEMU's target live
+shm=                            # the tmpfs directory, while in use
 raw=$tmp/raw.csv
 started=()                      # pidfiles of the servers running now
 
@@ -127,6 +163,7 @@ cleanup ()
   for pf in "${started[@]}"; do
     [ -f "$pf" ] && stop_pid "$(<"$pf")"
   done
+  [ -z "$shm" ] || rm -rf "$shm"
   if [ "$keep" = yes ]; then
     echo "$prog: kept $tmp" >&2
   else
@@ -164,18 +201,6 @@ mibps ()
 
 # ---- servers ----
 
-stop_pid ()
-{
-  local pid=$1 i
-  kill "$pid" 2>/dev/null || return 0
-  for (( i = 0; i < 100; i++ )); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  echo "$prog: PID $pid did not exit on SIGTERM, sending SIGKILL" >&2
-  kill -KILL "$pid" 2>/dev/null || :
-}
-
 # Wait for the server's pidfile and socket.
 wait_ready ()
 {
@@ -196,7 +221,7 @@ ctl=$tmp/fleece.store.sock
 # in time = now) with a fresh raw target as big as the disk.
 qsd_fleece_args ()
 {
-  local target=$tmp/qsd-fleece-target.img
+  local target=$sdir/qsd-fleece-target.img
   rm -f "$target"
   truncate -s "$size_bytes" "$target"
   printf '%s\n' \
@@ -216,11 +241,11 @@ start_server ()
   rm -f "$sock" "$pf"
   case $name in
     null) nbdkit -U "$sock" -P "$pf" null "size=$size_bytes" ;;
-    file) nbdkit -U "$sock" -P "$pf" file "file=$disk" ;;
+    file|nobackup) nbdkit -U "$sock" -P "$pf" file "file=$disk" ;;
     fleece|fleece-whole)
-      rm -f "$tmp/fleece.store" "$ctl"
+      rm -f "$sdir/fleece.store" "$ctl"
       nbdkit -U "$sock" -P "$pf" "$plugin" "disk=$disk" \
-             "store=$tmp/fleece.store" "control=$ctl" \
+             "store=$sdir/fleece.store" "control=$ctl" \
              "subcluster=$([ "$name" = fleece ] && echo true || echo false)" ;;
     qemu-nbd)
       qemu-nbd --fork --pid-file="$pf" -k "$sock" -f raw -t -e 16 \
@@ -410,45 +435,228 @@ scen_snap_read_idle ()
   done
 }
 
-# busy_pull SERVER RUN: fio writes 4 KiB at random on the live export
-# (per-request log) and, 0.3 s after it starts, nbdcopy pulls the whole
-# snapshot once.  Records the pull's rate and the rate of the live writes
-# completed while the pull ran (and, for reference, over the whole run).
+# ---- memory equalised before each run ----
+
+drop_warned=no
+
+# equalise [MODE]: bring the machine's memory to the same state before a
+# server's run (see --equalise above and bench/PERF-NOTES.md).  The stores
+# and QEMU's target of the previous run are removed first, so that their
+# page cache is freed now rather than when the next server starts.
+equalise ()
+{
+  local mode=${1:-$equalise} bytes avail
+  [ "$mode" != none ] || return 0
+  rm -f "$sdir/fleece.store" "$sdir/qsd-fleece-target.img"
+  sync
+  if [ "$mode" = drop ]; then
+    if [ -w /proc/sys/vm/drop_caches ]; then
+      echo 3 >/proc/sys/vm/drop_caches
+    elif [ "$drop_warned" = no ]; then
+      log "WARNING: /proc/sys/vm/drop_caches not writable (not root):" \
+          "the page cache is not dropped between runs"
+      drop_warned=yes
+    fi
+    # Every server finds the disk in the page cache, as the first did.
+    cat "$disk" >/dev/null
+  fi
+  case $mode in
+    warm|drop)
+      # Twice the disk (what the largest store and QEMU's target can
+      # take), at most half of the memory available.
+      avail=$(awk '/^MemAvailable:/ { printf "%d\n", $2 * 1024 }' /proc/meminfo)
+      bytes=$(( 2 * size_bytes ))
+      (( bytes <= avail / 2 )) || bytes=$(( avail / 2 ))
+      python3 "$report" prefault "$bytes" ;;
+    cold) sleep 6 ;;
+  esac
+}
+
+# ---- snapshot pulled under writes ----
+
+# wait_writing IOLOG PID: fio takes 0.2 to 0.7 s here to connect and
+# start (more on a busy machine), so a fixed sleep after its start does
+# not say that it writes.  Its I/O log is written through a stdio buffer:
+# once the file is not empty, some hundred requests have been issued.
+wait_writing ()
+{
+  local i
+  for (( i = 0; i < 200; i++ )); do
+    [ ! -s "$1" ] || return 0
+    kill -0 "$2" 2>/dev/null || die "fio exited before writing"
+    sleep 0.05
+  done
+  die "fio issued no request within 10 s ($1 empty)"
+}
+
+# busy_pull SCENARIO SERVER RUN: fio writes 4 KiB at random on the live
+# export (iodepth 32, per-request latency log) and, 0.3 s after it
+# has started writing, nbdcopy pulls the whole snapshot once; fio is stopped 0.3 s
+# after the pull.  Records the rate and the p50/p99 latency of the live
+# writes completed while the pull ran, and the pull's rate; appends the
+# writer's run over time to pull-series.csv.  "nobackup" has no pull: its
+# window is 2 s of the writer alone.
 busy_pull ()
 {
-  local server=$1 run=$2 out=$tmp/fio.json fio_pid t0 t1 iops
-  rm -f "$tmp"/busy_*.log
-  fio_run "$out" "$(live_uri "$server")" randwrite 4k 32 \
-          --time_based --runtime="$runtime" \
-          --write_lat_log="$tmp/busy" --log_avg_msec=0 --log_unix_epoch=1 &
+  local scen=$1 server=$2 run=$3 fio_pid t0 t1 iops p50 p99
+  rm -f "$tmp"/busy_*.log "$tmp/busy.iolog"
+  fio --name=bench --ioengine=nbd --uri="$(live_uri "$server")" \
+      --rw=randwrite --bs=4k --iodepth=32 --size="$size_bytes" \
+      --time_based --runtime=600 --output-format=json \
+      --output="$tmp/fio.json" --write_lat_log="$tmp/busy" \
+      --log_avg_msec=0 --log_unix_epoch=1 --write_iolog="$tmp/busy.iolog" \
+      >/dev/null &
   fio_pid=$!
+  wait_writing "$tmp/busy.iolog" "$fio_pid"
   sleep 0.3
   t0=$EPOCHREALTIME
-  nbdcopy "$(snap_uri "$server" s1)" null:
+  if [ "$server" = nobackup ]; then
+    sleep 2
+  else
+    timeout -k 5 600 nbdcopy "$(snap_uri "$server" s1)" null: ||
+      die "nbdcopy of $server's snapshot failed"
+  fi
   t1=$EPOCHREALTIME
-  wait "$fio_pid"
-  iops=$(python3 "$report" rate "$tmp/busy_lat.1.log" "${t0/./}" "${t1/./}")
-  record snap-pull-busy "$server" randwrite-4k IOPS "$run" "$iops"
-  record snap-pull-busy "$server" nbdcopy MiB/s "$run" \
-         "$(mibps "$size_bytes" "$(elapsed "$t0" "$t1")")"
-  iops=$(fio_value "$out" write.iops)
-  record snap-pull-busy "$server" randwrite-4k-whole-run IOPS "$run" \
-         "${iops%.*}"
+  sleep 0.3
+  kill -INT "$fio_pid"
+  wait "$fio_pid" || :
+  [ -s "$tmp/busy_lat.1.log" ] || die "fio wrote no latency log ($server)"
+  read -r iops p50 p99 < <(python3 "$report" pull "$tmp/busy_lat.1.log" \
+      "${t0/./}" "${t1/./}" "$outdir/pull-series.csv" "$scen,$server,$run")
+  record "$scen" "$server" randwrite-4k IOPS "$run" "$iops"
+  record "$scen" "$server" lat-p50 us "$run" "$p50"
+  record "$scen" "$server" lat-p99 us "$run" "$p99"
+  [ "$server" = nobackup ] ||
+    record "$scen" "$server" nbdcopy MiB/s "$run" \
+           "$(mibps "$size_bytes" "$(elapsed "$t0" "$t1")")"
 }
+
+# pull_busy_runs SCENARIO SERVER...: every run starts each server once,
+# from equalised memory, in reverse order every other run.
+pull_busy_runs ()
+{
+  local scen=$1 run server
+  shift
+  local -a servers=("$@")
+  for (( run = 1; run <= runs; run++ )); do
+    for server in "${servers[@]}"; do
+      equalise
+      start_server "$server"
+      snapshot "$server" s1
+      busy_pull "$scen" "$server" "$run"
+      stop_server "$server"
+    done
+    mapfile -t servers < <(printf '%s\n' "${servers[@]}" | tac)
+  done
+}
+
+pull_servers=(nobackup file qsd-fleece fleece-whole fleece)
 
 scen_snap_pull_busy ()
 {
-  local run server
+  pull_busy_runs snap-pull-busy "${pull_servers[@]}"
+}
+
+# The same on tmpfs: a copy of the disk, the stores and QEMU's target in a
+# directory of --tmpfs (the sockets stay where they are).
+scen_snap_pull_busy_tmpfs ()
+{
+  local fs odisk=$disk
+  fs=$(stat -f -c %T "$tmpfs" 2>/dev/null) || fs=none
+  [ "$fs" = tmpfs ] || die "--tmpfs=$tmpfs: not a tmpfs mount (it is $fs)"
+  shm=$(mktemp -d "$tmpfs/fleece-bench.XXXXXX")
+  cp "$odisk" "$shm/disk.img"
+  disk=$shm/disk.img sdir=$shm
+  pull_busy_runs snap-pull-busy-tmpfs "${pull_servers[@]}"
+  disk=$odisk sdir=$tmp
+  rm -rf "$shm"
+  shm=
+}
+
+# A/A: Fleece alone, the same snap-pull-busy run with each way of
+# equalising memory, the modes interleaved and reversed every other run.
+scen_aa_equalise ()
+{
+  local run mode
+  local -a modes=(none warm drop cold)
   for (( run = 1; run <= runs; run++ )); do
-    # file: nbdcopy reads the disk itself while fio writes, with no
-    # snapshot and no copy at all: what the pull alone leaves the writer
-    # on this machine.
-    for server in file qsd-fleece fleece fleece-whole; do
-      start_server "$server"
-      snapshot "$server" s1
-      busy_pull "$server" "$run"
-      stop_server "$server"
+    for mode in "${modes[@]}"; do
+      equalise "$mode"
+      start_server fleece
+      snapshot fleece s1
+      busy_pull "aa-equalise-$mode" fleece "$run"
+      stop_server fleece
     done
+    mapfile -t modes < <(printf '%s\n' "${modes[@]}" | tac)
+  done
+}
+
+# ---- the store during a pull, with and without --discard-source ----
+
+# discard_run RUN MODE: a fresh server and snapshot, fio 4 KiB random
+# writes at 8000 IOPS on the live export, and fleece-backup pulling the
+# snapshot to a file at a quarter of the disk per second, with
+# --discard-source if MODE is "discard"; the store's bytes in use (the
+# engine's store-bytes-used: slots, 64 KiB each even for a cluster partly
+# copied) and the blocks its file holds, sampled every 0.1 s into
+# store-series.csv (MODE, RUN, ms since the pull started, both in bytes).
+discard_run ()
+{
+  local run=$1 mode=$2 fio_pid smp_pid t0 t1 peak last fpeak
+  local -a opt=()
+  [ "$mode" = keep ] || opt=(--discard-source)
+  equalise
+  start_server fleece
+  snapshot fleece s1
+  rm -f "$tmp/backup.img" "$tmp/store.samples"
+  fio --name=bench --ioengine=nbd --uri="$(live_uri fleece)" \
+      --rw=randwrite --bs=4k --iodepth=8 --rate_iops=8000 \
+      --size="$size_bytes" --time_based --runtime=600 >/dev/null &
+  fio_pid=$!
+  t0=$EPOCHREALTIME
+  (
+    while :; do
+      echo "${EPOCHREALTIME/./} $("$fleecectl" -s "$ctl" -j stats |
+        grep -o '"store-bytes-used":[0-9]*' | cut -d: -f2)" \
+           "$(( $(stat -c %b "$sdir/fleece.store") * 512 ))"
+      sleep 0.1
+    done
+  ) >"$tmp/store.samples" &
+  smp_pid=$!
+  sleep 0.5
+  timeout -k 5 600 "$backup" --quiet --rate="$(( size_bytes / 4 ))" \
+    "${opt[@]}" "$(snap_uri fleece s1)" "$tmp/backup.img" ||
+    die "fleece-backup ${opt[*]} failed"
+  t1=$EPOCHREALTIME
+  sleep 0.5
+  kill "$smp_pid"
+  wait "$smp_pid" 2>/dev/null || :
+  kill -INT "$fio_pid"
+  wait "$fio_pid" || :
+  stop_server fleece
+  read -r peak last fpeak < <(awk -v t0="${t0/./}" -v m="$mode" -v r="$run" \
+      -v out="$outdir/store-series.csv" '
+    NF == 3 {
+      printf "%s,%s,%.0f,%s,%s\n", m, r, ($1 - t0) / 1000 - 500, $2, $3 >>out
+      if ($2 > peak) peak = $2
+      if ($3 > fpeak) fpeak = $3
+      last = $2
+    }
+    END { printf "%.1f %.1f %.1f\n", peak / 1048576, last / 1048576,
+                 fpeak / 1048576 }' \
+      "$tmp/store.samples")
+  record store-discard "fleece-$mode" store-peak MiB "$run" "$peak"
+  record store-discard "fleece-$mode" store-end MiB "$run" "$last"
+  record store-discard "fleece-$mode" file-peak MiB "$run" "$fpeak"
+  record store-discard "fleece-$mode" pull s "$run" "$(elapsed "$t0" "$t1")"
+}
+
+scen_store_discard ()
+{
+  local run
+  for (( run = 1; run <= runs; run++ )); do
+    discard_run "$run" keep
+    discard_run "$run" discard
   done
 }
 
@@ -675,14 +883,22 @@ for (( i = 0; i < size_bytes / chunk; i++ )); do cat "$tmp/chunk"; done >"$disk"
 head -c "$(( size_bytes % chunk ))" "$tmp/chunk" >>"$disk"
 rm -f "$tmp/chunk"
 echo "scenario,server,metric,unit,run,value" >"$raw"
+echo "scenario,server,run,t_ms,pull_ms,iops,p50_us,p99_us" \
+  >"$outdir/pull-series.csv"
+echo "mode,run,t_ms,store_bytes,alloc_bytes" >"$outdir/store-series.csv"
 
-wanted live-nosnap && scen_live_nosnap
-wanted snap-write && scen_snap_write
-wanted snap-read-idle && scen_snap_read_idle
-wanted snap-pull-busy && scen_snap_pull_busy
-wanted snap-create-stall && scen_snap_create_stall
-wanted incremental && scen_incremental
-wanted repo && scen_repo
+if wanted live-nosnap; then scen_live_nosnap; fi
+if wanted snap-write; then scen_snap_write; fi
+if wanted snap-read-idle; then scen_snap_read_idle; fi
+if wanted snap-pull-busy; then scen_snap_pull_busy; fi
+if wanted snap-pull-busy-tmpfs; then scen_snap_pull_busy_tmpfs; fi
+if wanted store-discard; then scen_store_discard; fi
+# (A failure in a scenario must stop the run: "set -e" does not apply
+# to the left of "&&".)  aa-equalise runs only when named.
+if [[ ",$only," == *",aa-equalise,"* ]]; then scen_aa_equalise; fi
+if wanted snap-create-stall; then scen_snap_create_stall; fi
+if wanted incremental; then scen_incremental; fi
+if wanted repo; then scen_repo; fi
 
 echo
 python3 "$report" report "$raw" "$csv"
