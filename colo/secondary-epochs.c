@@ -344,7 +344,7 @@ secondary_receive_epochs (struct colod_conn *c)
       colo_wire_digest_add (&e.digest, x);
       e.count++;
       e.bytes += x->length;
-      if (x->flags == COLO_EXTENT_DATA &&
+      if (COLO_EXTENT_KIND (x->flags) == COLO_EXTENT_DATA &&
           colo_wire_extent_verify (x, &we) == -1)
         refuse (&e, COLO_REFUSE_CHECKSUM, "epoch %" PRIu64 ": %s", e.epoch,
                 we.msg);
