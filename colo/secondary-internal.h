@@ -30,7 +30,8 @@ struct secondary {
    */
   pthread_mutex_t jlock;
   struct journal *j;              /* NULL until the first pairing */
-  int lock_fd;                    /* holds the disk's locks, or -1 */
+  int lock_fd[COLOD_MAX_DISKS];   /* hold each disk's locks, or -1 */
+  bool locked;                    /* lock_fd are open */
   /* The data connection's thread only (an epoch was begun in the
    * journal and not yet ended or aborted).
    */
