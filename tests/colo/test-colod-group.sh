@@ -39,7 +39,6 @@ pb=$(free_port)
 pq=$(free_port)
 while [ "$pq" = "$pb" ]; do pq=$(free_port); done
 
-s () { "$COLOD" status --state "$tmp/$1/state" 2>/dev/null | sed -n "s/^$2: //p"; }
 
 secondary_b ()
 {
@@ -135,11 +134,7 @@ for (( i = 1; i <= 10; i++ )); do
     done
     when="as soon as epoch $n was committed"
   else
-    for (( t = 0; t < 1000; t++ )); do
-      bif=$(s b bytes-in-flight)
-      [ -n "$bif" ] && (( bif > 0 )) && break
-      sleep 0.01
-    done
+    wait_arriving b
     ok "$i: epoch $n arriving on b" test "${bif:-0}" -gt 0
     delay=$(( RANDOM % 200 ))
     sleep "$(printf '0.%03d' "$delay")"
