@@ -27,6 +27,15 @@ status ()
 status_is () { [ "$(status "$1" "$2")" = "$3" ]; }
 status_ge () { local v; v=$(status "$1" "$2") && [ "$v" != None ] && [ "$v" -ge "$3" ]; }
 
+# seed_random VAR: seed $RANDOM from $VAR, or from the clock if it is
+# unset, and say how to replay the run.
+seed_random ()
+{
+  seed=${!1:-$(( $(date +%s) % 32768 ))}
+  RANDOM=$seed
+  diag "seed $seed ($1=$seed replays it)"
+}
+
 # s NAME FIELD: a status field, from the human output (no python: fast
 # enough to poll every few milliseconds).
 s () { "$COLOD" status --state "$tmp/$1/state" 2>/dev/null | sed -n "s/^$2: //p"; }

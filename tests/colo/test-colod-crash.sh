@@ -26,9 +26,7 @@ source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 
-seed=${COLOD_CRASH_SEED:-$(( $(date +%s) % 32768 ))}
-RANDOM=$seed
-diag "seed $seed (COLOD_CRASH_SEED=$seed replays it)"
+seed_random COLOD_CRASH_SEED
 t_start=$SECONDS
 
 size=$((16 << 20))

@@ -24,9 +24,7 @@ source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 
-seed=${COLOD_GROUP_SEED:-$(( $(date +%s) % 32768 ))}
-RANDOM=$seed
-diag "seed $seed (COLOD_GROUP_SEED=$seed replays it)"
+seed_random COLOD_GROUP_SEED
 t_start=$SECONDS
 
 size=$((8 << 20))
