@@ -7,8 +7,8 @@
  * circle):
  *   main.c                     options and dispatch
  *   primary.c, plugin.c        the primary, and the plugin it ships from
- *   secondary.c                the secondary, with secondary-epochs.c
- *                              and secondary-promote.c
+ *   secondary.c                the secondary, with secondary-epochs.c,
+ *                              secondary-promote.c and secondary-disks.c
  *   ctl.c conn.c pairing.c     the control socket and its clients, a peer
  *                              connection, the pairing rules
  *   events.c                   events to subscribers, failover states

@@ -42,7 +42,7 @@
  * Files: this one holds the pairing, the connections (before and after
  * their HELLO) and the accept loop; secondary-epochs.c receives epochs
  * into the journal; secondary-promote.c watches heartbeats and
- * promotes.  They share struct secondary (secondary-internal.h), which
+ * promotes; secondary-disks.c locks the group's disks.  They share struct secondary (secondary-internal.h), which
  * says which thread or lock owns each field.
  */
 
@@ -122,78 +122,12 @@ secondary_publish_journal (void)
   pthread_mutex_unlock (&colod.lock);
 }
 
-/* ---- the disk's locks (nbdkit-fleece-plugin(1), LOCKING) ----
- *
- * While this side is a secondary, it alone may write the disk: it holds
- * the QEMU-compatible locks that the plugin takes, on a descriptor of
- * its own, so that nbdkit with the plugin, a VM or qemu-nbd cannot open
- * the disk for writing meanwhile, and a disk one of them has open is
- * refused.  Promotion hands the disk over: the locks go before
- * --on-promote starts a server on it, and a promoted side restarted
- * takes none.  On a file system without OFD locks it goes on unlocked
- * (the plugin's locking=auto).
- */
-static int
-lock_one_disk (const char *path, int *out, char *err, size_t errlen)
-{
-  bool locked;
-  int fd;
-
-  fd = open (path, O_RDWR | O_CLOEXEC);
-  if (fd == -1) {
-    snprintf (err, errlen, "open: %s: %s", path, strerror (errno));
-    return -1;
-  }
-  if (fleece_lock_image (fd, "disk", path, FLEECE_LOCKING_AUTO,
-                         &locked) == -1) {
-    snprintf (err, errlen, "%s", fleece_last_error ());
-    close (fd);
-    return -1;
-  }
-  if (!locked)
-    colod_warn ("disk %s: not locked: its file system has no OFD locks",
-               path);
-  *out = fd;
-  return 0;
-}
-
-/* Every disk of the group, or none. */
-static int
-lock_disk (char *err, size_t errlen)
-{
-  unsigned i;
-
-  if (sec.locked)
-    return 0;
-  for (i = 0; i < colod.opt.ndisks; i++)
-    if (lock_one_disk (colod.opt.disks[i], &sec.lock_fd[i], err,
-                       errlen) == -1) {
-      while (i > 0)
-        close (sec.lock_fd[--i]);
-      return -1;
-    }
-  sec.locked = true;
-  return 0;
-}
-
-void
-secondary_unlock_disk (void)
-{
-  unsigned i;
-
-  if (!sec.locked)
-    return;
-  for (i = 0; i < colod.opt.ndisks; i++)
-    close (sec.lock_fd[i]);
-  sec.locked = false;
-}
-
 /* The journal of the group's disks (sizes: one for each --disk). */
 static int
 open_journal (const uint64_t *sizes, uint32_t cs, bool lock, char *err,
               size_t errlen)
 {
-  if (lock && lock_disk (err, errlen) == -1)
+  if (lock && secondary_lock_disks (err, errlen) == -1)
     return -1;
   sec.j = journal_open_group (colod.opt.state_dir, colod.opt.ndisks,
                               colod.opt.disks, sizes, cs, err, errlen);
@@ -258,22 +192,6 @@ struct verdict {
   uint64_t nbits;
 };
 
-/* The size of a disk (file or block device), or -1: the journal says
- * why when it opens it.
- */
-static int64_t
-disk_bytes (const char *path)
-{
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  off_t end;
-
-  if (fd == -1)
-    return -1;
-  end = lseek (fd, 0, SEEK_END);
-  close (fd);
-  return end;
-}
-
 /* A journal for this primary's disk: opened from our state, or made for
  * its geometry the first time.  -1: refused (v filled) or failed.
  */
@@ -297,7 +215,7 @@ ensure_journal (const struct colo_msg_hello *ph, struct verdict *v,
     return -1;
   }
   for (i = 0; sec.j == NULL && i < n; i++) {
-    int64_t have = disk_bytes (colod.opt.disks[i]);
+    int64_t have = secondary_disk_bytes (colod.opt.disks[i]);
     if (have >= 0 && (uint64_t) have < sizes[i]) {
       v->status = COLO_HELLO_WRONG_VOLUME;
       snprintf (v->reason, sizeof v->reason, "disk %" PRIu32 " (--disk %s):"
@@ -590,7 +508,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
       /* --discard-diverged on a promoted side: a secondary again, once
        * no server has the disk any more.
        */
-      r = lock_disk (err, sizeof err);
+      r = secondary_lock_disks (err, sizeof err);
       if (r == 0) {
         colo_state_clear_promoted (colod.opt.state_dir);
         sec.promoted = false;
@@ -896,7 +814,7 @@ adopt_demoted (void)
     return -1;
   }
   if ((sec.j == NULL && open_journal (&size, cs, true, err, sizeof err) == -1)
-      || lock_disk (err, sizeof err) == -1) {
+      || secondary_lock_disks (err, sizeof err) == -1) {
     colod_err ("%s", err);
     return -1;
   }
