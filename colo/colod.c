@@ -22,3 +22,15 @@ colod_failover_name (enum colod_failover f)
   }
   return "unknown";
 }
+
+unsigned
+colod_ndisks (void)
+{
+  return colod.opt.ndisks ? colod.opt.ndisks : colod.opt.nfleece;
+}
+
+const char *
+colod_disk_name (unsigned i)
+{
+  return colod.opt.ndisks ? colod.opt.disks[i] : colod.opt.fleece_sockets[i];
+}

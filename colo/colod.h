@@ -7,8 +7,8 @@
  * circle):
  *   main.c                     options and dispatch
  *   primary.c, plugin.c        the primary, and the plugin it ships from
- *   secondary.c                the secondary, with secondary-epochs.c
- *                              and secondary-promote.c
+ *   secondary.c                the secondary, with secondary-epochs.c,
+ *                              secondary-promote.c and secondary-disks.c
  *   ctl.c conn.c pairing.c     the control socket and its clients, a peer
  *                              connection, the pairing rules
  *   events.c                   events to subscribers, failover states
@@ -37,12 +37,16 @@
 #define COLOD_DEFAULT_HB_TIMEOUT_MS   3000
 #define COLOD_DEFAULT_MAX_EXTENT      (4u << 20)
 #define COLOD_MAX_RESENDS             5
+/* How long a group checkpoint may hold the writers of its disks. */
+#define COLOD_GROUP_DEADLINE_MS       1000
 #define COLOD_DEFAULT_HANDSHAKE_TIMEOUT_MS 3000
 /* Secondary: connections in their TLS handshake or before their HELLO
  * at once; more are closed as they come.
  */
 #define COLOD_MAX_PENDING             64
 #define COLOD_DEFAULT_LOG_SUMMARY_S   60
+/* Disks of a consistency group: --fleece/--nbd pairs, --disk. */
+#define COLOD_MAX_DISKS               COLO_WIRE_MAX_DISKS
 
 /* Exit statuses. */
 #define COLOD_EXIT_ERROR       1      /* could not start, I/O errors */
@@ -58,12 +62,20 @@ struct colod_options {
   const char *role;             /* "primary" | "secondary" | ... */
   const char *state_dir;
   const char *control;          /* NULL: STATE_DIR/control.sock */
-  /* primary */
+  /* primary: the group's plugins, the i-th --fleece with the i-th
+   * --nbd (fleece_socket and nbd_uri are the first)
+   */
   const char *fleece_socket, *nbd_uri, *peer;
+  const char *fleece_sockets[COLOD_MAX_DISKS], *nbd_uris[COLOD_MAX_DISKS];
+  unsigned nfleece, nnbd;
   int interval_ms;
   uint32_t max_extent;
-  /* secondary */
+  /* secondary: the group's disks, and a store for each at promotion
+   * (disk and promote_store are the first)
+   */
   const char *listen, *disk, *on_promote, *promote_store;
+  const char *disks[COLOD_MAX_DISKS], *promote_stores[COLOD_MAX_DISKS];
+  unsigned ndisks, npromote_stores;
   bool auto_failover, discard_diverged;
   /* both */
   int hb_interval_ms, hb_timeout_ms;
@@ -99,6 +111,9 @@ struct colod_status {
   uint64_t committed_at_ms;       /* wall clock of the last commit's
                                      checkpoint (primary) or arrival */
   uint64_t last_epoch, last_epoch_bytes, last_epoch_extents;
+  /* The last epoch's share of each disk of the group. */
+  uint64_t disk_epoch_bytes[COLOD_MAX_DISKS];
+  uint64_t disk_epoch_extents[COLOD_MAX_DISKS];
   uint64_t last_epoch_ms;         /* its duration */
   bool last_epoch_full;
   uint64_t epoch_in_flight, bytes_in_flight, resync_remaining;
@@ -106,6 +121,10 @@ struct colod_status {
   int64_t last_heartbeat_ms;      /* monotonic; 0: none yet */
   int64_t rtt_us;
 };
+
+/* The group's disks: the secondary's --disk, the primary's --fleece. */
+extern unsigned colod_ndisks (void);
+extern const char *colod_disk_name (unsigned i);
 
 /* "none", "require", "active", "completed" (colod.c). */
 extern const char *colod_failover_name (enum colod_failover f);

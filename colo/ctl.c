@@ -65,6 +65,30 @@ static struct {
   unsigned nclients;
 } ctl = { .fd = -1 };
 
+/* Each disk of the group: its epoch (the group's: every disk is at
+ * the same one) and its share of the last epoch.
+ */
+static json_t *
+disks_json (const struct colod_status *st)
+{
+  json_t *a = json_array ();
+  unsigned i;
+
+  for (i = 0; a && i < colod_ndisks (); i++)
+    json_array_append_new (a, json_pack ("{s:i,s:s,s:I,s:I,s:I,s:I}",
+                                         "index", (int) i,
+                                         "disk", colod_disk_name (i),
+                                         "last-committed-epoch",
+                                         (json_int_t) st->last_committed,
+                                         "last-applied-epoch",
+                                         (json_int_t) st->last_applied,
+                                         "last-epoch-bytes", (json_int_t)
+                                         st->disk_epoch_bytes[i],
+                                         "last-epoch-extents", (json_int_t)
+                                         st->disk_epoch_extents[i]));
+  return a;
+}
+
 static json_t *
 status_json (void)
 {
@@ -106,6 +130,7 @@ status_json (void)
                  "reconnects", (json_int_t) st->reconnects);
   if (o == NULL)
     return NULL;
+  json_object_set_new (o, "disks", disks_json (st));
   if (st->peer_identity[0])
     json_object_set_new (o, "peer-identity",
                          json_string (st->peer_identity));

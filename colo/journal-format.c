@@ -110,6 +110,10 @@ journal_rec_decode (const unsigned char in[REC_SIZE], struct rec *r)
   r->nonce = get_u64 (in + 8);
   r->epoch = get_u64 (in + 16);
   memcpy (r->body, in + 24, 32);
-  return le16toh (version) == REC_VERSION ? REC_OK : REC_OTHER_VERSION;
+  /* Version 2 is version 3 with one disk: BEGIN's disk count is 0 and
+   * no EXTENT names another disk.
+   */
+  return le16toh (version) == REC_VERSION ||
+    le16toh (version) == REC_VERSION_V2 ? REC_OK : REC_OTHER_VERSION;
 }
 

@@ -18,7 +18,10 @@
 /* Journal file. */
 #define REC_SIZE        64
 #define REC_MAGIC       "FLCJ"
-#define REC_VERSION     2     /* 1: data right after its record */
+#define REC_VERSION     3     /* 3: groups: BEGIN's disk count, the disk
+                                 in EXTENT's flags */
+#define REC_VERSION_V2  2     /* a single disk; replays as version 3 */
+                              /* 1: data right after its record */
 #define REC_BLOCK       4096  /* an EXTENT record's block; data is aligned */
 #define BEGIN_OFFSET    0
 #define COMMIT_OFFSET   4096
@@ -49,10 +52,14 @@ enum phase {
  */
 struct journal {
   /* Set by journal_open, then constant. */
-  char *state_path, *tmp_path, *journal_path, *disk_path;
-  int dir_fd, jfd, dfd;
+  char *state_path, *tmp_path, *journal_path;
+  int dir_fd, jfd;
   int jdfd;                     /* the journal with O_DIRECT; -1: none */
-  bool disk_is_blk;
+  /* The disks of the group (one, unless a consistency group). */
+  unsigned ndisks;
+  char *disk_path[JOURNAL_MAX_DISKS];
+  int dfd[JOURNAL_MAX_DISKS];
+  bool disk_is_blk[JOURNAL_MAX_DISKS];
   char *buf;                    /* IO_BUF_SIZE bytes, REC_BLOCK-aligned */
   unsigned char *recblock;      /* REC_BLOCK bytes, aligned, zero-padded */
 
@@ -98,10 +105,11 @@ extern int journal_pread (int fd, void *p, size_t len, uint64_t off);
 /* Replace the state file with st (temp file, fsync, rename, fsync). */
 extern int journal_state_save (struct journal *j,
                                const struct journal_state *st);
-/* Write or zero a range of the replicated disk. */
-extern int journal_disk_write (struct journal *j, const void *p, size_t len,
-                               uint64_t off);
-extern int journal_disk_zero (struct journal *j, uint64_t off, uint64_t len);
+/* Write or zero a range of replicated disk d. */
+extern int journal_disk_write (struct journal *j, unsigned d, const void *p,
+                               size_t len, uint64_t off);
+extern int journal_disk_zero (struct journal *j, unsigned d, uint64_t off,
+                              uint64_t len);
 /* No epoch in the journal (PHASE_IDLE). */
 extern void journal_reset_phase (struct journal *j);
 /* Empty the journal.  Not synced: see journal.c's note. */

@@ -31,15 +31,21 @@ const char *
 journal_extent_problem (const struct journal_state *st, uint64_t offset,
                         uint32_t length, uint32_t flags)
 {
-  if (flags != JOURNAL_EXTENT_DATA && flags != JOURNAL_EXTENT_ZERO)
+  uint32_t kind = JOURNAL_EXTENT_KIND (flags), d = JOURNAL_EXTENT_DISK (flags);
+  uint64_t size;
+
+  if (kind != JOURNAL_EXTENT_DATA && kind != JOURNAL_EXTENT_ZERO)
     return "flags must be exactly one of DATA and ZERO";
+  if (d >= st->disk_count)
+    return "of a disk that is not in the group";
+  size = st->disk_sizes[d];
   if (length == 0)
     return "empty extent";
-  if (offset >= st->disk_size || length > st->disk_size - offset)
+  if (offset >= size || length > size - offset)
     return "beyond the end of the disk";
   if (offset % st->cluster_size != 0)
     return "offset not aligned to the cluster size";
-  if (length % st->cluster_size != 0 && offset + length != st->disk_size)
+  if (length % st->cluster_size != 0 && offset + length != size)
     return "length not a multiple of the cluster size and not ending "
       "at the end of the disk";
   return NULL;
@@ -71,7 +77,8 @@ read_extent_record (struct journal *j, uint64_t *pos, uint64_t index,
   e->flags = get_u32 (r.body + 12);
   e->checksum = get_u64 (r.body + 16);
   why = journal_extent_problem (&j->st, e->offset, e->length, e->flags);
-  if (why == NULL && e->flags == JOURNAL_EXTENT_ZERO && e->checksum != 0)
+  if (why == NULL && JOURNAL_EXTENT_KIND (e->flags) == JOURNAL_EXTENT_ZERO &&
+      e->checksum != 0)
     why = "ZERO extent with a checksum";
   if (why)
     return jerr (j, 0, "read: %s: extent record %" PRIu64 " of committed "
@@ -156,7 +163,8 @@ apply_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
                    PRIu64 " of committed epoch %" PRIu64 " does not match "
                    "its checksum: the journal is corrupt", j->journal_path,
                    e->offset, j->epoch);
-    return journal_disk_write (j, j->buf, e->length, e->offset);
+    return journal_disk_write (j, JOURNAL_EXTENT_DISK (e->flags), j->buf,
+                               e->length, e->offset);
   }
   if (verify_data (j, e, pos) == -1)
     return -1;
@@ -166,7 +174,8 @@ apply_data (struct journal *j, const struct journal_extent *e, uint64_t pos)
 
     if (read_data (j, n, pos + done) == -1)
       return jerr (j, errno, "read: %s", j->journal_path);
-    if (journal_disk_write (j, j->buf, n, e->offset + done) == -1)
+    if (journal_disk_write (j, JOURNAL_EXTENT_DISK (e->flags), j->buf, n,
+                            e->offset + done) == -1)
       return -1;
     done += n;
   }
@@ -187,7 +196,7 @@ verify_epoch (struct journal *j, uint64_t digest, uint64_t end)
   for (i = 0; i < j->count; i++) {
     if (read_extent_record (j, &pos, i, &e) == -1)
       return -1;
-    if (e.flags == JOURNAL_EXTENT_DATA) {
+    if (JOURNAL_EXTENT_KIND (e.flags) == JOURNAL_EXTENT_DATA) {
       if (verify_data (j, &e, pos) == -1)
         return -1;
       pos = journal_block_up (pos + e.length);
@@ -207,9 +216,12 @@ verify_epoch (struct journal *j, uint64_t digest, uint64_t end)
 static int
 load_committed (struct journal *j, const struct rec *b, const struct rec *c)
 {
+  uint32_t disks = get_u32 (b->body + 28);       /* 0: version 2 */
+
   if (memcmp (b->body, j->st.generation_id, JOURNAL_ID_SIZE) != 0 ||
       get_u64 (b->body + 16) != j->st.disk_size ||
-      get_u32 (b->body + 24) != j->st.cluster_size)
+      get_u32 (b->body + 24) != j->st.cluster_size ||
+      (disks ? disks : 1) != j->st.disk_count)
     return jerr (j, 0, "read: %s: committed epoch %" PRIu64 " belongs to "
                  "another generation or geometry than %s",
                  j->journal_path, b->epoch, j->state_path);
@@ -334,6 +346,7 @@ journal_apply (struct journal *j)
   struct journal_state st;
   struct journal_extent e;
   uint64_t pos = EXTENTS_OFFSET, i;
+  unsigned d;
 
   if (journal_check_usable (j) == -1)
     return -1;
@@ -345,8 +358,9 @@ journal_apply (struct journal *j)
   for (i = 0; i < j->count; i++) {
     if (read_extent_record (j, &pos, i, &e) == -1)
       return -1;
-    if (e.flags == JOURNAL_EXTENT_ZERO) {
-      if (journal_disk_zero (j, e.offset, e.length) == -1)
+    if (JOURNAL_EXTENT_KIND (e.flags) == JOURNAL_EXTENT_ZERO) {
+      if (journal_disk_zero (j, JOURNAL_EXTENT_DISK (e.flags), e.offset,
+                             e.length) == -1)
         return -1;
     }
     else {
@@ -355,9 +369,14 @@ journal_apply (struct journal *j)
       pos = journal_block_up (pos + e.length);
     }
   }
-  journal_step_hook (JOURNAL_STEP_DISK_SYNC);
-  if (fdatasync (j->dfd) == -1)
-    return jerr (j, errno, "fdatasync: %s", j->disk_path);
+  /* Every disk of the group is synced before the state says the epoch
+   * is applied: until then recovery applies it again, to all of them.
+   */
+  for (d = 0; d < j->ndisks; d++) {
+    journal_step_hook (JOURNAL_STEP_DISK_SYNC);
+    if (fdatasync (j->dfd[d]) == -1)
+      return jerr (j, errno, "fdatasync: %s", j->disk_path[d]);
+  }
   st = j->st;
   st.committed_epoch = st.applied_epoch = j->epoch;
   if (journal_state_save (j, &st) == -1)

@@ -281,11 +281,12 @@ state_load (struct journal *j)
 /* ---- the disk ---- */
 
 int
-journal_disk_write (struct journal *j, const void *p, size_t len, uint64_t off)
+journal_disk_write (struct journal *j, unsigned d, const void *p, size_t len,
+                    uint64_t off)
 {
   journal_step_hook (JOURNAL_STEP_DISK_WRITE);
-  if (full_pwrite (j->dfd, p, len, off) == -1)
-    return jerr (j, errno, "pwrite: %s", j->disk_path);
+  if (full_pwrite (j->dfd[d], p, len, off) == -1)
+    return jerr (j, errno, "pwrite: %s", j->disk_path[d]);
   return 0;
 }
 
@@ -294,32 +295,34 @@ journal_disk_write (struct journal *j, const void *p, size_t len, uint64_t off)
  * works there (e.g. a range that is not sector-aligned).
  */
 int
-journal_disk_zero (struct journal *j, uint64_t off, uint64_t len)
+journal_disk_zero (struct journal *j, unsigned d, uint64_t off, uint64_t len)
 {
+  int fd = j->dfd[d];
+
   journal_step_hook (JOURNAL_STEP_DISK_WRITE);
-  if (j->disk_is_blk) {
+  if (j->disk_is_blk[d]) {
     uint64_t range[2] = { off, len };
 
-    if (ioctl (j->dfd, BLKZEROOUT, range) == 0)
+    if (ioctl (fd, BLKZEROOUT, range) == 0)
       return 0;
     if (errno != EINVAL && errno != EOPNOTSUPP && errno != ENOTTY)
-      return jerr (j, errno, "ioctl BLKZEROOUT: %s", j->disk_path);
+      return jerr (j, errno, "ioctl BLKZEROOUT: %s", j->disk_path[d]);
   }
   else {
-    if (fallocate (j->dfd, FALLOC_FL_ZERO_RANGE, off, len) == 0)
+    if (fallocate (fd, FALLOC_FL_ZERO_RANGE, off, len) == 0)
       return 0;
-    if (fallocate (j->dfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    if (fallocate (fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                    off, len) == 0)
       return 0;
     if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
-      return jerr (j, errno, "fallocate: %s", j->disk_path);
+      return jerr (j, errno, "fallocate: %s", j->disk_path[d]);
   }
   memset (j->buf, 0, IO_BUF_SIZE);
   while (len > 0) {
     size_t n = len < IO_BUF_SIZE ? len : IO_BUF_SIZE;
 
-    if (full_pwrite (j->dfd, j->buf, n, off) == -1)
-      return jerr (j, errno, "pwrite: %s", j->disk_path);
+    if (full_pwrite (fd, j->buf, n, off) == -1)
+      return jerr (j, errno, "pwrite: %s", j->disk_path[d]);
     off += n;
     len -= n;
   }
@@ -432,25 +435,33 @@ open_state_dir (struct journal *j, const char *state_dir)
 }
 
 static int
-load_or_init_state (struct journal *j, uint64_t disk_size,
+load_or_init_state (struct journal *j, const uint64_t *sizes,
                     uint32_t cluster_size)
 {
   struct journal_state st;
+  unsigned d;
   int r = state_load (j);
 
   if (r == -1)
     return -1;
   if (r == 0) {
     memset (&st, 0, sizeof st);
-    st.disk_size = disk_size;
+    st.disk_size = sizes[0];
     st.cluster_size = cluster_size;
+    st.disk_count = j->ndisks;
+    memcpy (st.disk_sizes, sizes, j->ndisks * sizeof *sizes);
     return journal_state_save (j, &st);
   }
-  if (j->st.disk_size != disk_size || j->st.cluster_size != cluster_size)
-    return jerr (j, 0, "open: %s: made for a disk of %" PRIu64 " bytes in "
-                 "clusters of %" PRIu32 ", not %" PRIu64 " in clusters of %"
-                 PRIu32, j->state_path, j->st.disk_size, j->st.cluster_size,
-                 disk_size, cluster_size);
+  if (j->st.disk_count != j->ndisks)
+    return jerr (j, 0, "open: %s: made for a group of %" PRIu32 " disks, "
+                 "not %u", j->state_path, j->st.disk_count, j->ndisks);
+  for (d = 0; d < j->ndisks; d++)
+    if (j->st.disk_sizes[d] != sizes[d] || j->st.cluster_size != cluster_size)
+      return jerr (j, 0, "open: %s: made for a disk %u (%s) of %" PRIu64
+                   " bytes in clusters of %" PRIu32 ", not %" PRIu64
+                   " in clusters of %" PRIu32, j->state_path, d,
+                   j->disk_path[d], j->st.disk_sizes[d], j->st.cluster_size,
+                   sizes[d], cluster_size);
   if (j->st.applied_epoch > j->st.committed_epoch)
     return jerr (j, 0, "open: %s: applied epoch %" PRIu64 " is after the "
                  "committed epoch %" PRIu64, j->state_path,
@@ -459,29 +470,30 @@ load_or_init_state (struct journal *j, uint64_t disk_size,
 }
 
 static int
-open_disk (struct journal *j, uint64_t disk_size)
+open_disk (struct journal *j, unsigned d, uint64_t disk_size)
 {
+  const char *path = j->disk_path[d];
   struct stat sb;
   uint64_t size;
 
-  j->dfd = open (j->disk_path, O_RDWR | O_CLOEXEC);
-  if (j->dfd == -1)
-    return jerr (j, errno, "open: %s", j->disk_path);
-  if (fstat (j->dfd, &sb) == -1)
-    return jerr (j, errno, "fstat: %s", j->disk_path);
+  j->dfd[d] = open (path, O_RDWR | O_CLOEXEC);
+  if (j->dfd[d] == -1)
+    return jerr (j, errno, "open: %s", path);
+  if (fstat (j->dfd[d], &sb) == -1)
+    return jerr (j, errno, "fstat: %s", path);
   if (S_ISBLK (sb.st_mode)) {
-    j->disk_is_blk = true;
-    if (ioctl (j->dfd, BLKGETSIZE64, &size) == -1)
-      return jerr (j, errno, "ioctl BLKGETSIZE64: %s", j->disk_path);
+    j->disk_is_blk[d] = true;
+    if (ioctl (j->dfd[d], BLKGETSIZE64, &size) == -1)
+      return jerr (j, errno, "ioctl BLKGETSIZE64: %s", path);
   }
   else if (S_ISREG (sb.st_mode))
     size = sb.st_size;
   else
     return jerr (j, 0, "open: %s: not a regular file or a block device",
-                 j->disk_path);
+                 path);
   if (size < disk_size)
     return jerr (j, 0, "open: %s: %" PRIu64 " bytes, smaller than the "
-                 "replicated disk (%" PRIu64 " bytes)", j->disk_path, size,
+                 "replicated disk %u (%" PRIu64 " bytes)", path, size, d,
                  disk_size);
   return 0;
 }
@@ -491,40 +503,75 @@ journal_open (const char *state_dir, const char *disk_path,
               uint64_t disk_size, uint32_t cluster_size,
               char *err, size_t errlen)
 {
+  return journal_open_group (state_dir, 1, &disk_path, &disk_size,
+                             cluster_size, err, errlen);
+}
+
+/* Each disk's geometry, before anything is opened. */
+static int
+check_geometry (struct journal *j, const char *const *paths,
+                const uint64_t *sizes, uint32_t cluster_size)
+{
+  unsigned d;
+
+  for (d = 0; d < j->ndisks; d++)
+    if (sizes[d] == 0 || cluster_size < MIN_CLUSTER ||
+        cluster_size > MAX_CLUSTER || (cluster_size & (cluster_size - 1)))
+      return jerr (j, 0, "journal_open: %s: invalid geometry: disk of %"
+                   PRIu64 " bytes, clusters of %" PRIu32 " (a power of two, "
+                   "512 to 64M)", paths[d], sizes[d], cluster_size);
+  return 0;
+}
+
+struct journal *
+journal_open_group (const char *state_dir, unsigned ndisks,
+                    const char *const *disk_paths, const uint64_t *disk_sizes,
+                    uint32_t cluster_size, char *err, size_t errlen)
+{
   struct journal *j = calloc (1, sizeof *j);
+  bool paths_ok = true;
+  unsigned d;
 
   if (j == NULL) {
     snprintf (err, errlen, "calloc: %s", strerror (errno));
     return NULL;
   }
-  j->dir_fd = j->jfd = j->jdfd = j->dfd = -1;
+  if (ndisks < 1 || ndisks > JOURNAL_MAX_DISKS) {
+    snprintf (err, errlen, "journal_open: %s: %u disks: a group has 1 to %d",
+              state_dir, ndisks, JOURNAL_MAX_DISKS);
+    free (j);
+    return NULL;
+  }
+  j->dir_fd = j->jfd = j->jdfd = -1;
+  j->ndisks = ndisks;
+  for (d = 0; d < ndisks; d++) {
+    j->dfd[d] = -1;
+    j->disk_path[d] = strdup (disk_paths[d]);
+    paths_ok = paths_ok && j->disk_path[d];
+  }
   j->state_path = path_join (state_dir, "state");
   j->tmp_path = path_join (state_dir, "state.tmp");
   j->journal_path = path_join (state_dir, "journal");
-  j->disk_path = strdup (disk_path);
   if (posix_memalign ((void **) &j->buf, REC_BLOCK, IO_BUF_SIZE) != 0)
     j->buf = NULL;
   if (posix_memalign ((void **) &j->recblock, REC_BLOCK, REC_BLOCK) != 0)
     j->recblock = NULL;
   else
     memset (j->recblock, 0, REC_BLOCK);
-  if (!j->state_path || !j->tmp_path || !j->journal_path || !j->disk_path ||
+  if (!j->state_path || !j->tmp_path || !j->journal_path || !paths_ok ||
       !j->buf || !j->recblock) {
     errno = ENOMEM;
     jerr (j, errno, "journal_open: %s", state_dir);
     goto out_close;
   }
-  if (disk_size == 0 || cluster_size < MIN_CLUSTER ||
-      cluster_size > MAX_CLUSTER || (cluster_size & (cluster_size - 1))) {
-    jerr (j, 0, "journal_open: %s: invalid geometry: disk of %" PRIu64
-          " bytes, clusters of %" PRIu32 " (a power of two, 512 to 64M)",
-          disk_path, disk_size, cluster_size);
+  if (check_geometry (j, disk_paths, disk_sizes, cluster_size) == -1 ||
+      open_state_dir (j, state_dir) == -1 ||
+      load_or_init_state (j, disk_sizes, cluster_size) == -1)
     goto out_close;
-  }
-  if (open_state_dir (j, state_dir) == -1 ||
-      load_or_init_state (j, disk_size, cluster_size) == -1 ||
-      open_disk (j, disk_size) == -1 ||
-      journal_recover (j) == -1)
+  for (d = 0; d < ndisks; d++)
+    if (open_disk (j, d, disk_sizes[d]) == -1)
+      goto out_close;
+  if (journal_recover (j) == -1)
     goto out_close;
   return j;
 
@@ -537,10 +584,15 @@ journal_open (const char *state_dir, const char *disk_path,
 void
 journal_close (struct journal *j)
 {
+  unsigned d;
+
   if (j == NULL)
     return;
-  if (j->dfd >= 0)
-    close (j->dfd);
+  for (d = 0; d < j->ndisks; d++) {
+    if (j->dfd[d] >= 0)
+      close (j->dfd[d]);
+    free (j->disk_path[d]);
+  }
   if (j->jdfd >= 0)
     close (j->jdfd);
   if (j->jfd >= 0)
@@ -550,7 +602,6 @@ journal_close (struct journal *j)
   free (j->state_path);
   free (j->tmp_path);
   free (j->journal_path);
-  free (j->disk_path);
   free (j->buf);
   free (j->recblock);
   free (j);
@@ -675,6 +726,7 @@ journal_begin (struct journal *j, uint64_t epoch,
   memcpy (r.body, generation, JOURNAL_ID_SIZE);
   put_u64 (r.body + 16, j->st.disk_size);
   put_u32 (r.body + 24, j->st.cluster_size);
+  put_u32 (r.body + 28, j->st.disk_count);
   journal_rec_encode (block + BEGIN_OFFSET, &r);
   journal_step_hook (JOURNAL_STEP_JOURNAL_WRITE);
   if (full_pwrite (j->jfd, block, sizeof block, 0) == -1)
@@ -713,7 +765,7 @@ add_extent (struct journal *j, uint64_t offset, uint32_t length,
             uint32_t flags, const void *data, uint64_t checksum, bool verify)
 {
   const struct journal_extent e = { offset, length, flags, checksum };
-  bool is_data = flags == JOURNAL_EXTENT_DATA;
+  bool is_data = JOURNAL_EXTENT_KIND (flags) == JOURNAL_EXTENT_DATA;
   struct rec r = { .type = REC_EXTENT, .nonce = j->nonce, .epoch = j->epoch };
   struct iovec iov[2];
   const char *why;

@@ -39,6 +39,12 @@ struct journal;
 
 #define JOURNAL_EXTENT_DATA  (1u << 0)  /* length bytes of data */
 #define JOURNAL_EXTENT_ZERO  (1u << 1)  /* reads as zeroes; checksum 0 */
+/* In a group, the extent's disk is in flags' high 16 bits (as on the
+ * wire): JOURNAL_EXTENT_DATA | d << JOURNAL_EXTENT_DISK_SHIFT.
+ */
+#define JOURNAL_EXTENT_DISK_SHIFT 16
+#define JOURNAL_EXTENT_KIND(flags) ((flags) & 0xffffu)
+#define JOURNAL_EXTENT_DISK(flags) ((flags) >> JOURNAL_EXTENT_DISK_SHIFT)
 
 /* An extent descriptor.  Its encoding, the unit of the digest, is 24
  * bytes, little-endian: offset u64, length u32, flags u32, checksum u64.
@@ -91,6 +97,18 @@ extern struct journal *journal_open (const char *state_dir,
                                      uint64_t disk_size,
                                      uint32_t cluster_size,
                                      char *err, size_t errlen);
+
+/* The same for a consistency group of ndisks disks (1 to
+ * JOURNAL_MAX_DISKS), in the group's order: an epoch's extents name
+ * their disk in their flags, and an epoch is applied to all of them, or
+ * to none, whatever crashes.
+ */
+extern struct journal *journal_open_group (const char *state_dir,
+                                           unsigned ndisks,
+                                           const char *const *disk_paths,
+                                           const uint64_t *disk_sizes,
+                                           uint32_t cluster_size,
+                                           char *err, size_t errlen);
 
 /* colo_state_read (state.h) reads STATE_DIR/state without opening the
  * journal.

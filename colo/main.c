@@ -33,12 +33,14 @@ usage (FILE *f)
 {
   fprintf (f,
 "usage:\n"
-"  fleece-colod secondary --listen ADDR:PORT --disk PATH --state DIR TLS\n"
+"  fleece-colod secondary --listen ADDR:PORT --disk PATH [--disk PATH...]\n"
+"                --state DIR TLS\n"
 "                [--hb-interval MS] [--hb-timeout MS] [--auto-failover]\n"
-"                [--on-promote CMD] [--promote-store PATH]\n"
+"                [--on-promote CMD] [--promote-store PATH...]\n"
 "                [--discard-diverged] [--handshake-timeout MS]\n"
 "                [--control PATH] [LOG] [-v]\n"
-"  fleece-colod primary --fleece SOCKET --nbd URI --peer ADDR:PORT\n"
+"  fleece-colod primary --fleece SOCKET --nbd URI [--fleece S --nbd U...]\n"
+"                --peer ADDR:PORT\n"
 "                --state DIR TLS [--interval MS] [--hb-interval MS]\n"
 "                [--hb-timeout MS] [--handshake-timeout MS]\n"
 "                [--max-extent BYTES] [--control PATH] [LOG] [-v]\n"
@@ -118,6 +120,21 @@ static const struct option long_options[] = {
   { NULL, 0, NULL, 0 },
 };
 
+/* A repeatable option (one value per disk of the group). */
+static int
+add_disk_option (const char *opt, const char *value, const char **v,
+                 unsigned *n, const char **first)
+{
+  if (*n == COLOD_MAX_DISKS) {
+    fprintf (stderr, "fleece-colod: %s %s: a group has at most %d disks\n",
+             opt, value, COLOD_MAX_DISKS);
+    return -1;
+  }
+  v[(*n)++] = value;
+  *first = v[0];
+  return 0;
+}
+
 /* --debug NAME=VALUE: fault injection for the tests. */
 static int
 parse_debug (const char *s)
@@ -152,10 +169,22 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
   while ((c = getopt_long (argc, argv, "vhV", long_options, NULL)) != -1) {
     switch (c) {
     case OPT_LISTEN: o->listen = optarg; break;
-    case OPT_DISK: o->disk = optarg; break;
+    case OPT_DISK:
+      if (add_disk_option ("--disk", optarg, o->disks, &o->ndisks,
+                           &o->disk) == -1)
+        return -1;
+      break;
     case OPT_STATE: o->state_dir = optarg; break;
-    case OPT_FLEECE: o->fleece_socket = optarg; break;
-    case OPT_NBD: o->nbd_uri = optarg; break;
+    case OPT_FLEECE:
+      if (add_disk_option ("--fleece", optarg, o->fleece_sockets,
+                           &o->nfleece, &o->fleece_socket) == -1)
+        return -1;
+      break;
+    case OPT_NBD:
+      if (add_disk_option ("--nbd", optarg, o->nbd_uris, &o->nnbd,
+                           &o->nbd_uri) == -1)
+        return -1;
+      break;
     case OPT_PEER: o->peer = optarg; break;
     case OPT_INTERVAL:
       if (parse_ms ("--interval", optarg, 0, &o->interval_ms) == -1)
@@ -176,7 +205,11 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
       break;
     case OPT_AUTO_FAILOVER: o->auto_failover = true; break;
     case OPT_ON_PROMOTE: o->on_promote = optarg; break;
-    case OPT_PROMOTE_STORE: o->promote_store = optarg; break;
+    case OPT_PROMOTE_STORE:
+      if (add_disk_option ("--promote-store", optarg, o->promote_stores,
+                           &o->npromote_stores, &o->promote_store) == -1)
+        return -1;
+      break;
     case OPT_DISCARD: o->discard_diverged = true; break;
     case OPT_CONTROL: o->control = optarg; break;
     case OPT_MAX_EXTENT: {
@@ -248,6 +281,25 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
              "--tls-certificates DIR, --tls-psk FILE and --insecure (the "
              "last one only on a network you trust: it sends the disk in "
              "the clear)\n", o->role);
+    return -1;
+  }
+  if (o->nfleece != o->nnbd) {
+    fprintf (stderr, "fleece-colod %s: %u --fleece and %u --nbd: give one "
+             "--nbd for each --fleece, in the same order\n", o->role,
+             o->nfleece, o->nnbd);
+    return -1;
+  }
+  if (o->npromote_stores && o->npromote_stores != o->ndisks) {
+    fprintf (stderr, "fleece-colod %s: %u --promote-store for %u --disk: "
+             "give one for each disk, in the same order\n", o->role,
+             o->npromote_stores, o->ndisks);
+    return -1;
+  }
+  if (strcmp (o->role, "demote") == 0 && o->nfleece > 1) {
+    fprintf (stderr, "fleece-colod demote: a group of %u disks cannot be "
+             "demoted (failback of a group is a full copy: restart the old "
+             "primary's hosts as a secondary with --discard-diverged)\n",
+             o->nfleece);
     return -1;
   }
   if (o->hb_timeout_ms <= o->hb_interval_ms) {

@@ -104,6 +104,16 @@ status_metrics (struct prom *p)
             st->epochs_refused);
   prom_one (p, "fleece_colod_reconnects_total", "counter",
             "Times the connection to the peer was lost.", st->reconnects);
+  prom_one (p, "fleece_colod_group_disks", "gauge",
+            "Disks in the replicated group (1: a single disk).",
+            colod_ndisks ());
+  prom_metric (p, "fleece_colod_disk_last_epoch_bytes", "gauge",
+               "Bytes of each disk of the group in the last durable epoch.");
+  for (i = 0; i < colod_ndisks (); i++) {
+    snprintf (labels, sizeof labels, "disk=\"%zu\"", i);
+    prom_u64 (p, "fleece_colod_disk_last_epoch_bytes", labels,
+              st->disk_epoch_bytes[i]);
+  }
 }
 
 char *

@@ -1,6 +1,9 @@
-/* fleece-colod primary: the plugin it ships from, seen through the
- * plugin's control socket (docs/control-protocol.md): its geometry and
- * its colo-N checkpoints (primary.c's note says what they mean).
+/* fleece-colod primary: the plugins it ships from, one per disk of the
+ * group, seen through their control sockets (docs/control-protocol.md):
+ * their geometry and their colo-N checkpoints (primary.c's note says
+ * what they mean).  Of a group of several disks, checkpoint colo-N is
+ * taken on all at one instant with the consistency group protocol
+ * (group-prepare on all, then group-commit on all).
  *
  * The connection is opened on first use and subscribed to events, so
  * that the plugin keeps it however long it is idle; a failure that
@@ -24,40 +27,62 @@
 #include "plugin.h"
 #include "source.h"
 
-struct primary_plugin plugin;
+struct primary_plugin plugins[COLOD_MAX_DISKS];
+unsigned nplugins;
 
-json_t *
-plugin_ctl (const char *cmd, json_t *args, char *err, size_t errlen)
+/* Connected and subscribed: 0, or -1 with err. */
+static int
+plugin_connect (struct primary_plugin *pl, char *err, size_t errlen)
 {
   json_t *r;
 
-  if (plugin.ctl == NULL) {
-    plugin.ctl = ctlc_connect (colod.opt.fleece_socket, 30000, err, errlen);
+  if (pl->ctl == NULL) {
+    pl->ctl = ctlc_connect (pl->socket, 30000, err, errlen);
     /* Subscribed, the plugin keeps this connection however long it is
      * idle (--interval 0 waits for requests): not subscribed, it would
      * close it after a minute.
      */
-    r = plugin.ctl ? ctlc_execute (plugin.ctl, "subscribe-events", NULL,
-                                   err, errlen) : NULL;
+    r = pl->ctl ? ctlc_execute (pl->ctl, "subscribe-events", NULL,
+                                err, errlen) : NULL;
     if (r == NULL) {
-      ctlc_close (plugin.ctl);
-      plugin.ctl = NULL;
-      json_decref (args);
-      return NULL;
+      ctlc_close (pl->ctl);
+      pl->ctl = NULL;
+      return -1;
     }
     json_decref (r);
   }
-  r = ctlc_execute (plugin.ctl, cmd, args, err, errlen);
-  if (r == NULL && strstr (err, "control socket")) {
-    ctlc_close (plugin.ctl);    /* reconnect next time */
-    plugin.ctl = NULL;
+  return 0;
+}
+
+/* After a failure that names the control socket: reconnect next time. */
+static void
+plugin_check_closed (struct primary_plugin *pl, const char *err)
+{
+  if (strstr (err, "control socket")) {
+    ctlc_close (pl->ctl);
+    pl->ctl = NULL;
   }
+}
+
+json_t *
+plugin_ctl (struct primary_plugin *pl, const char *cmd, json_t *args,
+            char *err, size_t errlen)
+{
+  json_t *r;
+
+  if (plugin_connect (pl, err, errlen) == -1) {
+    json_decref (args);
+    return NULL;
+  }
+  r = ctlc_execute (pl->ctl, cmd, args, err, errlen);
+  if (r == NULL)
+    plugin_check_closed (pl, err);
   return r;
 }
 
 /* N if name is colo-N, else 0 (also for NULL). */
 static uint64_t
-colo_number (const char *name)
+colo_plugin_number (const char *name)
 {
   char *end;
   unsigned long long v;
@@ -74,10 +99,10 @@ colo_number (const char *name)
  * *out malloc'ed, sorted.
  */
 static int
-list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
-           size_t errlen)
+list_colo (struct primary_plugin *pl, const char *cmd, uint64_t **out,
+           size_t *n, char *err, size_t errlen)
 {
-  json_t *r = plugin_ctl (cmd, NULL, err, errlen), *e;
+  json_t *r = plugin_ctl (pl, cmd, NULL, err, errlen), *e;
   size_t i;
 
   *out = NULL;
@@ -91,7 +116,7 @@ list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
     return -1;
   }
   json_array_foreach (r, i, e) {
-    uint64_t k = colo_number (json_string_value (json_object_get (e,
+    uint64_t k = colo_plugin_number (json_string_value (json_object_get (e,
                                                                   "name")));
     size_t j;
     if (k == 0)
@@ -106,15 +131,16 @@ list_colo (const char *cmd, uint64_t **out, size_t *n, char *err,
 }
 
 static int
-remove_colo (const char *cmd, uint64_t k)
+remove_colo (struct primary_plugin *pl, const char *cmd, uint64_t k)
 {
   char name[64], err[1024];
   json_t *r;
 
   snprintf (name, sizeof name, PLUGIN_PREFIX "%" PRIu64, k);
-  r = plugin_ctl (cmd, json_pack ("{s:s}", "name", name), err, sizeof err);
+  r = plugin_ctl (pl, cmd, json_pack ("{s:s}", "name", name), err,
+                  sizeof err);
   if (r == NULL) {
-    colod_warn ("%s %s: %s", cmd, name, err);
+    colod_warn ("%s: %s %s: %s", pl->socket, cmd, name, err);
     return -1;
   }
   json_decref (r);
@@ -125,29 +151,30 @@ remove_colo (const char *cmd, uint64_t k)
  * below below.
  */
 void
-plugin_prune (uint64_t keep_snapshot, uint64_t below)
+plugin_prune (struct primary_plugin *pl, uint64_t keep_snapshot,
+              uint64_t below)
 {
   uint64_t *v;
   size_t n, i;
   char err[1024];
 
-  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
+  if (list_colo (pl, "query-snapshots", &v, &n, err, sizeof err) == 0)
     for (i = 0; i < n; i++)
       if (v[i] != keep_snapshot)
-        remove_colo ("snapshot-delete", v[i]);
+        remove_colo (pl, "snapshot-delete", v[i]);
   free (v);
-  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == 0)
+  if (list_colo (pl, "query-bitmaps", &v, &n, err, sizeof err) == 0)
     for (i = 0; i < n; i++)
       if (v[i] < below)
-        remove_colo ("bitmap-remove", v[i]);
+        remove_colo (pl, "bitmap-remove", v[i]);
   free (v);
 }
 
 /* The plugin's geometry and checkpoints.  A plugin that is not up yet
  * is waited for (wait: the daemon), or not (demote).
  */
-int
-plugin_start (bool wait)
+static int
+start_one (struct primary_plugin *pl, bool wait)
 {
   char err[1024];
   json_int_t size, cs;
@@ -156,7 +183,8 @@ plugin_start (bool wait)
   json_t *r;
   bool said = false;
 
-  while ((r = plugin_ctl ("query-status", NULL, err, sizeof err)) == NULL) {
+  while ((r = plugin_ctl (pl, "query-status", NULL, err,
+                          sizeof err)) == NULL) {
     if (!wait || colod.stop || strstr (err, "control socket") == NULL) {
       colod_err ("%s", err);
       return -1;
@@ -169,22 +197,45 @@ plugin_start (bool wait)
   if (json_unpack (r, "{s:I,s:I}", "disk-size", &size, "cluster-size",
                    &cs) == -1) {
     colod_err ("control socket %s: query-status lacks disk-size or "
-               "cluster-size", colod.opt.fleece_socket);
+               "cluster-size", pl->socket);
     json_decref (r);
     return -1;
   }
   json_decref (r);
-  plugin.disk_size = size;
-  plugin.cluster_size = cs;
-  if (list_colo ("query-bitmaps", &v, &n, err, sizeof err) == -1) {
+  pl->disk_size = size;
+  pl->cluster_size = cs;
+  if (list_colo (pl, "query-bitmaps", &v, &n, err, sizeof err) == -1) {
     colod_err ("%s", err);
     return -1;
   }
-  plugin.last_checkpoint = n ? v[n - 1] : 0;
+  pl->last_checkpoint = n ? v[n - 1] : 0;
   free (v);
   colod_log ("plugin %s: disk of %" PRIu64 " bytes, clusters of %" PRIu32
-             ", last checkpoint %" PRIu64, colod.opt.fleece_socket,
-             plugin.disk_size, plugin.cluster_size, plugin.last_checkpoint);
+             ", last checkpoint %" PRIu64, pl->socket, pl->disk_size,
+             pl->cluster_size, pl->last_checkpoint);
+  return 0;
+}
+
+int
+plugin_start (bool wait)
+{
+  unsigned i;
+
+  nplugins = colod.opt.nfleece;
+  for (i = 0; i < nplugins; i++) {
+    plugins[i].socket = colod.opt.fleece_sockets[i];
+    plugins[i].nbd_uri = colod.opt.nbd_uris[i];
+    if (start_one (&plugins[i], wait) == -1)
+      return -1;
+    /* One cluster size, so that the secondary's journal has one. */
+    if (plugins[i].cluster_size != plugins[0].cluster_size) {
+      colod_err ("plugin %s: clusters of %" PRIu32 " bytes, but %s has %"
+                 PRIu32 ": the disks of a group need one cluster size",
+                 plugins[i].socket, plugins[i].cluster_size,
+                 plugins[0].socket, plugins[0].cluster_size);
+      return -1;
+    }
+  }
   return 0;
 }
 
@@ -192,8 +243,8 @@ plugin_start (bool wait)
  * (then only a full copy will do).
  */
 int
-plugin_chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
-              char *err, size_t errlen)
+plugin_chain (struct primary_plugin *pl, uint64_t base, uint64_t epoch,
+              char ***names, size_t *n, char *err, size_t errlen)
 {
   CLEANUP_FREE uint64_t *v = NULL;
   size_t cnt, i;
@@ -201,7 +252,7 @@ plugin_chain (uint64_t base, uint64_t epoch, char ***names, size_t *n,
 
   *names = NULL;
   *n = 0;
-  if (list_colo ("query-bitmaps", &v, &cnt, err, errlen) == -1)
+  if (list_colo (pl, "query-bitmaps", &v, &cnt, err, errlen) == -1)
     return -1;
   *names = calloc (cnt + 1, sizeof **names);
   for (i = 0; *names && i < cnt; i++) {
@@ -235,17 +286,136 @@ plugin_free_names (char **names, size_t n)
  * the secondary does not have it: its epoch number, or 0.
  */
 uint64_t
-plugin_unsent_snapshot (void)
+plugin_unsent_snapshot (struct primary_plugin *pl)
 {
   uint64_t *v, r = 0;
   size_t n, i;
   char err[1024];
 
-  if (list_colo ("query-snapshots", &v, &n, err, sizeof err) == 0)
+  if (list_colo (pl, "query-snapshots", &v, &n, err, sizeof err) == 0)
     for (i = 0; i < n; i++)
-      if (v[i] == plugin.last_checkpoint)
+      if (v[i] == pl->last_checkpoint)
         r = v[i];
   free (v);
   return r;
+}
+
+/* ---- the group checkpoint ----
+ *
+ * Each phase is sent to every plugin before any reply is read, so that
+ * they hold their writers at once, for about the slowest round trip
+ * (docs/control-protocol.md, "Consistency groups").  A plugin whose
+ * deadline passes releases its writers and creates nothing by itself.
+ */
+
+/* Send cmd (args not stolen) to the plugins with want[i]; sent[i] says
+ * which got it.
+ */
+static void
+send_all (const char *cmd, json_t *args, const bool *want, bool *sent,
+          char *err, size_t errlen)
+{
+  json_t *req = json_pack ("{s:s,s:O}", "execute", cmd, "arguments", args);
+  char *line = req ? json_dumps (req, JSON_COMPACT) : NULL;
+  char e[1024];
+  unsigned i;
+
+  json_decref (req);
+  for (i = 0; i < nplugins; i++) {
+    sent[i] = false;
+    if (!want[i])
+      continue;
+    if (line == NULL)
+      snprintf (err, errlen, "%s: %s: out of memory", plugins[i].socket, cmd);
+    else if (plugin_connect (&plugins[i], e, sizeof e) == -1 ||
+             ctlc_send_line (plugins[i].ctl, line, e, sizeof e) == -1) {
+      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, e);
+      plugin_check_closed (&plugins[i], e);
+    }
+    else
+      sent[i] = true;
+  }
+  free (line);
+}
+
+/* Read the reply of each plugin that was sent cmd: ok[i], and the
+ * largest "hold-ns" or "drain-ns" (key) in *ns.  The number that failed.
+ */
+static unsigned
+read_all (const char *cmd, const char *key, const bool *sent, bool *ok,
+          int64_t *ns, char *err, size_t errlen)
+{
+  unsigned i, failed = 0;
+  char e[1024];
+  const char *desc;
+  json_int_t v;
+  json_t *reply;
+
+  for (i = 0; i < nplugins; i++) {
+    ok[i] = false;
+    if (!sent[i])
+      continue;
+    reply = ctlc_reply (plugins[i].ctl, NULL, e, sizeof e);
+    if (reply == NULL) {
+      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, e);
+      plugin_check_closed (&plugins[i], e);
+    }
+    else if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
+      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, desc);
+    else if (json_unpack (reply, "{s:{s:I}}", "return", key, &v) == 0) {
+      ok[i] = true;
+      if (v > *ns)
+        *ns = v;
+    }
+    else
+      snprintf (err, errlen, "%s: %s: a reply without \"return\".%s",
+                plugins[i].socket, cmd, key);
+    failed += !ok[i];
+    json_decref (reply);
+  }
+  return failed;
+}
+
+int
+plugin_group_checkpoint (const char *name, int deadline_ms, int64_t *hold_ns,
+                         char *err, size_t errlen)
+{
+  bool all[COLOD_MAX_DISKS], sent[COLOD_MAX_DISKS], ok[COLOD_MAX_DISKS];
+  char abort_err[1024] = "";
+  unsigned i, failed;
+  int64_t drain = 0;
+  json_t *args;
+
+  *hold_ns = 0;
+  for (i = 0; i < nplugins; i++)
+    all[i] = true;
+  /* The group id is the checkpoint's name: one group at a time. */
+  args = json_pack ("{s:s,s:s,s:b,s:i}", "group", name, "name", name,
+                    "checkpoint", 1, "deadline-ms", deadline_ms);
+  send_all ("group-prepare", args, all, sent, err, errlen);
+  json_decref (args);
+  if (read_all ("group-prepare", "drain-ns", sent, ok, &drain, err,
+                errlen) == 0) {
+    args = json_pack ("{s:s}", "group", name);
+    send_all ("group-commit", args, ok, sent, err, errlen);
+    failed = read_all ("group-commit", "hold-ns", sent, ok, hold_ns, err,
+                       errlen);
+    json_decref (args);
+    for (i = 0; i < nplugins; i++)
+      if (ok[i])
+        plugins[i].last_checkpoint = colo_plugin_number (name);
+    return failed ? -1 : 0;
+  }
+  /* A prepare failed: release the others now rather than at their
+   * deadline.  Nothing was created anywhere.
+   */
+  args = json_pack ("{s:s}", "group", name);
+  send_all ("group-abort", args, ok, sent, abort_err, sizeof abort_err);
+  if (read_all ("group-abort", "hold-ns", sent, ok, &drain, abort_err,
+                sizeof abort_err) > 0 || abort_err[0])
+    colod_warn ("%s (the plugin releases its writers at its deadline)",
+                abort_err);
+  json_decref (args);
+  return -1;
 }
 

@@ -186,10 +186,15 @@ fill_hello (struct colo_msg *m, uint32_t channel)
   memcpy (h->volume_id, id.volume_id, 16);
   memcpy (h->generation_id, id.history[id.history_len - 1].id, 16);
   h->last_committed = h->last_applied = id.acked;
-  h->disk_size = plugin.disk_size;
-  h->cluster_size = plugin.cluster_size;
+  unsigned i;
+
+  h->disk_size = plugins[0].disk_size;
+  h->cluster_size = plugins[0].cluster_size;
   h->history_count = id.history_len;
   memcpy (h->history, id.history, id.history_len * sizeof *id.history);
+  h->disk_count = nplugins;
+  for (i = 0; i < nplugins; i++)
+    h->disk_sizes[i] = plugins[i].disk_size;
 }
 
 static void
@@ -262,10 +267,14 @@ open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
   if (channel == COLO_CHANNEL_DATA) {
     if (colod_recv (pc, &m, err, errlen) != 1)
       goto fail;
+    /* Diverged clusters are of a single disk: a group's failback is a
+     * full copy.
+     */
     if (m->type != COLO_MSG_DIVERGED ||
         (m->diverged.bit_count &&
-         (m->diverged.cluster_size != plugin.cluster_size ||
-          m->diverged.disk_size != plugin.disk_size))) {
+         (nplugins > 1 ||
+          m->diverged.cluster_size != plugins[0].cluster_size ||
+          m->diverged.disk_size != plugins[0].disk_size))) {
       snprintf (err, errlen, "%s: expected DIVERGED for this disk, got %s",
                 colo_conn_peer (c), colo_msg_type_name (m->type));
       colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
@@ -337,6 +346,7 @@ hb_thread (void *arg)
 struct ship {
   struct colod_conn *c;
   struct colo_wire_digest digest;
+  uint32_t disk;                  /* the disk being read, in the group */
   uint64_t count, sent;
   bool corrupt;
   char *err;
@@ -354,7 +364,8 @@ ship_extent (void *opaque, uint64_t offset, uint32_t length, bool zero,
 
   m.extent.offset = offset;
   m.extent.length = length;
-  m.extent.flags = zero ? COLO_EXTENT_ZERO : COLO_EXTENT_DATA;
+  m.extent.flags = (zero ? COLO_EXTENT_ZERO : COLO_EXTENT_DATA) |
+    s->disk << COLO_EXTENT_DISK_SHIFT;
   m.extent.checksum = xxh;
   m.extent.data = data;
   if (s->corrupt && !zero) {    /* --debug corrupt-epoch: one bad byte */
@@ -383,9 +394,17 @@ ship_extent (void *opaque, uint64_t offset, uint32_t length, bool zero,
   return 0;
 }
 
-/* Send the planned epoch once; 1 durable, 0 refused, -1 failed. */
+/* The planned epoch of the whole group: every disk's plan, in order. */
+struct group_plan {
+  struct colo_plan disk[COLOD_MAX_DISKS];
+  uint64_t n, total_bytes, zero_bytes;
+};
+
+/* Send the planned epoch once, the disks one after the other; 1
+ * durable, 0 refused, -1 failed.
+ */
 static int
-send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
+send_epoch (uint64_t epoch, const char *snap, const struct group_plan *plan,
             bool full, bool corrupt, char *err, size_t errlen)
 {
   struct colo_msg m = { .type = COLO_MSG_EPOCH_BEGIN };
@@ -396,15 +415,17 @@ send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
   m.epoch_begin.epoch = epoch;
   memcpy (m.epoch_begin.generation_id, id.history[id.history_len - 1].id,
           16);
-  m.epoch_begin.cluster_size = plan->cluster_size;
+  m.epoch_begin.cluster_size = plugins[0].cluster_size;
   m.epoch_begin.flags = full ? COLO_EPOCH_FULL : 0;
   m.epoch_begin.extent_count = plan->n;
   m.epoch_begin.total_bytes = plan->total_bytes;
   colo_wire_digest_init (&s.digest);
-  if (colod_send (p.data, &m, err, errlen) == -1 ||
-      colo_plan_read (colod.opt.nbd_uri, snap, plan, 0, ship_extent, &s,
-                      err, errlen) == -1)
+  if (colod_send (p.data, &m, err, errlen) == -1)
     return -1;
+  for (s.disk = 0; s.disk < nplugins; s.disk++)
+    if (colo_plan_read (plugins[s.disk].nbd_uri, snap, &plan->disk[s.disk],
+                        0, ship_extent, &s, err, errlen) == -1)
+      return -1;
   m.type = COLO_MSG_EPOCH_END;
   m.epoch_end.epoch = epoch;
   m.epoch_end.extent_count = s.count;
@@ -432,104 +453,129 @@ send_epoch (uint64_t epoch, const char *snap, const struct colo_plan *plan,
   return -1;
 }
 
-/* One epoch: checkpoint, plan, ship (again if refused), then prune.
- * 0, or -1 with err (the connection is then dropped).
+/* The highest colo-N on any plugin of the group. */
+static uint64_t
+last_checkpoint (void)
+{
+  uint64_t last = 0;
+  unsigned i;
+
+  for (i = 0; i < nplugins; i++)
+    if (plugins[i].last_checkpoint > last)
+      last = plugins[i].last_checkpoint;
+  return last;
+}
+
+/* The snapshot of the last checkpoint if every plugin of the group still
+ * has it (an epoch made whole, that failed to ship): its epoch, or 0.
+ */
+static uint64_t
+unsent_snapshot (void)
+{
+  uint64_t last = last_checkpoint ();
+  unsigned i;
+
+  for (i = 0; i < nplugins; i++)
+    if (plugins[i].last_checkpoint != last ||
+        plugin_unsent_snapshot (&plugins[i]) != last)
+      return 0;
+  return last;
+}
+
+/* Checkpoint colo-EPOCH: on a single disk with checkpoint-create, on a
+ * group with the group protocol (plugin.c), at one instant on all its
+ * disks or on none.  *drain_ns: how long writers were held.
  */
 static int
-run_epoch (char *err, size_t errlen)
+take_checkpoint (uint64_t epoch, const char *snap, int64_t *drain_ns,
+                 char *err, size_t errlen)
 {
-  uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
-  int64_t t0 = monotonic_ms (), wall0 = colod_wall_ms (), ck0, ck1;
-  int64_t drain_ns = -1;
-  char snap[64], **names = NULL;
-  size_t nnames = 0;
-  struct colo_plan plan;
-  bool full = p.base == 0;
   json_t *r;
-  int attempt, sent = -1;
 
-  if (plugin.last_checkpoint > p.sec_committed &&
-      (epoch = plugin_unsent_snapshot ()) != 0) {
-    /* An epoch that failed: send its snapshot again rather than pile up
-     * checkpoints (and frozen bitmaps) while the link is bad.
-     */
-    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
-    colod_warn ("epoch %" PRIu64 ": sending its snapshot again (the last "
-                "attempt did not become durable)", epoch);
-    ck0 = ck1 = 0;
-  }
-  else {
-    epoch = plugin.last_checkpoint > p.sec_committed ? plugin.last_checkpoint
-      : p.sec_committed;
-    if (epoch < gen_start - 1)
-      epoch = gen_start - 1;
-    epoch++;
-    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
-    ck0 = colod_wall_us ();
-    r = plugin_ctl ("checkpoint-create", json_pack ("{s:s}", "name", snap), err,
-                    errlen);
-    if (r == NULL)
-      return -1;
-    ck1 = colod_wall_us ();
+  if (nplugins > 1)
+    return plugin_group_checkpoint (snap, COLOD_GROUP_DEADLINE_MS, drain_ns,
+                                    err, errlen);
+  r = plugin_ctl (&plugins[0], "checkpoint-create",
+                  json_pack ("{s:s}", "name", snap), err, errlen);
+  if (r == NULL)
+    return -1;
+  json_decref (r);
+  plugins[0].last_checkpoint = epoch;
+  /* How long the plugin held writers for this checkpoint (its drain):
+   * the writer stall of the epoch, for the event.
+   */
+  r = plugin_ctl (&plugins[0], "query-stats", NULL, err, errlen);
+  if (r) {
+    json_int_t ns;
+    if (json_unpack (r, "{s:I}", "last-drain-ns", &ns) == 0)
+      *drain_ns = ns;
     json_decref (r);
-    plugin.last_checkpoint = epoch;
-    /* How long the plugin held writers for this checkpoint (its drain):
-     * the writer stall of the epoch, for the event.
-     */
-    r = plugin_ctl ("query-stats", NULL, err, errlen);
-    if (r) {
-      json_int_t ns;
-      if (json_unpack (r, "{s:I}", "last-drain-ns", &ns) == 0)
-        drain_ns = ns;
-      json_decref (r);
-    }
   }
-  plugin_prune (epoch, 0);
-  if (!full) {
-    int c = plugin_chain (p.base, epoch, &names, &nnames, err, errlen);
-    if (c == -1) {
-      plugin_free_names (names, nnames);
-      return -1;
-    }
+  return 0;
+}
+
+static void
+free_group_plan (struct group_plan *gp)
+{
+  unsigned i;
+
+  for (i = 0; i < nplugins; i++)
+    colo_plan_free (&gp->disk[i]);
+}
+
+/* Plan every disk's share of the epoch.  A disk whose base bitmap is
+ * gone makes the whole epoch a full copy (*full).
+ */
+static int
+plan_group (uint64_t epoch, const char *snap, bool *full,
+            struct group_plan *gp, char *err, size_t errlen)
+{
+  char **names[COLOD_MAX_DISKS] = { NULL };
+  size_t nnames[COLOD_MAX_DISKS] = { 0 };
+  unsigned i;
+  int c, rc = -1;
+
+  memset (gp, 0, sizeof *gp);
+  for (i = 0; i < nplugins && !*full; i++) {
+    c = plugin_chain (&plugins[i], p.base, epoch, &names[i], &nnames[i], err,
+                      errlen);
+    if (c == -1)
+      goto out;
     if (c == 1) {
       colod_log ("bitmap " PLUGIN_PREFIX "%" PRIu64 " is not on the "
-                 "plugin: epoch %" PRIu64 " is a full copy", p.base, epoch);
-      full = true;
+                 "plugin %s: epoch %" PRIu64 " is a full copy", p.base,
+                 plugins[i].socket, epoch);
+      *full = true;
     }
   }
-  if (colo_plan_epoch (colod.opt.nbd_uri, snap, full,
-                       (const char *const *) names, nnames,
-                       full ? NULL : p.extra, p.extra_bits,
-                       colod.opt.max_extent, &plan, err, errlen) == -1) {
-    plugin_free_names (names, nnames);
-    return -1;
+  for (i = 0; i < nplugins; i++) {
+    if (colo_plan_epoch (plugins[i].nbd_uri, snap, *full,
+                         (const char *const *) names[i], *full ? 0 : nnames[i],
+                         *full ? NULL : p.extra, p.extra_bits,
+                         colod.opt.max_extent, &gp->disk[i], err,
+                         errlen) == -1)
+      goto out;
+    gp->n += gp->disk[i].n;
+    gp->total_bytes += gp->disk[i].total_bytes;
+    gp->zero_bytes += gp->disk[i].zero_bytes;
   }
-  plugin_free_names (names, nnames);
-  pthread_mutex_lock (&colod.lock);
-  colod.st.epoch_in_flight = epoch;
-  colod.st.bytes_in_flight = 0;
-  colod.st.resync_remaining = full || p.extra_bits ||
-    p.base < epoch - 1 ? plan.total_bytes : 0;
-  pthread_mutex_unlock (&colod.lock);
-  colod_debug ("epoch %" PRIu64 ": %zu extents, %" PRIu64 " bytes (%" PRIu64
-               " zero)%s", epoch, plan.n, plan.total_bytes, plan.zero_bytes,
-               full ? ", full copy" : "");
-  for (attempt = 0; attempt < COLOD_MAX_RESENDS && sent != 1; attempt++) {
-    bool corrupt = attempt == 0 && colod.opt.debug_corrupt_epoch == epoch;
-    sent = send_epoch (epoch, snap, &plan, full, corrupt, err, errlen);
-    if (sent == -1)
-      break;
-  }
-  if (sent == 0)
-    snprintf (err, errlen, "epoch %" PRIu64 " refused %d times", epoch,
-              COLOD_MAX_RESENDS);
-  if (sent != 1) {
-    colo_plan_free (&plan);
-    pthread_mutex_lock (&colod.lock);
-    colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
-    pthread_mutex_unlock (&colod.lock);
-    return -1;
-  }
+  rc = 0;
+ out:
+  for (i = 0; i < nplugins; i++)
+    plugin_free_names (names[i], nnames[i]);
+  if (rc == -1)
+    free_group_plan (gp);
+  return rc;
+}
+
+/* The epoch is durable: record it, prune, and say so. */
+static void
+epoch_done (uint64_t epoch, const struct group_plan *plan, bool full,
+            int64_t t0, int64_t wall0, int64_t ck0, int64_t ck1,
+            int64_t drain_ns)
+{
+  unsigned i;
+
   id.acked = p.sec_committed = epoch;
   atomic_store (&p.acked, epoch);
   p.base = epoch;
@@ -539,13 +585,18 @@ run_epoch (char *err, size_t errlen)
   if (save_identity () == -1)
     colod_err ("the acknowledged epoch %" PRIu64 " could not be recorded",
                epoch);
-  plugin_prune (0, epoch);
+  for (i = 0; i < nplugins; i++)
+    plugin_prune (&plugins[i], 0, epoch);
   pthread_mutex_lock (&colod.lock);
   colod.st.last_committed = colod.st.last_applied = epoch;
   colod.st.committed_at_ms = wall0;
   colod.st.last_epoch = epoch;
-  colod.st.last_epoch_bytes = plan.total_bytes;
-  colod.st.last_epoch_extents = plan.n;
+  colod.st.last_epoch_bytes = plan->total_bytes;
+  colod.st.last_epoch_extents = plan->n;
+  for (i = 0; i < nplugins; i++) {
+    colod.st.disk_epoch_bytes[i] = plan->disk[i].total_bytes;
+    colod.st.disk_epoch_extents[i] = plan->disk[i].n;
+  }
   colod.st.last_epoch_ms = monotonic_ms () - t0;
   colod.st.last_epoch_full = full;
   colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
@@ -553,17 +604,87 @@ run_epoch (char *err, size_t errlen)
   colod.st.epochs_durable++;
   pthread_mutex_unlock (&colod.lock);
   colod_event ("EPOCH_DURABLE",
-               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b,s:I,s:I,s:I}", "epoch",
-                          (json_int_t) epoch, "bytes",
-                          (json_int_t) plan.total_bytes, "zero-bytes",
-                          (json_int_t) plan.zero_bytes, "extents",
-                          (json_int_t) plan.n, "duration-ms",
+               json_pack ("{s:I,s:I,s:I,s:I,s:I,s:b,s:I,s:I,s:I,s:i}",
+                          "epoch", (json_int_t) epoch, "bytes",
+                          (json_int_t) plan->total_bytes, "zero-bytes",
+                          (json_int_t) plan->zero_bytes, "extents",
+                          (json_int_t) plan->n, "duration-ms",
                           (json_int_t) (monotonic_ms () - t0), "full", full,
                           "checkpoint-start-us", (json_int_t) ck0,
                           "checkpoint-end-us", (json_int_t) ck1,
-                          "drain-ns", (json_int_t) drain_ns));
-  colo_plan_free (&plan);
-  return 0;
+                          "drain-ns", (json_int_t) drain_ns,
+                          "disks", (int) nplugins));
+}
+
+/* One epoch: checkpoint, plan, ship (again if refused), then prune.
+ * 0, or -1 with err (the connection is then dropped).
+ */
+static int
+run_epoch (char *err, size_t errlen)
+{
+  uint64_t epoch, gen_start = id.history[id.history_len - 1].start_epoch;
+  int64_t t0 = monotonic_ms (), wall0 = colod_wall_ms (), ck0, ck1;
+  int64_t drain_ns = -1;
+  char snap[64];
+  struct group_plan plan;
+  bool full = p.base == 0;
+  unsigned i;
+  int attempt, sent = -1;
+
+  if (last_checkpoint () > p.sec_committed &&
+      (epoch = unsent_snapshot ()) != 0) {
+    /* An epoch that failed: send its snapshot again rather than pile up
+     * checkpoints (and frozen bitmaps) while the link is bad.
+     */
+    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
+    colod_warn ("epoch %" PRIu64 ": sending its snapshot again (the last "
+                "attempt did not become durable)", epoch);
+    ck0 = ck1 = 0;
+  }
+  else {
+    epoch = last_checkpoint () > p.sec_committed ? last_checkpoint ()
+      : p.sec_committed;
+    if (epoch < gen_start - 1)
+      epoch = gen_start - 1;
+    epoch++;
+    snprintf (snap, sizeof snap, PLUGIN_PREFIX "%" PRIu64, epoch);
+    ck0 = colod_wall_us ();
+    if (take_checkpoint (epoch, snap, &drain_ns, err, errlen) == -1)
+      return -1;
+    ck1 = colod_wall_us ();
+  }
+  for (i = 0; i < nplugins; i++)
+    plugin_prune (&plugins[i], epoch, 0);
+  if (plan_group (epoch, snap, &full, &plan, err, errlen) == -1)
+    return -1;
+  pthread_mutex_lock (&colod.lock);
+  colod.st.epoch_in_flight = epoch;
+  colod.st.bytes_in_flight = 0;
+  colod.st.resync_remaining = full || p.extra_bits ||
+    p.base < epoch - 1 ? plan.total_bytes : 0;
+  pthread_mutex_unlock (&colod.lock);
+  colod_debug ("epoch %" PRIu64 ": %" PRIu64 " extents, %" PRIu64 " bytes (%"
+               PRIu64 " zero) of %u disk%s%s", epoch, plan.n,
+               plan.total_bytes, plan.zero_bytes, nplugins,
+               nplugins == 1 ? "" : "s", full ? ", full copy" : "");
+  for (attempt = 0; attempt < COLOD_MAX_RESENDS && sent != 1; attempt++) {
+    bool corrupt = attempt == 0 && colod.opt.debug_corrupt_epoch == epoch;
+    sent = send_epoch (epoch, snap, &plan, full, corrupt, err, errlen);
+    if (sent == -1)
+      break;
+  }
+  if (sent == 0)
+    snprintf (err, errlen, "epoch %" PRIu64 " refused %d times", epoch,
+              COLOD_MAX_RESENDS);
+  if (sent == 1)
+    epoch_done (epoch, &plan, full, t0, wall0, ck0, ck1, drain_ns);
+  else {
+    pthread_mutex_lock (&colod.lock);
+    colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
+    pthread_mutex_unlock (&colod.lock);
+  }
+  free_group_plan (&plan);
+  return sent == 1 ? 0 : -1;
 }
 
 /* ---- the main loop ---- */
@@ -689,6 +810,7 @@ colod_run_primary (void)
   struct colo_tls *tls;
   char lasterr[1024] = "";
   bool first;
+  unsigned i;
   int rc = 0;
 
   if (mkdir (colod.opt.state_dir, 0700) == -1 && errno != EEXIST) {
@@ -701,6 +823,9 @@ colod_run_primary (void)
   if (colod_control_start (colod.opt.control) == -1 ||
       plugin_start (true) == -1)
     return COLOD_EXIT_ERROR;
+  if (nplugins > 1)
+    colod_log ("a consistency group of %u disks: every epoch is a group "
+               "checkpoint of all of them", nplugins);
   tls = colo_tls_new (&colod.opt.tls);
   if (tls == NULL) {
     colod_err ("%s", colo_tls_last_error ());
@@ -747,7 +872,8 @@ colod_run_primary (void)
     colod_sleep_ms (colod.stop ? 0 : 500);
   }
   colo_tls_free (tls);
-  ctlc_close (plugin.ctl);
+  for (i = 0; i < nplugins; i++)
+    ctlc_close (plugins[i].ctl);
   free (p.extra);
   return rc;
 }
@@ -766,6 +892,7 @@ colod_demote (void)
   size_t nnames = 0, i, k;
   uint64_t nbits;
   uint8_t *bits = NULL;
+  struct primary_plugin *pl = &plugins[0];   /* demote takes one disk */
   int rc = COLOD_EXIT_ERROR, r;
 
   if (load_identity () != 1) {
@@ -778,11 +905,12 @@ colod_demote (void)
   }
   if (plugin_start (false) == -1)
     return COLOD_EXIT_ERROR;
-  nbits = (plugin.disk_size + plugin.cluster_size - 1) / plugin.cluster_size;
+  nbits = (pl->disk_size + pl->cluster_size - 1) / pl->cluster_size;
   bits = calloc (nbits / 8 + 1, 1);
   if (bits == NULL)
     goto out;
-  r = plugin_chain (id.acked, UINT64_MAX, &names, &nnames, err, sizeof err);
+  r = plugin_chain (pl, id.acked, UINT64_MAX, &names, &nnames, err,
+                    sizeof err);
   if (r == -1) {
     colod_err ("%s", err);
     goto out;
@@ -796,8 +924,8 @@ colod_demote (void)
   }
   for (i = 0; i < nnames; i++) {
     uint8_t *b;
-    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], plugin.disk_size,
-                          plugin.cluster_size, &b, err, sizeof err) == -1) {
+    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], pl->disk_size,
+                          pl->cluster_size, &b, err, sizeof err) == -1) {
       colod_err ("%s", err);
       goto out;
     }
@@ -806,7 +934,7 @@ colod_demote (void)
     free (b);
   }
   if (colo_state_write_diverged (colod.opt.state_dir, id.acked,
-                                 plugin.disk_size, plugin.cluster_size, bits,
+                                 pl->disk_size, pl->cluster_size, bits,
                                  nbits, err, sizeof err) == -1) {
     colod_err ("%s", err);
     goto out;
@@ -825,6 +953,6 @@ colod_demote (void)
  out:
   plugin_free_names (names, nnames);
   free (bits);
-  ctlc_close (plugin.ctl);
+  ctlc_close (pl->ctl);
   return rc;
 }

@@ -34,6 +34,7 @@
 
 struct epoch_rx {
   uint64_t epoch, count, bytes, want_count, want_bytes;
+  uint64_t disk_bytes[COLOD_MAX_DISKS], disk_count[COLOD_MAX_DISKS];
   struct colo_wire_digest digest;
   uint32_t refuse;                /* enum colo_refuse_reason, 0: fine */
   char why[COLO_WIRE_MAX_STRING + 1];
@@ -285,6 +286,8 @@ end_epoch (struct colod_conn *c, struct epoch_rx *e,
   colod.st.last_epoch = e->epoch;
   colod.st.last_epoch_bytes = e->bytes;
   colod.st.last_epoch_extents = e->count;
+  memcpy (colod.st.disk_epoch_bytes, e->disk_bytes, sizeof e->disk_bytes);
+  memcpy (colod.st.disk_epoch_extents, e->disk_count, sizeof e->disk_count);
   colod.st.last_epoch_ms = monotonic_ms () - e->t0;
   colod.st.epoch_in_flight = colod.st.bytes_in_flight = 0;
   colod.st.epochs_durable++;
@@ -344,7 +347,11 @@ secondary_receive_epochs (struct colod_conn *c)
       colo_wire_digest_add (&e.digest, x);
       e.count++;
       e.bytes += x->length;
-      if (x->flags == COLO_EXTENT_DATA &&
+      if (COLO_EXTENT_DISK (x->flags) < COLOD_MAX_DISKS) {
+        e.disk_bytes[COLO_EXTENT_DISK (x->flags)] += x->length;
+        e.disk_count[COLO_EXTENT_DISK (x->flags)]++;
+      }
+      if (COLO_EXTENT_KIND (x->flags) == COLO_EXTENT_DATA &&
           colo_wire_extent_verify (x, &we) == -1)
         refuse (&e, COLO_REFUSE_CHECKSUM, "epoch %" PRIu64 ": %s", e.epoch,
                 we.msg);

@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "colod.h"
@@ -30,7 +31,8 @@ struct secondary {
    */
   pthread_mutex_t jlock;
   struct journal *j;              /* NULL until the first pairing */
-  int lock_fd;                    /* holds the disk's locks, or -1 */
+  int lock_fd[COLOD_MAX_DISKS];   /* hold each disk's locks, or -1 */
+  bool locked;                    /* lock_fd are open */
   /* The data connection's thread only (an epoch was begun in the
    * journal and not yet ended or aborted).
    */
@@ -70,8 +72,14 @@ extern void secondary_publish_journal (void);
 extern void secondary_drop_diverged (void);
 /* Shut both connections down and wait for their threads to go. */
 extern void secondary_drop_channels (void);
-/* Let go of the disk's locks (for the server that takes over). */
+/* secondary-disks.c */
+
+/* Take the locks of every disk of the group, or none: 0 or -1 (err). */
+extern int secondary_lock_disks (char *err, size_t errlen);
+/* Let go of the disks' locks (for the server that takes over). */
 extern void secondary_unlock_disk (void);
+/* The size of a disk (file or block device), or -1. */
+extern int64_t secondary_disk_bytes (const char *path);
 /* Record in STATE_DIR/promoted that this side took over as gen. */
 extern int secondary_write_promoted (const uint8_t gen[16]);
 

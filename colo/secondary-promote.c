@@ -36,10 +36,10 @@
  * later failback sends back (the promoted side's changes).
  */
 static int
-prepare_store (uint64_t epoch, char *err, size_t errlen)
+prepare_store (unsigned d, uint64_t epoch, char *err, size_t errlen)
 {
   struct fleece_config cfg = {
-    .disk = colod.opt.disk, .store = colod.opt.promote_store,
+    .disk = colod.opt.disks[d], .store = colod.opt.promote_stores[d],
     .cluster_size = journal_get_state (sec.j)->cluster_size,
     .persistent = true,
   };
@@ -50,15 +50,15 @@ prepare_store (uint64_t epoch, char *err, size_t errlen)
   if (fl == NULL || fleece_start (fl) == -1 ||
       fleece_checkpoint_create (fl, name) == -1 ||
       fleece_snapshot_delete (fl, name) == -1) {
-    snprintf (err, errlen, "--promote-store %s: %s", colod.opt.promote_store,
-              fleece_last_error ());
+    snprintf (err, errlen, "--promote-store %s: %s",
+              colod.opt.promote_stores[d], fleece_last_error ());
     if (fl)
       fleece_close (fl);
     return -1;
   }
   fleece_close (fl);
   colod_log ("store %s made, with bitmap %s recording from the first write",
-             colod.opt.promote_store, name);
+             colod.opt.promote_stores[d], name);
   return 0;
 }
 
@@ -76,7 +76,20 @@ run_on_promote (uint64_t epoch, const char *gen)
     return -1;
   }
   if (pid == 0) {
+    unsigned i;
+    char name[64], n[16];
+
     setenv ("FLEECE_COLOD_DISK", colod.opt.disk, 1);
+    /* A group: every disk (and its store), numbered from 0. */
+    snprintf (n, sizeof n, "%u", colod.opt.ndisks);
+    setenv ("FLEECE_COLOD_DISKS", n, 1);
+    for (i = 0; i < colod.opt.ndisks; i++) {
+      snprintf (name, sizeof name, "FLEECE_COLOD_DISK_%u", i);
+      setenv (name, colod.opt.disks[i], 1);
+      snprintf (name, sizeof name, "FLEECE_COLOD_STORE_%u", i);
+      if (i < colod.opt.npromote_stores)
+        setenv (name, colod.opt.promote_stores[i], 1);
+    }
     setenv ("FLEECE_COLOD_EPOCH", ep, 1);
     setenv ("FLEECE_COLOD_GENERATION", gen, 1);
     setenv ("FLEECE_COLOD_STATE", colod.opt.state_dir, 1);
@@ -103,6 +116,7 @@ promote (const char *why)
   uint8_t gen[16];
   char hex[33], err[1024] = "";
   uint64_t epoch;
+  unsigned i;
 
   colod_set_failover (FAILOVER_ACTIVE, why);
   pthread_mutex_lock (&colod.lock);
@@ -141,13 +155,18 @@ promote (const char *why)
     colod_warn ("a restart of this daemon will not know it was promoted: "
                "start it with the same --state only as a primary");
   secondary_unlock_disk ();               /* for the server that takes over */
-  if (colod.opt.promote_store &&
-      prepare_store (epoch, err, sizeof err) == -1)
-    colod_warn ("%s: a later failback will need a full copy", err);
+  for (i = 0; i < colod.opt.npromote_stores; i++)
+    if (prepare_store (i, epoch, err, sizeof err) == -1)
+      colod_warn ("%s: a later failback will need a full copy", err);
   pthread_mutex_unlock (&sec.jlock);
   colod_hex (gen, 16, hex);
-  colod_notice ("promoted at epoch %" PRIu64 ": generation %s; the disk %s is "
-             "ready to serve", epoch, hex, colod.opt.disk);
+  if (colod.opt.ndisks > 1)
+    colod_notice ("promoted at epoch %" PRIu64 ": generation %s; the %u "
+                  "disks of the group (%s ...) are ready to serve, all at "
+                  "that epoch", epoch, hex, colod.opt.ndisks, colod.opt.disk);
+  else
+    colod_notice ("promoted at epoch %" PRIu64 ": generation %s; the disk %s "
+                  "is ready to serve", epoch, hex, colod.opt.disk);
   if (colod.opt.on_promote)
     run_on_promote (epoch, hex);
   pthread_mutex_lock (&colod.lock);

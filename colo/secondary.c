@@ -42,7 +42,7 @@
  * Files: this one holds the pairing, the connections (before and after
  * their HELLO) and the accept loop; secondary-epochs.c receives epochs
  * into the journal; secondary-promote.c watches heartbeats and
- * promotes.  They share struct secondary (secondary-internal.h), which
+ * promotes; secondary-disks.c locks the group's disks.  They share struct secondary (secondary-internal.h), which
  * says which thread or lock owns each field.
  */
 
@@ -75,7 +75,6 @@
 
 struct secondary sec = {
   .jlock = PTHREAD_MUTEX_INITIALIZER,
-  .lock_fd = -1,
 };
 
 /* ---- STATE_DIR/diverged (state.c) ---- */
@@ -123,59 +122,15 @@ secondary_publish_journal (void)
   pthread_mutex_unlock (&colod.lock);
 }
 
-/* ---- the disk's locks (nbdkit-fleece-plugin(1), LOCKING) ----
- *
- * While this side is a secondary, it alone may write the disk: it holds
- * the QEMU-compatible locks that the plugin takes, on a descriptor of
- * its own, so that nbdkit with the plugin, a VM or qemu-nbd cannot open
- * the disk for writing meanwhile, and a disk one of them has open is
- * refused.  Promotion hands the disk over: the locks go before
- * --on-promote starts a server on it, and a promoted side restarted
- * takes none.  On a file system without OFD locks it goes on unlocked
- * (the plugin's locking=auto).
- */
+/* The journal of the group's disks (sizes: one for each --disk). */
 static int
-lock_disk (char *err, size_t errlen)
-{
-  bool locked;
-  int fd;
-
-  if (sec.lock_fd >= 0)
-    return 0;
-  fd = open (colod.opt.disk, O_RDWR | O_CLOEXEC);
-  if (fd == -1) {
-    snprintf (err, errlen, "open: %s: %s", colod.opt.disk, strerror (errno));
-    return -1;
-  }
-  if (fleece_lock_image (fd, "disk", colod.opt.disk, FLEECE_LOCKING_AUTO,
-                         &locked) == -1) {
-    snprintf (err, errlen, "%s", fleece_last_error ());
-    close (fd);
-    return -1;
-  }
-  if (!locked)
-    colod_warn ("disk %s: not locked: its file system has no OFD locks",
-               colod.opt.disk);
-  sec.lock_fd = fd;
-  return 0;
-}
-
-void
-secondary_unlock_disk (void)
-{
-  if (sec.lock_fd >= 0)
-    close (sec.lock_fd);
-  sec.lock_fd = -1;
-}
-
-static int
-open_journal (uint64_t size, uint32_t cs, bool lock, char *err,
+open_journal (const uint64_t *sizes, uint32_t cs, bool lock, char *err,
               size_t errlen)
 {
-  if (lock && lock_disk (err, errlen) == -1)
+  if (lock && secondary_lock_disks (err, errlen) == -1)
     return -1;
-  sec.j = journal_open (colod.opt.state_dir, colod.opt.disk, size, cs, err,
-                        errlen);
+  sec.j = journal_open_group (colod.opt.state_dir, colod.opt.ndisks,
+                              colod.opt.disks, sizes, cs, err, errlen);
   if (sec.j == NULL)
     return -1;
   colod_log ("journal: %s", journal_recovery_note (sec.j));
@@ -245,19 +200,46 @@ ensure_journal (const struct colo_msg_hello *ph, struct verdict *v,
                 char *err, size_t errlen)
 {
   const struct journal_state *js;
+  /* A primary that lists no disks has one. */
+  uint32_t n = ph->disk_count ? ph->disk_count : 1;
+  const uint64_t *sizes = ph->disk_count ? ph->disk_sizes : &ph->disk_size;
+  uint32_t i;
 
-  if (sec.j == NULL && open_journal (ph->disk_size, ph->cluster_size, true,
+  if (n != colod.opt.ndisks) {
+    v->status = COLO_HELLO_WRONG_VOLUME;
+    snprintf (v->reason, sizeof v->reason, "the primary's group has %"
+              PRIu32 " disk%s, this secondary's %u (--disk %s%s): give the "
+              "secondary one --disk for each of the primary's --fleece, in "
+              "the same order", n, n == 1 ? "" : "s", colod.opt.ndisks,
+              colod.opt.disk, colod.opt.ndisks > 1 ? " ..." : "");
+    return -1;
+  }
+  for (i = 0; sec.j == NULL && i < n; i++) {
+    int64_t have = secondary_disk_bytes (colod.opt.disks[i]);
+    if (have >= 0 && (uint64_t) have < sizes[i]) {
+      v->status = COLO_HELLO_WRONG_VOLUME;
+      snprintf (v->reason, sizeof v->reason, "disk %" PRIu32 " (--disk %s):"
+                " %" PRId64 " bytes, smaller than the primary's disk %" PRIu32
+                " (%" PRIu64 " bytes)", i, colod.opt.disks[i], have, i,
+                sizes[i]);
+      return -1;
+    }
+  }
+  if (sec.j == NULL && open_journal (sizes, ph->cluster_size, true,
                                      err, errlen) == -1)
     return -1;
   js = journal_get_state (sec.j);
-  if (js->disk_size != ph->disk_size || js->cluster_size != ph->cluster_size) {
-    v->status = COLO_HELLO_WRONG_VOLUME;
-    snprintf (v->reason, sizeof v->reason, "the primary's disk is %" PRIu64
-              " bytes in clusters of %" PRIu32 ", this secondary's %" PRIu64
-              " in clusters of %" PRIu32, ph->disk_size, ph->cluster_size,
-              js->disk_size, js->cluster_size);
-    return -1;
-  }
+  for (i = 0; i < n; i++)
+    if (js->disk_sizes[i] != sizes[i] ||
+        js->cluster_size != ph->cluster_size) {
+      v->status = COLO_HELLO_WRONG_VOLUME;
+      snprintf (v->reason, sizeof v->reason, "disk %" PRIu32 " (--disk %s): "
+                "the primary's is %" PRIu64 " bytes in clusters of %" PRIu32
+                ", this secondary's %" PRIu64 " in clusters of %" PRIu32, i,
+                colod.opt.disks[i], sizes[i], ph->cluster_size,
+                js->disk_sizes[i], js->cluster_size);
+      return -1;
+    }
   /* The apply of a committed epoch left pending by a failure. */
   if (js->applied_epoch < js->committed_epoch && journal_apply (sec.j) == -1) {
     snprintf (err, errlen, "%s", journal_error (sec.j));
@@ -384,6 +366,9 @@ fill_hello (struct colo_msg *m, uint32_t channel)
   h->disk_size = js->disk_size;
   h->cluster_size = js->cluster_size;
   h->history_count = colod_history_from_journal (js, h->history);
+  h->disk_count = js->disk_count;
+  memcpy (h->disk_sizes, js->disk_sizes,
+          js->disk_count * sizeof *h->disk_sizes);
 }
 
 /* ---- connection threads ---- */
@@ -523,7 +508,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
       /* --discard-diverged on a promoted side: a secondary again, once
        * no server has the disk any more.
        */
-      r = lock_disk (err, sizeof err);
+      r = secondary_lock_disks (err, sizeof err);
       if (r == 0) {
         colo_state_clear_promoted (colod.opt.state_dir);
         sec.promoted = false;
@@ -823,8 +808,13 @@ adopt_demoted (void)
     return colod.opt.discard_diverged ? 0 : -1;
   }
   free (bits);
-  if ((sec.j == NULL && open_journal (size, cs, true, err, sizeof err) == -1)
-      || lock_disk (err, sizeof err) == -1) {
+  if (colod.opt.ndisks != 1) {
+    colod_err ("%s: a demoted primary of one disk, started with %u --disk",
+               colod.opt.state_dir, colod.opt.ndisks);
+    return -1;
+  }
+  if ((sec.j == NULL && open_journal (&size, cs, true, err, sizeof err) == -1)
+      || secondary_lock_disks (err, sizeof err) == -1) {
     colod_err ("%s", err);
     return -1;
   }
@@ -861,8 +851,14 @@ colod_run_secondary (void)
     colod_err ("%s", err);
     return COLOD_EXIT_ERROR;
   }
+  if (r == 1 && js.disk_count != colod.opt.ndisks) {
+    colod_err ("%s/state: a group of %" PRIu32 " disk%s, not the %u "
+               "--disk given", colod.opt.state_dir, js.disk_count,
+               js.disk_count == 1 ? "" : "s", colod.opt.ndisks);
+    return COLOD_EXIT_ERROR;
+  }
   if (r == 1 &&
-      open_journal (js.disk_size, js.cluster_size,
+      open_journal (js.disk_sizes, js.cluster_size,
                     !colo_state_promoted_in (colod.opt.state_dir,
                                              js.generation_id),
                     err, sizeof err) == -1) {
@@ -880,12 +876,13 @@ colod_run_secondary (void)
                colod.opt.discard_diverged ? ", except with "
                "--discard-diverged" : "");
   }
-  if (!sec.promoted && colod.opt.promote_store &&
-      access (colod.opt.promote_store, F_OK) == 0) {
-    colod_err ("--promote-store %s: already exists; promotion makes a new "
-               "store there (remove the old one)", colod.opt.promote_store);
-    return COLOD_EXIT_ERROR;
-  }
+  for (r = 0; !sec.promoted && r < (int) colod.opt.npromote_stores; r++)
+    if (access (colod.opt.promote_stores[r], F_OK) == 0) {
+      colod_err ("--promote-store %s: already exists; promotion makes a new "
+                 "store there (remove the old one)",
+                 colod.opt.promote_stores[r]);
+      return COLOD_EXIT_ERROR;
+    }
   if (colod_control_start (colod.opt.control) == -1)
     return COLOD_EXIT_ERROR;
   tls = colo_tls_new (&colod.opt.tls);

@@ -33,6 +33,7 @@
 
 #define STATE_MAGIC     "FLCOLOST"
 #define STATE_VERSION   1
+#define STATE_VERSION_GROUP 2   /* a group of disks (below) */
 #define DIVERGED_MAGIC  "FLCODIV1"
 
 void
@@ -104,6 +105,11 @@ open_to_read (const char *state_dir, const char *name, char *path,
  * generation_id[16], disk_size u64, cluster_size u32, reserved u32,
  * committed_epoch u64, applied_epoch u64, then history_count entries of
  * (id[16], first_epoch u64), then xxh64 of everything before.
+ *
+ * Version 2, a group of disk_count > 1 disks: reserved is disk_count,
+ * and the sizes of disks 1 .. disk_count-1 (u64 each) follow the
+ * history.  A single disk is still written as version 1, which older
+ * fleece-colods read.
  */
 
 size_t
@@ -112,9 +118,13 @@ colo_state_encode (const struct journal_state *st, unsigned char *p)
   size_t n = COLO_STATE_FIXED;
   uint32_t i;
 
+  bool group = st->disk_count > 1;
+
   memset (p, 0, COLO_STATE_FIXED);
   memcpy (p, STATE_MAGIC, 8);
-  put_u32 (p + 8, STATE_VERSION);
+  put_u32 (p + 8, group ? STATE_VERSION_GROUP : STATE_VERSION);
+  if (group)
+    put_u32 (p + 60, st->disk_count);
   put_u32 (p + 12, st->history_len);
   memcpy (p + 16, st->volume_id, JOURNAL_ID_SIZE);
   memcpy (p + 32, st->generation_id, JOURNAL_ID_SIZE);
@@ -126,6 +136,8 @@ colo_state_encode (const struct journal_state *st, unsigned char *p)
     memcpy (p + n, st->history[i].id, JOURNAL_ID_SIZE);
     put_u64 (p + n + 16, st->history[i].first_epoch);
   }
+  for (i = 1; group && i < st->disk_count; i++, n += 8)
+    put_u64 (p + n, st->disk_sizes[i]);
   put_u64 (p + n, XXH64 (p, n, 0));
   return n + 8;
 }
@@ -134,15 +146,20 @@ bool
 colo_state_decode (const unsigned char *p, size_t len, struct journal_state *st)
 {
   static const uint8_t zero[JOURNAL_ID_SIZE];
-  uint32_t count, i;
+  uint32_t count, disks = 1, version, i;
   size_t n = COLO_STATE_FIXED;
 
-  if (len < COLO_STATE_FIXED + 8 || memcmp (p, STATE_MAGIC, 8) != 0 ||
-      get_u32 (p + 8) != STATE_VERSION)
+  if (len < COLO_STATE_FIXED + 8 || memcmp (p, STATE_MAGIC, 8) != 0)
+    return false;
+  version = get_u32 (p + 8);
+  if (version == STATE_VERSION_GROUP)
+    disks = get_u32 (p + 60);
+  else if (version != STATE_VERSION || get_u32 (p + 60) != 0)
     return false;
   count = get_u32 (p + 12);
-  if (count > JOURNAL_MAX_HISTORY ||
-      len != COLO_STATE_FIXED + (size_t) count * COLO_STATE_ENTRY + 8 ||
+  if (count > JOURNAL_MAX_HISTORY || disks < 1 || disks > JOURNAL_MAX_DISKS ||
+      len != COLO_STATE_FIXED + (size_t) count * COLO_STATE_ENTRY +
+      (size_t) (disks - 1) * 8 + 8 ||
       XXH64 (p, len - 8, 0) != get_u64 (p + len - 8))
     return false;
   memset (st, 0, sizeof *st);
@@ -157,6 +174,10 @@ colo_state_decode (const unsigned char *p, size_t len, struct journal_state *st)
     memcpy (st->history[i].id, p + n, JOURNAL_ID_SIZE);
     st->history[i].first_epoch = get_u64 (p + n + 16);
   }
+  st->disk_count = disks;
+  st->disk_sizes[0] = st->disk_size;
+  for (i = 1; i < disks; i++, n += 8)
+    st->disk_sizes[i] = get_u64 (p + n);
   return memcmp (st->generation_id,
                  count ? st->history[count - 1].id : zero,
                  JOURNAL_ID_SIZE) == 0;

@@ -28,6 +28,7 @@
 
 #define JOURNAL_ID_SIZE      16
 #define JOURNAL_MAX_HISTORY  256
+#define JOURNAL_MAX_DISKS    COLO_WIRE_MAX_DISKS  /* in a group */
 
 struct journal_generation {
   uint8_t id[JOURNAL_ID_SIZE];
@@ -39,8 +40,10 @@ struct journal_state {
   uint8_t generation_id[JOURNAL_ID_SIZE]; /* the last history entry's */
   struct journal_generation history[JOURNAL_MAX_HISTORY]; /* oldest first */
   uint32_t history_len;
-  uint64_t disk_size;
+  uint64_t disk_size;           /* disk 0's: disk_sizes[0] */
   uint32_t cluster_size;
+  uint32_t disk_count;          /* disks in the group: 1 .. MAX_DISKS */
+  uint64_t disk_sizes[JOURNAL_MAX_DISKS];
   uint64_t committed_epoch;     /* last durable epoch (0: none) */
   uint64_t applied_epoch;       /* last epoch the disk holds (0: none) */
 };
@@ -48,7 +51,8 @@ struct journal_state {
 #define COLO_STATE_FIXED  80
 #define COLO_STATE_ENTRY  24
 #define COLO_STATE_MAX    (COLO_STATE_FIXED + \
-                           JOURNAL_MAX_HISTORY * COLO_STATE_ENTRY + 8)
+                           JOURNAL_MAX_HISTORY * COLO_STATE_ENTRY + \
+                           (JOURNAL_MAX_DISKS - 1) * 8 + 8)
 
 /* Encode into p (COLO_STATE_MAX bytes): the length. */
 extern size_t colo_state_encode (const struct journal_state *st,

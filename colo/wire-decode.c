@@ -80,6 +80,7 @@ decode_hello (const struct type_info *t, const uint8_t *p, size_t len,
               struct colo_msg_hello *h, struct colo_wire_error *err)
 {
   struct colo_wire_generation g;
+  struct colo_wire_disks d;
   size_t want;
   uint32_t i;
 
@@ -88,15 +89,31 @@ decode_hello (const struct type_info *t, const uint8_t *p, size_t len,
     return PROTO (err, "HELLO: history of %" PRIu32 " generations, more "
                   "than the maximum %d", h->history_count,
                   COLO_WIRE_MAX_HISTORY);
-  want = t->fixed + (size_t) h->history_count * sizeof g;
-  if (len != want)
-    return PROTO (err, "HELLO: payload of %zu bytes, expected %zu for a "
-                  "history of %" PRIu32 " generations", len, want,
+  want = t->fixed + (size_t) h->history_count * sizeof g + sizeof d;
+  if (len < want)
+    return PROTO (err, "HELLO: payload of %zu bytes, expected at least %zu "
+                  "for a history of %" PRIu32 " generations", len, want,
                   h->history_count);
   for (i = 0; i < h->history_count; i++) {
     memcpy (&g, p + t->fixed + i * sizeof g, sizeof g);
     memcpy (h->history[i].id, g.generation_id, sizeof g.generation_id);
     h->history[i].start_epoch = le64toh (g.start_epoch);
+  }
+  memcpy (&d, p + want - sizeof d, sizeof d);
+  h->disk_count = le32toh (d.disk_count);
+  if (h->disk_count > COLO_WIRE_MAX_DISKS || d.reserved != 0)
+    return PROTO (err, "HELLO: %" PRIu32 " disks (at most %d), reserved %"
+                  PRIu32, h->disk_count, COLO_WIRE_MAX_DISKS,
+                  le32toh (d.reserved));
+  if (len != want + (size_t) h->disk_count * 8)
+    return PROTO (err, "HELLO: payload of %zu bytes, expected %zu for a "
+                  "history of %" PRIu32 " generations and %" PRIu32
+                  " disks", len, want + (size_t) h->disk_count * 8,
+                  h->history_count, h->disk_count);
+  for (i = 0; i < h->disk_count; i++) {
+    uint64_t v;
+    memcpy (&v, p + want + i * 8, 8);
+    h->disk_sizes[i] = le64toh (v);
   }
   return wire_check_hello (h, err);
 }
@@ -108,13 +125,15 @@ decode_extent (const struct type_info *t, const uint8_t *p, size_t len,
   size_t data_len = len - t->fixed;
 
   wire_get_fields (t, p, x);
-  x->data = x->flags == COLO_EXTENT_DATA ? p + t->fixed : NULL;
+  x->data = COLO_EXTENT_KIND (x->flags) == COLO_EXTENT_DATA
+    ? p + t->fixed : NULL;
   if (wire_check_extent (x, err) == -1)
     return -1;
-  if (x->flags == COLO_EXTENT_ZERO && data_len != 0)
+  if (COLO_EXTENT_KIND (x->flags) == COLO_EXTENT_ZERO && data_len != 0)
     return PROTO (err, "EXTENT: ZERO extent of %" PRIu32 " bytes carries "
                   "%zu bytes of data", x->length, data_len);
-  if (x->flags == COLO_EXTENT_DATA && data_len != x->length)
+  if (COLO_EXTENT_KIND (x->flags) == COLO_EXTENT_DATA &&
+      data_len != x->length)
     return PROTO (err, "EXTENT: DATA extent of %" PRIu32 " bytes carries "
                   "%zu bytes of data", x->length, data_len);
   return 0;

@@ -55,6 +55,8 @@ put_payload (uint8_t *p, const struct colo_msg *m)
   const struct type_info *t = wire_type_info (m->type);
   const struct colo_msg_hello *h = &m->hello;
   struct colo_wire_generation g;
+  struct colo_wire_disks d;
+  size_t off;
   uint32_t i;
 
   wire_put_fields (t, p, &m->hello);    /* the union's start */
@@ -69,7 +71,17 @@ put_payload (uint8_t *p, const struct colo_msg *m)
     g.start_epoch = htole64 (h->history[i].start_epoch);
     memcpy (p + t->fixed + i * sizeof g, &g, sizeof g);
   }
-  return t->fixed + h->history_count * sizeof g;
+  off = t->fixed + h->history_count * sizeof g;
+  d.disk_count = htole32 (h->disk_count);
+  d.reserved = 0;
+  memcpy (p + off, &d, sizeof d);
+  off += sizeof d;
+  for (i = 0; i < h->disk_count; i++) {
+    uint64_t v = htole64 (h->disk_sizes[i]);
+    memcpy (p + off, &v, 8);
+    off += 8;
+  }
+  return off;
 }
 
 static void
@@ -110,7 +122,8 @@ prepare (struct colo_wire_encoder *enc, const struct colo_msg *m,
   assert (n <= FIXED_MAX);
   *data = NULL;
   *data_len = 0;
-  if (m->type == COLO_MSG_EXTENT && m->extent.flags == COLO_EXTENT_DATA) {
+  if (m->type == COLO_MSG_EXTENT &&
+      COLO_EXTENT_KIND (m->extent.flags) == COLO_EXTENT_DATA) {
     *data = m->extent.data;
     *data_len = m->extent.length;
   }

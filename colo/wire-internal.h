@@ -14,7 +14,8 @@
 #define HDR COLO_WIRE_HEADER_SIZE
 #define STR_MAX (sizeof (struct colo_wire_string) + COLO_WIRE_MAX_STRING)
 #define HELLO_MAX (sizeof (struct colo_wire_hello) + \
-                   COLO_WIRE_MAX_HISTORY * sizeof (struct colo_wire_generation))
+                   COLO_WIRE_MAX_HISTORY * sizeof (struct colo_wire_generation) \
+                   + sizeof (struct colo_wire_disks) + COLO_WIRE_MAX_DISKS * 8)
 #define FIXED_MAX HELLO_MAX     /* largest payload but EXTENT's data */
 #define FIRST_ALLOC (64 * 1024)
 #define DATA_ALIGN 4096

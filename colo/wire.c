@@ -310,6 +310,12 @@ wire_check_hello (const struct colo_msg_hello *h, struct colo_wire_error *err)
     return PROTO (err, "HELLO: history of %" PRIu32 " generations, more "
                   "than the maximum %d", h->history_count,
                   COLO_WIRE_MAX_HISTORY);
+  if (h->disk_count > COLO_WIRE_MAX_DISKS)
+    return PROTO (err, "HELLO: %" PRIu32 " disks, more than the maximum %d",
+                  h->disk_count, COLO_WIRE_MAX_DISKS);
+  if (h->disk_count > 0 && h->disk_sizes[0] != h->disk_size)
+    return PROTO (err, "HELLO: disk 0 of %" PRIu64 " bytes, not the disk "
+                  "size %" PRIu64, h->disk_sizes[0], h->disk_size);
   if (h->history_count == 0) {
     if (!is_zero (h->generation_id, sizeof h->generation_id))
       return PROTO (err, "HELLO: a generation id without a history");
@@ -352,19 +358,24 @@ check_epoch_begin (const struct colo_msg_epoch_begin *b,
 int
 wire_check_extent (const struct colo_msg_extent *x, struct colo_wire_error *err)
 {
-  if (x->flags != COLO_EXTENT_DATA && x->flags != COLO_EXTENT_ZERO)
+  uint32_t kind = COLO_EXTENT_KIND (x->flags);
+
+  if (kind != COLO_EXTENT_DATA && kind != COLO_EXTENT_ZERO)
     return PROTO (err, "EXTENT: flags 0x%" PRIx32 " are neither DATA (1) "
                   "nor ZERO (2)", x->flags);
+  if (COLO_EXTENT_DISK (x->flags) >= COLO_WIRE_MAX_DISKS)
+    return PROTO (err, "EXTENT: disk %" PRIu32 " (at most %d disks)",
+                  COLO_EXTENT_DISK (x->flags), COLO_WIRE_MAX_DISKS);
   if (x->length == 0 || x->length > COLO_WIRE_MAX_EXTENT)
     return PROTO (err, "EXTENT: length %" PRIu32 " is not from 1 to %u",
                   x->length, COLO_WIRE_MAX_EXTENT);
   if (x->offset > UINT64_MAX - x->length)
     return PROTO (err, "EXTENT: offset %" PRIu64 " + length %" PRIu32
                   " overflows", x->offset, x->length);
-  if (x->flags == COLO_EXTENT_ZERO && x->checksum != 0)
+  if (kind == COLO_EXTENT_ZERO && x->checksum != 0)
     return PROTO (err, "EXTENT: ZERO extent with checksum 0x%016" PRIx64
                   ", not 0", x->checksum);
-  if ((x->flags == COLO_EXTENT_DATA) != (x->data != NULL))
+  if ((kind == COLO_EXTENT_DATA) != (x->data != NULL))
     return PROTO (err, "EXTENT: %s extent %s data",
                   x->data ? "ZERO" : "DATA", x->data ? "with" : "without");
   return 0;
@@ -464,7 +475,7 @@ colo_wire_extent_verify (const struct colo_msg_extent *x,
 {
   uint64_t sum;
 
-  if (x->flags != COLO_EXTENT_DATA)
+  if (COLO_EXTENT_KIND (x->flags) != COLO_EXTENT_DATA)
     return 0;
   sum = XXH64 (x->data, x->length, 0);
   if (sum != x->checksum)

@@ -53,6 +53,8 @@ struct colo_msg_hello {
   uint32_t cluster_size;        /* 0: not known yet */
   uint32_t history_count;
   struct colo_generation history[COLO_WIRE_MAX_HISTORY];
+  uint32_t disk_count;          /* 0: not known yet */
+  uint64_t disk_sizes[COLO_WIRE_MAX_DISKS];
 };
 
 struct colo_msg_hello_reply {
@@ -72,7 +74,8 @@ struct colo_msg_epoch_begin {
 struct colo_msg_extent {
   uint64_t offset;
   uint32_t length;
-  uint32_t flags;               /* COLO_EXTENT_DATA or COLO_EXTENT_ZERO */
+  uint32_t flags;               /* COLO_EXTENT_DATA or COLO_EXTENT_ZERO,
+                                   | disk << COLO_EXTENT_DISK_SHIFT */
   uint64_t checksum;            /* colo_wire_checksum (data, length) */
   const void *data;             /* length bytes for DATA, NULL for ZERO */
 };

@@ -15,7 +15,8 @@
 #include <stdint.h>
 
 #define COLO_WIRE_MAGIC           "FLCO"
-#define COLO_WIRE_VERSION         1
+/* 2: consistency groups (HELLO's disk list, EXTENT's disk index). */
+#define COLO_WIRE_VERSION         2
 #define COLO_WIRE_HEADER_SIZE     40
 
 /* Bounds that keep a hostile peer from making us allocate much. */
@@ -24,6 +25,7 @@
 #define COLO_WIRE_MAX_STRING      1024         /* bytes, without a NUL */
 #define COLO_WIRE_MAX_HISTORY     256          /* generations in a HELLO */
 #define COLO_WIRE_MIN_CLUSTER     512
+#define COLO_WIRE_MAX_DISKS       16           /* disks in a group */
 
 /* ---- Frame header. ---- */
 
@@ -97,6 +99,16 @@ struct colo_wire_generation {
   uint64_t start_epoch;         /* first epoch of this generation */
 } __attribute__ ((__packed__));
 
+/* After the history (version 2): the disks of the group, in order.
+ * disk_count 0: not known yet (a secondary before its first pairing);
+ * else disk 0's size is disk_size above.
+ */
+struct colo_wire_disks {
+  uint32_t disk_count;          /* 0 .. COLO_WIRE_MAX_DISKS */
+  uint32_t reserved;            /* 0 */
+} __attribute__ ((__packed__));
+/* followed by disk_count u64: each disk's size in bytes */
+
 /* ---- HELLO_REPLY: accept or refuse, then a string (the reason). ---- */
 
 enum colo_hello_status {
@@ -128,6 +140,11 @@ struct colo_wire_epoch_begin {
 
 #define COLO_EXTENT_DATA (1u << 0)  /* length bytes of data follow */
 #define COLO_EXTENT_ZERO (1u << 1)  /* reads as zeroes; no data */
+/* The extent's disk in the group: flags' high 16 bits (0: the first). */
+#define COLO_EXTENT_KIND_MASK  0xffffu
+#define COLO_EXTENT_DISK_SHIFT 16
+#define COLO_EXTENT_KIND(flags) ((flags) & COLO_EXTENT_KIND_MASK)
+#define COLO_EXTENT_DISK(flags) ((flags) >> COLO_EXTENT_DISK_SHIFT)
 
 /* Also the unit of the epoch digest: EPOCH_END's digest is the xxh64
  * (seed 0) of the epoch's extent descriptors, exactly as sent, in order.
@@ -135,7 +152,8 @@ struct colo_wire_epoch_begin {
 struct colo_wire_extent {
   uint64_t offset;              /* disk offset, bytes */
   uint32_t length;              /* bytes, 1 .. COLO_WIRE_MAX_EXTENT */
-  uint32_t flags;               /* COLO_EXTENT_DATA or COLO_EXTENT_ZERO */
+  uint32_t flags;               /* COLO_EXTENT_DATA or COLO_EXTENT_ZERO,
+                                   and the disk << COLO_EXTENT_DISK_SHIFT */
   uint64_t checksum;            /* xxh64 (seed 0) of the data; 0 for ZERO */
 } __attribute__ ((__packed__));
 
@@ -211,6 +229,7 @@ struct colo_wire_error_msg {
 
 _Static_assert (sizeof (struct colo_wire_hello) == 72, "HELLO changed");
 _Static_assert (sizeof (struct colo_wire_generation) == 24, "HELLO changed");
+_Static_assert (sizeof (struct colo_wire_disks) == 8, "HELLO changed");
 _Static_assert (sizeof (struct colo_wire_epoch_begin) == 48,
                 "EPOCH_BEGIN changed");
 _Static_assert (sizeof (struct colo_wire_extent) == 24, "EXTENT changed");

@@ -27,6 +27,32 @@ status ()
 status_is () { [ "$(status "$1" "$2")" = "$3" ]; }
 status_ge () { local v; v=$(status "$1" "$2") && [ "$v" != None ] && [ "$v" -ge "$3" ]; }
 
+# seed_random VAR: seed $RANDOM from $VAR, or from the clock if it is
+# unset, and say how to replay the run.
+seed_random ()
+{
+  seed=${!1:-$(( $(date +%s) % 32768 ))}
+  RANDOM=$seed
+  diag "seed $seed ($1=$seed replays it)"
+}
+
+# s NAME FIELD: a status field, from the human output (no python: fast
+# enough to poll every few milliseconds).
+s () { "$COLOD" status --state "$tmp/$1/state" 2>/dev/null | sed -n "s/^$2: //p"; }
+
+# wait_arriving NAME: poll NAME until an epoch's extents arrive
+# (bytes-in-flight > 0), for at most 10 s; the last value in bif.
+wait_arriving ()
+{
+  local t
+  for (( t = 0; t < 1000; t++ )); do
+    bif=$(s "$1" bytes-in-flight)
+    [ -n "$bif" ] && (( bif > 0 )) && return 0
+    sleep 0.01
+  done
+  return 1
+}
+
 # start_colod NAME ROLE ARGS...: start a daemon for host NAME in the
 # background (log $tmp/NAME/colod.log: --log stderr, PID
 # $tmp/NAME/colod.pid) and wait

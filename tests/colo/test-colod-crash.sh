@@ -26,9 +26,7 @@ source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
 requires nbdcopy --version
 
-seed=${COLOD_CRASH_SEED:-$(( $(date +%s) % 32768 ))}
-RANDOM=$seed
-diag "seed $seed (COLOD_CRASH_SEED=$seed replays it)"
+seed_random COLOD_CRASH_SEED
 t_start=$SECONDS
 
 size=$((16 << 20))
@@ -40,9 +38,6 @@ pb=$(free_port)
 pq=$(free_port)
 while [ "$pq" = "$pb" ]; do pq=$(free_port); done
 
-# s NAME FIELD: a status field, from the human output (no python: fast
-# enough to poll every few milliseconds).
-s () { "$COLOD" status --state "$tmp/$1/state" 2>/dev/null | sed -n "s/^$2: //p"; }
 
 # secondary_b [PORT]: b's secondary daemon, on its own port by default.
 secondary_b ()
@@ -99,11 +94,7 @@ for (( i = 1; i <= 10; i++ )); do
     ok "$i: epoch $n committed on b" test "${c:-0}" -ge "$n"
     when="as soon as epoch $n was committed"
   else
-    for (( t = 0; t < 1000; t++ )); do
-      bif=$(s b bytes-in-flight)
-      [ -n "$bif" ] && (( bif > 0 )) && break
-      sleep 0.01
-    done
+    wait_arriving b
     ok "$i: epoch $n arriving on b" test "${bif:-0}" -gt 0
     delay=$(( RANDOM % 250 ))
     sleep "$(printf '0.%03d' "$delay")"

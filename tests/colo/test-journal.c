@@ -275,6 +275,31 @@ set_record_version (const char *path, off_t off, uint16_t version)
   close (fd);
 }
 
+/* Make every record of the journal at path version `version', as the
+ * fleece-colod of that version wrote them: version 2 had no disk count
+ * in BEGIN (bytes 52..55 of the record).
+ */
+static void
+set_all_versions (const char *path, uint16_t version)
+{
+  int fd = open (path, O_RDWR);
+  unsigned char r[64];
+  struct stat sb;
+  off_t off;
+
+  assert (fd >= 0 && fstat (fd, &sb) == 0);
+  for (off = 0; off + 64 <= sb.st_size; off += 4096)
+    if (pread (fd, r, 4, off) == 4 && memcmp (r, "FLCJ", 4) == 0) {
+      if (off == 0) {
+        assert (pread (fd, r, 64, 0) == 64);
+        memset (r + 52, 0, 4);
+        assert (pwrite (fd, r, 64, 0) == 64);
+      }
+      set_record_version (path, off, version);
+    }
+  close (fd);
+}
+
 /* Empty the journal, then leave epoch 2 (extents ex) committed and not
  * applied in it; model becomes from with the epoch.
  */
@@ -1021,6 +1046,190 @@ test_crash (void)
 
 /* ---- a block device ---- */
 
+/* A journal written before groups (version 2): a committed epoch in it
+ * is replayed as one of a single disk.
+ */
+static void
+test_version2 (void)
+{
+  const struct ext e1[] = { { 0, CLUSTER, false }, { LAST_OFF, 3096, false } };
+  char *m = calloc (1, DISK_SIZE), jpath[300];
+  struct dirs d;
+  struct journal *j;
+
+  setup ("v2", &d, DISK_SIZE);
+  journal_file (&d, jpath, sizeof jpath);
+  j = jopen (&d);
+  assert (j && m);
+  pair (j);
+  assert (send_epoch (j, 1, gen1, e1, 2, m) == 0);
+  journal_close (j);              /* committed, not applied */
+  set_all_versions (jpath, 2);
+  j = jopen (&d);
+  ok (j && has (journal_recovery_note (j), "applied it again") &&
+      disk_equals (d.disk, m, DISK_SIZE) &&
+      journal_get_state (j)->applied_epoch == 1,
+      "a committed epoch of journal version 2 is replayed at open");
+  journal_close (j);
+  free (m);
+}
+
+/* A group of two disks: one journal, one commit, both disks applied
+ * together, whatever the crash.
+ */
+#define GSIZE (8 * CLUSTER)
+
+static int group_kill_step = -1, group_kill_nth, group_seen;
+
+static void
+group_hook (void *opaque, enum journal_step s)
+{
+  (void) opaque;
+  if ((int) s == group_kill_step && ++group_seen == group_kill_nth)
+    _exit (0);
+}
+
+static struct journal *
+gopen (const char *dir, unsigned n, char *err, size_t errlen)
+{
+  char state[300], p0[300], p1[300];
+  const char *paths[2] = { p0, p1 };
+  const uint64_t sizes[2] = { GSIZE, GSIZE };
+
+  snprintf (state, sizeof state, "%s/state", dir);
+  snprintf (p0, sizeof p0, "%s/disk0", dir);
+  snprintf (p1, sizeof p1, "%s/disk1", dir);
+  return journal_open_group (state, n, paths, sizes, CLUSTER, err, errlen);
+}
+
+/* Epoch e: CLUSTER bytes of byte v at offset 0 of disk 0 and at offset
+ * CLUSTER of disk 1.  0 when durable.
+ */
+static int
+group_epoch (struct journal *j, uint64_t e, int v)
+{
+  char *buf = malloc (CLUSTER);
+  struct journal_digest d;
+  struct journal_extent x[2] = {
+    { 0, CLUSTER, JOURNAL_EXTENT_DATA, 0 },
+    { CLUSTER, CLUSTER, JOURNAL_EXTENT_DATA | 1u << JOURNAL_EXTENT_DISK_SHIFT,
+      0 },
+  };
+  int i, r = 0;
+
+  assert (buf);
+  memset (buf, v, CLUSTER);
+  journal_digest_init (&d);
+  r = journal_begin (j, e, gen1);
+  for (i = 0; r == 0 && i < 2; i++) {
+    x[i].checksum = journal_checksum (buf, CLUSTER);
+    journal_digest_add (&d, &x[i]);
+    r = journal_add_extent (j, x[i].offset, x[i].length, x[i].flags, buf,
+                            x[i].checksum);
+  }
+  free (buf);
+  return r ? r : journal_end (j, 2, journal_digest_final (&d));
+}
+
+/* Both disks hold byte v where epochs write. */
+static bool
+group_at (const char *dir, int v)
+{
+  char p[300], want[CLUSTER], got[CLUSTER];
+  int d, fd;
+  bool r = true;
+
+  memset (want, v, CLUSTER);
+  for (d = 0; d < 2; d++) {
+    snprintf (p, sizeof p, "%s/disk%d", dir, d);
+    fd = open (p, O_RDONLY);
+    r = r && fd >= 0 && pread (fd, got, CLUSTER, d * CLUSTER) == CLUSTER &&
+      memcmp (got, want, CLUSTER) == 0;
+    close (fd);
+  }
+  return r;
+}
+
+/* Epoch e (byte v) in a child killed at the nth step s. */
+static void
+group_crash (const char *dir, uint64_t e, int v, enum journal_step s, int nth)
+{
+  char err[1024];
+  pid_t pid = fork ();
+  int status;
+
+  assert (pid >= 0);
+  if (pid == 0) {
+    struct journal *j = gopen (dir, 2, err, sizeof err);
+    group_kill_step = s;
+    group_kill_nth = nth;
+    journal_set_test_hook (group_hook, NULL);
+    if (j && group_epoch (j, e, v) == 0)
+      journal_apply (j);
+    _exit (1);                  /* the kill did not come */
+  }
+  assert (waitpid (pid, &status, 0) == pid);
+  assert (WIFEXITED (status) && WEXITSTATUS (status) == 0);
+}
+
+static void
+test_group (void)
+{
+  char dir[200], p[300], err[1024] = "";
+  struct journal *j;
+  int d;
+
+  snprintf (dir, sizeof dir, "%s/group", base);
+  snprintf (p, sizeof p, "%s/state", dir);
+  assert (mkdir (dir, 0700) == 0 && mkdir (p, 0700) == 0);
+  for (d = 0; d < 2; d++) {
+    snprintf (p, sizeof p, "%s/disk%d", dir, d);
+    int fd = open (p, O_RDWR | O_CREAT, 0600);
+    assert (fd >= 0 && ftruncate (fd, GSIZE) == 0);
+    close (fd);
+  }
+  j = gopen (dir, 2, err, sizeof err);
+  assert (j);
+  pair (j);
+  ok (group_epoch (j, 1, 0x61) == 0 && journal_apply (j) == 0 &&
+      group_at (dir, 0x61) && journal_get_state (j)->disk_count == 2,
+      "a group of 2 disks: an epoch with an extent on each is applied to "
+      "both");
+  ok (journal_begin (j, 2, gen1) == 0 &&
+      journal_add_extent (j, 0, CLUSTER, JOURNAL_EXTENT_ZERO |
+                          2u << JOURNAL_EXTENT_DISK_SHIFT, NULL, 0) == -1 &&
+      has (journal_error (j), "of a disk that is not in the group") &&
+      journal_abort (j) == 0,
+      "an extent of disk 2 is refused: %s", journal_error (j));
+  journal_close (j);
+
+  /* Killed after disk 0's extent reached its disk, before disk 1's:
+   * recovery applies the epoch to both.
+   */
+  group_crash (dir, 2, 0x62, JOURNAL_STEP_DISK_WRITE, 2);
+  ok (!group_at (dir, 0x61) && !group_at (dir, 0x62),
+      "killed between the disks' writes: the disks differ on their own");
+  j = gopen (dir, 2, err, sizeof err);
+  ok (j && has (journal_recovery_note (j), "applied it again") &&
+      group_at (dir, 0x62) && journal_get_state (j)->applied_epoch == 2,
+      "and recovery brings both to epoch 2");
+  journal_close (j);
+  /* Killed writing the COMMIT record (the 4th journal write): both
+   * stay at epoch 2.
+   */
+  group_crash (dir, 3, 0x63, JOURNAL_STEP_JOURNAL_WRITE, 4);
+  j = gopen (dir, 2, err, sizeof err);
+  ok (j && group_at (dir, 0x62) &&
+      journal_get_state (j)->committed_epoch == 2,
+      "killed before the commit record: both disks stay at epoch 2 (%s)",
+      j ? journal_recovery_note (j) : err);
+  journal_close (j);
+  j = gopen (dir, 1, err, sizeof err);
+  ok (j == NULL && has (err, "made for a group of 2 disks, not 1"),
+      "the group's state opened for one disk is refused: %s", err);
+  journal_close (j);
+}
+
 static void
 test_block_device (void)
 {
@@ -1091,6 +1300,8 @@ main (void)
   test_refusals ();
   test_corruption ();
   test_crash ();
+  test_version2 ();
+  test_group ();
   test_block_device ();
 
   nftw (base, rm_entry, 16, FTW_DEPTH | FTW_PHYS);

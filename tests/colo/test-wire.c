@@ -131,6 +131,9 @@ rnd_hello (struct colo_msg_hello *h)
   memset (h->generation_id, 0, 16);
   if (h->history_count)
     memcpy (h->generation_id, h->history[h->history_count - 1].id, 16);
+  h->disk_count = rnd_below (COLO_WIRE_MAX_DISKS + 1);
+  for (i = 0; i < h->disk_count; i++)
+    h->disk_sizes[i] = i == 0 ? h->disk_size : rnd ();
 }
 
 /* A DIVERGED of 1 to max_bits clusters, or one where nothing diverged
@@ -260,6 +263,11 @@ hello_equal (const struct colo_msg_hello *a, const struct colo_msg_hello *b)
     return false;
   for (i = 0; i < a->history_count; i++)
     if (memcmp (&a->history[i], &b->history[i], sizeof a->history[i]))
+      return false;
+  if (!SAME (disk_count))
+    return false;
+  for (i = 0; i < a->disk_count; i++)
+    if (a->disk_sizes[i] != b->disk_sizes[i])
       return false;
   return true;
 }
@@ -876,35 +884,39 @@ test_header_errors (void)
   expect_error ("FLCX", (const uint8_t *) "FLCX", 4, COLO_ERROR_PROTOCOL,
                 "bad magic: byte 3 is 0x58");
 
-  n = frame (f, 2, COLO_MSG_HEARTBEAT, 16, 1, p, 16);
-  expect_error ("version 2", f, n, COLO_ERROR_VERSION,
-                "peer speaks protocol version 2, this is version 1");
-  expect_error ("version 2, 6 bytes", f, 6, COLO_ERROR_VERSION,
-                "peer speaks protocol version 2, this is version 1");
+  n = frame (f, 1, COLO_MSG_HEARTBEAT, 16, 1, p, 16);
+  expect_error ("version 1 (before groups)", f, n, COLO_ERROR_VERSION,
+                "peer speaks protocol version 1, this is version 2");
+  expect_error ("version 1, 6 bytes", f, 6, COLO_ERROR_VERSION,
+                "peer speaks protocol version 1, this is version 2");
+  n = frame (f, 3, COLO_MSG_HEARTBEAT, 16, 1, p, 16);
+  expect_error ("version 3", f, n, COLO_ERROR_VERSION,
+                "peer speaks protocol version 3, this is version 2");
   n = frame (f, 0, COLO_MSG_HEARTBEAT, 16, 1, p, 16);
   expect_error ("version 0", f, n, COLO_ERROR_VERSION,
-                "peer speaks protocol version 0, this is version 1");
+                "peer speaks protocol version 0, this is version 2");
 
   n = simple_frame (f, 12, 1, p, 16);
   expect_error ("unknown type 12", f, n, COLO_ERROR_PROTOCOL,
-                "unknown message type 12 (this is protocol version 1)");
+                "unknown message type 12 (this is protocol version 2)");
   n = simple_frame (f, 0, 1, p, 16);
   expect_error ("type 0", f, n, COLO_ERROR_PROTOCOL,
                 "unknown message type 0");
 
-  n = frame (f, 1, COLO_MSG_EXTENT, COLO_WIRE_MAX_PAYLOAD + 1, 1, p, 0);
+  n = frame (f, COLO_WIRE_VERSION, COLO_MSG_EXTENT,
+             COLO_WIRE_MAX_PAYLOAD + 1, 1, p, 0);
   expect_error ("length over the maximum", f, n, COLO_ERROR_PROTOCOL,
                 "EXTENT: payload length 67112961 is over the maximum "
                 "67112960");
-  n = frame (f, 1, COLO_MSG_HEARTBEAT, 0xffffffff, 1, p, 0);
+  n = frame (f, COLO_WIRE_VERSION, COLO_MSG_HEARTBEAT, 0xffffffff, 1, p, 0);
   expect_error ("length 4 GiB", f, n, COLO_ERROR_PROTOCOL,
                 "is over the maximum");
   n = simple_frame (f, COLO_MSG_HEARTBEAT, 1, p, 17);
   expect_error ("HEARTBEAT of 17 bytes", f, n, COLO_ERROR_PROTOCOL,
                 "HEARTBEAT: payload of 17 bytes, expected 16");
-  n = frame (f, 1, COLO_MSG_HELLO, 1 << 20, 1, p, 0);
+  n = frame (f, COLO_WIRE_VERSION, COLO_MSG_HELLO, 1 << 20, 1, p, 0);
   expect_error ("HELLO of 1 MiB", f, n, COLO_ERROR_PROTOCOL,
-                "HELLO: payload of 1048576 bytes, expected 72 to 6216");
+                "HELLO: payload of 1048576 bytes, expected 72 to 6352");
   n = simple_frame (f, COLO_MSG_ERROR, 1, p, 5);
   expect_error ("ERROR shorter than its fixed part", f, n,
                 COLO_ERROR_PROTOCOL,
@@ -1071,7 +1083,7 @@ hello_payload (uint8_t *p, uint32_t count, uint32_t entries)
 {
   uint32_t i;
 
-  memset (p, 0, 72 + entries * 24);
+  memset (p, 0, 72 + entries * 24 + 8);
   put16 (p, COLO_ROLE_PRIMARY);
   put16 (p + 2, 1);
   put32 (p + 4, COLO_CHANNEL_DATA);
@@ -1085,7 +1097,9 @@ hello_payload (uint8_t *p, uint32_t count, uint32_t entries)
   }
   if (entries)
     memcpy (p + 24, p + 72 + (entries - 1) * 24, 16);
-  return 72 + entries * 24;
+  /* Version 2: no disks listed (8 zero bytes). */
+  memset (p + 72 + entries * 24, 0, 8);
+  return 72 + entries * 24 + 8;
 }
 
 static void
@@ -1098,8 +1112,29 @@ test_message_errors (void)
   expect_valid ("a HELLO built by hand", f, n, COLO_MSG_HELLO);
   n = simple_frame (f, COLO_MSG_HELLO, 1, p, hello_payload (p, 3, 2));
   expect_error ("HELLO history count beyond the payload", f, n,
-                COLO_ERROR_PROTOCOL, "HELLO: payload of 120 bytes, "
-                "expected 144 for a history of 3 generations");
+                COLO_ERROR_PROTOCOL, "HELLO: payload of 128 bytes, "
+                "expected at least 152 for a history of 3 generations");
+  n = hello_payload (p, 2, 2);
+  put32 (p + n - 8, 17);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n);
+  expect_error ("HELLO with 17 disks", f, n, COLO_ERROR_PROTOCOL,
+                "HELLO: 17 disks (at most 16)");
+  n = hello_payload (p, 2, 2);
+  put32 (p + n - 8, 2);
+  put64 (p + n, 7);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n + 8);
+  expect_error ("HELLO with 2 disks and 1 size", f, n, COLO_ERROR_PROTOCOL,
+                "HELLO: payload of 136 bytes, expected 144 for a history "
+                "of 2 generations and 2 disks");
+  n = hello_payload (p, 2, 2);
+  put64 (p + 56, 4096);
+  put32 (p + n - 8, 2);
+  put64 (p + n, 8192);
+  put64 (p + n + 8, 4096);
+  n = simple_frame (f, COLO_MSG_HELLO, 1, p, n + 16);
+  expect_error ("HELLO whose disk 0 is not disk_size", f, n,
+                COLO_ERROR_PROTOCOL, "HELLO: disk 0 of 8192 bytes, not the "
+                "disk size 4096");
   n = simple_frame (f, COLO_MSG_HELLO, 1, p, hello_payload (p, 300, 3));
   expect_error ("HELLO history count over the maximum", f, n,
                 COLO_ERROR_PROTOCOL,
@@ -1265,7 +1300,7 @@ test_diverged_errors (void)
   expect_error ("DIVERGED shorter than its fixed part", f, n,
                 COLO_ERROR_PROTOCOL,
                 "DIVERGED: payload of 31 bytes, expected 32 to 67108896");
-  n = frame (f, 1, COLO_MSG_DIVERGED, 32 + COLO_WIRE_MAX_EXTENT + 1, 1, p, 0);
+  n = frame (f, COLO_WIRE_VERSION, COLO_MSG_DIVERGED, 32 + COLO_WIRE_MAX_EXTENT + 1, 1, p, 0);
   expect_error ("DIVERGED longer than a 64 MiB bitmap", f, n,
                 COLO_ERROR_PROTOCOL,
                 "DIVERGED: payload of 67108897 bytes, expected 32 to "
@@ -1346,7 +1381,7 @@ test_layout (void)
 
   m.epoch_durable.epoch = 0x1122334455667788;
   put64 (p, m.epoch_durable.epoch);
-  frame (want, 1, COLO_MSG_EPOCH_DURABLE, 8, 0x0102030405060708, p, 8);
+  frame (want, COLO_WIRE_VERSION, COLO_MSG_EPOCH_DURABLE, 8, 0x0102030405060708, p, 8);
   colo_wire_encode (&enc, &m, &buf, NULL);
   ok (buf.len == sizeof want && memcmp (buf.ptr, want, sizeof want) == 0,
       "EPOCH_DURABLE encodes to the documented bytes");
@@ -1364,7 +1399,7 @@ test_layout_diverged (void)
 
   n = diverged_payload (p, 11 * 4096 - 100, 4096, 11, 2);
   assert (n == sizeof p);
-  frame (want, 1, COLO_MSG_DIVERGED, n, 1, p, n);
+  frame (want, COLO_WIRE_VERSION, COLO_MSG_DIVERGED, n, 1, p, n);
   m.diverged = (struct colo_msg_diverged) {
     .base_epoch = 7, .disk_size = 11 * 4096 - 100, .cluster_size = 4096,
     .bit_count = 11, .bits = p + 32 };
