@@ -17,14 +17,15 @@
  *             but s1 comes back after the crash: it must read cluster 0
  *             as it was (the write must not copy the cluster again for
  *             s2 under a range that replaces s1's entry at replay).
- *   newest    then delete s2, the last snapshot, and the hook writes
- *             all of cluster 2 and block 0 of cluster 3: s2 comes back
- *             and must read them as they were (the write must still copy
- *             them, whole and in part).
+ *   newest    the same start and s1's deletion again, then delete s2,
+ *             the last snapshot, and the hook writes all of cluster 2
+ *             and block 0 of cluster 3: s2 comes back and must read them
+ *             as they were (the write must still copy them, whole and in
+ *             part).
  *
- * And the live engine: the deleted snapshots are gone, s2 stays exact
- * after s1's deletion, and deleting s2 gives the store's space back at
- * once.
+ * And in that second run, the live engine: the deleted snapshots are
+ * gone, s2 stays exact after s1's deletion, and deleting s2 gives the
+ * store's space back at once.
  */
 
 #include <config.h>
@@ -175,6 +176,35 @@ crash_reads (const char *name, const uint8_t *want, const char *other,
   return r;
 }
 
+/* A fresh disk (all 0x21) and store: s1, a write of block 0 of cluster
+ * 0 (s1's partly copied cluster), s2.  at_s1, at_s2: what they read.
+ */
+static struct fleece *
+start (uint8_t *at_s1, uint8_t *at_s2)
+{
+  struct fleece_stats st;
+  struct fleece *fl;
+
+  memset (now, 0x21, DISK_SIZE);
+  test_write_disk (disk, now, DISK_SIZE);
+  unlink (store);
+  fl = open_store ();
+  if (fl == NULL)
+    bail_out ("fleece_open: %s", fleece_last_error ());
+  if (fleece_snapshot_create (fl, "s1") == -1)
+    bail_out ("snapshot s1: %s", fleece_last_error ());
+  memcpy (at_s1, now, DISK_SIZE);
+  live_write (fl, 0, BS, 0x42);
+  if (fleece_snapshot_create (fl, "s2") == -1)
+    bail_out ("snapshot s2: %s", fleece_last_error ());
+  memcpy (at_s2, now, DISK_SIZE);
+  fleece_get_stats (fl, &st);
+  if (st.partial_clusters != 1)
+    bail_out ("%" PRIu64 " clusters partly copied, expected 1",
+              st.partial_clusters);
+  return fl;
+}
+
 int
 main (void)
 {
@@ -191,25 +221,17 @@ main (void)
   at_s2 = malloc (DISK_SIZE);
   if (now == NULL || at_s1 == NULL || at_s2 == NULL)
     bail_out ("out of memory");
-  memset (now, 0x21, DISK_SIZE);
-  test_write_disk (disk, now, DISK_SIZE);
-  unlink (store);
-  fl = open_store ();
-  if (fl == NULL)
-    bail_out ("fleece_open: %s", fleece_last_error ());
 
   /* partial */
-  if (fleece_snapshot_create (fl, "s1") == -1)
-    bail_out ("snapshot s1: %s", fleece_last_error ());
-  memcpy (at_s1, now, DISK_SIZE);
-  live_write (fl, 0, BS, 0x42);
-  if (fleece_snapshot_create (fl, "s2") == -1)
-    bail_out ("snapshot s2: %s", fleece_last_error ());
-  memcpy (at_s2, now, DISK_SIZE);
-  fleece_get_stats (fl, &st);
-  if (st.partial_clusters != 1)
-    bail_out ("%" PRIu64 " clusters partly copied, expected 1",
-              st.partial_clusters);
+  fl = start (at_s1, at_s2);
+  delete_crashing (fl, "s1", BS, BS, 0x43);
+  fleece_close (fl);
+  ok (crash_reads ("s1", at_s1, "s2", at_s2),
+      "partial: after a crash in its deletion, s1 reads cluster 0 as it "
+      "was, though s2 needed none of s1's blocks; s2 exact");
+
+  /* Again, carried on to the newest: the live engine. */
+  fl = start (at_s1, at_s2);
   delete_crashing (fl, "s1", BS, BS, 0x43);
   ok (fleece_snapshot_info (fl, "s1", &info) == -1 && reads (fl, "s2", at_s2),
       "partial: live, s1 is deleted and s2 exact");
@@ -225,24 +247,6 @@ main (void)
   fleece_close (fl);
   ok (crash_reads ("s2", at_s2, NULL, NULL),
       "newest: after a crash in its deletion, s2 reads the disk as it was");
-
-  /* The first crash image again, taken anew (the files were reused). */
-  memset (now, 0x21, DISK_SIZE);
-  test_write_disk (disk, now, DISK_SIZE);
-  unlink (store);
-  fl = open_store ();
-  if (fl == NULL)
-    bail_out ("fleece_open: %s", fleece_last_error ());
-  if (fleece_snapshot_create (fl, "s1") == -1)
-    bail_out ("snapshot s1: %s", fleece_last_error ());
-  live_write (fl, 0, BS, 0x42);
-  if (fleece_snapshot_create (fl, "s2") == -1)
-    bail_out ("snapshot s2: %s", fleece_last_error ());
-  delete_crashing (fl, "s1", BS, BS, 0x43);
-  fleece_close (fl);
-  ok (crash_reads ("s1", at_s1, "s2", at_s2),
-      "partial: after a crash in its deletion, s1 reads cluster 0 as it "
-      "was, though s2 needed none of s1's blocks; s2 exact");
 
   free (now);
   free (at_s1);
