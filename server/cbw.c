@@ -93,8 +93,8 @@ needs_copy (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c, uint32_t lo,
 {
   size_t i;
 
-  for (i = 0; i < fl->nsnaps; i++) {
-    struct fleece_snap *s = fl->snaps[i];
+  for (i = 0; i < snap_needing_count (fl); i++) {
+    struct fleece_snap *s = snap_needing (fl, i);
     if (!snap_reads_copy (s, c, lo, gen))
       continue;
     if (!atomic_load (&s->broken))
@@ -131,9 +131,9 @@ break_snapshots (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
   snprintf (reason, sizeof reason, "copy-before-write of cluster %" PRIu64
             " failed: %.180s", c, why);
   pthread_mutex_lock (&fl->break_lock);
-  for (i = 0; i < fl->nsnaps && r == 0; i++)
-    if (snap_reads_copy (fl->snaps[i], c, lo, gen))
-      r = snap_break_locked (fl, fl->snaps[i], reason, &ctx->wait,
+  for (i = 0; i < snap_needing_count (fl) && r == 0; i++)
+    if (snap_reads_copy (snap_needing (fl, i), c, lo, gen))
+      r = snap_break_locked (fl, snap_needing (fl, i), reason, &ctx->wait,
                              &ctx->broke);
   pthread_mutex_unlock (&fl->break_lock);
   return r;
@@ -774,9 +774,9 @@ part_keep (void *opaque, const struct partial_view *v)
   struct fleece *fl = opaque;
   size_t i;
 
-  for (i = 0; i < fl->nsnaps; i++)
-    if (snap_reads_copy (fl->snaps[i], v->cluster, v->lo, v->hi) &&
-        !atomic_load (&fl->snaps[i]->broken))
+  for (i = 0; i < snap_needing_count (fl); i++)
+    if (snap_reads_copy (snap_needing (fl, i), v->cluster, v->lo, v->hi) &&
+        !atomic_load (&snap_needing (fl, i)->broken))
       return true;
   return false;
 }

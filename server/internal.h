@@ -484,6 +484,7 @@ extern int meta_image (struct fleece *fl);
  * stable (persistent).
  */
 extern void meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n);
+extern bool meta_has_deferred (struct fleece *fl);
 
 /* ---- engine.c, snapshot.c, snapshot-read.c, cbw.c, bitmap.c ---- */
 struct bitmap;
@@ -548,6 +549,12 @@ struct fleece {
   pthread_rwlock_t snaps_lock;
   struct fleece_snap **snaps;   /* FLEECE_SNAPSHOTS_MAX slots, never moved */
   _Atomic size_t nsnaps;
+  /* The snapshot being deleted (admin_lock held throughout, so at most
+   * one), out of the list but still served by copies until the image
+   * without it is stable (snapshot.c, snap_needing).  Changes under
+   * snaps_lock held for writing.
+   */
+  struct fleece_snap *deleting;
 
   /* Dirty bitmaps (bitmap.c).  The list, its flags and checkpoint_active
    * are protected by admin_lock; dirty, the set of enabled bitmaps that
@@ -619,6 +626,26 @@ state_nsnaps (uint64_t st)
   return st & 0xffffffff;
 }
 
+/* The snapshots that copies are made and kept for (snaps_lock held):
+ * the live ones, then the one being deleted until the image without it
+ * is stable.  A persistent store that crashes before that image brings
+ * the snapshot back, so until then it must read what it read before:
+ * a copy or a partly copied cluster it needs is neither skipped, nor
+ * dropped, nor given up to a new entry with another range (docs/
+ * durability.md statement 7).
+ */
+static inline size_t
+snap_needing_count (const struct fleece *fl)
+{
+  return fl->nsnaps + (fl->deleting != NULL);
+}
+
+static inline struct fleece_snap *
+snap_needing (const struct fleece *fl, size_t i)
+{
+  return i < fl->nsnaps ? fl->snaps[i] : fl->deleting;
+}
+
 /* snapshot-read.c: can s be read at all?  io_lock held. */
 extern int snap_check_readable (struct fleece_snap *s);
 extern int snap_break_locked (struct fleece *fl, struct fleece_snap *s,
@@ -664,6 +691,8 @@ extern struct fleece_snap *snap_restore (struct fleece *fl, const char *name,
                                          uint32_t gen, int64_t created);
 extern bool copy_needed (void *opaque, const struct copy *cp);
 extern bool snap_keeps_copies (const struct fleece_snap *s);
+/* Tests only: called inside fleece_snapshot_delete (snapshot.c). */
+extern void (*fl_test_delete_hook) (struct fleece *fl, const char *name);
 extern void snap_free_broken (struct fleece *fl);
 extern void copy_free (void *opaque, const struct copy *cp);
 extern int snap_ensure_released (struct fleece_snap *s);

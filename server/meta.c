@@ -252,6 +252,18 @@ meta_free_slots (struct fleece *fl, uint32_t *slots, size_t n)
   store_free_slots (&fl->store, slots, n);
 }
 
+/* Are slots waiting for an image to be freed? */
+bool
+meta_has_deferred (struct fleece *fl)
+{
+  struct meta *m = &fl->meta;
+
+  if (!m->on)
+    return false;
+  ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&m->lock);
+  return m->deferred.len > 0;
+}
+
 /* ---- the image ---- */
 
 static int

@@ -19,10 +19,13 @@
  * persistent (snap_break_locked); it then fails every read, and its
  * copies are freed once that is stable (snap_free_broken).
  *
- * Deletion removes the snapshot from the list (new copies stop counting
- * it), waits for its reads in flight (io_lock), then frees every copy that
- * no remaining snapshot needs.  Handles opened before deletion see
- * EINVAL (NBD has no ENOENT), and the server's log says it was deleted.
+ * Deletion removes the snapshot from the list, waits for its reads in
+ * flight (io_lock) and writes the image without it; until that image
+ * is stable, copies are still made and kept for it (fl->deleting,
+ * snap_needing), since a crash would bring it back.  Then it frees every
+ * copy that no remaining snapshot needs.  Handles opened before deletion
+ * see EINVAL (NBD has no ENOENT), and the server's log says it was
+ * deleted.
  *
  * Trim (release) marks whole clusters released for the snapshot and
  * frees the copies nobody else needs; a later write to such a cluster
@@ -217,8 +220,8 @@ copy_needed (void *opaque, const struct copy *cp)
   struct fleece *fl = opaque;
   size_t i;
 
-  for (i = 0; i < fl->nsnaps; i++) {
-    struct fleece_snap *s = fl->snaps[i];
+  for (i = 0; i < snap_needing_count (fl); i++) {
+    struct fleece_snap *s = snap_needing (fl, i);
     if (snap_reads_copy (s, cp->cluster, cp->lo, cp->hi) &&
         snap_keeps_copies (s))
       return true;
@@ -353,6 +356,12 @@ snap_free_all (struct fleece *fl)
   fl->nsnaps = 0;
 }
 
+/* Tests only (test-engine-delete-crash.c): called by a deletion once
+ * the snapshot has left the list and before the image without it is
+ * written, the moment where a kill -9 leaves the snapshot in the store.
+ */
+void (*fl_test_delete_hook) (struct fleece *fl, const char *name);
+
 int
 fleece_snapshot_delete (struct fleece *fl, const char *name)
 {
@@ -376,26 +385,47 @@ fleece_snapshot_delete (struct fleece *fl, const char *name)
   memmove (&fl->snaps[i], &fl->snaps[i + 1],
            (fl->nsnaps - i - 1) * sizeof *fl->snaps);
   fl->nsnaps--;
-  /* Fewer snapshots never needs the gate: a writer that still sees the
-   * old count only finds nothing to copy for s.
+  /* Out of the list (no longer found, listed or in an image), but still
+   * served by every copy until the image without it is stable: a crash
+   * before that brings it back, and it must then read what it read
+   * before.  A write meanwhile that skipped its copy, or dropped a partly
+   * copied cluster only s needs and copied the cluster again under a
+   * new range, would leave a stable record that makes it read the wrong
+   * data after the crash (snap_needing).  The count in fl->state keeps
+   * s until then, so that writers still come to copy.
    */
-  atomic_store (&fl->state, (atomic_load (&fl->state) & ~UINT64_C (0xffffffff))
-                | fl->nsnaps);
+  fl->deleting = s;
   atomic_store (&s->deleted, true);
   pthread_rwlock_unlock (&fl->snaps_lock);
 
-  /* Wait for reads in flight, then free what nobody needs. */
+  /* Wait for reads in flight, then make the deletion stable. */
   pthread_rwlock_wrlock (&s->io_lock);
   pthread_rwlock_unlock (&s->io_lock);
+  if (fl_test_delete_hook)
+    fl_test_delete_hook (fl, name);
+  r = meta_image (fl);
+
+  /* Now free what nobody needs.  Fewer snapshots never needs the gate:
+   * a writer that still sees the old count only finds nothing to copy
+   * for s.
+   */
+  pthread_rwlock_wrlock (&fl->snaps_lock);
+  fl->deleting = NULL;
+  atomic_store (&fl->state, (atomic_load (&fl->state) & ~UINT64_C (0xffffffff))
+                | fl->nsnaps);
+  pthread_rwlock_unlock (&fl->snaps_lock);
   pthread_rwlock_rdlock (&fl->snaps_lock);
   copymap_prune (&fl->copies, UINT32_MAX, dropped_keep, dropped_add, &drop);
   pthread_rwlock_unlock (&fl->snaps_lock);
   cbw_prune_partials (fl);
-  /* Persistent: the freed slots are reused only once the image without
-   * the snapshot is stable (meta_free_slots).
+  /* Persistent: the freed slots are reused only once an image without
+   * their copies is stable (meta_free_slots); a second image makes them
+   * free now rather than at the next admin operation or compaction, so
+   * that deleting a snapshot makes room in a full store at once.
    */
   dropped_free (&drop);
-  r = meta_image (fl);
+  if (r == 0 && meta_has_deferred (fl))
+    r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' deleted", name);
   snap_unref (s);
