@@ -15,14 +15,15 @@
 # sha256, keyed by the epoch number the checkpoint will get (no writes
 # run during it).  Host a: an nbdkit per disk (p0, p1, ...) and the
 # primary, epochs on request (--interval 0), extents of 64 KiB; host b:
-# the secondary with a --disk each, slowed by --debug extent-delay-ms so that an epoch
-# lasts about 0.2 s, with --auto-failover.  Kills land a random
-# moment after the epoch's first extent arrived, every third one as soon
-# as the epoch is committed.  A secondary that applied the disks of an
-# epoch separately would, killed in between, restart with disk 0 at one
-# epoch and disk 1 at the other: the checks below fail then.  A third
-# disk checks what two cannot: the disk index beyond 0 and 1, and a
-# group round whose middle member is neither first nor last.
+# the secondary with a --disk each, slowed by --debug extent-delay-ms
+# so that an epoch lasts about 0.2 s, with --auto-failover.  Kills land
+# a random moment after the epoch's first extent arrived, every third
+# one as soon as the epoch is committed.  A secondary that applied the
+# disks of an epoch separately would, killed in between, restart with
+# disk 0 at one epoch and disk 1 at the other: the checks below fail
+# then.  A third disk checks what two cannot: the disk index beyond 0
+# and 1, and a group round whose middle member is neither first nor
+# last.
 # COLOD_GROUP_SEED replays a run's offsets and delays.
 source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires qemu-io --version
@@ -47,13 +48,18 @@ pq=$(free_port)
 while [ "$pq" = "$pb" ]; do pq=$(free_port); done
 
 
+# secondary_b [PORT]: b, on PORT where no primary reaches it (what
+# recovery left is checked there) with a heartbeat timeout long enough
+# for the checks: with 1.5 s, --auto-failover promoted it midway when
+# the checks of three disks ran slowly (under valgrind).
 secondary_b ()
 {
-  local d args=()
+  local d args=() hbt=1500
   for d in $disks; do args+=(--disk "$tmp/b/disk$d"); done
+  [ -n "${1:-}" ] && hbt=60000
   start_colod b secondary --listen "127.0.0.1:${1:-$pb}" \
-    "${args[@]}" --insecure \
-    --hb-interval 100 --hb-timeout 1500 --auto-failover \
+    "${args[@]}" --insecure --hb-interval 100 --hb-timeout "$hbt" \
+    --auto-failover \
     --debug extent-delay-ms=10
 }
 primary_a ()
