@@ -2,8 +2,8 @@
  * group, seen through their control sockets (docs/control-protocol.md):
  * their geometry and their colo-N checkpoints (primary.c's note says
  * what they mean).  Of a group of several disks, checkpoint colo-N is
- * taken on all at one instant with the consistency group protocol
- * (group-prepare on all, then group-commit on all).
+ * taken on all at one instant by lib/group.c's coordinator, the one
+ * fleecectl and fleece-backup use, on the connections kept here.
  *
  * The connection is opened on first use and subscribed to events, so
  * that the plugin keeps it however long it is idle; a failure that
@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "cleanup.h"
+#include "group.h"
 #include "clock.h"
 #include "colod.h"
 #include "log.h"
@@ -302,120 +303,58 @@ plugin_unsent_snapshot (struct primary_plugin *pl)
 
 /* ---- the group checkpoint ----
  *
- * Each phase is sent to every plugin before any reply is read, so that
- * they hold their writers at once, for about the slowest round trip
- * (docs/control-protocol.md, "Consistency groups").  A plugin whose
- * deadline passes releases its writers and creates nothing by itself.
+ * lib/group.c's coordinator runs the protocol (docs/control-protocol.md,
+ * "Consistency groups") on the connections this file keeps, without
+ * hooks.  A plugin whose deadline passes releases its writers and
+ * creates nothing by itself.
  */
-
-/* Send cmd (args not stolen) to the plugins with want[i]; sent[i] says
- * which got it.
- */
-static void
-send_all (const char *cmd, json_t *args, const bool *want, bool *sent,
-          char *err, size_t errlen)
-{
-  json_t *req = json_pack ("{s:s,s:O}", "execute", cmd, "arguments", args);
-  char *line = req ? json_dumps (req, JSON_COMPACT) : NULL;
-  char e[1024];
-  unsigned i;
-
-  json_decref (req);
-  for (i = 0; i < nplugins; i++) {
-    sent[i] = false;
-    if (!want[i])
-      continue;
-    if (line == NULL)
-      snprintf (err, errlen, "%s: %s: out of memory", plugins[i].socket, cmd);
-    else if (plugin_connect (&plugins[i], e, sizeof e) == -1 ||
-             ctlc_send_line (plugins[i].ctl, line, e, sizeof e) == -1) {
-      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, e);
-      plugin_check_closed (&plugins[i], e);
-    }
-    else
-      sent[i] = true;
-  }
-  free (line);
-}
-
-/* Read the reply of each plugin that was sent cmd: ok[i], and the
- * largest "hold-ns" or "drain-ns" (key) in *ns.  The number that failed.
- */
-static unsigned
-read_all (const char *cmd, const char *key, const bool *sent, bool *ok,
-          int64_t *ns, char *err, size_t errlen)
-{
-  unsigned i, failed = 0;
-  char e[1024];
-  const char *desc;
-  json_int_t v;
-  json_t *reply;
-
-  for (i = 0; i < nplugins; i++) {
-    ok[i] = false;
-    if (!sent[i])
-      continue;
-    reply = ctlc_reply (plugins[i].ctl, NULL, e, sizeof e);
-    if (reply == NULL) {
-      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, e);
-      plugin_check_closed (&plugins[i], e);
-    }
-    else if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
-      snprintf (err, errlen, "%s: %s: %s", plugins[i].socket, cmd, desc);
-    else if (json_unpack (reply, "{s:{s:I}}", "return", key, &v) == 0) {
-      ok[i] = true;
-      if (v > *ns)
-        *ns = v;
-    }
-    else
-      snprintf (err, errlen, "%s: %s: a reply without \"return\".%s",
-                plugins[i].socket, cmd, key);
-    failed += !ok[i];
-    json_decref (reply);
-  }
-  return failed;
-}
 
 int
 plugin_group_checkpoint (const char *name, int deadline_ms, int64_t *hold_ns,
                          char *err, size_t errlen)
 {
-  bool all[COLOD_MAX_DISKS], sent[COLOD_MAX_DISKS], ok[COLOD_MAX_DISKS];
-  char abort_err[1024] = "";
-  unsigned i, failed;
-  int64_t drain = 0;
-  json_t *args;
+  struct group_member m[COLOD_MAX_DISKS];
+  struct group_opts o = {
+    .members = m, .n = nplugins, .id_prefix = "colod",
+    .deadline_ms = deadline_ms, .timeout = 30,
+  };
+  /* Every failure whole, whatever errlen: the connections to reopen
+   * are found in it below.
+   */
+  static char msg[COLOD_MAX_DISKS * 2048];
+  enum group_outcome outcome;
+  char conn[256];
+  json_int_t v;
+  unsigned i;
+  int r;
 
   *hold_ns = 0;
-  for (i = 0; i < nplugins; i++)
-    all[i] = true;
-  /* The group id is the checkpoint's name: one group at a time. */
-  args = json_pack ("{s:s,s:s,s:b,s:i}", "group", name, "name", name,
-                    "checkpoint", 1, "deadline-ms", deadline_ms);
-  send_all ("group-prepare", args, all, sent, err, errlen);
-  json_decref (args);
-  if (read_all ("group-prepare", "drain-ns", sent, ok, &drain, err,
-                errlen) == 0) {
-    args = json_pack ("{s:s}", "group", name);
-    send_all ("group-commit", args, ok, sent, err, errlen);
-    failed = read_all ("group-commit", "hold-ns", sent, ok, hold_ns, err,
-                       errlen);
-    json_decref (args);
-    for (i = 0; i < nplugins; i++)
-      if (ok[i])
-        plugins[i].last_checkpoint = colo_plugin_number (name);
-    return failed ? -1 : 0;
+  for (i = 0; i < nplugins; i++) {
+    if (plugin_connect (&plugins[i], err, errlen) == -1)
+      return -1;
+    m[i] = (struct group_member) { .path = plugins[i].socket,
+                                   .ctl = plugins[i].ctl };
   }
-  /* A prepare failed: release the others now rather than at their
-   * deadline.  Nothing was created anywhere.
-   */
-  args = json_pack ("{s:s}", "group", name);
-  send_all ("group-abort", args, ok, sent, abort_err, sizeof abort_err);
-  if (read_all ("group-abort", "hold-ns", sent, ok, &drain, abort_err,
-                sizeof abort_err) > 0 || abort_err[0])
-    colod_warn ("%s (the plugin releases its writers at its deadline)",
-                abort_err);
-  json_decref (args);
-  return -1;
+  r = group_run (&o, name, true, &outcome, msg, sizeof msg);
+  for (i = 0; i < nplugins; i++) {
+    /* A commit that succeeded leaves colo-N on this plugin, even when
+     * another failed: the next epoch must take the next number.
+     */
+    if (m[i].reply) {
+      plugins[i].last_checkpoint = colo_plugin_number (name);
+      if (json_unpack (m[i].reply, "{s:I}", "hold-ns", &v) == 0 &&
+          v > *hold_ns)
+        *hold_ns = v;
+      json_decref (m[i].reply);
+    }
+    /* A connection that failed (ctl-client.h's messages name it): open
+     * another next time.
+     */
+    snprintf (conn, sizeof conn, "control socket %s:", plugins[i].socket);
+    if (r == -1 && strstr (msg, conn))
+      plugin_check_closed (&plugins[i], conn);
+  }
+  if (r == -1)
+    snprintf (err, errlen, "%s", msg);
+  return r;
 }
-

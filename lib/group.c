@@ -1,7 +1,8 @@
 /* libfleececlient: the coordinator of a consistency group, the two-phase
  * protocol of docs/control-protocol.md ("Consistency groups"), shared by
- * fleecectl (-s S1 -s S2 ... checkpoint NAME) and fleece-backup (backup
- * REPO with several disks).
+ * fleecectl (-s S1 -s S2 ... checkpoint NAME), fleece-backup (backup
+ * REPO with several disks) and fleece-colod (each epoch's checkpoint of
+ * a replicated group, colo/plugin.c).
  *
  * Order: the pre-hook; connect to every server (unless the caller did);
  * group-prepare to all of them at once (each drains and holds its
@@ -257,6 +258,7 @@ group_run (struct group_opts *o, const char *name, bool checkpoint,
   struct state *st = calloc (o->n, sizeof *st);
   char id[64];
   size_t i, failed = 0;
+  bool hooks;
 
   *outcome = GROUP_ABORTED;
   if (errlen)
@@ -269,8 +271,15 @@ group_run (struct group_opts *o, const char *name, bool checkpoint,
   }
   snprintf (id, sizeof id, "%s-%ld-%" PRIi64, o->id_prefix,
             (long) getpid (), monotonic_ns ());
-  setenv ("FLEECE_GROUP", id, 1);
-  setenv ("FLEECE_GROUP_NAME", name, 1);
+  /* The environment is the hooks' only: without them it stays as it
+   * is, so that a caller with other threads (fleece-colod) never has it
+   * changed under a getenv.
+   */
+  hooks = o->pre_hook || o->post_hook;
+  if (hooks) {
+    setenv ("FLEECE_GROUP", id, 1);
+    setenv ("FLEECE_GROUP_NAME", name, 1);
+  }
   if (o->pre_hook && run_hook ("pre-hook", o->pre_hook, o->hook_timeout,
                                &e) == -1)
     add_error (&e, "group '%s': the pre-hook failed: nothing was created",
@@ -297,8 +306,9 @@ group_run (struct group_opts *o, const char *name, bool checkpoint,
     }
   }
   free (st);
-  setenv ("FLEECE_GROUP_RESULT", *outcome == GROUP_CREATED ? "created"
-          : *outcome == GROUP_PARTIAL ? "partial" : "aborted", 1);
+  if (hooks)
+    setenv ("FLEECE_GROUP_RESULT", *outcome == GROUP_CREATED ? "created"
+            : *outcome == GROUP_PARTIAL ? "partial" : "aborted", 1);
   if (o->post_hook)
     run_hook ("post-hook", o->post_hook, o->hook_timeout, &e);
   return e.any ? -1 : 0;

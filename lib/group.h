@@ -1,7 +1,9 @@
 /* libfleececlient: the coordinator of a consistency group (group.c):
  * one snapshot or checkpoint of several servers at one instant, or of
  * none, with quiesce hooks.  Used by fleecectl (-s S1 -s S2 ...
- * checkpoint NAME) and fleece-backup (backup REPO with several disks).
+ * checkpoint NAME), fleece-backup (backup REPO with several disks) and
+ * fleece-colod (each epoch of a replicated group, on its own
+ * connections, without hooks).
  *
  * Errors follow ctl-client.h's convention: group_run never prints; it
  * returns -1 with one message in err (every server's failure, joined by
@@ -54,9 +56,11 @@ enum group_outcome {
  * instant, or on none.  0 when it was created on every server and both
  * hooks succeeded; else -1 with the message in err.  *outcome says
  * which servers have it whatever the result.  The hooks are told the
- * group through the process's environment, which this sets:
- * FLEECE_GROUP (the group id), FLEECE_GROUP_NAME and, for the post-hook,
- * FLEECE_GROUP_RESULT (created, partial or aborted).
+ * group through the process's environment, which this sets when o has
+ * a hook (and leaves alone otherwise): FLEECE_GROUP (the group id),
+ * FLEECE_GROUP_NAME and, for the post-hook, FLEECE_GROUP_RESULT
+ * (created, partial or aborted).  A member's reply says whether its
+ * commit succeeded: with GROUP_PARTIAL, which servers have it.
  */
 extern int group_run (struct group_opts *o, const char *name,
                       bool checkpoint, enum group_outcome *outcome,
