@@ -53,6 +53,23 @@ wait_arriving ()
   return 1
 }
 
+# restart_b_alone I PORT: kill b with -9, wait until a notices (its
+# reconnects counter passes $reconnects), then start b again with
+# secondary_b on PORT, where a cannot reach it, so that what b's
+# recovery left can be read before any catch-up.  Sets note: what b's
+# log says of its journal after the restart.
+restart_b_alone ()
+{
+  local n0
+  ok "$1: kill -9 b" kill9_colod b
+  ok "$1: a notices" \
+    wait_for 10 eval '[ "$(s a reconnects)" -gt "$reconnects" ]'
+  n0=$(wc -l <"$tmp/b/colod.log")
+  ok "$1: b restarts (alone)" secondary_b "$2"
+  note=$(tail -n +"$((n0 + 1))" "$tmp/b/colod.log" |
+           sed -n 's/.*journal: //p' | head -1)
+}
+
 # start_colod NAME ROLE ARGS...: start a daemon for host NAME in the
 # background (log $tmp/NAME/colod.log: --log stderr, PID
 # $tmp/NAME/colod.pid) and wait
