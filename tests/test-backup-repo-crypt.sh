@@ -123,3 +123,29 @@ ok "verify after prune" fleece-backup verify "$e" --encrypt-key-file "$key"
 ok "restore after prune" fleece-backup restore "$e" c2 "$tmp/erest2" \
    --encrypt-key-file "$key" -q
 is "$(sum "$tmp/erest2")" "$(sum "$tmp/ref2")" "c2 is still c2"
+
+# QEMU before 9.2.1 fails a LUKS create at random ("Unable to get
+# accurate CPU usage"); fleece-backup tries the create again.  A
+# qemu-img first in PATH fails the first 5 creates that way.
+mkdir "$tmp/flaky"
+real_qemu_img=$(command -v qemu-img)
+cat >"$tmp/flaky/qemu-img" <<FLAKY
+#!/bin/sh
+if [ "\$1" = create ]; then
+  n=\$(cat "$tmp/flaky/n" 2>/dev/null || echo 0)
+  echo \$((n + 1)) >"$tmp/flaky/n"
+  if [ "\$n" -lt 5 ]; then
+    echo "qemu-img: \$(eval echo \\\${\$#}): Unable to get accurate CPU usage" >&2
+    exit 1
+  fi
+fi
+exec "$real_qemu_img" "\$@"
+FLAKY
+chmod +x "$tmp/flaky/qemu-img"
+e3=$tmp/e3
+ok "init" fleece-backup init "$e3"
+ok "backup --encrypt-key-file through 5 failed LUKS creates" \
+   env PATH="$tmp/flaky:$PATH" fleece-backup backup "$e3" \
+   "$(snap_uri s c1)" --encrypt-key-file "$key" -q
+is "$(cat "$tmp/flaky/n")" 6 "the sixth create made the point"
+ok "verify it" fleece-backup verify "$e3" --encrypt-key-file "$key"

@@ -109,10 +109,14 @@ check_base (struct repo *r, struct point *p, const struct point *newest)
 
 /* qemu-img create of p's file: 64 KiB clusters, the parent as backing
  * file by relative name (not opened: -u), zstd for compressed clusters,
- * LUKS with the key file.  QEMU's LUKS set-up measures the CPU's speed
- * and, on a busy machine, sometimes fails to ("Unable to get accurate
- * CPU usage"): it is tried three times.
+ * LUKS with the key file.  QEMU's LUKS set-up measures the CPU's speed,
+ * and before QEMU 9.2.1 it fails when its first measurement reads no
+ * CPU time ("Unable to get accurate CPU usage"), which happens at random:
+ * 2 creates in 8 on an idle 2-vCPU VM, and three in a row in one CI run.
+ * The create only makes the empty file, so it is tried up to
+ * CREATE_TRIES times.
  */
+#define CREATE_TRIES 12
 static void
 point_create (const char *path, const struct point *p, const char *parent)
 {
@@ -146,7 +150,7 @@ point_create (const char *path, const struct point *p, const char *parent)
   args_add (&a, path);
   args_add (&a, size);
   args_push (&a, NULL);
-  for (i = 0; i < 3; i++)
+  for (i = 0; i < CREATE_TRIES; i++)
     if ((st = qemu_run ((const char *const *) a.v.ptr, QUIET_OUT)) == 0)
       break;
   args_free (&a);
