@@ -318,12 +318,7 @@ plugin_group_checkpoint (const char *name, int deadline_ms, int64_t *hold_ns,
     .members = m, .n = nplugins, .id_prefix = "colod",
     .deadline_ms = deadline_ms, .timeout = 30,
   };
-  /* Every failure whole, whatever errlen: the connections to reopen
-   * are found in it below.
-   */
-  static char msg[COLOD_MAX_DISKS * 2048];
   enum group_outcome outcome;
-  char conn[256];
   json_int_t v;
   unsigned i;
   int r;
@@ -335,7 +330,7 @@ plugin_group_checkpoint (const char *name, int deadline_ms, int64_t *hold_ns,
     m[i] = (struct group_member) { .path = plugins[i].socket,
                                    .ctl = plugins[i].ctl };
   }
-  r = group_run (&o, name, true, &outcome, msg, sizeof msg);
+  r = group_run (&o, name, true, &outcome, err, errlen);
   for (i = 0; i < nplugins; i++) {
     /* A commit that succeeded leaves colo-N on this plugin, even when
      * another failed: the next epoch must take the next number.
@@ -347,14 +342,11 @@ plugin_group_checkpoint (const char *name, int deadline_ms, int64_t *hold_ns,
         *hold_ns = v;
       json_decref (m[i].reply);
     }
-    /* A connection that failed (ctl-client.h's messages name it): open
-     * another next time.
-     */
-    snprintf (conn, sizeof conn, "control socket %s:", plugins[i].socket);
-    if (r == -1 && strstr (msg, conn))
-      plugin_check_closed (&plugins[i], conn);
+    /* A connection out of step: open another next time. */
+    if (m[i].broken) {
+      ctlc_close (plugins[i].ctl);
+      plugins[i].ctl = NULL;
+    }
   }
-  if (r == -1)
-    snprintf (err, errlen, "%s", msg);
   return r;
 }

@@ -165,6 +165,7 @@ round_all (struct group_opts *o, struct state *st, const char *cmd,
     ctlc_set_label (o->members[i].ctl, cmd);
     if (ctlc_send_line (o->members[i].ctl, line, err, sizeof err) == -1) {
       add_error (e, "group '%s': %s: %s", name, o->members[i].path, err);
+      o->members[i].broken = true;
       failed++;
       continue;
     }
@@ -178,8 +179,10 @@ round_all (struct group_opts *o, struct state *st, const char *cmd,
       continue;
     reply = ctlc_reply (o->members[i].ctl, NULL, err, sizeof err);
     ctlc_set_label (o->members[i].ctl, NULL);
-    if (reply == NULL)
+    if (reply == NULL) {
       add_error (e, "group '%s': %s: %s", name, path, err);
+      o->members[i].broken = true;
+    }
     else if (json_unpack (reply, "{s:{s:s}}", "error", "desc", &desc) == 0)
       add_error (e, "group '%s': %s: %s: %s", name, path, cmd, desc);
     else if ((st[i].reply = json_object_get (reply, "return")) != NULL)
@@ -263,8 +266,10 @@ group_run (struct group_opts *o, const char *name, bool checkpoint,
   *outcome = GROUP_ABORTED;
   if (errlen)
     err[0] = '\0';
-  for (i = 0; i < o->n; i++)
+  for (i = 0; i < o->n; i++) {
     o->members[i].reply = NULL;
+    o->members[i].broken = false;
+  }
   if (st == NULL) {
     add_error (&e, "group '%s': calloc: %s", name, strerror (errno));
     return -1;

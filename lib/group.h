@@ -29,6 +29,9 @@ struct group_member {
                                  * and closes the connection */
   json_t *reply;                /* out: group-commit's return value, a
                                  * reference the caller drops, or NULL */
+  bool broken;                  /* out: a request could not be sent or
+                                 * its reply not read: the connection is
+                                 * out of step and must be reopened */
 };
 
 struct group_opts {
