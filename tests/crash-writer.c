@@ -36,6 +36,14 @@
  * acknowledged before the flush was sent.  When the server dies it logs
  * the end and exits 0; any other error exits 1.
  *
+ * SIGTERM stops it as a well-behaved client stops: no new write, every
+ * write in flight waited for, a last flush, then NBD_CMD_DISC; it logs
+ * the end and exits 0.  A test that means to stop the writer, not to
+ * crash the server, must not drop the connection with replies still
+ * queued: nbdkit 1.32.4 to 1.33.9 (Debian 12 ships 1.32.5) can abort on
+ * an assertion then (raw_send_socket: `sock >= 0', fixed upstream in
+ * 1.33.10), which would read as the server failing its clean stop.
+ *
  * The log is a binary file of 16-byte records in host byte order,
  * appended with write(2) before the event they announce can matter (the
  * server is killed, not the machine: no fsync).  One log serves many
@@ -62,6 +70,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -387,16 +396,63 @@ write_may_issue (struct writer *w, int *timeout)
   return true;
 }
 
-/* Write until the server dies.  Returns 0 then, -1 on any other error. */
+static volatile sig_atomic_t stop_requested;
+
+static void
+on_sigterm (int sig)
+{
+  (void) sig;
+  stop_requested = 1;
+}
+
+/* nbd_poll, where a signal that interrupted the poll is no error. */
+static int
+poll_once (struct nbd_handle *h, int timeout)
+{
+  if (nbd_poll (h, timeout) == -1 && nbd_get_errno () != EINTR)
+    return -1;
+  return 0;
+}
+
+/* SIGTERM came: wait for every write in flight and the flush in flight,
+ * flush what was acknowledged since, and disconnect.  Returns 1, or -1
+ * as write_loop does.
+ */
+static int
+write_stop (struct writer *w)
+{
+  while (nbd_aio_in_flight (w->nbd) > 0)
+    if (poll_once (w->nbd, -1) == -1 || w->error)
+      return -1;
+  if (w->durable < w->acked) {
+    if (flush_issue (w) == -1)
+      return -1;
+    while (w->flushing)
+      if (poll_once (w->nbd, -1) == -1 || w->error)
+        return -1;
+  }
+  if (nbd_shutdown (w->nbd, 0) == -1)
+    return -1;
+  return 1;
+}
+
+/* Write until the server dies (returns 0) or SIGTERM (returns 1, having
+ * stopped cleanly).  Returns -1 on any other error.
+ */
 static int
 write_loop (struct writer *w)
 {
   uint64_t next_flush = FLUSH_EVERY;
-  int timeout;
+  int timeout, r;
   size_t i;
 
   w->next_burst = monotonic_ns ();
   for (;;) {
+    if (stop_requested) {
+      if ((r = write_stop (w)) == 1)
+        return r;
+      goto out;
+    }
     if (write_may_issue (w, &timeout))
       for (i = 0; i < DEPTH; i++)
         if (!w->slots[i].busy && write_issue (w, &w->slots[i]) == -1)
@@ -408,7 +464,7 @@ write_loop (struct writer *w)
     }
     if (nbd_aio_in_flight (w->nbd) > 0)
       timeout = -1;
-    if (nbd_poll (w->nbd, timeout) == -1 || w->error)
+    if (poll_once (w->nbd, timeout) == -1 || w->error)
       goto out;
   }
 
@@ -447,8 +503,15 @@ do_write (const char *uri, const char *logpath, uint32_t bs, uint64_t seed,
                                        : 0 };
   int64_t size;
   size_t i;
-  int r = EXIT_FAILURE;
+  int r = EXIT_FAILURE, stopped;
+  struct sigaction sa = { .sa_handler = on_sigterm };
 
+  /* No SA_RESTART: the poll returns, and the loop sees the request. */
+  sigemptyset (&sa.sa_mask);
+  if (sigaction (SIGTERM, &sa, NULL) == -1) {
+    perror ("crash-writer: sigaction: SIGTERM");
+    return EXIT_FAILURE;
+  }
   w.next_seq = log_next_seq (logpath);
   w.logfd = open (logpath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
   if (w.logfd == -1) {
@@ -479,11 +542,12 @@ do_write (const char *uri, const char *logpath, uint32_t bs, uint64_t seed,
     goto out;
   }
   log_rec (w.logfd, REC_START, 0, w.next_seq);
-  if (write_loop (&w) == 0) {
+  if ((stopped = write_loop (&w)) >= 0) {
     log_rec (w.logfd, REC_END, 0, w.acked);
-    fprintf (stderr, "crash-writer: connection lost after %" PRIu64
+    fprintf (stderr, "crash-writer: %s after %" PRIu64
              " writes issued, %" PRIu64 " acknowledged, %" PRIu64
              " flushed (seq %" PRIu64 "..%" PRIu64 ")\n",
+             stopped ? "stopped by SIGTERM" : "connection lost",
              w.issued, w.acked, w.durable, w.next_seq - w.issued,
              w.next_seq - 1);
     r = EXIT_SUCCESS;

