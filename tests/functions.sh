@@ -369,6 +369,10 @@ nbdkit_exited_cleanly ()
     return 1
   fi
   if [ "$status" -ne 0 ] && ! { [ -n "${FLEECE_ASAN_PRELOAD:-}" ] && [ "$status" -eq 137 ]; }; then
+    grep -q "raw_send_socket: Assertion \`sock >= 0' failed" "$log" &&
+      echo "# nbdkit $name aborted: a client hung up with replies queued" \
+           "(nbdkit 1.32.4-1.33.9; see nbdkit-fleece-plugin(1)): the test" \
+           "must stop its clients before it stops nbdkit"
     echo "# nbdkit $name exited with status $status; log:"
     sed 's/^/#   /' "$log" | tail -40
     return 1
