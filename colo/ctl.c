@@ -63,7 +63,7 @@ static struct {
    * as it ends, and colod_control_stop (main thread) waits for 0.
    */
   unsigned nclients;
-} ctl = { .fd = -1 };
+} ctl = { .fd = -1, .wake = { -1, -1 } };
 
 /* Each disk of the group: its epoch (the group's: every disk is at
  * the same one) and its share of the last epoch.
@@ -459,6 +459,7 @@ void
 colod_control_stop (void)
 {
   int64_t deadline = monotonic_ms () + 2000;
+  int i;
 
   if (ctl.running) {
     char c = 0;
@@ -481,6 +482,11 @@ colod_control_stop (void)
     close (ctl.fd);
     unlink (ctl.path);
   }
+  for (i = 0; i < 2; i++)
+    if (ctl.wake[i] >= 0) {
+      close (ctl.wake[i]);
+      ctl.wake[i] = -1;
+    }
   free (ctl.path);
 }
 
