@@ -126,3 +126,28 @@ f.seek(int(sys.argv[2])); f.write(bytes([b[0] ^ 0x5a]))' \
      "point n$n differs from its checksum list at offset" \
      fleece-backup verify "$repo" "n$n"
 done
+
+# A night longer than the server keeps an idle control connection (a
+# minute; 300 ms here with -D fleece.ctl_idle_timeout_ms, and each read
+# of the snapshot slowed by 250 ms so that the pull outlasts it):
+# fleece-backup does not hold the connection across the pull, so the run
+# still ends cleanly, tidying the server.
+ok "nbdkit stops" stop_nbdkit s
+slow=$tmp/slow
+make_disk "$slow" 16M 0x5c
+ok "nbdkit starts with a 300 ms idle limit, slow snapshot reads" \
+   start_nbdkit i -D fleece.ctl_idle_timeout_ms=300 \
+   -D fleece.live_read_delay_us=250000 -- disk="$slow" \
+   store="$tmp/i.store" control="$tmp/i.ctl" cluster-size=64K
+ok "init" fleece-backup init "$tmp/irepo"
+ok "a night that outlasts the idle limit ends cleanly" \
+   sh -c "fleece-backup backup '$tmp/irepo' '$(live_uri i)' \
+            --control '$tmp/i.ctl' --name i1 2>'$tmp/i1.err'"
+s=$(sed -n 's/.* seconds=\([0-9.]*\) .*/\1/p' "$tmp/i1.err")
+ok "... its pull did outlast it (${s:-?} s)" \
+   awk -v s="${s:-0}" 'BEGIN { exit !(s > 0.3) }'
+is "$(ctl i --json snapshot list)" "[]" "... and left no snapshot on the server"
+ok "... and its point is the disk" fleece-backup restore "$tmp/irepo" i1 \
+   "$tmp/i1.raw" -q
+ok "... exactly" cmp "$tmp/i1.raw" "$slow"
+ok "nbdkit stops" stop_nbdkit i

@@ -74,6 +74,17 @@ is "$(jget "$(qemu-img info --output=json "$e/c2.qcow2")" 'd["encrypted"]')" \
 is "$(jget "$(qemu-img info --output=json "$e/c2.qcow2")" \
       'd["format-specific"]["data"]["encrypt"]["format"]')" luks \
    "qcow2 LUKS"
+ok_fails "a --control run without the key is refused before its checkpoint" \
+   "c2 of .* is encrypted: .*give --encrypt-key-file, or --full" \
+   fleece-backup backup "$e" "$(live_uri s)" --control "$tmp/s.ctl" \
+   --name c9 -q
+ok "... which the server never saw" \
+   sh -c "! fleecectl -s '$tmp/s.ctl' bitmap list | grep -q '^c9 '"
+ok_fails "... and with a wrong key" "does not open it" \
+   fleece-backup backup "$e" "$(live_uri s)" --control "$tmp/s.ctl" \
+   --name c9 --encrypt-key-file "$tmp/wrong" -q
+ok "... which the server never saw either" \
+   sh -c "! fleecectl -s '$tmp/s.ctl' bitmap list | grep -q '^c9 '"
 ok "no plaintext in the encrypted files" \
    sh -c "! grep -q FLEECE-PLAINTEXT-MARKER '$e'/*.qcow2"
 ok "(the plaintext is in the compressed plain ones)" \

@@ -248,6 +248,41 @@ pull_reset (void)
   tgt = (struct rw) { .name = "target", .is_target = true, .fd = -1 };
 }
 
+/* An incremental point on parent is encrypted with the key this run was
+ * given (--encrypt-key-file) if and only if parent is, and the key must
+ * open it.  before: checked before anything is created (the newest point
+ * is only a likely parent then), so the message offers --full.
+ */
+static void
+parent_key_check (struct repo *r, const struct point *parent, bool before)
+{
+  CLEANUP_FREE char *ppath = NULL;
+  struct qimg q;
+
+  if (parent->encrypted != (repo_key_file != NULL))
+    die ("point %s of %s is %s: an incremental point on it must be too "
+         "(%s --encrypt-key-file%s)", parent->name, r->dir,
+         parent->encrypted ? "encrypted" : "not encrypted",
+         parent->encrypted ? "give" : "no",
+         before ? ", or --full for a full point" : "");
+  repo_qimg (r, parent, &q, &ppath);
+  qemu_key_check (&q, parent->name);
+}
+
+/* Before a run creates a checkpoint on a server (--control, a group):
+ * refuse a key that does not suit the newest point, which the next
+ * point will be incremental on, so that a forgotten or wrong key leaves
+ * nothing behind on the servers or in the repository.  Not with --full.
+ */
+void
+backup_key_precheck (struct repo *r, bool full)
+{
+  const struct point *newest = repo_newest (r);
+
+  if (!full && newest)
+    parent_key_check (r, newest, true);
+}
+
 /* Add point name holding checkpoint (snapshot export source, or export
  * on source's server), full or (since != NULL) incremental on top of the
  * newest point.
@@ -287,17 +322,8 @@ backup_point (struct repo *r, const char *source, const char *export,
         (np.since = strdup (cfg.since)) == NULL)
       die ("strdup: %m");
   }
-  if (parent && parent->encrypted != (repo_key_file != NULL))
-    die ("point %s of %s is %s: an incremental point on it must be too "
-         "(%s --encrypt-key-file)", parent->name, r->dir,
-         parent->encrypted ? "encrypted" : "not encrypted",
-         parent->encrypted ? "give" : "no");
-  if (parent) {
-    CLEANUP_FREE char *ppath = NULL;
-    struct qimg q;
-    repo_qimg (r, parent, &q, &ppath);
-    qemu_key_check (&q, parent->name);
-  }
+  if (parent)
+    parent_key_check (r, parent, false);
   if (parent) {
     CLEANUP_FREE char *ps = repo_path (r, parent->sums);
     sums_read (ps, parent->sums_xxh3, &s);

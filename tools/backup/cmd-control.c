@@ -136,6 +136,24 @@ control_open (struct control *ctl, const char *spec)
     die ("--control: %s", err);
 }
 
+/* The connection is not kept across a pull: the server closes a control
+ * connection idle for a minute (CTL_IDLE_TIMEOUT_MS; 10 s if it never
+ * made a request), and a pull takes as long as the disk needs.  Closed
+ * before each pull and opened again after it (over ssh, a new session).
+ */
+static void
+control_pause (struct control *ctl)
+{
+  ctlc_close (ctl->c);
+  ctl->c = NULL;
+}
+
+static void
+control_resume (struct control *ctl)
+{
+  control_open (ctl, ctl->where);
+}
+
 /* Run cmd; NULL args for none.  Dies on any error. */
 static json_t *
 control_run (struct control *ctl, const char *cmd, json_t *args)
@@ -278,6 +296,8 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
   if (repo_find (r, name))
     die ("repository %s already has a point named '%s' (--name)",
          r->dir, name);
+  if (!made)
+    backup_key_precheck (r, full);
   for (;;) {
     struct point *newest = repo_newest (r);
     CLEANUP_FREE char *export = NULL;
@@ -288,8 +308,10 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
       warn ("finishing checkpoint %s, created by a run that did not "
             "complete: incremental since %s", resume, newest->checkpoint);
       export = snapshot_export (resume);
+      control_pause (&ctl);
       backup_point (r, server_uri, export, resume, newest->checkpoint,
                     resume, compress, json);
+      control_resume (&ctl);
       repo_crash_point ("control-complete");
       if (strcmp (resume, name) == 0) {
         free (resume);
@@ -305,8 +327,10 @@ control_cycle (struct repo *r, const char *control, const char *server_uri,
     export = snapshot_export (name);
     if (why)
       warn ("a full point: %s", why);
+    control_pause (&ctl);
     backup_point (r, server_uri, export, name,
                   why ? NULL : newest->checkpoint, name, compress, json);
+    control_resume (&ctl);
     repo_crash_point ("control-complete");
     break;
   }

@@ -282,10 +282,12 @@ group_backup (struct repo *r, char **sources, size_t n,
     src_of[k] = sources[i];
   }
   d = open_disks (r, REPO_WRITE);
-  for (i = 0; i < r->ndisks; i++)
+  for (i = 0; i < r->ndisks; i++) {
     if (repo_find (&d[i], name))
       die ("disk %s of repository %s already has a point named '%s' "
            "(--name)", r->disks[i], r->dir, name);
+    backup_key_precheck (&d[i], o->full);
+  }
 
   /* 1. The record, incomplete. */
   r->groups = realloc (r->groups, (r->ngroups + 1) * sizeof *r->groups);

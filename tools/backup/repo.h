@@ -147,6 +147,7 @@ extern void qemu_nbd_wait (void);
 /* cmd-backup.c, cmd-control.c; export: the snapshot export to pull
  * from source's server by name instead of source's own (NULL).
  */
+extern void backup_key_precheck (struct repo *r, bool full);
 extern struct point *backup_point (struct repo *r, const char *source,
                                    const char *export,
                                    const char *checkpoint, const char *since,
