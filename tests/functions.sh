@@ -608,3 +608,61 @@ start_repo_server ()
   start_nbdkit "$1" -- disk="$2" store="$tmp/$1.store" \
     control="$tmp/$1.ctl" cluster-size=64K
 }
+
+# ---- ssh to this machine (fleece-backup --control ssh://...) ----
+
+requires_sshd ()
+{
+  requires ssh -V
+  requires test -x "$(command -v ssh-keygen)"
+  requires test -x /usr/sbin/sshd
+}
+
+# start_sshd: sshd on 127.0.0.1 (port $sshd_port), with a throwaway host
+# key and user key, stopped by the test's cleanup; $tmp/ssh is ssh with
+# that configuration, and FLEECE_BACKUP_SSH names it.  Wait for it with
+# wait_for 10 "$tmp/ssh" 127.0.0.1 true.
+start_sshd ()
+{
+  sshd_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  ssh-keygen -q -t ed25519 -N '' -f "$tmp/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$tmp/user_key"
+  cp "$tmp/user_key.pub" "$tmp/authorized_keys"
+  chmod 600 "$tmp/authorized_keys"
+  cat >"$tmp/sshd_config" <<EOF
+ListenAddress 127.0.0.1
+Port $sshd_port
+HostKey $tmp/host_key
+PidFile $tmp/sshd.pid
+AuthorizedKeysFile $tmp/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding no
+X11Forwarding no
+EOF
+  # As root, sshd needs its privilege separation directory (made at boot
+  # by systemd-tmpfiles on a normal system).
+  [ "$(id -u)" = 0 ] && mkdir -p /run/sshd
+  timeout -k 5 300 /usr/sbin/sshd -D -e -f "$tmp/sshd_config" \
+    2>"$tmp/sshd.log" &
+  echo $! >"$tmp/sshd.tpid"
+  cleanup_fn "kill_by_pidfile '$tmp/sshd.tpid'"
+  echo "[127.0.0.1]:$sshd_port $(cut -d' ' -f1,2 "$tmp/host_key.pub")" \
+    >"$tmp/known_hosts"
+  cat >"$tmp/ssh_config" <<EOF
+Host 127.0.0.1
+  Port $sshd_port
+  User $(id -un)
+  IdentityFile $tmp/user_key
+  IdentitiesOnly yes
+  UserKnownHostsFile $tmp/known_hosts
+  StrictHostKeyChecking yes
+  BatchMode yes
+EOF
+  printf '#!/bin/sh\nexec ssh -F %s "$@"\n' "$tmp/ssh_config" >"$tmp/ssh"
+  chmod +x "$tmp/ssh"
+  export FLEECE_BACKUP_SSH=$tmp/ssh
+}

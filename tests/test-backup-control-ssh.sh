@@ -10,55 +10,13 @@ source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires qemu-img --version
 requires qemu-nbd --version
 requires nbdcopy --version
-requires ssh -V
-requires test -x "$(command -v ssh-keygen)"
-requires test -x /usr/sbin/sshd
+requires_sshd
 requires fleece-backup --help
 make_pki
 
 # --- sshd on 127.0.0.1 ---
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$tmp/user_key"
-cp "$tmp/user_key.pub" "$tmp/authorized_keys"
-chmod 600 "$tmp/authorized_keys"
-cat >"$tmp/sshd_config" <<EOF
-ListenAddress 127.0.0.1
-Port $port
-HostKey $tmp/host_key
-PidFile $tmp/sshd.pid
-AuthorizedKeysFile $tmp/authorized_keys
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding no
-X11Forwarding no
-EOF
-# As root, sshd needs its privilege separation directory (made at boot
-# by systemd-tmpfiles on a normal system).
-[ "$(id -u)" = 0 ] && mkdir -p /run/sshd
-timeout -k 5 120 /usr/sbin/sshd -D -e -f "$tmp/sshd_config" \
-  2>"$tmp/sshd.log" &
-echo $! >"$tmp/sshd.tpid"
-cleanup_fn "kill_by_pidfile '$tmp/sshd.tpid'"
-echo "[127.0.0.1]:$port $(cut -d' ' -f1,2 "$tmp/host_key.pub")" \
-  >"$tmp/known_hosts"
-cat >"$tmp/ssh_config" <<EOF
-Host 127.0.0.1
-  Port $port
-  User $(id -un)
-  IdentityFile $tmp/user_key
-  IdentitiesOnly yes
-  UserKnownHostsFile $tmp/known_hosts
-  StrictHostKeyChecking yes
-  BatchMode yes
-EOF
-printf '#!/bin/sh\nexec ssh -F %s "$@"\n' "$tmp/ssh_config" >"$tmp/ssh"
-chmod +x "$tmp/ssh"
-export FLEECE_BACKUP_SSH=$tmp/ssh
-ok "sshd listens on 127.0.0.1:$port" wait_for 10 \
+start_sshd
+ok "sshd listens on 127.0.0.1:$sshd_port" wait_for 10 \
    "$tmp/ssh" 127.0.0.1 true
 
 # --- the server, TLS only for its snapshots ---
