@@ -210,9 +210,10 @@ prepare_all (struct group_opts *o, struct state *st, const char *id,
   for (i = 0; i < o->n; i++) {
     if (o->members[i].ctl)
       continue;
-    o->members[i].ctl = ctlc_connect (o->members[i].path,
-                                      (int64_t) o->timeout * 1000, err,
-                                      sizeof err);
+    o->members[i].ctl =
+      o->connect ? o->connect (o->members[i].path, err, sizeof err)
+      : ctlc_connect (o->members[i].path, (int64_t) o->timeout * 1000, err,
+                      sizeof err);
     if (o->members[i].ctl == NULL) {
       add_error (e, "group '%s': %s", name, err);
       return -1;

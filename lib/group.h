@@ -43,6 +43,12 @@ struct group_opts {
   int hook_timeout;             /* seconds */
   int deadline_ms;              /* group-prepare's deadline-ms */
   int timeout;                  /* seconds to wait for a reply */
+  /* Connects a member given with no connection, once the pre-hook is
+   * done (a server drops a connection that made no request for 10 s,
+   * and a pre-hook may take longer); NULL: ctlc_connect to path, a
+   * Unix socket.  fleece-backup passes its ssh-aware connect.
+   */
+  struct ctlc *(*connect) (const char *path, char *err, size_t errlen);
   /* Called once every server holds its writes, before the commit (the
    * tests stop the coordinator there); NULL: nothing.
    */

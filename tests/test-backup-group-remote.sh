@@ -9,7 +9,10 @@
 # compressed or encrypted as asked, the servers are left tidy (no
 # snapshot, one bitmap per disk: the last night's), an encrypted group
 # point needs its key, and a group backup whose second control socket is
-# not there over ssh creates nothing on the first server.
+# not there over ssh creates nothing on the first server.  The servers
+# drop a control connection idle for 1.5 s (-D fleece.ctl_idle_timeout_ms;
+# 10 s before a first request and 60 s after one by default), and one
+# night's pre-hook takes 2 s: no connection may wait through it.
 source "${abs_top_srcdir:-..}/tests/functions.sh"
 requires_repo
 requires_sshd
@@ -26,7 +29,7 @@ for d in $DISKS; do
   make_disk "$tmp/disk.$d" 8M "0x1$d" 2M
   ok "nbdkit $d starts (--tls=require)" \
      start_nbdkit "$d" --tls=require --tls-certificates="$tmp/pki" \
-     -- disk="$tmp/disk.$d" store="$tmp/$d.store" control="$tmp/$d.ctl" \
+     -D fleece.ctl_idle_timeout_ms=1500 -- disk="$tmp/disk.$d" store="$tmp/$d.store" control="$tmp/$d.ctl" \
      cluster-size=64K
 done
 
@@ -90,7 +93,8 @@ ok "night z1: group backup over ssh and TLS, --compress" gbackup "$z" z1 --compr
 is "$(grep -c 'sync=full' "$tmp/z1.err")" 2 "z1: both disks full"
 ok "servers tidy after z1" tidy z1
 ok "writes" writes 0x21
-ok "night z2: incremental, --compress" gbackup "$z" z2 --compress
+ok "night z2: incremental, --compress, a pre-hook longer than the idle limit" \
+   gbackup "$z" z2 --compress --pre-hook "sleep 2"
 is "$(grep -c 'sync=incremental.* point=z2 parent=z1' "$tmp/z2.err")" 2 \
    "z2: both disks incremental on z1"
 ok "servers tidy after z2" tidy z2

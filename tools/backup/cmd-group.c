@@ -250,7 +250,7 @@ group_backup (struct repo *r, char **sources, size_t n,
     .members = gm, .n = n, .id_prefix = "fleece-backup",
     .pre_hook = o->pre_hook, .post_hook = o->post_hook,
     .hook_timeout = o->hook_timeout, .deadline_ms = o->deadline_ms,
-    .timeout = 60,
+    .timeout = 60, .connect = control_connect,
   };
   enum group_outcome outcome = GROUP_ABORTED;
   struct gpoint *gp;
@@ -305,25 +305,20 @@ group_backup (struct repo *r, char **sources, size_t n,
   repo_save (r);
   repo_crash_point ("group-journaled");
 
-  /* 2. The checkpoint on every server at one instant. */
-  for (i = 0; i < n; i++) {
+  /* 2. The checkpoint on every server at one instant: group_run
+   * connects (over ssh too) once the pre-hook is done.
+   */
+  for (i = 0; i < n; i++)
     gm[i].path = ctl_of[i];
-    if ((gm[i].ctl = control_connect (ctl_of[i], err, sizeof err)) == NULL)
-      break;
-  }
-  if (i < n)
-    warn ("--control: %s", err);
-  else if (group_run (&go, name, true, &outcome, err, sizeof err) == -1) {
+  if (group_run (&go, name, true, &outcome, err, sizeof err) == -1) {
     if (outcome == GROUP_CREATED)
       warn ("%s: the checkpoints were created; backing them up", err);
     else
       warn ("%s", err);
   }
-  for (k = 0; k < n; k++) {
-    ctlc_close (gm[k].ctl);
+  for (k = 0; k < n; k++)
     json_decref (gm[k].reply);
-  }
-  if (i < n || outcome == GROUP_ABORTED) {
+  if (outcome == GROUP_ABORTED) {
     gpoint_free (&r->groups[--r->ngroups]);
     repo_save (r);
     die ("group point %s: nothing was created: no point is added", name);
