@@ -11,11 +11,15 @@
 # writes, queue depth 4, over NBD); then --groups groups of snapshots
 # taken with `fleecectl -s ... snapshot create` one after the other
 # (each deleted before the next), while fio writes.  The hold of each
-# server is what the server measured, from its group-prepare to its
-# release (group-commit's hold-ns): the time its writers could not
-# write.  Reported: p50, p99 and max of the holds of every server in
-# every group, and p50/p99 of fleecectl's wall time per group; then the
-# same per disk (each server's holds over the groups).
+# server is what the server measured, from the closing of its write gate
+# at group-prepare to its opening at group-commit (group-commit's
+# hold-ns): the time its writers could not write.  Reported: p50, p99
+# and max of the holds of every server in every group, and p50/p99 of
+# fleecectl's wall time per group; what the holds were spent on (the
+# reply's drain-ns, wait-ns and commit-ns: the drain of the writes in
+# flight, the wait for the commit, the commit's own work); then the
+# holds per disk (each server's holds over the groups).  The wall time
+# includes connecting to every server, outside the holds.
 #
 # Everything lives in one temporary directory, the servers on Unix
 # sockets there, stopped by PID.  The table goes to stdout, the CSV to
@@ -91,7 +95,8 @@ one_count ()
     t1=$(date +%s%N)
     echo $(( t1 - t0 )) >>"$tmp/wall.$n"
     python3 -c 'import json,sys
-for i, r in enumerate(json.load(open(sys.argv[1]))): print(i, r["hold-ns"])' \
+for i, r in enumerate(json.load(open(sys.argv[1]))):
+    print(i, r["hold-ns"], r["drain-ns"], r["wait-ns"], r["commit-ns"])' \
       "$tmp/out" >>"$tmp/hold.$n"
     for (( d = 0; d < n; d++ )); do
       "$fleecectl" -s "$tmp/c$d.sock" snapshot delete "g$g" >/dev/null
@@ -120,18 +125,29 @@ def pct(v, p):
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
 rows = []
 per = {}
+parts = {}
 print("%-6s %8s %10s %10s %10s %12s %12s" % ("disks", "holds", "p50 ms",
       "p99 ms", "max ms", "wall p50 ms", "wall p99 ms"))
 for n in counts:
     pairs = [x.split() for x in open("%s/hold.%s" % (tmp, n))]
-    h = [int(ns) / 1e6 for _, ns in pairs]
+    h = [int(x[1]) / 1e6 for x in pairs]
     per[n] = {}
-    for d, ns in pairs:
-        per[n].setdefault(int(d), []).append(int(ns) / 1e6)
+    for x in pairs:
+        per[n].setdefault(int(x[0]), []).append(int(x[1]) / 1e6)
+    parts[n] = [[int(x[k]) / 1e6 for x in pairs] for k in (2, 3, 4)]
     w = [int(x) / 1e6 for x in open("%s/wall.%s" % (tmp, n))]
     r = (n, len(h), pct(h, 50), pct(h, 99), max(h), pct(w, 50), pct(w, 99))
     rows.append(r)
     print("%-6s %8d %10.3f %10.3f %10.3f %12.1f %12.1f" % r)
+print()
+print("What the holds were spent on (drain-ns, wait-ns, commit-ns of each hold):")
+print("%-6s %10s %10s %10s %10s %10s %10s" % ("disks", "drain p50", "drain p99",
+      "wait p50", "wait p99", "commit p50", "commit p99"))
+for n in counts:
+    d, w, c = parts[n]
+    print("%-6s %10.3f %10.3f %10.3f %10.3f %10.3f %10.3f" % (n,
+          pct(d, 50), pct(d, 99), pct(w, 50), pct(w, 99), pct(c, 50),
+          pct(c, 99)))
 print()
 print("Per disk (the hold of each server over the groups):")
 print("%-6s %-5s %8s %10s %10s %10s" % ("disks", "disk", "holds", "p50 ms",

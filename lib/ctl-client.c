@@ -271,15 +271,27 @@ send_all (struct ctlc *c, const char *what, const char *p, size_t len,
   return 0;
 }
 
+/* The line and its newline in one send: sent apart, the server may wake
+ * for the line, find no newline and sleep again until the newline comes,
+ * a second wake-up on the path of every request (a group's commit among
+ * them, while writers are held).
+ */
 int
 ctlc_send_line (struct ctlc *c, const char *line, char *err, size_t errlen)
 {
   const char *what = c->label ? c->label : "request";
+  size_t len = strlen (line);
+  char *buf = malloc (len + 1);
+  int r;
 
-  if (send_all (c, what, line, strlen (line), err, errlen) == -1 ||
-      send_all (c, what, "\n", 1, err, errlen) == -1)
-    return -1;
-  return 0;
+  if (buf == NULL)
+    return seterr (err, errlen, "control socket %s: %s: malloc: %m",
+                   c->name, what);
+  memcpy (buf, line, len);
+  buf[len] = '\n';
+  r = send_all (c, what, buf, len + 1, err, errlen);
+  free (buf);
+  return r;
 }
 
 json_t *

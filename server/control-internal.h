@@ -30,6 +30,7 @@ struct ctl_group {
   int deadline_ms;
   uint64_t deadline_ns;         /* monotonic */
   uint64_t drain_ns;
+  uint64_t prepared_ns;         /* monotonic: the drain ended */
   /* The last group released without a commit, and why: what a late
    * commit is told.
    */

@@ -17,6 +17,11 @@
  *     wait that long, never longer.  A group hold (group.c) outlives its
  *     command: the loop's poll is bounded by its deadline, and reaping
  *     the client that prepared it releases it.
+ *   - While a group holds the writes, most of the hold is this thread
+ *     and the coordinator waiting for a CPU (docs/design.md): the thread
+ *     is named fleece-ctl, so that top -H and perf sched show it, and
+ *     asks for a short scheduler slice (slice.h), so that it preempts a
+ *     writer when a request wakes it.
  *
  * Events.  The engine calls ctl_event with its locks held, from an I/O
  * thread.  It copies the event into one allocation, appends it to a
@@ -52,6 +57,7 @@
 #include <sys/un.h>
 
 #include "control-internal.h"
+#include "slice.h"
 
 #define CTL_IN_SIZE    (CTL_MAX_LINE + 1)
 #define CTL_OUT_HIGH   (1024 * 1024)     /* stop reading requests above */
@@ -645,6 +651,7 @@ service (void *arg)
   nfds_t n, i;
   int timeout;
 
+  slice_set (SLICE_GROUP_NS);
   for (;;) {
     int idle = expire_clients (ctl), group = ctl_group_tick (ctl);
 
@@ -850,6 +857,11 @@ ctl_start (struct ctl *ctl)
   if (err)
     return fl_error (err, "pthread_create: control service %s: %m",
                      ctl->path);
+  /* A name of its own, so that top -H, perf sched and ps -L show the
+   * service thread apart from nbdkit's: its wake-up latency is most of
+   * a group's hold (docs/design.md).  A failure only loses the name.
+   */
+  pthread_setname_np (ctl->thread, "fleece-ctl");
   ctl->started = true;
   return 0;
 }

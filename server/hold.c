@@ -26,13 +26,14 @@ int
 fleece_hold_writes (struct fleece *fl, uint64_t deadline_ns,
                     uint64_t *drain_ns)
 {
-  uint64_t t0 = monotonic_ns ();
+  uint64_t t0;
   int r;
 
   ACQUIRE_LOCK_FOR_CURRENT_SCOPE (&fl->admin_lock);
   if (fl->held)
     return fl_error (EBUSY, "hold writes: the writes of %s are already "
                      "held by a group", fl->disk.path);
+  t0 = monotonic_ns ();         /* writers wait from here */
   r = gate_close_until (&fl->gate, deadline_ns);
   *drain_ns = monotonic_ns () - t0;
   if (r == -1)
@@ -53,8 +54,12 @@ fleece_release_writes (struct fleece *fl)
   if (!fl->held)
     return 0;
   fl->held = false;
-  gate_open (&fl->gate);
+  /* The hold ends as the gate opens.  Measured before: the writers the
+   * opening wakes may take the CPU from this thread, and that time is
+   * theirs, not the hold's.
+   */
   held = monotonic_ns () - fl->hold_t0;
+  gate_open (&fl->gate);
   snap_record_drain (fl, held);
   return held;
 }

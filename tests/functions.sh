@@ -231,6 +231,23 @@ start_disks ()
   done
 }
 
+# custom_slices: true when the kernel keeps the scheduler slice a
+# SCHED_OTHER thread asks for (EEVDF's custom slices, Linux 6.12 and
+# later; older kernels accept the request and ignore it).
+custom_slices ()
+{
+  local kmaj kmin
+  IFS=. read -r kmaj kmin _ <<<"$(uname -r)"
+  (( kmaj > 6 || (kmaj == 6 && kmin >= 12) ))
+}
+
+# has_slice FILE: /proc's sched FILE of a thread shows a 100 us slice,
+# the one the threads that answer a group's messages ask for (slice.h).
+has_slice ()
+{
+  grep -Eq '^se\.slice +: +100000$' "$1"
+}
+
 # pid_gone PID [SECONDS]: true once process PID is gone, polling for at
 # most SECONDS (default 5).  Works for a daemon that is not a child of
 # this shell, where "wait" cannot (bash reaps its own children as they

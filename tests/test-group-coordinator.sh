@@ -55,6 +55,14 @@ timed_write a 0x22
 timed_write b 0x22
 sleep 0.3
 ok "the writes wait while k1 is prepared" test ! -e "$tmp/w.a" -a ! -e "$tmp/w.b"
+# Between the phases the coordinator runs with a short slice (slice.h),
+# so that it does not wait for a CPU behind the writers.
+if custom_slices; then
+  ok "the coordinator has a 100 us slice between the phases" \
+     has_slice "/proc/$cpid/sched"
+else
+  diag "Linux $(uname -r) has no custom slices: the coordinator's is not checked"
+fi
 kill -9 "$cpid"
 wait "$cpid" 2>/dev/null
 ok "the writes resume" wait_for 5 test -e "$tmp/w.a" -a -e "$tmp/w.b"
