@@ -415,8 +415,14 @@ colo_state_write_diverged (const char *state_dir,
       goto fail_fd;
   if (fsync (fd) == -1)
     goto fail_fd;
-  if (close (fd) == -1 || rename (tmp, path) == -1)
+  if (close (fd) == -1)
     goto fail_unlink;
+  if (rename (tmp, path) == -1) {
+    e = errno;
+    unlink (tmp);
+    snprintf (err, errlen, "rename: %s to %s: %s", tmp, path, strerror (e));
+    return -1;
+  }
   return sync_dir (state_dir, err, errlen);
  fail_fd:
   e = errno;
