@@ -363,6 +363,19 @@ write_all (int fd, const void *buf, size_t len)
   return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
 }
 
+/* A record's checksum: of its header and its bitmap. */
+static uint64_t
+record_sum (const struct diverged_hdr *h, const uint8_t *bits, size_t bytes)
+{
+  XXH64_state_t x;
+
+  XXH64_reset (&x, 0);
+  XXH64_update (&x, h, sizeof *h);
+  if (bytes)
+    XXH64_update (&x, bits, bytes);
+  return XXH64_digest (&x);
+}
+
 static int
 write_record (int fd, const struct colo_diverged *d, uint32_t disk)
 {
@@ -372,15 +385,10 @@ write_record (int fd, const struct colo_diverged *d, uint32_t disk)
                             .disk = htole32 (disk),
                             .nbits = htole64 (d->nbits[disk]) };
   size_t bytes = (d->nbits[disk] + 7) / 8;
-  XXH64_state_t x;
   uint64_t sum;
 
   memcpy (h.magic, DIVERGED_MAGIC, 8);
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  if (bytes)
-    XXH64_update (&x, d->bits[disk], bytes);
-  sum = htole64 (XXH64_digest (&x));
+  sum = htole64 (record_sum (&h, d->bits[disk], bytes));
   if (write_all (fd, &h, sizeof h) == -1 ||
       write_all (fd, d->bits[disk], bytes) == -1 ||
       write_all (fd, &sum, sizeof sum) == -1)
@@ -448,7 +456,6 @@ static int
 read_record (int fd, struct colo_diverged *d, uint32_t disk)
 {
   struct diverged_hdr h;
-  XXH64_state_t x;
   uint64_t sum, nbits;
   size_t bytes;
 
@@ -473,11 +480,7 @@ read_record (int fd, struct colo_diverged *d, uint32_t disk)
   }
   if (read_all (fd, &sum, sizeof sum) == -1)
     return -1;
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  if (bytes)
-    XXH64_update (&x, d->bits[disk], bytes);
-  return XXH64_digest (&x) == le64toh (sum) ? 0 : -1;
+  return record_sum (&h, d->bits[disk], bytes) == le64toh (sum) ? 0 : -1;
 }
 
 int
