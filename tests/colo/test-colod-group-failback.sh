@@ -12,7 +12,8 @@
 #    disk 1, one a wrote too);
 #  - demote of a with p1 on a store without bitmap colo-A is refused,
 #    names disk 1 and leaves nothing; with the real stores it records
-#    both disks (4 and 3 clusters);
+#    both disks (4 and 3 clusters); a secondary of one --disk on that
+#    state directory is refused;
 #  - a becomes b's secondary: the first epoch carries, per disk, the
 #    union of both sides' clusters (6 of disk 0, 3 of disk 1), not a
 #    full copy; then each of a's disks equals b's and diverged is gone;
@@ -135,6 +136,12 @@ secondary_a ()
     --disk "$tmp/p0/disk" --disk "$tmp/p1/disk" --insecure \
     --hb-interval 100 --hb-timeout 3000
 }
+ok_fails "a secondary with one --disk is refused" \
+  "a demoted primary of 2 disks, started with 1 --disk" \
+  timeout -k 5 20 "$COLOD" secondary --listen "127.0.0.1:$pa" \
+    --disk "$tmp/p0/disk" --state "$tmp/a/state" --insecure --log stderr
+ok "it left the demoted state as it was" eval \
+  'grep -q "\"demoted\": true" "$tmp/a/state/primary.json" && cmp -s "$tmp/a/state/diverged" "$tmp/diverged.saved"'
 ok "a starts as the group's secondary" secondary_a
 ok "it adopted the demoted identity for the group" \
   grep -q "the demoted primary's identity, at epoch $A, for the group" \
