@@ -19,6 +19,7 @@
 
 #include "colod.h"
 #include "ctl.h"
+#include "demote.h"
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
