@@ -7,6 +7,7 @@
  * circle):
  *   main.c                     options and dispatch
  *   primary.c, plugin.c        the primary, and the plugin it ships from
+ *   demote.c                   an old primary's diverged clusters
  *   secondary.c                the secondary, with secondary-epochs.c,
  *                              secondary-promote.c and secondary-disks.c
  *   ctl.c conn.c pairing.c     the control socket and its clients, a peer

@@ -19,6 +19,7 @@
 
 #include "colod.h"
 #include "ctl.h"
+#include "demote.h"
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
@@ -44,7 +45,8 @@ usage (FILE *f)
 "                --state DIR TLS [--interval MS] [--hb-interval MS]\n"
 "                [--hb-timeout MS] [--handshake-timeout MS]\n"
 "                [--max-extent BYTES] [--control PATH] [LOG] [-v]\n"
-"  fleece-colod demote --fleece SOCKET --nbd URI --state DIR\n"
+"  fleece-colod demote --fleece SOCKET --nbd URI [--fleece S --nbd U...]\n"
+"                --state DIR\n"
 "  fleece-colod status --state DIR [--json]\n"
 "  fleece-colod checkpoint --state DIR [--no-wait]\n"
 "  fleece-colod promote --state DIR [--force]\n"
@@ -293,13 +295,6 @@ parse_options (int argc, char *argv[], bool *json, bool *no_wait,
     fprintf (stderr, "fleece-colod %s: %u --promote-store for %u --disk: "
              "give one for each disk, in the same order\n", o->role,
              o->npromote_stores, o->ndisks);
-    return -1;
-  }
-  if (strcmp (o->role, "demote") == 0 && o->nfleece > 1) {
-    fprintf (stderr, "fleece-colod demote: a group of %u disks cannot be "
-             "demoted (failback of a group is a full copy: restart the old "
-             "primary's hosts as a secondary with --discard-diverged)\n",
-             o->nfleece);
     return -1;
   }
   if (o->hb_timeout_ms <= o->hb_interval_ms) {

@@ -70,7 +70,7 @@ colod_hello_init (struct colo_msg *m, uint16_t role, uint32_t channel)
   memset (m, 0, sizeof *m);
   m->type = COLO_MSG_HELLO;
   m->hello.role = role;
-  m->hello.max_version = COLO_WIRE_VERSION;
+  m->hello.max_version = COLO_WIRE_MAX_VERSION;
   m->hello.channel = channel;
   return &m->hello;
 }

@@ -83,9 +83,11 @@ static struct {
    * cover.
    */
   uint64_t base;                  /* 0: a full copy */
-  uint8_t *extra;                 /* the secondary's diverged clusters */
-  uint64_t extra_bits;
+  /* The secondary's diverged clusters, per disk (NULL, 0: none). */
+  uint8_t *extra[COLOD_MAX_DISKS];
+  uint64_t extra_bits[COLOD_MAX_DISKS];
   uint64_t sec_committed;
+  uint16_t sec_version;           /* its HELLO's max_version */
 } p;
 
 /* ---- identity ---- */
@@ -206,6 +208,85 @@ set_refused (const char *why)
   pthread_mutex_unlock (&colod.lock);
 }
 
+static void
+free_extra (void)
+{
+  unsigned i;
+
+  for (i = 0; i < COLOD_MAX_DISKS; i++) {
+    free (p.extra[i]);
+    p.extra[i] = NULL;
+    p.extra_bits[i] = 0;
+  }
+}
+
+static bool
+have_extra (void)
+{
+  unsigned i;
+
+  for (i = 0; i < nplugins; i++)
+    if (p.extra_bits[i])
+      return true;
+  return false;
+}
+
+/* The secondary's DIVERGED, after its accepting HELLO_REPLY: one per
+ * disk of the group, in order, if it speaks version 3 of HELLO
+ * (COLO_WIRE_VERSION_GROUP_DIVERGED), else one, which for a group
+ * carries no bits (an older secondary has no diverged clusters of a
+ * group).  Sets p.base and p.extra.  0, or -1 with err.
+ */
+static int
+recv_diverged (struct colod_conn *pc, char *err, size_t errlen)
+{
+  unsigned n = nplugins > 1 &&
+    p.sec_version >= COLO_WIRE_VERSION_GROUP_DIVERGED ? nplugins : 1;
+  const char *peer = colo_conn_peer (pc->conn);
+  const struct colo_msg *m;
+  unsigned i;
+
+  free_extra ();
+  for (i = 0; i < n; i++) {
+    const struct colo_msg_diverged *d;
+
+    if (colod_recv (pc, &m, err, errlen) != 1)
+      return -1;
+    d = &m->diverged;
+    if (m->type != COLO_MSG_DIVERGED)
+      snprintf (err, errlen, "%s: expected DIVERGED for disk %u, got %s",
+                peer, i, colo_msg_type_name (m->type));
+    else if (d->disk != i || (i > 0 && d->base_epoch != p.base) ||
+             (d->bit_count && (n < nplugins ||
+                               d->cluster_size != plugins[i].cluster_size ||
+                               d->disk_size != plugins[i].disk_size)))
+      snprintf (err, errlen, "%s: DIVERGED of disk %" PRIu32 " (base epoch %"
+                PRIu64 ", %" PRIu64 " bytes in clusters of %" PRIu32 ", %"
+                PRIu64 " bits) does not fit disk %u of this group of %u (%"
+                PRIu64 " bytes in clusters of %" PRIu32 ")", peer, d->disk,
+                d->base_epoch, d->disk_size, d->cluster_size, d->bit_count,
+                i, nplugins, plugins[i].disk_size, plugins[i].cluster_size);
+    else {
+      p.base = d->base_epoch;
+      p.extra_bits[i] = d->bit_count;
+      if (d->bit_count) {
+        size_t bytes = (d->bit_count + 7) / 8;
+        p.extra[i] = malloc (bytes);
+        if (p.extra[i] == NULL) {
+          snprintf (err, errlen, "malloc: DIVERGED of disk %u: %s", i,
+                    strerror (errno));
+          return -1;
+        }
+        memcpy (p.extra[i], d->bits, bytes);
+      }
+      continue;
+    }
+    colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
+    return -1;
+  }
+  return 0;
+}
+
 /* Connect one channel and exchange HELLOs.  NULL on failure; *fatal
  * when the secondary refused the pairing itself.
  */
@@ -238,8 +319,10 @@ open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
     colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
     goto fail;
   }
-  if (channel == COLO_CHANNEL_DATA)
+  if (channel == COLO_CHANNEL_DATA) {
     p.sec_committed = m->hello.last_committed;
+    p.sec_version = m->hello.max_version;
+  }
   if (colod_recv (pc, &m, err, errlen) != 1)
     goto fail;
   if (m->type != COLO_MSG_HELLO_REPLY) {
@@ -264,36 +347,8 @@ open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
                                              m->hello_reply.reason));
     goto fail;
   }
-  if (channel == COLO_CHANNEL_DATA) {
-    if (colod_recv (pc, &m, err, errlen) != 1)
-      goto fail;
-    /* Diverged clusters are of a single disk: a group's failback is a
-     * full copy.
-     */
-    if (m->type != COLO_MSG_DIVERGED ||
-        (m->diverged.bit_count &&
-         (nplugins > 1 ||
-          m->diverged.cluster_size != plugins[0].cluster_size ||
-          m->diverged.disk_size != plugins[0].disk_size))) {
-      snprintf (err, errlen, "%s: expected DIVERGED for this disk, got %s",
-                colo_conn_peer (c), colo_msg_type_name (m->type));
-      colod_send_error (pc, COLO_ERROR_UNEXPECTED, err);
-      goto fail;
-    }
-    p.base = m->diverged.base_epoch;
-    free (p.extra);
-    p.extra = NULL;
-    p.extra_bits = m->diverged.bit_count;
-    if (p.extra_bits) {
-      size_t bytes = (p.extra_bits + 7) / 8;
-      p.extra = malloc (bytes);
-      if (p.extra == NULL) {
-        snprintf (err, errlen, "out of memory");
-        goto fail;
-      }
-      memcpy (p.extra, m->diverged.bits, bytes);
-    }
-  }
+  if (channel == COLO_CHANNEL_DATA && recv_diverged (pc, err, errlen) == -1)
+    goto fail;
   colo_conn_set_timeout (c, channel == COLO_CHANNEL_HEARTBEAT
                          ? colod.opt.hb_timeout_ms : -1);
   return pc;
@@ -551,7 +606,7 @@ plan_group (uint64_t epoch, const char *snap, bool *full,
   for (i = 0; i < nplugins; i++) {
     if (colo_plan_epoch (plugins[i].nbd_uri, snap, *full,
                          (const char *const *) names[i], *full ? 0 : nnames[i],
-                         *full ? NULL : p.extra, p.extra_bits,
+                         *full ? NULL : p.extra[i], p.extra_bits[i],
                          colod.opt.max_extent, &gp->disk[i], err,
                          errlen) == -1)
       goto out;
@@ -579,9 +634,7 @@ epoch_done (uint64_t epoch, const struct group_plan *plan, bool full,
   id.acked = p.sec_committed = epoch;
   atomic_store (&p.acked, epoch);
   p.base = epoch;
-  free (p.extra);
-  p.extra = NULL;
-  p.extra_bits = 0;
+  free_extra ();
   if (save_identity () == -1)
     colod_err ("the acknowledged epoch %" PRIu64 " could not be recorded",
                epoch);
@@ -660,7 +713,7 @@ run_epoch (char *err, size_t errlen)
   pthread_mutex_lock (&colod.lock);
   colod.st.epoch_in_flight = epoch;
   colod.st.bytes_in_flight = 0;
-  colod.st.resync_remaining = full || p.extra_bits ||
+  colod.st.resync_remaining = full || have_extra () ||
     p.base < epoch - 1 ? plan.total_bytes : 0;
   pthread_mutex_unlock (&colod.lock);
   colod_debug ("epoch %" PRIu64 ": %" PRIu64 " extents, %" PRIu64 " bytes (%"
@@ -767,7 +820,7 @@ connect_peer (struct colo_tls *tls, char *lasterr, size_t errlen)
                           "identity", colod.st.peer_identity,
                           "secondary-committed-epoch",
                           (json_int_t) p.sec_committed, "base-epoch",
-                          (json_int_t) p.base, "diverged", p.extra_bits != 0));
+                          (json_int_t) p.base, "diverged", have_extra ()));
   return 1;
 }
 
@@ -874,85 +927,6 @@ colod_run_primary (void)
   colo_tls_free (tls);
   for (i = 0; i < nplugins; i++)
     ctlc_close (plugins[i].ctl);
-  free (p.extra);
-  return rc;
-}
-
-/* ---- demote: a former primary's diverged clusters ---- */
-
-/* demote records, in STATE_DIR/diverged (secondary.c reads it), the
- * clusters this side wrote since the last epoch the old secondary
- * acknowledged: the union of its colo-N bitmaps from that epoch on.
- */
-
-int
-colod_demote (void)
-{
-  char err[1024], **names = NULL;
-  size_t nnames = 0, i, k;
-  uint64_t nbits;
-  uint8_t *bits = NULL;
-  struct primary_plugin *pl = &plugins[0];   /* demote takes one disk */
-  int rc = COLOD_EXIT_ERROR, r;
-
-  if (load_identity () != 1) {
-    colod_err ("%s: no primary state to demote", id_path);
-    return COLOD_EXIT_ERROR;
-  }
-  if (id.demoted) {
-    colod_err ("%s: already demoted", id_path);
-    return COLOD_EXIT_ERROR;
-  }
-  if (plugin_start (false) == -1)
-    return COLOD_EXIT_ERROR;
-  nbits = (pl->disk_size + pl->cluster_size - 1) / pl->cluster_size;
-  bits = calloc (nbits / 8 + 1, 1);
-  if (bits == NULL)
-    goto out;
-  r = plugin_chain (pl, id.acked, UINT64_MAX, &names, &nnames, err,
-                    sizeof err);
-  if (r == -1) {
-    colod_err ("%s", err);
-    goto out;
-  }
-  if (r == 1) {
-    colod_err ("cannot tell which clusters this side wrote since epoch %"
-               PRIu64 " (bitmap " PLUGIN_PREFIX "%" PRIu64 " is not on the "
-               "plugin): restart it as a secondary with --discard-diverged "
-               "for a full copy instead", id.acked, id.acked);
-    goto out;
-  }
-  for (i = 0; i < nnames; i++) {
-    uint8_t *b;
-    if (colo_read_bitmap (colod.opt.nbd_uri, names[i], pl->disk_size,
-                          pl->cluster_size, &b, err, sizeof err) == -1) {
-      colod_err ("%s", err);
-      goto out;
-    }
-    for (k = 0; k < (nbits + 7) / 8; k++)
-      bits[k] |= b[k];
-    free (b);
-  }
-  if (colo_state_write_diverged (colod.opt.state_dir, id.acked,
-                                 pl->disk_size, pl->cluster_size, bits,
-                                 nbits, err, sizeof err) == -1) {
-    colod_err ("%s", err);
-    goto out;
-  }
-  id.demoted = true;
-  if (save_identity () == -1)
-    goto out;
-  {
-    uint64_t n = 0;
-    for (k = 0; k < nbits; k++)
-      n += (bits[k / 8] >> (k % 8)) & 1;
-    printf ("demoted: %" PRIu64 " clusters written since epoch %" PRIu64
-            " will be replaced from the new primary\n", n, id.acked);
-  }
-  rc = 0;
- out:
-  plugin_free_names (names, nnames);
-  free (bits);
-  ctlc_close (pl->ctl);
+  free_extra ();
   return rc;
 }

@@ -5,9 +5,5 @@
 
 /* fleece-colod primary: run until stopped; an exit status. */
 extern int colod_run_primary (void);
-/* fleece-colod demote: record this former primary's diverged clusters
- * for the secondary it becomes; an exit status.
- */
-extern int colod_demote (void);
 
 #endif /* COLO_PRIMARY_H */

@@ -79,18 +79,49 @@ struct secondary sec = {
 
 /* ---- STATE_DIR/diverged (state.c) ---- */
 
-/* 1 with the file's contents (*bits malloc'ed), 0 none, -1 bad. */
+/* 1 with the file's contents in *d (colo_diverged_free), 0 none, -1
+ * bad (said why).
+ */
 static int
-read_diverged (uint64_t *base, uint64_t *disk_size, uint32_t *cs,
-               uint8_t **bits, uint64_t *nbits)
+read_diverged (struct colo_diverged *d)
 {
   char err[PATH_MAX + 128];
-  int r = colo_state_read_diverged (colod.opt.state_dir, base, disk_size,
-                                    cs, bits, nbits, err, sizeof err);
+  int r = colo_state_read_diverged (colod.opt.state_dir, d, err,
+                                    sizeof err);
 
   if (r == -1)
-    colod_log ("%s: ignored; the resync will be a full copy", err);
+    colod_log ("%s: ignored; the resync will be a full copy of every "
+               "disk", err);
   return r;
+}
+
+/* Is d of the group js describes?  If not, say why: the resync is then
+ * a full copy.
+ */
+static bool
+diverged_fits (const struct colo_diverged *d, const struct journal_state *js)
+{
+  char path[PATH_MAX];
+  uint32_t i;
+
+  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
+  if (d->disk_count != js->disk_count || d->cluster_size != js->cluster_size) {
+    colod_log ("%s: of %" PRIu32 " disk%s in clusters of %" PRIu32 ", this "
+               "secondary's group %" PRIu32 " in clusters of %" PRIu32 ": "
+               "ignored; the resync will be a full copy of every disk", path,
+               d->disk_count, d->disk_count == 1 ? "" : "s",
+               d->cluster_size, js->disk_count, js->cluster_size);
+    return false;
+  }
+  for (i = 0; i < d->disk_count; i++)
+    if (d->disk_sizes[i] != js->disk_sizes[i]) {
+      colod_log ("%s: disk %" PRIu32 " of %" PRIu64 " bytes, this "
+                 "secondary's (--disk %s) of %" PRIu64 ": ignored; the "
+                 "resync will be a full copy of every disk", path, i,
+                 d->disk_sizes[i], colod.opt.disks[i], js->disk_sizes[i]);
+      return false;
+    }
+  return true;
 }
 
 void
@@ -188,8 +219,7 @@ struct verdict {
   uint32_t status;
   char reason[COLO_WIRE_MAX_STRING + 1];
   uint64_t base;                  /* DIVERGED base_epoch */
-  uint8_t *bits;                  /* DIVERGED bits, or NULL */
-  uint64_t nbits;
+  struct colo_diverged div;       /* DIVERGED bits per disk (none: 0) */
 };
 
 /* A journal for this primary's disk: opened from our state, or made for
@@ -258,9 +288,8 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
   const struct journal_state *js;
   struct colo_generation ours[COLO_WIRE_MAX_HISTORY];
   enum colod_relation rel;
-  uint64_t fork, dbase = 0, dsize = 0, dbits = 0;
-  uint32_t dcs = 0;
-  uint8_t *bits = NULL;
+  uint64_t fork;
+  struct colo_diverged div;
   int have_div;
 
   memset (v, 0, sizeof *v);
@@ -284,10 +313,17 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
   colod_history_from_journal (js, ours);
   rel = colod_relate (ours, js->history_len, ph->history, ph->history_count,
                       &fork);
-  have_div = read_diverged (&dbase, &dsize, &dcs, &bits, &dbits);
-  if (have_div == 1 && (dsize != js->disk_size || dcs != js->cluster_size)) {
-    free (bits);
-    bits = NULL;
+  have_div = read_diverged (&div);
+  if (have_div == 1 && !diverged_fits (&div, js)) {
+    colo_diverged_free (&div);
+    have_div = -1;
+  }
+  if (have_div == 1 && js->disk_count > 1 &&
+      ph->max_version < COLO_WIRE_VERSION_GROUP_DIVERGED) {
+    colod_log ("the primary speaks protocol %" PRIu16 ", which takes no "
+               "diverged clusters of a group: the resync will be a full "
+               "copy of every disk", ph->max_version);
+    colo_diverged_free (&div);
     have_div = -1;
   }
   switch (rel) {
@@ -295,7 +331,8 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
     v->base = have_div == -1 ? 0 : js->committed_epoch;
     break;
   case REL_BEHIND:
-    if (have_div == 1 && dbase <= fork - 1 && js->committed_epoch <= fork - 1)
+    if (have_div == 1 && div.base <= fork - 1 &&
+        js->committed_epoch <= fork - 1)
       v->base = fork - 1;
     else if (have_div == 0 && js->committed_epoch == fork - 1)
       v->base = fork - 1;
@@ -314,7 +351,7 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
     if (colod.opt.discard_diverged) {
       colod_log ("%s histories; --discard-diverged: this side's data goes, "
                  "a full copy follows", colod_relation_name (rel));
-      free (bits);
+      colo_diverged_free (&div);
       return adopt (ph, 0, err, errlen);
     }
     v->status = rel == REL_UNRELATED ? COLO_HELLO_UNRELATED
@@ -334,18 +371,16 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
       snprintf (v->reason, sizeof v->reason, "unrelated generation "
                 "histories: nothing in common; --discard-diverged replaces "
                 "this side with a full copy");
-    free (bits);
+    colo_diverged_free (&div);
     return 0;
   }
-  if (v->base != 0 && have_div == 1) {
-    v->bits = bits;
-    v->nbits = dbits;
-  }
+  if (v->base != 0 && have_div == 1)
+    v->div = div;
   else
-    free (bits);
+    colo_diverged_free (&div);
   return 0;
  fail:
-  free (bits);
+  colo_diverged_free (&div);
   return -1;
 }
 
@@ -477,6 +512,35 @@ send_reply (struct colod_conn *c, uint32_t status, const char *reason,
   return colod_send (c, &m, err, errlen);
 }
 
+/* After an accepting HELLO_REPLY, DIVERGED: one per disk of the group
+ * to a primary that takes them (HELLO max_version 3), else one (judge
+ * gave a group's bits to no other).  The bits are v->div's, if any.
+ */
+static int
+send_diverged (struct colod_conn *c, const struct colo_msg_hello *ph,
+               const struct verdict *v, char *err, size_t errlen)
+{
+  uint32_t n = ph->disk_count > 1 &&
+    ph->max_version >= COLO_WIRE_VERSION_GROUP_DIVERGED ? ph->disk_count : 1;
+  uint32_t i;
+
+  for (i = 0; i < n; i++) {
+    struct colo_msg m = { .type = COLO_MSG_DIVERGED };
+
+    m.diverged.base_epoch = v->base;
+    m.diverged.disk_size = ph->disk_count ? ph->disk_sizes[i] : ph->disk_size;
+    m.diverged.cluster_size = ph->cluster_size;
+    m.diverged.disk = i;
+    if (i < v->div.disk_count) {
+      m.diverged.bit_count = v->div.nbits[i];
+      m.diverged.bits = v->div.nbits[i] ? v->div.bits[i] : NULL;
+    }
+    if (colod_send (c, &m, err, errlen) == -1)
+      return -1;
+  }
+  return 0;
+}
+
 /* A data HELLO: judge, answer, then take epochs. */
 static void
 data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
@@ -539,14 +603,7 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
                                              "reason", v.reason));
     goto out;
   }
-  memset (&m, 0, sizeof m);
-  m.type = COLO_MSG_DIVERGED;
-  m.diverged.base_epoch = v.base;
-  m.diverged.disk_size = ph->disk_size;
-  m.diverged.cluster_size = ph->cluster_size;
-  m.diverged.bit_count = v.nbits;
-  m.diverged.bits = v.bits;
-  if (colod_send (c, &m, err, sizeof err) == -1)
+  if (send_diverged (c, ph, &v, err, sizeof err) == -1)
     goto out;
   colo_conn_set_timeout (c->conn, -1);
   pthread_mutex_lock (&colod.lock);
@@ -562,10 +619,11 @@ data_channel (struct colod_conn *c, const struct colo_msg_hello *ph)
                json_pack ("{s:s,s:s,s:I,s:b}", "peer",
                           colo_conn_peer (c->conn), "identity",
                           colo_conn_identity (c->conn), "base-epoch",
-                          (json_int_t) v.base, "diverged", v.nbits != 0));
+                          (json_int_t) v.base, "diverged",
+                          v.div.disk_count != 0));
   secondary_receive_epochs (c);
  out:
-  free (v.bits);
+  colo_diverged_free (&v.div);
   if (err[0] && !colod.stop)
     colod_debug ("%s", err);
   leave_channel (COLO_CHANNEL_DATA);
@@ -786,9 +844,8 @@ adopt_demoted (void)
 {
   struct colo_msg_hello h = { 0 };
   struct colo_primary_state ps;
-  uint64_t base, size, nbits;
-  uint32_t cs;
-  uint8_t *bits;
+  struct colo_diverged d;
+  uint64_t base;
   char err[1024], path[PATH_MAX];
   int r = colo_state_load_primary (colod.opt.state_dir, &ps, err,
                                    sizeof err);
@@ -800,35 +857,38 @@ adopt_demoted (void)
   memcpy (h.volume_id, ps.volume_id, 16);
   memcpy (h.history, ps.history, ps.history_len * sizeof *h.history);
   h.history_count = ps.history_len;
-  base = ps.acked;
-  if (read_diverged (&base, &size, &cs, &bits, &nbits) != 1) {
+  if (read_diverged (&d) != 1) {
     colod_err ("%s: demoted, but its diverged clusters are missing or "
                "damaged: pair with --discard-diverged for a full copy",
                colod.opt.state_dir);
     return colod.opt.discard_diverged ? 0 : -1;
   }
-  free (bits);
-  if (colod.opt.ndisks != 1) {
-    colod_err ("%s: a demoted primary of one disk, started with %u --disk",
-               colod.opt.state_dir, colod.opt.ndisks);
+  if (colod.opt.ndisks != d.disk_count) {
+    colod_err ("%s: a demoted primary of %" PRIu32 " disk%s, started with "
+               "%u --disk", colod.opt.state_dir, d.disk_count,
+               d.disk_count == 1 ? "" : "s", colod.opt.ndisks);
+    colo_diverged_free (&d);
     return -1;
   }
-  if ((sec.j == NULL && open_journal (&size, cs, true, err, sizeof err) == -1)
-      || secondary_lock_disks (err, sizeof err) == -1) {
+  if ((sec.j == NULL &&
+       open_journal (d.disk_sizes, d.cluster_size, true, err,
+                     sizeof err) == -1) ||
+      secondary_lock_disks (err, sizeof err) == -1 ||
+      adopt (&h, d.base, err, sizeof err) == -1) {
     colod_err ("%s", err);
+    colo_diverged_free (&d);
     return -1;
   }
-  if (adopt (&h, base, err, sizeof err) == -1) {
-    colod_err ("%s", err);
-    return -1;
-  }
+  base = d.base;
+  colo_diverged_free (&d);
   colo_state_clear_promoted (colod.opt.state_dir);
   colo_state_path (colod.opt.state_dir, "primary.json", path, sizeof path);
   if (unlink (path) == -1) {
     colod_err ("unlink: %s: %s", path, strerror (errno));
     return -1;
   }
-  colod_log ("the demoted primary's identity, at epoch %" PRIu64, base);
+  colod_log ("the demoted primary's identity, at epoch %" PRIu64 "%s",
+             base, colod.opt.ndisks > 1 ? ", for the group" : "");
   return 1;
 }
 

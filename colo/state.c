@@ -19,7 +19,9 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -328,98 +330,217 @@ colo_state_load_primary (const char *state_dir,
 
 /* ---- STATE_DIR/diverged ----
  *
- * The header below, the bitmap (a bit a cluster, nbits of them), then
- * the xxh64 of both, little-endian.
+ * A disk's record: the header below, the bitmap (a bit a cluster, nbits
+ * of them), then the xxh64 of both, little-endian.  A single disk's file
+ * is its record alone (FLCODIV1, disk 0), as before groups.  A group's
+ * (FLCODIV2) is a header of its own (magic, base u64, cluster_size u32,
+ * disk_count u32, and the xxh64 of these 24 bytes), then the record of
+ * each disk in the group's order, its index in the record's disk field,
+ * and nothing after the last.  The file is written whole to
+ * diverged.tmp and renamed: it holds every disk's record or is not
+ * there.
  */
+
+#define DIVERGED_GROUP_MAGIC "FLCODIV2"
 
 struct diverged_hdr {
   char magic[8];
   uint64_t base, disk_size;
-  uint32_t cluster_size, reserved;
+  uint32_t cluster_size, disk;  /* disk: its index in the group */
   uint64_t nbits;
 } __attribute__ ((__packed__));
 
-int
-colo_state_write_diverged (const char *state_dir, uint64_t base,
-                           uint64_t disk_size, uint32_t cs,
-                           const uint8_t *bits, uint64_t nbits, char *err,
-                           size_t errlen)
+struct diverged_group_hdr {
+  char magic[8];
+  uint64_t base;
+  uint32_t cluster_size, disk_count;
+  uint64_t xxh;                 /* of the fields before */
+} __attribute__ ((__packed__));
+
+static int
+write_all (int fd, const void *buf, size_t len)
 {
-  struct diverged_hdr h = { .base = htole64 (base),
-                            .disk_size = htole64 (disk_size),
-                            .cluster_size = htole32 (cs),
-                            .nbits = htole64 (nbits) };
-  size_t bytes = (nbits + 7) / 8;
-  char path[PATH_MAX], tmp[PATH_MAX];
+  return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
+}
+
+/* A record's checksum: of its header and its bitmap. */
+static uint64_t
+record_sum (const struct diverged_hdr *h, const uint8_t *bits, size_t bytes)
+{
   XXH64_state_t x;
+
+  XXH64_reset (&x, 0);
+  XXH64_update (&x, h, sizeof *h);
+  if (bytes)
+    XXH64_update (&x, bits, bytes);
+  return XXH64_digest (&x);
+}
+
+static int
+write_record (int fd, const struct colo_diverged *d, uint32_t disk)
+{
+  struct diverged_hdr h = { .base = htole64 (d->base),
+                            .disk_size = htole64 (d->disk_sizes[disk]),
+                            .cluster_size = htole32 (d->cluster_size),
+                            .disk = htole32 (disk),
+                            .nbits = htole64 (d->nbits[disk]) };
+  size_t bytes = (d->nbits[disk] + 7) / 8;
   uint64_t sum;
-  int fd;
 
   memcpy (h.magic, DIVERGED_MAGIC, 8);
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  XXH64_update (&x, bits, bytes);
-  sum = htole64 (XXH64_digest (&x));
-  colo_state_path (state_dir, "diverged", path, sizeof path);
-  colo_state_path (state_dir, "diverged.tmp", tmp, sizeof tmp);
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1 || write (fd, &h, sizeof h) != sizeof h ||
-      write (fd, bits, bytes) != (ssize_t) bytes ||
-      write (fd, &sum, sizeof sum) != sizeof sum || fsync (fd) == -1 ||
-      close (fd) == -1 || rename (tmp, path) == -1) {
-    snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
+  sum = htole64 (record_sum (&h, d->bits[disk], bytes));
+  if (write_all (fd, &h, sizeof h) == -1 ||
+      write_all (fd, d->bits[disk], bytes) == -1 ||
+      write_all (fd, &sum, sizeof sum) == -1)
     return -1;
-  }
-  fd = open (state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    fsync (fd);
-    close (fd);
-  }
   return 0;
 }
 
 int
-colo_state_read_diverged (const char *state_dir, uint64_t *base,
-                          uint64_t *disk_size, uint32_t *cs, uint8_t **bits,
-                          uint64_t *nbits, char *err, size_t errlen)
+colo_state_write_diverged (const char *state_dir,
+                           const struct colo_diverged *d, char *err,
+                           size_t errlen)
 {
-  char path[PATH_MAX];
+  struct diverged_group_hdr g = { .base = htole64 (d->base),
+                                  .cluster_size = htole32 (d->cluster_size),
+                                  .disk_count = htole32 (d->disk_count) };
+  char path[PATH_MAX], tmp[PATH_MAX];
+  uint32_t i;
+  int fd, e;
+
+  memcpy (g.magic, DIVERGED_GROUP_MAGIC, 8);
+  g.xxh = htole64 (XXH64 (&g, offsetof (struct diverged_group_hdr, xxh),
+                          0));
+  colo_state_path (state_dir, "diverged", path, sizeof path);
+  colo_state_path (state_dir, "diverged.tmp", tmp, sizeof tmp);
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd == -1)
+    goto fail;
+  if (d->disk_count > 1 && write_all (fd, &g, sizeof g) == -1)
+    goto fail_fd;
+  for (i = 0; i < d->disk_count; i++)
+    if (write_record (fd, d, i) == -1)
+      goto fail_fd;
+  if (fsync (fd) == -1)
+    goto fail_fd;
+  if (close (fd) == -1)
+    goto fail_unlink;
+  if (rename (tmp, path) == -1) {
+    e = errno;
+    unlink (tmp);
+    snprintf (err, errlen, "rename: %s to %s: %s", tmp, path, strerror (e));
+    return -1;
+  }
+  return sync_dir (state_dir, err, errlen);
+ fail_fd:
+  e = errno;
+  close (fd);
+  errno = e;
+ fail_unlink:
+  e = errno;
+  unlink (tmp);                 /* nothing half written stays */
+  errno = e;
+ fail:
+  snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
+  return -1;
+}
+
+static int
+read_all (int fd, void *buf, size_t len)
+{
+  return len == 0 || read (fd, buf, len) == (ssize_t) len ? 0 : -1;
+}
+
+/* Disk disk's record, at fd's offset: 0, or -1 if it is damaged. */
+static int
+read_record (int fd, struct colo_diverged *d, uint32_t disk)
+{
   struct diverged_hdr h;
-  XXH64_state_t x;
-  uint64_t sum;
+  uint64_t sum, nbits;
   size_t bytes;
+
+  if (read_all (fd, &h, sizeof h) == -1 ||
+      memcmp (h.magic, DIVERGED_MAGIC, 8) != 0 ||
+      le32toh (h.disk) != disk ||
+      (disk > 0 && (le64toh (h.base) != d->base ||
+                    le32toh (h.cluster_size) != d->cluster_size)))
+    return -1;
+  nbits = le64toh (h.nbits);
+  if (nbits > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
+    return -1;
+  d->base = le64toh (h.base);
+  d->cluster_size = le32toh (h.cluster_size);
+  d->disk_sizes[disk] = le64toh (h.disk_size);
+  d->nbits[disk] = nbits;
+  bytes = (nbits + 7) / 8;
+  if (bytes) {
+    d->bits[disk] = malloc (bytes);
+    if (d->bits[disk] == NULL || read_all (fd, d->bits[disk], bytes) == -1)
+      return -1;
+  }
+  if (read_all (fd, &sum, sizeof sum) == -1)
+    return -1;
+  return record_sum (&h, d->bits[disk], bytes) == le64toh (sum) ? 0 : -1;
+}
+
+int
+colo_state_read_diverged (const char *state_dir, struct colo_diverged *d,
+                          char *err, size_t errlen)
+{
+  struct diverged_group_hdr g;
+  char path[PATH_MAX], extra;
+  uint32_t i = 0;
   int fd, r;
 
-  *bits = NULL;
+  memset (d, 0, sizeof *d);
   if ((r = open_to_read (state_dir, "diverged", path, &fd, err,
                          errlen)) <= 0)
     return r;
-  if (read (fd, &h, sizeof h) != sizeof h ||
-      memcmp (h.magic, DIVERGED_MAGIC, 8) != 0 ||
-      le64toh (h.nbits) > (uint64_t) COLO_WIRE_MAX_EXTENT * 8)
+  if (read_all (fd, g.magic, 8) == -1)
     goto bad;
-  *base = le64toh (h.base);
-  *disk_size = le64toh (h.disk_size);
-  *cs = le32toh (h.cluster_size);
-  *nbits = le64toh (h.nbits);
-  bytes = (*nbits + 7) / 8;
-  *bits = malloc (bytes + 1);
-  if (*bits == NULL || read (fd, *bits, bytes) != (ssize_t) bytes ||
-      read (fd, &sum, sizeof sum) != sizeof sum)
+  if (memcmp (g.magic, DIVERGED_GROUP_MAGIC, 8) == 0) {
+    if (read_all (fd, (char *) &g + 8, sizeof g - 8) == -1 ||
+        XXH64 (&g, offsetof (struct diverged_group_hdr, xxh), 0) !=
+        le64toh (g.xxh) || le32toh (g.disk_count) < 2 ||
+        le32toh (g.disk_count) > COLO_WIRE_MAX_DISKS)
+      goto bad;
+    d->disk_count = le32toh (g.disk_count);
+  }
+  else if (lseek (fd, 0, SEEK_SET) == 0)
+    d->disk_count = 1;
+  else
     goto bad;
-  XXH64_reset (&x, 0);
-  XXH64_update (&x, &h, sizeof h);
-  XXH64_update (&x, *bits, bytes);
-  if (XXH64_digest (&x) != le64toh (sum))
+  for (i = 0; i < d->disk_count; i++)
+    if (read_record (fd, d, i) == -1)
+      goto bad;
+  if ((d->disk_count > 1 && (d->base != le64toh (g.base) ||
+                             d->cluster_size !=
+                             le32toh (g.cluster_size))) ||
+      read (fd, &extra, 1) != 0)
     goto bad;
   close (fd);
   return 1;
  bad:
-  snprintf (err, errlen, "%s: damaged (bad magic, size or checksum)", path);
+  if (d->disk_count > 1 && i < d->disk_count)
+    snprintf (err, errlen, "%s: the record of disk %" PRIu32 " of %" PRIu32
+              " is damaged (bad magic, disk index, size or checksum)", path,
+              i, d->disk_count);
+  else
+    snprintf (err, errlen, "%s: damaged (bad magic, size or checksum)",
+              path);
   close (fd);
-  free (*bits);
-  *bits = NULL;
+  colo_diverged_free (d);
   return -1;
+}
+
+void
+colo_diverged_free (struct colo_diverged *d)
+{
+  uint32_t i;
+
+  for (i = 0; i < COLO_WIRE_MAX_DISKS; i++)
+    free (d->bits[i]);
+  memset (d, 0, sizeof *d);
 }
 
 bool

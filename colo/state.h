@@ -4,7 +4,8 @@
  *                  it; FLCOLOST, binary, with a checksum)
  *   primary.json   the primary's identity
  *   diverged       the clusters a demoted primary wrote that its old
- *                  secondary never received (FLCODIV1, with a checksum)
+ *                  secondary never received, per disk of its group
+ *                  (FLCODIV1 of one disk, FLCODIV2 of a group; checksums)
  *   promoted       the generation this side started when promoted
  * and control.sock (ctl.c), journal (journal.c).  Every call reports a
  * failure in err, naming the file; none logs.
@@ -87,19 +88,35 @@ extern int colo_state_save_primary (const char *state_dir,
                                     const struct colo_primary_state *ps,
                                     char *err, size_t errlen);
 
-/* ---- STATE_DIR/diverged ---- */
-
-extern int colo_state_write_diverged (const char *state_dir, uint64_t base,
-                                      uint64_t disk_size, uint32_t cs,
-                                      const uint8_t *bits, uint64_t nbits,
-                                      char *err, size_t errlen);
-/* 1 with the file's contents (*bits malloc'ed), 0 none, -1 damaged or
- * unreadable (err).
+/* ---- STATE_DIR/diverged ----
+ *
+ * What a demoted primary wrote since its last acknowledged epoch, per
+ * disk of its group (disk_count 1: a single disk).  One cluster size
+ * for the group; bits[i] has nbits[i] bits (0: nothing diverged on disk
+ * i, bits[i] NULL), ceil (disk_sizes[i] / cluster_size) otherwise.
  */
-extern int colo_state_read_diverged (const char *state_dir, uint64_t *base,
-                                     uint64_t *disk_size, uint32_t *cs,
-                                     uint8_t **bits, uint64_t *nbits,
+
+struct colo_diverged {
+  uint64_t base;                  /* the last acknowledged epoch */
+  uint32_t cluster_size;
+  uint32_t disk_count;            /* 1 .. COLO_WIRE_MAX_DISKS */
+  uint64_t disk_sizes[COLO_WIRE_MAX_DISKS];
+  uint64_t nbits[COLO_WIRE_MAX_DISKS];
+  uint8_t *bits[COLO_WIRE_MAX_DISKS];
+};
+
+/* Replace it atomically with d: every disk's record or none. */
+extern int colo_state_write_diverged (const char *state_dir,
+                                      const struct colo_diverged *d,
+                                      char *err, size_t errlen);
+/* 1 with the file's contents in *d (free them with
+ * colo_diverged_free), 0 none, -1 damaged or unreadable (err, naming
+ * the disk whose record is damaged); *d is empty but on 1.
+ */
+extern int colo_state_read_diverged (const char *state_dir,
+                                     struct colo_diverged *d,
                                      char *err, size_t errlen);
+extern void colo_diverged_free (struct colo_diverged *d);
 extern bool colo_state_has_diverged (const char *state_dir);
 /* Remove it: true if there was one. */
 extern bool colo_state_remove_diverged (const char *state_dir);

@@ -155,13 +155,8 @@ static int
 decode_diverged (const struct type_info *t, const uint8_t *p, size_t len,
                  struct colo_msg_diverged *d, struct colo_wire_error *err)
 {
-  struct colo_wire_diverged w;
   size_t data_len = len - t->fixed;
 
-  memcpy (&w, p, sizeof w);
-  if (w.reserved != 0)
-    return PROTO (err, "DIVERGED: reserved field is 0x%" PRIx32 ", not 0",
-                  le32toh (w.reserved));
   wire_get_fields (t, p, d);
   d->bits = d->bit_count ? p + t->fixed : NULL;
   if (wire_check_diverged (d, err) == -1)

@@ -94,9 +94,10 @@ static const struct wire_field error_fields[] = {
   { offsetof (struct colo_wire_error_msg, code),
     offsetof (struct colo_msg_error, code), 4 },
 };
-static const struct wire_field diverged[] = {       /* not reserved */
+static const struct wire_field diverged[] = {
   FIELD (diverged, base_epoch), FIELD (diverged, disk_size),
-  FIELD (diverged, cluster_size), FIELD (diverged, bit_count),
+  FIELD (diverged, cluster_size), FIELD (diverged, disk),
+  FIELD (diverged, bit_count),
 };
 
 /* A type whose payload is its fixed fields only, then a string, or
@@ -391,6 +392,9 @@ wire_check_diverged (const struct colo_msg_diverged *d,
     return PROTO (err, "DIVERGED: cluster size %" PRIu32 " is not a "
                   "power of two from %d to %u", d->cluster_size,
                   COLO_WIRE_MIN_CLUSTER, COLO_WIRE_MAX_EXTENT);
+  if (d->disk >= COLO_WIRE_MAX_DISKS)
+    return PROTO (err, "DIVERGED: disk %" PRIu32 " is not from 0 to %d",
+                  d->disk, COLO_WIRE_MAX_DISKS - 1);
   nbits = d->disk_size / d->cluster_size +
     (d->disk_size % d->cluster_size != 0);
   if (d->bit_count != 0 && d->bit_count != nbits)

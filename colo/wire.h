@@ -117,6 +117,7 @@ struct colo_msg_diverged {
   uint64_t base_epoch;
   uint64_t disk_size;
   uint32_t cluster_size;
+  uint32_t disk;                /* in the group: 0 .. COLO_WIRE_MAX_DISKS-1 */
   uint64_t bit_count;           /* 0 or ceil (disk_size / cluster_size) */
   const uint8_t *bits;          /* (bit_count + 7) / 8 bytes; NULL if 0 */
 };

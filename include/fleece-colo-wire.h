@@ -17,6 +17,13 @@
 #define COLO_WIRE_MAGIC           "FLCO"
 /* 2: consistency groups (HELLO's disk list, EXTENT's disk index). */
 #define COLO_WIRE_VERSION         2
+/* HELLO's max_version: 3, the sender also sends (a secondary) or takes
+ * (a primary) one DIVERGED per disk of a group, each naming its disk;
+ * the frames stay version 2, and a peer whose HELLO says 2 gets or
+ * sends a single DIVERGED, as before.
+ */
+#define COLO_WIRE_MAX_VERSION     3
+#define COLO_WIRE_VERSION_GROUP_DIVERGED 3
 #define COLO_WIRE_HEADER_SIZE     40
 
 /* Bounds that keep a hostile peer from making us allocate much. */
@@ -199,16 +206,19 @@ struct colo_wire_heartbeat_reply {
 
 /* ---- DIVERGED: the secondary's clusters that may differ from any
  * epoch of the primary's (its own writes as a primary that were never
- * replicated, since its last committed epoch base_epoch), sent once on
- * the data connection after an accepting HELLO_REPLY.  Followed by
- * (bit_count + 7) / 8 bytes of bitmap, bit i (LSB first) = cluster i.
- * bit_count 0: nothing diverged.
+ * replicated, since its last committed epoch base_epoch), sent on the
+ * data connection after an accepting HELLO_REPLY: once, or, to a
+ * primary of a group whose HELLO has max_version >= 3, once per disk of
+ * the group, in order (disk 0, 1, ...), all with the same base_epoch.
+ * Followed by (bit_count + 7) / 8 bytes of bitmap, bit i (LSB first) =
+ * cluster i.  bit_count 0: nothing diverged.
  */
 struct colo_wire_diverged {
   uint64_t base_epoch;          /* the bitmap covers writes since it */
   uint64_t disk_size;           /* bytes */
   uint32_t cluster_size;        /* bytes, power of two */
-  uint32_t reserved;            /* 0 */
+  uint32_t disk;                /* its index in the group: 0 .. 15 (0 for
+                                   a single disk; was reserved, 0) */
   uint64_t bit_count;           /* 0, or ceil (disk_size / cluster_size) */
 } __attribute__ ((__packed__));
 

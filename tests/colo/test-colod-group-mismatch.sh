@@ -3,8 +3,8 @@
 # handshake, with an error naming the disk: another number of disks, a
 # secondary disk too small, a primary disk whose size changed since the
 # pairing.  A state directory of a group restarted with another number
-# of --disk, --fleece without its --nbd, and demote of a group are
-# refused too.  The primary exits with status 3 (refused), its log and
+# of --disk, and --fleece without its --nbd (primary or demote), are
+# refused too (demote of a group: test-colod-group-failback.sh).  The primary exits with status 3 (refused), its log and
 # the secondary's status saying why.
 source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 requires nbdcopy --version
@@ -84,9 +84,9 @@ ok_fails "--fleece without its --nbd is a usage error" \
   "2 --fleece and 1 --nbd" \
   "$COLOD" primary --fleece "$tmp/p0.ctl" --nbd "$(live_uri p0)" \
     --fleece "$tmp/p1.ctl" --peer "127.0.0.1:$p3" --state "$tmp/x" --insecure
-ok_fails "demote of a group is refused" \
-  "a group of 2 disks cannot be demoted" \
+ok_fails "demote of a group with a --fleece without its --nbd is a usage error" \
+  "fleece-colod demote: 2 --fleece and 1 --nbd" \
   "$COLOD" demote --fleece "$tmp/p0.ctl" --nbd "$(live_uri p0)" \
-    --fleece "$tmp/p1.ctl" --nbd "$(live_uri p1)" --state "$tmp/x"
+    --fleece "$tmp/p1.ctl" --state "$tmp/x"
 ok "nbdkit p0 stops cleanly" stop_nbdkit p0
 ok "nbdkit p1 stops cleanly" stop_nbdkit p1

@@ -147,6 +147,7 @@ rnd_diverged (struct colo_msg_diverged *d, uint8_t **data, uint64_t max_bits)
 
   d->base_epoch = rnd_below (1000000);
   d->cluster_size = rnd_cluster ();
+  d->disk = rnd_below (COLO_WIRE_MAX_DISKS);
   *data = NULL;
   d->bits = NULL;
   if (rnd_below (4) == 0) {
@@ -314,7 +315,8 @@ msg_equal (const struct colo_msg *a, const struct colo_msg *b)
       strcmp (a->error.message, b->error.message) == 0;
   case COLO_MSG_DIVERGED:
     return SAME (diverged.base_epoch) && SAME (diverged.disk_size) &&
-      SAME (diverged.cluster_size) && SAME (diverged.bit_count) &&
+      SAME (diverged.cluster_size) && SAME (diverged.disk) &&
+      SAME (diverged.bit_count) &&
       (a->diverged.bits == NULL) == (b->diverged.bits == NULL) &&
       (a->diverged.bits == NULL ||
        memcmp (a->diverged.bits, b->diverged.bits,
@@ -729,6 +731,9 @@ test_diverged_round_trip (void)
     .base_epoch = 0, .disk_size = 64 * 512, .cluster_size = 512,
     .bit_count = 64, .bits = bits };
   ok (diverged_round_trip (&m, true), "DIVERGED of 64 clusters, 8 bytes");
+  m.diverged.disk = COLO_WIRE_MAX_DISKS - 1;
+  ok (diverged_round_trip (&m, true),
+      "DIVERGED of the last disk of a group of 16");
   m.diverged = (struct colo_msg_diverged) {
     .base_epoch = 5, .disk_size = 1ull << 40, .cluster_size = 65536 };
   ok (diverged_round_trip (&m, true),
@@ -1229,7 +1234,7 @@ diverged_payload (uint8_t *p, uint64_t disk_size, uint32_t cluster_size,
   put64 (p, 7);
   put64 (p + 8, disk_size);
   put32 (p + 16, cluster_size);
-  put32 (p + 20, 0);            /* reserved */
+  put32 (p + 20, 0);            /* disk */
   put64 (p + 24, bit_count);
   memset (p + 32, 0xa5, bytes);
   if (bytes && bytes == (bit_count + 7) / 8 && bit_count % 8)
@@ -1291,10 +1296,14 @@ test_diverged_errors (void)
   }
 
   n = diverged_payload (p, disk, 4096, 11, 2);
-  put32 (p + 20, 1);
+  put32 (p + 20, 15);
   n = simple_frame (f, COLO_MSG_DIVERGED, 1, p, n);
-  expect_error ("DIVERGED reserved field", f, n, COLO_ERROR_PROTOCOL,
-                "DIVERGED: reserved field is 0x1, not 0");
+  expect_valid ("a DIVERGED of disk 15 of a group", f, n, COLO_MSG_DIVERGED);
+  n = diverged_payload (p, disk, 4096, 11, 2);
+  put32 (p + 20, 16);
+  n = simple_frame (f, COLO_MSG_DIVERGED, 1, p, n);
+  expect_error ("DIVERGED of disk 16", f, n, COLO_ERROR_PROTOCOL,
+                "DIVERGED: disk 16 is not from 0 to 15");
 
   n = simple_frame (f, COLO_MSG_DIVERGED, 1, p, 31);
   expect_error ("DIVERGED shorter than its fixed part", f, n,
