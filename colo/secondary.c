@@ -318,6 +318,13 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
     colo_diverged_free (&div);
     have_div = -1;
   }
+  if (have_div == 0 && colo_state_failback_pending (colod.opt.state_dir)) {
+    colod_log ("%s: this side was a primary demoted at epoch %" PRIu64
+               " and its diverged clusters are gone before the first "
+               "epoch after that was durable: the resync will be a full "
+               "copy", colod.opt.state_dir, js->committed_epoch);
+    have_div = -1;
+  }
   if (have_div == 1 && js->disk_count > 1 &&
       ph->max_version < COLO_WIRE_VERSION_GROUP_DIVERGED) {
     colod_log ("the primary speaks protocol %" PRIu16 ", which takes no "
@@ -881,6 +888,10 @@ adopt_demoted (void)
   }
   base = d.base;
   colo_diverged_free (&d);
+  if (colo_state_write_failback (colod.opt.state_dir, err, sizeof err) == -1) {
+    colod_err ("%s", err);
+    return -1;
+  }
   colo_state_clear_promoted (colod.opt.state_dir);
   colo_state_path (colod.opt.state_dir, "primary.json", path, sizeof path);
   if (unlink (path) == -1) {

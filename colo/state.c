@@ -556,9 +556,35 @@ bool
 colo_state_remove_diverged (const char *state_dir)
 {
   char path[PATH_MAX];
+  bool had;
 
   colo_state_path (state_dir, "diverged", path, sizeof path);
-  return unlink (path) == 0;
+  had = unlink (path) == 0;
+  colo_state_path (state_dir, "failback", path, sizeof path);
+  unlink (path);
+  return had;
+}
+
+/* ---- STATE_DIR/failback: empty; its presence is the record ---- */
+
+int
+colo_state_write_failback (const char *state_dir, char *err, size_t errlen)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "failback", path, sizeof path);
+  if (write_synced (path, "", 0, err, errlen) == -1)
+    return -1;
+  return sync_dir (state_dir, err, errlen);
+}
+
+bool
+colo_state_failback_pending (const char *state_dir)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (state_dir, "failback", path, sizeof path);
+  return access (path, F_OK) == 0;
 }
 
 /* ---- STATE_DIR/promoted: the 16 bytes of the generation ---- */

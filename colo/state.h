@@ -6,6 +6,7 @@
  *   diverged       the clusters a demoted primary wrote that its old
  *                  secondary never received, per disk of its group
  *                  (FLCODIV1 of one disk, FLCODIV2 of a group; checksums)
+ *   failback       a failback's first epoch is not durable yet
  *   promoted       the generation this side started when promoted
  * and control.sock (ctl.c), journal (journal.c).  Every call reports a
  * failure in err, naming the file; none logs.
@@ -120,6 +121,18 @@ extern void colo_diverged_free (struct colo_diverged *d);
 extern bool colo_state_has_diverged (const char *state_dir);
 /* Remove it: true if there was one. */
 extern bool colo_state_remove_diverged (const char *state_dir);
+
+/* ---- STATE_DIR/failback ----
+ *
+ * Written (synced) when a secondary takes a demoted primary's identity,
+ * removed with diverged once the first epoch after it is durable: while
+ * it is there, this side's own writes since the demoted epoch are known
+ * only through diverged, so a diverged that goes missing must mean a
+ * full copy, not an incremental resync that keeps them.
+ */
+extern int colo_state_write_failback (const char *state_dir, char *err,
+                                      size_t errlen);
+extern bool colo_state_failback_pending (const char *state_dir);
 
 /* ---- STATE_DIR/promoted ---- */
 

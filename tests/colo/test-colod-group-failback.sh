@@ -146,6 +146,7 @@ ok "a starts as the group's secondary" secondary_a
 ok "it adopted the demoted identity for the group" \
   grep -q "the demoted primary's identity, at epoch $A, for the group" \
   "$tmp/a/colod.log"
+ok "... and recorded that a failback is pending" test -e "$tmp/a/state/failback"
 ok "b starts as the group's primary" start_colod b primary "${b_group[@]}" \
   --peer "127.0.0.1:$pa" --insecure --interval 0 --hb-interval 100 \
   --hb-timeout 3000
@@ -165,6 +166,7 @@ for d in 0 1; do
     "a's disk $d equals b's"
 done
 ok "the diverged record is removed" test ! -e "$tmp/a/state/diverged"
+ok "... and the pending failback with it" test ! -e "$tmp/a/state/failback"
 ok "a logged its removal" grep -q "the diverged clusters are replaced" \
   "$tmp/a/colod.log"
 
@@ -190,6 +192,33 @@ for d in 0 1; do
     "a's disk $d equals b's after the full copy"
 done
 ok "the damaged record is removed" test ! -e "$tmp/a/state/diverged"
+
+# A failback pending with its diverged record gone (deleted after the
+# old primary took the identity, before the first epoch was durable;
+# here its state is made so): a's own writes are known only through that
+# record, so the resync must be a full copy, not an incremental one
+# that keeps them.
+ok "a's secondary stops" stop_colod a
+: >"$tmp/a/state/failback"
+ok "a write on a's disk 0 that b never had" eval \
+  'qemu-io -f raw -c "write -P 0x6e 6M 64k" "$tmp/p0/disk" >/dev/null'
+ok "writes on b" eval 'qio q0 "" "write -P 0x54 5M 64k" >/dev/null'
+n=$(s b epochs-durable)
+ok "a starts again, a failback pending and no diverged record" secondary_a
+ok "b pairs again and its first epoch is durable" \
+  wait_for 60 eval '[ "$(s b epochs-durable)" -gt "$n" ]'
+ok "a applied it" wait_for 30 eval \
+  '[ "$(s a last-applied-epoch)" = "$(s b last-committed-epoch)" ]'
+ok "a's log says why it is a full copy" \
+  grep -q "diverged clusters are gone before the first epoch after that was durable: the resync will be a full copy" \
+  "$tmp/a/colod.log"
+j=$("$COLOD" status --json --state "$tmp/b/state")
+is "$(jget "$j" "d['last-epoch-full']")" True "a full copy"
+for d in 0 1; do
+  is "$(file_sum "$tmp/p$d/disk")" "$(live_sum "q$d")" \
+    "a's disk $d equals b's: a's own write is gone"
+done
+ok "the pending failback is cleared" test ! -e "$tmp/a/state/failback"
 
 ok "b's primary stops" stop_colod b
 ok "a's secondary stops" stop_colod a
