@@ -1,13 +1,15 @@
 /* fleece-colod secondary: its disks (secondary.c's note describes the
  * role): the locks it holds on every disk of the group while it alone
- * may write them, and their sizes, checked against the primary's at
- * the pairing.
+ * may write them, their sizes, checked against the primary's at the
+ * pairing, and the clusters a demoted primary wrote on them (diverged).
  */
 
 #include <config.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -97,4 +99,61 @@ secondary_disk_bytes (const char *path)
   end = lseek (fd, 0, SEEK_END);
   close (fd);
   return end;
+}
+
+/* ---- the disks' diverged clusters: STATE_DIR/diverged (state.c) ---- */
+
+/* 1 with the file's contents in *d (colo_diverged_free), 0 none, -1
+ * bad (said why).
+ */
+int
+secondary_read_diverged (struct colo_diverged *d)
+{
+  char err[PATH_MAX + 128];
+  int r = colo_state_read_diverged (colod.opt.state_dir, d, err,
+                                    sizeof err);
+
+  if (r == -1)
+    colod_log ("%s: ignored; the resync will be a full copy of every "
+               "disk", err);
+  return r;
+}
+
+/* Is d of the group js describes?  If not, say why: the resync is then
+ * a full copy.
+ */
+bool
+secondary_diverged_fits (const struct colo_diverged *d, const struct journal_state *js)
+{
+  char path[PATH_MAX];
+  uint32_t i;
+
+  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
+  if (d->disk_count != js->disk_count || d->cluster_size != js->cluster_size) {
+    colod_log ("%s: of %" PRIu32 " disk%s in clusters of %" PRIu32 ", this "
+               "secondary's group %" PRIu32 " in clusters of %" PRIu32 ": "
+               "ignored; the resync will be a full copy of every disk", path,
+               d->disk_count, d->disk_count == 1 ? "" : "s",
+               d->cluster_size, js->disk_count, js->cluster_size);
+    return false;
+  }
+  for (i = 0; i < d->disk_count; i++)
+    if (d->disk_sizes[i] != js->disk_sizes[i]) {
+      colod_log ("%s: disk %" PRIu32 " of %" PRIu64 " bytes, this "
+                 "secondary's (--disk %s) of %" PRIu64 ": ignored; the "
+                 "resync will be a full copy of every disk", path, i,
+                 d->disk_sizes[i], colod.opt.disks[i], js->disk_sizes[i]);
+      return false;
+    }
+  return true;
+}
+
+void
+secondary_drop_diverged (void)
+{
+  char path[PATH_MAX];
+
+  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
+  if (colo_state_remove_diverged (colod.opt.state_dir))
+    colod_log ("the diverged clusters are replaced: %s removed", path);
 }

@@ -70,6 +70,13 @@ extern struct secondary sec;
 extern void secondary_publish_journal (void);
 /* STATE_DIR/diverged is replaced by the epochs received: remove it. */
 extern void secondary_drop_diverged (void);
+/* 1 with STATE_DIR/diverged in *d (colo_diverged_free), 0 none, -1 bad
+ * (said why).
+ */
+extern int secondary_read_diverged (struct colo_diverged *d);
+/* Is d of the group js describes?  If not, say why. */
+extern bool secondary_diverged_fits (const struct colo_diverged *d,
+                                     const struct journal_state *js);
 /* Shut both connections down and wait for their threads to go. */
 extern void secondary_drop_channels (void);
 /* secondary-disks.c */

@@ -77,63 +77,6 @@ struct secondary sec = {
   .jlock = PTHREAD_MUTEX_INITIALIZER,
 };
 
-/* ---- STATE_DIR/diverged (state.c) ---- */
-
-/* 1 with the file's contents in *d (colo_diverged_free), 0 none, -1
- * bad (said why).
- */
-static int
-read_diverged (struct colo_diverged *d)
-{
-  char err[PATH_MAX + 128];
-  int r = colo_state_read_diverged (colod.opt.state_dir, d, err,
-                                    sizeof err);
-
-  if (r == -1)
-    colod_log ("%s: ignored; the resync will be a full copy of every "
-               "disk", err);
-  return r;
-}
-
-/* Is d of the group js describes?  If not, say why: the resync is then
- * a full copy.
- */
-static bool
-diverged_fits (const struct colo_diverged *d, const struct journal_state *js)
-{
-  char path[PATH_MAX];
-  uint32_t i;
-
-  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
-  if (d->disk_count != js->disk_count || d->cluster_size != js->cluster_size) {
-    colod_log ("%s: of %" PRIu32 " disk%s in clusters of %" PRIu32 ", this "
-               "secondary's group %" PRIu32 " in clusters of %" PRIu32 ": "
-               "ignored; the resync will be a full copy of every disk", path,
-               d->disk_count, d->disk_count == 1 ? "" : "s",
-               d->cluster_size, js->disk_count, js->cluster_size);
-    return false;
-  }
-  for (i = 0; i < d->disk_count; i++)
-    if (d->disk_sizes[i] != js->disk_sizes[i]) {
-      colod_log ("%s: disk %" PRIu32 " of %" PRIu64 " bytes, this "
-                 "secondary's (--disk %s) of %" PRIu64 ": ignored; the "
-                 "resync will be a full copy of every disk", path, i,
-                 d->disk_sizes[i], colod.opt.disks[i], js->disk_sizes[i]);
-      return false;
-    }
-  return true;
-}
-
-void
-secondary_drop_diverged (void)
-{
-  char path[PATH_MAX];
-
-  colo_state_path (colod.opt.state_dir, "diverged", path, sizeof path);
-  if (colo_state_remove_diverged (colod.opt.state_dir))
-    colod_log ("the diverged clusters are replaced: %s removed", path);
-}
-
 /* ---- status ---- */
 
 void
@@ -313,8 +256,8 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
   colod_history_from_journal (js, ours);
   rel = colod_relate (ours, js->history_len, ph->history, ph->history_count,
                       &fork);
-  have_div = read_diverged (&div);
-  if (have_div == 1 && !diverged_fits (&div, js)) {
+  have_div = secondary_read_diverged (&div);
+  if (have_div == 1 && !secondary_diverged_fits (&div, js)) {
     colo_diverged_free (&div);
     have_div = -1;
   }
@@ -864,7 +807,7 @@ adopt_demoted (void)
   memcpy (h.volume_id, ps.volume_id, 16);
   memcpy (h.history, ps.history, ps.history_len * sizeof *h.history);
   h.history_count = ps.history_len;
-  if (read_diverged (&d) != 1) {
+  if (secondary_read_diverged (&d) != 1) {
     colod_err ("%s: demoted, but its diverged clusters are missing or "
                "damaged: pair with --discard-diverged for a full copy",
                colod.opt.state_dir);

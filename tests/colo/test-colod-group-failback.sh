@@ -170,54 +170,49 @@ ok "... and the pending failback with it" test ! -e "$tmp/a/state/failback"
 ok "a logged its removal" grep -q "the diverged clusters are replaced" \
   "$tmp/a/colod.log"
 
+# full_resync WHAT LOG-PATTERN: a starts again (WHAT), b pairs with it,
+# and the first epoch is a full copy that a's log explains (LOG-PATTERN)
+# and after which both of a's disks equal b's.
+full_resync ()
+{
+  local n d j
+  n=$(s b epochs-durable)
+  ok "a starts again, $1" secondary_a
+  ok "b pairs again and its first epoch is durable" \
+    wait_for 60 eval '[ "$(s b epochs-durable)" -gt "'"$n"'" ]'
+  ok "a applied it" wait_for 30 eval \
+    '[ "$(s a last-applied-epoch)" = "$(s b last-committed-epoch)" ]'
+  ok "a's log says why it is a full copy" grep -q "$2" "$tmp/a/colod.log"
+  j=$("$COLOD" status --json --state "$tmp/b/state")
+  is "$(jget "$j" "d['last-epoch-full']")" True "a full copy"
+  is "$(jget "$j" "d['last-epoch-bytes']")" $((2 * size)) "of both disks"
+  for d in 0 1; do
+    is "$(file_sum "$tmp/p$d/disk")" "$(live_sum "q$d")" \
+      "a's disk $d equals b's after the full copy"
+  done
+}
+
 # A damaged record (a byte of disk 1's bitmap): a full copy of both.
 ok "a's secondary stops" stop_colod a
 python3 -c 'import sys; b = bytearray(open(sys.argv[1], "rb").read()); b[-20] ^= 0xff; open(sys.argv[2], "wb").write(b)' \
   "$tmp/diverged.saved" "$tmp/a/state/diverged"
 ok "writes on b" eval 'qio q1 "" "write -P 0x53 7M 64k" >/dev/null'
-n=$(s b epochs-durable)
-ok "a starts again, with the damaged record" secondary_a
-ok "b pairs again and its first epoch is durable" \
-  wait_for 60 eval '[ "$(s b epochs-durable)" -gt "$n" ]'
-ok "a applied it" wait_for 30 eval \
-  '[ "$(s a last-applied-epoch)" = "$(s b last-committed-epoch)" ]'
-ok "a's log names the damaged record of disk 1" \
-  grep -q "diverged: the record of disk 1 of 2 is damaged .*: ignored; the resync will be a full copy of every disk" \
-  "$tmp/a/colod.log"
-j=$("$COLOD" status --json --state "$tmp/b/state")
-is "$(jget "$j" "d['last-epoch-full']")" True "a full copy"
-is "$(jget "$j" "d['last-epoch-bytes']")" $((2 * size)) "of both disks"
-for d in 0 1; do
-  is "$(file_sum "$tmp/p$d/disk")" "$(live_sum "q$d")" \
-    "a's disk $d equals b's after the full copy"
-done
+full_resync "with the damaged record" \
+  "diverged: the record of disk 1 of 2 is damaged .*: ignored; the resync will be a full copy of every disk"
 ok "the damaged record is removed" test ! -e "$tmp/a/state/diverged"
 
 # A failback pending with its diverged record gone (deleted after the
 # old primary took the identity, before the first epoch was durable;
 # here its state is made so): a's own writes are known only through that
 # record, so the resync must be a full copy, not an incremental one
-# that keeps them.
+# that keeps them (a's write at 6M must be gone).
 ok "a's secondary stops" stop_colod a
 : >"$tmp/a/state/failback"
 ok "a write on a's disk 0 that b never had" eval \
   'qemu-io -f raw -c "write -P 0x6e 6M 64k" "$tmp/p0/disk" >/dev/null'
 ok "writes on b" eval 'qio q0 "" "write -P 0x54 5M 64k" >/dev/null'
-n=$(s b epochs-durable)
-ok "a starts again, a failback pending and no diverged record" secondary_a
-ok "b pairs again and its first epoch is durable" \
-  wait_for 60 eval '[ "$(s b epochs-durable)" -gt "$n" ]'
-ok "a applied it" wait_for 30 eval \
-  '[ "$(s a last-applied-epoch)" = "$(s b last-committed-epoch)" ]'
-ok "a's log says why it is a full copy" \
-  grep -q "diverged clusters are gone before the first epoch after that was durable: the resync will be a full copy" \
-  "$tmp/a/colod.log"
-j=$("$COLOD" status --json --state "$tmp/b/state")
-is "$(jget "$j" "d['last-epoch-full']")" True "a full copy"
-for d in 0 1; do
-  is "$(file_sum "$tmp/p$d/disk")" "$(live_sum "q$d")" \
-    "a's disk $d equals b's: a's own write is gone"
-done
+full_resync "a failback pending and no diverged record" \
+  "diverged clusters are gone before the first epoch after that was durable: the resync will be a full copy"
 ok "the pending failback is cleared" test ! -e "$tmp/a/state/failback"
 
 ok "b's primary stops" stop_colod b
