@@ -150,4 +150,20 @@ is "$(ctl i --json snapshot list)" "[]" "... and left no snapshot on the server"
 ok "... and its point is the disk" fleece-backup restore "$tmp/irepo" i1 \
    "$tmp/i1.raw" -q
 ok "... exactly" cmp "$tmp/i1.raw" "$slow"
+
+# --rate paces a repository's pull as it does a plain one: 4 MiB
+# changed, read at 1 MiB/s, is an incremental pull of about 4 s.
+ok "writes" qio i "" "write -P 0x5d 1M 4M"
+ok "night i2 with --rate=1M" \
+   sh -c "fleece-backup backup '$tmp/irepo' '$(live_uri i)' \
+            --control '$tmp/i.ctl' --name i2 --rate=1M 2>'$tmp/i2.err'"
+s=$(sed -n 's/.* seconds=\([0-9.]*\) .*/\1/p' "$tmp/i2.err")
+ok "... its pull of 4 MiB took at least 3.5 s (${s:-?} s)" \
+   awk -v s="${s:-0}" 'BEGIN { exit !(s >= 3.5) }'
+ok "... and its point is the disk" fleece-backup restore "$tmp/irepo" i2 \
+   "$tmp/i2.raw" -q
+ok "... exactly" cmp "$tmp/i2.raw" "$slow"
+ok_fails "--rate=0 is refused" "out of range" \
+   fleece-backup backup "$tmp/irepo" "$(live_uri i)" --control "$tmp/i.ctl" \
+   --rate=0
 ok "nbdkit stops" stop_nbdkit i

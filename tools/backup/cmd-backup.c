@@ -366,7 +366,7 @@ cmd_backup (int argc, char **argv)
 {
   enum { OPT_FULL = 256, OPT_SINCE, OPT_NAME, OPT_PROGRESS, OPT_JSON,
          OPT_CONTROL, OPT_COMPRESS, OPT_KEY, OPT_PRE, OPT_POST,
-         OPT_HOOK_TIMEOUT, OPT_DEADLINE };
+         OPT_HOOK_TIMEOUT, OPT_DEADLINE, OPT_RATE };
   static const struct option opts[] = {
     { "full", no_argument, NULL, OPT_FULL },
     { "since", required_argument, NULL, OPT_SINCE },
@@ -381,6 +381,7 @@ cmd_backup (int argc, char **argv)
     { "post-hook", required_argument, NULL, OPT_POST },
     { "hook-timeout", required_argument, NULL, OPT_HOOK_TIMEOUT },
     { "deadline", required_argument, NULL, OPT_DEADLINE },
+    { "rate", required_argument, NULL, OPT_RATE },
     { NULL }
   };
   struct backup_opts o = { .hook_timeout = 30, .deadline_ms = 1000 };
@@ -415,6 +416,9 @@ cmd_backup (int argc, char **argv)
       break;
     case OPT_DEADLINE:
       o.deadline_ms = parse_int ("--deadline", optarg, 1, 60000);
+      break;
+    case OPT_RATE:
+      cfg.rate = parse_size ("--rate", optarg, 1, UINT64_MAX >> 1);
       break;
     default: usage_error ("backup: bad option");
     }

@@ -160,7 +160,7 @@ usage (void)
 /* A size: a decimal number, optionally followed by K, M, G or T
  * (powers of 1024).
  */
-static uint64_t
+uint64_t
 parse_size (const char *opt, const char *s, uint64_t min, uint64_t max)
 {
   unsigned long long v;
