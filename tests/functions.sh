@@ -626,6 +626,12 @@ start_repo_server ()
     control="$tmp/$1.ctl" cluster-size=64K
 }
 
+# free_port: a TCP port on 127.0.0.1 nobody listens on right now.
+free_port ()
+{
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
 # ---- ssh to this machine (fleece-backup --control ssh://...) ----
 
 requires_sshd ()
@@ -641,7 +647,7 @@ requires_sshd ()
 # wait_for 10 "$tmp/ssh" 127.0.0.1 true.
 start_sshd ()
 {
-  sshd_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  sshd_port=$(free_port)
   ssh-keygen -q -t ed25519 -N '' -f "$tmp/host_key"
   ssh-keygen -q -t ed25519 -N '' -f "$tmp/user_key"
   cp "$tmp/user_key.pub" "$tmp/authorized_keys"

@@ -23,7 +23,7 @@ ok_fails "prom-check refuses a sample without HELP and TYPE" "before" \
 
 disk=$tmp/disk
 make_disk "$disk" 16M 0x11
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 ok "nbdkit starts with metrics-listen=$port" start_nbdkit m -- \
    disk="$disk" store="$tmp/store" control="$tmp/m.ctl" metrics-listen="$port"
 

@@ -7,12 +7,6 @@ source "${abs_top_srcdir:-../..}/tests/functions.sh"
 
 COLOD="${abs_top_builddir:-../..}/colo/fleece-colod"
 
-# free_port: a TCP port on 127.0.0.1 nobody listens on right now.
-free_port ()
-{
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 # colod NAME ARGS...: run a client subcommand against host NAME's daemon.
 colod () { local n=$1; shift; "$COLOD" "$1" --state "$tmp/$n/state" "${@:2}"; }
 
