@@ -16,7 +16,6 @@
 
 #include <config.h>
 
-#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -38,20 +37,13 @@ demote_disk (unsigned i, uint64_t acked, struct colo_diverged *d)
 {
   struct primary_plugin *pl = &plugins[i];
   char err[1024], **names = NULL, what[PATH_MAX + 64] = "";
-  size_t nnames = 0, k, j;
-  uint64_t nbits = (pl->disk_size + pl->cluster_size - 1) / pl->cluster_size;
+  size_t nnames = 0;
   int r, rc = -1;
 
   if (nplugins > 1)
     snprintf (what, sizeof what, "disk %u (--fleece %s): ", i, pl->socket);
   d->disk_sizes[i] = pl->disk_size;
-  d->nbits[i] = nbits;
-  d->bits[i] = calloc (nbits / 8 + 1, 1);
-  if (d->bits[i] == NULL) {
-    colod_err ("%scalloc: a bitmap of %" PRIu64 " clusters: %s", what, nbits,
-               strerror (errno));
-    return -1;
-  }
+  d->nbits[i] = (pl->disk_size + pl->cluster_size - 1) / pl->cluster_size;
   r = plugin_chain (pl, acked, UINT64_MAX, &names, &nnames, err,
                     sizeof err);
   if (r == -1)
@@ -64,16 +56,11 @@ demote_disk (unsigned i, uint64_t acked, struct colo_diverged *d)
                nplugins > 1 ? "; nothing was recorded for any disk" : "");
   if (r != 0)
     goto out;
-  for (k = 0; k < nnames; k++) {
-    uint8_t *b;
-    if (colo_read_bitmap (pl->nbd_uri, names[k], pl->disk_size,
-                          pl->cluster_size, &b, err, sizeof err) == -1) {
-      colod_err ("%s%s", what, err);
-      goto out;
-    }
-    for (j = 0; j < (nbits + 7) / 8; j++)
-      d->bits[i][j] |= b[j];
-    free (b);
+  if (colo_union_bitmaps (pl->nbd_uri, (const char *const *) names, nnames,
+                          pl->disk_size, pl->cluster_size, false,
+                          &d->bits[i], err, sizeof err) == -1) {
+    colod_err ("%s%s", what, err);
+    goto out;
   }
   rc = 0;
  out:

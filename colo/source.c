@@ -213,14 +213,31 @@ plan_push (struct colo_plan *p, uint64_t off, uint64_t len, bool zero)
   return 0;
 }
 
-/* Demoting reads the bitmap that is still recording too. */
 int
-colo_read_bitmap (const char *base, const char *name, uint64_t disk_size,
-                  uint32_t cluster_size, uint8_t **bits, char *err,
-                  size_t errlen)
+colo_union_bitmaps (const char *base, const char *const *names, size_t n,
+                    uint64_t disk_size, uint32_t cluster_size, bool frozen,
+                    uint8_t **bits, char *err, size_t errlen)
 {
-  return read_bitmap (base, name, disk_size, cluster_size, false, bits, err,
-                      errlen);
+  uint64_t nclusters = (disk_size + cluster_size - 1) / cluster_size, k;
+  size_t i;
+
+  *bits = calloc (nclusters / 8 + 1, 1);
+  if (*bits == NULL)
+    return seterr (err, errlen, "calloc: a bitmap of %" PRIu64 " clusters: "
+                   "%s", nclusters, strerror (errno));
+  for (i = 0; i < n; i++) {
+    uint8_t *b;
+    if (read_bitmap (base, names[i], disk_size, cluster_size, frozen, &b, err,
+                     errlen) == -1) {
+      free (*bits);
+      *bits = NULL;
+      return -1;
+    }
+    for (k = 0; k < (nclusters + 7) / 8; k++)
+      (*bits)[k] |= b[k];
+    free (b);
+  }
+  return 0;
 }
 
 int
@@ -234,7 +251,6 @@ colo_plan_epoch (const char *base, const char *snapshot, bool full,
   struct zmap z = { 0 };
   struct nbd_handle *nbd = NULL;
   uint8_t *bits = NULL;
-  size_t i;
   uint64_t nclusters, c, run = 0, run_start = 0, max_run;
   int64_t size, cs;
   int r = -1;
@@ -261,21 +277,9 @@ colo_plan_epoch (const char *base, const char *snapshot, bool full,
   max_run = max_extent / cs;
   nclusters = ((uint64_t) size + cs - 1) / cs;
   if (!full) {
-    bits = calloc (nclusters / 8 + 1, 1);
-    if (bits == NULL) {
-      seterr (err, errlen, "%s: out of memory", expname);
+    if (colo_union_bitmaps (base, bitmaps, nbitmaps, size, cs, true, &bits,
+                            err, errlen) == -1)
       goto out;
-    }
-    for (i = 0; i < nbitmaps; i++) {
-      uint8_t *b;
-      uint64_t k;
-      if (read_bitmap (base, bitmaps[i], size, cs, true, &b, err,
-                       errlen) == -1)
-        goto out;
-      for (k = 0; k < (nclusters + 7) / 8; k++)
-        bits[k] |= b[k];
-      free (b);
-    }
     if (extra) {
       uint64_t k;
       if (extra_nbits != nclusters) {

@@ -38,13 +38,16 @@ extern int colo_read_epoch (const char *base, const char *snapshot,
                             struct colo_epoch_info *info,
                             char *err, size_t errlen);
 
-/* The bits of bitmap/NAME (lib/bitmap-export.h's checks, and the
- * geometry; frozen or not), malloc'ed: ceil (clusters / 8) bytes, bit i
- * (LSB first) = cluster i.
+/* The union of bitmaps bitmap/NAMES[0..n) (lib/bitmap-export.h's
+ * checks, and the geometry; frozen: each has stopped recording, as an
+ * epoch's have; demote reads the one still recording too): *bits is
+ * calloc'ed, ceil (clusters / 8) bytes and one spare, bit i (LSB first)
+ * = cluster i.
  */
-extern int colo_read_bitmap (const char *base, const char *name,
-                             uint64_t disk_size, uint32_t cluster_size,
-                             uint8_t **bits, char *err, size_t errlen);
+extern int colo_union_bitmaps (const char *base, const char *const *names,
+                               size_t n, uint64_t disk_size,
+                               uint32_t cluster_size, bool frozen,
+                               uint8_t **bits, char *err, size_t errlen);
 
 /* An epoch planned before it is read, so that its extent count and
  * bytes are known up front (EPOCH_BEGIN carries them): its clusters cut into extents of at most max_extent
