@@ -84,6 +84,55 @@ write_synced (const char *path, const void *buf, size_t len, char *err,
   return -1;
 }
 
+/* Replace STATE_DIR/name whole: fill writes its contents to fd, which
+ * is name.tmp; that is synced and renamed over name, and the directory
+ * synced.  On any failure name.tmp is removed and name is left as it
+ * was.
+ */
+static int
+replace_synced (const char *state_dir, const char *name,
+                int (*fill) (int fd, const void *opaque), const void *opaque,
+                char *err, size_t errlen)
+{
+  char path[PATH_MAX], tmpname[64], tmp[PATH_MAX];
+  int fd, e;
+
+  colo_state_path (state_dir, name, path, sizeof path);
+  snprintf (tmpname, sizeof tmpname, "%s.tmp", name);
+  colo_state_path (state_dir, tmpname, tmp, sizeof tmp);
+  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd == -1)
+    goto fail;
+  if (fill (fd, opaque) == -1 || fsync (fd) == -1) {
+    e = errno;
+    close (fd);
+    errno = e;
+    goto fail_unlink;
+  }
+  if (close (fd) == -1)
+    goto fail_unlink;
+  if (rename (tmp, path) == -1) {
+    e = errno;
+    unlink (tmp);
+    snprintf (err, errlen, "rename: %s to %s: %s", tmp, path, strerror (e));
+    return -1;
+  }
+  return sync_dir (state_dir, err, errlen);
+ fail_unlink:
+  e = errno;
+  unlink (tmp);                 /* nothing half written stays */
+  errno = e;
+ fail:
+  snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
+  return -1;
+}
+
+static int
+write_all (int fd, const void *buf, size_t len)
+{
+  return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
+}
+
 /* Open STATE_DIR/name (its path in path[PATH_MAX]) to read: 1 with
  * *fd, 0 if there is none, -1 with err.
  */
@@ -239,19 +288,24 @@ parse_hex (const char *s, uint8_t out[16])
   return 0;
 }
 
+static int
+write_string (int fd, const void *s)
+{
+  return write_all (fd, s, strlen (s));
+}
+
 int
 colo_state_save_primary (const char *state_dir,
                          const struct colo_primary_state *ps, char *err,
                          size_t errlen)
 {
-  char path[PATH_MAX], tmp[PATH_MAX], id[33];
+  char path[PATH_MAX], id[33];
   json_t *o, *h = json_array ();
   uint32_t i;
-  int r = -1;
+  int r;
   char *s;
 
   colo_state_path (state_dir, "primary.json", path, sizeof path);
-  colo_state_path (state_dir, "primary.json.tmp", tmp, sizeof tmp);
   for (i = 0; i < ps->history_len; i++) {
     hex (ps->history[i].id, 16, id);
     json_array_append_new (h, json_pack ("{s:s,s:I}", "generation", id,
@@ -268,14 +322,8 @@ colo_state_save_primary (const char *state_dir,
     snprintf (err, errlen, "%s: out of memory", path);
     return -1;
   }
-  if (write_synced (tmp, s, strlen (s), err, errlen) == -1)
-    goto out;
-  if (rename (tmp, path) == -1) {
-    snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
-    goto out;
-  }
-  r = sync_dir (state_dir, err, errlen);
- out:
+  r = replace_synced (state_dir, "primary.json", write_string, s, err,
+                      errlen);
   free (s);
   return r;
 }
@@ -357,12 +405,6 @@ struct diverged_group_hdr {
   uint64_t xxh;                 /* of the fields before */
 } __attribute__ ((__packed__));
 
-static int
-write_all (int fd, const void *buf, size_t len)
-{
-  return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
-}
-
 /* A record's checksum: of its header and its bitmap. */
 static uint64_t
 record_sum (const struct diverged_hdr *h, const uint8_t *bits, size_t bytes)
@@ -396,53 +438,36 @@ write_record (int fd, const struct colo_diverged *d, uint32_t disk)
   return 0;
 }
 
+/* replace_synced's fill: the group's header, if a group, then every
+ * disk's record.
+ */
+static int
+write_diverged (int fd, const void *opaque)
+{
+  const struct colo_diverged *d = opaque;
+  struct diverged_group_hdr g = { .base = htole64 (d->base),
+                                  .cluster_size = htole32 (d->cluster_size),
+                                  .disk_count = htole32 (d->disk_count) };
+  uint32_t i;
+
+  memcpy (g.magic, DIVERGED_GROUP_MAGIC, 8);
+  g.xxh = htole64 (XXH64 (&g, offsetof (struct diverged_group_hdr, xxh),
+                          0));
+  if (d->disk_count > 1 && write_all (fd, &g, sizeof g) == -1)
+    return -1;
+  for (i = 0; i < d->disk_count; i++)
+    if (write_record (fd, d, i) == -1)
+      return -1;
+  return 0;
+}
+
 int
 colo_state_write_diverged (const char *state_dir,
                            const struct colo_diverged *d, char *err,
                            size_t errlen)
 {
-  struct diverged_group_hdr g = { .base = htole64 (d->base),
-                                  .cluster_size = htole32 (d->cluster_size),
-                                  .disk_count = htole32 (d->disk_count) };
-  char path[PATH_MAX], tmp[PATH_MAX];
-  uint32_t i;
-  int fd, e;
-
-  memcpy (g.magic, DIVERGED_GROUP_MAGIC, 8);
-  g.xxh = htole64 (XXH64 (&g, offsetof (struct diverged_group_hdr, xxh),
-                          0));
-  colo_state_path (state_dir, "diverged", path, sizeof path);
-  colo_state_path (state_dir, "diverged.tmp", tmp, sizeof tmp);
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1)
-    goto fail;
-  if (d->disk_count > 1 && write_all (fd, &g, sizeof g) == -1)
-    goto fail_fd;
-  for (i = 0; i < d->disk_count; i++)
-    if (write_record (fd, d, i) == -1)
-      goto fail_fd;
-  if (fsync (fd) == -1)
-    goto fail_fd;
-  if (close (fd) == -1)
-    goto fail_unlink;
-  if (rename (tmp, path) == -1) {
-    e = errno;
-    unlink (tmp);
-    snprintf (err, errlen, "rename: %s to %s: %s", tmp, path, strerror (e));
-    return -1;
-  }
-  return sync_dir (state_dir, err, errlen);
- fail_fd:
-  e = errno;
-  close (fd);
-  errno = e;
- fail_unlink:
-  e = errno;
-  unlink (tmp);                 /* nothing half written stays */
-  errno = e;
- fail:
-  snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
-  return -1;
+  return replace_synced (state_dir, "diverged", write_diverged, d, err,
+                         errlen);
 }
 
 static int
