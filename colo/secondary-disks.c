@@ -123,7 +123,8 @@ secondary_read_diverged (struct colo_diverged *d)
  * a full copy.
  */
 bool
-secondary_diverged_fits (const struct colo_diverged *d, const struct journal_state *js)
+secondary_diverged_fits (const struct colo_diverged *d,
+                         const struct journal_state *js)
 {
   char path[PATH_MAX];
   uint32_t i;

@@ -131,10 +131,11 @@ break_snapshots (struct fleece *fl, struct cbw_ctx *ctx, uint64_t c,
   snprintf (reason, sizeof reason, "copy-before-write of cluster %" PRIu64
             " failed: %.180s", c, why);
   pthread_mutex_lock (&fl->break_lock);
-  for (i = 0; i < snap_needing_count (fl) && r == 0; i++)
-    if (snap_reads_copy (snap_needing (fl, i), c, lo, gen))
-      r = snap_break_locked (fl, snap_needing (fl, i), reason, &ctx->wait,
-                             &ctx->broke);
+  for (i = 0; i < snap_needing_count (fl) && r == 0; i++) {
+    struct fleece_snap *s = snap_needing (fl, i);
+    if (snap_reads_copy (s, c, lo, gen))
+      r = snap_break_locked (fl, s, reason, &ctx->wait, &ctx->broke);
+  }
   pthread_mutex_unlock (&fl->break_lock);
   return r;
 }
@@ -774,10 +775,12 @@ part_keep (void *opaque, const struct partial_view *v)
   struct fleece *fl = opaque;
   size_t i;
 
-  for (i = 0; i < snap_needing_count (fl); i++)
-    if (snap_reads_copy (snap_needing (fl, i), v->cluster, v->lo, v->hi) &&
-        !atomic_load (&snap_needing (fl, i)->broken))
+  for (i = 0; i < snap_needing_count (fl); i++) {
+    struct fleece_snap *s = snap_needing (fl, i);
+    if (snap_reads_copy (s, v->cluster, v->lo, v->hi) &&
+        !atomic_load (&s->broken))
       return true;
+  }
   return false;
 }
 

@@ -67,13 +67,13 @@ extern struct config cfg;
  * lib/messages.h's; main sets die to disconnect (loop.c) before it exits.
  */
 extern void *xmalloc (size_t n);
+extern void *xcalloc (size_t n, size_t size);
+extern void sleep_ms (unsigned ms);
 /* main.c: a size with an optional K, M, G or T suffix, from min to max,
  * or a usage error naming opt.
  */
 extern uint64_t parse_size (const char *opt, const char *s, uint64_t min,
                             uint64_t max);
-extern void *xcalloc (size_t n, size_t size);
-extern void sleep_ms (unsigned ms);
 
 /* uri.c: checking a URI argument before connecting. */
 extern char *pct_decode (const char *s, size_t n);

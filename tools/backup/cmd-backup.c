@@ -322,10 +322,9 @@ backup_point (struct repo *r, const char *source, const char *export,
         (np.since = strdup (cfg.since)) == NULL)
       die ("strdup: %m");
   }
-  if (parent)
-    parent_key_check (r, parent, false);
   if (parent) {
     CLEANUP_FREE char *ps = repo_path (r, parent->sums);
+    parent_key_check (r, parent, false);
     sums_read (ps, parent->sums_xxh3, &s);
   }
   else
