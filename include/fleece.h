@@ -298,6 +298,8 @@ struct fleece_debug {
                                  * fail with EIO */
   int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
                                  * timeouts are N ms */
+  int create_image_delay_ms;    /* sleep between a snapshot's creation
+                                 * and its image (a crash there) */
   int no_ofd_locks;             /* the engine tests: act as if the file
                                  * system had no OFD locks (ENOLCK) */
 };

@@ -549,6 +549,7 @@ fleece_checkpoint_create (struct fleece *fl, const char *name)
     strcpy (prev->frozen_by, name);
   }
   fl->checkpoint_active = bm;
+  snap_before_image ();
   /* The frozen bitmap's bits are final: the image keeps them. */
   r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);

@@ -669,6 +669,7 @@ extern void snap_free_all (struct fleece *fl);
 extern struct fleece_snap *snap_prepare (struct fleece *fl, const char *name);
 extern void snap_discard (struct fleece_snap *s);
 extern void snap_publish (struct fleece *fl, struct fleece_snap *s);
+extern void snap_before_image (void);
 extern void snap_record_drain (struct fleece *fl, uint64_t ns);
 extern void bitmap_mark (struct fleece *fl, uint64_t offset, uint64_t count);
 extern void bitmap_distrust_recording (struct fleece *fl, const char *reason);

@@ -275,9 +275,15 @@ lose_partial (struct fleece *fl, const struct copy *cp)
  * replaces what an earlier one said of the cluster (the record holds the
  * entry's whole state; a different range means that the earlier entry
  * was given up), unless its copy was completed since.
+ *
+ * *gen rises to the entry's generation, needed or not, as for a copy
+ * (apply_record): an entry made for a snapshot whose creation the crash
+ * cut before its image was stable names a generation that no snapshot
+ * has.  The next snapshot must get a newer one, or it would read the
+ * blocks copied for the lost one, older than its own point in time.
  */
 static int
-load_partial (struct fleece *fl, struct rbuf *b, uint64_t at)
+load_partial (struct fleece *fl, struct rbuf *b, uint64_t at, uint32_t *gen)
 {
   struct partial_view v, old;
   struct copy have, cp;
@@ -295,6 +301,8 @@ load_partial (struct fleece *fl, struct rbuf *b, uint64_t at)
   lost = check_partial (fl, &v, words, at);
   if (lost == -1)
     return -1;
+  if (v.hi > *gen)
+    *gen = v.hi;
   cp = (struct copy) { .cluster = v.cluster, .lo = v.lo, .hi = v.hi,
                        .slot = v.slot };
   if (!copy_needed (fl, &cp))
@@ -350,7 +358,7 @@ load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
   for (i = 0; i < im.npartials; i++) {
     uint64_t at = fl->store.data_offset +
       (uint64_t) fl->meta.img_slot * fl->cluster_size + b.pos;
-    if (load_partial (fl, &b, at) == -1)
+    if (load_partial (fl, &b, at, gen) == -1)
       return -1;
   }
   if (!rec_image_table_ok (&b, im.ncopies))
@@ -358,7 +366,7 @@ load_image (struct fleece *fl, const char *p, size_t len, uint32_t *gen)
   for (i = 0; i < im.ncopies; i++) {
     struct copy cp;
     rec_get_copy (&b, &cp);
-    if (cp.hi > *gen)
+    if (cp.hi > im.gen)
       return meta_damaged (fl, "a copy is newer than the image");
     if (load_copy (fl, &cp) == -1)
       return -1;
@@ -424,7 +432,7 @@ apply_record (struct fleece *fl, struct rec *r, uint32_t *gen)
     return 0;
   }
   case REC_PARTIAL: {
-    if (load_partial (fl, b, fl->meta.load_at) == -1)
+    if (load_partial (fl, b, fl->meta.load_at, gen) == -1)
       return -1;
     if (rb_left (b) != 0)
       return partial_damaged (fl, fl->meta.load_at, "(a PARTIAL record) "

@@ -173,6 +173,17 @@ snap_record_drain (struct fleece *fl, uint64_t ns)
     atomic_store (&fl->st_max_drain_ns, ns);
 }
 
+/* Between a new snapshot's publication (writers let in) and its image:
+ * the fault injection create_image_delay_ms widens that window, in which
+ * writers copy for a snapshot that a crash would take away.
+ */
+void
+snap_before_image (void)
+{
+  if (fleece_debug.create_image_delay_ms)
+    usleep (fleece_debug.create_image_delay_ms * 1000);
+}
+
 int
 fleece_snapshot_create (struct fleece *fl, const char *name)
 {
@@ -194,6 +205,7 @@ fleece_snapshot_create (struct fleece *fl, const char *name)
   gate_open (&fl->gate);
   drain = monotonic_ns () - t0;
   snap_record_drain (fl, drain);
+  snap_before_image ();
   r = meta_image (fl);
   pthread_mutex_unlock (&fl->admin_lock);
   fl_debug ("snapshot '%s' created, generation %u, writers stalled %"
