@@ -3,6 +3,7 @@
  *   crash-writer init   DISKFILE BLOCKSIZE
  *   crash-writer write  URI LOG BLOCKSIZE SEED [RATE]
  *   crash-writer verify DISKFILE LOG BLOCKSIZE
+ *   crash-writer snapcheck FILE LOG BLOCKSIZE BEFORE AFTER
  *
  * The question is durability across kill -9 of the server: every write
  * acknowledged before a flush that completed must be on the disk, and
@@ -741,6 +742,118 @@ do_verify (const char *path, const char *logpath, uint32_t bs)
   return ret;
 }
 
+/* ---- snapcheck ---- */
+
+/* Is FILE, a pull of a snapshot created while the writer ran, the disk
+ * at one instant between the create's request and its reply?  BEFORE
+ * and AFTER are the log's length in records when the create was sent and
+ * when it returned (or when the server died, for a create the crash cut).
+ * Every block must hold a write issued to it, or its initial content;
+ * not older than the last write to it acknowledged before the create was
+ * sent (it was on the disk then), and not a write sent after the create
+ * returned.  A snapshot that fails this read data written after it was
+ * taken, or lost data it had: a check that does not need a reference
+ * pulled before a crash.
+ */
+static int
+do_snapcheck (const char *path, const char *logpath, uint32_t bs,
+              uint64_t before, uint64_t after)
+{
+  struct replay r = { 0 };
+  struct rec *recs;
+  size_t n, i;
+  uint8_t *buf = malloc (bs), *want = malloc (bs);
+  uint64_t b, seq, blk, violations = 0, *low = NULL, *sent_at = NULL;
+  struct stat st;
+  int fd = open (path, O_RDONLY | O_CLOEXEC), ret = EXIT_FAILURE;
+
+  recs = log_read (logpath, &n);
+  if (buf == NULL || want == NULL || fd == -1 || fstat (fd, &st) == -1) {
+    fprintf (stderr, "crash-writer: %s: %m\n", path);
+    goto out;
+  }
+  if (before > after || after > n) {
+    fprintf (stderr, "crash-writer: snapcheck: marks %" PRIu64 "..%" PRIu64
+             " are not within the log's %zu records\n", before, after, n);
+    goto out;
+  }
+  r.nblocks = st.st_size / bs;
+  r.floor = calloc (r.nblocks, sizeof *r.floor);
+  r.last_ack = calloc (r.nblocks, sizeof *r.last_ack);
+  low = calloc (r.nblocks, sizeof *low);
+  if (r.floor == NULL || r.last_ack == NULL || low == NULL) {
+    perror ("crash-writer: calloc");
+    goto out;
+  }
+  if (replay_log (&r, recs, n) == -1)
+    goto out;
+  sent_at = malloc ((r.nseq ? r.nseq : 1) * sizeof *sent_at);
+  if (sent_at == NULL) {
+    perror ("crash-writer: malloc");
+    goto out;
+  }
+  for (i = 0; i < n; i++) {
+    if (recs[i].type == REC_INTENT)
+      sent_at[recs[i].n] = i;
+    else if (recs[i].type == REC_ACK && i < before &&
+             recs[i].n > low[recs[i].block])
+      low[recs[i].block] = recs[i].n;
+  }
+  for (b = 0; b < r.nblocks; b++) {
+    const char *why = NULL;
+
+    if (pread (fd, buf, bs, b * bs) != (ssize_t) bs) {
+      fprintf (stderr, "crash-writer: pread: %s: block %" PRIu64 ": %m\n",
+               path, b);
+      goto out;
+    }
+    if (!block_parse (buf, bs, &seq, &blk))
+      why = "garbage (bad magic or checksum)";
+    else if (blk != b)
+      why = "a block written to another block number";
+    else if (seq > 0 && (seq >= r.nseq || r.target[seq] != b))
+      why = "a write never issued to this block";
+    else if (seq < low[b])
+      why = "data older than a write acknowledged before the create "
+        "was sent";
+    else if (seq > 0 && sent_at[seq] >= after)
+      why = "a write sent after the create returned";
+    else {
+      block_make (want, bs, seq, b);
+      if (memcmp (buf, want, bs) != 0)
+        why = "a block whose payload differs from its write's";
+    }
+    if (why && ++violations <= MAX_REPORTED)
+      fprintf (stderr, "crash-writer: SNAPSHOT VIOLATION: block %" PRIu64
+               " (byte %" PRIu64 "): %s: seq %" PRIu64
+               " (sent at log record %" PRIu64 "), the last acknowledged "
+               "before the create: seq %" PRIu64 "; create sent at record %"
+               PRIu64 ", returned at %" PRIu64 "\n", b, b * bs, why,
+               seq, seq > 0 && seq < r.nseq ? sent_at[seq] : 0, low[b],
+               before, after);
+  }
+  if (violations > MAX_REPORTED)
+    fprintf (stderr, "crash-writer: ... and %" PRIu64 " more violations\n",
+             violations - MAX_REPORTED);
+  printf ("crash-writer snapcheck: %" PRIu64 " blocks, %" PRIu64
+          " violations\n", r.nblocks, violations);
+  if (violations == 0)
+    ret = EXIT_SUCCESS;
+
+ out:
+  if (fd >= 0)
+    close (fd);
+  free (recs);
+  free (buf);
+  free (want);
+  free (low);
+  free (sent_at);
+  free (r.floor);
+  free (r.last_ack);
+  free (r.target);
+  return ret;
+}
+
 /* ---- main ---- */
 
 static uint32_t
@@ -768,9 +881,14 @@ main (int argc, char *argv[])
                      argc == 7 ? strtoull (argv[6], NULL, 0) : 0);
   if (argc == 5 && strcmp (argv[1], "verify") == 0)
     return do_verify (argv[2], argv[3], parse_bs (argv[4]));
+  if (argc == 7 && strcmp (argv[1], "snapcheck") == 0)
+    return do_snapcheck (argv[2], argv[3], parse_bs (argv[4]),
+                         strtoull (argv[5], NULL, 10),
+                         strtoull (argv[6], NULL, 10));
   fprintf (stderr,
            "usage: crash-writer init DISKFILE BLOCKSIZE\n"
            "       crash-writer write URI LOG BLOCKSIZE SEED [RATE]\n"
-           "       crash-writer verify DISKFILE LOG BLOCKSIZE\n");
+           "       crash-writer verify DISKFILE LOG BLOCKSIZE\n"
+           "       crash-writer snapcheck FILE LOG BLOCKSIZE BEFORE AFTER\n");
   return EXIT_FAILURE;
 }
