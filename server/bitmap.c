@@ -137,6 +137,10 @@ intent_set (void *opaque, uint64_t seq)
   size_t i;
 
   atomic_store (&in->fl->dirty_seq, seq);
+  /* set_bits is relaxed: the fence makes the store above visible to a
+   * writer whose acquire load finds the bits (x86 orders it anyway).
+   */
+  atomic_thread_fence (memory_order_release);
   for (i = 0; i < in->set->n; i++)
     set_bits (in->set->b[i], in->c0, in->c1);
 }
