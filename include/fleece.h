@@ -268,6 +268,12 @@ struct fleece_stats {
 };
 
 extern void fleece_get_stats (struct fleece *fl, struct fleece_stats *st);
+/* Wait until the store space freed so far (deleted snapshots, released
+ * copies) has been given back: once the engine is started a thread of
+ * its own punches it out of the store file, and the statistics count it
+ * as used until then.
+ */
+extern void fleece_wait_freed (struct fleece *fl);
 /* Calls fn for every snapshot, oldest first.  Returns the count. */
 extern int fleece_list_snapshots (struct fleece *fl,
                                   void (*fn) (void *opaque,
@@ -298,6 +304,8 @@ struct fleece_debug {
                                  * fail with EIO */
   int ctl_idle_timeout_ms;      /* N > 0: both control-socket idle
                                  * timeouts are N ms */
+  int punch_delay_ms;           /* slow punches: sleep before each run
+                                 * of freed slots is punched */
   int create_image_delay_ms;    /* sleep between a snapshot's creation
                                  * and its image (a crash there) */
   int no_ofd_locks;             /* the engine tests: act as if the file

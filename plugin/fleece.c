@@ -56,6 +56,7 @@ NBDKIT_DLL_PUBLIC int fleece_debug_live_read_delay_us = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_store_write_delay_ms = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_fail_meta_write = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_ctl_idle_timeout_ms = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_punch_delay_ms = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_create_image_delay_ms = 0;
 
 /* Set by .config, then constant. */
@@ -389,6 +390,7 @@ plug_get_ready (void)
   fleece_debug.store_write_delay_ms = fleece_debug_store_write_delay_ms;
   fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
   fleece_debug.ctl_idle_timeout_ms = fleece_debug_ctl_idle_timeout_ms;
+  fleece_debug.punch_delay_ms = fleece_debug_punch_delay_ms;
   fleece_debug.create_image_delay_ms = fleece_debug_create_image_delay_ms;
   fleece_set_log (log_to_nbdkit);
   fleece_set_warn (warn_to_nbdkit);

@@ -143,7 +143,8 @@ fleece_start (struct fleece *fl)
   if (fl->started)
     return fl_error (EINVAL, "fleece_start: the engine of %s is already "
                      "started", fl->disk.path);
-  if (meta_start_compactor (fl) == -1)
+  if (meta_start_compactor (fl) == -1 ||
+      store_start_puncher (&fl->store) == -1)
     return -1;
   fl->started = true;
   return 0;
@@ -318,6 +319,12 @@ fleece_live_extents (struct fleece *fl, uint32_t count, uint64_t offset,
   if (check_range (fl, "extents", count, offset) == -1)
     return -1;
   return disk_extents (&fl->disk, count, offset, fn, opaque);
+}
+
+void
+fleece_wait_freed (struct fleece *fl)
+{
+  store_punch_drain (&fl->store);
 }
 
 void

@@ -113,6 +113,9 @@ struct store {
   uint32_t nused;                /* data and metadata */
   uint32_t nmeta;               /* metadata: the image (meta.c) */
   uint32_t hint;                /* where the next search starts */
+  struct punch_queue *punch;    /* punch.c's thread, NULL: inline */
+  uint32_t punch_pending;       /* slots queued, still marked used */
+  pthread_cond_t punch_cond;    /* a run queued, or released */
 };
 
 /* Open or create the store.  *cluster_size: the configured size or 0;
@@ -133,6 +136,15 @@ struct store_warning {
 };
 extern bool store_take_warning (struct store *s, struct store_warning *w);
 extern void store_close (struct store *s);
+extern void store_release_locked (struct store *s, uint32_t first,
+                                  uint32_t n, bool meta);
+/* punch.c: freed slots punched out of the file on a thread. */
+extern void store_punch (struct store *s, uint32_t first, uint32_t n);
+extern int store_start_puncher (struct store *s);
+extern void store_stop_puncher (struct store *s);
+extern bool store_punch_queue_locked (struct store *s, uint32_t first,
+                                      uint32_t n, bool meta);
+extern void store_punch_drain (struct store *s);
 /* Allocate n contiguous slots if possible; returns how many were
  * allocated (>= 1) at *first, or -1 on error.
  */
@@ -159,6 +171,8 @@ extern void store_usage (struct store *s, uint64_t *used, uint64_t *total,
 extern int store_alloc_run (struct store *s, uint32_t n, uint32_t *first);
 extern int store_claim (struct store *s, uint32_t slot, bool meta);
 extern void store_free_meta (struct store *s, uint32_t slot);
+extern void store_free_meta_run (struct store *s, uint32_t first,
+                                 uint32_t n);
 extern int store_write_superblock (struct store *s, const struct disk *d,
                                    bool clean);
 extern int store_sync (struct store *s);

@@ -461,8 +461,8 @@ meta_image (struct fleece *fl)
   pthread_cond_broadcast (&m->cond);
   pthread_mutex_unlock (&m->lock);
   if (r == 0) {
-    for (i = 0; i < old_n; i++)
-      store_free_meta (&fl->store, old_slot + i);
+    if (old_n)
+      store_free_meta_run (&fl->store, old_slot, old_n);
     store_free_slots (&fl->store, deferred.ptr, deferred.len);
   }
   slot_vector_reset (&deferred);

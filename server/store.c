@@ -11,7 +11,8 @@
  * with one pwrite.  A freed slot is punched out of the file before its
  * bit is cleared, so that the space goes back to the filesystem and a
  * concurrent allocation can never have its fresh data punched; slots
- * freed together are punched a run at a time (store_free_slots).
+ * freed together are punched a run at a time (store_free_slots), by the
+ * puncher's thread once the engine is started (punch.c).
  *
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
@@ -33,7 +34,6 @@
 #include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <endian.h>
@@ -472,6 +472,7 @@ store_open (struct store *s, const char *path, uint32_t *cluster_size,
   if (!*existing && format_store (s, d) == -1)
     goto out_free_path;
   pthread_mutex_init (&s->lock, NULL);
+  pthread_cond_init (&s->punch_cond, NULL);
   return 0;
 
  out_free_path:
@@ -506,8 +507,10 @@ void
 store_close (struct store *s)
 {
   if (s->fd >= 0) {
+    store_stop_puncher (s);     /* releases what it still holds */
     close (s->fd);
     pthread_mutex_destroy (&s->lock);
+    pthread_cond_destroy (&s->punch_cond);
   }
   s->fd = -1;
   free (s->path);
@@ -628,6 +631,10 @@ store_alloc (struct store *s, uint32_t n, uint32_t *first)
 
   assert (n >= 1);
   pthread_mutex_lock (&s->lock);
+  /* Full, but slots freed are being punched: they are room, wait. */
+  while (s->max_slots && s->nused - s->nmeta >= s->max_slots &&
+         s->punch_pending > 0)
+    pthread_cond_wait (&s->punch_cond, &s->lock);
   if (s->max_slots && s->nused - s->nmeta >= s->max_slots) {
     pthread_mutex_unlock (&s->lock);
     return fl_error (ENOSPC, "store: %s: full: store-max of %" PRIu64
@@ -719,18 +726,25 @@ store_claim (struct store *s, uint32_t slot, bool meta)
 }
 
 static void free_run (struct store *s, uint32_t first, uint32_t n,
-                      bool meta);
+                      bool meta, bool queue);
 
 void
 store_free (struct store *s, uint32_t slot)
 {
-  free_run (s, slot, 1, false);
+  free_run (s, slot, 1, false, false);
 }
 
 void
 store_free_meta (struct store *s, uint32_t slot)
 {
-  free_run (s, slot, 1, true);
+  free_run (s, slot, 1, true, false);
+}
+
+/* The slots of an image that a newer one replaced: one run, queued. */
+void
+store_free_meta_run (struct store *s, uint32_t first, uint32_t n)
+{
+  free_run (s, first, n, true, true);
 }
 
 static int
@@ -741,51 +755,56 @@ cmp_slot (const void *a, const void *b)
   return x < y ? -1 : x > y;
 }
 
-/* At most this much is punched by one fallocate: a punch holds the store
- * file's inode lock, which every store write needs, for a time that
- * grows with its length (about 0.5 ms per MiB of cached data here).
- */
-#define PUNCH_MAX_BYTES (1u << 20)
-
 /* Free n data slots, in any order (they are sorted in place): each run
- * of adjacent slots is punched with one fallocate per PUNCH_MAX_BYTES
- * rather than one per slot.  Deleting a snapshot frees thousands of
- * slots, mostly adjacent because copies are allocated in order, and a
- * punch per slot kept the store busy for hundreds of milliseconds.
+ * of adjacent slots is punched as one (store_punch) rather than slot by
+ * slot.  Deleting a snapshot frees thousands of slots, mostly adjacent
+ * because copies are allocated in order, and a punch per slot kept the
+ * store busy for hundreds of milliseconds.  These bulk frees (deletion,
+ * pruning, the frees an image makes stable) go to the puncher's thread;
+ * a single slot, or the run of a copy that failed, is punched inline.
  */
 void
 store_free_slots (struct store *s, uint32_t *slots, size_t n)
 {
-  uint32_t per = PUNCH_MAX_BYTES / s->cluster_size;
   size_t i, j;
 
   if (n == 0)
     return;                     /* qsort must not get a NULL array */
-  if (per == 0)
-    per = 1;
   qsort (slots, n, sizeof *slots, cmp_slot);
   for (i = 0; i < n; i = j) {
-    for (j = i + 1; j < n && j - i < per && slots[j] == slots[j - 1] + 1;
-         j++)
+    for (j = i + 1; j < n && slots[j] == slots[j - 1] + 1; j++)
       ;
-    free_run (s, slots[i], j - i, false);
+    free_run (s, slots[i], j - i, false, true);
   }
 }
 
+/* Punched, then released; or (queue) queued for the puncher (punch.c),
+ * which does both on its thread.
+ */
 static void
-free_run (struct store *s, uint32_t first, uint32_t n, bool meta)
+free_run (struct store *s, uint32_t first, uint32_t n, bool meta,
+          bool queue)
+{
+  if (queue) {
+    pthread_mutex_lock (&s->lock);
+    if (store_punch_queue_locked (s, first, n, meta)) {
+      pthread_mutex_unlock (&s->lock);
+      return;
+    }
+    pthread_mutex_unlock (&s->lock);
+  }
+  store_punch (s, first, n);
+  pthread_mutex_lock (&s->lock);
+  store_release_locked (s, first, n, meta);
+  pthread_mutex_unlock (&s->lock);
+}
+
+/* The slots [first, first + n), punched, are free again. */
+void
+store_release_locked (struct store *s, uint32_t first, uint32_t n, bool meta)
 {
   uint32_t slot;
 
-  /* Not while loading: a store refused later must be left as it was. */
-  if (s->is_file && !s->loading)
-    /* Best effort: a filesystem without holes keeps the space, the slot
-     * is still reused.
-     */
-    (void) fallocate (s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      s->data_offset + (uint64_t) first * s->cluster_size,
-                      (uint64_t) n * s->cluster_size);
-  pthread_mutex_lock (&s->lock);
   for (slot = first; slot < first + n; slot++) {
     assert (slot_used (s, slot));
     s->used[slot / 64] &= ~(UINT64_C (1) << (slot % 64));
@@ -796,7 +815,6 @@ free_run (struct store *s, uint32_t first, uint32_t n, bool meta)
     s->hint = first;
   if (s->above_warn && s->nused - s->nmeta < s->warn_slots)
     s->above_warn = false;      /* re-arm the warning */
-  pthread_mutex_unlock (&s->lock);
 }
 
 /* The store's data writes, with their fault injection. */

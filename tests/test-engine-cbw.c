@@ -211,7 +211,7 @@ check_stats (struct model *m)
   uint64_t copies, used, c;
   unsigned i;
 
-  fleece_get_stats (m->fl, &st);
+  settled_stats (m->fl, &st);
   model_copies (m, &copies, &used);
   if (st.snapshots != m->nsnaps)
     fail (m, "stats: %u snapshots, model %u", st.snapshots, m->nsnaps);
@@ -686,7 +686,7 @@ random_run (uint64_t size, uint32_t cs, unsigned nops)
   check_all (&m);
   {
     struct fleece_stats st;
-    fleece_get_stats (m.fl, &st);
+    settled_stats (m.fl, &st);
     ok (st.copies == 0 && st.store_clusters_used == 0 &&
         st.partial_clusters == 0 && !m.failed,
         "after deleting every snapshot%s: %" PRIu64 " copies, %" PRIu64
@@ -768,11 +768,11 @@ test_one_copy (void)
     if (fleece_snapshot_create (fl, name) == -1)
       bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
   }
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   memset (patch, 0xab, sizeof patch);
   if (fleece_live_pwrite (fl, patch, sizeof patch, 7 * cs + 5000, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.cbw_clusters == s0.cbw_clusters + 1 && s1.copies == s0.copies + 1 &&
       s1.store_clusters_used == s0.store_clusters_used + 1 &&
       s1.bytes_copied == s0.bytes_copied + cs,
@@ -796,7 +796,7 @@ test_one_copy (void)
   /* A second write in the same generation copies nothing. */
   if (fleece_live_pwrite (fl, patch, sizeof patch, 8 * cs - 50, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s2);
+  settled_stats (fl, &s2);
   ok (s2.cbw_clusters == s1.cbw_clusters + 1 && s2.copies == s1.copies + 1,
       "a write across clusters 7 and 8 copies only cluster 8 (+%" PRIu64
       " clusters)", s2.cbw_clusters - s1.cbw_clusters);
@@ -806,20 +806,20 @@ test_one_copy (void)
     bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
   if (fleece_live_pwrite (fl, patch, 10, 7 * cs, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.cbw_clusters == s2.cbw_clusters + 1 && s1.copies == s2.copies + 1 &&
       held (fl, "n5") == 1 && held (fl, "n0") == 2,
       "a newer snapshot gets one new copy; n5 holds 1, n0 holds 2");
   if (fleece_snapshot_delete (fl, "n5") == -1)
     bail_out ("fleece_snapshot_delete: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s2);
+  settled_stats (fl, &s2);
   ok (s2.copies == 2 && s2.store_clusters_used == 2,
       "deleting n5 frees its copy only (%" PRIu64 " copies left)", s2.copies);
   for (i = 0; i < 5; i++) {
     snprintf (name, sizeof name, "n%d", i);
     fleece_snapshot_delete (fl, name);
   }
-  fleece_get_stats (fl, &s2);
+  settled_stats (fl, &s2);
   ok (s2.copies == 0 && s2.store_clusters_used == 0 && s2.snapshots == 0,
       "deleting all snapshots frees all copies");
   fleece_close (fl);
@@ -877,11 +877,11 @@ test_zero_detection (void)
   fl = test_open (disk, store, cs);
   if (fleece_snapshot_create (fl, "z") == -1)
     bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   memset (patch, 0x5a, sizeof patch);
   if (fleece_live_pwrite (fl, patch, sizeof patch, 3 * cs + 1000, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.cbw_zero_clusters == s0.cbw_zero_clusters + 1 &&
       s1.cbw_clusters == s0.cbw_clusters + 1 &&
       s1.store_clusters_used == s0.store_clusters_used &&
@@ -935,10 +935,10 @@ test_coalescing (void)
   memset (patch, 0xc3, 8 * cs);
   if (fleece_snapshot_create (fl, "c") == -1)
     bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   if (fleece_live_pwrite (fl, patch, len, off, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.cbw_clusters == s0.cbw_clusters + 8 && s1.copies == s0.copies + 8 &&
       s1.store_clusters_used == s0.store_clusters_used + 8 &&
       s1.bytes_copied == s0.bytes_copied + 8 * cs,
@@ -976,7 +976,7 @@ test_store_shrinks (void)
       fleece_snapshot_create (fl, "b") == -1 ||
       fleece_live_pwrite (fl, patch + 1, 40 * cs - 1, 3 * cs, 0) == -1)
     bail_out ("%s", fleece_last_error ());
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   ok (s0.store_clusters_used == 80 && s0.copies == 80,
       "two generations of 40 clusters: %" PRIu64 " store clusters used",
       s0.store_clusters_used);
@@ -984,7 +984,7 @@ test_store_shrinks (void)
   if (fleece_snapshot_delete (fl, "a") == -1 ||
       fleece_snapshot_delete (fl, "b") == -1)
     bail_out ("%s", fleece_last_error ());
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.store_clusters_used == 0 && s1.copies == 0 &&
       s1.store_clusters_total == 0,
       "after deleting both: %" PRIu64 " used, %" PRIu64 " copies",
@@ -1129,7 +1129,7 @@ test_deleted_handle (void)
   errno = 0;
   ok (fleece_snapshot_info (fl, "gone", &info) == -1 && errno == ENOENT,
       "fleece_snapshot_info after delete fails with ENOENT");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.copies == 0 && st.store_clusters_used == 0,
       "the copies are freed although a handle is still open");
   fleece_snap_put (h);
@@ -1196,7 +1196,7 @@ test_names (void)
       mentions ("nope") && mentions ("not exist"),
       "deleting an unknown snapshot fails with ENOENT: %s",
       fleece_last_error ());
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.snapshots == 2, "only the two good snapshots exist (%u)",
       st.snapshots);
   fleece_close (fl);
@@ -1310,9 +1310,9 @@ test_subcluster_copies (void)
   memset (w, 0xa5, cs);
   if (fleece_snapshot_create (fl, "s") == -1)
     bail_out ("fleece_snapshot_create: %s", fleece_last_error ());
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   fleece_live_pwrite (fl, w, bs, 2 * cs + 3 * bs, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == bs && s1.partial_clusters == 1 &&
       s1.copies == 0 && s1.store_clusters_used == 1,
       "a 4 KiB write copies 4 KiB (%" PRIu64 " bytes), the cluster is partly "
@@ -1321,14 +1321,14 @@ test_subcluster_copies (void)
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* Unaligned, overlapping the copied block: only blocks 2 and 4. */
   fleece_live_pwrite (fl, w, 2 * bs + 2, 2 * cs + 2 * bs + 100, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == 3 * bs,
       "an unaligned write over blocks 2-4 copies blocks 2 and 4 only "
       "(%" PRIu64 " bytes in all)", s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 2 * cs - 7, cs + 14, "subcluster");
   for (b = 0; b < cs / bs; b++) {
     fleece_live_pwrite (fl, w, 512, 2 * cs + b * bs + 1000, 0);
-    fleece_get_stats (fl, &s1);
+    settled_stats (fl, &s1);
     if (b < cs / bs - 1 && s1.copies != 0)
       each = false;
   }
@@ -1340,32 +1340,32 @@ test_subcluster_copies (void)
       s1.partial_clusters, s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* Zero detection per block. */
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   for (b = 0; b < cs / bs; b += 2)
     fleece_live_pwrite (fl, w, 2 * bs, 8 * cs + b * bs, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.bytes_copied == s0.bytes_copied &&
       s1.cbw_zero_clusters == s0.cbw_zero_clusters + 1 &&
       s1.store_clusters_used == s0.store_clusters_used,
       "an all-zero cluster copied block by block takes no store space");
   for (b = 0; b < cs / bs; b++)
     fleece_live_pwrite (fl, w, bs, 9 * cs + b * bs, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.bytes_copied - s0.bytes_copied == cs / 2 &&
       s1.copies == s0.copies + 2 && s1.partial_clusters == 0,
       "a half-zero cluster: only its data blocks are copied (%" PRIu64
       " bytes)", s1.bytes_copied - s0.bytes_copied);
   snap_read_equals (fl, "s", data, 0, size, "subcluster");
   /* A whole-cluster write still copies whole clusters, in one run. */
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   fleece_live_pwrite (fl, w, cs, 12 * cs, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.copies == s0.copies + 1 && s1.partial_clusters == 0,
       "an aligned whole-cluster write makes a whole copy at once");
   /* A partly copied cluster that the snapshot's client releases is
    * dropped with its slot, as a copy is.
    */
-  fleece_get_stats (fl, &s0);
+  settled_stats (fl, &s0);
   fleece_live_pwrite (fl, w, 100, 13 * cs + 5000, 0);
   {
     struct fleece_snap *h = fleece_snap_get (fl, "s");
@@ -1373,7 +1373,7 @@ test_subcluster_copies (void)
         "the snapshot releases the partly copied cluster");
     fleece_snap_put (h);
   }
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.partial_clusters == 0 &&
       s1.store_clusters_used == s0.store_clusters_used,
       "its entry and slot are gone (%" PRIu64 " partly copied, %" PRIu64
@@ -1381,10 +1381,10 @@ test_subcluster_copies (void)
       s1.store_clusters_used, s0.store_clusters_used);
   /* A partly copied cluster whose snapshot goes is dropped with its slot. */
   fleece_live_pwrite (fl, w, 100, 14 * cs + 5000, 0);
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.partial_clusters == 1, "one cluster partly copied again");
   fleece_snapshot_delete (fl, "s");
-  fleece_get_stats (fl, &s1);
+  settled_stats (fl, &s1);
   ok (s1.partial_clusters == 0 && s1.copies == 0 &&
       s1.store_clusters_used == 0,
       "deleting the snapshot frees the partly copied cluster's slot");
@@ -1418,7 +1418,7 @@ test_subcluster_generations (void)
   fleece_live_pwrite (fl, w, bs, cs + bs, 0);
   snap_read_equals (fl, "g1", data, 0, size, "generations");
   snap_read_equals (fl, "g2", mid, 0, size, "generations");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.copies == 1 && st.partial_clusters == 1,
       "the first generation's partial copy was finished (%" PRIu64
       " copies), the second's is partial (%" PRIu64 ")", st.copies,
@@ -1426,7 +1426,7 @@ test_subcluster_generations (void)
   fleece_snapshot_delete (fl, "g1");
   snap_read_equals (fl, "g2", mid, 0, size, "generations");
   fleece_snapshot_delete (fl, "g2");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.copies == 0 && st.partial_clusters == 0 &&
       st.store_clusters_used == 0, "everything freed");
   fleece_close (fl);

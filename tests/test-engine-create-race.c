@@ -122,7 +122,7 @@ main (int argc, char *argv[])
   for (i = 0; i < NWRITERS; i++)
     pthread_join (w[i], NULL);
 
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   diag ("%u snapshots created in %u rounds, %llu writes", created, rounds,
         (unsigned long long) writes);
   ok (errors == 0 && writes > 0,

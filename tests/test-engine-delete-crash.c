@@ -96,7 +96,7 @@ hook (struct fleece *fl, const char *name)
   diag ("deleting %s: a write of %" PRIu32 " bytes at %" PRIu64
         ", then the crash image", name, h.len, h.offset);
   live_write (fl, h.offset, h.len, h.byte);
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   h.store_used = st.store_bytes_used;
   free (h.store);
   free (h.disk);
@@ -198,7 +198,7 @@ start (uint8_t *at_s1, uint8_t *at_s2)
   if (fleece_snapshot_create (fl, "s2") == -1)
     bail_out ("snapshot s2: %s", fleece_last_error ());
   memcpy (at_s2, now, DISK_SIZE);
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   if (st.partial_clusters != 1)
     bail_out ("%" PRIu64 " clusters partly copied, expected 1",
               st.partial_clusters);
@@ -238,7 +238,7 @@ main (void)
 
   /* newest */
   delete_crashing (fl, "s2", 2 * (uint64_t) CS, CS + BS, 0x44);
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (fleece_snapshot_info (fl, "s2", &info) == -1 && st.copies == 0 &&
       st.partial_clusters == 0 && st.store_bytes_used < h.store_used,
       "newest: live, s2 is deleted, its copies are gone and their space "

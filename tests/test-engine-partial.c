@@ -224,7 +224,7 @@ load (const uint8_t *img, size_t size, bool whole)
     return o;
   }
   o.loaded = true;
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   o.partial = st.partial_clusters;
   if (fleece_snapshot_info (fl, "s", &info) == -1)
     bail_out ("snapshot s is gone: %s", fleece_last_error ());

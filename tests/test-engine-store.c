@@ -167,7 +167,7 @@ m_check (struct model *m, unsigned step)
   struct fleece_stats st;
   uint64_t copies, used;
 
-  fleece_get_stats (m->fl, &st);
+  settled_stats (m->fl, &st);
   model_expect (m, &copies, &used);
   if (used > m->peak_used)
     m->peak_used = used;
@@ -296,7 +296,7 @@ test_limit (void)
   memset (patch, 0x77, sizeof patch);
   if (fleece_live_pwrite (fl, patch, sizeof patch, 3 * cs + 10, 0) == -1)
     bail_out ("fleece_live_pwrite: %s", fleece_last_error ());
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.snapshots == FLEECE_SNAPSHOTS_MAX && st.cbw_clusters == 1 &&
       st.copies == 1 && st.store_clusters_used == 1,
       "one overwrite under %u snapshots: %" PRIu64 " copy", st.snapshots,
@@ -325,7 +325,7 @@ test_limit (void)
       bail_out ("fleece_snapshot_delete: %s", fleece_last_error ());
   }
   fleece_snapshot_delete (fl, "limit-again");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.snapshots == 0 && st.copies == 0 && st.store_clusters_used == 0,
       "deleting them all frees everything");
   fleece_close (fl);
@@ -411,7 +411,7 @@ test_break_snapshot (void)
       strstr (ev.last_reason, "cluster 9"),
       "break-snapshot: one event per broken snapshot (%u): %s %s: %s", ev.n,
       ev.last_event, ev.last_snapshot, ev.last_reason);
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.cbw_errors == 1, "break-snapshot: cbw_errors is 1 (%" PRIu64 ")",
       st.cbw_errors);
   ok (st.copies == 0 && st.store_clusters_used == 0,
@@ -424,7 +424,7 @@ test_break_snapshot (void)
   fleece_snap_put (b);
   fleece_snapshot_delete (fl, "a");
   fleece_snapshot_delete (fl, "b");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.copies == 0 && st.store_clusters_used == 0,
       "break-snapshot: deleting the broken snapshots frees everything");
 
@@ -482,7 +482,7 @@ test_fail_write (void)
       memcmp (buf, data, 16 * cs) == 0 &&
       fleece_snapshot_info (fl, "f", &info) == 0 && !info.broken,
       "fail-write: the snapshot is intact and not broken");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.cbw_errors == 1 && st.store_clusters_used == 0,
       "fail-write: nothing is left allocated (%" PRIu64 " slots)",
       st.store_clusters_used);
@@ -492,7 +492,7 @@ test_fail_write (void)
   ok (fleece_snap_pread (h, buf, 16 * cs, 0) == 0 &&
       memcmp (buf, data, 16 * cs) == 0,
       "fail-write: and the snapshot still reads the old data");
-  fleece_get_stats (fl, &st);
+  settled_stats (fl, &st);
   ok (st.cbw_clusters == 4 && st.store_clusters_used == 4,
       "fail-write: the 4 clusters are copied once (%" PRIu64 ")",
       st.cbw_clusters);

@@ -471,7 +471,7 @@ isolation_round (uint64_t size, uint32_t cs, unsigned nhot, double seconds)
   fleece_snap_put (t.snap);
   if (fleece_snapshot_delete (t.fl, t.snap_name) == -1)
     bail_out ("fleece_snapshot_delete: %s", fleece_last_error ());
-  fleece_get_stats (t.fl, &st);
+  settled_stats (t.fl, &st);
   ok (st.snapshots == 0 && st.copies == 0 && st.store_clusters_used == 0 &&
       st.partial_clusters == 0,
       "isolation, %" PRIu32 " byte clusters%s: everything freed at the end "
@@ -663,7 +663,7 @@ atomic_creation (uint32_t cs, unsigned nclusters, unsigned rounds)
   for (i = 0; i < NSWRITERS; i++)
     pthread_join (w[i].thread, NULL);
 
-  fleece_get_stats (a.fl, &st);
+  settled_stats (a.fl, &st);
   diag ("atomic creation, %" PRIu32 " byte clusters, %" PRIu64 " sectors: "
         "%u snapshots, %llu sector writes; writer stall at creation: "
         "max %.1f us, last %.1f us", cs, a.nsectors, rounds,
@@ -683,7 +683,7 @@ atomic_creation (uint32_t cs, unsigned nclusters, unsigned rounds)
   for (i = 0; i < 2; i++)
     if (tk[i].name[0])
       fleece_snapshot_delete (a.fl, tk[i].name);
-  fleece_get_stats (a.fl, &st);
+  settled_stats (a.fl, &st);
   ok (st.copies == 0 && st.store_clusters_used == 0 &&
       st.partial_clusters == 0,
       "atomic creation%s: everything freed at the end", MODE);

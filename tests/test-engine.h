@@ -219,6 +219,16 @@ test_write_disk (const char *path, const void *buf, uint64_t size)
     bail_out ("close: %s: %m", path);
 }
 
+/* The statistics once the space freed so far is given back: the store's
+ * puncher gives it back on its own thread (fleece_wait_freed).
+ */
+static inline void
+settled_stats (struct fleece *fl, struct fleece_stats *st)
+{
+  fleece_wait_freed (fl);
+  fleece_get_stats (fl, st);
+}
+
 /* fleece_open and fleece_start, or NULL (fleece_last_error says why). */
 static inline struct fleece *
 test_try_open (const struct fleece_config *cfg)
