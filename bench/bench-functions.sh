@@ -1,5 +1,5 @@
 # Helpers shared by the bench scripts (run-bench.sh, scale-bench.sh,
-# ab-pull-busy.sh), sourced after they set $prog.
+# ab-pull-busy.sh, delete-bench.sh), sourced after they set $prog.
 
 die ()
 {

@@ -22,7 +22,8 @@
 set -euo pipefail
 
 prog=${0##*/}
-die () { echo "$prog: $*" >&2; exit 1; }
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/bench-functions.sh"
 
 plugin= fleecectl= size=1G fill=8 runs=3 modes=true,false
 for a in "$@"; do
@@ -46,8 +47,7 @@ pids=()
 cleanup ()
 {
   local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || :; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || :; done
+  for p in "${pids[@]}"; do stop_pid "$p"; done
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -97,9 +97,8 @@ for mode in "${ms_modes[@]}"; do
     t3=$(ms)
     printf '%-11s %4d %10d %12d %12d %14d\n' "$mode" "$r" $(( u >> 20 )) \
            $(( t1 - t0 )) $(( t2 - t1 )) $(( t3 - t0 ))
-    kill "$fpid" "$npid" 2>/dev/null || :
-    wait "$fpid" 2>/dev/null || :
-    wait "$npid" 2>/dev/null || :
+    stop_pid "$fpid"
+    stop_pid "$npid"
     pids=()
   done
 done

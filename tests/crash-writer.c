@@ -664,82 +664,118 @@ block_check (const struct replay *r, uint64_t b, uint8_t *buf,
   return NULL;
 }
 
+/* A disk image checked against the log: the log replayed, the image
+ * open, one block's buffers.
+ */
+struct check {
+  const char *path;
+  uint32_t bs;
+  struct replay r;
+  struct rec *recs;
+  size_t n;                     /* records */
+  int fd;
+  uint8_t *buf, *want;
+};
+
+static int
+check_open (struct check *c, const char *path, const char *logpath,
+            uint32_t bs)
+{
+  struct stat st;
+
+  memset (c, 0, sizeof *c);
+  c->path = path;
+  c->bs = bs;
+  c->recs = log_read (logpath, &c->n);
+  c->buf = malloc (bs);
+  c->want = malloc (bs);
+  c->fd = open (path, O_RDONLY | O_CLOEXEC);
+  if (c->buf == NULL || c->want == NULL || c->fd == -1 ||
+      fstat (c->fd, &st) == -1) {
+    fprintf (stderr, "crash-writer: %s: %m\n", path);
+    return -1;
+  }
+  c->r.nblocks = st.st_size / bs;
+  c->r.floor = calloc (c->r.nblocks, sizeof *c->r.floor);
+  c->r.last_ack = calloc (c->r.nblocks, sizeof *c->r.last_ack);
+  if (c->r.floor == NULL || c->r.last_ack == NULL) {
+    perror ("crash-writer: calloc");
+    return -1;
+  }
+  return replay_log (&c->r, c->recs, c->n);
+}
+
+/* Block b into c->buf. */
+static int
+check_read (struct check *c, uint64_t b)
+{
+  if (pread (c->fd, c->buf, c->bs, b * c->bs) != (ssize_t) c->bs) {
+    fprintf (stderr, "crash-writer: pread: %s: block %" PRIu64 ": %m\n",
+             c->path, b);
+    return -1;
+  }
+  return 0;
+}
+
+/* The violations not printed in full; the exit status. */
+static int
+check_close (struct check *c, uint64_t violations, bool completed)
+{
+  if (violations > MAX_REPORTED)
+    fprintf (stderr, "crash-writer: ... and %" PRIu64 " more violations\n",
+             violations - MAX_REPORTED);
+  if (c->fd >= 0)
+    close (c->fd);
+  free (c->recs);
+  free (c->buf);
+  free (c->want);
+  free (c->r.floor);
+  free (c->r.last_ack);
+  free (c->r.target);
+  return completed && violations == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
 static int
 do_verify (const char *path, const char *logpath, uint32_t bs)
 {
-  struct replay r = { 0 };
-  struct rec *recs;
-  size_t n;
-  uint8_t *buf = malloc (bs), *want = malloc (bs);
+  struct check c;
+  const struct replay *r = &c.r;
   uint64_t b, seq, blk, violations = 0, initial = 0, written = 0;
   uint64_t lost_acks = 0, floors = 0;
-  struct stat st;
-  int fd = open (path, O_RDONLY | O_CLOEXEC), ret = EXIT_FAILURE;
 
-  recs = log_read (logpath, &n);
-  if (buf == NULL || want == NULL || fd == -1 || fstat (fd, &st) == -1) {
-    fprintf (stderr, "crash-writer: %s: %m\n", path);
-    goto out;
-  }
-  r.nblocks = st.st_size / bs;
-  r.floor = calloc (r.nblocks, sizeof *r.floor);
-  r.last_ack = calloc (r.nblocks, sizeof *r.last_ack);
-  if (r.floor == NULL || r.last_ack == NULL) {
-    perror ("crash-writer: calloc");
-    goto out;
-  }
-  if (replay_log (&r, recs, n) == -1)
-    goto out;
-
-  for (b = 0; b < r.nblocks; b++) {
+  if (check_open (&c, path, logpath, bs) == -1)
+    return check_close (&c, 0, false);
+  for (b = 0; b < r->nblocks; b++) {
     const char *why;
 
-    if (pread (fd, buf, bs, b * bs) != (ssize_t) bs) {
-      fprintf (stderr, "crash-writer: pread: %s: block %" PRIu64 ": %m\n",
-               path, b);
-      goto out;
-    }
-    floors += r.floor[b] > 0;
-    why = block_check (&r, b, buf, want, bs, &seq, &blk);
+    if (check_read (&c, b) == -1)
+      return check_close (&c, violations, false);
+    floors += r->floor[b] > 0;
+    why = block_check (r, b, c.buf, c.want, bs, &seq, &blk);
     if (why) {
       if (++violations <= MAX_REPORTED)
         fprintf (stderr, "crash-writer: VIOLATION: block %" PRIu64
                  ": last durable write seq %" PRIu64 " (0: none), found "
                  "%s: seq %" PRIu64 ", block %" PRIu64 "\n",
-                 b, r.floor[b], why, seq, blk);
+                 b, r->floor[b], why, seq, blk);
       continue;
     }
     if (seq == 0)
       initial++;
     else
       written++;
-    if (seq < r.last_ack[b])
+    if (seq < r->last_ack[b])
       lost_acks++;
   }
-  if (violations > MAX_REPORTED)
-    fprintf (stderr, "crash-writer: ... and %" PRIu64 " more violations\n",
-             violations - MAX_REPORTED);
   printf ("crash-writer verify: %" PRIu64 " blocks checked (%" PRIu64
           " initial, %" PRIu64 " written, %" PRIu64 " with a durable "
           "floor); log: %" PRIu64 " sessions, %" PRIu64 " writes issued, %"
           PRIu64 " acknowledged, %" PRIu64 " durable; %" PRIu64
           " blocks lost an acknowledged unflushed write; %" PRIu64
           " violations\n",
-          r.nblocks, initial, written, floors, r.sessions, r.issued,
-          r.acked, r.durable, lost_acks, violations);
-  if (violations == 0)
-    ret = EXIT_SUCCESS;
-
- out:
-  if (fd >= 0)
-    close (fd);
-  free (recs);
-  free (buf);
-  free (want);
-  free (r.floor);
-  free (r.last_ack);
-  free (r.target);
-  return ret;
+          r->nblocks, initial, written, floors, r->sessions, r->issued,
+          r->acked, r->durable, lost_acks, violations);
+  return check_close (&c, violations, true);
 }
 
 /* ---- snapcheck ---- */
@@ -755,103 +791,80 @@ do_verify (const char *path, const char *logpath, uint32_t bs)
  * taken, or lost data it had: a check that does not need a reference
  * pulled before a crash.
  */
+static const char *
+snap_block_check (struct check *c, uint64_t b, const uint64_t *low,
+                  const uint64_t *sent_at, uint64_t after, uint64_t *seq)
+{
+  uint64_t blk;
+
+  if (!block_parse (c->buf, c->bs, seq, &blk))
+    return "garbage (bad magic or checksum)";
+  if (blk != b)
+    return "a block written to another block number";
+  if (*seq > 0 && (*seq >= c->r.nseq || c->r.target[*seq] != b))
+    return "a write never issued to this block";
+  if (*seq < low[b])
+    return "data older than a write acknowledged before the create was "
+      "sent";
+  if (*seq > 0 && sent_at[*seq] >= after)
+    return "a write sent after the create returned";
+  block_make (c->want, c->bs, *seq, b);
+  if (memcmp (c->buf, c->want, c->bs) != 0)
+    return "a block whose payload differs from its write's";
+  return NULL;
+}
+
 static int
 do_snapcheck (const char *path, const char *logpath, uint32_t bs,
               uint64_t before, uint64_t after)
 {
-  struct replay r = { 0 };
-  struct rec *recs;
-  size_t n, i;
-  uint8_t *buf = malloc (bs), *want = malloc (bs);
-  uint64_t b, seq, blk, violations = 0, *low = NULL, *sent_at = NULL;
-  struct stat st;
-  int fd = open (path, O_RDONLY | O_CLOEXEC), ret = EXIT_FAILURE;
+  struct check c;
+  uint64_t b, seq, violations = 0, *low = NULL, *sent_at = NULL;
+  bool completed = false;
+  size_t i;
 
-  recs = log_read (logpath, &n);
-  if (buf == NULL || want == NULL || fd == -1 || fstat (fd, &st) == -1) {
-    fprintf (stderr, "crash-writer: %s: %m\n", path);
+  if (check_open (&c, path, logpath, bs) == -1)
     goto out;
-  }
-  if (before > after || after > n) {
+  if (before > after || after > c.n) {
     fprintf (stderr, "crash-writer: snapcheck: marks %" PRIu64 "..%" PRIu64
-             " are not within the log's %zu records\n", before, after, n);
+             " are not within the log's %zu records\n", before, after, c.n);
     goto out;
   }
-  r.nblocks = st.st_size / bs;
-  r.floor = calloc (r.nblocks, sizeof *r.floor);
-  r.last_ack = calloc (r.nblocks, sizeof *r.last_ack);
-  low = calloc (r.nblocks, sizeof *low);
-  if (r.floor == NULL || r.last_ack == NULL || low == NULL) {
-    perror ("crash-writer: calloc");
-    goto out;
-  }
-  if (replay_log (&r, recs, n) == -1)
-    goto out;
-  sent_at = malloc ((r.nseq ? r.nseq : 1) * sizeof *sent_at);
-  if (sent_at == NULL) {
+  low = calloc (c.r.nblocks ? c.r.nblocks : 1, sizeof *low);
+  sent_at = malloc ((c.r.nseq ? c.r.nseq : 1) * sizeof *sent_at);
+  if (low == NULL || sent_at == NULL) {
     perror ("crash-writer: malloc");
     goto out;
   }
-  for (i = 0; i < n; i++) {
-    if (recs[i].type == REC_INTENT)
-      sent_at[recs[i].n] = i;
-    else if (recs[i].type == REC_ACK && i < before &&
-             recs[i].n > low[recs[i].block])
-      low[recs[i].block] = recs[i].n;
+  for (i = 0; i < c.n; i++) {
+    const struct rec *e = &c.recs[i];
+    if (e->type == REC_INTENT)
+      sent_at[e->n] = i;
+    else if (e->type == REC_ACK && i < before && e->n > low[e->block])
+      low[e->block] = e->n;
   }
-  for (b = 0; b < r.nblocks; b++) {
-    const char *why = NULL;
+  for (b = 0; b < c.r.nblocks; b++) {
+    const char *why;
 
-    if (pread (fd, buf, bs, b * bs) != (ssize_t) bs) {
-      fprintf (stderr, "crash-writer: pread: %s: block %" PRIu64 ": %m\n",
-               path, b);
+    if (check_read (&c, b) == -1)
       goto out;
-    }
-    if (!block_parse (buf, bs, &seq, &blk))
-      why = "garbage (bad magic or checksum)";
-    else if (blk != b)
-      why = "a block written to another block number";
-    else if (seq > 0 && (seq >= r.nseq || r.target[seq] != b))
-      why = "a write never issued to this block";
-    else if (seq < low[b])
-      why = "data older than a write acknowledged before the create "
-        "was sent";
-    else if (seq > 0 && sent_at[seq] >= after)
-      why = "a write sent after the create returned";
-    else {
-      block_make (want, bs, seq, b);
-      if (memcmp (buf, want, bs) != 0)
-        why = "a block whose payload differs from its write's";
-    }
+    why = snap_block_check (&c, b, low, sent_at, after, &seq);
     if (why && ++violations <= MAX_REPORTED)
       fprintf (stderr, "crash-writer: SNAPSHOT VIOLATION: block %" PRIu64
                " (byte %" PRIu64 "): %s: seq %" PRIu64
                " (sent at log record %" PRIu64 "), the last acknowledged "
                "before the create: seq %" PRIu64 "; create sent at record %"
                PRIu64 ", returned at %" PRIu64 "\n", b, b * bs, why,
-               seq, seq > 0 && seq < r.nseq ? sent_at[seq] : 0, low[b],
+               seq, seq > 0 && seq < c.r.nseq ? sent_at[seq] : 0, low[b],
                before, after);
   }
-  if (violations > MAX_REPORTED)
-    fprintf (stderr, "crash-writer: ... and %" PRIu64 " more violations\n",
-             violations - MAX_REPORTED);
   printf ("crash-writer snapcheck: %" PRIu64 " blocks, %" PRIu64
-          " violations\n", r.nblocks, violations);
-  if (violations == 0)
-    ret = EXIT_SUCCESS;
-
+          " violations\n", c.r.nblocks, violations);
+  completed = true;
  out:
-  if (fd >= 0)
-    close (fd);
-  free (recs);
-  free (buf);
-  free (want);
   free (low);
   free (sent_at);
-  free (r.floor);
-  free (r.last_ack);
-  free (r.target);
-  return ret;
+  return check_close (&c, violations, completed);
 }
 
 /* ---- main ---- */
