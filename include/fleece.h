@@ -306,6 +306,8 @@ struct fleece_debug {
                                  * timeouts are N ms */
   int punch_delay_ms;           /* slow punches: sleep before each run
                                  * of freed slots is punched */
+  int ctl_max_events;           /* N > 0: the control service queues at
+                                 * most N events (1024) */
   int create_image_delay_ms;    /* sleep between a snapshot's creation
                                  * and its image (a crash there) */
   int no_ofd_locks;             /* the engine tests: act as if the file

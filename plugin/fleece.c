@@ -57,6 +57,7 @@ NBDKIT_DLL_PUBLIC int fleece_debug_store_write_delay_ms = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_fail_meta_write = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_ctl_idle_timeout_ms = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_punch_delay_ms = 0;
+NBDKIT_DLL_PUBLIC int fleece_debug_ctl_max_events = 0;
 NBDKIT_DLL_PUBLIC int fleece_debug_create_image_delay_ms = 0;
 
 /* Set by .config, then constant. */
@@ -144,7 +145,8 @@ static void
 log_event (const char *event, const char *snapshot, const char *reason)
 {
   int pri = strcmp (event, "SNAPSHOT_BROKEN") == 0 ? LOG_ERR
-    : strcmp (event, "STORE_HIGH_WATER") == 0 ? LOG_WARNING : LOG_NOTICE;
+    : strcmp (event, "STORE_HIGH_WATER") == 0 ||
+      strcmp (event, "EVENTS_DROPPED") == 0 ? LOG_WARNING : LOG_NOTICE;
   char *msg;
 
   if (asprintf (&msg, "event %s%s%s%s: %s", event,
@@ -391,6 +393,7 @@ plug_get_ready (void)
   fleece_debug.fail_meta_write = fleece_debug_fail_meta_write;
   fleece_debug.ctl_idle_timeout_ms = fleece_debug_ctl_idle_timeout_ms;
   fleece_debug.punch_delay_ms = fleece_debug_punch_delay_ms;
+  fleece_debug.ctl_max_events = fleece_debug_ctl_max_events;
   fleece_debug.create_image_delay_ms = fleece_debug_create_image_delay_ms;
   fleece_set_log (log_to_nbdkit);
   fleece_set_warn (warn_to_nbdkit);

@@ -67,6 +67,9 @@ struct ctl {
   struct ctl_event *ev_head, **ev_tail;
   size_t nevents;
   uint64_t events_dropped;
+  /* The kinds dropped since the last delivery: the engine's event names
+   * (static strings), each with its count. */
+  struct { const char *event; uint64_t n; } dropped_kind[4];
   bool stopping;
 };
 

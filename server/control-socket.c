@@ -26,7 +26,9 @@
  * Events.  The engine calls ctl_event with its locks held, from an I/O
  * thread.  It copies the event into one allocation, appends it to a
  * queue bounded by CTL_MAX_EVENTS (beyond that events are dropped and
- * counted, never waited for) and writes a byte to the self-pipe; the
+ * counted, never waited for: the service then logs a warning and sends
+ * EVENTS_DROPPED, with the count of each kind, after the events it
+ * delivers) and writes a byte to the self-pipe; the
  * service thread formats the event, has the program log it (struct
  * ctl_info's log_event) and sends it to every client.  Events are not
  * kept for clients that connect later: the log keeps them.
@@ -489,6 +491,32 @@ wake (struct ctl *ctl)
     fl_debug ("control: write to the self-pipe: %m");
 }
 
+static size_t
+max_events (void)
+{
+  return fleece_debug.ctl_max_events > 0
+    ? (size_t) fleece_debug.ctl_max_events : CTL_MAX_EVENTS;
+}
+
+/* Count a dropped event; ev_lock held.  Event names come from the
+ * engine and the group code as string literals.
+ */
+static void
+count_dropped (struct ctl *ctl, const char *event)
+{
+  size_t i, n = sizeof ctl->dropped_kind / sizeof ctl->dropped_kind[0];
+
+  ctl->events_dropped++;
+  for (i = 0; i < n; i++) {
+    if (ctl->dropped_kind[i].event == NULL)
+      ctl->dropped_kind[i].event = event;
+    if (strcmp (ctl->dropped_kind[i].event, event) == 0) {
+      ctl->dropped_kind[i].n++;
+      return;
+    }
+  }
+}
+
 /* Queue an event: called by the engine's listener with engine locks
  * held, so it only copies and queues.
  */
@@ -505,8 +533,13 @@ ctl_queue_event (struct ctl *ctl, const char *event, const char *key,
   ls = strlen (snapshot) + 1;
   lr = strlen (reason) + 1;
   ev = malloc (sizeof *ev + le + ls + lr);
-  if (ev == NULL)
+  if (ev == NULL) {
+    pthread_mutex_lock (&ctl->ev_lock);
+    count_dropped (ctl, event);
+    pthread_mutex_unlock (&ctl->ev_lock);
+    wake (ctl);
     return;
+  }
   ev->next = NULL;
   ev->key = key;
   clock_gettime (CLOCK_REALTIME, &ev->ts);
@@ -514,10 +547,9 @@ ctl_queue_event (struct ctl *ctl, const char *event, const char *key,
   ev->snapshot = memcpy (ev->strings + le, snapshot, ls);
   ev->reason = memcpy (ev->strings + le + ls, reason, lr);
   pthread_mutex_lock (&ctl->ev_lock);
-  if (ctl->nevents >= CTL_MAX_EVENTS) {
-    ctl->events_dropped++;
+  if (ctl->nevents >= max_events ()) {
+    count_dropped (ctl, event);
     free (ev);
-    ev = NULL;
   }
   else {
     *ctl->ev_tail = ev;
@@ -525,8 +557,7 @@ ctl_queue_event (struct ctl *ctl, const char *event, const char *key,
     ctl->nevents++;
   }
   pthread_mutex_unlock (&ctl->ev_lock);
-  if (ev)
-    wake (ctl);
+  wake (ctl);
 }
 
 static void
@@ -558,17 +589,51 @@ event_line (const struct ctl_event *ev)
                               (json_int_t) (ev->ts.tv_nsec / 1000)));
 }
 
+/* Events were dropped: say so in the log and to every client, with the
+ * count of each kind, after the events that were delivered.
+ */
+static void
+send_dropped (struct ctl *ctl, uint64_t dropped, const char *kinds,
+              json_t *counts)
+{
+  struct timespec ts;
+  char reason[512];
+  char *line;
+  size_t i;
+
+  snprintf (reason, sizeof reason, "%" PRIu64 " events were dropped (%s): "
+            "more than %zu waited for the control service, which was busy; "
+            "list the snapshots and bitmaps again to learn their state",
+            dropped, kinds, max_events ());
+  fl_warn ("control socket %s: %s", ctl->path, reason);
+  if (ctl->log_event)
+    ctl->log_event ("EVENTS_DROPPED", "", reason);
+  clock_gettime (CLOCK_REALTIME, &ts);
+  line = ctl_dump (json_pack ("{s:s,s:{s:I,s:o,s:s},s:{s:I,s:I}}",
+                              "event", "EVENTS_DROPPED",
+                              "data", "count", (json_int_t) dropped,
+                              "events", counts, "reason", reason,
+                              "timestamp",
+                              "seconds", (json_int_t) ts.tv_sec,
+                              "microseconds",
+                              (json_int_t) (ts.tv_nsec / 1000)));
+  for (i = 0; line && i < ctl->nclients; i++)
+    client_send (ctl->clients[i], line);
+  free (line);
+}
+
 /* Empty the self-pipe, send the queued events to every client.  Returns
  * true when ctl_close asks the service to stop.
  */
 static bool
 service_wake (struct ctl *ctl)
 {
-  char buf[64];
+  char buf[64], kinds[256] = "";
   struct ctl_event *ev, *next;
   uint64_t dropped;
+  json_t *counts = json_object ();
   bool stop;
-  size_t i;
+  size_t i, k = 0;
 
   while (read (ctl->wake_rd, buf, sizeof buf) > 0)
     ;
@@ -579,10 +644,20 @@ service_wake (struct ctl *ctl)
   ctl->nevents = 0;
   dropped = ctl->events_dropped;
   ctl->events_dropped = 0;
+  for (i = 0; i < sizeof ctl->dropped_kind / sizeof ctl->dropped_kind[0] &&
+         ctl->dropped_kind[i].event; i++) {
+    if (counts)
+      json_object_set_new (counts, ctl->dropped_kind[i].event,
+                           json_integer (ctl->dropped_kind[i].n));
+    if (k < sizeof kinds)
+      k += snprintf (kinds + k, sizeof kinds - k, "%s%s %" PRIu64,
+                     k ? ", " : "", ctl->dropped_kind[i].event,
+                     ctl->dropped_kind[i].n);
+    ctl->dropped_kind[i].event = NULL;
+    ctl->dropped_kind[i].n = 0;
+  }
   stop = ctl->stopping;
   pthread_mutex_unlock (&ctl->ev_lock);
-  if (dropped)
-    fl_debug ("control: %" PRIu64 " events dropped: queue full", dropped);
   for (; ev; ev = next) {
     char *line = event_line (ev);
     next = ev->next;
@@ -593,6 +668,11 @@ service_wake (struct ctl *ctl)
     free (line);
     free (ev);
   }
+  if (dropped && counts) {
+    send_dropped (ctl, dropped, kinds, counts);
+    counts = NULL;
+  }
+  json_decref (counts);
   return stop;
 }
 
