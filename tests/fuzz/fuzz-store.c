@@ -1163,6 +1163,7 @@ use_store (struct fleece *fl)
       break;
   if (i == snaps.n) {
     struct fleece_stats st;
+    fleece_wait_freed (fl);     /* the puncher gives the slots back */
     fleece_get_stats (fl, &st);
     if (st.snapshots != 0 || st.copies != 0 || st.store_clusters_used != 0) {
       fprintf (stderr, "fuzz-store: every snapshot deleted, yet %" PRIu32
