@@ -88,6 +88,7 @@ struct colod_options {
   /* fault injection and test hooks */
   uint64_t debug_corrupt_epoch;   /* primary: damage this epoch once */
   int debug_extent_delay_ms;      /* secondary: sleep before each extent */
+  uint16_t debug_max_version;     /* HELLO's max_version, 0: the newest */
 };
 
 /* Failover states, after QEMU colo.c's (RELAUNCH is not used: a promoted

@@ -147,9 +147,13 @@ parse_debug (const char *s)
     colod.opt.debug_corrupt_epoch = v;
   else if (sscanf (s, "extent-delay-ms=%llu", &v) == 1 && v < 60000)
     colod.opt.debug_extent_delay_ms = v;
+  else if (sscanf (s, "max-version=%llu", &v) == 1 &&
+           v >= COLO_WIRE_VERSION && v <= COLO_WIRE_MAX_VERSION)
+    colod.opt.debug_max_version = v;
   else {
     fprintf (stderr, "fleece-colod: --debug %s: the flags are "
-             "corrupt-epoch=N, extent-delay-ms=N\n", s);
+             "corrupt-epoch=N, extent-delay-ms=N, max-version=%d..%d\n", s,
+             COLO_WIRE_VERSION, COLO_WIRE_MAX_VERSION);
     return -1;
   }
   return 0;

@@ -10,6 +10,7 @@
 
 #include <string.h>
 
+#include "colod.h"
 #include "pairing.h"
 
 static int
@@ -64,13 +65,28 @@ colod_history_from_journal (const struct journal_state *js,
   return js->history_len;
 }
 
+uint16_t
+colod_max_version (void)
+{
+  return colod.opt.debug_max_version ? colod.opt.debug_max_version
+    : COLO_WIRE_MAX_VERSION;
+}
+
+uint16_t
+colod_pair_version (uint16_t peer)
+{
+  uint16_t own = colod_max_version ();
+
+  return peer < own ? peer : own;
+}
+
 struct colo_msg_hello *
 colod_hello_init (struct colo_msg *m, uint16_t role, uint32_t channel)
 {
   memset (m, 0, sizeof *m);
   m->type = COLO_MSG_HELLO;
   m->hello.role = role;
-  m->hello.max_version = COLO_WIRE_MAX_VERSION;
+  m->hello.max_version = colod_max_version ();
   m->hello.channel = channel;
   return &m->hello;
 }

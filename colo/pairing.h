@@ -30,6 +30,12 @@ extern const char *colod_relation_name (enum colod_relation r);
 /* A journal's generation history as the wire has it: its length. */
 extern uint32_t colod_history_from_journal (const struct journal_state *js,
                                             struct colo_generation *out);
+/* The max_version this side's HELLO says (--debug max-version=N makes
+ * it an older fleece-colod's), and the version both sides speak: the
+ * lower of that and the peer's.
+ */
+extern uint16_t colod_max_version (void);
+extern uint16_t colod_pair_version (uint16_t peer);
 /* Start a HELLO from this side: zeroed, then what both roles send
  * alike (type, role, version, channel).
  */

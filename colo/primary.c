@@ -321,7 +321,7 @@ open_channel (struct colo_tls *tls, uint32_t channel, bool *fatal,
   }
   if (channel == COLO_CHANNEL_DATA) {
     p.sec_committed = m->hello.last_committed;
-    p.sec_version = m->hello.max_version;
+    p.sec_version = colod_pair_version (m->hello.max_version);
   }
   if (colod_recv (pc, &m, err, errlen) != 1)
     goto fail;

@@ -269,10 +269,12 @@ judge (const struct colo_msg_hello *ph, struct verdict *v, char *err,
     have_div = -1;
   }
   if (have_div == 1 && js->disk_count > 1 &&
-      ph->max_version < COLO_WIRE_VERSION_GROUP_DIVERGED) {
-    colod_log ("the primary speaks protocol %" PRIu16 ", which takes no "
-               "diverged clusters of a group: the resync will be a full "
-               "copy of every disk", ph->max_version);
+      colod_pair_version (ph->max_version) <
+      COLO_WIRE_VERSION_GROUP_DIVERGED) {
+    colod_log ("the pairing speaks protocol %" PRIu16 " (the primary's "
+               "HELLO says %" PRIu16 "), which takes no diverged clusters "
+               "of a group: the resync will be a full copy of every disk",
+               colod_pair_version (ph->max_version), ph->max_version);
     colo_diverged_free (&div);
     have_div = -1;
   }
@@ -471,7 +473,8 @@ send_diverged (struct colod_conn *c, const struct colo_msg_hello *ph,
                const struct verdict *v, char *err, size_t errlen)
 {
   uint32_t n = ph->disk_count > 1 &&
-    ph->max_version >= COLO_WIRE_VERSION_GROUP_DIVERGED ? ph->disk_count : 1;
+    colod_pair_version (ph->max_version) >= COLO_WIRE_VERSION_GROUP_DIVERGED
+    ? ph->disk_count : 1;
   uint32_t i;
 
   for (i = 0; i < n; i++) {

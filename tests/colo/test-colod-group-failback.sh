@@ -19,6 +19,11 @@
 #    full copy; then each of a's disks equals b's and diverged is gone;
 #  - a damaged diverged record (disk 1's) makes the next pairing's first
 #    epoch a full copy of both disks, with a message naming it.
+# COLOD_FAILBACK_OLD_PRIMARY=1 (test-colod-group-failback-v2.sh): b's
+# primary speaks protocol 2, as a fleece-colod from before group
+# failback (--debug max-version=2), which takes one DIVERGED for the
+# whole group: the first epoch is then a full copy of both disks, which
+# a's log explains, and the disks are equal all the same.
 source "${abs_top_srcdir:-../..}/tests/colo/colod-functions.sh"
 # KEEP=1: leave $tmp and the daemons behind, for debugging by hand.
 [ -n "${KEEP:-}" ] && trap - EXIT
@@ -147,20 +152,31 @@ ok "it adopted the demoted identity for the group" \
   grep -q "the demoted primary's identity, at epoch $A, for the group" \
   "$tmp/a/colod.log"
 ok "... and recorded that a failback is pending" test -e "$tmp/a/state/failback"
-ok "b starts as the group's primary" start_colod b primary "${b_group[@]}" \
+old=()
+[ -n "${COLOD_FAILBACK_OLD_PRIMARY:-}" ] && old=(--debug max-version=2)
+ok "b starts as the group's primary${old:+ (protocol 2)}" \
+  start_colod b primary "${b_group[@]}" "${old[@]}" \
   --peer "127.0.0.1:$pa" --insecure --interval 0 --hb-interval 100 \
   --hb-timeout 3000
 ok "the first epoch is durable" wait_for 60 status_ge b epochs-durable 1
 ok "a applied it" wait_for 30 eval \
   '[ "$(s a last-applied-epoch)" = "$(s b last-committed-epoch)" ]'
 j=$("$COLOD" status --json --state "$tmp/b/state")
-is "$(jget "$j" "d['last-epoch-full']")" False "it is not a full copy"
-is "$(jget "$j" "d['disks'][0]['last-epoch-bytes']")" $((6 * cs)) \
-  "disk 0: the 6 clusters of both sides (4 of a, 2 of b)"
-is "$(jget "$j" "d['disks'][1]['last-epoch-bytes']")" $((3 * cs)) \
-  "disk 1: the 3 clusters of both sides (3M counted once)"
-is "$(jget "$j" "d['last-epoch-bytes']")" $((9 * cs)) \
-  "9 clusters in all, of two disks of $size bytes"
+if [ -n "${old[*]}" ]; then
+  is "$(jget "$j" "d['last-epoch-full']")" True \
+     "a primary of protocol 2: a full copy"
+  is "$(jget "$j" "d['last-epoch-bytes']")" $((2 * size)) "of both disks"
+  ok "a's log says why" grep -q "the pairing speaks protocol 2 (the primary's HELLO says 2), which takes no diverged clusters of a group: the resync will be a full copy of every disk" \
+     "$tmp/a/colod.log"
+else
+  is "$(jget "$j" "d['last-epoch-full']")" False "it is not a full copy"
+  is "$(jget "$j" "d['disks'][0]['last-epoch-bytes']")" $((6 * cs)) \
+    "disk 0: the 6 clusters of both sides (4 of a, 2 of b)"
+  is "$(jget "$j" "d['disks'][1]['last-epoch-bytes']")" $((3 * cs)) \
+    "disk 1: the 3 clusters of both sides (3M counted once)"
+  is "$(jget "$j" "d['last-epoch-bytes']")" $((9 * cs)) \
+    "9 clusters in all, of two disks of $size bytes"
+fi
 for d in 0 1; do
   is "$(file_sum "$tmp/p$d/disk")" "$(live_sum "q$d")" \
     "a's disk $d equals b's"
