@@ -11,7 +11,8 @@
  * that disk waited for it (issue 17).
  *
  * Once the engine is started (fleece_start, in the process that serves:
- * no thread survives nbdkit's fork), free_run queues its run instead;
+ * no thread survives nbdkit's fork), a free of 64 MiB or more
+ * (store.c, punch_async) queues its runs instead;
  * the slots stay allocated, counted in punch_pending, until the thread
  * has punched them and cleared their bits (store_release).  An
  * allocation that finds store-max reached while runs are queued waits

@@ -740,11 +740,26 @@ store_free_meta (struct store *s, uint32_t slot)
   free_run (s, slot, 1, true, false);
 }
 
-/* The slots of an image that a newer one replaced: one run, queued. */
+/* Frees of fewer bytes than this are punched inline: they take little
+ * time, and a punch on the puncher's thread competes for the CPU with
+ * whatever comes next (a group's hold on 8 servers of one host, p99
+ * 2-3 ms with every punch inline, went to 9-19 ms with every punch on
+ * the thread, bench/group-bench.sh).  Deleting a big snapshot under
+ * writes is what takes seconds (bench/delete-bench.sh).
+ */
+#define PUNCH_ASYNC_MIN_BYTES (UINT64_C (64) << 20)
+
+static bool
+punch_async (const struct store *s, uint64_t nslots)
+{
+  return nslots * s->cluster_size >= PUNCH_ASYNC_MIN_BYTES;
+}
+
+/* The slots of an image that a newer one replaced: one run. */
 void
 store_free_meta_run (struct store *s, uint32_t first, uint32_t n)
 {
-  free_run (s, first, n, true, true);
+  free_run (s, first, n, true, punch_async (s, n));
 }
 
 static int
@@ -760,12 +775,14 @@ cmp_slot (const void *a, const void *b)
  * slot.  Deleting a snapshot frees thousands of slots, mostly adjacent
  * because copies are allocated in order, and a punch per slot kept the
  * store busy for hundreds of milliseconds.  These bulk frees (deletion,
- * pruning, the frees an image makes stable) go to the puncher's thread;
- * a single slot, or the run of a copy that failed, is punched inline.
+ * pruning, the frees an image makes stable) of 64 MiB or more go to the
+ * puncher's thread; smaller ones, a single slot, or the run of a copy
+ * that failed, are punched inline.
  */
 void
 store_free_slots (struct store *s, uint32_t *slots, size_t n)
 {
+  bool async = punch_async (s, n);
   size_t i, j;
 
   if (n == 0)
@@ -774,7 +791,7 @@ store_free_slots (struct store *s, uint32_t *slots, size_t n)
   for (i = 0; i < n; i = j) {
     for (j = i + 1; j < n && slots[j] == slots[j - 1] + 1; j++)
       ;
-    free_run (s, slots[i], j - i, false, true);
+    free_run (s, slots[i], j - i, false, async);
   }
 }
 
