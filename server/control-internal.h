@@ -69,7 +69,7 @@ struct ctl {
   uint64_t events_dropped;
   /* The kinds dropped since the last delivery: the engine's event names
    * (static strings), each with its count. */
-  struct { const char *event; uint64_t n; } dropped_kind[4];
+  struct ctl_dropped { const char *event; uint64_t n; } dropped_kind[4];
   bool stopping;
 };
 

@@ -567,6 +567,23 @@ ctl_event (void *opaque, const char *event, const char *snapshot,
   ctl_queue_event (opaque, event, "snapshot", snapshot, reason);
 }
 
+/* An event's line: its name, data (consumed) and time; NULL if out of
+ * memory.
+ */
+static char *
+event_json (const char *event, json_t *data, const struct timespec *ts)
+{
+  if (data == NULL)
+    return NULL;
+  return ctl_dump (json_pack ("{s:s,s:o,s:{s:I,s:I}}",
+                              "event", event,
+                              "data", data,
+                              "timestamp",
+                              "seconds", (json_int_t) ts->tv_sec,
+                              "microseconds",
+                              (json_int_t) (ts->tv_nsec / 1000)));
+}
+
 static char *
 event_line (const struct ctl_event *ev)
 {
@@ -578,47 +595,55 @@ event_line (const struct ctl_event *ev)
     json_decref (data);
     data = NULL;
   }
-  if (data == NULL)
-    return NULL;
-  return ctl_dump (json_pack ("{s:s,s:o,s:{s:I,s:I}}",
-                              "event", ev->event,
-                              "data", data,
-                              "timestamp",
-                              "seconds", (json_int_t) ev->ts.tv_sec,
-                              "microseconds",
-                              (json_int_t) (ev->ts.tv_nsec / 1000)));
+  return event_json (ev->event, data, &ev->ts);
 }
 
-/* Events were dropped: say so in the log and to every client, with the
- * count of each kind, after the events that were delivered.
- */
+/* Send line to every client. */
 static void
-send_dropped (struct ctl *ctl, uint64_t dropped, const char *kinds,
-              json_t *counts)
+send_all (struct ctl *ctl, const char *line)
 {
-  struct timespec ts;
-  char reason[512];
-  char *line;
   size_t i;
 
+  for (i = 0; line && i < ctl->nclients; i++)
+    client_send (ctl->clients[i], line);
+}
+
+/* Events were dropped (kinds: the first ones dropped, each with its
+ * count): say so in the log and to every client, after the events that
+ * were delivered.
+ */
+static void
+send_dropped (struct ctl *ctl, uint64_t dropped,
+              const struct ctl_dropped *kinds, size_t nkinds)
+{
+  json_t *counts = json_object ();
+  struct timespec ts;
+  char reason[512], list[256] = "";
+  char *line;
+  size_t i, k = 0;
+
+  for (i = 0; i < nkinds && kinds[i].event; i++) {
+    if (counts)
+      json_object_set_new (counts, kinds[i].event,
+                           json_integer (kinds[i].n));
+    if (k < sizeof list)
+      k += snprintf (list + k, sizeof list - k, "%s%s %" PRIu64,
+                     k ? ", " : "", kinds[i].event, kinds[i].n);
+  }
   snprintf (reason, sizeof reason, "%" PRIu64 " events were dropped (%s): "
             "more than %zu waited for the control service, which was busy; "
             "list the snapshots and bitmaps again to learn their state",
-            dropped, kinds, max_events ());
+            dropped, list, max_events ());
   fl_warn ("control socket %s: %s", ctl->path, reason);
   if (ctl->log_event)
     ctl->log_event ("EVENTS_DROPPED", "", reason);
+  if (counts == NULL)
+    return;
   clock_gettime (CLOCK_REALTIME, &ts);
-  line = ctl_dump (json_pack ("{s:s,s:{s:I,s:o,s:s},s:{s:I,s:I}}",
-                              "event", "EVENTS_DROPPED",
-                              "data", "count", (json_int_t) dropped,
-                              "events", counts, "reason", reason,
-                              "timestamp",
-                              "seconds", (json_int_t) ts.tv_sec,
-                              "microseconds",
-                              (json_int_t) (ts.tv_nsec / 1000)));
-  for (i = 0; line && i < ctl->nclients; i++)
-    client_send (ctl->clients[i], line);
+  line = event_json ("EVENTS_DROPPED",
+                     json_pack ("{s:I,s:o,s:s}", "count", (json_int_t) dropped,
+                                "events", counts, "reason", reason), &ts);
+  send_all (ctl, line);
   free (line);
 }
 
@@ -628,12 +653,12 @@ send_dropped (struct ctl *ctl, uint64_t dropped, const char *kinds,
 static bool
 service_wake (struct ctl *ctl)
 {
-  char buf[64], kinds[256] = "";
+  char buf[64];
   struct ctl_event *ev, *next;
+  struct ctl_dropped kinds[sizeof ctl->dropped_kind /
+                           sizeof ctl->dropped_kind[0]];
   uint64_t dropped;
-  json_t *counts = json_object ();
   bool stop;
-  size_t i, k = 0;
 
   while (read (ctl->wake_rd, buf, sizeof buf) > 0)
     ;
@@ -644,18 +669,8 @@ service_wake (struct ctl *ctl)
   ctl->nevents = 0;
   dropped = ctl->events_dropped;
   ctl->events_dropped = 0;
-  for (i = 0; i < sizeof ctl->dropped_kind / sizeof ctl->dropped_kind[0] &&
-         ctl->dropped_kind[i].event; i++) {
-    if (counts)
-      json_object_set_new (counts, ctl->dropped_kind[i].event,
-                           json_integer (ctl->dropped_kind[i].n));
-    if (k < sizeof kinds)
-      k += snprintf (kinds + k, sizeof kinds - k, "%s%s %" PRIu64,
-                     k ? ", " : "", ctl->dropped_kind[i].event,
-                     ctl->dropped_kind[i].n);
-    ctl->dropped_kind[i].event = NULL;
-    ctl->dropped_kind[i].n = 0;
-  }
+  memcpy (kinds, ctl->dropped_kind, sizeof kinds);
+  memset (ctl->dropped_kind, 0, sizeof ctl->dropped_kind);
   stop = ctl->stopping;
   pthread_mutex_unlock (&ctl->ev_lock);
   for (; ev; ev = next) {
@@ -663,16 +678,12 @@ service_wake (struct ctl *ctl)
     next = ev->next;
     if (ctl->log_event)
       ctl->log_event (ev->event, ev->snapshot, ev->reason);
-    for (i = 0; line && i < ctl->nclients; i++)
-      client_send (ctl->clients[i], line);
+    send_all (ctl, line);
     free (line);
     free (ev);
   }
-  if (dropped && counts) {
-    send_dropped (ctl, dropped, kinds, counts);
-    counts = NULL;
-  }
-  json_decref (counts);
+  if (dropped)
+    send_dropped (ctl, dropped, kinds, sizeof kinds / sizeof kinds[0]);
   return stop;
 }
 
