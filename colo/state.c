@@ -61,27 +61,57 @@ sync_dir (const char *state_dir, char *err, size_t errlen)
   return 0;
 }
 
+static int
+write_all (int fd, const void *buf, size_t len)
+{
+  return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
+}
+
+/* Create or truncate path, have fill write its contents to fd, fsync
+ * and close it: -1 with errno on any failure.
+ */
+static int
+create_synced (const char *path, int (*fill) (int fd, const void *opaque),
+               const void *opaque)
+{
+  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), e;
+
+  if (fd == -1)
+    return -1;
+  if (fill (fd, opaque) == -1 || fsync (fd) == -1) {
+    e = errno;
+    close (fd);
+    errno = e;
+    return -1;
+  }
+  return close (fd);
+}
+
+struct bytes {
+  const void *p;
+  size_t len;
+};
+
+static int
+write_bytes (int fd, const void *opaque)
+{
+  const struct bytes *b = opaque;
+
+  return write_all (fd, b->p, b->len);
+}
+
 /* Create or truncate path and write buf to it, synced. */
 static int
 write_synced (const char *path, const void *buf, size_t len, char *err,
               size_t errlen)
 {
-  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), e;
+  const struct bytes b = { buf, len };
 
-  if (fd == -1)
-    goto fail;
-  if (write (fd, buf, len) != (ssize_t) len || fsync (fd) == -1) {
-    e = errno;
-    close (fd);
-    errno = e;
-    goto fail;
+  if (create_synced (path, write_bytes, &b) == -1) {
+    snprintf (err, errlen, "%s: %s", path, strerror (errno));
+    return -1;
   }
-  if (close (fd) == -1)
-    goto fail;
   return 0;
- fail:
-  snprintf (err, errlen, "%s: %s", path, strerror (errno));
-  return -1;
 }
 
 /* Replace STATE_DIR/name whole: fill writes its contents to fd, which
@@ -95,22 +125,17 @@ replace_synced (const char *state_dir, const char *name,
                 char *err, size_t errlen)
 {
   char path[PATH_MAX], tmpname[64], tmp[PATH_MAX];
-  int fd, e;
+  int e;
 
   colo_state_path (state_dir, name, path, sizeof path);
   snprintf (tmpname, sizeof tmpname, "%s.tmp", name);
   colo_state_path (state_dir, tmpname, tmp, sizeof tmp);
-  fd = open (tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd == -1)
-    goto fail;
-  if (fill (fd, opaque) == -1 || fsync (fd) == -1) {
+  if (create_synced (tmp, fill, opaque) == -1) {
     e = errno;
-    close (fd);
-    errno = e;
-    goto fail_unlink;
+    unlink (tmp);               /* nothing half written stays */
+    snprintf (err, errlen, "%s: %s", tmp, strerror (e));
+    return -1;
   }
-  if (close (fd) == -1)
-    goto fail_unlink;
   if (rename (tmp, path) == -1) {
     e = errno;
     unlink (tmp);
@@ -118,19 +143,6 @@ replace_synced (const char *state_dir, const char *name,
     return -1;
   }
   return sync_dir (state_dir, err, errlen);
- fail_unlink:
-  e = errno;
-  unlink (tmp);                 /* nothing half written stays */
-  errno = e;
- fail:
-  snprintf (err, errlen, "%s: %s", tmp, strerror (errno));
-  return -1;
-}
-
-static int
-write_all (int fd, const void *buf, size_t len)
-{
-  return len == 0 || write (fd, buf, len) == (ssize_t) len ? 0 : -1;
 }
 
 /* Open STATE_DIR/name (its path in path[PATH_MAX]) to read: 1 with
