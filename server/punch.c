@@ -12,9 +12,9 @@
  *
  * Once the engine is started (fleece_start, in the process that serves:
  * no thread survives nbdkit's fork), a free of 64 MiB or more
- * (store.c, punch_async) queues its runs instead;
- * the slots stay allocated, counted in punch_pending, until the thread
- * has punched them and cleared their bits (store_release).  An
+ * (store.c, punch_async) queues its runs instead; the slots stay
+ * allocated, counted in punch_pending, until the thread has punched them
+ * and cleared their bits (store_release_locked).  An
  * allocation that finds store-max reached while runs are queued waits
  * for them rather than fail a copy.  Before the start (loading, the C
  * tests that never start the engine) and when the queue cannot grow,

@@ -11,8 +11,9 @@
  * with one pwrite.  A freed slot is punched out of the file before its
  * bit is cleared, so that the space goes back to the filesystem and a
  * concurrent allocation can never have its fresh data punched; slots
- * freed together are punched a run at a time (store_free_slots), by the
- * puncher's thread once the engine is started (punch.c).
+ * freed together are punched a run at a time (store_free_slots); a free
+ * of 64 MiB or more by the puncher's thread once the engine is started
+ * (punch.c).
  *
  * With persistent=false the store is formatted anew at every start:
  * nothing in it is trusted.  A persistent store is kept if its superblock
